@@ -1,0 +1,37 @@
+"""ament_python package traj_forecast_ros (also pip-installable for the ROS-free core)."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "traj_forecast_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.py")),
+        (f"share/{PACKAGE}/config", glob("config/*")),
+        (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
+        (f"share/{PACKAGE}/models", glob("models/*.yaml")),
+        (f"share/{PACKAGE}/models/demo-blocks", glob("models/demo-blocks/*")),
+    ],
+    package_data={PACKAGE: ["py.typed"]},
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="traj_forecast_ros maintainers",
+    maintainer_email="maintainers@traj-forecast.invalid",
+    description="Dense point-trajectory forecasting (What Happens Next?) as a ROS 2 perception node.",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            "traj-forecast = traj_forecast_ros.cli:main",
+            "forecast_node = traj_forecast_ros.forecast_node:main",
+            "forecast_recorder = traj_forecast_ros.recorder_node:main",
+        ],
+    },
+)

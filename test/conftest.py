@@ -1,0 +1,24 @@
+"""Test-wide environment: offline hub, DDS on loopback with a random domain, the large-data Fast DDS profile."""
+
+import os
+import random
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = REPO.parent / "shared" / "data" / "images"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+os.environ.setdefault("ROS_DOMAIN_ID", str(random.randint(1, 100)))
+os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(REPO / "config" / "fastdds_large_data.xml"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_images() -> Path:
+    """Folder with the real camera frames (LIBERO agent/gripper views, Kubric, Physics101)."""
+    if not SHARED_IMAGES.is_dir():
+        pytest.fail(f"real test frames missing: {SHARED_IMAGES} (clone next to ../shared)")
+    return SHARED_IMAGES

@@ -1,0 +1,72 @@
+"""The result type of the forecasting API: K sampled futures of a query grid, in input-image pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+
+@dataclass
+class Forecast:
+    """K sampled futures of a grid of query points.
+
+    Attributes:
+        tracks: ``[K, T, Hq, Wq, 2]`` float32, (x, y) positions in the pixel coordinates of the INPUT image
+            (x = column, y = row, pixel centres at integer + 0.5 is NOT assumed: a pixel's centre is at
+            ``index + 0.5``). Frame 0 is (up to VAE error) the query grid. Values are not clamped to the image.
+        query_points: ``[Hq, Wq, 2]`` float32, the query grid in input-image pixels (x, y).
+        image_size: ``(height, width)`` of the input image.
+        model_id: name of the model that produced the forecast.
+        instruction: the task instruction used (``None`` for models without language conditioning).
+        device: torch device the sampler ran on (``"cpu"``, ``"cuda:0"``).
+        dtype: compute dtype actually used (``"float32"``, ``"bfloat16"``, ``"float16"``).
+        timings: seconds per stage (``preprocess``, ``image_encoder``, ``text_encoder``, ``vae_encode``,
+            ``denoise``, ``vae_decode``, ``total``).
+        seed: the seed used for the noise, if any.
+    """
+
+    tracks: np.ndarray
+    query_points: np.ndarray
+    image_size: Tuple[int, int]
+    model_id: str
+    instruction: Optional[str] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    timings: Dict[str, float] = field(default_factory=dict)
+    seed: Optional[int] = None
+
+    @property
+    def num_samples(self) -> int:
+        """K, the number of sampled futures."""
+        return int(self.tracks.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        """T, the trajectory length including frame 0."""
+        return int(self.tracks.shape[1])
+
+    @property
+    def grid_shape(self) -> Tuple[int, int]:
+        """(Hq, Wq), rows and columns of the query grid."""
+        return int(self.tracks.shape[2]), int(self.tracks.shape[3])
+
+    def displacement(self) -> np.ndarray:
+        """``[K, Hq, Wq]`` distance in pixels between each point's last and first position."""
+        return np.linalg.norm(self.tracks[:, -1] - self.tracks[:, 0], axis=-1)
+
+    def mean_displacement(self) -> np.ndarray:
+        """``[Hq, Wq, 2]`` mean over samples of the (x, y) displacement from frame 0 to the last frame."""
+        return (self.tracks[:, -1] - self.tracks[:, 0]).mean(axis=0).astype(np.float32)
+
+    def spread(self) -> np.ndarray:
+        """``[Hq, Wq]`` spread across samples: RMS distance of the final positions from their mean, in pixels."""
+        final = self.tracks[:, -1]
+        centred = final - final.mean(axis=0, keepdims=True)
+        return np.sqrt((centred**2).sum(-1).mean(axis=0)).astype(np.float32)
+
+    def moving_fraction(self, threshold_px: float) -> np.ndarray:
+        """``[Hq, Wq]`` fraction of samples whose point moves more than ``threshold_px`` at any frame."""
+        offsets = np.linalg.norm(self.tracks - self.tracks[:, :1], axis=-1)  # [K, T, Hq, Wq]
+        return (offsets.max(axis=1) > threshold_px).mean(axis=0).astype(np.float32)

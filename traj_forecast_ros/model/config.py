@@ -1,0 +1,217 @@
+"""Typed model configuration: one YAML file describes a complete forecasting model.
+
+A :class:`ModelConfig` holds the geometry of the task (image size, query grid, trajectory length), the latent
+scale, and one sub-config per module (trajectory VAE, latent denoiser, DINOv2 image encoder, CLIP text encoder).
+Presets for the paper's LIBERO models and tiny test models live at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+Size2 = Tuple[int, int]
+
+
+def as_pair(value: Union[int, Tuple[int, int], List[int]]) -> Size2:
+    """Return ``(rows, cols)`` for an int (square) or a 2-sequence."""
+    if isinstance(value, int):
+        return (value, value)
+    rows, cols = value
+    return (int(rows), int(cols))
+
+
+@dataclass
+class VAEConfig:
+    """Hyperparameters of the trajectory VAE (LatteVAE in the official code)."""
+
+    input_size: Union[int, Size2] = 64  # query grid rows x cols
+    patch_size: int = 4
+    hidden_size: int = 384
+    encoder_depth: int = 12
+    decoder_depth: int = 12
+    num_heads: int = 6
+    in_channels: int = 2
+    latent_channels: int = 8
+    num_frames: int = 16
+    num_frame_tokens: Union[int, Size2] = 81  # DINO token grid (int = square side**2, or (rows, cols))
+    frame_features_dim: int = 1024
+    mlp_ratio: float = 4.0
+    pos_embed_dim: int = 128  # LFF feature size of the track position encoder
+    beta: float = 1.0  # KL weight (training only)
+
+
+@dataclass
+class DenoiserConfig:
+    """Hyperparameters of the Latte-style denoiser (latent or raw)."""
+
+    input_size: Union[int, Size2] = 16  # latent grid rows x cols (raw: query grid)
+    patch_size: int = 1
+    in_channels: int = 8
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    num_frames: int = 16
+    num_frame_tokens: Union[int, Size2] = 81
+    frame_features_dim: int = 1024
+    text_embed_dim: Optional[int] = 768  # None: no language conditioning (no text_embeds_proj)
+    mlp_ratio: float = 4.0
+    latent: bool = True  # False: raw variant with a track position encoder (x_encoder)
+    pos_embed_dim: int = 128  # raw variant only
+
+
+@dataclass
+class ImageEncoderConfig:
+    """DINOv2 image encoder. ``model_id`` is a hub id or local dir; ``config`` builds a random one (tests)."""
+
+    model_id: Optional[str] = "facebook/dinov2-large"
+    config: Optional[Dict[str, Any]] = None  # kwargs for transformers.Dinov2Config (used when no weights)
+    resize: bool = False  # LIBERO recipe: native resolution, no resize / crop
+    drop_cls: bool = True
+
+
+@dataclass
+class TextEncoderConfig:
+    """CLIP text tower producing the pooled instruction embedding (``text_embeds``)."""
+
+    model_id: Optional[str] = "openai/clip-vit-large-patch14"
+    config: Optional[Dict[str, Any]] = None  # kwargs for transformers.CLIPTextConfig (tests)
+    max_length: int = 77
+
+
+@dataclass
+class ModelConfig:
+    """A complete forecasting model: geometry, latent scale and all sub-modules."""
+
+    name: str = "libero-atm"
+    image_size: Size2 = (128, 128)  # (height, width) the model sees
+    query_grid: Size2 = (64, 64)  # (rows, cols) of query points
+    query_stride: float = 2.0  # pixels between query points
+    query_offset: float = 1.5  # pixel coordinate of the first query point (x and y)
+    num_frames: int = 16
+    latent_scale: Optional[List[float]] = None  # per-channel std of the VAE latents; vae_scale = 1 / latent_scale
+    default_instruction: str = ""
+    vae: Optional[VAEConfig] = field(default_factory=VAEConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text_encoder: Optional[TextEncoderConfig] = field(default_factory=TextEncoderConfig)
+    frame_interval_s: Optional[float] = None  # time between forecast frames when known
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain-python dict (YAML friendly)."""
+        data = dataclasses.asdict(self)
+        data["image_size"] = list(self.image_size)
+        data["query_grid"] = list(self.query_grid)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        """Build from a dict; unknown keys raise ``ValueError`` naming them."""
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        sub = {
+            "vae": VAEConfig,
+            "denoiser": DenoiserConfig,
+            "image_encoder": ImageEncoderConfig,
+            "text_encoder": TextEncoderConfig,
+        }
+        for key, sub_cls in sub.items():
+            if key in data and data[key] is not None and not isinstance(data[key], sub_cls):
+                sub_known = {f.name for f in dataclasses.fields(sub_cls)}
+                bad = set(data[key]) - sub_known
+                if bad:
+                    raise ValueError(f"unknown keys in model config '{key}': {sorted(bad)}")
+                fields = dict(data[key])
+                for size_key in ("input_size", "num_frame_tokens"):
+                    if isinstance(fields.get(size_key), list):
+                        fields[size_key] = tuple(fields[size_key])
+                data[key] = sub_cls(**fields)
+        for key in ("image_size", "query_grid"):
+            if key in data:
+                data[key] = as_pair(data[key])
+        return cls(**data)
+
+    def save_yaml(self, path: Union[str, Path]) -> None:
+        """Write this config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: Union[str, Path]) -> "ModelConfig":
+        """Read a config written by :meth:`save_yaml` (or by hand)."""
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a model config (expected a mapping)")
+        return cls.from_dict(data)
+
+    @property
+    def vae_scale(self) -> Optional[List[float]]:
+        """Multiplier applied to VAE latents before the denoiser (``1 / latent_scale``)."""
+        if self.latent_scale is None:
+            return None
+        return [1.0 / s for s in self.latent_scale]
+
+
+# -------------------------------------------------------------------- presets
+LIBERO_ATM_LATENT_SCALE = [1.213627, 2.053186, 1.9926697, 1.3819386, 2.1739495, 1.0036867, 0.41319662, 0.67743313]
+LIBERO_TRAMOE_LATENT_SCALE = [1.2902071, 1.9394214, 1.9453552, 1.562121, 2.2335691, 1.0033306, 0.8569633, 0.73737895]
+
+# Denoiser sizes of the official get_model(): name -> (depth, hidden, heads)
+DENOISER_SIZES: Dict[str, Tuple[int, int, int]] = {"XS": (8, 192, 3), "S": (12, 384, 6), "B": (12, 384, 6), "L": (16, 768, 12)}
+
+
+def libero_config(split: str = "atm") -> ModelConfig:
+    """The official LIBERO model (ATM or Tra-MoE split): 128 px, 64x64 grid, T=16, Latte-B latent denoiser."""
+    scale = {"atm": LIBERO_ATM_LATENT_SCALE, "tramoe": LIBERO_TRAMOE_LATENT_SCALE}[split]
+    return ModelConfig(
+        name=f"libero-{split}",
+        latent_scale=list(scale),
+        vae=VAEConfig(),
+        denoiser=DenoiserConfig(),
+        image_encoder=ImageEncoderConfig(),
+        text_encoder=TextEncoderConfig(),
+    )
+
+
+def tiny_config(text: bool = True, image_size: int = 32, grid: int = 8, num_frames: int = 4, width: int = 64) -> ModelConfig:
+    """A tiny random model for tests: same code paths as LIBERO at a fraction of the cost."""
+    patch = 2
+    dino_patch = 8
+    tokens = (image_size // dino_patch) ** 2
+    dino_dim = 32
+    return ModelConfig(
+        name="tiny",
+        image_size=(image_size, image_size),
+        query_grid=(grid, grid),
+        query_stride=image_size / grid,
+        query_offset=image_size / grid / 2 - 0.5,
+        num_frames=num_frames,
+        latent_scale=[1.0] * 4,
+        vae=VAEConfig(
+            input_size=grid, patch_size=patch, hidden_size=width, encoder_depth=2, decoder_depth=2, num_heads=2,
+            latent_channels=4, num_frames=num_frames, num_frame_tokens=tokens, frame_features_dim=dino_dim,
+            pos_embed_dim=16,
+        ),
+        denoiser=DenoiserConfig(
+            input_size=grid // patch, patch_size=1, in_channels=4, hidden_size=width, depth=2, num_heads=2,
+            num_frames=num_frames, num_frame_tokens=tokens, frame_features_dim=dino_dim,
+            text_embed_dim=32 if text else None,
+        ),
+        image_encoder=ImageEncoderConfig(
+            model_id=None,
+            config=dict(hidden_size=dino_dim, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                        patch_size=dino_patch, image_size=image_size),
+        ),
+        text_encoder=TextEncoderConfig(
+            model_id=None,
+            config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, projection_dim=32, max_position_embeddings=77),
+        ) if text else None,
+    )
