@@ -19,3 +19,11 @@ class WeightsNotFoundError(CheckpointError, FileNotFoundError):
 
 class DeviceError(TrajForecastError):
     """The requested device or dtype is not available on this machine."""
+
+
+class BagError(TrajForecastError):
+    """A bag cannot be read or written (missing, wrong format, unknown message type, no image topics)."""
+
+
+class DatasetError(TrajForecastError, ValueError):
+    """A trajectory dataset cannot be read or written (missing index, wrong shapes, NaN tracks, geometry mismatch)."""

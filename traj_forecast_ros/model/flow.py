@@ -1,0 +1,119 @@
+"""Rectified flow over latent trajectory videos (spec section 5): Euler sampler, training loss, layout helpers.
+
+Convention: t = 0 is noise, t = 1 is data, x_t = t * x1 + (1 - t) * eps, velocity target x1 - eps. Frame 0 is the
+conditioning frame (latent of the static query grid): it is pinned to ``cond_latent`` and its velocity is zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from traj_forecast_ros.model.layers import Size2, pair
+
+
+def latents_to_grid(latents: torch.Tensor, grid_size: Optional[Union[int, Size2]] = None) -> torch.Tensor:
+    """VAE latents [B, T, L, C] -> denoiser layout [B, T, C, h, w] (tokens row-major; square grid by default)."""
+    if grid_size is None:
+        side = math.isqrt(latents.shape[2])
+        if side * side != latents.shape[2]:
+            raise ValueError(f"{latents.shape[2]} latent tokens are not a square grid; pass grid_size=(h, w)")
+        grid_size = side
+    rows, cols = pair(grid_size)
+    return rearrange(latents, "b t (h w) c -> b t c h w", h=rows, w=cols)  # (B, T, C, h, w)
+
+
+def grid_to_latents(grid: torch.Tensor) -> torch.Tensor:
+    """Denoiser layout [B, T, C, h, w] -> VAE latents [B, T, h*w, C] (tokens row-major)."""
+    return rearrange(grid, "b t c h w -> b t (h w) c")  # (B, T, L, C)
+
+
+def _frame0_mask(like: torch.Tensor) -> torch.Tensor:
+    """[1, T, 1, 1, 1] mask: 0 on frame 0, 1 elsewhere."""
+    mask = torch.ones(1, like.shape[1], 1, 1, 1, dtype=like.dtype, device=like.device)
+    mask[:, 0] = 0
+    return mask
+
+
+@torch.no_grad()
+def euler_sample(
+    denoiser: nn.Module,
+    cond_latent: torch.Tensor,
+    noise: torch.Tensor,
+    frame_features: torch.Tensor,
+    text_embeds: Optional[torch.Tensor] = None,
+    steps: int = 10,
+) -> torch.Tensor:
+    """Integrate the velocity field from noise (t=0) to data (t=1) with explicit Euler.
+
+    ``steps`` is the number of time points of ``linspace(0, 1, steps)`` (the official ``odeint`` grid), so the
+    denoiser is evaluated ``steps - 1`` times, at t = 0, 1/(steps-1), ..., (steps-2)/(steps-1). Before every call
+    frame 0 is set to ``cond_latent`` and its velocity is masked to zero.
+
+    Args:
+        denoiser: ``LatteDenoiser`` (any module with the same ``forward(x, t, frame_features, text_embeds)``).
+        cond_latent: [B, 1, C, h, w] conditioning frame (scaled latent of the static query grid).
+        noise: [B, T-1, C, h, w] initial state of frames 1..T-1.
+        frame_features: [B, N, D] image tokens.
+        text_embeds: [B, E] pooled instruction embedding, or None for models without language conditioning.
+    Returns:
+        [B, T, C, h, w] final state, frame 0 equal to ``cond_latent``.
+    """
+    if steps < 2:
+        raise ValueError(f"steps counts time points including t=0 and t=1: need steps >= 2, got {steps}")
+    if cond_latent.dim() != 5 or cond_latent.shape[1] != 1:
+        raise ValueError(f"cond_latent must be [B, 1, C, h, w], got {tuple(cond_latent.shape)}")
+    if noise.dim() != 5 or noise.shape[0] != cond_latent.shape[0] or noise.shape[2:] != cond_latent.shape[2:]:
+        raise ValueError(f"noise must be [B, T-1, C, h, w] matching cond_latent {tuple(cond_latent.shape)}, "
+                         f"got {tuple(noise.shape)}")
+    batch = cond_latent.shape[0]
+    x = torch.cat([cond_latent, noise.to(cond_latent.dtype)], dim=1)  # (B, T, C, h, w)
+    mask = _frame0_mask(x)  # (1, T, 1, 1, 1)
+    times = torch.linspace(0.0, 1.0, steps, device=x.device)  # (steps,) float32 whatever the state dtype
+    for k in range(steps - 1):
+        x[:, :1] = cond_latent  # re-impose the conditioning frame
+        t = times[k].expand(batch)  # (B,)
+        velocity = denoiser(x, t, frame_features, text_embeds) * mask  # (B, T, C, h, w)
+        x = x + (times[k + 1] - times[k]) * velocity.to(x.dtype)  # (B, T, C, h, w)
+    x[:, :1] = cond_latent
+    return x
+
+
+def sample_flow_time(batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Logit-normal flow times ``sigmoid(N(0, 1))`` [batch]."""
+    return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+
+
+def flow_matching_loss(
+    denoiser: nn.Module,
+    x1: torch.Tensor,
+    cond_latent: torch.Tensor,
+    frame_features: torch.Tensor,
+    text_embeds: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Rectified-flow loss ``mean((v(x_t, t) - (x1 - eps))^2)`` with frame 0 pinned to ``cond_latent`` and masked.
+
+    x1 [B, T, C, h, w] are the scaled data latents, cond_latent [B, 1, C, h, w]. t ~ sigmoid(N(0, 1)) per sample,
+    eps ~ N(0, I); both come from ``generator`` when given (device of x1), else from torch's global RNG.
+    Prediction and target are zeroed on frame 0; the mean runs over all elements (frame 0's zeros included).
+    """
+    if x1.dim() != 5 or cond_latent.shape != (x1.shape[0], 1, *x1.shape[2:]):
+        raise ValueError(f"x1 must be [B, T, C, h, w] and cond_latent [B, 1, C, h, w]; got {tuple(x1.shape)} and "
+                         f"{tuple(cond_latent.shape)}")
+    batch = x1.shape[0]
+    t = sample_flow_time(batch, x1.device, generator).to(x1.dtype)  # (B,)
+    eps = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (B, T, C, h, w)
+    t_b = t.view(batch, 1, 1, 1, 1)
+    x_t = t_b * x1 + (1.0 - t_b) * eps  # (B, T, C, h, w)
+    x_t = torch.cat([cond_latent.to(x1.dtype), x_t[:, 1:]], dim=1)  # (B, T, C, h, w), frame 0 pinned
+    target = x1 - eps  # (B, T, C, h, w)
+    mask = _frame0_mask(x1)  # (1, T, 1, 1, 1)
+    prediction = denoiser(x_t, t, frame_features, text_embeds)  # (B, T, C, h, w)
+    return F.mse_loss(prediction * mask, target * mask)
+

@@ -1,0 +1,244 @@
+"""Trajectory VAE (``LatteVAE`` of the official code, spec section 3): dense tracks <-> per-frame latent tokens.
+
+The encoder embeds every track point with learned Fourier features, patchifies the (rows x cols) query grid into
+tokens and runs a factorised spatial/temporal transformer conditioned on DINOv2 patch tokens by cross-attention.
+Time is not compressed: a trajectory of T frames becomes T frames of L latent tokens with C channels each.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from traj_forecast_ros.model.config import VAEConfig
+from traj_forecast_ros.model.layers import (
+    Attention,
+    Mlp,
+    PatchEmbed,
+    TrackPosEncoder,
+    pair,
+    sincos_1d_table,
+    sincos_2d_table,
+    token_grid,
+)
+
+BLOCK_NORM_EPS = 1e-6
+
+
+class VAEBlock(nn.Module):
+    """Pre-norm transformer block (affine RMSNorm) with zero-initialised per-channel gates; no timestep."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
+        self.xattn = Attention(hidden_size, num_heads)
+        self.norm3 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.gate_msa = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.gate_mxa = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.gate_mlp = nn.Parameter(torch.zeros(1, 1, hidden_size))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [N, L, C] with context [N or N/G, M, C] (see ``Attention``) -> [N, L, C]."""
+        x = x + self.gate_msa * self.attn(self.norm1(x))  # (N, L, C)
+        x = x + self.gate_mxa * self.xattn(self.norm2(x), context)  # (N, L, C)
+        x = x + self.gate_mlp * self.mlp(self.norm3(x))  # (N, L, C)
+        return x
+
+
+class VAEFinalLayer(nn.Module):
+    """Bare linear head: token -> p*p*c outputs ordered (p_row, p_col, c). No norm, no modulation."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, L, C] -> [N, L, p*p*c]."""
+        return self.linear(x)
+
+
+class TrajectoryVAE(nn.Module):
+    """Spatio-temporal transformer VAE over normalised track grids (square or rectangular).
+
+    ``encode(tracks [B, T, 2, H, W], frame_features [B, N, D]) -> (mean, std)`` each ``[B, T, L, C]``;
+    ``decode(z [B, T, L, C], frame_features) -> tracks [B, T, 2, H, W]``. Tracks are absolute positions normalised
+    to [-1, 1] (``2 p / size - 1``), channels (x, y).
+    """
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        if cfg.encoder_depth % 2 or cfg.decoder_depth % 2:
+            raise ValueError("VAE encoder/decoder depths must be even (spatial/temporal block pairs)")
+        if cfg.in_channels != 2:
+            raise ValueError(f"the trajectory VAE encodes (x, y) tracks: in_channels must be 2, got {cfg.in_channels}")
+        self.cfg = cfg
+        self.input_size = pair(cfg.input_size)
+        self.patch_size = cfg.patch_size
+        self.in_channels = cfg.in_channels
+        self.out_channels = cfg.in_channels
+        self.latent_channels = cfg.latent_channels
+        self.num_frames = cfg.num_frames
+        self.frame_token_grid = token_grid(cfg.num_frame_tokens)
+        self.num_frame_tokens = self.frame_token_grid[0] * self.frame_token_grid[1]
+        self.frame_features_dim = cfg.frame_features_dim
+        hidden = cfg.hidden_size
+
+        self.x_encoder = TrackPosEncoder(hidden, cfg.pos_embed_dim, raw=False)
+        self.x_embedder = PatchEmbed(self.input_size, cfg.patch_size, 2 + cfg.pos_embed_dim, hidden)
+        self.frame_proj = nn.Linear(cfg.frame_features_dim, hidden)
+        self.to_latents = nn.Linear(hidden, 2 * cfg.latent_channels)  # [mean | logvar]
+        self.from_latents = nn.Linear(cfg.latent_channels, hidden)
+        self.latent_grid = self.x_embedder.grid_size  # (h, w) latent tokens per frame
+        self.num_latent_tokens = self.x_embedder.num_patches
+
+        # Fixed sin-cos tables: Parameters with requires_grad=False, as in the official checkpoints.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_latent_tokens, hidden), requires_grad=False)
+        self.temp_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, hidden), requires_grad=False)
+        self.frame_embed = nn.Parameter(torch.zeros(1, self.num_frame_tokens, hidden), requires_grad=False)
+
+        self.encoder_blocks = nn.ModuleList(
+            [VAEBlock(hidden, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.encoder_depth)]
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [VAEBlock(hidden, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)]
+        )
+        self.final_layer = VAEFinalLayer(hidden, cfg.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------------------------------ init
+    def sincos_tables(self) -> Dict[str, torch.Tensor]:
+        """The fixed tables this architecture defines, by state-dict name (each [1, n, hidden])."""
+        hidden = self.cfg.hidden_size
+        return {
+            "pos_embed": sincos_2d_table(hidden, self.latent_grid).unsqueeze(0),
+            "temp_embed": sincos_1d_table(hidden, self.num_frames).unsqueeze(0),
+            "frame_embed": sincos_2d_table(hidden, self.frame_token_grid).unsqueeze(0),
+        }
+
+    def initialize_weights(self) -> None:
+        """Xavier linears and patch conv, fixed sin-cos tables, zero output head (gates are zero already)."""
+
+        def xavier_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+        with torch.no_grad():
+            for name, table in self.sincos_tables().items():
+                getattr(self, name).copy_(table)
+        conv_weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights; ``encode``/``decode`` cast their inputs to it."""
+        return self.frame_proj.weight.dtype
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _check_frame_features(self, frame_features: torch.Tensor) -> None:
+        expected = (self.num_frame_tokens, self.frame_features_dim)
+        if frame_features.dim() != 3 or tuple(frame_features.shape[1:]) != expected:
+            raise ValueError(
+                f"VAE expects frame_features [B, {expected[0]}, {expected[1]}], got {tuple(frame_features.shape)}"
+            )
+
+    def _check_tracks(self, tracks: torch.Tensor) -> None:
+        expected = (self.num_frames, self.in_channels, *self.input_size)
+        if tracks.dim() != 5 or tuple(tracks.shape[1:]) != expected:
+            raise ValueError(f"VAE expects tracks [B, {', '.join(map(str, expected))}], got {tuple(tracks.shape)}")
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        expected = (self.num_frames, self.num_latent_tokens, self.latent_channels)
+        if z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            raise ValueError(f"VAE expects latents [B, {', '.join(map(str, expected))}], got {tuple(z.shape)}")
+
+    # ------------------------------------------------------------------------------------------ forward
+    def _context(self, frame_features: torch.Tensor) -> torch.Tensor:
+        """DINO tokens [B, N, D] -> cross-attention context [B, N, C], shared by all sequences of a sample."""
+        return self.frame_proj(frame_features) + self.frame_embed  # (B, N, C)
+
+    def _run_blocks(
+        self, x: torch.Tensor, blocks: nn.ModuleList, context: torch.Tensor, add_temp_embed: bool
+    ) -> torch.Tensor:
+        """Alternate spatial (even) and temporal (odd) blocks over x [(B T), L, C] with context [B, N, C]."""
+        frames = self.num_frames
+        for i in range(0, len(blocks), 2):
+            x = blocks[i](x, context)  # (B*T, L, C)
+            x = rearrange(x, "(b f) l c -> (b l) f c", f=frames)  # (B*L, T, C)
+            if add_temp_embed and i == 0:
+                x = x + self.temp_embed  # (B*L, T, C)
+            x = blocks[i + 1](x, context)  # (B*L, T, C)
+            x = rearrange(x, "(b l) f c -> (b f) l c", l=self.num_latent_tokens)  # (B*T, L, C)
+        return x
+
+    def encode(self, tracks_norm: torch.Tensor, frame_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Posterior of normalised tracks [B, T, 2, H, W]: (mean, std) each [B, T, L, C], std = softplus(logvar/2).
+
+        Inputs are cast to the dtype of the weights.
+        """
+        self._check_tracks(tracks_norm)
+        self._check_frame_features(frame_features)
+        tracks_norm, frame_features = tracks_norm.to(self.dtype), frame_features.to(self.dtype)
+        batch = tracks_norm.shape[0]
+        x = self.x_encoder(tracks_norm)  # (B, T, 2+F, H, W)
+        x = rearrange(x, "b f c h w -> (b f) c h w")  # (B*T, 2+F, H, W)
+        x = self.x_embedder(x) + self.pos_embed  # (B*T, L, C)
+        x = self._run_blocks(x, self.encoder_blocks, self._context(frame_features), add_temp_embed=True)
+        x = rearrange(x, "(b f) l c -> b f l c", b=batch)  # (B, T, L, C)
+        mean, logvar = self.to_latents(x).chunk(2, dim=-1)  # (B, T, L, Z) each
+        std = F.softplus(0.5 * logvar)  # (B, T, L, Z)
+        return mean, std
+
+    def decode(self, z: torch.Tensor, frame_features: torch.Tensor) -> torch.Tensor:
+        """Latents z [B, T, L, C] -> normalised tracks [B, T, 2, H, W]. No positional embedding in the decoder."""
+        self._check_latents(z)
+        self._check_frame_features(frame_features)
+        z, frame_features = z.to(self.dtype), frame_features.to(self.dtype)
+        batch = z.shape[0]
+        x = self.from_latents(z)  # (B, T, L, C)
+        x = rearrange(x, "b f l c -> (b f) l c")  # (B*T, L, C)
+        x = self._run_blocks(x, self.decoder_blocks, self._context(frame_features), add_temp_embed=False)
+        x = self.final_layer(x)  # (B*T, L, p*p*2)
+        rows, cols = self.latent_grid
+        p = self.patch_size
+        return rearrange(
+            x, "(b f) (h w) (p q c) -> b f c (h p) (w q)", b=batch, h=rows, w=cols, p=p, q=p
+        )  # (B, T, 2, H, W)
+
+    @staticmethod
+    def sample_posterior(
+        mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """Reparameterised draw ``mean + std * eps`` (eps from ``generator`` when given)."""
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * eps
+
+    def loss(
+        self, tracks_norm: torch.Tensor, frame_features: torch.Tensor, beta: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """beta-VAE objective: Huber(delta=1) reconstruction + beta * KL(q || N(0, I)), each a batch mean.
+
+        ``recon`` is averaged over all track elements, ``kl`` over [T, L, C]; ``beta`` defaults to ``cfg.beta``.
+        Returns ``dict(loss, recon, kl)`` of scalars.
+        """
+        beta = self.cfg.beta if beta is None else beta
+        mean, std = self.encode(tracks_norm, frame_features)  # (B, T, L, Z) each
+        z = self.sample_posterior(mean, std, generator)  # (B, T, L, Z)
+        recon_tracks = self.decode(z, frame_features)  # (B, T, 2, H, W)
+        recon = F.huber_loss(recon_tracks, tracks_norm, delta=1.0)
+        # KL(N(mean, std) || N(0, 1)) per element, averaged over [T, L, Z] then over the batch.
+        kl = (0.5 * (mean.square() + std.square() - 1.0) - torch.log(std)).mean()
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
