@@ -1,0 +1,72 @@
+"""Launch the trajectory forecasting node (a lifecycle node that configures and activates itself).
+
+    ros2 launch traj_forecast_ros forecast.launch.py image_topic:=/camera/image_raw camera_frame:=camera_optical \
+        model:=libero-atm namespace:=arm autostart:=true rviz:=true
+
+Arguments left empty keep the value from ``params_file`` (default: the package's config/forecast.yaml). The Fast DDS
+large-data profile shipped in config/ is used unless FASTDDS_DEFAULT_PROFILES_FILE is already set.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
+from launch.conditions import IfCondition
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+from launch_ros.actions import LifecycleNode, Node
+
+PACKAGE = "traj_forecast_ros"
+
+
+def _forecast_node(context, *args, **kwargs):
+    """Build the node with only the overrides that were actually given on the command line."""
+    overrides = {"autostart": LaunchConfiguration("autostart").perform(context).lower() in ("true", "1", "yes")}
+    for name in ("image_topic", "camera_frame", "model"):
+        value = LaunchConfiguration(name).perform(context)
+        if value:
+            overrides[name] = value
+    return [
+        LifecycleNode(
+            package=PACKAGE,
+            executable="forecast_node",
+            name="forecast_node",
+            namespace=LaunchConfiguration("namespace"),
+            parameters=[LaunchConfiguration("params_file"), overrides],
+            output="screen",
+            emulate_tty=True,
+        )
+    ]
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = get_package_share_directory(PACKAGE)
+    arguments = [
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "forecast.yaml"),
+                              description="Node parameter file."),
+        DeclareLaunchArgument("image_topic", default_value="",
+                              description="Camera topic (sensor_msgs/Image; <topic>/compressed with the compressed "
+                                          "transport). Empty: the params file's value."),
+        DeclareLaunchArgument("camera_frame", default_value="",
+                              description="frame_id for images whose header has none. Empty: the params file's."),
+        DeclareLaunchArgument("model", default_value="",
+                              description="Registry name or model directory. Empty: the params file's value."),
+        DeclareLaunchArgument("namespace", default_value="", description="Namespace of the node."),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="Configure and activate the lifecycle node at startup."),
+        DeclareLaunchArgument("rviz", default_value="false", description="Also start RViz with rviz/forecast.rviz."),
+    ]
+    return LaunchDescription(arguments + [
+        SetEnvironmentVariable(
+            "FASTDDS_DEFAULT_PROFILES_FILE",
+            EnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE",
+                                default_value=os.path.join(share, "config", "fastdds_large_data.xml"))),
+        OpaqueFunction(function=_forecast_node),
+        Node(
+            package="rviz2",
+            executable="rviz2",
+            arguments=["-d", os.path.join(share, "rviz", "forecast.rviz")],
+            condition=IfCondition(LaunchConfiguration("rviz")),
+            output="screen",
+        ),
+    ])

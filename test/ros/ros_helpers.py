@@ -1,0 +1,188 @@
+"""Helpers for the ROS tests: the node as a separate process and an in-test probe node.
+
+DDS stays on loopback with a random domain and the large-data Fast DDS profile (set in test/conftest.py, inherited
+by the node processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS_FILE = REPO / "config" / "forecast.yaml"
+
+
+def ros_available() -> Optional[str]:
+    """None when rclpy and the built messages import, else the reason to skip."""
+    try:
+        import rclpy  # noqa: F401
+        import traj_forecast_msgs.msg  # noqa: F401
+    except ImportError as exc:
+        return f"ROS 2 wheels or traj_forecast_msgs missing ({exc}); run scripts/setup.sh"
+    return None
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` s pass (returns None)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(interval)
+
+
+def _default_sigint() -> None:
+    # A child of a non-interactive shell may inherit SIGINT ignored; the node must see it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class NodeProcess:
+    """``python -m traj_forecast_ros.forecast_node`` in its own process, output captured in a log file."""
+
+    def __init__(self, log_path: Path, params: Dict[str, Any], namespace: str = "") -> None:
+        self.log_path = log_path
+        command = [sys.executable, "-m", "traj_forecast_ros.forecast_node", "--ros-args",
+                   "--params-file", str(PARAMS_FILE)]
+        for name, value in params.items():
+            command += ["-p", f"{name}:={value}"]
+        if namespace:
+            command += ["-r", f"__ns:={namespace}"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                   OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0",
+                   RCUTILS_CONSOLE_OUTPUT_FORMAT="[{severity}] [{name}]: {message}")
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        preexec_fn=_default_sigint)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        """Everything the node printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float) -> bool:
+        """True once ``text`` appears in the log (False on timeout or if the process died)."""
+        return bool(wait_until(lambda: text in self.log() or self.process.poll() is not None, timeout)) \
+            and text in self.log()
+
+    def rss_mb(self) -> float:
+        """Resident memory of the node process in MiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+        raise RuntimeError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the node process so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Tuple[Optional[int], float]:
+        """Send ``sig`` and wait; returns (exit code or None if it had to be killed, seconds it took)."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+                self._log.close()
+                return None, time.monotonic() - started
+        self._log.close()
+        return self.process.returncode, time.monotonic() - started
+
+
+class Probe:
+    """An rclpy node inside the test process (own context, own spin thread) that publishes, records and calls."""
+
+    def __init__(self, name: str) -> None:
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node(name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._lock = threading.Lock()
+        self.received: Dict[str, List[Tuple[float, Any]]] = {}
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def subscribe(self, msg_type: Any, topic: str, depth: int = 50) -> None:
+        """Record every message on ``topic`` (reliable QoS) with its receive time (time.time())."""
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        with self._lock:
+            self.received.setdefault(topic, [])
+
+        def record(msg: Any) -> None:
+            with self._lock:
+                self.received[topic].append((time.time(), msg))
+
+        self.node.create_subscription(msg_type, topic, record,
+                                      QoSProfile(depth=depth, reliability=ReliabilityPolicy.RELIABLE))
+
+    def messages(self, topic: str) -> List[Any]:
+        """Messages received on ``topic`` so far (oldest first)."""
+        with self._lock:
+            return [msg for _, msg in self.received.get(topic, [])]
+
+    def timed_messages(self, topic: str) -> List[Tuple[float, Any]]:
+        with self._lock:
+            return list(self.received.get(topic, []))
+
+    def clear(self, topic: str) -> None:
+        with self._lock:
+            self.received[topic] = []
+
+    def publisher(self, msg_type: Any, topic: str, reliable: bool = True, depth: int = 10) -> Any:
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+        return self.node.create_publisher(msg_type, topic, QoSProfile(depth=depth, reliability=reliability))
+
+    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 15.0) -> Any:
+        """Call a service and return its response (fails the test on timeout)."""
+        client = self.node.create_client(srv_type, name)
+        try:
+            if not client.wait_for_service(timeout_sec=timeout):
+                pytest.fail(f"service {name} not available after {timeout} s")
+            future = client.call_async(request)
+            if not wait_until(future.done, timeout):
+                pytest.fail(f"service {name} did not answer within {timeout} s")
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(2.0)

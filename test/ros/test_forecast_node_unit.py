@@ -1,0 +1,203 @@
+"""The node's parameters, diagnostics and lifecycle in-process with a fake forecaster (no second process)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ros_helpers import REPO, ros_available, wait_until
+
+pytestmark = pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))
+
+if ros_available() is None:
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.context import Context
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from traj_forecast_ros.conversions import rgb_to_image_msg
+    from traj_forecast_ros.forecast import Forecast
+    from traj_forecast_ros.forecast_node import ForecastNode, diagnostic_status
+    from traj_forecast_ros.node_params import PARAMETERS
+    from traj_forecast_ros.node_runtime import PipelineStats
+
+
+class FakeForecaster:
+    """Straight-line tracks over a 4x4 grid; raises what is queued in ``fail_with``; records release()."""
+
+    model_id, device, dtype = "fake", "cpu", "float32"
+
+    def __init__(self) -> None:
+        self.fail_with = []
+        self.released = False
+        self.instructions = []
+
+    def warmup(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.released = True
+
+    def forecast(self, rgb, instruction=None, num_samples=8, steps=10, seed=None):
+        if self.released:
+            raise RuntimeError("released")
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        self.instructions.append(instruction)
+        height, width = rgb.shape[:2]
+        ys, xs = np.meshgrid(np.linspace(0, height, 4), np.linspace(0, width, 4), indexing="ij")
+        query = np.stack([xs, ys], -1).astype(np.float32)
+        tracks = query + np.arange(4, dtype=np.float32)[None, :, None, None, None] * [2.0, 1.0]
+        tracks = np.repeat(tracks, num_samples, axis=0)
+        return Forecast(tracks=tracks, query_points=query, image_size=(height, width), model_id="fake",
+                        instruction=instruction, timings={"total": 0.01})
+
+
+@pytest.fixture
+def context():
+    context = Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+def make_node(context, factory, **params):
+    overrides = [Parameter(name, value=value) for name, value in params.items()]
+    return ForecastNode(forecaster_factory=factory, context=context, parameter_overrides=overrides)
+
+
+def test_every_parameter_has_a_description_and_the_yaml_sets_valid_values():
+    config = yaml.safe_load((REPO / "config" / "forecast.yaml").read_text())
+    values = config["/**/forecast_node"]["ros__parameters"]
+    assert set(values) == {spec.name for spec in PARAMETERS}, "config/forecast.yaml and the node disagree"
+    assert values["model"] == "libero-atm"
+    for spec in PARAMETERS:
+        assert spec.description and spec.check(values[spec.name]) is None, spec.name
+        assert type(values[spec.name]) is type(spec.default), spec.name
+        descriptor = spec.descriptor()
+        if spec.low is not None:
+            assert descriptor.integer_range or descriptor.floating_point_range, spec.name
+
+
+def test_invalid_startup_value_is_refused_with_the_reason(context):
+    with pytest.raises(Exception, match="image_transport"):
+        make_node(context, lambda *a: FakeForecaster(), image_transport="h264")
+
+
+def test_lifecycle_releases_the_model_and_reloads_it(context):
+    created = []
+
+    def factory(model, device, dtype, cache_dir):
+        created.append((model, device, dtype, cache_dir))
+        return FakeForecaster()
+
+    node = make_node(context, factory, model="some-model", device="cpu", autostart=False)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert created == [("some-model", "cpu", "auto", None)]
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        first = node._forecaster
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert first.released and node._forecaster is None  # accelerator memory freed
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        assert len(created) == 2 and not node._forecaster.released
+        assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    finally:
+        node.destroy_node()
+
+
+def test_configure_failure_leaves_the_node_unconfigured_and_says_how_to_fix_it(context, capfd):
+    def missing(model, *_):
+        raise FileNotFoundError(f"model directory not found: {model}")
+
+    node = make_node(context, missing, model="/no/such/dir", autostart=False)
+    try:
+        assert node.autostart() is False
+        assert node._state_label == "unconfigured" and node._forecaster is None
+        log = capfd.readouterr().err
+        assert "cannot load model '/no/such/dir': model directory not found" in log
+        assert "traj-forecast download" in log
+    finally:
+        node.destroy_node()
+
+
+def test_model_failures_are_counted_and_turn_diagnostics_to_error(context):
+    fake = FakeForecaster()
+
+    class FakeOOM(RuntimeError):
+        pass
+
+    FakeOOM.__name__ = "OutOfMemoryError"
+    fake.fail_with = [FakeOOM("CUDA out of memory"), MemoryError(), RuntimeError("boom")]
+    node = make_node(context, lambda *a: fake, instruction="stack the blocks")
+    try:
+        assert node.autostart()
+        published = []
+        node._publish_outputs = lambda frame, rgb, forecast: published.append(forecast)
+        node._pipeline._publish = node._publish_outputs
+        for _ in range(3):
+            node._on_image(rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8)))
+            assert wait_until(lambda: len(node._pipeline._mailbox) == 0 and not node._pipeline.busy, 5)
+            time.sleep(0.02)
+        assert wait_until(lambda: node._stats.not_forecast.total() == 3, 5)
+        status = diagnostic_status("n", "active", node._stats.snapshot(), node._model_info,
+                                   node._consecutive_failures)
+        assert status.level == DiagnosticStatus.ERROR
+        values = {kv.key: kv.value for kv in status.values}
+        assert values["dropped.out_of_memory"] == "2" and values["dropped.forecast_failed"] == "1"
+        assert values["dropped_total"] == values["failed_total"] == "3" and values["rejected_total"] == "0"
+        node._on_image(rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8)))
+        assert wait_until(lambda: published, 5)  # recovers on the next frame
+        assert fake.instructions == ["stack the blocks"]
+        assert node._consecutive_failures == 0
+    finally:
+        node.stop_worker(timeout=1.0)
+        node.destroy_node()
+
+
+def test_diagnostic_levels_and_values():
+    stats = PipelineStats()
+    model = {"model_id": "libero-atm", "device": "cuda:0", "dtype": "float16"}
+    status = diagnostic_status("/forecast_node: trajectory forecast", "inactive", stats.snapshot(), model, 0)
+    assert status.level == DiagnosticStatus.OK and "inactive" in status.message
+    status = diagnostic_status("x", "active", stats.snapshot(), model, 0)
+    assert status.level == DiagnosticStatus.WARN and "no images" in status.message
+    for value in (0.10, 0.12, 0.30):
+        stats.latency.add(value)
+    stats.received, stats.published = 10, 3
+    stats.not_forecast.add("superseded")
+    stats.not_forecast.add("truncated")
+    status = diagnostic_status("x", "active", stats.snapshot(), model, 0)
+    values = {kv.key: kv.value for kv in status.values}
+    assert status.hardware_id == "cuda:0" and status.level == DiagnosticStatus.OK
+    assert values["latency_p50_ms"] == "120.0" and float(values["latency_p95_ms"]) > 250
+    assert values["dropped.superseded"] == "1" and values["dropped.truncated"] == "1"
+    assert values["dropped_total"] == "2" and values["rejected_total"] == "1" and values["failed_total"] == "0"
+    assert values["dtype"] == "float16" and values["model"] == "libero-atm"
+    assert values["inference_p50_ms"] == "n/a"
+
+
+def test_rviz_config_shows_the_node_outputs():
+    rviz = yaml.safe_load((REPO / "rviz" / "forecast.rviz").read_text())
+    displays = {d["Name"]: d for d in rviz["Visualization Manager"]["Displays"]}
+    assert displays["Forecast overlay"]["Topic"]["Value"] == "/forecast_node/overlay"
+    assert displays["Forecast trajectories"]["Topic"]["Value"] == "/forecast_node/markers"
+    assert displays["Forecast trajectories"]["Class"] == "rviz_default_plugins/MarkerArray"
+    assert displays["Camera image"]["Topic"]["Reliability Policy"] == "Best Effort"
+    assert "trajectory_forecast" in displays["Forecast trajectories"]["Namespaces"]
+
+
+def test_package_manifest_lists_what_the_node_imports():
+    manifest = (REPO / "package.xml").read_text()
+    for dependency in ("rclpy", "sensor_msgs", "std_msgs", "visualization_msgs", "diagnostic_msgs", "lifecycle_msgs",
+                       "rcl_interfaces", "builtin_interfaces", "geometry_msgs", "traj_forecast_msgs",
+                       "ament_index_python", "launch_ros"):
+        assert f"<exec_depend>{dependency}</exec_depend>" in manifest, dependency
+    msgs_manifest = Path(REPO / "msgs" / "traj_forecast_msgs" / "package.xml").read_text()
+    assert "<member_of_group>rosidl_interface_packages</member_of_group>" in msgs_manifest

@@ -1,0 +1,227 @@
+"""Mailbox, worker and statistics of the node, with a fake forecaster (no ROS, no DDS)."""
+
+import threading
+import time
+from typing import List
+
+import numpy as np
+import pytest
+
+from traj_forecast_ros.errors import InvalidImageError
+from traj_forecast_ros.node_runtime import (
+    FORECAST_FAILED,
+    OUT_OF_MEMORY,
+    PUBLISH_FAILED,
+    SUPERSEDED,
+    TOO_OLD,
+    ForecastPipeline,
+    Frame,
+    Mailbox,
+    RateMeter,
+    ReasonCounter,
+    Window,
+    classify_error,
+    reason_category,
+)
+
+
+class FakeForecaster:
+    """Returns the frame's first pixel after ``delay`` s; raises whatever is queued in ``fail_with``."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.calls = 0
+        self.fail_with: List[BaseException] = []
+        self.started = threading.Event()
+
+    def __call__(self, rgb: np.ndarray) -> int:
+        self.calls += 1
+        self.started.set()
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        time.sleep(self.delay)
+        return int(rgb[0, 0, 0])
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.published: List[tuple] = []
+        self.event = threading.Event()
+
+    def __call__(self, frame: Frame, rgb: np.ndarray, result: int) -> None:
+        self.published.append((frame.message, result))
+        self.event.set()
+
+
+def decode(message: int) -> np.ndarray:
+    if message < 0:
+        err = InvalidImageError("negative frame")
+        err.reason = "truncated"
+        raise err
+    return np.full((2, 2, 3), message % 256, np.uint8)
+
+
+def frame(value: int, stamp: float = 0.0) -> Frame:
+    return Frame(message=value, stamp_s=stamp)
+
+
+def make_pipeline(forecaster, recorder, clock=time.time, max_age=0.0):
+    return ForecastPipeline(decode, forecaster, recorder, clock=clock, max_input_age_s=max_age)
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_mailbox_keeps_only_the_newest_item():
+    box: Mailbox[int] = Mailbox()
+    assert box.put(1) is False
+    assert box.put(2) is True  # 1 superseded
+    assert len(box) == 1
+    assert box.take(timeout=0) == 2
+    assert box.take(timeout=0.01) is None
+    box.put(3)
+    box.close()
+    assert box.take(timeout=1) is None
+
+
+def test_mailbox_take_wakes_on_put_and_close():
+    box: Mailbox[int] = Mailbox()
+    got = []
+    taker = threading.Thread(target=lambda: got.append(box.take(timeout=5)))
+    taker.start()
+    time.sleep(0.05)
+    box.put(7)
+    taker.join(1)
+    assert got == [7]
+    taker = threading.Thread(target=lambda: got.append(box.take(timeout=5)))
+    taker.start()
+    started = time.monotonic()
+    box.close()
+    taker.join(1)
+    assert got == [7, None] and time.monotonic() - started < 1
+
+
+def test_worker_serves_the_newest_frame_and_counts_superseded():
+    forecaster, recorder = FakeForecaster(delay=0.2), Recorder()
+    pipeline = make_pipeline(forecaster, recorder)
+    pipeline.start()
+    pipeline.submit(frame(1))
+    assert forecaster.started.wait(2)  # the worker is busy with frame 1
+    for value in range(2, 12):  # a burst while busy: only the last one survives
+        pipeline.submit(frame(value))
+    assert wait_until(lambda: len(recorder.published) == 2)
+    assert pipeline.stop(timeout=2)
+    assert [m for m, _ in recorder.published] == [1, 11]
+    assert recorder.published[1][1] == 11  # the forecaster saw the decoded newest frame
+    stats = pipeline.stats.snapshot()
+    assert stats["not_forecast"] == {SUPERSEDED: 9}
+    assert stats["received"] == 11 and stats["published"] == 2
+    assert stats["inference_p50_s"] == pytest.approx(0.2, abs=0.1)
+
+
+def test_old_frames_are_dropped_by_stamp():
+    now = [100.0]
+    forecaster, recorder = FakeForecaster(), Recorder()
+    pipeline = make_pipeline(forecaster, recorder, clock=lambda: now[0], max_age=0.5)
+    assert pipeline.process(frame(1, stamp=99.0)) is False
+    assert pipeline.process(frame(2, stamp=99.8)) is True
+    assert pipeline.process(frame(3, stamp=0.0)) is True  # unstamped: age unknown, not dropped
+    pipeline.max_input_age_s = 0.0  # 0 disables the check
+    assert pipeline.process(frame(4, stamp=10.0)) is True
+    assert pipeline.stats.not_forecast.counts() == {TOO_OLD: 1}
+    assert forecaster.calls == 3
+    assert pipeline.stats.latency.percentile(50) == pytest.approx((0.2 + 90.0) / 2)
+
+
+def test_failures_are_counted_by_reason_and_the_worker_goes_on():
+    class FakeCudaOOM(RuntimeError):
+        pass
+
+    FakeCudaOOM.__name__ = "OutOfMemoryError"  # what torch.cuda.OutOfMemoryError is called
+    forecaster, recorder = FakeForecaster(), Recorder()
+    forecaster.fail_with = [FakeCudaOOM("CUDA out of memory"), MemoryError(), RuntimeError("boom")]
+    pipeline = make_pipeline(forecaster, recorder)
+    pipeline.start()
+    for value in (-1, 1, 2, 3, 4):  # bad image, OOM, MemoryError, RuntimeError, then a good frame
+        pipeline.submit(frame(value))
+        assert wait_until(lambda: len(pipeline._mailbox) == 0 and not pipeline.busy)
+    assert wait_until(lambda: len(recorder.published) == 1)
+    assert recorder.published == [(4, 4)]
+    assert pipeline.stats.not_forecast.counts() == {"truncated": 1, OUT_OF_MEMORY: 2, FORECAST_FAILED: 1}
+    assert pipeline.stop(timeout=2)
+
+
+def test_publish_failure_is_counted():
+    def broken_publish(*_):
+        raise RuntimeError("context shut down")
+
+    pipeline = ForecastPipeline(decode, FakeForecaster(), broken_publish, clock=time.time)
+    assert pipeline.process(frame(1)) is False
+    assert pipeline.stats.not_forecast.counts() == {PUBLISH_FAILED: 1}
+    assert pipeline.stats.published == 0
+
+
+def test_stop_during_inference_returns_quickly_and_discards_the_result():
+    forecaster, recorder = FakeForecaster(delay=1.0), Recorder()
+    pipeline = make_pipeline(forecaster, recorder)
+    pipeline.start()
+    pipeline.submit(frame(1))
+    assert forecaster.started.wait(2)
+    started = time.monotonic()
+    assert pipeline.stop(timeout=0.2) is False  # still inside the 1 s forecast; stop() does not block on it
+    assert time.monotonic() - started < 0.5
+    pipeline.submit(frame(2))  # ignored once stopped
+    assert wait_until(lambda: not pipeline.running, timeout=5)
+    assert recorder.published == []
+
+
+def test_idle_worker_stops_at_once():
+    pipeline = make_pipeline(FakeForecaster(), Recorder())
+    pipeline.start()
+    started = time.monotonic()
+    assert pipeline.stop(timeout=2)
+    assert time.monotonic() - started < 0.5
+
+
+def test_logging_is_throttled_per_reason():
+    counter = ReasonCounter(log_interval_s=5.0)
+    assert counter.add("truncated", now=0.0) is True
+    assert counter.add("truncated", now=1.0) is False
+    assert counter.add("empty", now=1.0) is True  # another reason logs independently
+    assert counter.add("truncated", now=6.0) is True
+    assert counter.counts() == {"truncated": 3, "empty": 1} and counter.total() == 4
+
+
+def test_rate_meter_and_window_are_bounded():
+    meter = RateMeter(window_s=2.0, max_events=50)
+    for i in range(200):
+        meter.tick(now=i * 0.1)  # 10 Hz for 20 s
+    assert meter.rate(now=19.9) == pytest.approx(10.0, rel=0.05)
+    assert meter.period() == pytest.approx(0.1)
+    assert len(meter._times) == 50
+    assert meter.rate(now=100.0) == 0.0  # nothing recent
+    window = Window(size=10)
+    for value in range(100):
+        window.add(value)
+    assert len(window) == 10
+    assert window.percentile(50) == pytest.approx(94.5)
+    assert Window().percentile(95) is None
+
+
+def test_classify_error():
+    err = InvalidImageError("plain")
+    assert classify_error(err) == "invalid_image"
+    assert classify_error(MemoryError()) == OUT_OF_MEMORY
+    assert classify_error(ValueError("x")) == FORECAST_FAILED
+
+
+def test_reasons_fall_into_dropped_rejected_and_failed():
+    assert reason_category(SUPERSEDED) == reason_category(TOO_OLD) == "dropped"
+    assert reason_category(OUT_OF_MEMORY) == reason_category(PUBLISH_FAILED) == "failed"
+    assert reason_category("truncated") == reason_category("corrupt_compressed") == "rejected"

@@ -1,0 +1,250 @@
+"""Conversions between ROS messages and numpy: camera images in, trajectory forecasts out (and back).
+
+Every conversion is vectorised (``numpy.frombuffer`` views, ``array.array`` buffers): no per-pixel or per-point
+Python loop. Bad images raise :class:`ImageMessageError` (an ``InvalidImageError``) whose ``reason`` is a short
+code the node counts in its diagnostics.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from traj_forecast_ros.errors import InvalidImageError
+from traj_forecast_ros.forecast import Forecast
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+# encoding -> (channels, numpy dtype of one channel, channel order); mono images are replicated to RGB.
+_ENCODINGS = {
+    "rgb8": (3, np.uint8, "rgb"),
+    "bgr8": (3, np.uint8, "bgr"),
+    "rgba8": (4, np.uint8, "rgba"),
+    "bgra8": (4, np.uint8, "bgra"),
+    "mono8": (1, np.uint8, "mono"),
+    "mono16": (1, np.uint16, "mono"),
+}
+SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
+
+# Fields of TrajectoryForecast that hold flat float32 arrays.
+ARRAY_FIELDS = ("query_points", "tracks", "mean_displacement", "spread", "moving_fraction")
+
+
+class ImageMessageError(InvalidImageError):
+    """An image message that cannot be decoded; ``reason`` is a short code for counters (e.g. ``"truncated"``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------------- images in
+def _as_bytes_view(data: Any) -> np.ndarray:
+    """A flat uint8 view of a message ``data`` field (array.array, bytes, memoryview or list of ints)."""
+    if isinstance(data, (bytes, bytearray, memoryview, array.array)):
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.asarray(data, dtype=np.uint8).reshape(-1)
+
+
+def _check_size(height: int, width: int, max_pixels: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageMessageError("empty", f"image is {height}x{width}")
+    if height * width > max_pixels:
+        raise ImageMessageError("too_large", f"image is {width}x{height} = {height * width} pixels "
+                                             f"> max_pixels {max_pixels}")
+
+
+def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a ``sensor_msgs/Image`` to a contiguous ``[H, W, 3]`` uint8 RGB array.
+
+    Supports rgb8, bgr8, rgba8, bgra8 (alpha dropped), mono8 and mono16 (scaled so the frame's maximum maps to 255,
+    which suits 10/12/16-bit sensors alike). Honours ``step`` (row padding) and ``is_bigendian``.
+
+    Raises:
+        ImageMessageError: reason ``unsupported_encoding``, ``empty``, ``too_large``, ``step_mismatch``,
+            ``truncated`` or ``size_mismatch``.
+    """
+    encoding = str(msg.encoding).lower()
+    if encoding not in _ENCODINGS:
+        raise ImageMessageError("unsupported_encoding",
+                                f"encoding '{msg.encoding}' (supported: {', '.join(SUPPORTED_ENCODINGS)})")
+    channels, channel_dtype, order = _ENCODINGS[encoding]
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    _check_size(height, width, max_pixels)
+    pixel_bytes = channels * np.dtype(channel_dtype).itemsize
+    row_bytes = width * pixel_bytes
+    if step < row_bytes:
+        raise ImageMessageError("step_mismatch", f"step {step} < width {width} x {pixel_bytes} bytes per pixel")
+    if step % np.dtype(channel_dtype).itemsize:
+        raise ImageMessageError("step_mismatch", f"step {step} is not a multiple of the {encoding} channel size")
+    data = _as_bytes_view(msg.data)
+    expected = step * height
+    if data.size < expected:
+        raise ImageMessageError("truncated", f"{data.size} bytes of data, expected step x height = {expected}")
+    if data.size > expected:
+        raise ImageMessageError("size_mismatch", f"{data.size} bytes of data, expected step x height = {expected}")
+
+    rows = data.reshape(height, step)[:, :row_bytes]
+    if channel_dtype is np.uint16:
+        big = bool(msg.is_bigendian)
+        mono = np.ascontiguousarray(rows).view(">u2" if big else "<u2").reshape(height, width)
+        peak = int(mono.max())
+        scaled = (mono.astype(np.uint32) * 255 // peak).astype(np.uint8) if peak else np.zeros_like(mono, np.uint8)
+        return np.repeat(scaled[:, :, None], 3, axis=2)
+    pixels = rows.reshape(height, width, channels)
+    if order == "mono":
+        return np.repeat(pixels, 3, axis=2)
+    if order in ("bgr", "bgra"):
+        return np.ascontiguousarray(pixels[:, :, 2::-1])
+    return np.ascontiguousarray(pixels[:, :, :3])
+
+
+def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a ``sensor_msgs/CompressedImage`` (any format Pillow reads: jpeg, png, ...) to ``[H, W, 3]`` RGB.
+
+    The size is checked from the file header before the pixels are decoded.
+
+    Raises:
+        ImageMessageError: reason ``empty``, ``too_large`` or ``corrupt_compressed``.
+    """
+    from PIL import Image as PILImage
+
+    data = _as_bytes_view(msg.data)
+    if data.size == 0:
+        raise ImageMessageError("empty", "compressed image has no data")
+    try:
+        with PILImage.open(io.BytesIO(data.tobytes())) as image:
+            width, height = image.size
+            _check_size(height, width, max_pixels)
+            rgb = np.asarray(image.convert("RGB"))
+    except ImageMessageError:
+        raise
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
+        raise ImageMessageError("corrupt_compressed",
+                                f"cannot decode {msg.format or 'compressed'} image: {exc}") from exc
+    return np.ascontiguousarray(rgb)
+
+
+def rgb_to_image_msg(rgb: np.ndarray, header: Optional[Any] = None, encoding: str = "rgb8") -> Any:
+    """Build a ``sensor_msgs/Image`` from ``[H, W, 3]`` uint8 RGB (``encoding`` rgb8 or bgr8)."""
+    from sensor_msgs.msg import Image
+
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidImageError(f"expected [H, W, 3] uint8, got {rgb.shape} {rgb.dtype}")
+    if encoding == "bgr8":
+        rgb = rgb[:, :, ::-1]
+    elif encoding != "rgb8":
+        raise ValueError(f"rgb_to_image_msg: encoding must be rgb8 or bgr8, not '{encoding}'")
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    msg.height, msg.width = int(rgb.shape[0]), int(rgb.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = msg.width * 3
+    msg.data = array.array("B", np.ascontiguousarray(rgb).tobytes())
+    return msg
+
+
+def rgb_to_compressed_msg(rgb: np.ndarray, header: Optional[Any] = None, fmt: str = "jpeg",
+                          quality: int = 90) -> Any:
+    """Build a ``sensor_msgs/CompressedImage`` (jpeg or png) from ``[H, W, 3]`` uint8 RGB."""
+    from PIL import Image as PILImage
+    from sensor_msgs.msg import CompressedImage
+
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.ascontiguousarray(rgb)).save(buffer, format=fmt.upper(), quality=quality)
+    msg = CompressedImage()
+    if header is not None:
+        msg.header = header
+    msg.format = fmt.lower()
+    msg.data = array.array("B", buffer.getvalue())
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------- forecasts out
+def _float32_array(values: np.ndarray) -> array.array:
+    """A flat ``array.array('f')`` copy of ``values`` (the fast path of rosidl float32[] setters)."""
+    flat = array.array("f")
+    flat.frombytes(np.ascontiguousarray(values, dtype=np.float32).tobytes())
+    return flat
+
+
+def forecast_to_msg(forecast: Forecast, header: Any, frame_interval: float = 0.0,
+                    moving_threshold: float = 2.0) -> Any:
+    """Pack a :class:`Forecast` into a ``traj_forecast_msgs/TrajectoryForecast`` carrying ``header`` (the source
+    image's), with the per-point summaries computed here.
+
+    ``frame_interval``: seconds between forecast frames (0 = unknown); ``moving_threshold``: pixels, for
+    ``moving_fraction``.
+    """
+    from traj_forecast_msgs.msg import TrajectoryForecast
+
+    tracks = np.asarray(forecast.tracks, dtype=np.float32)
+    if tracks.ndim != 5 or tracks.shape[-1] != 2:
+        raise ValueError(f"forecast tracks must be [K, T, H, W, 2], got {tracks.shape}")
+    num_samples, num_frames, rows, cols, _ = tracks.shape
+    msg = TrajectoryForecast()
+    msg.header = header
+    msg.image_height, msg.image_width = int(forecast.image_size[0]), int(forecast.image_size[1])
+    msg.model_id = str(forecast.model_id)
+    msg.instruction = forecast.instruction or ""
+    msg.num_samples, msg.num_frames = int(num_samples), int(num_frames)
+    msg.frame_interval = float(frame_interval)
+    msg.grid_rows, msg.grid_cols = int(rows), int(cols)
+    msg.query_points = _float32_array(forecast.query_points)
+    msg.tracks = _float32_array(tracks)
+    msg.mean_displacement = _float32_array(forecast.mean_displacement())
+    msg.spread = _float32_array(forecast.spread())
+    msg.moving_threshold = float(moving_threshold)
+    msg.moving_fraction = _float32_array(forecast.moving_fraction(moving_threshold))
+    msg.inference_time = float(forecast.timings.get("total", 0.0))
+    msg.device = str(forecast.device)
+    msg.dtype = str(forecast.dtype)
+    return msg
+
+
+def msg_to_arrays(msg: Any) -> Dict[str, np.ndarray]:
+    """Unpack the arrays of a ``TrajectoryForecast`` as float32 numpy views (no copy; they share the message's
+    memory): ``query_points [H,W,2]``, ``tracks [K,T,H,W,2]``, ``mean_displacement [H,W,2]``, ``spread [H,W]``,
+    ``moving_fraction [H,W]``.
+
+    Raises:
+        ValueError: an array's length does not match the sizes in the message.
+    """
+    k, t, h, w = int(msg.num_samples), int(msg.num_frames), int(msg.grid_rows), int(msg.grid_cols)
+    shapes = {
+        "query_points": (h, w, 2),
+        "tracks": (k, t, h, w, 2),
+        "mean_displacement": (h, w, 2),
+        "spread": (h, w),
+        "moving_fraction": (h, w),
+    }
+    arrays = {}
+    for name, shape in shapes.items():
+        values = getattr(msg, name)
+        flat = (np.frombuffer(values, dtype=np.float32) if isinstance(values, array.array)
+                else np.asarray(values, dtype=np.float32))
+        if flat.size != int(np.prod(shape)):
+            raise ValueError(f"TrajectoryForecast.{name} has {flat.size} values, expected {shape} "
+                             f"= {int(np.prod(shape))} from num_samples/num_frames/grid_rows/grid_cols")
+        arrays[name] = flat.reshape(shape)
+    return arrays
+
+
+def msg_to_forecast(msg: Any) -> Forecast:
+    """Rebuild a :class:`Forecast` from a ``TrajectoryForecast`` (arrays copied, so the message may be reused)."""
+    arrays = msg_to_arrays(msg)
+    return Forecast(
+        tracks=arrays["tracks"].copy(),
+        query_points=arrays["query_points"].copy(),
+        image_size=(int(msg.image_height), int(msg.image_width)),
+        model_id=msg.model_id,
+        instruction=msg.instruction or None,
+        device=msg.device,
+        dtype=msg.dtype,
+        timings={"total": float(msg.inference_time)},
+    )

@@ -1,0 +1,107 @@
+"""The forecast node's parameters in one table: name, default, description, range or choices.
+
+The table feeds the ROS parameter declarations (descriptions and ranges shown by ``ros2 param describe``), the
+validation of every change (invalid values are refused with a reason) and the test that ``config/forecast.yaml``
+sets exactly these parameters. No rclpy import here except the descriptor messages.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+from traj_forecast_ros.conversions import DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One node parameter: default, description, and the allowed range or choices (checked on every set)."""
+
+    name: str
+    default: Any
+    description: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    choices: Optional[Tuple[str, ...]] = None
+    pattern: Optional[str] = None  # regular expression a string value must match in full
+
+    def descriptor(self) -> ParameterDescriptor:
+        """The ROS descriptor (description, range, constraints) shown by ``ros2 param describe``."""
+        constraints = ""
+        if self.choices:
+            constraints = "one of: " + ", ".join(self.choices)
+        elif self.pattern:
+            constraints = f"matches: {self.pattern}"
+        descriptor = ParameterDescriptor(name=self.name, description=self.description,
+                                         additional_constraints=constraints)
+        if self.low is not None and isinstance(self.default, bool):
+            raise TypeError(f"{self.name}: a bool parameter has no range")
+        if self.low is not None and isinstance(self.default, int):
+            descriptor.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
+        elif self.low is not None:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=float(self.low),
+                                                                  to_value=float(self.high), step=0.0)]
+        return descriptor
+
+    def check(self, value: Any) -> Optional[str]:
+        """Why ``value`` is not allowed, or None when it is."""
+        if self.choices and value not in self.choices:
+            return f"'{self.name}' must be one of {list(self.choices)}, got '{value}'"
+        if self.pattern and not re.fullmatch(self.pattern, str(value)):
+            return f"'{self.name}' must match {self.pattern}, got '{value}'"
+        if self.low is not None and not (self.low <= value <= self.high):
+            return f"'{self.name}' must be in [{self.low}, {self.high}], got {value}"
+        return None
+
+
+PARAMETERS: Tuple[ParamSpec, ...] = (
+    ParamSpec("autostart", True, "Configure and activate at startup (otherwise wait for lifecycle transitions)."),
+    ParamSpec("model", "libero-atm", "Registry name (models/registry.yaml) or model directory. Applies at configure."),
+    ParamSpec("device", "auto", "Compute device: auto (GPU when available), cpu, cuda, cuda:N or mps. "
+              "Applies at configure.", pattern=r"auto|cpu|cuda(:\d+)?|mps"),
+    ParamSpec("dtype", "auto", "Compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16. "
+              "Applies at configure.", choices=("auto", "float32", "float16", "bfloat16")),
+    ParamSpec("cache_dir", "", "Where registry models are looked up ('' = the default cache). Applies at configure."),
+    ParamSpec("num_samples", 8, "K, sampled futures per frame.", 1, 64),
+    ParamSpec("steps", 10, "Flow-matching Euler time points per forecast (10 = 9 denoiser evaluations).", 2, 200),
+    ParamSpec("seed", -1, "Noise seed: -1 = fresh noise for every frame, >= 0 = the same noise every frame.",
+              -1, 2**31 - 1),
+    ParamSpec("instruction", "", "Task instruction for language-conditioned models ('' = the model's default). "
+              "Also set by the instruction topic."),
+    ParamSpec("image_topic", "image", "Camera topic (the compressed transport subscribes to <image_topic>/compressed). "
+              "Applies at activate."),
+    ParamSpec("image_transport", "raw", "raw (sensor_msgs/Image) or compressed (sensor_msgs/CompressedImage). "
+              "Applies at activate.", choices=("raw", "compressed")),
+    ParamSpec("instruction_topic", "instruction", "std_msgs/String topic that changes the instruction at run time "
+              "(reliable, volatile). Applies at activate."),
+    ParamSpec("camera_info_topic", "", "sensor_msgs/CameraInfo topic for the marker image plane ('' = use "
+              "marker_pixel_size). Applies at activate."),
+    ParamSpec("qos_reliability", "best_effort", "Camera subscription reliability (best_effort = sensor data QoS; "
+              "reliable also matches reliable-only publishers). Applies at activate.",
+              choices=("best_effort", "reliable")),
+    ParamSpec("qos_depth", 5, "Camera subscription queue depth. Applies at activate.", 1, 100),
+    ParamSpec("max_input_age", 1.0, "Drop frames older than this many seconds (header stamp vs node clock) when the "
+              "worker takes them; 0 disables.", 0.0, 3600.0),
+    ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Reject images with more pixels than this.", 1, 2**28),
+    ParamSpec("frame_interval", 0.0, "Seconds between forecast frames written to the message (0 = the model "
+              "config's frame_interval_s, else unknown).", 0.0, 60.0),
+    ParamSpec("moving_threshold", 2.0, "Pixels a point must move (in a sample) to count in moving_fraction.",
+              0.0, 10000.0),
+    ParamSpec("camera_frame", "", "frame_id used when an image header has none ('' = keep the header as is)."),
+    ParamSpec("marker_stride", 8, "Markers: draw every Nth query point in each grid direction.", 1, 256),
+    ParamSpec("marker_samples", 0, "Markers: draw at most this many samples (0 = all).", 0, 64),
+    ParamSpec("marker_plane_depth", 1.0, "Markers: metres from the camera to the image plane they are drawn on.",
+              0.01, 100.0),
+    ParamSpec("marker_pixel_size", 0.002, "Markers: metres per pixel on that plane (used without CameraInfo).",
+              1e-6, 1.0),
+    ParamSpec("marker_line_width", 0.003, "Markers: line width in metres.", 1e-5, 1.0),
+    ParamSpec("marker_lifetime_periods", 3.0, "Markers: lifetime in forecast periods (0 = forever).", 0.0, 1000.0),
+    ParamSpec("overlay_stride", 4, "Overlay: draw every Nth query point in each grid direction.", 1, 256),
+    ParamSpec("overlay_sample", 0, "Overlay: which sample to draw (clamped to K-1).", 0, 63),
+    ParamSpec("stats_window", 200, "Forecasts kept for the latency percentiles in /diagnostics. Applies at "
+              "configure.", 10, 100000),
+)
+PARAMETER_SPECS: Dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}

@@ -1,0 +1,333 @@
+"""The forecasting node's runtime without ROS: one-slot mailbox, worker thread, bounded statistics.
+
+The subscription callback only calls :meth:`ForecastPipeline.submit` (O(1), never blocks on inference); one worker
+thread takes the newest frame, decodes it, runs the forecaster and hands the result to a publish function. Every
+frame that is not forecast is counted under a reason; nothing grows without bound. The ROS node
+(``forecast_node``) supplies the decode / forecast / publish functions, so this module is tested with fakes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, Generic, Optional, TypeVar
+
+import numpy as np
+
+from traj_forecast_ros.errors import InvalidImageError
+
+Item = TypeVar("Item")
+
+# Drop / rejection reasons (counter keys).
+SUPERSEDED = "superseded"  # replaced in the mailbox by a newer frame before the worker took it
+TOO_OLD = "too_old"  # older than max_input_age when the worker took it
+INVALID_IMAGE = "invalid_image"  # decode or forecaster input check failed (a more specific reason when known)
+OUT_OF_MEMORY = "out_of_memory"  # the forecaster ran out of (accelerator) memory
+FORECAST_FAILED = "forecast_failed"  # the forecaster raised anything else
+PUBLISH_FAILED = "publish_failed"  # building or publishing the outputs raised
+
+
+DROPPED_REASONS = frozenset({SUPERSEDED, TOO_OLD})  # good frames the node had no time for
+FAILED_REASONS = frozenset({OUT_OF_MEMORY, FORECAST_FAILED, PUBLISH_FAILED})  # the node's own failures
+
+
+def reason_category(reason: str) -> str:
+    """``"dropped"`` (no time for it), ``"failed"`` (model or publishing failed) or ``"rejected"`` (bad input)."""
+    if reason in DROPPED_REASONS:
+        return "dropped"
+    if reason in FAILED_REASONS:
+        return "failed"
+    return "rejected"
+
+
+@dataclass
+class Frame:
+    """One input frame waiting for the worker: the undecoded message plus its timing."""
+
+    message: Any
+    stamp_s: float  # header stamp in seconds on the node clock's time base (0 = not stamped: no age check)
+
+
+class Mailbox(Generic[Item]):
+    """A one-slot, thread-safe mailbox: ``put`` replaces an untaken item, ``take`` waits for one."""
+
+    def __init__(self) -> None:
+        self._item: Optional[Item] = None
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, item: Item) -> bool:
+        """Store ``item``; returns True when it replaced one the worker never took (a superseded frame)."""
+        with self._cond:
+            superseded = self._item is not None
+            self._item = item
+            self._cond.notify()
+        return superseded
+
+    def take(self, timeout: Optional[float] = None) -> Optional[Item]:
+        """Remove and return the item, waiting up to ``timeout`` s; None on timeout or once closed."""
+        with self._cond:
+            if not self._closed and self._item is None:
+                self._cond.wait(timeout)
+            if self._closed:
+                return None
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        """Wake every waiter; later ``take`` calls return None."""
+        with self._cond:
+            self._closed = True
+            self._item = None
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return 0 if self._item is None else 1
+
+
+class RateMeter:
+    """Events per second over the last ``window_s`` seconds (timestamps kept in a bounded deque)."""
+
+    def __init__(self, window_s: float = 5.0, max_events: int = 1000) -> None:
+        self.window_s = window_s
+        self._times: Deque[float] = collections.deque(maxlen=max_events)
+        self._lock = threading.Lock()
+
+    def tick(self, now: Optional[float] = None) -> None:
+        """Record one event."""
+        with self._lock:
+            self._times.append(time.monotonic() if now is None else now)
+
+    def rate(self, now: Optional[float] = None) -> float:
+        """Events per second in the window ending at ``now`` (0 when fewer than 2 events)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = [t for t in self._times if now - t <= self.window_s]
+        if len(recent) < 2:
+            return 0.0
+        span = max(now - recent[0], recent[-1] - recent[0])
+        return (len(recent) - 1) / span if span > 0 else 0.0
+
+    def period(self) -> Optional[float]:
+        """Median time between the recorded events (None with fewer than 2)."""
+        with self._lock:
+            times = list(self._times)
+        if len(times) < 2:
+            return None
+        return float(np.median(np.diff(times)))
+
+
+class Window:
+    """The last ``size`` values of a measurement, with percentiles."""
+
+    def __init__(self, size: int = 200) -> None:
+        self._values: Deque[float] = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, value: float) -> None:
+        """Record a value."""
+        with self._lock:
+            self._values.append(float(value))
+
+    def percentile(self, q: float) -> Optional[float]:
+        """The ``q``-th percentile (0..100) of the window, None when empty."""
+        with self._lock:
+            values = list(self._values)
+        return float(np.percentile(values, q)) if values else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)
+
+
+class ReasonCounter:
+    """Thread-safe counts by reason, plus when each reason was last logged (for per-reason log throttling)."""
+
+    def __init__(self, log_interval_s: float = 5.0) -> None:
+        self.log_interval_s = log_interval_s
+        self._counts: Dict[str, int] = collections.Counter()
+        self._last_logged: Dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, reason: str, now: Optional[float] = None) -> bool:
+        """Count one event; returns True when a log line for ``reason`` is due (first time, then throttled)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._counts[reason] += 1
+            last = self._last_logged.get(reason)
+            if last is None or now - last >= self.log_interval_s:
+                self._last_logged[reason] = now
+                return True
+            return False
+
+    def counts(self) -> Dict[str, int]:
+        """A snapshot of the counts."""
+        with self._lock:
+            return dict(self._counts)
+
+    def total(self) -> int:
+        """Sum over all reasons."""
+        with self._lock:
+            return sum(self._counts.values())
+
+
+@dataclass
+class PipelineStats:
+    """Everything the diagnostics report, bounded in memory."""
+
+    window: int = 200
+    input_rate: RateMeter = field(default_factory=RateMeter)
+    forecast_rate: RateMeter = field(default_factory=RateMeter)
+    latency: Window = field(init=False)  # seconds, image stamp -> outputs published
+    inference: Window = field(init=False)  # seconds spent in the forecaster
+    overhead: Window = field(init=False)  # seconds in the worker beyond the forecaster (decode, pack, publish)
+    not_forecast: ReasonCounter = field(default_factory=ReasonCounter)  # frames not forecast, by reason
+    received: int = 0
+    published: int = 0
+
+    def __post_init__(self) -> None:
+        self.latency = Window(self.window)
+        self.inference = Window(self.window)
+        self.overhead = Window(self.window)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """Plain values for diagnostics: rates (Hz), latencies (s), counts."""
+        return {
+            "received": self.received,
+            "published": self.published,
+            "input_rate_hz": self.input_rate.rate(),
+            "forecast_rate_hz": self.forecast_rate.rate(),
+            "latency_p50_s": self.latency.percentile(50),
+            "latency_p95_s": self.latency.percentile(95),
+            "inference_p50_s": self.inference.percentile(50),
+            "inference_p95_s": self.inference.percentile(95),
+            "overhead_p50_s": self.overhead.percentile(50),
+            "overhead_p95_s": self.overhead.percentile(95),
+            "not_forecast": self.not_forecast.counts(),
+        }
+
+
+def classify_error(exc: BaseException) -> str:
+    """Counter reason for an exception raised while decoding or forecasting a frame."""
+    if isinstance(exc, InvalidImageError):
+        return getattr(exc, "reason", INVALID_IMAGE)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return OUT_OF_MEMORY
+    return FORECAST_FAILED
+
+
+class ForecastPipeline:
+    """Mailbox + worker thread: decode -> age check -> forecast -> publish, counting every frame not published.
+
+    Args:
+        decode: message -> uint8 RGB image (raises ``InvalidImageError`` for bad input).
+        forecast: RGB image -> forecast result (any object; passed on to ``publish``).
+        publish: ``(frame, rgb, result)`` -> None; builds and sends the outputs.
+        clock: current time in seconds on the same time base as the frame stamps (the node clock).
+        max_input_age_s: frames older than this (stamp vs clock) when taken are dropped; 0 disables the check.
+        logger: where drops and failures are logged (throttled per reason).
+    """
+
+    def __init__(self, decode: Callable[[Any], np.ndarray], forecast: Callable[[np.ndarray], Any],
+                 publish: Callable[[Frame, np.ndarray, Any], None], clock: Callable[[], float],
+                 max_input_age_s: float = 0.0, stats: Optional[PipelineStats] = None,
+                 logger: Optional[Any] = None, name: str = "forecast-worker") -> None:
+        self._decode = decode
+        self._forecast = forecast
+        self._publish = publish
+        self._clock = clock
+        self.max_input_age_s = max_input_age_s
+        self.stats = stats or PipelineStats()
+        self._logger = logger or logging.getLogger(__name__)
+        self._mailbox: Mailbox[Frame] = Mailbox()
+        self._stop = threading.Event()
+        self._busy = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # ------------------------------------------------------------------ called from ROS callbacks
+    def submit(self, frame: Frame) -> None:
+        """Offer a frame (from the subscription callback): O(1), replaces an unprocessed older one."""
+        self.stats.received += 1
+        self.stats.input_rate.tick()
+        if self._stop.is_set():
+            return
+        if self._mailbox.put(frame):
+            self._count(SUPERSEDED, "a newer frame arrived before the worker was free")
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Ask the worker to stop (a forecast in progress finishes but is not published); wait up to ``timeout``
+        seconds (None = do not wait). Returns True when the worker has exited."""
+        self._stop.set()
+        self._mailbox.close()
+        if timeout is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        """True while the worker thread is alive."""
+        return self._thread.is_alive()
+
+    @property
+    def busy(self) -> bool:
+        """True while the worker processes a frame."""
+        return self._busy.is_set()
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = self._mailbox.take(timeout=0.5)
+            if frame is None:
+                continue
+            self._busy.set()
+            try:
+                self.process(frame)
+            finally:
+                self._busy.clear()
+
+    def process(self, frame: Frame) -> bool:
+        """Run one frame through decode -> forecast -> publish; returns True when outputs were published.
+        Never raises: every failure is counted and logged (throttled)."""
+        started = time.monotonic()
+        if self.max_input_age_s > 0 and frame.stamp_s > 0:
+            age = self._clock() - frame.stamp_s
+            if age > self.max_input_age_s:
+                self._count(TOO_OLD, f"frame is {age:.3f} s old > max_input_age {self.max_input_age_s} s")
+                return False
+        try:
+            rgb = self._decode(frame.message)
+            inference_started = time.monotonic()
+            result = self._forecast(rgb)
+            inference_s = time.monotonic() - inference_started
+        except Exception as exc:  # noqa: BLE001 - bad input or a failing model must never stop the node
+            self._count(classify_error(exc), f"{type(exc).__name__}: {exc}")
+            return False
+        if self._stop.is_set():
+            return False  # stopped during inference: the result is discarded
+        try:
+            self._publish(frame, rgb, result)
+        except Exception as exc:  # noqa: BLE001
+            self._count(PUBLISH_FAILED, f"{type(exc).__name__}: {exc}")
+            return False
+        self.stats.published += 1
+        self.stats.forecast_rate.tick()
+        self.stats.inference.add(inference_s)
+        self.stats.overhead.add(time.monotonic() - started - inference_s)
+        if frame.stamp_s > 0:
+            self.stats.latency.add(self._clock() - frame.stamp_s)
+        return True
+
+    def _count(self, reason: str, detail: str) -> None:
+        if self.stats.not_forecast.add(reason):
+            total = self.stats.not_forecast.counts().get(reason, 0)
+            line = f"{reason_category(reason)} frame ({reason}, {total} so far): {detail}"
+            # Superseded frames are the mailbox doing its job (camera faster than the model): not a warning.
+            (self._logger.debug if reason == SUPERSEDED else self._logger.warning)(line)
