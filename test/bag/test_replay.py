@@ -1,0 +1,128 @@
+"""The sample bag replayed through the forecast node process over DDS: every frame answered or counted as dropped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("rclpy")
+pytest.importorskip("traj_forecast_msgs.msg")
+
+from PIL import Image  # noqa: E402
+
+from traj_forecast_ros.bag.io import bag_topics, deserialize, read_messages  # noqa: E402
+from traj_forecast_ros.bag.replay import replay_through_node  # noqa: E402
+from traj_forecast_ros.bag.report import read_forecasts, stamp_ns  # noqa: E402
+from traj_forecast_ros.bag.sample import SAMPLE_BAG  # noqa: E402
+from traj_forecast_ros.errors import BagError  # noqa: E402
+
+pytestmark = pytest.mark.ros
+OUTPUTS = {name: f"/agentview/forecast_node/{name}" for name in ("forecast", "markers", "overlay")}
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("replay")
+    summary = replay_through_node(SAMPLE_BAG, out, model=str(tiny_model_dir), rate=1.0,
+                                  extra_params=["num_samples:=4", "steps:=4"], timeout_s=120, print_summary=False)
+    return out, summary
+
+
+def test_every_frame_is_answered_or_counted_as_dropped(replay):
+    _, summary = replay
+    assert summary["frames_in"] == 8
+    assert summary["frames_received_by_node"] == 8  # reliable QoS on loopback: nothing lost in transport
+    assert summary["frames_unaccounted"] == 0 and summary["all_frames_accounted"]
+    assert summary["forecasts_out"] + sum(summary["dropped"].values()) == 8
+    assert summary["forecasts_out"] >= 1
+    assert summary["node_diagnostics"]["forecasts_published"] == str(summary["forecasts_out"])
+    assert summary["latency_ms"]["count"] == summary["forecasts_out"] and summary["latency_ms"]["p50"] > 0
+    assert summary["node_exit_code"] == 0
+
+
+def test_output_stamps_match_the_source_frames(replay):
+    out, summary = replay
+    sent = {stamp_ns(deserialize(m).header) for m in read_messages(SAMPLE_BAG, ["/agentview/image_raw"])}
+    forecast_stamps = [stamp for stamp, _ in read_forecasts(out / "forecast_bag", OUTPUTS["forecast"])]
+    assert len(forecast_stamps) == summary["forecasts_out"] == len(set(forecast_stamps))
+    assert set(forecast_stamps) <= sent
+    assert forecast_stamps == sorted(forecast_stamps)  # answered in order; a dropped frame never comes back late
+    overlays = [stamp_ns(deserialize(m).header) for m in read_messages(out / "forecast_bag", [OUTPUTS["overlay"]])]
+    assert overlays == forecast_stamps
+    assert summary["stamps"]["ok"]
+
+
+def test_outputs_on_disk(replay):
+    out, summary = replay
+    assert json.loads((out / "summary.json").read_text()) == summary
+    recorded = bag_topics(out / "forecast_bag")
+    assert {OUTPUTS["forecast"], OUTPUTS["markers"], OUTPUTS["overlay"], "/diagnostics"} <= set(recorded)
+    with Image.open(out / "overlay.gif") as gif:
+        assert gif.size == (384, 384) and gif.n_frames > 1
+    assert "model ready" in (out / "node.log").read_text()
+
+
+def test_a_model_that_cannot_load_is_reported_with_the_node_log(tmp_path):
+    with pytest.raises(BagError, match="could not load its model"):
+        replay_through_node(SAMPLE_BAG, tmp_path, model=str(tmp_path / "no_such_model"), timeout_s=60,
+                            print_summary=False)
+
+
+def test_a_frame_the_node_rejects_is_counted_by_reason(tmp_path, tiny_model_dir):
+    from traj_forecast_ros.bag.io import BagWriter
+    from traj_forecast_ros.bag.typestore import make_typestore
+
+    store = make_typestore()
+    bag = tmp_path / "with_bad_frame"
+    with BagWriter(bag, "mcap", store) as writer:
+        for index, message in enumerate(read_messages(SAMPLE_BAG, ["/agentview/image_raw"])):
+            if index == 4:
+                break
+            image = deserialize(message, store)
+            if index == 2:
+                image.encoding = "yuv422"  # not decodable by the node
+            writer.write_message(message.topic, message.msgtype, message.timestamp, image)
+    summary = replay_through_node(bag, tmp_path / "out", model=str(tiny_model_dir), rate=0.5,
+                                  extra_params=["num_samples:=2", "steps:=3"], timeout_s=120, print_summary=False)
+    assert summary["frames_in"] == 4 and summary["frames_unaccounted"] == 0
+    assert summary["dropped"].get("unsupported_encoding") == 1
+    assert summary["forecasts_out"] + sum(summary["dropped"].values()) == 4
+    sent = [stamp_ns(deserialize(m).header) for m in read_messages(bag, ["/agentview/image_raw"])]
+    assert sent[2] not in {stamp for stamp, _ in read_forecasts(tmp_path / "out" / "forecast_bag", OUTPUTS["forecast"])}
+
+
+def test_replay_checks_the_image_topic_before_starting_anything(tmp_path):
+    with pytest.raises(BagError, match="carries sensor_msgs/msg/CameraInfo"):
+        replay_through_node(SAMPLE_BAG, tmp_path, model="unused", image_topic="/agentview/camera_info")
+    with pytest.raises(BagError, match="has no topic /nope"):
+        replay_through_node(SAMPLE_BAG, tmp_path, model="unused", image_topic="/nope")
+
+
+def test_live_outputs_equal_the_offline_run_with_the_same_seed(replay, tiny_model_dir, tmp_path):
+    """The node (over DDS) and ``bag run`` build the same forecasts and messages from the same frames."""
+    import numpy as np
+
+    from traj_forecast_ros.bag.offline import run_bag
+
+    out, _ = replay
+    run_bag(SAMPLE_BAG, tmp_path / "offline", model=str(tiny_model_dir), topics=["/agentview/image_raw"],
+            num_samples=4, steps=4, seed=0, device="cpu", dtype="float32", progress=False)
+    offline = dict(read_forecasts(tmp_path / "offline", OUTPUTS["forecast"]))
+    live = read_forecasts(out / "forecast_bag", OUTPUTS["forecast"])
+    assert live
+    for stamp, message in live:
+        expected = offline[stamp]
+        for name in ("tracks", "query_points", "mean_displacement", "spread", "moving_fraction"):
+            np.testing.assert_allclose(getattr(message, name), getattr(expected, name), atol=1e-4, err_msg=name)
+        for name in ("image_height", "image_width", "num_samples", "num_frames", "grid_rows", "grid_cols",
+                     "frame_interval", "moving_threshold", "model_id", "instruction"):
+            assert getattr(message, name) == getattr(expected, name), name
+        assert message.header.frame_id == expected.header.frame_id
+    live_markers = [deserialize(m) for m in read_messages(out / "forecast_bag", [OUTPUTS["markers"]])]
+    offline_markers = {stamp_ns(d.markers[0].header): d for d in
+                       (deserialize(m) for m in read_messages(tmp_path / "offline", [OUTPUTS["markers"]]))}
+    for markers in live_markers:
+        expected = offline_markers[stamp_ns(markers.markers[0].header)]
+        assert [len(m.points) for m in markers.markers] == [len(m.points) for m in expected.markers]
+        assert [m.type for m in markers.markers] == [m.type for m in expected.markers]

@@ -1,0 +1,26 @@
+"""The forecast benchmark script runs end to end (tiny model): guards it against API drift. No timings asserted."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "forecast_bench.py"
+
+
+def test_forecast_bench_quick_run(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("forecast_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--dtype", "float32,bfloat16", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "denoiser evaluations" in printed and "GFLOP/s overall" in printed
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [(r["dtype"], r["samples"]) for r in runs] == [("float32", 1), ("float32", 2), ("bfloat16", 1),
+                                                         ("bfloat16", 2)]
+    for run in runs:
+        # 3 time points = 2 evaluations per sample, one denoiser call per sample on CPU (batch 1).
+        assert len(run["denoiser_evals"]) == 2 * run["samples"]
+        assert run["total_flops"] > 0 and run["peak_rss_mb"] > 0
+        assert run["flops"]["denoise"] == run["samples"] * 2 * report["flops_per_call"]["denoiser_eval"]

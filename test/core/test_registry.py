@@ -1,0 +1,191 @@
+"""Model registry: entries, cache location, name resolution, download (offline failure and a faked hub)."""
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from traj_forecast_ros import registry
+from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.model.checkpoint import build_modules, save_model_dir
+from traj_forecast_ros.model.config import (LIBERO_ATM_LATENT_SCALE, LIBERO_TRAMOE_LATENT_SCALE, libero_config,
+                                            tiny_config)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TRAJ_FORECAST_HOME", str(root))
+    return root
+
+
+def test_registry_lists_the_official_models():
+    entries = registry.load_registry()
+    assert registry.default_model_name() == "libero-atm"
+    assert {"libero-atm", "libero-tramoe", "demo-blocks"} <= set(entries)
+    atm, tramoe = entries["libero-atm"], entries["libero-tramoe"]
+    assert atm.hub_repo == tramoe.hub_repo == "Gabrijel/what-happens-next"
+    assert atm.files["denoiser"].path == "track-generator/libero/atm/latent/ckpt_epoch=1500.pth"
+    assert atm.files["vae"].path == "track-vae/atm_libero_grid_atm/303.pth"
+    assert tramoe.files["denoiser"].path == "track-generator/libero/tra-moe/latent/ckpt_epoch=1000.pth"
+    assert tramoe.files["vae"].path == "track-vae/atm_libero_grid_tramoe/205.pth"
+    assert atm.latent_scale == LIBERO_ATM_LATENT_SCALE and tramoe.latent_scale == LIBERO_TRAMOE_LATENT_SCALE
+    config = atm.config()
+    reference = libero_config("atm")
+    assert config.to_dict() == reference.to_dict()  # same architecture, geometry and encoders as the preset
+    assert config.image_encoder.model_id == "facebook/dinov2-large"
+    assert config.text_encoder.model_id == "openai/clip-vit-large-patch14"
+    assert tramoe.config().latent_scale == LIBERO_TRAMOE_LATENT_SCALE
+    assert entries["demo-blocks"].local_dir == (REPO / "models" / "demo-blocks").resolve()
+    assert not entries["demo-blocks"].is_hub_model
+
+
+def test_cache_home_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRAJ_FORECAST_HOME", str(tmp_path / "home"))
+    assert registry.cache_home() == tmp_path / "home"
+    assert registry.model_cache_dir("libero-atm") == tmp_path / "home" / "models" / "libero-atm"
+    monkeypatch.delenv("TRAJ_FORECAST_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert registry.cache_home() == tmp_path / "xdg" / "traj_forecast_ros"
+
+
+def test_resolve_paths_names_and_missing_models(cache_root, tmp_path):
+    with pytest.raises(WeightsNotFoundError) as info:
+        registry.resolve("libero-atm")
+    assert "traj-forecast download libero-atm" in str(info.value) and str(cache_root) in str(info.value)
+    with pytest.raises(WeightsNotFoundError, match="known models: .*libero-atm"):
+        registry.resolve("no-such-model")
+    with pytest.raises(WeightsNotFoundError, match="not found"):
+        registry.resolve(str(tmp_path / "missing" / "dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsNotFoundError, match="no config.yaml"):
+        registry.resolve(tmp_path / "empty")
+    # A converted model in the cache resolves by name.
+    config = tiny_config(text=False)
+    denoiser, vae = build_modules(config)
+    target = registry.model_cache_dir("libero-tramoe")
+    save_model_dir(target, config, denoiser, vae)
+    assert registry.resolve("libero-tramoe") == target and registry.has_weights(target)
+    (target / "vae.safetensors").unlink()
+    assert not registry.has_weights(target)
+
+
+def test_offline_download_fails_fast_with_instructions(cache_root):
+    start = time.monotonic()
+    with pytest.raises(WeightsNotFoundError) as info:
+        registry.download("libero-atm")
+    assert time.monotonic() - start < 5.0
+    message = str(info.value)
+    for expected in ("HF_HUB_OFFLINE", "https://huggingface.co/Gabrijel/what-happens-next",
+                     "track-generator/libero/atm/latent/ckpt_epoch=1500.pth", "track-vae/atm_libero_grid_atm/303.pth",
+                     "facebook/dinov2-large", "openai/clip-vit-large-patch14", "export-official",
+                     str(cache_root / "models" / "libero-atm"), "TRAJ_FORECAST_HOME"):
+        assert expected in message, expected
+    assert not (cache_root / "models" / "libero-atm").exists()
+
+
+def test_download_without_network_fails_fast(tmp_path):
+    """HF_HUB_OFFLINE unset but the hub unreachable (a closed local port): still a quick, instructive failure."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
+           "HF_ENDPOINT": "http://127.0.0.1:9", "TRAJ_FORECAST_HOME": str(tmp_path / "cache")}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "traj_forecast_ros.cli", "download", "libero-tramoe"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2, done.stderr
+    assert "cannot download model 'libero-tramoe'" in done.stderr
+    assert "track-vae/atm_libero_grid_tramoe/205.pth" in done.stderr and "ConnectError" in done.stderr
+    assert elapsed < 20.0  # interpreter start and imports included; the network failure itself is instant
+
+
+def _official(module: torch.nn.Module, path: Path) -> None:
+    """Write a state dict the way the official trainers do (DDP prefixes inside a checkpoint dict)."""
+    state = {f"module.{k}": v for k, v in module.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": state, "epoch": 3}, path)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, cache_root):
+    """A registry entry whose 'hub' is a local folder nested under a root prefix, served by faked hub calls."""
+    config = tiny_config(text=False)
+    config.save_yaml(tmp_path / "tiny.yaml")
+    torch.manual_seed(0)
+    denoiser, vae = build_modules(config)
+    hub = tmp_path / "hub"
+    _official(denoiser, hub / "checkpoints-root" / "gen" / "ckpt_epoch=3.pth")
+    _official(vae, hub / "checkpoints-root" / "vae" / "7.pth")
+    files = {str(p.relative_to(hub)): p for p in hub.rglob("*.pth")}
+    sha = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump({"default": "tiny-hub", "models": {"tiny-hub": {
+        "config_file": "tiny.yaml", "hub_repo": "someone/tiny", "files": {
+            "denoiser": {"path": "gen/ckpt_epoch=3.pth", "sha256": sha["checkpoints-root/gen/ckpt_epoch=3.pth"]},
+            "vae": {"path": "vae/7.pth", "sha256": None}}}}}))
+    monkeypatch.setenv("TRAJ_FORECAST_REGISTRY", str(tmp_path / "registry.yaml"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    listing = [SimpleNamespace(rfilename=name, lfs=SimpleNamespace(sha256=sha[name])) for name in files]
+    state = SimpleNamespace(listing=listing, downloads=[])
+
+    class FakeApi:
+        def model_info(self, repo_id, **kwargs):
+            assert repo_id == "someone/tiny"
+            return SimpleNamespace(siblings=state.listing)
+
+    def fake_download(repo_id, filename, **kwargs):
+        state.downloads.append(filename)
+        return str(files[filename])
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return SimpleNamespace(state=state, denoiser=denoiser, vae=vae, files=files)
+
+
+def test_download_converts_hub_checkpoints_into_a_model_dir(fake_hub, cache_root, shared_images):
+    path = registry.download("tiny-hub")
+    assert path == cache_root / "models" / "tiny-hub" and registry.has_weights(path)
+    assert sorted(fake_hub.state.downloads) == ["checkpoints-root/gen/ckpt_epoch=3.pth", "checkpoints-root/vae/7.pth"]
+    source = yaml.safe_load((path / "source.json").read_text())
+    assert source["hub_repo"] == "someone/tiny" and len(source["files"]["vae"]["sha256"]) == 64
+    assert registry.resolve("tiny-hub") == path
+    assert registry.download("tiny-hub") == path and len(fake_hub.state.downloads) == 2  # cached: no new download
+    forecaster = Forecaster.from_pretrained("tiny-hub")
+    assert forecaster.model_id == "tiny-hub"
+    for key, value in fake_hub.vae.state_dict().items():
+        torch.testing.assert_close(forecaster.vae.state_dict()[key], value, rtol=0, atol=0)
+    result = forecaster.forecast(np.zeros((40, 60, 3), np.uint8), num_samples=1, seed=0)
+    assert result.tracks.shape == (1, 4, 8, 8, 2)
+
+
+def test_download_rejects_a_checksum_mismatch(fake_hub, cache_root):
+    fake_hub.state.listing[0].lfs.sha256 = "0" * 64
+    with pytest.raises(CheckpointError, match="sha256"):
+        registry.download("tiny-hub")
+    assert not (cache_root / "models" / "tiny-hub").exists()
+
+
+def test_first_available_model_prefers_the_default(cache_root, monkeypatch, tmp_path):
+    from traj_forecast_ros.model.config import tiny_config as make_tiny
+
+    shipped = registry.load_registry()["demo-blocks"].local_dir
+    if registry.has_weights(shipped):
+        assert registry.first_available_model() == "demo-blocks"
+    else:
+        with pytest.raises(WeightsNotFoundError, match="traj-forecast download libero-atm"):
+            registry.first_available_model()
+    config = make_tiny(text=False)
+    save_model_dir(registry.model_cache_dir("libero-tramoe"), config, *build_modules(config))
+    assert registry.first_available_model() in ("libero-tramoe", "demo-blocks")
+    save_model_dir(registry.model_cache_dir("libero-atm"), config, *build_modules(config))
+    assert registry.first_available_model() == "libero-atm"

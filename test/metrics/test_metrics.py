@@ -1,0 +1,150 @@
+"""Metrics on cases with hand-computed answers."""
+
+import numpy as np
+import pytest
+
+from traj_forecast_ros import metrics
+
+
+def grid_tracks(frames: int = 4, rows: int = 5, cols: int = 5, step=(0.0, 0.0)) -> np.ndarray:
+    """[T, rows, cols, 2] grid translating by ``step`` pixels per frame."""
+    ys, xs = np.meshgrid(np.arange(rows, dtype=float), np.arange(cols, dtype=float), indexing="ij")
+    base = np.stack([xs, ys], axis=-1)
+    return np.stack([base + t * np.asarray(step) for t in range(frames)])
+
+
+def test_best_and_mean_of_k_mse_hand_computed():
+    gt = np.stack([grid_tracks(), grid_tracks(step=(1.0, 0.0))])  # [N=2, T, 5, 5, 2]
+    pred = np.stack([
+        np.stack([gt[0] + [1.0, 2.0], gt[0] + [3.0, 0.0]]),  # mse 2.5 and 4.5
+        np.stack([gt[1], gt[1] + [2.0, 2.0]]),  # mse 0 and 4
+    ])
+    np.testing.assert_allclose(metrics.sample_mse(pred, gt), [[2.5, 4.5], [0.0, 4.0]])
+    assert metrics.best_of_k_mse(pred, gt) == pytest.approx((2.5 + 0.0) / 2)
+    assert metrics.mean_of_k_mse(pred, gt) == pytest.approx((3.5 + 2.0) / 2)
+
+
+def test_best_of_k_with_several_ground_truth_rollouts():
+    base = grid_tracks()
+    gt = np.stack([base, base + [0.0, 4.0]])[None]  # [N=1, R=2, ...]
+    pred = np.stack([base + [0.0, 1.0], base + [0.0, 4.0]])[None]  # [N=1, K=2, ...]
+    # rollout 0: mse 0.5, 8 -> best 0.5; rollout 1: mse 4.5, 0 -> best 0
+    assert metrics.best_of_k_mse(pred, gt, rollouts=True) == pytest.approx(0.25)
+    assert metrics.mean_of_k_mse(pred, gt, rollouts=True) == pytest.approx((0.5 + 8 + 4.5 + 0) / 4)
+
+
+def test_velocity_and_acceleration_are_zero_padded_differences():
+    tracks = grid_tracks(frames=4, step=(2.0, 0.0))
+    tracks[3] += [1.0, 0.0]  # speeds up in the last frame
+    velocity, acceleration = metrics.velocity_acceleration(tracks)
+    np.testing.assert_allclose(velocity[:, 0, 0], [[0, 0], [2, 0], [2, 0], [3, 0]])
+    np.testing.assert_allclose(acceleration[:, 0, 0], [[0, 0], [2, 0], [0, 0], [1, 0]])
+
+
+def test_motion_histogram_of_a_uniform_translation():
+    right = metrics.velocity_acceleration(grid_tracks(step=(1.0, 0.0)))[0][None]  # [1, 4, 5, 5, 2]
+    hist = metrics.motion_histograms(right)
+    assert hist.shape == (1, 8)  # one 5x5x4 cube
+    # angle 0 -> bin floor(pi / (pi/4)) = 4; |v| = 1 -> ceil(log2 2) / 8 = 1/8; 3 moving frames x 25 points
+    expected = np.zeros(8)
+    expected[4] = 75 / 8
+    np.testing.assert_allclose(hist[0], expected)
+
+    down = metrics.velocity_acceleration(grid_tracks(step=(0.0, 3.0)))[0][None]
+    hist = metrics.motion_histograms(down)
+    # angle pi/2 -> bin 6; |v| = 3 -> ceil(log2 4) / 8 = 2/8
+    assert hist[0, 6] == pytest.approx(75 * 2 / 8) and hist[0].sum() == pytest.approx(75 * 2 / 8)
+
+    fast = metrics.velocity_acceleration(grid_tracks(step=(-1000.0, 0.0)))[0][None]
+    hist = metrics.motion_histograms(fast)
+    # angle pi -> bin 8 clipped to 7; magnitude capped at 255 -> weight 1
+    assert hist[0, 7] == pytest.approx(75.0)
+
+
+def test_motion_histograms_drop_incomplete_cubes():
+    field = np.ones((2, 9, 11, 12, 2))  # 2 full time cubes, 2 x 2 spatial cubes
+    assert metrics.motion_histograms(field).shape == (2, 2 * 2 * 2 * 8)
+    with pytest.raises(ValueError, match="at least"):
+        metrics.motion_histograms(np.ones((1, 3, 5, 5, 2)))
+
+
+def test_frechet_distance_of_one_dimensional_gaussians():
+    a = np.array([[0.0], [2.0]])  # mean 1, unbiased variance 2
+    b = np.array([[5.0], [5.0], [5.0]])  # mean 5, variance 0
+    eps = 1e-5
+    expected = (1 - 5) ** 2 + 2 + 0 - 2 * np.sqrt((2 + eps) * eps)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, abs=1e-9)
+
+
+def test_frechet_distance_matches_full_matrix_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 12)), rng.normal(size=(40, 12)) * 1.5 + 0.3  # rank-deficient and full-rank sets
+    eps = 1e-5
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    product = (cov_a + eps * np.eye(12)) @ (cov_b + eps * np.eye(12))
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvals(product).real, 0, None)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fvmd_is_zero_for_identical_sets_and_grows_with_motion():
+    rng = np.random.default_rng(1)
+    clips = rng.normal(size=(6, 8, 10, 10, 2)).cumsum(axis=1)
+    dim = metrics.motion_features(clips).shape[1]
+    # identical sets: only the jitter remains, Tr(S) + Tr(S) - 2 Tr(S + eps I) = -2 D eps
+    assert metrics.fvmd(clips, clips) == pytest.approx(-2 * dim * metrics.FVMD_EPS, abs=1e-9)
+    static = np.broadcast_to(clips[:, :1], clips.shape)
+    assert metrics.fvmd(static, clips) > 1.0
+
+
+def test_lrtl_of_a_matrix_with_known_singular_values():
+    # T = 3 -> trajectory matrix [6, P]; object = 7 points of row 0. M[i, i] = s_i gives singular values s.
+    singular = [10.0, 9.0, 8.0, 7.0, 6.0, 3.0]
+    matrix = np.zeros((6, 7))
+    matrix[np.arange(6), np.arange(6)] = singular
+    tracks = np.zeros((3, 2, 7, 2))
+    tracks[:, 0, :, 0] = matrix[:3]
+    tracks[:, 0, :, 1] = matrix[3:]
+    ids = np.zeros((2, 7), dtype=np.int16)
+    ids[0] = 1
+    np.testing.assert_allclose(metrics.trajectory_matrix(tracks, ids == 1), matrix)
+    np.testing.assert_allclose(metrics.lrtl_scores(tracks, ids), [3.0])  # only the 6th singular value remains
+    np.testing.assert_allclose(metrics.lrtl_scores(tracks, ids, normalize=True), [3.0 / np.sqrt(7)])
+
+
+def test_lrtl_is_zero_for_rigid_motion_and_positive_for_deformation():
+    base = grid_tracks(frames=1, rows=6, cols=6)[0] + 20.0  # [6, 6, 2]
+    frames = []
+    for t in range(8):
+        angle = 0.2 * t
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        frames.append(base @ rotation.T + [3.0 * t, -1.0 * t])
+    rigid = np.stack(frames)
+    ids = np.ones((6, 6), dtype=np.int16)
+    assert metrics.lrtl(rigid[None, None], ids[None]) < 1e-8
+    wobbly = rigid + np.random.default_rng(0).normal(scale=2.0, size=rigid.shape)
+    assert metrics.lrtl(wobbly[None, None], ids[None]) > 1.0
+    assert np.isnan(metrics.lrtl(rigid[None, None], np.zeros((1, 6, 6), dtype=np.int16)))  # background only
+
+
+def test_diversity_is_mean_pairwise_distance():
+    base = grid_tracks()
+    pred = np.stack([base, base + [3.0, 4.0], base + [6.0, 8.0]])[None]  # distances 5, 10, 5
+    assert metrics.diversity(pred) == pytest.approx(20.0 / 3.0)
+    assert metrics.diversity(pred[:, :1]) == 0.0
+
+
+def test_evaluate_predictions_reports_static_scene_motion():
+    moving = grid_tracks(frames=8, rows=10, cols=10, step=(1.0, 0.0))
+    still = grid_tracks(frames=8, rows=10, cols=10)
+    gt = np.stack([moving, still])[:, None]  # [N=2, R=1, ...]
+    pred = np.stack([np.stack([moving, still]), np.stack([still, still + [0.0, 0.0]])])  # [2, K=2, ...]
+    pred[1, 1, -1] += [0.6, 0.8]  # one static-scene sample drifts by 1 px at the end
+    ids = np.ones((2, 10, 10), dtype=np.int16)
+    result = metrics.evaluate_predictions(pred, gt, object_ids=ids, kinds=["slide", "rest"])
+    assert result["best_of_k_mse"] == pytest.approx((0.0 + 0.0) / 2)
+    assert result["static_max_displacement"] == pytest.approx(1.0)
+    assert result["static_mean_displacement"] == pytest.approx(0.5)
+    assert result["gt_mean_displacement"] == pytest.approx((7.0 + 0.0) / 2)
+    assert result["lrtl"] == pytest.approx(0.0, abs=1e-6)
+    assert {"fvmd", "diversity", "mean_of_k_mse"} <= set(result)

@@ -1,0 +1,98 @@
+"""Training machinery: EMA, gradient sanitising, LR schedule, deterministic sharded batches, CSV log, precision."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from traj_forecast_ros.errors import DeviceError
+from traj_forecast_ros.train import common
+
+
+def test_ema_follows_the_documented_decay_schedule():
+    module = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(module.weight)
+    ema = common.EMA(module, decay=0.9)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    ema.update(module)  # decay_1 = min(0.9, 2 / 11)
+    assert ema.shadow["weight"].item() == pytest.approx(1 - 2 / 11)
+    ema.update(module)  # decay_2 = min(0.9, 3 / 12)
+    assert ema.shadow["weight"].item() == pytest.approx(1 - (2 / 11) * (3 / 12))
+    target = nn.Linear(1, 1, bias=False)
+    ema.copy_to(target)
+    assert target.weight.item() == pytest.approx(ema.shadow["weight"].item())
+    restored = common.EMA(target, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay == 0.9 and restored.num_updates == 2
+
+
+def test_non_finite_gradients_are_zeroed_then_clipped():
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([float("nan"), 3.0, float("inf")])
+    b.grad = torch.tensor([4.0, float("-inf")])
+    norm = common.sanitize_and_clip([a, b], max_norm=1.0)
+    assert norm == pytest.approx(5.0)  # sqrt(3^2 + 4^2) once NaN/Inf are zeroed
+    np.testing.assert_allclose(a.grad.numpy(), [0.0, 0.6, 0.0], atol=1e-6)
+    np.testing.assert_allclose(b.grad.numpy(), [0.8, 0.0], atol=1e-6)
+
+
+def test_linear_warmup_then_constant_learning_rate():
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = common.warmup_constant_schedule(optimizer, warmup_steps=3)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    np.testing.assert_allclose(rates, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+
+def test_batches_are_deterministic_and_disjoint_across_ranks():
+    single = common.BatchPlan(10, 3, seed=1, info=common.DistInfo())
+    again = common.BatchPlan(10, 3, seed=1, info=common.DistInfo())
+    for step in (0, 1, 2, 3, 7):
+        np.testing.assert_array_equal(single.indices(step), again.indices(step))
+    epoch0 = np.concatenate([single.indices(s) for s in range(single.steps_per_epoch)])
+    assert len(set(epoch0.tolist())) == len(epoch0)  # no repeats within an epoch
+    assert not np.array_equal(single.indices(0), single.indices(single.steps_per_epoch))  # reshuffled next epoch
+    ranks = [common.BatchPlan(10, 2, seed=1, info=common.DistInfo(rank=r, world_size=2)) for r in range(2)]
+    for step in range(2):
+        assert not set(ranks[0].indices(step).tolist()) & set(ranks[1].indices(step).tolist())
+    tiny = common.BatchPlan(2, 5, seed=0, info=common.DistInfo())
+    assert len(tiny.indices(0)) == 5 and set(tiny.indices(0).tolist()) == {0, 1}  # wraps around small sets
+
+
+def test_step_generator_depends_only_on_seed_step_rank():
+    draw = lambda *args: torch.randn(3, generator=common.step_generator(*args, torch.device("cpu")))  # noqa: E731
+    assert torch.equal(draw(0, 5, 0), draw(0, 5, 0))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 6, 0))
+    assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
+
+
+def test_metrics_csv_appends_across_loggers(tmp_path):
+    logger = common.MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, {"loss": 2.0, "lr": 0.1})
+    logger = common.MetricsLogger(tmp_path, tensorboard=False)  # a resumed run keeps the header
+    logger.log(2, {"loss": 1.5, "lr": 0.1})
+    rows = common.read_metrics(tmp_path / common.METRICS_FILE)
+    assert rows == [{"step": 1.0, "loss": 2.0, "lr": 0.1}, {"step": 2.0, "loss": 1.5, "lr": 0.1}]
+
+
+def test_precision_contexts():
+    cpu = torch.device("cpu")
+    with common.autocast_context(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with common.autocast_context(cpu, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(DeviceError, match="fp16"):
+        common.autocast_context(cpu, "fp16")
+    with pytest.raises(ValueError, match="precision"):
+        common.TrainSettings(precision="int8")
+
+
+def test_single_process_distributed_setup_reads_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    info = common.setup_distributed("cpu")
+    assert not info.distributed and info.is_main and info.device.type == "cpu"

@@ -1,0 +1,170 @@
+"""Each training stage lowers its loss on tiny data; resume is exact; outputs load as models; fine-tuning starts from
+the given weights (our model directories and official .pth checkpoints)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from traj_forecast_ros.data.dataset import TrajectoryDataset
+from traj_forecast_ros.data.synthetic import GeneratorConfig, write_dataset
+from traj_forecast_ros.errors import DatasetError
+from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.denoiser import LatteDenoiser
+from traj_forecast_ros.model.vae import TrajectoryVAE
+from traj_forecast_ros.train import common
+from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
+from traj_forecast_ros.train.flow import FlowObjective, cached_latents, train_flow
+from traj_forecast_ros.train.presets import tiny_blocks_config
+from traj_forecast_ros.train.regressor import RegressorObjective, TrackRegressor, load_regressor, train_regressor
+from traj_forecast_ros.train.vae import VAEObjective, load_vae_dir, train_vae
+
+
+
+def examples_for(data_dir, config, tmp_path):
+    dataset = TrajectoryDataset(data_dir)
+    encoder = build_image_encoder(config)
+    return TrackExamples(dataset, image_features(dataset, encoder, tmp_path), config)
+
+
+def fixed_loss(objective, batch):
+    """The objective on a fixed batch with a fixed generator (no gradient)."""
+    with torch.no_grad():
+        return float(objective(**batch, generator=torch.Generator().manual_seed(123))["loss"])
+
+
+def run_steps(objective, model, make_batch, count, tmp_path, steps, lr=3e-3):
+    train_settings = common.TrainSettings(steps=steps, batch_size=4, lr=lr, warmup_steps=0, log_every=1, seed=0,
+                                          device="cpu", progress=False)
+    trainer = common.Trainer(objective, model, make_batch, count, train_settings, tmp_path,
+                             common.DistInfo(), stage="test")
+    trainer.fit()
+    return trainer
+
+
+def test_vae_steps_lower_the_loss(tiny_data, tmp_path):
+    config = tiny_blocks_config()
+    examples = examples_for(tiny_data, config, tmp_path)
+    torch.manual_seed(0)
+    vae = TrajectoryVAE(config.vae)
+    objective = VAEObjective(vae, beta=1e-4, image_size=config.image_size)
+    make_batch = lambda idx: {"tracks_norm": examples.tracks_norm(idx), "features": examples.features(idx)}  # noqa
+    every = make_batch(np.arange(len(examples)))
+    before = fixed_loss(objective, every)
+    run_steps(objective, vae, make_batch, len(examples), tmp_path, steps=15)
+    assert fixed_loss(objective, every) < 0.5 * before
+
+
+def test_flow_steps_lower_the_loss(tiny_data, tiny_vae_run, tmp_path):
+    config, vae, encoder = load_vae_dir(tiny_vae_run)
+    dataset = TrajectoryDataset(tiny_data)
+    examples = TrackExamples(dataset, image_features(dataset, encoder, tmp_path), config)
+    latents = cached_latents(vae, examples, config, tmp_path, torch.device("cpu"))
+    assert latents["mean"].shape == (len(examples), 4, 16, 4) and latents["cond_mean"].shape == (12, 1, 16, 4)
+    torch.manual_seed(0)
+    denoiser = LatteDenoiser(config.denoiser)
+    objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid)
+
+    def make_batch(idx):
+        scenes = idx // examples.num_rollouts
+        return {"latent_mean": torch.from_numpy(latents["mean"][idx]),
+                "latent_std": torch.from_numpy(latents["std"][idx]),
+                "cond_mean": torch.from_numpy(latents["cond_mean"][scenes]),
+                "cond_std": torch.from_numpy(latents["cond_std"][scenes]), "features": examples.features(idx)}
+
+    every = make_batch(np.arange(len(examples)))
+    before = fixed_loss(objective, every)
+    run_steps(objective, denoiser, make_batch, len(examples), tmp_path, steps=25)
+    assert fixed_loss(objective, every) < 0.9 * before
+
+
+def test_regressor_steps_lower_the_loss_and_round_trip(tiny_data, tiny_vae_run, tmp_path, make_settings):
+    config = tiny_blocks_config()
+    falling = tmp_path / "falling"  # scenes where zero motion is clearly wrong
+    write_dataset(falling, 8, seed=5, config=GeneratorConfig(num_frames=4, query_grid=(8, 8), query_stride=16.0, query_offset=7.5), kinds=["fall"])
+    examples = examples_for(falling, config, tmp_path)
+    torch.manual_seed(0)
+    regressor = TrackRegressor(config)
+    objective = RegressorObjective(regressor)
+    make_batch = lambda idx: {"tracks_norm": examples.tracks_norm(idx), "features": examples.features(idx)}  # noqa
+    every = make_batch(np.arange(len(examples)))
+    before = fixed_loss(objective, every)
+    # untrained = zero motion: frame 0 is the grid and every frame equals it
+    np.testing.assert_allclose(regressor(every["features"][:1]).detach()[0, -1], every["tracks_norm"][0, 0], atol=1e-6)
+    run_steps(objective, regressor.net, make_batch, len(examples), tmp_path, steps=60, lr=1e-3)
+    assert fixed_loss(objective, every) < 0.9 * before
+
+    out = tmp_path / "regressor"
+    train_regressor(tiny_data, out, config, make_settings(steps=2), encoder_dir=tiny_vae_run)
+    loaded, encoder = load_regressor(out)
+    trained = load_file(str(out / "regressor.safetensors"))
+    for key, value in loaded.net.state_dict().items():
+        torch.testing.assert_close(value, trained[key])
+
+
+def test_vae_run_directory_has_latent_scale_and_encoder(tiny_vae_run):
+    config = ModelConfig.load_yaml(tiny_vae_run / "config.yaml")
+    assert config.latent_scale is not None and len(config.latent_scale) == config.vae.latent_channels
+    assert all(s > 0 for s in config.latent_scale)
+    assert (tiny_vae_run / "image_encoder" / "config.json").is_file()
+    assert (tiny_vae_run / "checkpoints" / "last.pt").is_file()
+    rows = common.read_metrics(tiny_vae_run / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 9)) and "recon_rmse_px" in rows[0]
+
+
+def test_resume_gives_the_same_next_steps(tiny_data, tiny_vae_run, tmp_path, make_settings):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run = dict(vae_dir=tiny_vae_run)
+    train_flow(tiny_data, straight, make_settings(steps=4, ema_decay=0.9), **run)
+    train_flow(tiny_data, split, make_settings(steps=2, ema_decay=0.9), **run)
+    train_flow(tiny_data, split, make_settings(steps=4, ema_decay=0.9), resume=True, **run)
+    rows_straight = common.read_metrics(straight / "metrics.csv")
+    rows_split = common.read_metrics(split / "metrics.csv")
+    assert [r["step"] for r in rows_split] == [1, 2, 3, 4]
+    for a, b in zip(rows_straight, rows_split):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    final_a, final_b = load_file(str(straight / "denoiser.safetensors")), load_file(str(split / "denoiser.safetensors"))
+    for key in final_a:
+        assert torch.equal(final_a[key], final_b[key]), key
+
+
+def test_flow_output_is_a_loadable_model_and_fine_tuning_starts_from_it(tiny_data, tiny_vae_run, tmp_path,
+                                                                         make_settings):
+    from traj_forecast_ros.forecaster import Forecaster
+
+    first = tmp_path / "first"
+    train_flow(tiny_data, first, make_settings(steps=3), vae_dir=tiny_vae_run)
+    forecaster = Forecaster.from_pretrained(first, device="cpu")
+    image = TrajectoryDataset(tiny_data)[0].image
+    forecast = forecaster.forecast(image, num_samples=2, seed=0)
+    assert forecast.tracks.shape == (2, 4, 8, 8, 2) and np.isfinite(forecast.tracks).all()
+
+    tuned = tmp_path / "tuned"
+    train_flow(tiny_data, tuned, make_settings(steps=2, lr=0.0), init=first)  # lr 0: weights must stay the init's
+    for name in ("denoiser.safetensors", "vae.safetensors"):
+        before, after = load_file(str(first / name)), load_file(str(tuned / name))
+        assert all(torch.equal(before[k], after[k]) for k in before), name
+
+
+def test_fine_tuning_from_official_checkpoints(tiny_data, tiny_vae_run, tmp_path, make_settings):
+    config, vae, _ = load_vae_dir(tiny_vae_run)
+    torch.manual_seed(1)
+    denoiser = LatteDenoiser(config.denoiser)
+    prefixed = lambda module: {"model_state_dict": {f"module.{k}": v for k, v in module.state_dict().items()}}  # noqa
+    torch.save(prefixed(denoiser), tmp_path / "ckpt_epoch=1.pth")
+    torch.save(prefixed(vae), tmp_path / "vae.pth")
+    out = tmp_path / "from-official"
+    train_flow(tiny_data, out, make_settings(steps=1, lr=0.0), init=tmp_path / "ckpt_epoch=1.pth",
+               official_config=config, official_vae=tmp_path / "vae.pth")
+    saved = load_file(str(out / "denoiser.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in denoiser.state_dict().items())
+    with pytest.raises(ValueError, match="--config"):
+        train_flow(tiny_data, tmp_path / "x", make_settings(steps=1), init=tmp_path / "ckpt_epoch=1.pth")
+
+
+def test_dataset_that_does_not_match_the_model_is_refused(tiny_data, tmp_path, make_settings):
+    config = dataclasses.replace(tiny_blocks_config(), num_frames=6)
+    with pytest.raises(DatasetError, match="frames"):
+        train_vae(tiny_data, tmp_path / "bad", config, make_settings(steps=1))

@@ -1,0 +1,80 @@
+"""Which forecasting model to use when none is named: the best one that is available without network access."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from traj_forecast_ros.errors import WeightsNotFoundError
+
+DEMO_MODEL = "demo-blocks"
+LIBERO_MODEL = "libero-atm"
+
+
+def _available(name: str, cache_dir: Optional[str] = None) -> bool:
+    from traj_forecast_ros import registry
+
+    try:
+        registry.resolve(name, cache_dir)
+    except (WeightsNotFoundError, FileNotFoundError):
+        return False
+    return True
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def best_offline_model(cache_dir: Optional[str] = None) -> Tuple[str, str]:
+    """``(model name, why)``: the LIBERO model when downloaded and a GPU is present (on a CPU it takes tens of
+    seconds per sample), else the shipped ``demo-blocks``, else a downloaded LIBERO model on the CPU.
+
+    Raises:
+        WeightsNotFoundError: no model is available offline; the message says how to get one.
+    """
+    has_libero = _available(LIBERO_MODEL, cache_dir)
+    if has_libero and _cuda_available():
+        return LIBERO_MODEL, "LIBERO weights are downloaded and a CUDA GPU is available"
+    if _available(DEMO_MODEL, cache_dir):
+        reason = "the model shipped with the package"
+        if has_libero:
+            reason += " (LIBERO weights are downloaded, but without a GPU they take tens of seconds per sample)"
+        else:
+            reason += f" (for LIBERO-quality forecasts: `traj-forecast download {LIBERO_MODEL}`, GPU recommended)"
+        return DEMO_MODEL, reason
+    if has_libero:
+        return LIBERO_MODEL, "the only model available offline (slow on a CPU)"
+    tried: List[str] = [DEMO_MODEL, LIBERO_MODEL]
+    raise WeightsNotFoundError(
+        f"no forecasting model is available offline (tried {', '.join(tried)}): the shipped '{DEMO_MODEL}' model "
+        f"directory is missing and '{LIBERO_MODEL}' is not downloaded. Run `traj-forecast download {LIBERO_MODEL}` "
+        "once with network access, or pass --model DIR with a model directory."
+    )
+
+
+def untrained_fallback(directory: str) -> Tuple[str, str]:
+    """``(model, why)`` from :func:`best_offline_model`, or, when no trained model is available, an untrained tiny
+    model written into ``directory`` (the pipeline runs end to end, but its forecasts are meaningless)."""
+    try:
+        return best_offline_model()
+    except WeightsNotFoundError as exc:
+        write_untrained_model(directory)
+        return directory, f"UNTRAINED tiny model, forecasts are meaningless: {exc}"
+
+
+def write_untrained_model(directory: str, seed: int = 0) -> str:
+    """Write a tiny model directory with random weights (no training): only shows the pipeline working."""
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.model.checkpoint import save_model_dir
+    from traj_forecast_ros.model.config import tiny_config
+
+    config = tiny_config(text=False)
+    config.name = "untrained-tiny"
+    forecaster = Forecaster.from_config(config, device="cpu", seed=seed)
+    save_model_dir(directory, forecaster.config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
+                   forecaster.text_encoder)
+    return directory
+

@@ -1,0 +1,252 @@
+"""``traj-forecast bag run``: forecast every image of a bag offline into a new bag (the regression-test mode).
+
+No ROS graph is involved: images are read from the bag, forecast one by one with a fixed seed, and the same
+outputs the live node publishes (``TrajectoryForecast``, ``MarkerArray``, overlay ``Image``, built with the
+node's default parameters) are written with the source image's header and bag timestamp. For an image topic
+``<ns>/<name>`` the outputs go to ``<ns>/forecast_node/{forecast,markers,overlay}``: the topics the node
+publishes when it runs in the camera's namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from traj_forecast_ros.bag.io import IMAGE_TYPES, BagWriter, PathLike, bag_topics, read_messages
+from traj_forecast_ros.errors import BagError, InvalidImageError, TrajForecastError
+
+log = logging.getLogger(__name__)
+
+FORECAST_MSG = "traj_forecast_msgs/msg/TrajectoryForecast"
+MARKERS_MSG = "visualization_msgs/msg/MarkerArray"
+IMAGE_MSG = "sensor_msgs/msg/Image"
+CAMERA_INFO_MSG = "sensor_msgs/msg/CameraInfo"
+NODE_NAME = "forecast_node"
+
+
+def camera_namespace(image_topic: str) -> str:
+    """``/arm/cam/image_raw`` -> ``/arm/cam``; ``/cam/image_raw/compressed`` -> ``/cam``; ``/image`` -> ``""``."""
+    topic = image_topic.rstrip("/")
+    if topic.endswith("/compressed"):
+        topic = topic[: -len("/compressed")]
+    return topic.rsplit("/", 1)[0]
+
+
+def output_topics(image_topic: str) -> Dict[str, str]:
+    """The node's output topics for a camera: ``{"forecast": ..., "markers": ..., "overlay": ...}``."""
+    base = f"{camera_namespace(image_topic)}/{NODE_NAME}"
+    return {name: f"{base}/{name}" for name in ("forecast", "markers", "overlay")}
+
+
+def node_defaults() -> Dict[str, Any]:
+    """The forecast node's parameter defaults (so offline outputs match what the live node publishes)."""
+    from traj_forecast_ros.node_params import PARAMETERS
+
+    return {spec.name: spec.default for spec in PARAMETERS}
+
+
+def frame_period_s(stamps_ns: Sequence[int]) -> Optional[float]:
+    """Median time between consecutive stamps, in seconds (None with fewer than two)."""
+    if len(stamps_ns) < 2:
+        return None
+    return float(np.median(np.diff(np.asarray(stamps_ns, dtype=np.int64)))) / 1e9
+
+
+class OutputBuilder:
+    """Builds the node's three outputs for one forecast, with the node's parameters (as ``forecast_node`` does).
+
+    ``model_frame_interval``: the model config's seconds between forecast frames, used when the
+    ``frame_interval`` parameter is 0.
+    """
+
+    def __init__(self, params: Dict[str, Any], model_frame_interval: float = 0.0) -> None:
+        self.params = params
+        self.frame_interval = float(params["frame_interval"]) or float(model_frame_interval or 0.0)
+
+    def forecast_msg(self, forecast: Any, header: Any) -> Any:
+        """``TrajectoryForecast`` carrying the source header."""
+        from traj_forecast_ros.conversions import forecast_to_msg
+
+        return forecast_to_msg(forecast, header, frame_interval=self.frame_interval,
+                               moving_threshold=float(self.params["moving_threshold"]))
+
+    def markers(self, forecast: Any, header: Any, camera_info: Any, period_s: Optional[float]) -> Any:
+        """``MarkerArray`` on the image plane (pinhole from ``camera_info`` when given)."""
+        from traj_forecast_ros.markers import ImagePlane, forecast_markers, lifetime_from_period
+
+        depth = float(self.params["marker_plane_depth"])
+        image_size = tuple(forecast.image_size)
+        plane = None
+        if camera_info is not None:
+            try:
+                plane = ImagePlane.from_camera_info(camera_info, image_size, depth)
+            except ValueError as exc:
+                log.warning("ignoring CameraInfo: %s", exc)
+        if plane is None:
+            plane = ImagePlane.from_pixel_size(image_size, float(self.params["marker_pixel_size"]), depth)
+        lifetime = lifetime_from_period(period_s, float(self.params["marker_lifetime_periods"]),
+                                        fallback_s=max(float(forecast.timings.get("total", 0.0)), 1.0))
+        return forecast_markers(forecast.tracks, header, plane, stride=int(self.params["marker_stride"]),
+                                lifetime_s=lifetime, line_width=float(self.params["marker_line_width"]),
+                                max_samples=int(self.params["marker_samples"]))
+
+    def overlay(self, forecast: Any, rgb: np.ndarray, header: Any) -> Any:
+        """Overlay ``Image``: one sample's tracks drawn over the source frame."""
+        from traj_forecast_ros.conversions import rgb_to_image_msg
+        from traj_forecast_ros.viz import draw_tracks
+
+        sample = min(int(self.params["overlay_sample"]), forecast.num_samples - 1)
+        drawn = draw_tracks(rgb, forecast.tracks[sample], stride=int(self.params["overlay_stride"]))
+        return rgb_to_image_msg(drawn, header)
+
+
+def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
+    """CDR bytes -> (rclpy message, uint8 RGB)."""
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from traj_forecast_ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
+
+    if msgtype == IMAGE_MSG:
+        message = deserialize_message(data, Image)
+        return message, image_msg_to_rgb(message, max_pixels=max_pixels)
+    message = deserialize_message(data, CompressedImage)
+    return message, compressed_msg_to_rgb(message, max_pixels=max_pixels)
+
+
+def select_image_topics(in_bag: PathLike, topics: Optional[Iterable[str]]) -> List[str]:
+    """The image topics to forecast: ``topics`` (each must be an image topic) or every image topic of the bag."""
+    available = bag_topics(in_bag)
+    if topics:
+        chosen = list(topics)
+        for topic in chosen:
+            if topic not in available:
+                raise BagError(f"bag {in_bag} has no topic {topic}; it has {sorted(available)}")
+            if available[topic].msgtype not in IMAGE_TYPES:
+                raise BagError(f"{topic} carries {available[topic].msgtype}, not an image type {IMAGE_TYPES}")
+        return chosen
+    chosen = sorted(t for t, info in available.items() if info.msgtype in IMAGE_TYPES)
+    if not chosen:
+        raise BagError(f"bag {in_bag} has no sensor_msgs/Image or CompressedImage topic: {sorted(available)}")
+    return chosen
+
+
+def run_bag(
+    in_bag: PathLike,
+    out_bag: PathLike,
+    model: Optional[str] = None,
+    topics: Optional[Iterable[str]] = None,
+    forecaster: Any = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    num_samples: Optional[int] = None,
+    steps: Optional[int] = None,
+    seed: int = 0,
+    instruction: Optional[str] = None,
+    storage: str = "mcap",
+    copy_input: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    params: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Forecast every image of ``in_bag`` into ``out_bag``; returns a summary (counts, drops, timings, topics).
+
+    Deterministic: every image is forecast with the same ``seed``, so the output depends only on the image.
+    ``num_samples``, ``steps`` and the output settings default to the node's parameters (``params`` overrides). Images
+    that cannot be forecast are counted by reason in the summary (and logged), never silently skipped. Pass a
+    ready ``forecaster`` or a ``model`` (registry name or directory; default: the best model available offline).
+    """
+    from rclpy.serialization import serialize_message
+    from tqdm import tqdm
+
+    from traj_forecast_ros.node_runtime import classify_error
+
+    image_topics = select_image_topics(in_bag, topics)
+    available = bag_topics(in_bag)
+    info_topics = {t: f"{camera_namespace(t)}/camera_info" for t in image_topics}
+    info_present = {t: topic for t, topic in info_topics.items() if available.get(topic, None) is not None
+                    and available[topic].msgtype == CAMERA_INFO_MSG}
+    settings = dict(node_defaults())
+    settings.update(params or {})
+    num_samples = int(settings["num_samples"]) if num_samples is None else num_samples
+    steps = int(settings["steps"]) if steps is None else steps
+    model_note = None
+    if forecaster is None:
+        from traj_forecast_ros.forecaster import Forecaster
+
+        if model is None:
+            from traj_forecast_ros.bag.model_choice import best_offline_model
+
+            model, model_note = best_offline_model()
+        forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype, download=False)
+    config = getattr(forecaster, "config", None)
+    builder = OutputBuilder(settings, getattr(config, "frame_interval_s", None) or 0.0)
+
+    stamps: Dict[str, List[int]] = {t: [] for t in image_topics}
+    for message in read_messages(in_bag, image_topics):
+        stamps[message.topic].append(message.timestamp)
+    periods = {t: frame_period_s(s) for t, s in stamps.items()}
+    total = sum(len(s) for s in stamps.values())
+
+    wanted = None if copy_input else image_topics + sorted(set(info_present.values()))
+    dropped: Counter = Counter()
+    per_topic: Dict[str, int] = {t: 0 for t in image_topics}
+    inference_s: List[float] = []
+    latest_info: Dict[str, Any] = {}
+    max_pixels = int(settings["max_pixels"])
+    bar = tqdm(total=total, unit="img", desc="forecasting", disable=not progress or not sys.stderr.isatty())
+    with BagWriter(out_bag, storage, overwrite=overwrite) as writer:
+        for message in read_messages(in_bag, wanted):
+            if copy_input:
+                writer.write(message.topic, message.msgtype, message.timestamp, message.data)
+            if message.msgtype == CAMERA_INFO_MSG:
+                from rclpy.serialization import deserialize_message
+                from sensor_msgs.msg import CameraInfo
+
+                latest_info[message.topic] = deserialize_message(message.data, CameraInfo)
+                continue
+            if message.topic not in per_topic:
+                continue
+            bar.update(1)
+            try:
+                source, rgb = _decode_image(message.msgtype, message.data, max_pixels)
+                forecast = forecaster.forecast(rgb, instruction=instruction, num_samples=num_samples, steps=steps,
+                                               seed=seed)
+            except (InvalidImageError, TrajForecastError) as exc:  # bad input or non-finite output; bugs propagate
+                reason = classify_error(exc)
+                dropped[reason] += 1
+                log.warning("%s @ %d: image not forecast (%s): %s", message.topic, message.timestamp, reason, exc)
+                continue
+            inference_s.append(float(forecast.timings.get("total", 0.0)))
+            header = source.header
+            outputs = output_topics(message.topic)
+            camera_info = latest_info.get(info_present.get(message.topic, ""))
+            writer.write(outputs["forecast"], FORECAST_MSG, message.timestamp,
+                         serialize_message(builder.forecast_msg(forecast, header)))
+            writer.write(outputs["markers"], MARKERS_MSG, message.timestamp,
+                         serialize_message(builder.markers(forecast, header, camera_info, periods[message.topic])))
+            writer.write(outputs["overlay"], IMAGE_MSG, message.timestamp,
+                         serialize_message(builder.overlay(forecast, rgb, header)))
+            per_topic[message.topic] += 1
+    bar.close()
+    summary: Dict[str, Any] = {
+        "in_bag": str(in_bag),
+        "out_bag": str(out_bag),
+        "model": str(getattr(forecaster, "model_id", model)),
+        "seed": seed,
+        "num_samples": num_samples,
+        "steps": steps,
+        "frames_in": total,
+        "forecasts_out": sum(per_topic.values()),
+        "forecasts_by_topic": per_topic,
+        "dropped": dict(dropped),
+        "inference_p50_s": float(np.median(inference_s)) if inference_s else None,
+        "output_topics": {t: output_topics(t) for t in image_topics},
+    }
+    if model_note:
+        summary["model_choice"] = model_note
+    return summary

@@ -1,0 +1,117 @@
+"""``traj-forecast predict IMAGE``: forecast point trajectories for one image file, save them (and a picture)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``predict`` command."""
+    parser = subparsers.add_parser(
+        "predict", help="forecast point trajectories for one image",
+        description="Samples K futures of the model's query grid for IMAGE and writes them to an .npz file "
+                    "(tracks [K, T, Hq, Wq, 2] in IMAGE pixels, query_points, metadata); optionally draws them.")
+    parser.add_argument("image", type=Path, help="image file (any format Pillow reads; mono, RGB or RGBA)")
+    parser.add_argument("--model", default=None,
+                        help="registry name or model directory (default: the registry default, libero-atm)")
+    parser.add_argument("--instruction", default=None, help="task instruction for language-conditioned models")
+    parser.add_argument("--samples", type=int, default=8, metavar="K", help="sampled futures (default 8)")
+    parser.add_argument("--steps", type=int, default=10, metavar="N",
+                        help="Euler time points, N-1 denoiser evaluations (default 10, as the paper)")
+    parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, saved in the output)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto",
+                        help="float32, bfloat16, float16 (CUDA only) or auto "
+                             "(default: float16 on CUDA, float32 on CPU)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="model cache root (default: $TRAJ_FORECAST_HOME)")
+    parser.add_argument("--out", type=Path, required=True, help="output .npz file")
+    parser.add_argument("--viz", type=Path, default=None,
+                        help="also draw the tracks: .png (still, trails over the image) or .gif (animation)")
+    parser.add_argument("--viz-sample", type=int, default=0, help="which sample to draw (default 0)")
+    parser.add_argument("--viz-stride", type=int, default=4, help="draw every N-th grid point per axis (default 4)")
+    parser.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"traj-forecast predict: {message}", file=sys.stderr)
+    return 2
+
+
+def load_image(path: Path):
+    """Read an image file as a uint8 numpy array (mono stays HxW, RGBA keeps alpha, everything else RGB)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("L", "RGB", "RGBA"):
+                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            return np.asarray(image)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+
+
+def save_forecast_npz(forecast, path: Path) -> Path:
+    """Write a :class:`Forecast` to ``.npz``: arrays ``tracks``, ``query_points``, ``image_size`` and JSON metadata."""
+    import numpy as np
+
+    metadata = {"model_id": forecast.model_id, "instruction": forecast.instruction, "device": forecast.device,
+                "dtype": forecast.dtype, "seed": forecast.seed, "timings": forecast.timings}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as stream:  # a file object keeps numpy from appending .npz to other suffixes
+        np.savez(stream, tracks=forecast.tracks, query_points=forecast.query_points,
+                 image_size=np.asarray(forecast.image_size, dtype=np.int64), metadata=np.asarray(json.dumps(metadata)))
+    return path
+
+
+def load_forecast_npz(path: Path):
+    """Read a file written by :func:`save_forecast_npz` back into a :class:`Forecast`."""
+    import numpy as np
+
+    from traj_forecast_ros.forecast import Forecast
+
+    with np.load(path, allow_pickle=False) as data:
+        metadata = json.loads(str(data["metadata"]))
+        return Forecast(tracks=data["tracks"], query_points=data["query_points"],
+                        image_size=tuple(int(v) for v in data["image_size"]), **metadata)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``traj-forecast predict``."""
+    from traj_forecast_ros.errors import TrajForecastError
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.geometry import to_rgb
+    from traj_forecast_ros.registry import default_model_name
+    from traj_forecast_ros.viz import draw_forecast, forecast_frames, save_animation
+
+    if args.viz is not None and args.viz.suffix.lower() not in (".png", ".gif", ".jpg", ".jpeg"):
+        return _fail(f"--viz must end in .png, .jpg or .gif, got {args.viz}")
+    try:
+        image = load_image(args.image)
+        model = args.model or default_model_name()
+        forecaster = Forecaster.from_pretrained(model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+        forecast = forecaster.forecast(image, instruction=args.instruction, num_samples=args.samples,
+                                       steps=args.steps, seed=args.seed)
+    except (TrajForecastError, ValueError, TypeError) as exc:
+        return _fail(str(exc))
+    save_forecast_npz(forecast, args.out)
+    timings = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in forecast.timings.items())
+    print(f"{forecast.model_id}: {forecast.num_samples} samples x {forecast.num_frames} frames x "
+          f"{forecast.grid_shape[0]}x{forecast.grid_shape[1]} points on {forecast.device} ({forecast.dtype}), "
+          f"seed {forecast.seed}; {timings}")
+    print(f"wrote {args.out}")
+    if args.viz is not None:
+        if not 0 <= args.viz_sample < forecast.num_samples:
+            return _fail(f"--viz-sample {args.viz_sample} out of range (0..{forecast.num_samples - 1})")
+        rgb = to_rgb(image)
+        if args.viz.suffix.lower() == ".gif":
+            frames = forecast_frames(rgb, forecast.tracks[args.viz_sample], stride=args.viz_stride)
+        else:
+            frames = [draw_forecast(rgb, forecast, sample=args.viz_sample, stride=args.viz_stride)]
+        save_animation(frames, args.viz)
+        print(f"wrote {args.viz}")
+    return 0

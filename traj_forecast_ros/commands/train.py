@@ -1,0 +1,130 @@
+"""``traj-forecast train vae|flow|regressor``: the two training stages and the regression baseline.
+
+Stage 1 then stage 2 (then the baseline, on the same frozen image encoder)::
+
+    traj-forecast train vae --data runs/train --out runs/vae --config demo-blocks --steps 1500
+    traj-forecast train flow --data runs/train --vae runs/vae --out runs/flow --steps 2000 --ema-decay 0.999
+    traj-forecast train regressor --data runs/train --encoder runs/vae --out runs/regressor --steps 1000
+
+``--resume`` continues the run in ``--out`` from ``checkpoints/last.pt`` (identical to an uninterrupted run).
+``--init`` fine-tunes from a model directory or a checkpoint file (flow: an official ``.pth`` denoiser together with
+``--config`` and ``--vae`` pointing at the official VAE ``.pth``). Multi-GPU: ``torchrun --nproc_per_node N -m
+traj_forecast_ros.cli train ...`` (the batch size is per GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+
+def _add_common(parser: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="training dataset directory")
+    parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.csv, weights)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
+    parser.add_argument("--batch-size", type=int, default=batch, help=f"examples per step and GPU (default {batch})")
+    parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
+    parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then constant (default 100)")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999); "
+                                                                       "the EMA weights are the ones written")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast: bf16 (CPU with BF16 support, or CUDA), fp16 (CUDA only)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last.pt")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` command and its stages."""
+    parser = subparsers.add_parser("train", help="train the VAE, the latent flow model or the regressor baseline",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE")
+    stages.required = True
+
+    vae = stages.add_parser("vae", help="stage 1: trajectory VAE (beta-VAE, Huber reconstruction)")
+    _add_common(vae, steps=1500, lr=1e-3, batch=8)
+    vae.add_argument("--config", default="demo-blocks", help="preset (demo-blocks, tiny-blocks) or config.yaml")
+    vae.add_argument("--init", type=Path, default=None, help="start from this model dir / VAE checkpoint")
+    vae.add_argument("--beta", type=float, default=None, help="KL weight (default: the config's vae.beta)")
+    vae.set_defaults(func=_train_vae)
+
+    flow = stages.add_parser("flow", help="stage 2: latent denoiser with rectified flow")
+    _add_common(flow, steps=2000, lr=5e-4, batch=16)
+    flow.add_argument("--vae", type=Path, default=None, help="stage-1 run directory (or official VAE .pth with "
+                                                              "--init FILE.pth)")
+    flow.add_argument("--init", type=Path, default=None, help="fine-tune: a model directory or an official .pth")
+    flow.add_argument("--config", default=None, help="config of an official .pth (preset name or YAML)")
+    flow.set_defaults(func=_train_flow)
+
+    regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
+    _add_common(regressor, steps=1000, lr=5e-4, batch=16)
+    regressor.add_argument("--encoder", type=Path, default=None,
+                           help="run/model directory whose image_encoder/ to use (the VAE run: same features)")
+    regressor.add_argument("--config", default=None, help="preset or config.yaml (default: the --encoder dir's)")
+    regressor.add_argument("--init", type=Path, default=None, help="start from this regressor directory")
+    regressor.set_defaults(func=_train_regressor)
+
+
+def _settings(args: argparse.Namespace):
+    from traj_forecast_ros.train.common import TrainSettings
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return TrainSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+        precision=args.precision, log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        device=args.device, progress=not args.no_progress,
+    )
+
+
+def _report(last: dict) -> int:
+    print(json.dumps({k: round(v, 6) for k, v in last.items()}, indent=1))
+    return 0
+
+
+def _train_vae(args: argparse.Namespace) -> int:
+    from traj_forecast_ros.train.presets import resolve_config
+    from traj_forecast_ros.train.vae import train_vae
+
+    settings = _settings(args)
+    config = resolve_config(str(args.init) if args.init and args.init.is_dir() and args.config == "demo-blocks"
+                            and (args.init / "config.yaml").is_file() else args.config)
+    return _report(train_vae(args.data, args.out, config, settings, init=args.init, resume=args.resume,
+                             beta=args.beta))
+
+
+def _train_flow(args: argparse.Namespace) -> int:
+    from traj_forecast_ros.train.flow import train_flow
+    from traj_forecast_ros.train.presets import resolve_config
+
+    settings = _settings(args)
+    official_config = resolve_config(args.config) if args.config else None
+    official = args.init is not None and args.init.is_file()
+    return _report(train_flow(args.data, args.out, settings,
+                              vae_dir=None if official else args.vae, init=args.init,
+                              official_config=official_config, official_vae=args.vae if official else None,
+                              resume=args.resume))
+
+
+def _train_regressor(args: argparse.Namespace) -> int:
+    from traj_forecast_ros.train.presets import resolve_config
+    from traj_forecast_ros.train.regressor import train_regressor
+
+    settings = _settings(args)
+    source = args.config or (str(args.encoder) if args.encoder else None)
+    if source is None:
+        raise SystemExit("error: give --encoder RUN_DIR (recommended: the VAE run) or --config")
+    return _report(train_regressor(args.data, args.out, resolve_config(source), settings, encoder_dir=args.encoder,
+                                   init=args.init, resume=args.resume))

@@ -1,0 +1,411 @@
+"""Sharded on-disk trajectory datasets (synthetic scenes or user data from any point tracker).
+
+Layout of a dataset directory::
+
+    <dataset>/
+      index.json                     format, geometry, fields, shard list (below)
+      shard-00000.images.npy         [N, H, W, 3] uint8   the conditioning image (frame 0)
+      shard-00000.tracks.npy         [N, R, T, Hq, Wq, 2] float32, (x, y) pixels of that image, R rollouts
+      shard-00000.object_ids.npy     [N, Hq, Wq] int16    optional; 0 = static background, k > 0 = object k
+      shard-00000.kinds.npy          [N] int16            optional; index into index.json "kinds"
+      shard-00000.frames.npy         [N, T, H, W, 3] uint8 optional; every frame of rollout 0 (visualisation)
+      shard-00001.*.npy ...
+
+Every array is a plain ``.npy`` file, so a reader memory-maps one shard at a time (``np.load(mmap_mode="r")``)
+and never holds the whole dataset in memory. ``index.json``::
+
+    {"format": "traj-forecast-dataset", "version": 1,
+     "image_size": [H, W], "query_grid": [Hq, Wq], "query_stride": s, "query_offset": o,
+     "num_frames": T, "num_rollouts": R, "frame_interval_s": dt | null,
+     "fields": ["images", "tracks", ...], "kinds": ["fall", ...] | null,
+     "num_samples": N_total, "shards": [{"name": "shard-00000", "num_samples": n}, ...],
+     "source": {...free-form provenance: generator settings, tracker name...}}
+
+Tracks are absolute positions (not displacements) in the pixels of the stored image; frame 0 is the query grid
+(``x = offset + stride * j``, ``y = offset + stride * i``). Points without a position (occluded and not tracked)
+are not allowed: trackers such as CoTracker give a position for every point and frame. User data goes in through
+:class:`DatasetWriter` (or :func:`import_arrays` / ``traj-forecast data import``); images must already be at the
+model's input size, with the tracks in those pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from traj_forecast_ros.errors import DatasetError
+
+FORMAT_NAME = "traj-forecast-dataset"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+REQUIRED_FIELDS = ("images", "tracks")
+OPTIONAL_FIELDS = ("object_ids", "kinds", "frames")
+FIELD_DTYPES = {"images": np.uint8, "tracks": np.float32, "object_ids": np.int16, "kinds": np.int16,
+                "frames": np.uint8}
+
+
+@dataclass
+class DatasetMeta:
+    """Geometry and provenance shared by every sample of a dataset (the non-shard part of ``index.json``)."""
+
+    image_size: Tuple[int, int]
+    query_grid: Tuple[int, int]
+    query_stride: float
+    query_offset: float
+    num_frames: int
+    num_rollouts: int = 1
+    frame_interval_s: Optional[float] = None
+    kinds: Optional[List[str]] = None
+    source: Dict[str, Any] = field(default_factory=dict)
+
+    def query_points(self) -> np.ndarray:
+        """``[Hq, Wq, 2]`` float32 query grid (x, y) of this dataset."""
+        rows, cols = self.query_grid
+        ys = self.query_offset + self.query_stride * np.arange(rows)
+        xs = self.query_offset + self.query_stride * np.arange(cols)
+        grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+        return np.stack([grid_x, grid_y], axis=-1).astype(np.float32)
+
+    def check_model_geometry(self, config) -> None:
+        """Raise :class:`DatasetError` when a ``ModelConfig`` expects a different image, grid or length."""
+        problems = []
+        if tuple(config.image_size) != tuple(self.image_size):
+            problems.append(f"image size {tuple(self.image_size)} vs model {tuple(config.image_size)}")
+        if tuple(config.query_grid) != tuple(self.query_grid):
+            problems.append(f"query grid {tuple(self.query_grid)} vs model {tuple(config.query_grid)}")
+        if abs(config.query_stride - self.query_stride) > 1e-6 or abs(config.query_offset - self.query_offset) > 1e-6:
+            problems.append(f"query stride/offset {self.query_stride}/{self.query_offset} vs model "
+                            f"{config.query_stride}/{config.query_offset}")
+        if int(config.num_frames) != int(self.num_frames):
+            problems.append(f"{self.num_frames} frames vs model {config.num_frames}")
+        if problems:
+            raise DatasetError("dataset does not match the model: " + "; ".join(problems))
+
+
+@dataclass
+class Shard:
+    """The arrays of one shard (memory-mapped when read from disk); absent optional fields are None."""
+
+    images: np.ndarray  # [n, H, W, 3] uint8
+    tracks: np.ndarray  # [n, R, T, Hq, Wq, 2] float32
+    object_ids: Optional[np.ndarray] = None  # [n, Hq, Wq] int16
+    kinds: Optional[np.ndarray] = None  # [n] int16
+    frames: Optional[np.ndarray] = None  # [n, T, H, W, 3] uint8
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class Sample:
+    """One dataset entry."""
+
+    image: np.ndarray  # [H, W, 3] uint8
+    tracks: np.ndarray  # [R, T, Hq, Wq, 2] float32
+    object_ids: Optional[np.ndarray]  # [Hq, Wq] int16
+    kind: Optional[str]
+    frames: Optional[np.ndarray] = None  # [T, H, W, 3] uint8
+
+
+# ------------------------------------------------------------------------------------------------ writing
+class DatasetWriter:
+    """Append samples and write them as shards of ``shard_size`` plus ``index.json`` (use as a context manager).
+
+    >>> with DatasetWriter(out_dir, meta) as writer:
+    ...     writer.add(image, tracks, object_ids=ids, kind="fall")
+    """
+
+    def __init__(self, root: Union[str, Path], meta: DatasetMeta, shard_size: int = 256,
+                 overwrite: bool = False) -> None:
+        self.root = Path(root)
+        if (self.root / INDEX_FILE).exists() and not overwrite:
+            raise DatasetError(f"{self.root} already holds a dataset ({INDEX_FILE}); choose another --out")
+        if shard_size < 1:
+            raise DatasetError(f"shard_size must be >= 1, got {shard_size}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.meta = meta
+        self.shard_size = int(shard_size)
+        self._pending: Dict[str, List[np.ndarray]] = {}
+        self._shards: List[Dict[str, Any]] = []
+        self._fields: Optional[Tuple[str, ...]] = None
+        self._count = 0
+        self._closed = False
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+    def add(self, image: np.ndarray, tracks: np.ndarray, object_ids: Optional[np.ndarray] = None,
+            kind: Optional[str] = None, frames: Optional[np.ndarray] = None) -> None:
+        """Add one sample; ``tracks`` is ``[T, Hq, Wq, 2]`` or ``[R, T, Hq, Wq, 2]`` pixels. Validates everything."""
+        meta = self.meta
+        image = np.asarray(image)
+        tracks = np.asarray(tracks)
+        where = f"sample {self._count}"
+        if image.dtype != np.uint8 or image.shape != (*meta.image_size, 3):
+            raise DatasetError(f"{where}: image must be uint8 {(*meta.image_size, 3)}, got {image.dtype} "
+                               f"{image.shape} (resize/crop it to the model size first)")
+        if tracks.ndim == 4:
+            tracks = tracks[None]
+        expected = (meta.num_rollouts, meta.num_frames, *meta.query_grid, 2)
+        if tracks.shape != expected:
+            raise DatasetError(f"{where}: tracks must be [R, T, Hq, Wq, 2] = {list(expected)}, got {list(tracks.shape)}")
+        if not np.isfinite(tracks).all():
+            raise DatasetError(f"{where}: tracks contain NaN/Inf (fill occluded points: every point needs a position)")
+        values = {"images": image, "tracks": tracks.astype(np.float32)}
+        if object_ids is not None:
+            object_ids = np.asarray(object_ids)
+            if object_ids.shape != tuple(meta.query_grid) or not np.issubdtype(object_ids.dtype, np.integer):
+                raise DatasetError(f"{where}: object_ids must be integer {tuple(meta.query_grid)}, got "
+                                   f"{object_ids.dtype} {object_ids.shape}")
+            values["object_ids"] = object_ids.astype(np.int16)
+        if kind is not None:
+            if not meta.kinds or kind not in meta.kinds:
+                raise DatasetError(f"{where}: kind '{kind}' is not in the dataset kinds {meta.kinds}")
+            values["kinds"] = np.int16(meta.kinds.index(kind))
+        if frames is not None:
+            frames = np.asarray(frames)
+            if frames.dtype != np.uint8 or frames.shape != (meta.num_frames, *meta.image_size, 3):
+                raise DatasetError(f"{where}: frames must be uint8 {(meta.num_frames, *meta.image_size, 3)}, "
+                                   f"got {frames.dtype} {frames.shape}")
+            values["frames"] = frames
+        fields = tuple(name for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS) if name in values)
+        if self._fields is None:
+            self._fields = fields
+        elif fields != self._fields:
+            raise DatasetError(f"{where}: has fields {list(fields)} but earlier samples had {list(self._fields)}")
+        for name, value in values.items():
+            self._pending.setdefault(name, []).append(value)
+        self._count += 1
+        if len(self._pending["images"]) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending.get("images"):
+            return
+        name = f"shard-{len(self._shards):05d}"
+        for field_name, values in self._pending.items():
+            np.save(self.root / f"{name}.{field_name}.npy", np.stack(values).astype(FIELD_DTYPES[field_name]))
+        self._shards.append({"name": name, "num_samples": len(self._pending["images"])})
+        self._pending = {}
+
+    def close(self) -> Path:
+        """Write the last shard and ``index.json``; returns the index path."""
+        if self._closed:
+            return self.root / INDEX_FILE
+        self._flush()
+        meta = self.meta
+        index = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "image_size": list(meta.image_size),
+            "query_grid": list(meta.query_grid),
+            "query_stride": float(meta.query_stride),
+            "query_offset": float(meta.query_offset),
+            "num_frames": int(meta.num_frames),
+            "num_rollouts": int(meta.num_rollouts),
+            "frame_interval_s": meta.frame_interval_s,
+            "fields": list(self._fields or REQUIRED_FIELDS),
+            "kinds": meta.kinds,
+            "num_samples": self._count,
+            "shards": self._shards,
+            "source": meta.source,
+        }
+        path = self.root / INDEX_FILE
+        path.write_text(json.dumps(index, indent=1))
+        self._closed = True
+        return path
+
+
+# ------------------------------------------------------------------------------------------------ reading
+class TrajectoryDataset:
+    """Read a dataset directory shard by shard (memory-mapped), or sample by sample.
+
+    ``len(ds)``, ``ds[i] -> Sample``, ``ds.iter_shards() -> Shard`` (one shard in memory at a time),
+    ``ds.meta -> DatasetMeta``, ``ds.load(field)`` (one field of every shard, concatenated).
+    """
+
+    def __init__(self, root: Union[str, Path], mmap: bool = True) -> None:
+        self.root = Path(root)
+        index_path = self.root / INDEX_FILE
+        if not index_path.is_file():
+            raise DatasetError(f"{self.root}: no {INDEX_FILE}; not a trajectory dataset (see traj-forecast data -h)")
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{index_path}: invalid JSON ({exc})") from exc
+        if index.get("format") != FORMAT_NAME:
+            raise DatasetError(f"{index_path}: format is {index.get('format')!r}, expected {FORMAT_NAME!r}")
+        if int(index.get("version", -1)) > FORMAT_VERSION:
+            raise DatasetError(f"{index_path}: format version {index['version']} is newer than this reader "
+                               f"({FORMAT_VERSION}); update traj_forecast_ros")
+        self.index = index
+        self.mmap = mmap
+        self.meta = DatasetMeta(
+            image_size=tuple(index["image_size"]),
+            query_grid=tuple(index["query_grid"]),
+            query_stride=float(index["query_stride"]),
+            query_offset=float(index["query_offset"]),
+            num_frames=int(index["num_frames"]),
+            num_rollouts=int(index.get("num_rollouts", 1)),
+            frame_interval_s=index.get("frame_interval_s"),
+            kinds=index.get("kinds"),
+            source=index.get("source", {}),
+        )
+        self.fields: Tuple[str, ...] = tuple(index["fields"])
+        self.shard_names = [s["name"] for s in index["shards"]]
+        self.shard_sizes = [int(s["num_samples"]) for s in index["shards"]]
+        self._offsets = np.cumsum([0] + self.shard_sizes)
+        self._cache: Tuple[int, Optional[Shard]] = (-1, None)
+        self._maps: Dict[Tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def has(self, field_name: str) -> bool:
+        """Whether the optional field is stored."""
+        return field_name in self.fields
+
+    def _load_array(self, shard: int, field_name: str) -> np.ndarray:
+        key = (shard, field_name)
+        if key in self._maps:
+            return self._maps[key]
+        path = self.root / f"{self.shard_names[shard]}.{field_name}.npy"
+        if not path.is_file():
+            raise DatasetError(f"{path}: missing (index.json lists field '{field_name}')")
+        try:
+            array = np.load(path, mmap_mode="r" if self.mmap else None)
+        except ValueError as exc:
+            raise DatasetError(f"{path}: unreadable ({exc})") from exc
+        if array.shape[0] != self.shard_sizes[shard]:
+            raise DatasetError(f"{path}: holds {array.shape[0]} samples, index.json says {self.shard_sizes[shard]}")
+        if self.mmap:  # memory maps are lazy: keeping them open costs no memory
+            self._maps[key] = array
+        return array
+
+    def shard(self, shard: int) -> Shard:
+        """The arrays of shard number ``shard``."""
+        if not 0 <= shard < len(self.shard_names):
+            raise IndexError(f"shard {shard} out of range (dataset has {len(self.shard_names)})")
+        arrays = {name: self._load_array(shard, name) for name in self.fields}
+        return Shard(**arrays)
+
+    def iter_shards(self) -> Iterator[Shard]:
+        """Yield every shard in order (only one is referenced at a time)."""
+        for shard in range(len(self.shard_names)):
+            yield self.shard(shard)
+
+    def locate(self, index: int) -> Tuple[int, int]:
+        """``(shard, row)`` of sample ``index``."""
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range (dataset has {len(self)})")
+        shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
+        return shard, int(index - self._offsets[shard])
+
+    def __getitem__(self, index: int) -> Sample:
+        shard_id, row = self.locate(index)
+        if self._cache[0] != shard_id:
+            self._cache = (shard_id, self.shard(shard_id))
+        shard = self._cache[1]
+        kinds = self.meta.kinds
+        return Sample(
+            image=np.asarray(shard.images[row]),
+            tracks=np.asarray(shard.tracks[row]),
+            object_ids=None if shard.object_ids is None else np.asarray(shard.object_ids[row]),
+            kind=None if shard.kinds is None or not kinds else kinds[int(shard.kinds[row])],
+            frames=None if shard.frames is None else np.asarray(shard.frames[row]),
+        )
+
+    def load(self, field_name: str, indices: Optional[Sequence[int]] = None) -> np.ndarray:
+        """One field of all samples (or of ``indices``), concatenated into memory."""
+        if field_name not in self.fields:
+            raise DatasetError(f"{self.root}: field '{field_name}' is not stored (fields: {list(self.fields)})")
+        if indices is None:
+            return np.concatenate([np.asarray(self._load_array(s, field_name)) for s in range(len(self.shard_names))])
+        return self.gather(field_name, indices)
+
+    def gather(self, field_name: str, indices: Sequence[int]) -> np.ndarray:
+        """Rows ``indices`` of one field (any order, repeats allowed), reading only those rows of each shard."""
+        if field_name not in self.fields:
+            raise DatasetError(f"{self.root}: field '{field_name}' is not stored (fields: {list(self.fields)})")
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"indices out of range for a dataset of {len(self)} samples")
+        shards = np.searchsorted(self._offsets, indices, side="right") - 1
+        out: Optional[np.ndarray] = None
+        for shard in np.unique(shards):
+            where = np.nonzero(shards == shard)[0]
+            rows = indices[where] - self._offsets[shard]
+            order = np.argsort(rows, kind="stable")  # ascending reads from the memory map
+            values = np.asarray(self._load_array(int(shard), field_name)[rows[order]])
+            if out is None:
+                out = np.empty((len(indices), *values.shape[1:]), dtype=values.dtype)
+            out[where[order]] = values
+        if out is None:
+            raise DatasetError("gather needs at least one index")
+        return out
+
+    def kind_names(self) -> List[Optional[str]]:
+        """The scene kind of every sample (None where the dataset has no kinds)."""
+        if not self.has("kinds") or not self.meta.kinds:
+            return [None] * len(self)
+        return [self.meta.kinds[int(k)] for k in self.load("kinds")]
+
+
+# ------------------------------------------------------------------------------------------------ user data
+def tracks_to_grid(tracks: np.ndarray, grid: Tuple[int, int], layout: str) -> np.ndarray:
+    """Bring one clip of tracker output into ``[T, Hq, Wq, 2]``.
+
+    ``layout``: ``"grid"`` (already ``[T, Hq, Wq, 2]``), ``"tpc"`` (``[T, P, 2]``, CoTracker style) or ``"ptc"``
+    (``[P, T, 2]``, the LIBERO shards) with ``P = Hq * Wq`` points in row-major grid order.
+    """
+    tracks = np.asarray(tracks)
+    rows, cols = grid
+    if layout == "grid":
+        if tracks.ndim != 4 or tracks.shape[1:] != (rows, cols, 2):
+            raise DatasetError(f"grid tracks must be [T, {rows}, {cols}, 2], got {list(tracks.shape)}")
+        return tracks
+    if layout not in ("tpc", "ptc"):
+        raise DatasetError(f"unknown track layout '{layout}'; use grid, tpc ([T, P, 2]) or ptc ([P, T, 2])")
+    if tracks.ndim != 3 or tracks.shape[-1] != 2:
+        raise DatasetError(f"{layout} tracks must be 3-D with a last axis of 2, got {list(tracks.shape)}")
+    if layout == "ptc":
+        tracks = tracks.transpose(1, 0, 2)  # [T, P, 2]
+    if tracks.shape[1] != rows * cols:
+        raise DatasetError(f"tracks have {tracks.shape[1]} points, the {rows}x{cols} query grid needs {rows * cols}")
+    return tracks.reshape(tracks.shape[0], rows, cols, 2)
+
+
+def import_arrays(root: Union[str, Path], images: np.ndarray, tracks: np.ndarray, meta: DatasetMeta,
+                  layout: str = "grid", object_ids: Optional[np.ndarray] = None,
+                  query_tolerance_px: float = 0.75, shard_size: int = 256, overwrite: bool = False) -> Path:
+    """Write user data (``images [N, H, W, 3]``, per-clip tracks ``[N, ...]`` in ``layout``) as a dataset.
+
+    Frame 0 of every clip must be the dataset's query grid within ``query_tolerance_px`` (the model is always
+    queried on its grid); a mismatch raises :class:`DatasetError` naming the clip and the error.
+    """
+    images = np.asarray(images)
+    tracks = np.asarray(tracks)
+    if images.ndim != 4 or len(images) != len(tracks):
+        raise DatasetError(f"need images [N, H, W, 3] and one track array per image; got images {list(images.shape)}"
+                           f" and {len(tracks)} track arrays")
+    query = meta.query_points()
+    with DatasetWriter(root, meta, shard_size=shard_size, overwrite=overwrite) as writer:
+        for i in range(len(images)):
+            grid_tracks = tracks_to_grid(tracks[i], meta.query_grid, layout)
+            error = float(np.abs(grid_tracks[0] - query).max())
+            if error > query_tolerance_px:
+                raise DatasetError(f"clip {i}: frame 0 differs from the query grid by up to {error:.2f} px (> "
+                                   f"{query_tolerance_px}); track the model's grid (offset {meta.query_offset}, "
+                                   f"stride {meta.query_stride})")
+            writer.add(images[i], grid_tracks, object_ids=None if object_ids is None else object_ids[i])
+    return Path(root) / INDEX_FILE

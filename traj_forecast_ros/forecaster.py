@@ -1,0 +1,511 @@
+"""The forecasting API: one camera image (+ instruction) in, K sampled futures of a dense point grid out.
+
+``Forecaster`` owns the frozen encoders, the trajectory VAE and the denoiser, and runs the sampling plan:
+
+* once per image: validation, colour conversion and centre-crop/resize (:mod:`traj_forecast_ros.geometry`),
+  the DINOv2 patch tokens, and the VAE posterior of the static query grid (the conditioning frame);
+* once per distinct instruction: the CLIP pooled embedding (bounded LRU cache);
+* per sample: a conditioning latent drawn from that posterior (``mean + std * eps``), ``steps - 1`` Euler
+  evaluations of the denoiser and one VAE decode, run in chunks of ``sample_batch_size`` samples (1 on CPU, where
+  batching measured slower; all K on GPU).
+
+Random numbers come from a CPU ``torch.Generator`` seeded with ``seed`` (drawn fresh and reported when not given),
+so a seed gives the same noise on every device. Parameters stay float32; lower precision is autocast
+(``dtype="auto"``: float16 on CUDA, float32 on CPU; bfloat16 selectable on both). No ROS imports here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from einops import rearrange, repeat
+
+from traj_forecast_ros.errors import CheckpointError, DeviceError, TrajForecastError, WeightsNotFoundError
+from traj_forecast_ros.forecast import Forecast
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, ImageTransform, denormalise_points, normalise_points
+from traj_forecast_ros.geometry import prepare_image, query_grid
+from traj_forecast_ros.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+TEXT_CACHE_SIZE = 64
+RANDOM_INIT_STD = 0.02  # std given to zero-initialised parameters of random-weight models
+
+
+# ---------------------------------------------------------------------------------------------- device / dtype
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; an unavailable device raises :class:`DeviceError`."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{device}' requested but CUDA is not available (torch {torch.__version__}, "
+                              f"built with CUDA {torch.version.cuda}); use device='cpu' or 'auto'")
+        index = resolved.index if resolved.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device("cuda", index)
+    if resolved.type == "cpu":
+        return resolved
+    raise DeviceError(f"device '{device}' is not supported: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
+    """Compute dtype for ``device``: ``"auto"`` = float16 on CUDA, float32 on CPU; bfloat16 selectable on both.
+
+    float16 on CPU raises :class:`DeviceError` (it runs 4-5x slower than float32 there); so does bfloat16 on a
+    GPU without bfloat16 support.
+    """
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().replace("torch.", "")
+        if key == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        if key not in DTYPE_NAMES:
+            raise DeviceError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+        resolved = DTYPE_NAMES[key]
+    elif dtype in (torch.float32, torch.bfloat16, torch.float16):
+        resolved = dtype
+    else:
+        raise DeviceError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
+    if resolved == torch.float16 and device.type == "cpu":
+        raise DeviceError("float16 on the CPU runs 4-5x slower than float32; use dtype='float32' (default) or "
+                          "'bfloat16' on CPU, float16 on CUDA")
+    if resolved == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}; use float16")
+    return resolved
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
+
+
+def randomise_zero_parameters(module: torch.nn.Module, generator: torch.Generator,
+                              std: float = RANDOM_INIT_STD) -> int:
+    """Give every trainable all-zero parameter (adaLN-Zero, gates, output heads, biases) N(0, std) values.
+
+    A freshly initialised DiT/VAE outputs constants (its output layers start at zero), which makes a random-weight
+    model useless for tests and demos: afterwards the output depends on the noise, the image and the text.
+    Returns the number of tensors changed.
+    """
+    changed = 0
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.requires_grad and not bool(parameter.any()):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+                changed += 1
+    return changed
+
+
+class _LRUCache:
+    """A small least-recently-used map with hit/miss counters (instruction -> embedding)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Optional[torch.Tensor]:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+
+# ---------------------------------------------------------------------------------------------- forecaster
+class Forecaster:
+    """Dense point-trajectory forecasting from one image (see the module docstring for the sampling plan).
+
+    Build with :meth:`from_pretrained` (a registry name or a model directory) or :meth:`from_config` (random
+    weights, for tests and benchmarks), then call :meth:`forecast`.
+
+    Attributes:
+        sample_batch_size: samples per denoiser/decoder call (``None`` or 0 = all K at once). ``"auto"`` at
+            construction: 1 on CPU, where batching measured slower (cache pressure, ``ml-stack.md``), all on GPU.
+        max_pixels: input images with more pixels are refused.
+    """
+
+    def __init__(self, config: ModelConfig, denoiser: torch.nn.Module, vae: Optional[torch.nn.Module],
+                 image_encoder: torch.nn.Module, text_encoder: Optional[torch.nn.Module], model_id: str,
+                 device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
+                 sample_batch_size: Union[int, None, str] = "auto", text_cache_size: int = TEXT_CACHE_SIZE):
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self._config = config
+        self._model_id = model_id
+        self._check_compatible(config, denoiser, vae, image_encoder, text_encoder)
+        self.denoiser = denoiser.to(self._device).eval().requires_grad_(False)
+        self.vae = vae.to(self._device).eval().requires_grad_(False) if vae is not None else None
+        self.image_encoder = image_encoder.to(self._device).eval()
+        self.text_encoder = text_encoder.to(self._device).eval() if text_encoder is not None else None
+        if sample_batch_size == "auto":
+            sample_batch_size = 1 if self._device.type == "cpu" else None
+        if sample_batch_size is not None and (not isinstance(sample_batch_size, int) or sample_batch_size < 0):
+            raise ValueError(f"sample_batch_size must be a positive int, None (all samples) or 'auto', "
+                             f"got {sample_batch_size!r}")
+        self.sample_batch_size = sample_batch_size
+        self.max_pixels = DEFAULT_MAX_PIXELS
+        self._text_cache = _LRUCache(text_cache_size)
+        self._lock = threading.Lock()
+        self._warned_default_instruction = False
+        grid = query_grid(config)  # [Hq, Wq, 2] model pixels
+        self._query_grid_model = grid
+        grid_norm = normalise_points(torch.from_numpy(grid), config.image_size)  # [Hq, Wq, 2]
+        self._static_tracks = repeat(grid_norm, "h w c -> 1 t c h w", t=config.num_frames).contiguous().to(
+            self._device)  # [1, T, 2, Hq, Wq]
+        scale = config.vae_scale if vae is not None else None
+        self._latent_scale = (torch.tensor(scale, dtype=torch.float32, device=self._device).view(1, 1, -1, 1, 1)
+                              if scale is not None else None)  # [1, 1, C, 1, 1]
+        log.info("forecaster '%s' on %s, compute dtype %s, sample batch %s", model_id, self._device,
+                 dtype_name(self._dtype), sample_batch_size or "all")
+
+    # ------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_dir: Union[str, Path], device: Union[str, torch.device] = "auto",
+                        dtype: Union[str, torch.dtype] = "auto", cache_dir: Optional[Union[str, Path]] = None,
+                        download: bool = True, **kwargs) -> "Forecaster":
+        """Load a registry model (downloading it on first use when ``download`` and online) or a model directory."""
+        from traj_forecast_ros import registry
+        from traj_forecast_ros.model.checkpoint import load_model_dir
+        from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
+
+        resolve_dtype(dtype, resolve_device(device))  # fail on a bad device/dtype before loading anything
+        try:
+            model_dir = registry.resolve(name_or_dir, cache_dir)
+        except WeightsNotFoundError:
+            entries = registry.load_registry()
+            entry = entries.get(str(name_or_dir))
+            if not (download and entry is not None and entry.is_hub_model):
+                raise
+            model_dir = registry.download(str(name_or_dir), cache_dir)
+        config, denoiser, vae = load_model_dir(model_dir)
+        image_encoder = ImageEncoder.from_config(config.image_encoder, model_dir=model_dir)
+        text_encoder = (TextEncoder.from_config(config.text_encoder, model_dir=model_dir)
+                        if config.text_encoder is not None else None)
+        is_name = not Path(str(name_or_dir)).expanduser().is_dir()
+        model_id = str(name_or_dir) if is_name else config.name
+        return cls(config, denoiser, vae, image_encoder, text_encoder, model_id, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, device: Union[str, torch.device] = "cpu",
+                    dtype: Union[str, torch.dtype] = "auto", seed: int = 0, **kwargs) -> "Forecaster":
+        """A forecaster with random weights (deterministic in ``seed``), for tests, demos and benchmarks.
+
+        The encoders are built from ``config.image_encoder.config`` / ``config.text_encoder.config`` when their
+        ``model_id`` is None, else loaded. Zero-initialised output layers get small random values (see
+        :func:`randomise_zero_parameters`) so that outputs depend on the inputs.
+        """
+        from traj_forecast_ros.model.checkpoint import build_modules
+        from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
+
+        resolve_dtype(dtype, resolve_device(device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            denoiser, vae = build_modules(config)
+            image_encoder = ImageEncoder.from_config(config.image_encoder)
+            text_encoder = TextEncoder.from_config(config.text_encoder) if config.text_encoder is not None else None
+        generator = torch.Generator().manual_seed(seed + 1)
+        randomise_zero_parameters(denoiser, generator)
+        if vae is not None:
+            randomise_zero_parameters(vae, generator)
+        return cls(config, denoiser, vae, image_encoder, text_encoder, config.name, device=device, dtype=dtype,
+                   **kwargs)
+
+    @staticmethod
+    def _check_compatible(config, denoiser, vae, image_encoder, text_encoder) -> None:
+        """Encoders and config must produce the shapes the denoiser and VAE were built for."""
+        tokens = image_encoder.num_tokens(tuple(config.image_size))
+        if tokens != denoiser.num_frame_tokens or image_encoder.hidden_size != denoiser.frame_features_dim:
+            raise CheckpointError(
+                f"image encoder gives {tokens} tokens x {image_encoder.hidden_size} for {config.image_size} images, "
+                f"the denoiser expects {denoiser.num_frame_tokens} x {denoiser.frame_features_dim}: the image "
+                "encoder does not belong to this model")
+        if (text_encoder is None) != (denoiser.text_embed_dim is None):
+            raise CheckpointError(f"model '{config.name}': denoiser text_embed_dim={denoiser.text_embed_dim} but the "
+                                  f"text encoder is {'missing' if text_encoder is None else 'present'}")
+        if text_encoder is not None and text_encoder.embed_dim != denoiser.text_embed_dim:
+            raise CheckpointError(f"text encoder gives {text_encoder.embed_dim}-d embeddings, the denoiser expects "
+                                  f"{denoiser.text_embed_dim}")
+        if vae is None and config.denoiser.latent:
+            raise CheckpointError(f"model '{config.name}' is a latent model but has no VAE")
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def config(self) -> ModelConfig:
+        """The model's configuration."""
+        return self._config
+
+    @property
+    def model_id(self) -> str:
+        """Registry name (or config name) of the loaded model."""
+        return self._model_id
+
+    @property
+    def device(self) -> torch.device:
+        """Device the model runs on."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype (autocast); parameters stay float32."""
+        return self._dtype
+
+    @property
+    def text_cache(self) -> _LRUCache:
+        """The instruction-embedding cache (``hits``, ``misses``, ``len``)."""
+        return self._text_cache
+
+    @property
+    def latent_shape(self) -> Tuple[int, int, int, int]:
+        """``(T, C, h, w)`` of one sample's state in the sampler (latent grid, or the raw track grid)."""
+        cfg = self.denoiser.cfg
+        rows, cols = self.denoiser.input_size
+        return (cfg.num_frames, cfg.in_channels, rows, cols)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def _autocast(self):
+        if self._dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self._device.type, dtype=self._dtype)
+
+    def _sync(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    @contextmanager
+    def _timed(self, timings: Dict[str, float], stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self._sync()
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+    def encode_image(self, model_image: np.ndarray) -> torch.Tensor:
+        """``[h, w, 3]`` uint8 model-size image -> ``[1, N, D]`` float32 DINOv2 patch tokens."""
+        if not model_image.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
+            model_image = model_image.copy()
+        pixels = torch.from_numpy(np.ascontiguousarray(model_image)).unsqueeze(0)  # [1, h, w, 3] uint8
+        with torch.inference_mode(), self._autocast():
+            return self.image_encoder(pixels.to(self._device)).float()  # [1, N, D]
+
+    def embed_instruction(self, instruction: str) -> torch.Tensor:
+        """``[1, E]`` float32 pooled text embedding, cached per distinct instruction."""
+        cached = self._text_cache.get(instruction)
+        if cached is not None:
+            return cached
+        with torch.inference_mode(), self._autocast():
+            embedding = self.text_encoder([instruction]).float()  # [1, E]
+        self._text_cache.put(instruction, embedding)
+        return embedding
+
+    def _resolve_instruction(self, instruction: Optional[str]) -> Optional[str]:
+        if self.text_encoder is None:
+            if instruction:
+                raise ValueError(f"model '{self._model_id}' has no language conditioning; got instruction "
+                                 f"{instruction!r} (pass instruction=None)")
+            return None
+        if instruction is None:
+            instruction = self._config.default_instruction
+            if not self._warned_default_instruction:
+                log.info("model '%s' is language-conditioned; no instruction given, using the default %r",
+                         self._model_id, instruction)
+                self._warned_default_instruction = True
+        if not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a string, got {type(instruction).__name__}")
+        return instruction
+
+    def condition_posterior(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) ``[1, 1, C, h, w]`` of the scaled latent of the static query grid, frame 0 (latent models).
+
+        Raw models condition on the normalised grid itself: mean = grid, std = 0.
+        """
+        if self.vae is None:
+            grid = self._static_tracks[:, :1].float()  # [1, 1, 2, Hq, Wq]
+            return grid, torch.zeros_like(grid)
+        from traj_forecast_ros.model.flow import latents_to_grid
+
+        with torch.inference_mode(), self._autocast():
+            mean, std = self.vae.encode(self._static_tracks, features)  # [1, T, L, C] each
+        grid_size = self.vae.latent_grid
+        mean = latents_to_grid(mean[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
+        std = latents_to_grid(std[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
+        return mean, std
+
+    def _draw_noise(self, num_samples: int, seed: int) -> torch.Tensor:
+        """``[K, T, C, h, w]`` standard normal from a CPU generator seeded with ``seed``.
+
+        Frames 1..T-1 (the flow's initial state) are drawn first, in the official sampler's order and shape, then
+        frame 0 (the eps of the conditioning-latent draw).
+        """
+        generator = torch.Generator().manual_seed(int(seed))
+        frames, channels, rows, cols = self.latent_shape
+        flow = torch.randn((num_samples, frames - 1, channels, rows, cols), generator=generator)
+        cond_eps = torch.randn((num_samples, 1, channels, rows, cols), generator=generator)
+        return torch.cat([cond_eps, flow], dim=1)
+
+    def _check_initial_noise(self, initial_noise, num_samples: int) -> torch.Tensor:
+        noise = torch.as_tensor(initial_noise)
+        full = (num_samples, *self.latent_shape)
+        flow_only = (num_samples, full[1] - 1, *full[2:])
+        if tuple(noise.shape) not in (full, flow_only):
+            raise ValueError(f"initial_noise must be {list(flow_only)} (frames 1..T-1) or {list(full)} (frame 0 = eps "
+                             f"of the conditioning draw) for num_samples={num_samples}; got {list(noise.shape)}")
+        if not noise.is_floating_point() or not bool(torch.isfinite(noise).all()):
+            raise ValueError("initial_noise must be a finite floating-point tensor")
+        return noise.float()
+
+    def _decode(self, final_state: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Sampler output ``[B, T, C, h, w]`` -> normalised tracks ``[B, T, 2, Hq, Wq]``."""
+        if self.vae is None:
+            return final_state
+        from traj_forecast_ros.model.flow import grid_to_latents
+
+        latents = grid_to_latents(final_state / self._latent_scale)  # [B, T, L, C]
+        with self._autocast():
+            return self.vae.decode(latents, features.expand(latents.shape[0], -1, -1)).float()  # [B, T, 2, Hq, Wq]
+
+    # ------------------------------------------------------------------------------------------ public API
+    def forecast(self, image, instruction: Optional[str] = None, num_samples: int = 8, steps: int = 10,
+                 seed: Optional[int] = None, initial_noise=None, color_order: Optional[str] = None) -> Forecast:
+        """Sample ``num_samples`` futures of the query grid for one image.
+
+        Args:
+            image: uint8 ``HxW`` (mono), ``HxWx3`` (``color_order`` "rgb" default, or "bgr"), ``HxWx4``
+                ("rgba"/"bgra"); any size (centre-cropped and resized, see :mod:`traj_forecast_ros.geometry`).
+            instruction: task text for language-conditioned models (None: the config's default instruction).
+            num_samples: K.
+            steps: time points of the Euler grid (10 = 9 denoiser evaluations, the official setting).
+            seed: seed of the noise (None: a fresh random seed, reported in the result).
+            initial_noise: optional standard-normal tensor ``[K, T-1, C, h, w]`` (flow state of frames 1..T-1; the
+                conditioning latent is then the posterior mean) or ``[K, T, C, h, w]`` (frame 0 = eps of the
+                conditioning draw). When given nothing random is drawn and ``seed`` is ignored.
+            color_order: channel order of ``image`` (see :func:`traj_forecast_ros.geometry.to_rgb`).
+
+        Returns:
+            :class:`Forecast` with ``tracks [K, T, Hq, Wq, 2]`` float32 in input-image pixels.
+
+        Raises:
+            InvalidImageError: unusable image. ValueError: bad arguments. TrajForecastError: non-finite output.
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"steps counts Euler time points including t=0 and t=1: need >= 2, got {steps!r}")
+        with self._lock, torch.inference_mode():
+            if self.denoiser is None:
+                raise TrajForecastError("this forecaster was released; create a new one")
+            return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order)
+
+    def _forecast(self, image, instruction, num_samples, steps, seed, initial_noise, color_order) -> Forecast:
+        from traj_forecast_ros.model.flow import euler_sample
+
+        timings: Dict[str, float] = {}
+        start = time.perf_counter()
+        with self._timed(timings, "preprocess"):
+            model_image, transform = prepare_image(image, tuple(self._config.image_size), color_order,
+                                                   self.max_pixels)
+            instruction = self._resolve_instruction(instruction)
+            if initial_noise is not None:
+                noise = self._check_initial_noise(initial_noise, num_samples)
+                seed = None
+            else:
+                seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
+                noise = self._draw_noise(num_samples, seed)
+        with self._timed(timings, "image_encoder"):
+            features = self.encode_image(model_image)  # [1, N, D]
+        with self._timed(timings, "text_encoder"):
+            text = self.embed_instruction(instruction) if instruction is not None else None  # [1, E]
+        with self._timed(timings, "vae_encode"):
+            mean, std = self.condition_posterior(features)  # [1, 1, C, h, w] each
+            noise = noise.to(self._device)
+            if noise.shape[1] == self.latent_shape[0]:  # frame 0 holds the conditioning eps
+                cond_eps, flow_noise = noise[:, :1], noise[:, 1:]
+                cond = mean + std * cond_eps  # [K, 1, C, h, w]
+            else:
+                flow_noise = noise
+                cond = mean.expand(num_samples, -1, -1, -1, -1)  # [K, 1, C, h, w]
+        chunk = self.sample_batch_size or num_samples
+        tracks_norm = []
+        for first in range(0, num_samples, chunk):
+            part = slice(first, min(first + chunk, num_samples))
+            batch = part.stop - part.start
+            with self._timed(timings, "denoise"), self._autocast():
+                final_state = euler_sample(
+                    self.denoiser, cond[part], flow_noise[part], features.expand(batch, -1, -1),
+                    text.expand(batch, -1) if text is not None else None, steps=steps,
+                )  # [b, T, C, h, w]
+            with self._timed(timings, "vae_decode"):
+                tracks_norm.append(self._decode(final_state.float(), features))  # [b, T, 2, Hq, Wq]
+        tracks_norm = torch.cat(tracks_norm)  # [K, T, 2, Hq, Wq]
+        if not bool(torch.isfinite(tracks_norm).all()):
+            raise TrajForecastError(f"model '{self._model_id}' produced NaN/Inf tracks (dtype "
+                                    f"{dtype_name(self._dtype)}); the weights may be corrupt, or try dtype='float32'")
+        tracks_model = denormalise_points(rearrange(tracks_norm, "k t c h w -> k t h w c"),
+                                          tuple(self._config.image_size))  # [K, T, Hq, Wq, 2] model pixels
+        tracks = transform.to_input(tracks_model.cpu().numpy().astype(np.float64)).astype(np.float32)
+        timings["total"] = time.perf_counter() - start
+        return Forecast(
+            tracks=tracks,
+            query_points=transform.to_input(self._query_grid_model.astype(np.float64)).astype(np.float32),
+            image_size=tuple(int(v) for v in transform.input_size),
+            model_id=self._model_id,
+            instruction=instruction,
+            device=str(self._device),
+            dtype=dtype_name(self._dtype),
+            timings=timings,
+            seed=seed,
+        )
+
+    def image_transform(self, image_size: Tuple[int, int]) -> ImageTransform:
+        """The crop/resize mapping used for input images of ``(height, width)``."""
+        return ImageTransform.centre_crop(image_size, tuple(self._config.image_size))
+
+    def warmup(self) -> Dict[str, float]:
+        """Run one tiny forecast (1 sample, 2 time points) to initialise kernels and caches; returns its timings."""
+        height, width = self._config.image_size
+        blank = np.zeros((height, width, 3), np.uint8)
+        return self.forecast(blank, num_samples=1, steps=2, seed=0).timings
+
+    def release(self) -> None:
+        """Drop the modules and caches and free accelerator memory; the forecaster cannot be used afterwards."""
+        with self._lock:
+            self.denoiser = self.vae = self.image_encoder = self.text_encoder = None
+            self._text_cache.clear()
+            self._static_tracks = self._latent_scale = None
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -1,0 +1,266 @@
+"""Metrics of the paper (spec section 8.1) on dense point trajectories, in numpy.
+
+Shapes: a *track grid* is ``[T, Hq, Wq, 2]`` (x, y) pixels (any point layout ``[T, *points, 2]`` works: points are
+flattened); predictions carry ``K`` samples, datasets ``N`` scenes (``[N, K, T, ...]``), ground truth may carry
+``R`` rollouts per scene (``[N, R, T, ...]``).
+
+* **Per-sample MSE** (pixels^2): ``mse(x, y) = mean_{t, p, c} (x_{t,p,c} - y_{t,p,c})^2`` over all T frames
+  (frame 0 included: it is the query grid in both), all points and both coordinates.
+* **Best-of-K MSE**: ``mean_n min_k mse(pred_{n,k}, gt_n)``; **mean-of-K MSE**: ``mean_n mean_k mse(pred_{n,k}, gt_n)``.
+  With R ground-truth rollouts, each rollout is scored against the same K samples and the R scores are averaged.
+* **FVMD** (Frechet Video Motion Distance, Liu et al. 2024, applied to track grids as in the paper):
+  velocity ``v_0 = 0, v_t = x_t - x_{t-1}``; acceleration ``a = diff(v)`` zero-padded (``a_0 = 0``,
+  ``a_t = v_t - v_{t-1}``). Each field is cut into non-overlapping cubes of 5x5 grid points x 4 frames (leftover
+  rows/columns/frames dropped). Per cube, an 8-bin histogram of the vector angle ``atan2(v_y, v_x)`` with bin
+  ``floor((angle + pi) / (2 pi / 8))``, each vector weighted by its quantised magnitude
+  ``min(ceil(log2(1 + min(|v|, 255))), 8) / 8``. A clip's feature is the concatenation of all velocity and
+  acceleration histograms. Gaussians (mean, covariance) are fitted to the generated and reference feature sets and
+  ``FVMD = |mu_1 - mu_2|^2 + Tr(S_1) + Tr(S_2) - 2 Tr(((S_1 + eps I)(S_2 + eps I))^(1/2))`` with ``eps = 1e-5``.
+  The matrix square root is computed by eigen-decomposition in the subspace spanned by the centred features
+  (exact: outside it both covariances vanish and the product is ``eps^2 I``), so no scipy is needed.
+* **LRTL** (low-rank trajectory loss): for every object (points with the same frame-0 object id > 0; the static
+  background id 0 is excluded by default) build the trajectory matrix ``M`` of shape ``[2T, P]`` (rows
+  ``x_0 .. x_{T-1}, y_0 .. y_{T-1}``; columns the object's points; absolute pixels, no centring) and take the
+  Frobenius norm of ``M - M_5`` where ``M_5`` is its rank-5 truncated SVD: ``sqrt(sum_{i > 5} sigma_i^2)``.
+  A 2-D rigid motion gives rank <= 3 (columns are ``R_t p + c_t``), so rigid objects score 0. Scores are averaged
+  over every (scene, sample, object). ``normalize=True`` divides each score by ``sqrt(P)`` (per-point RMS residual).
+* **Diversity**: mean over sample pairs ``i < j`` of the mean Euclidean distance (pixels) between the two samples'
+  positions over all frames and points, averaged over scenes (0 when all samples agree).
+* **Mean displacement**: mean over samples and points of ``|x_{T-1} - x_0|`` (pixels); on scenes where nothing can
+  move it should be near zero.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+FVMD_CELL = 5
+FVMD_CUBE_FRAMES = 4
+FVMD_ANGLE_BINS = 8
+FVMD_MAGNITUDE_CAP = 255.0
+FVMD_EPS = 1e-5
+LRTL_RANK = 5
+
+
+def _flat_points(tracks: np.ndarray, lead: int) -> np.ndarray:
+    """``[*lead_dims, T, *points, 2]`` -> ``[*lead_dims, T, P, 2]`` float64 (``lead`` leading axes before T)."""
+    tracks = np.asarray(tracks, dtype=np.float64)
+    if tracks.ndim < lead + 3 or tracks.shape[-1] != 2:
+        raise ValueError(f"expected [{'x' * lead}T, points..., 2] tracks, got shape {tracks.shape}")
+    return tracks.reshape(*tracks.shape[: lead + 1], -1, 2)
+
+
+# ------------------------------------------------------------------------------------------------ MSE
+def sample_mse(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """``[N, K]`` per-sample MSE (pixels^2) of ``pred [N, K, T, *points, 2]`` against ``gt [N, T, *points, 2]``."""
+    pred = _flat_points(pred, 2)
+    gt = _flat_points(gt, 1)
+    if pred.shape[0] != gt.shape[0] or pred.shape[2:] != gt.shape[1:]:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} do not match")
+    return ((pred - gt[:, None]) ** 2).mean(axis=(2, 3, 4))
+
+
+def _rollout_scores(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """``[N, R, K]`` per-sample MSE against each of R ground-truth rollouts (``gt [N, R, T, ...]``)."""
+    gt = np.asarray(gt)
+    return np.stack([sample_mse(pred, gt[:, r]) for r in range(gt.shape[1])], axis=1)
+
+
+def best_of_k_mse(pred: np.ndarray, gt: np.ndarray, rollouts: bool = False) -> float:
+    """``mean_n min_k mse(pred_{n,k}, gt_n)`` in pixels^2. ``rollouts=True``: ``gt`` is ``[N, R, T, ...]``."""
+    scores = _rollout_scores(pred, gt) if rollouts else sample_mse(pred, gt)[:, None]
+    return float(scores.min(axis=-1).mean())
+
+
+def mean_of_k_mse(pred: np.ndarray, gt: np.ndarray, rollouts: bool = False) -> float:
+    """``mean_n mean_k mse(pred_{n,k}, gt_n)`` in pixels^2. ``rollouts=True``: ``gt`` is ``[N, R, T, ...]``."""
+    scores = _rollout_scores(pred, gt) if rollouts else sample_mse(pred, gt)[:, None]
+    return float(scores.mean())
+
+
+# ------------------------------------------------------------------------------------------------ FVMD
+def velocity_acceleration(tracks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Velocity and acceleration fields of ``tracks [..., T, Hq, Wq, 2]``, each the same shape.
+
+    ``v_0 = 0, v_t = x_t - x_{t-1}``; ``a_0 = 0, a_t = v_t - v_{t-1}``.
+    """
+    tracks = np.asarray(tracks, dtype=np.float64)
+    time_axis = tracks.ndim - 4
+    velocity = np.diff(tracks, axis=time_axis, prepend=np.take(tracks, [0], axis=time_axis))
+    acceleration = np.diff(velocity, axis=time_axis, prepend=np.take(velocity, [0], axis=time_axis))
+    return velocity, acceleration
+
+
+def motion_histograms(field: np.ndarray, cell: int = FVMD_CELL, cube_frames: int = FVMD_CUBE_FRAMES,
+                      angle_bins: int = FVMD_ANGLE_BINS) -> np.ndarray:
+    """``[M, cubes * angle_bins]`` magnitude-weighted angle histograms of a vector field ``[M, T, Hq, Wq, 2]``."""
+    field = np.asarray(field, dtype=np.float64)
+    clips, frames, rows, cols, _ = field.shape
+    cubes_t, cubes_y, cubes_x = frames // cube_frames, rows // cell, cols // cell
+    if min(cubes_t, cubes_y, cubes_x) == 0:
+        raise ValueError(f"FVMD needs at least {cube_frames} frames and a {cell}x{cell} grid, got {field.shape[1:4]}")
+    field = field[:, : cubes_t * cube_frames, : cubes_y * cell, : cubes_x * cell]
+    angle = np.arctan2(field[..., 1], field[..., 0])  # [M, T, H, W] in [-pi, pi]
+    bins = np.clip(np.floor((angle + np.pi) / (2 * np.pi / angle_bins)), 0, angle_bins - 1).astype(np.int64)
+    magnitude = np.minimum(np.linalg.norm(field, axis=-1), FVMD_MAGNITUDE_CAP)
+    max_level = np.log2(FVMD_MAGNITUDE_CAP + 1.0)  # 8 for the 255 cap
+    weight = np.minimum(np.ceil(np.log2(1.0 + magnitude)), max_level) / max_level  # [M, T, H, W]
+    # Cube index of every vector, then one bincount per clip over (cube, bin).
+    cube = ((np.arange(cubes_t * cube_frames) // cube_frames)[:, None, None] * cubes_y * cubes_x
+            + (np.arange(cubes_y * cell) // cell)[None, :, None] * cubes_x
+            + (np.arange(cubes_x * cell) // cell)[None, None, :])  # [T', H', W']
+    slot = cube[None] * angle_bins + bins  # [M, T', H', W']
+    num_slots = cubes_t * cubes_y * cubes_x * angle_bins
+    offsets = (np.arange(clips) * num_slots)[:, None, None, None]
+    counts = np.bincount((slot + offsets).ravel(), weights=weight.ravel(), minlength=clips * num_slots)
+    return counts.reshape(clips, num_slots)
+
+
+def motion_features(tracks: np.ndarray) -> np.ndarray:
+    """``[M, D]`` FVMD features of clips ``[M, T, Hq, Wq, 2]``: velocity histograms then acceleration histograms."""
+    velocity, acceleration = velocity_acceleration(tracks)
+    return np.concatenate([motion_histograms(velocity), motion_histograms(acceleration)], axis=1)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, eps: float = FVMD_EPS) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``[M1, D]`` and ``[M2, D]``.
+
+    ``|mu_a - mu_b|^2 + Tr(S_a) + Tr(S_b) - 2 Tr(((S_a + eps I)(S_b + eps I))^(1/2))`` with unbiased covariances
+    (a set of one vector has zero covariance).
+    """
+    a = np.asarray(features_a, dtype=np.float64)
+    b = np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 1:
+        raise ValueError(f"need two non-empty [M, D] feature sets of equal D, got {a.shape} and {b.shape}")
+    dim = a.shape[1]
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    # Covariance factors: S = F F^T with F = centred^T / sqrt(M - 1)  ([D, M]).
+    factor_a = (a - mean_a).T / np.sqrt(max(len(a) - 1, 1))
+    factor_b = (b - mean_b).T / np.sqrt(max(len(b) - 1, 1))
+    trace_a, trace_b = float((factor_a**2).sum()), float((factor_b**2).sum())
+    span = np.concatenate([factor_a, factor_b], axis=1)  # [D, Ma + Mb]
+    if span.shape[1] < dim:
+        basis, _ = np.linalg.qr(span)  # [D, r] orthonormal basis of both covariances' ranges
+    else:
+        basis = np.eye(dim)
+    rank = basis.shape[1]
+    small_a = basis.T @ factor_a  # [r, Ma]
+    small_b = basis.T @ factor_b
+    cov_a = small_a @ small_a.T + eps * np.eye(rank)  # [r, r]
+    cov_b = small_b @ small_b.T + eps * np.eye(rank)
+    values_a, vectors_a = np.linalg.eigh(cov_a)
+    sqrt_a = (vectors_a * np.sqrt(np.clip(values_a, 0, None))) @ vectors_a.T  # (S_a + eps I)^(1/2)
+    product = sqrt_a @ cov_b @ sqrt_a  # symmetric, similar to (S_a + eps)(S_b + eps)
+    trace_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh(product), 0, None)).sum()) + (dim - rank) * eps
+    return float(((mean_a - mean_b) ** 2).sum() + trace_a + trace_b - 2.0 * trace_sqrt)
+
+
+def fvmd(generated: np.ndarray, reference: np.ndarray) -> float:
+    """FVMD between two sets of clips ``[M1, T, Hq, Wq, 2]`` and ``[M2, T, Hq, Wq, 2]`` (lower is better)."""
+    return frechet_distance(motion_features(generated), motion_features(reference))
+
+
+# ------------------------------------------------------------------------------------------------ LRTL
+def low_rank_residual(matrix: np.ndarray, rank: int = LRTL_RANK) -> float:
+    """Frobenius norm of ``matrix`` minus its rank-``rank`` truncated SVD: ``sqrt(sum_{i > rank} sigma_i^2)``."""
+    singular = np.linalg.svd(np.asarray(matrix, dtype=np.float64), compute_uv=False)
+    return float(np.sqrt((singular[rank:] ** 2).sum()))
+
+
+def trajectory_matrix(tracks: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``[2T, P]`` matrix (rows x_0..x_{T-1}, y_0..y_{T-1}) of the points selected by ``mask [Hq, Wq]``."""
+    points = np.asarray(tracks, dtype=np.float64)[:, mask]  # [T, P, 2]
+    return np.concatenate([points[..., 0], points[..., 1]], axis=0)
+
+
+def lrtl_scores(tracks: np.ndarray, object_ids: np.ndarray, rank: int = LRTL_RANK,
+                include_background: bool = False, normalize: bool = False) -> np.ndarray:
+    """Per-object LRTL of one track grid ``[T, Hq, Wq, 2]`` with frame-0 ``object_ids [Hq, Wq]`` -> ``[objects]``."""
+    tracks = np.asarray(tracks)
+    object_ids = np.asarray(object_ids)
+    if tracks.shape[1:3] != object_ids.shape:
+        raise ValueError(f"object_ids {object_ids.shape} do not match the track grid {tracks.shape[1:3]}")
+    scores = []
+    for object_id in np.unique(object_ids):
+        if object_id == 0 and not include_background:
+            continue
+        mask = object_ids == object_id
+        score = low_rank_residual(trajectory_matrix(tracks, mask), rank)
+        scores.append(score / np.sqrt(mask.sum()) if normalize else score)
+    return np.asarray(scores, dtype=np.float64)
+
+
+def lrtl(pred: np.ndarray, object_ids: np.ndarray, rank: int = LRTL_RANK, include_background: bool = False,
+         normalize: bool = False) -> float:
+    """Mean LRTL over every (scene, sample, object) of ``pred [N, K, T, Hq, Wq, 2]`` with ``object_ids [N, Hq, Wq]``.
+
+    Returns NaN when no scene has an object.
+    """
+    pred = np.asarray(pred)
+    scores = [
+        lrtl_scores(pred[n, k], object_ids[n], rank, include_background, normalize)
+        for n in range(pred.shape[0]) for k in range(pred.shape[1])
+    ]
+    flat = np.concatenate(scores) if scores else np.zeros(0)
+    return float(flat.mean()) if flat.size else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ diversity
+def diversity(pred: np.ndarray) -> float:
+    """Mean pairwise distance (pixels) between the K samples of ``pred [N, K, T, *points, 2]``, over scenes."""
+    pred = _flat_points(pred, 2)  # [N, K, T, P, 2]
+    num_samples = pred.shape[1]
+    if num_samples < 2:
+        return 0.0
+    total = np.zeros(pred.shape[0])
+    pairs = 0
+    for i in range(num_samples):
+        for j in range(i + 1, num_samples):
+            total += np.linalg.norm(pred[:, i] - pred[:, j], axis=-1).mean(axis=(1, 2))
+            pairs += 1
+    return float((total / pairs).mean())
+
+
+def mean_displacement(pred: np.ndarray) -> float:
+    """Mean over scenes, samples and points of ``|x_{T-1} - x_0|`` (pixels) for ``pred [N, K, T, *points, 2]``."""
+    pred = _flat_points(pred, 2)
+    return float(np.linalg.norm(pred[:, :, -1] - pred[:, :, 0], axis=-1).mean())
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def evaluate_predictions(pred: np.ndarray, gt: np.ndarray, object_ids: Optional[np.ndarray] = None,
+                         kinds: Optional[Sequence[Optional[str]]] = None,
+                         static_kinds: Sequence[str] = ("rest",)) -> Dict[str, float]:
+    """Every metric for ``pred [N, K, T, Hq, Wq, 2]`` against ``gt [N, R, T, Hq, Wq, 2]``.
+
+    Keys: ``best_of_k_mse``, ``mean_of_k_mse``, ``fvmd`` (all N*K samples vs all N*R rollouts), ``lrtl`` (needs
+    ``object_ids``), ``diversity``, ``mean_displacement``, ``gt_mean_displacement`` and, when ``kinds`` marks
+    scenes of a kind in ``static_kinds``, ``static_mean_displacement`` / ``static_max_displacement`` on them.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    if pred.ndim != 6 or gt.ndim != 6 or pred.shape[0] != gt.shape[0] or pred.shape[2:] != gt.shape[2:]:
+        raise ValueError(f"need pred [N, K, T, Hq, Wq, 2] and gt [N, R, T, Hq, Wq, 2], got {pred.shape}, {gt.shape}")
+    n, k = pred.shape[:2]
+    results: Dict[str, float] = {
+        "scenes": float(n),
+        "samples": float(k),
+        "best_of_k_mse": best_of_k_mse(pred, gt, rollouts=True),
+        "mean_of_k_mse": mean_of_k_mse(pred, gt, rollouts=True),
+        "fvmd": fvmd(pred.reshape(-1, *pred.shape[2:]), gt.reshape(-1, *gt.shape[2:])),
+        "diversity": diversity(pred),
+        "mean_displacement": mean_displacement(pred),
+        "gt_mean_displacement": mean_displacement(gt),
+    }
+    if object_ids is not None:
+        results["lrtl"] = lrtl(pred, object_ids)
+        results["gt_lrtl"] = lrtl(gt, object_ids)
+    if kinds is not None:
+        static = np.array([kind in static_kinds for kind in kinds])
+        if static.any():
+            moved = np.linalg.norm(pred[static][:, :, -1] - pred[static][:, :, 0], axis=-1)  # [S, K, Hq, Wq]
+            results["static_mean_displacement"] = float(moved.mean())
+            results["static_max_displacement"] = float(moved.max())
+    return results

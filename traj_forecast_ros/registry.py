@@ -1,0 +1,414 @@
+"""Named models: where their weights live, how to download them, and how a name becomes a model directory.
+
+``models/registry.yaml`` lists the named models (hub checkpoints or directories shipped with the package).
+:func:`download` fetches a hub model through ``huggingface_hub`` (checkpoints with ``hf_hub_download``, encoders
+with ``snapshot_download``), verifies checksums, and converts everything with
+:func:`~traj_forecast_ros.model.checkpoint.export_official` into a self-contained model directory under
+:func:`cache_home` ``/models/NAME``. :func:`resolve` maps a name or a path to a model directory without any network
+access. Offline (``HF_HUB_OFFLINE=1`` or no network) every failure is a :class:`WeightsNotFoundError` within seconds,
+with the exact files, their source and their destination in the message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "traj_forecast_ros"
+REGISTRY_FILE = "registry.yaml"
+HOME_ENV = "TRAJ_FORECAST_HOME"
+REGISTRY_ENV = "TRAJ_FORECAST_REGISTRY"  # use another registry file (your own models)
+SOURCE_FILE = "source.json"  # provenance written next to a downloaded model
+HUB_TIMEOUT_S = 10.0  # per metadata request: fail fast when the hub is unreachable
+ENCODER_PATTERNS = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer and weights; no .bin/.h5/.msgpack
+
+PathLike = Union[str, Path]
+
+
+# ---------------------------------------------------------------------------------------------- registry file
+@dataclass(frozen=True)
+class HubFile:
+    """One checkpoint file in a hub repository."""
+
+    path: str
+    sha256: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A named model: either a hub model (``hub_repo`` + ``files``) or a directory shipped with the package.
+
+    A hub model's architecture is a ``preset`` (``libero-atm``, ``libero-tramoe``) or a ``config_file`` (ModelConfig
+    YAML next to the registry file).
+    """
+
+    name: str
+    description: str = ""
+    preset: Optional[str] = None
+    config_file: Optional[Path] = None
+    hub_repo: Optional[str] = None
+    revision: str = "main"
+    files: Dict[str, HubFile] = field(default_factory=dict)
+    latent_scale: Optional[List[float]] = None
+    image_encoder: Optional[str] = None
+    text_encoder: Optional[str] = None
+    image_size: Optional[Tuple[int, int]] = None
+    query_grid: Optional[Tuple[int, int]] = None
+    num_frames: Optional[int] = None
+    local_dir: Optional[Path] = None  # absolute, for shipped models
+
+    @property
+    def is_hub_model(self) -> bool:
+        """True when the weights come from a hub repository (``download`` applies)."""
+        return self.hub_repo is not None
+
+    def config(self):
+        """The :class:`ModelConfig` of a hub model: its preset (or config file) with this entry's latent scale and
+        encoder ids."""
+        from traj_forecast_ros.model.config import ModelConfig, libero_config
+
+        presets = {"libero-atm": lambda: libero_config("atm"), "libero-tramoe": lambda: libero_config("tramoe")}
+        if self.config_file is not None:
+            config = ModelConfig.load_yaml(self.config_file)
+        elif self.preset in presets:
+            config = presets[self.preset]()
+        else:
+            raise ValueError(f"registry entry '{self.name}': unknown preset '{self.preset}' "
+                             f"(known: {sorted(presets)}; or give config_file)")
+        config.name = self.name
+        if self.latent_scale is not None:
+            config.latent_scale = list(self.latent_scale)
+        if self.image_encoder is not None:
+            config.image_encoder.model_id = self.image_encoder
+        if self.text_encoder is not None and config.text_encoder is not None:
+            config.text_encoder.model_id = self.text_encoder
+        geometry = {"image_size": (self.image_size, config.image_size),
+                    "query_grid": (self.query_grid, config.query_grid),
+                    "num_frames": (self.num_frames, config.num_frames)}
+        for key, (listed, actual) in geometry.items():
+            if listed is not None and listed != actual:
+                raise ValueError(f"registry entry '{self.name}': {key} {listed} disagrees with preset "
+                                 f"'{self.preset}' ({actual})")
+        return config
+
+
+def registry_path() -> Path:
+    """The registry file: ``$TRAJ_FORECAST_REGISTRY``, the source checkout's ``models/``, or the installed share dir."""
+    if os.environ.get(REGISTRY_ENV):
+        custom = Path(os.environ[REGISTRY_ENV]).expanduser()
+        if not custom.is_file():
+            raise FileNotFoundError(f"{REGISTRY_ENV}={custom}: no such registry file")
+        return custom
+    candidates = [Path(__file__).resolve().parents[1] / "models" / REGISTRY_FILE,
+                  Path(sys.prefix) / "share" / PACKAGE / "models" / REGISTRY_FILE]
+    try:  # a colcon / ament install
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory(PACKAGE)) / "models" / REGISTRY_FILE)
+    except Exception:  # ament_index not installed, or the package is not in the index
+        pass
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model registry not found; looked in: {', '.join(map(str, candidates))}")
+
+
+def _pair(value: Any) -> Optional[Tuple[int, int]]:
+    return None if value is None else (int(value[0]), int(value[1]))
+
+
+def load_registry(path: Optional[PathLike] = None) -> Dict[str, RegistryEntry]:
+    """All entries of the registry file, by name."""
+    path = Path(path) if path is not None else registry_path()
+    data = yaml.safe_load(path.read_text()) or {}
+    entries: Dict[str, RegistryEntry] = {}
+    for name, item in (data.get("models") or {}).items():
+        file_specs = item.get("files") or {}
+        files = {role: HubFile(str(spec["path"]), spec.get("sha256")) for role, spec in file_specs.items()}
+        local_dir = item.get("local_dir")
+        config_file = item.get("config_file")
+        entries[name] = RegistryEntry(
+            name=name,
+            description=" ".join(str(item.get("description", "")).split()),
+            preset=item.get("preset"),
+            config_file=(path.parent / config_file).resolve() if config_file else None,
+            hub_repo=item.get("hub_repo"),
+            revision=str(item.get("revision", "main")),
+            files=files,
+            latent_scale=item.get("latent_scale"),
+            image_encoder=item.get("image_encoder"),
+            text_encoder=item.get("text_encoder"),
+            image_size=_pair(item.get("image_size")),
+            query_grid=_pair(item.get("query_grid")),
+            num_frames=item.get("num_frames"),
+            local_dir=(path.parent / local_dir).resolve() if local_dir else None,
+        )
+    return entries
+
+
+def default_model_name(path: Optional[PathLike] = None) -> str:
+    """The registry's default model (``libero-atm``)."""
+    path = Path(path) if path is not None else registry_path()
+    return str((yaml.safe_load(path.read_text()) or {}).get("default", "libero-atm"))
+
+
+def get_entry(name: str) -> RegistryEntry:
+    """The registry entry called ``name`` (``WeightsNotFoundError`` listing the known names otherwise)."""
+    entries = load_registry()
+    if name not in entries:
+        raise WeightsNotFoundError(f"unknown model '{name}': not a directory and not in the registry "
+                                   f"(known models: {', '.join(sorted(entries))})")
+    return entries[name]
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def cache_home() -> Path:
+    """Root of downloaded models: ``$TRAJ_FORECAST_HOME``, else the user cache dir + ``traj_forecast_ros``."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / PACKAGE
+
+
+def model_cache_dir(name: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """Where the model directory of a downloaded model ``name`` lives."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_home()
+    return root / "models" / name
+
+
+def has_weights(model_dir: PathLike) -> bool:
+    """True when ``model_dir`` holds a config and the weights it needs (denoiser, and the VAE for latent models)."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.yaml"
+    if not (config_file.is_file() and (model_dir / "denoiser.safetensors").is_file()):
+        return False
+    try:
+        latent = (yaml.safe_load(config_file.read_text()) or {}).get("vae") is not None
+    except yaml.YAMLError:
+        return False
+    return (model_dir / "vae.safetensors").is_file() or not latent
+
+
+def resolve(name_or_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
+    """A model directory for a path or a registry name, without network access.
+
+    Raises:
+        WeightsNotFoundError: the directory does not exist, or the named model is not downloaded (the message says
+            how to get it).
+    """
+    candidate = Path(name_or_dir).expanduser()
+    if candidate.is_dir():
+        if not (candidate / "config.yaml").is_file():
+            raise WeightsNotFoundError(f"{candidate} is not a model directory (no config.yaml)")
+        return candidate
+    name = str(name_or_dir)
+    entries = load_registry()
+    if name not in entries:
+        if os.sep in name or name.startswith("."):
+            raise WeightsNotFoundError(f"model directory not found: {candidate}")
+        raise WeightsNotFoundError(f"unknown model '{name}': not a directory and not in the registry "
+                                   f"(known models: {', '.join(sorted(entries))})")
+    entry = entries[name]
+    if entry.local_dir is not None:
+        if has_weights(entry.local_dir):
+            return entry.local_dir
+        raise WeightsNotFoundError(f"model '{name}' should ship with the package in {entry.local_dir}, but that "
+                                   "directory is missing or incomplete (reinstall the package or retrain the model)")
+    target = model_cache_dir(name, cache_dir)
+    if has_weights(target):
+        return target
+    raise WeightsNotFoundError(f"model '{name}' is not downloaded (looked in {target}). Run "
+                               f"`traj-forecast download {name}` once with network access.\n"
+                               + manual_instructions(entry, target))
+
+
+def first_available_model(cache_dir: Optional[PathLike] = None) -> str:
+    """The registry default when its weights are on disk, else the first registry model that is (no network).
+
+    Raises :class:`WeightsNotFoundError` when none is, with the default model's download instructions.
+    """
+    default = default_model_name()
+    names = [default] + [name for name in load_registry() if name != default]
+    for name in names:
+        try:
+            resolve(name, cache_dir)
+            return name
+        except WeightsNotFoundError:
+            continue
+    resolve(default, cache_dir)  # raises with the instructions
+    return default
+
+
+# ---------------------------------------------------------------------------------------------- download
+def manual_instructions(entry: RegistryEntry, target: Path) -> str:
+    """How to install a hub model by hand: which files, from where, to where."""
+    url = f"https://huggingface.co/{entry.hub_repo}"
+    lines = [f"To install '{entry.name}' by hand, on a machine with network access download from {url} "
+             f"(revision {entry.revision}):"]
+    for role, hub_file in entry.files.items():
+        lines.append(f"  {role}: {hub_file.path}    (hf download {entry.hub_repo} '{hub_file.path}')")
+    encoders = [e for e in (entry.image_encoder, entry.text_encoder) if e]
+    if encoders:
+        lines.append("  encoders: " + ", ".join(f"https://huggingface.co/{e}" for e in encoders)
+                     + "    (hf download ID; they land in the Hugging Face cache)")
+    args = " ".join(f"--{role} PATH/{Path(f.path).name}" for role, f in entry.files.items())
+    lines.append(f"then convert them into the model directory {target}:")
+    lines.append(f"  traj-forecast export-official --preset {entry.name} {args} --out {target}")
+    lines.append(f"(models are looked up under {target.parent}; set {HOME_ENV} to use another cache root, "
+                 "or pass the model directory itself)")
+    return "\n".join(lines)
+
+
+def _offline_error(entry: RegistryEntry, target: Path, reason: str) -> WeightsNotFoundError:
+    return WeightsNotFoundError(f"cannot download model '{entry.name}' from the Hugging Face hub: {reason}.\n"
+                                + manual_instructions(entry, target))
+
+
+def sha256_of(path: PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _repo_listing(entry: RegistryEntry, target: Path) -> Optional[Dict[str, Optional[str]]]:
+    """``{path: lfs sha256 or None}`` of the hub repo; None in offline mode (only the local HF cache is used).
+
+    Raises the offline error when the hub is unreachable.
+    """
+    from huggingface_hub import HfApi
+
+    if _hub_offline():
+        return None
+    try:
+        info = HfApi().model_info(entry.hub_repo, revision=entry.revision, timeout=HUB_TIMEOUT_S,
+                                  files_metadata=True)
+    except Exception as exc:  # DNS / connection errors, timeouts, missing or gated repo
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise _offline_error(entry, target, f"{type(exc).__name__}: {first_line}") from exc
+    return {s.rfilename: (s.lfs.sha256 if getattr(s, "lfs", None) else None) for s in info.siblings or []}
+
+
+def _find_in_listing(listing: Dict[str, Optional[str]], wanted: str) -> Optional[str]:
+    """The repo path for ``wanted``: exact, else the unique path ending in ``/wanted``."""
+    if wanted in listing:
+        return wanted
+    matches = [path for path in listing if path.endswith("/" + wanted)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _fetch_checkpoint(entry: RegistryEntry, role: str, listing: Optional[Dict[str, Optional[str]]],
+                      target: Path) -> Tuple[Path, str]:
+    """Download one checkpoint file (offline: take it from the HF cache) and verify it; returns (path, sha256)."""
+    from huggingface_hub import hf_hub_download
+
+    hub_file = entry.files[role]
+    offline = listing is None
+    repo_path = hub_file.path if offline else _find_in_listing(listing, hub_file.path)
+    if repo_path is None:
+        raise _offline_error(entry, target, f"the {role} file '{hub_file.path}' is not in {entry.hub_repo} "
+                                            f"({len(listing)} files listed); the registry path may be out of date")
+    try:
+        local = Path(hf_hub_download(entry.hub_repo, repo_path, revision=entry.revision, etag_timeout=HUB_TIMEOUT_S,
+                                     local_files_only=offline))
+    except Exception as exc:
+        reason = ("offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache does not hold " + repo_path
+                  if offline else f"downloading {repo_path} failed: {type(exc).__name__}: {exc}")
+        raise _offline_error(entry, target, reason) from exc
+    digest = sha256_of(local)
+    hub_digest = listing.get(repo_path) if listing else None
+    for expected, origin in ((hub_file.sha256, "the registry"), (hub_digest, "the hub's LFS metadata")):
+        if expected and expected.lower() != digest:
+            raise CheckpointError(f"{local}: sha256 {digest} does not match {origin} ({expected}); the download is "
+                                  "corrupt or the file changed: delete it from the Hugging Face cache and retry")
+    if not hub_file.sha256:
+        log.info("%s: sha256 %s (not listed in the registry)", repo_path, digest)
+    return local, digest
+
+
+def _fetch_encoder(model_id: str, entry: RegistryEntry, target: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=ENCODER_PATTERNS, etag_timeout=HUB_TIMEOUT_S,
+                                      local_files_only=offline))
+    except Exception as exc:
+        reason = (f"offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache does not hold {model_id}"
+                  if offline else f"downloading encoder {model_id} failed: {type(exc).__name__}: {exc}")
+        raise _offline_error(entry, target, reason) from exc
+
+
+def download(name: str, cache_dir: Optional[PathLike] = None, force: bool = False) -> Path:
+    """Fetch a named model and convert it into a model directory in the cache; returns that directory.
+
+    Already-converted models are returned as they are unless ``force``. Shipped models (``local_dir``) need no
+    download and are returned when present. With ``HF_HUB_OFFLINE=1`` only files already in the Hugging Face
+    cache are used (e.g. fetched elsewhere with ``hf download`` and copied over).
+    """
+    entry = get_entry(name)
+    if entry.local_dir is not None:
+        return resolve(name)
+    target = model_cache_dir(name, cache_dir)
+    if has_weights(target) and not force:
+        log.info("model '%s' already in %s", name, target)
+        return target
+    listing = _repo_listing(entry, target)  # None offline: files must already be in the Hugging Face cache
+    checkpoints = {role: _fetch_checkpoint(entry, role, listing, target) for role in entry.files}
+
+    from traj_forecast_ros.model.checkpoint import export_official
+    from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
+
+    config = entry.config()
+    image_encoder = text_encoder = None
+    if config.image_encoder.model_id:
+        snapshot = _fetch_encoder(config.image_encoder.model_id, entry, target)
+        image_encoder = ImageEncoder.from_config(replace(config.image_encoder, model_id=str(snapshot)))
+    if config.text_encoder is not None and config.text_encoder.model_id:
+        snapshot = _fetch_encoder(config.text_encoder.model_id, entry, target)
+        text_encoder = TextEncoder.from_config(replace(config.text_encoder, model_id=str(snapshot)))
+
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_official(config, checkpoints["denoiser"][0], checkpoints.get("vae", (None,))[0], partial,
+                    image_encoder=image_encoder, text_encoder=text_encoder)
+    provenance = {
+        "name": name,
+        "hub_repo": entry.hub_repo,
+        "revision": entry.revision,
+        "files": {role: {"path": entry.files[role].path, "sha256": digest}
+                  for role, (_, digest) in checkpoints.items()},
+        "image_encoder": config.image_encoder.model_id,
+        "text_encoder": config.text_encoder.model_id if config.text_encoder else None,
+    }
+    (partial / SOURCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, target)
+    log.info("model '%s' ready in %s", name, target)
+    return target

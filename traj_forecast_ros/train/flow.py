@@ -1,0 +1,210 @@
+"""Stage 2: train the latent denoiser with rectified flow (spec section 5) on a frozen VAE.
+
+Before training, every example's VAE posterior (mean, std) ``[T, L, C]`` and every scene's posterior of the static
+query grid (frame 0, the conditioning frame) are encoded once and cached (``<out>/cache/latents-<key>.npz``), as the
+official ``precomputed_latents`` recipe does. Each step then draws ``z = mean + std * eps``, scales it by
+``1 / latent_scale`` and applies :func:`~traj_forecast_ros.model.flow.flow_matching_loss` (logit-normal t, frame 0
+pinned to the scaled conditioning latent and masked).
+
+The run directory is a complete model directory (``config.yaml``, ``denoiser.safetensors`` with the EMA weights when
+EMA is on, ``vae.safetensors``, ``image_encoder/``) that ``Forecaster.from_pretrained(out_dir)`` loads, plus
+``checkpoints/`` and ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from traj_forecast_ros.data.dataset import TrajectoryDataset
+from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.denoiser import LatteDenoiser
+from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
+from traj_forecast_ros.model.vae import TrajectoryVAE
+from traj_forecast_ros.train.common import Trainer, TrainSettings, cleanup_distributed, setup_distributed
+from traj_forecast_ros.train.data import TrackExamples, encoder_fingerprint, image_features, static_tracks_norm
+
+log = logging.getLogger(__name__)
+
+ENCODE_BATCH = 16
+PathLike = Union[str, Path]
+
+
+class FlowObjective(nn.Module):
+    """Rectified-flow loss of a denoiser on precomputed VAE posteriors.
+
+    ``forward(latent_mean, latent_std [B, T, L, C], cond_mean, cond_std [B, 1, L, C], features [B, N, D],
+    text_embeds [B, E] | None, generator) -> dict(loss)``.
+    """
+
+    def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int]) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.latent_grid = tuple(latent_grid)
+        self.register_buffer("vae_scale", 1.0 / torch.tensor(latent_scale, dtype=torch.float32), persistent=False)
+
+    def scaled_grid(self, mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Posterior sample ``[B, T, L, C]`` -> scaled denoiser layout ``[B, T, C, h, w]``."""
+        z = TrajectoryVAE.sample_posterior(mean, std, generator) * self.vae_scale  # (B, T, L, C)
+        return latents_to_grid(z, self.latent_grid)  # (B, T, C, h, w)
+
+    def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, cond_mean: torch.Tensor,
+                cond_std: torch.Tensor, features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        x1 = self.scaled_grid(latent_mean, latent_std, generator)  # (B, T, C, h, w)
+        cond = self.scaled_grid(cond_mean, cond_std, generator)  # (B, 1, C, h, w)
+        return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator)}
+
+
+@torch.no_grad()
+def encode_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelConfig, device: torch.device,
+                   progress: bool = False) -> Dict[str, np.ndarray]:
+    """Posteriors of every example (``mean``, ``std`` ``[E, T, L, C]``) and of every scene's static grid at frame 0
+    (``cond_mean``, ``cond_std`` ``[N, 1, L, C]``), float32."""
+    vae = vae.to(device).eval()
+    parts: Dict[str, list] = {"mean": [], "std": [], "cond_mean": [], "cond_std": []}
+    batches = range(0, len(examples), ENCODE_BATCH)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="encode latents", unit="batch")
+    for start in batches:
+        chosen = np.arange(start, min(start + ENCODE_BATCH, len(examples)))
+        mean, std = vae.encode(examples.tracks_norm(chosen).to(device), examples.features(chosen).to(device))
+        parts["mean"].append(mean.float().cpu().numpy())
+        parts["std"].append(std.float().cpu().numpy())
+    for start in range(0, examples.num_scenes, ENCODE_BATCH):
+        scenes = np.arange(start, min(start + ENCODE_BATCH, examples.num_scenes))
+        features = torch.from_numpy(np.ascontiguousarray(examples.features_all[scenes])).to(device)
+        static = static_tracks_norm(config, len(scenes)).to(device)
+        mean, std = vae.encode(static, features)  # (b, T, L, C)
+        parts["cond_mean"].append(mean[:, :1].float().cpu().numpy())
+        parts["cond_std"].append(std[:, :1].float().cpu().numpy())
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def cached_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelConfig, out_dir: Path,
+                   device: torch.device, progress: bool = False) -> Dict[str, np.ndarray]:
+    """:func:`encode_latents`, cached per (VAE weights, features, dataset size) in ``<out>/cache``."""
+    key = encoder_fingerprint(vae, config.image_size)[:10] + f"-{len(examples)}-{examples.features_all.shape[1]}"
+    path = out_dir / "cache" / f"latents-{key}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            return {name: cached[name] for name in cached.files}
+    latents = encode_latents(vae, examples, config, device, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, **latents)
+    partial.replace(path)
+    return latents
+
+
+def latent_scale_from(latents: Dict[str, np.ndarray]) -> list:
+    """Per-channel std of ``mean + std * eps`` computed in closed form: ``sqrt(Var(mean) + E[std^2])``."""
+    channels = latents["mean"].shape[-1]
+    mean = latents["mean"].reshape(-1, channels).astype(np.float64)
+    std = latents["std"].reshape(-1, channels).astype(np.float64)
+    return [float(v) for v in np.sqrt(mean.var(0) + (std**2).mean(0))]
+
+
+def _text_embeddings(config: ModelConfig, model_dir: Optional[PathLike], device: torch.device) -> Optional[torch.Tensor]:
+    """``[1, E]`` embedding of the config's default instruction for language-conditioned models, else None."""
+    if config.text_encoder is None or config.denoiser.text_embed_dim is None:
+        return None
+    from traj_forecast_ros.model.encoders import TextEncoder
+
+    encoder = TextEncoder.from_config(config.text_encoder, model_dir=model_dir).to(device)
+    with torch.inference_mode():
+        return encoder([config.default_instruction]).float().cpu()
+
+
+def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
+               init: Optional[PathLike] = None, official_config: Optional[ModelConfig] = None,
+               official_vae: Optional[PathLike] = None, resume: bool = False) -> Dict[str, float]:
+    """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
+
+    Sources of the frozen VAE, the encoder and the starting denoiser, in order:
+    ``init`` = a model directory (our format): config, denoiser, VAE and encoders come from it (``vae_dir``, when
+    given, replaces its VAE); ``init`` = an official ``.pth`` denoiser: ``official_config`` and ``official_vae`` are
+    required (:func:`~traj_forecast_ros.model.checkpoint.load_official`); no ``init``: a fresh denoiser on the
+    stage-1 run ``vae_dir``.
+    """
+    from traj_forecast_ros.model.checkpoint import load_model_dir, load_official, save_model_dir
+    from traj_forecast_ros.train.data import build_image_encoder
+    from traj_forecast_ros.train.vae import load_vae_dir, load_vae_weights
+
+    out_dir = Path(out_dir)
+    info = setup_distributed(settings.device)
+    try:
+        encoder_dir: Optional[PathLike] = vae_dir
+        encoder = None
+        if init is not None and Path(init).is_dir():
+            config, denoiser, vae = load_model_dir(init)
+            encoder_dir = init
+            if vae_dir is not None:
+                load_vae_weights(vae, vae_dir)
+        elif init is not None:
+            if official_config is None or official_vae is None:
+                raise ValueError("fine-tuning an official .pth denoiser needs --config (its preset/YAML) and --vae "
+                                 "(the official VAE .pth)")
+            config = official_config
+            denoiser, vae = load_official(config, init, official_vae)
+            encoder_dir = None
+        else:
+            if vae_dir is None:
+                raise ValueError("stage 2 needs the stage-1 run (--vae DIR) or a model to fine-tune (--init)")
+            config, vae, encoder = load_vae_dir(vae_dir)
+            torch.manual_seed(settings.seed)
+            denoiser = LatteDenoiser(config.denoiser)
+        if config.vae is None or vae is None:
+            raise ValueError(f"model '{config.name}' is a raw model; latent flow training needs a VAE")
+        vae.requires_grad_(False).eval()
+        if encoder is None:
+            encoder = build_image_encoder(config, model_dir=encoder_dir, seed=settings.seed)
+
+        dataset = TrajectoryDataset(data_dir)
+        dataset.meta.check_model_geometry(config)
+        features = image_features(dataset, encoder, out_dir, info.device, progress=settings.progress and info.is_main)
+        examples = TrackExamples(dataset, features, config)
+        latents = cached_latents(vae, examples, config, out_dir, info.device, progress=settings.progress and info.is_main)
+        if config.latent_scale is None:
+            config.latent_scale = latent_scale_from(latents)
+            log.info("latent scale measured on the training set: %s", config.latent_scale)
+        text = _text_embeddings(config, encoder_dir, info.device)
+
+        objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid)
+        num_rollouts = examples.num_rollouts
+
+        def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
+            scenes = indices // num_rollouts
+            batch = {
+                "latent_mean": torch.from_numpy(latents["mean"][indices]),
+                "latent_std": torch.from_numpy(latents["std"][indices]),
+                "cond_mean": torch.from_numpy(latents["cond_mean"][scenes]),
+                "cond_std": torch.from_numpy(latents["cond_std"][scenes]),
+                "features": examples.features(indices),
+            }
+            if text is not None:
+                batch["text_embeds"] = text.expand(len(indices), -1)
+            return batch
+
+        trainer = Trainer(objective, denoiser, make_batch, len(examples), settings, out_dir, info, stage="flow")
+        last = trainer.fit(resume=resume)
+        denoiser.load_state_dict(trainer.averaged_model_state())
+        if info.is_main:
+            text_encoder = None
+            if config.text_encoder is not None:
+                from traj_forecast_ros.model.encoders import TextEncoder
+
+                text_encoder = TextEncoder.from_config(config.text_encoder, model_dir=encoder_dir)
+            save_model_dir(out_dir, config, denoiser.cpu(), vae.cpu(), image_encoder=encoder,
+                           text_encoder=text_encoder)
+            log.info("model directory written to %s", out_dir)
+        return last
+    finally:
+        cleanup_distributed(info)

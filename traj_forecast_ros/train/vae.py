@@ -1,0 +1,164 @@
+"""Stage 1: train the trajectory VAE (beta-VAE, Huber reconstruction; spec section 3.5) and measure the latent scale.
+
+The run directory ends up holding ``config.yaml`` (the full model config with ``latent_scale`` = per-channel std of
+the VAE latents on the training set), ``vae.safetensors`` (EMA weights when EMA is on), ``image_encoder/`` (the
+frozen encoder the features came from), ``checkpoints/last.pt`` and ``metrics.csv``. Stage 2 (:mod:`.flow`) reads it
+with ``--vae``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from traj_forecast_ros.data.dataset import TrajectoryDataset
+from traj_forecast_ros.errors import CheckpointError
+from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.vae import TrajectoryVAE
+from traj_forecast_ros.train.common import Trainer, TrainSettings, cleanup_distributed, setup_distributed
+from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
+
+log = logging.getLogger(__name__)
+
+VAE_FILE = "vae.safetensors"
+CONFIG_FILE = "config.yaml"
+IMAGE_ENCODER_DIR = "image_encoder"
+PathLike = Union[str, Path]
+
+
+class VAEObjective(nn.Module):
+    """``forward(tracks_norm, features, generator) -> dict(loss, recon, kl, recon_rmse_px)`` of a TrajectoryVAE."""
+
+    def __init__(self, vae: TrajectoryVAE, beta: float, image_size) -> None:
+        super().__init__()
+        self.vae = vae
+        self.beta = float(beta)
+        self.half_size = float(max(image_size)) / 2.0
+
+    def forward(self, tracks_norm: torch.Tensor, features: torch.Tensor,
+                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """tracks_norm [B, T, 2, Hq, Wq], features [B, N, D]."""
+        losses = self.vae.loss(tracks_norm, features, beta=self.beta, generator=generator)
+        # Huber(delta=1) is 0.5 e^2 for small errors: RMS error in pixels ~ sqrt(2 recon) * size / 2.
+        losses["recon_rmse_px"] = torch.sqrt(2.0 * losses["recon"].detach().float()) * self.half_size
+        return losses
+
+
+def load_vae_weights(vae: TrajectoryVAE, source: PathLike) -> None:
+    """Load VAE weights from a model/run directory (``vae.safetensors``), a ``.safetensors`` or an official ``.pth``."""
+    from traj_forecast_ros.model.checkpoint import load_state_dict_into, read_torch_checkpoint
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / VAE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no VAE weights at {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path), device="cpu")
+    else:
+        state = read_torch_checkpoint(path)
+    load_state_dict_into(vae, state, path, "trajectory VAE")
+
+
+@torch.no_grad()
+def measure_latent_scale(vae: TrajectoryVAE, examples: TrackExamples, max_examples: int = 512, batch: int = 16,
+                         device: torch.device = torch.device("cpu"), seed: int = 0) -> List[float]:
+    """Per-channel std of posterior samples ``mean + std * eps`` over up to ``max_examples`` training examples."""
+    vae = vae.to(device).eval()
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(examples))[:max_examples])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total = torch.zeros(vae.latent_channels, dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for start in range(0, len(chosen), batch):
+        part = chosen[start:start + batch]
+        mean, std = vae.encode(examples.tracks_norm(part).to(device), examples.features(part).to(device))
+        z = TrajectoryVAE.sample_posterior(mean, std, generator).double().cpu()  # [b, T, L, C]
+        flat = z.reshape(-1, z.shape[-1])
+        total += flat.sum(0)
+        total_sq += (flat**2).sum(0)
+        count += flat.shape[0]
+    variance = total_sq / count - (total / count) ** 2
+    return [float(math.sqrt(max(v, 1e-12))) for v in variance.tolist()]
+
+
+def write_vae_dir(out_dir: PathLike, config: ModelConfig, vae: TrajectoryVAE, image_encoder) -> Path:
+    """Write ``config.yaml``, ``vae.safetensors`` and ``image_encoder/`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_yaml(out_dir / CONFIG_FILE)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    save_file(tensors, str(out_dir / VAE_FILE), metadata={"format": "pt"})
+    image_encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)
+    return out_dir
+
+
+def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settings: TrainSettings,
+              init: Optional[PathLike] = None, resume: bool = False, beta: Optional[float] = None,
+              scale_examples: int = 512) -> Dict[str, float]:
+    """Train the VAE of ``config`` on a dataset and write the stage-1 run directory; returns the last logged values.
+
+    ``init``: fine-tune from a model/run directory or a VAE checkpoint file (its image encoder is reused when the
+    directory ships one). ``resume``: continue ``out_dir``'s own checkpoint (same encoder, same features).
+    """
+    if config.vae is None:
+        raise ValueError(f"model '{config.name}' has no VAE (raw model): nothing to train in stage 1")
+    out_dir = Path(out_dir)
+    info = setup_distributed(settings.device)
+    try:
+        dataset = TrajectoryDataset(data_dir)
+        dataset.meta.check_model_geometry(config)
+        encoder_dir = out_dir if resume and (out_dir / IMAGE_ENCODER_DIR).is_dir() else init
+        encoder_dir = encoder_dir if encoder_dir is not None and Path(encoder_dir).is_dir() else None
+        encoder = build_image_encoder(config, model_dir=encoder_dir, seed=settings.seed)
+        if info.is_main:
+            encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)  # saved before training: resume reuses it
+        features = image_features(dataset, encoder, out_dir, info.device, progress=settings.progress and info.is_main)
+        examples = TrackExamples(dataset, features, config)
+
+        torch.manual_seed(settings.seed)
+        vae = TrajectoryVAE(config.vae)
+        if init is not None:
+            load_vae_weights(vae, init)
+        beta = config.vae.beta if beta is None else beta
+        objective = VAEObjective(vae, beta, config.image_size)
+
+        def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
+            return {"tracks_norm": examples.tracks_norm(indices), "features": examples.features(indices)}
+
+        trainer = Trainer(objective, vae, make_batch, len(examples), settings, out_dir, info, stage="vae")
+        last = trainer.fit(resume=resume)
+
+        vae.load_state_dict(trainer.averaged_model_state())
+        if info.is_main:
+            scale = measure_latent_scale(vae, examples, scale_examples, device=info.device, seed=settings.seed)
+            final = dataclasses.replace(config, latent_scale=scale, vae=dataclasses.replace(config.vae, beta=beta))
+            write_vae_dir(out_dir, final, vae.cpu(), encoder)
+            last["latent_scale_mean"] = float(np.mean(scale))
+            log.info("VAE written to %s (latent scale %s)", out_dir, [round(s, 4) for s in scale])
+        return last
+    finally:
+        cleanup_distributed(info)
+
+
+def load_vae_dir(directory: PathLike):
+    """``(config, vae, image_encoder)`` of a stage-1 run directory (or any model directory with a VAE)."""
+    from traj_forecast_ros.model.checkpoint import load_model_config
+
+    directory = Path(directory)
+    config = load_model_config(directory)
+    if config.vae is None:
+        raise CheckpointError(f"{directory}: the config has no VAE")
+    vae = TrajectoryVAE(config.vae)
+    load_vae_weights(vae, directory)
+    encoder = build_image_encoder(config, model_dir=directory)
+    return config, vae.eval(), encoder
