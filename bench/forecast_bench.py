@@ -1,22 +1,33 @@
-"""Forecast benchmark: time per stage, FLOPs, achieved GFLOP/s and peak memory of the LIBERO-size model.
+"""Forecast benchmark: time per stage, FLOPs, efficiency against the machine's matmul speed, official-style plan.
 
 Runs ``Forecaster.forecast`` (the API's own sampling plan) on a real LIBERO frame for each compute dtype and each K,
 and prints, per run: the time of every stage (DINOv2, text, VAE encode of the query grid, each denoiser evaluation,
-VAE decode), the total, the FLOPs of a forecast (counted once with ``torch.utils.flop_counter``; attention included)
-and the GFLOP/s achieved per stage and overall, and the peak memory (process RSS high-water mark; CUDA peak
-allocation on GPU). Without real weights the architecture is built with random weights (DINOv2-L and CLIP-L text
+VAE decode), the total, the FLOPs of a forecast (counted once with ``torch.utils.flop_counter`` on the reference
+kernels; attention included), the GFLOP/s achieved per stage and overall, and the **efficiency**: that rate as a
+fraction of the best GFLOP/s this machine reaches, in the same run and dtype, on a large matrix multiply of the
+model's shapes ([4096x384]x[384x1536] and [4096x1536]x[1536x384], through torch.matmul and through oneDNN).
+
+It also times the **official-style plan** in the same run (float32, batch 1, per sample: a full VAE encode of the
+query grid, the denoiser with context and conditioning repeated per sequence, a VAE decode; plain PyTorch kernels;
+``bench/bench_model_modules.py`` holds that reference forward) and prints ours / official, and the mean absolute
+difference in pixels between the bfloat16 and float32 forecasts drawn with the same noise.
+
+``--evals N`` measures only N denoiser evaluations per sample (for ours and the official-style plan) and
+extrapolates the ``steps - 1`` evaluations of a real forecast from their median: such figures are labelled
+"extrapolated". Without real weights the architecture is built with random weights (DINOv2-L and CLIP-L text
 configs included), which costs the same time.
 
-Examples (2-core CPU: ``--samples 1`` takes a few minutes for both dtypes; K=8 in fp32 about 4 more)::
+Examples (2-core CPU; the first takes about 10 minutes)::
 
-    .venv/bin/python bench/forecast_bench.py --samples 1
-    .venv/bin/python bench/forecast_bench.py --samples 1,8 --dtype float32,bfloat16 --json bench.json
+    .venv/bin/python bench/forecast_bench.py --samples 1,8 --dtype float32,bfloat16 --evals 3 --json bench.json
+    .venv/bin/python bench/forecast_bench.py --samples 1 --dtype float32 --evals 2   # a couple of minutes
     .venv/bin/python bench/forecast_bench.py --quick          # tiny model, seconds: checks the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -25,7 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -33,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from traj_forecast_ros.errors import WeightsNotFoundError  # noqa: E402
 from traj_forecast_ros.forecaster import Forecaster, dtype_name, resolve_device  # noqa: E402
@@ -41,18 +52,25 @@ from traj_forecast_ros.geometry import prepare_image  # noqa: E402
 from traj_forecast_ros.model.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig  # noqa: E402
 from traj_forecast_ros.model.config import libero_config, tiny_config  # noqa: E402
 from traj_forecast_ros.model.encoders import CLIP_L14_TEXT, DINOV2_LARGE  # noqa: E402
+from traj_forecast_ros.model.layers import ONEDNN_LINEAR, fast_kernels  # noqa: E402
+
+
+def _load_module_bench():
+    """``bench/bench_model_modules.py`` (official-style reference forward, FLOP formulas)."""
+    spec = importlib.util.spec_from_file_location("bench_model_modules", Path(__file__).with_name(
+        "bench_model_modules.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+modules_bench = _load_module_bench()
+FLOP_FORMULAS = modules_bench.FLOP_FORMULAS
 
 INSTRUCTION = "put the black bowl in the bottom drawer of the cabinet and close it"
 DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "images" / "libero_agent_0.jpg"
 STAGES = ("image_encoder", "text_encoder", "vae_encode", "denoise", "vae_decode")
-
-
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of the CPU fused attention kernel (not in torch's FLOP registry)."""
-    return sdpa_flop_count(query, key, value)
-
-
-FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+MATMUL_SHAPES = ((4096, 384, 1536), (4096, 1536, 384))  # (M, K, N): the MLP GEMMs of 4,096 tokens
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -79,12 +97,10 @@ def build_forecaster(args: argparse.Namespace) -> Forecaster:
 
 
 def with_dtype(base: Forecaster, dtype: str, sample_batch_size: Optional[int]) -> Forecaster:
-    """A forecaster sharing ``base``'s modules with another compute dtype."""
-    forecaster = Forecaster(base.config, base.denoiser, base.vae, base.image_encoder, base.text_encoder,
-                            base.model_id, device=base.device, dtype=dtype)
-    if sample_batch_size is not None:
-        forecaster.sample_batch_size = sample_batch_size or None
-    return forecaster
+    """A forecaster sharing ``base``'s modules with another compute dtype (its own per-device plan)."""
+    kwargs = {} if sample_batch_size is None else {"sample_batch_size": sample_batch_size or None}
+    return Forecaster(base.config, base.denoiser, base.vae, base.image_encoder, base.text_encoder, base.model_id,
+                      device=base.device, dtype=dtype, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -114,31 +130,48 @@ class CallTimer:
             handle.remove()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call, on the reference kernels (oneDNN's fused ops are not in torch's FLOP registry)."""
+    with fast_kernels(False), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, \
+            torch.inference_mode():
+        fn()
+    return int(counter.get_total_flops())
+
+
 def count_flops(forecaster: Forecaster, model_image: np.ndarray) -> Dict[str, int]:
-    """FLOPs per stage: per image (image/text encoders, VAE encode) and per sample (one denoiser evaluation,
-    one VAE decode)."""
+    """FLOPs per stage of our plan: per image (image/text encoders, VAE encode of the cached query tokens) and
+    per sample (one denoiser evaluation, one VAE decode)."""
     from traj_forecast_ros.model.flow import grid_to_latents
 
-    def measure(fn) -> int:
-        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, torch.inference_mode():
-            fn()
-        return int(counter.get_total_flops())
-
-    features = forecaster.encode_image(model_image)  # [1, N, D]
-    text = forecaster.embed_instruction(INSTRUCTION) if forecaster.text_encoder is not None else None
-    forecaster.text_cache.clear()
-    mean, _ = forecaster.condition_posterior(features)  # [1, 1, C, h, w]
-    state = mean.expand(-1, forecaster.latent_shape[0], -1, -1, -1).contiguous()  # [1, T, C, h, w]
+    with torch.inference_mode():
+        features = forecaster.encode_image(model_image)  # [1, N, D]
+        text = forecaster.embed_instruction(INSTRUCTION) if forecaster.text_encoder is not None else None
+        forecaster.text_cache.clear()
+        mean, _ = forecaster.condition_posterior(features)  # [1, 1, C, h, w]; caches the query tokens
+        state = mean.expand(-1, forecaster.latent_shape[0], -1, -1, -1).contiguous()  # [1, T, C, h, w]
     t = torch.full((1,), 0.5, device=forecaster.device)
-    flops = {
-        "image_encoder": measure(lambda: forecaster.encode_image(model_image)),
-        "text_encoder": measure(lambda: forecaster.text_encoder([INSTRUCTION])) if text is not None else 0,
-        "vae_encode": measure(lambda: forecaster.condition_posterior(features)),
-        "denoiser_eval": measure(lambda: forecaster.denoiser(state, t, features, text)),
-        "vae_decode": (measure(lambda: forecaster.vae.decode(grid_to_latents(state), features))
+    return {
+        "image_encoder": measure_flops(lambda: forecaster.encode_image(model_image)),
+        "text_encoder": measure_flops(lambda: forecaster.text_encoder([INSTRUCTION])) if text is not None else 0,
+        "vae_encode": measure_flops(lambda: forecaster.condition_posterior(features)),
+        "denoiser_eval": measure_flops(lambda: forecaster.denoiser(state, t, features, text)),
+        "vae_decode": (measure_flops(lambda: forecaster.vae.decode(grid_to_latents(state), features))
                        if forecaster.vae is not None else 0),
     }
-    return flops
 
 
 def forecast_flops(flops: Dict[str, int], samples: int, steps: int) -> Dict[str, int]:
@@ -150,6 +183,30 @@ def forecast_flops(flops: Dict[str, int], samples: int, steps: int) -> Dict[str,
         "denoise": samples * (steps - 1) * flops["denoiser_eval"],
         "vae_decode": samples * flops["vae_decode"],
     }
+
+
+def matmul_reference(dtype: torch.dtype, device: torch.device, min_seconds: float) -> Dict[str, float]:
+    """Best GFLOP/s of ``[M x K] x [K x N]`` over :data:`MATMUL_SHAPES` and the available backends (torch.matmul;
+    on CPU also oneDNN), in ``dtype``; returns ``{backend shape: GFLOP/s, ..., "best": max}``."""
+    results: Dict[str, float] = {}
+    generator = torch.Generator().manual_seed(0)
+    for m, k, n in MATMUL_SHAPES:
+        a = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
+        weight = torch.randn(n, k, generator=generator).to(device=device, dtype=dtype)
+        bias = torch.randn(n, generator=generator).to(device=device, dtype=dtype)
+        backends: Dict[str, Callable[[], Any]] = {"torch.matmul": lambda: torch.matmul(a, weight.t())}
+        if device.type == "cpu" and ONEDNN_LINEAR:
+            backends["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")
+        for name, fn in backends.items():
+            for _ in range(2):
+                fn()
+            calls, elapsed = 0, 0.0
+            while elapsed < min_seconds or calls < 3:
+                elapsed += timed(fn, device)
+                calls += 1
+            results[f"{name} [{m}x{k}]x[{k}x{n}]"] = 2.0 * m * k * n * calls / elapsed / 1e9
+    results["best"] = max(results.values())
+    return results
 
 
 def reset_peak_rss() -> bool:
@@ -175,7 +232,7 @@ def peak_rss_mb() -> float:
 
 
 def run_once(forecaster: Forecaster, image: np.ndarray, samples: int, steps: int) -> Dict[str, Any]:
-    """One timed forecast (cold text cache); stage timings, every denoiser evaluation, peak memory."""
+    """One timed forecast (cold text cache); stage timings, every denoiser evaluation, peak memory, the tracks."""
     forecaster.text_cache.clear()
     device = forecaster.device
     if device.type == "cuda":
@@ -187,68 +244,171 @@ def run_once(forecaster: Forecaster, image: np.ndarray, samples: int, steps: int
         result = forecaster.forecast(image, instruction, num_samples=samples, steps=steps, seed=0)
     finally:
         timer.remove()
-    record = {"timings": result.timings, "denoiser_evals": timer.durations, "peak_rss_mb": peak_rss_mb()}
+    record = {"timings": result.timings, "denoiser_evals": timer.durations, "peak_rss_mb": peak_rss_mb(),
+              "tracks": result.tracks}
     if device.type == "cuda":
         record["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return record
 
 
+def extrapolated_timings(timings: Dict[str, float], evals: List[float], calls_per_eval: int, steps: int
+                         ) -> Dict[str, float]:
+    """Stage timings of a forecast with ``steps`` time points from one run with fewer: the denoise stage becomes
+    ``calls_per_eval * (steps - 1)`` evaluations at the measured median (other stages as measured)."""
+    out = dict(timings)
+    if evals:
+        denoise = calls_per_eval * (steps - 1) * statistics.median(evals)
+        out["total"] = timings["total"] - timings["denoise"] + denoise
+        out["denoise"] = denoise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- official style
+def official_style_stages(forecaster: Forecaster, image: np.ndarray, evals: int) -> Dict[str, Any]:
+    """Time one sample of the official-style plan (float32, batch 1, plain kernels, full per-sample VAE encode,
+    context/conditioning repeated per sequence): encode, ``evals`` denoiser evaluations, decode. Also its FLOPs."""
+    from traj_forecast_ros.model.flow import grid_to_latents, latents_to_grid
+
+    device = forecaster.device
+    denoiser, vae = forecaster.denoiser, forecaster.vae
+    with torch.inference_mode():
+        model_image, _ = prepare_image(image, tuple(forecaster.config.image_size))
+        features = forecaster.encode_image(model_image)  # [1, N, D] float32
+        text = forecaster.embed_instruction(INSTRUCTION) if forecaster.text_encoder is not None else None
+        forecaster.text_cache.clear()
+    tracks = forecaster._static_tracks  # [1, T, 2, Hq, Wq] normalised query grid
+    frames, channels, rows, cols = forecaster.latent_shape
+    state = torch.randn((1, frames, channels, rows, cols), generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((1,), 0.5, device=device)
+
+    def encode():
+        mean, std = modules_bench.official_vae_encode(vae, tracks, features)
+        return mean + std * torch.randn_like(std)  # rsample, as the official sampler does
+
+    def evaluate():
+        return modules_bench.official_denoiser_forward(denoiser, state, t, features, text)
+
+    def decode():
+        return modules_bench.official_vae_decode(vae, grid_to_latents(state), features)
+
+    stages: Dict[str, Any] = {}
+    with fast_kernels(False), torch.inference_mode():
+        if vae is not None:
+            stages["vae_encode"] = timed(encode, device)
+            latents_to_grid(encode()[:, :1], vae.latent_grid)  # same work as the sampler's layout change
+        stages["denoiser_evals"] = [timed(evaluate, device) for _ in range(evals)]
+        stages["vae_decode"] = timed(decode, device) if vae is not None else 0.0
+    stages["flops"] = {
+        "vae_encode": measure_flops(encode) if vae is not None else 0,
+        "denoiser_eval": measure_flops(evaluate),
+        "vae_decode": measure_flops(decode) if vae is not None else 0,
+    }
+    return stages
+
+
+def official_style_forecast(stages: Dict[str, Any], encoder_timings: Dict[str, float], samples: int, steps: int
+                            ) -> Tuple[Dict[str, float], Dict[str, int]]:
+    """Stage timings and FLOPs of a K-sample official-style forecast: the image/text encoders once (as measured
+    for ours), then per sample one encode, ``steps - 1`` evaluations at the measured median and one decode."""
+    median_eval = statistics.median(stages["denoiser_evals"])
+    timings = {
+        "image_encoder": encoder_timings.get("image_encoder", 0.0),
+        "text_encoder": encoder_timings.get("text_encoder", 0.0),
+        "vae_encode": samples * stages["vae_encode"] if "vae_encode" in stages else 0.0,
+        "denoise": samples * (steps - 1) * median_eval,
+        "vae_decode": samples * stages["vae_decode"],
+    }
+    timings["total"] = sum(timings.values())
+    flops = stages["flops"]
+    per_stage = {
+        "image_encoder": encoder_timings.get("image_encoder_flops", 0),
+        "text_encoder": encoder_timings.get("text_encoder_flops", 0),
+        "vae_encode": samples * flops["vae_encode"],
+        "denoise": samples * (steps - 1) * flops["denoiser_eval"],
+        "vae_decode": samples * flops["vae_decode"],
+    }
+    return timings, per_stage
+
+
 # ---------------------------------------------------------------------------------------------- report
-def print_run(dtype: str, samples: int, steps: int, batch: Optional[int], record: Dict[str, Any],
-              flops: Dict[str, int]) -> Dict[str, Any]:
-    timings = record["timings"]
-    per_stage = forecast_flops(flops, samples, steps)
-    total_flops = sum(per_stage.values())
-    print(f"\n== dtype {dtype}, K={samples}, steps={steps} ({steps - 1} denoiser evaluations per sample), "
-          f"sample batch {batch or samples}")
-    print(f"   {'stage':<14}{'time s':>9}{'GFLOP':>11}{'GFLOP/s':>10}")
+def print_stage_table(timings: Dict[str, float], per_stage: Dict[str, int], peak_gflops: float) -> float:
+    """Stage rows (time, GFLOP, GFLOP/s, efficiency) and the overall row; returns the overall efficiency."""
+    print(f"   {'stage':<14}{'time s':>9}{'GFLOP':>11}{'GFLOP/s':>10}{'efficiency':>12}")
     for stage in ("preprocess",) + STAGES:
         seconds = timings.get(stage, 0.0)
         gflop = per_stage.get(stage, 0) / 1e9
-        rate = f"{gflop / seconds:10.1f}" if gflop and seconds > 0 else f"{'':>10}"
-        print(f"   {stage:<14}{seconds:9.3f}{gflop:11.3g}{rate}")
+        if gflop and seconds > 0:
+            rate = gflop / seconds
+            print(f"   {stage:<14}{seconds:9.3f}{gflop:11.4g}{rate:10.1f}{rate / peak_gflops:12.2f}")
+        else:
+            print(f"   {stage:<14}{seconds:9.3f}{gflop:11.4g}")
+    total_gflop = sum(per_stage.values()) / 1e9
+    rate = total_gflop / timings["total"]
+    print(f"   {'overall':<14}{timings['total']:9.3f}{total_gflop:11.4g}{rate:10.1f}{rate / peak_gflops:12.2f}")
+    return rate / peak_gflops
+
+
+def print_run(dtype: str, samples: int, steps: int, measured_steps: int, batch: Optional[int],
+              record: Dict[str, Any], flops: Dict[str, int], peak_gflops: float) -> Dict[str, Any]:
+    per_stage = forecast_flops(flops, samples, steps)
+    total_flops = sum(per_stage.values())
+    chunk = batch or samples
+    calls_per_eval = -(-samples // chunk)
     evals = record["denoiser_evals"]
+    extrapolated = measured_steps != steps
+    timings = (extrapolated_timings(record["timings"], evals, calls_per_eval, steps) if extrapolated
+               else record["timings"])
+    label = (f"{measured_steps - 1} of {steps - 1} denoiser evaluations per sample measured, the rest extrapolated "
+             "from their median" if extrapolated else f"{steps - 1} denoiser evaluations per sample")
+    print(f"\n== ours, dtype {dtype}, K={samples}, steps={steps} ({label}), sample batch {chunk}")
+    efficiency = print_stage_table(timings, per_stage, peak_gflops)
     if evals:
         print(f"   denoiser evaluations: {len(evals)} calls, median {statistics.median(evals):.3f} s, "
-              f"min {min(evals):.3f} s, max {max(evals):.3f} s "
-              f"({flops['denoiser_eval'] / 1e9 * (samples if batch is None else min(batch, samples)):.1f} GFLOP "
-              "each)")
+              f"min {min(evals):.3f} s, max {max(evals):.3f} s ({flops['denoiser_eval'] / 1e9 * min(chunk, samples):.1f}"
+              " GFLOP each)")
         print("   each: " + " ".join(f"{d:.3f}" for d in evals))
     total = timings["total"]
-    print(f"   total {total:.2f} s = {total / samples:.2f} s per sample; {total_flops / 1e9:.1f} GFLOP per forecast, "
-          f"{total_flops / 1e9 / total:.1f} GFLOP/s overall")
-    if evals:  # on a shared machine the spread of evaluation times is other processes' load
-        steady = total - timings["denoise"] + len(evals) * min(evals)
-        print(f"   with every denoiser evaluation at the fastest one measured: {steady:.2f} s "
-              f"({total_flops / 1e9 / steady:.1f} GFLOP/s)")
+    tag = " (extrapolated)" if extrapolated else ""
+    print(f"   total{tag} {total:.2f} s = {total / samples:.2f} s per sample; {total_flops / 1e9:.1f} GFLOP per "
+          f"forecast, {total_flops / 1e9 / total:.1f} GFLOP/s overall = {efficiency:.2f} of the matmul figure")
     memory = f"peak RSS {record['peak_rss_mb']:.0f} MB"
     if "peak_cuda_mb" in record:
         memory += f", peak CUDA allocation {record['peak_cuda_mb']:.0f} MB"
     print(f"   {memory}")
-    return {"dtype": dtype, "samples": samples, "steps": steps, "sample_batch_size": batch or samples,
-            "flops": per_stage, "total_flops": total_flops, "gflops_per_s": total_flops / 1e9 / total, **record}
+    row = {key: value for key, value in record.items() if key != "tracks"}
+    return {"dtype": dtype, "samples": samples, "steps": steps, "measured_steps": measured_steps,
+            "extrapolated": extrapolated, "sample_batch_size": chunk, "flops": per_stage, "total_flops": total_flops,
+            "gflops_per_s": total_flops / 1e9 / total, "efficiency": efficiency, "reported_timings": timings, **row}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", default="1,8", help="comma-separated K values (default 1,8)")
     parser.add_argument("--steps", type=int, default=10, help="Euler time points (default 10 = 9 evaluations)")
+    parser.add_argument("--evals", type=int, default=None,
+                        help="denoiser evaluations to measure per sample (default: all steps-1); the others are "
+                             "extrapolated from the median, and reported as such")
     parser.add_argument("--dtype", default="float32,bfloat16", help="comma-separated compute dtypes")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--model", default=None, help="registry name or model dir (default: random weights)")
     parser.add_argument("--sample-batch-size", type=int, default=None,
-                        help="samples per denoiser/decoder call (0 = all K; default: the forecaster's per-device "
-                             "default, 1 on CPU)")
+                        help="samples per denoiser/decoder call (0 = all K; default: the plan's per-device default, "
+                             "1 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="input image (default: a LIBERO frame)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="forecasts per configuration; the fastest is reported (the machine may be shared)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forecast per dtype")
+    parser.add_argument("--no-official", action="store_true", help="skip the official-style plan")
+    parser.add_argument("--matmul-seconds", type=float, default=2.0,
+                        help="minimum measuring time per matmul reference case (default 2 s)")
     parser.add_argument("--quick", action="store_true", help="tiny model, K=1,2, 3 steps: checks the script")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.quick:
-        args.samples, args.steps = "1,2", 3
+        args.samples, args.steps, args.matmul_seconds = "1,2", 3, 0.05
+    if args.evals is not None and not 1 <= args.evals <= args.steps - 1:
+        parser.error(f"--evals must be between 1 and steps - 1 = {args.steps - 1}")
     return args
 
 
@@ -268,6 +428,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     sample_counts = [int(k) for k in args.samples.split(",") if k.strip()]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    measured_steps = args.steps if args.evals is None else args.evals + 1
     image = load_image(args.image)
 
     start = time.perf_counter()
@@ -281,34 +442,98 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"text encoder {sum(p.numel() for p in base.text_encoder.parameters()) if base.text_encoder else 0:,} "
           f"(built in {build_s:.1f} s)")
     print(f"device {device}{f' ({gpu})' if gpu else ''}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {platform.processor() or platform.machine()}, image {image.shape[1]}x{image.shape[0]}")
+          f"threads, {platform.processor() or platform.machine()}, image {image.shape[1]}x{image.shape[0]}, "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
     model_image, _ = prepare_image(image, tuple(base.config.image_size))
     start = time.perf_counter()
     flops = count_flops(base, model_image)
-    print("FLOPs (counted in %.1f s): " % (time.perf_counter() - start)
+    print("FLOPs of our plan (counted in %.1f s): " % (time.perf_counter() - start)
           + ", ".join(f"{stage} {value / 1e9:.4g} G" for stage, value in flops.items()))
 
-    results = []
+    peaks: Dict[str, float] = {}
     for dtype in dtypes:
         forecaster = with_dtype(base, dtype, args.sample_batch_size)
+        reference = matmul_reference(forecaster.dtype, device, args.matmul_seconds)
+        peaks[dtype_name(forecaster.dtype)] = reference["best"]
+        print(f"matmul reference, {dtype_name(forecaster.dtype)}: "
+              + ", ".join(f"{name} {rate:.1f}" for name, rate in reference.items() if name != "best")
+              + f" GFLOP/s; best {reference['best']:.1f} GFLOP/s")
+
+    results: List[Dict[str, Any]] = []
+    tracks: Dict[Tuple[str, int], np.ndarray] = {}
+    for dtype in dtypes:
+        forecaster = with_dtype(base, dtype, args.sample_batch_size)
+        name = dtype_name(forecaster.dtype)
+        print(f"\n[{name}] plan: {forecaster.plan.summary()}")
         if not args.no_warmup:
             warm = forecaster.warmup()
-            print(f"\n[{dtype_name(forecaster.dtype)}] warm-up (K=1, 1 evaluation): {warm['total']:.2f} s")
+            print(f"[{name}] warm-up (K=1, 1 evaluation): {warm['total']:.2f} s")
         for samples in sample_counts:
-            runs = [run_once(forecaster, image, samples, args.steps) for _ in range(max(1, args.repeat))]
+            runs = [run_once(forecaster, image, samples, measured_steps) for _ in range(max(1, args.repeat))]
             record = min(runs, key=lambda run: run["timings"]["total"])
-            results.append(print_run(dtype_name(forecaster.dtype), samples, args.steps,
-                                     forecaster.sample_batch_size, record, flops))
+            tracks[(name, samples)] = record["tracks"]
+            results.append(print_run(name, samples, args.steps, measured_steps, forecaster.sample_batch_size,
+                                     record, flops, peaks[name]))
 
-    print("\nsummary (total seconds per forecast):")
+    official: Dict[int, Dict[str, Any]] = {}
+    if not args.no_official:
+        evals = measured_steps - 1
+        stages = official_style_stages(base, image, evals)
+        fp32_runs = [row for row in results if row["dtype"] == "float32"] or results
+        encoder_timings = dict(fp32_runs[0]["reported_timings"]) if fp32_runs else {}
+        encoder_timings["image_encoder_flops"] = flops["image_encoder"]
+        encoder_timings["text_encoder_flops"] = flops["text_encoder"]
+        peak = peaks.get("float32") or matmul_reference(torch.float32, device, args.matmul_seconds)["best"]
+        print(f"\n== official-style plan, float32, batch 1, plain kernels: per sample a full VAE encode of the query "
+              f"grid ({stages['vae_encode'] if 'vae_encode' in stages else 0:.3f} s), {args.steps - 1} denoiser "
+              f"evaluations with context and conditioning repeated per sequence (measured {evals}: "
+              + " ".join(f"{d:.3f}" for d in stages["denoiser_evals"])
+              + f" s; {stages['flops']['denoiser_eval'] / 1e9:.1f} GFLOP each), a VAE decode "
+              f"({stages['vae_decode']:.3f} s); image/text encoders as measured for ours in float32")
+        for samples in sample_counts:
+            timings, per_stage = official_style_forecast(stages, encoder_timings, samples, args.steps)
+            tag = "extrapolated from one measured sample" if samples > 1 or evals != args.steps - 1 else "measured"
+            print(f"   K={samples} ({tag}):")
+            efficiency = print_stage_table(timings, per_stage, peak)
+            official[samples] = {"timings": timings, "flops": per_stage, "efficiency": efficiency}
+        print("\nours / official-style plan (total time of a K-sample forecast, same run):")
+        for row in results:
+            reference_row = official.get(row["samples"])
+            if reference_row:
+                ratio = row["reported_timings"]["total"] / reference_row["timings"]["total"]
+                row["ratio_to_official"] = ratio
+                print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['reported_timings']['total']:8.2f} s / "
+                      f"{reference_row['timings']['total']:8.2f} s = {ratio:.3f}")
+
+    differences = {}
+    for samples in sample_counts:
+        if ("float32", samples) in tracks and ("bfloat16", samples) in tracks:
+            diff = np.abs(tracks[("bfloat16", samples)] - tracks[("float32", samples)])  # [K, T, Hq, Wq, 2] px
+            differences[samples] = {"mean_px": float(diff.mean()), "max_px": float(diff.max()),
+                                    "frame_last_mean_px": float(diff[:, -1].mean())}
+    if differences:
+        print(f"\nbfloat16 vs float32 tracks, same seed and noise ({measured_steps - 1} evaluations per sample, input "
+              f"pixels of a {image.shape[1]}x{image.shape[0]} image):")
+        for samples, diff in differences.items():
+            print(f"   K={samples}: mean |difference| {diff['mean_px']:.3f} px (last frame {diff['frame_last_mean_px']:.3f}"
+                  f" px), max {diff['max_px']:.2f} px")
+
+    print("\nsummary (total seconds per forecast; efficiency = overall GFLOP/s / same-run matmul GFLOP/s):")
     for row in results:
-        print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['timings']['total']:8.2f} s   "
-              f"{row['gflops_per_s']:7.1f} GFLOP/s")
+        ratio = f"   ours/official {row['ratio_to_official']:.3f}" if "ratio_to_official" in row else ""
+        tag = " (extrapolated)" if row["extrapolated"] else ""
+        print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['reported_timings']['total']:8.2f} s{tag}   "
+              f"{row['gflops_per_s']:7.1f} GFLOP/s   efficiency {row['efficiency']:.2f}{ratio}")
     if args.json:
-        args.json.write_text(json.dumps({"model": base.model_id, "device": str(device), "gpu": gpu,
-                                         "threads": torch.get_num_threads(), "flops_per_call": flops,
-                                         "runs": results}, indent=2))
+        for row in results:
+            row["denoiser_evals"] = list(row["denoiser_evals"])
+        args.json.write_text(json.dumps({
+            "model": base.model_id, "device": str(device), "gpu": gpu, "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(), "flops_per_call": flops, "matmul_best_gflops": peaks, "runs": results,
+            "official": {str(k): v for k, v in official.items()},
+            "bf16_vs_fp32_px": {str(k): v for k, v in differences.items()},
+        }, indent=2, default=float))
         print(f"wrote {args.json}")
     return 0
 

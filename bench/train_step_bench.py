@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--stages", nargs="+", default=["vae", "flow", "regressor"],
+                        choices=["vae", "flow", "regressor"])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per setting (median reported)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -60,6 +62,8 @@ def main() -> None:
     results = []
     for batch in args.batch:
         for name, objective, model, inputs in _objectives(config, batch):
+            if name not in args.stages:
+                continue
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             for precision in args.precision:
                 times = []

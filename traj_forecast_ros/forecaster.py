@@ -1,13 +1,15 @@
 """The forecasting API: one camera image (+ instruction) in, K sampled futures of a dense point grid out.
 
-``Forecaster`` owns the frozen encoders, the trajectory VAE and the denoiser, and runs the sampling plan:
+``Forecaster`` owns the frozen encoders, the trajectory VAE and the denoiser, and runs a :class:`SamplingPlan`
+(chosen per device and dtype by :func:`choose_sampling_plan`, inspectable as ``forecaster.plan``):
 
+* once per forecaster: the VAE tokens of the static query grid (Fourier features + patch embedding, image-free);
 * once per image: validation, colour conversion and centre-crop/resize (:mod:`traj_forecast_ros.geometry`),
   the DINOv2 patch tokens, and the VAE posterior of the static query grid (the conditioning frame);
 * once per distinct instruction: the CLIP pooled embedding (bounded LRU cache);
 * per sample: a conditioning latent drawn from that posterior (``mean + std * eps``), ``steps - 1`` Euler
-  evaluations of the denoiser and one VAE decode, run in chunks of ``sample_batch_size`` samples (1 on CPU, where
-  batching measured slower; all K on GPU).
+  evaluations of the denoiser and one VAE decode, run in chunks of ``plan.sample_batch_size`` samples (1 on CPU,
+  where batching measured slower; all K on GPU).
 
 Random numbers come from a CPU ``torch.Generator`` seeded with ``seed`` (drawn fresh and reported when not given),
 so a seed gives the same noise on every device. Parameters stay float32; lower precision is autocast
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -115,6 +118,117 @@ def randomise_zero_parameters(module: torch.nn.Module, generator: torch.Generato
     return changed
 
 
+# ---------------------------------------------------------------------------------------------- sampling plan
+# Samples per denoiser/decoder call, measured per device type (bench/forecast_bench.py --sample-batch-size): on the
+# 2-core CPU one sample at a time is fastest (batching adds cache pressure and prevents folding the per-sample
+# modulation into the weights); a GPU is only filled by batching, so all K go at once there.
+DEFAULT_SAMPLE_BATCH_SIZE: Dict[str, Optional[int]] = {"cpu": 1, "cuda": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """How a forecast runs on one device and compute dtype (see the module docstring for what runs how often).
+
+    Attributes:
+        device: where everything runs.
+        dtype: compute dtype (autocast; parameters stay float32).
+        sample_batch_size: samples per denoiser / VAE-decoder call; None = all K in one call.
+        fast_cpu_kernels: CPU inference kernels of :mod:`traj_forecast_ros.model.layers` (oneDNN GEMMs with fused
+            GELU / residual, per-sample modulation folded into the weights, explicit bfloat16 attention).
+        use_compile: run the denoiser through ``torch.compile`` (slow first call per shape; off by default).
+        use_cuda_graph: replay one captured denoiser evaluation per batch shape from static, pre-allocated input and
+            output buffers (CUDA only; off by default: not exercised on the CPU-only project machines).
+        cache_query_tokens: embed the static query grid once per forecaster instead of once per image.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    sample_batch_size: Optional[int]
+    fast_cpu_kernels: bool = True
+    use_compile: bool = False
+    use_cuda_graph: bool = False
+    cache_query_tokens: bool = True
+
+    PER_FORECASTER = ("query_tokens",)
+    PER_IMAGE = ("image_encoder", "vae_encode")
+    PER_INSTRUCTION = ("text_encoder",)
+    PER_SAMPLE = ("denoise", "vae_decode")
+
+    def __post_init__(self) -> None:
+        if self.sample_batch_size is not None and (
+                isinstance(self.sample_batch_size, bool) or not isinstance(self.sample_batch_size, int)
+                or self.sample_batch_size < 1):
+            raise ValueError(f"sample_batch_size must be a positive int or None (all samples), "
+                             f"got {self.sample_batch_size!r}")
+        if self.use_cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the plan is for {self.device}")
+
+    def summary(self) -> str:
+        """One line for logs and benchmark reports."""
+        flags = [name for name in ("fast_cpu_kernels", "use_compile", "use_cuda_graph", "cache_query_tokens")
+                 if getattr(self, name)]
+        return (f"{self.device} {dtype_name(self.dtype)}, sample batch {self.sample_batch_size or 'all'}"
+                f"{', ' + ', '.join(flags) if flags else ''}")
+
+
+def choose_sampling_plan(device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
+                         sample_batch_size: Union[int, None, str] = "auto", use_compile: bool = False,
+                         use_cuda_graph: bool = False, fast_cpu_kernels: bool = True) -> SamplingPlan:
+    """The sampling plan for ``device`` and ``dtype`` with the measured defaults (:data:`DEFAULT_SAMPLE_BATCH_SIZE`).
+
+    ``sample_batch_size``: "auto" (the per-device default), a positive int, or None / 0 (all K at once).
+    """
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    if sample_batch_size == "auto":
+        sample_batch_size = DEFAULT_SAMPLE_BATCH_SIZE.get(resolved_device.type, None)
+    elif sample_batch_size == 0:
+        sample_batch_size = None
+    return SamplingPlan(device=resolved_device, dtype=resolved_dtype, sample_batch_size=sample_batch_size,
+                        fast_cpu_kernels=fast_cpu_kernels, use_compile=use_compile, use_cuda_graph=use_cuda_graph)
+
+
+class CudaGraphDenoiser:
+    """Replays a captured denoiser evaluation per (batch shape, dtype) from static input and output buffers.
+
+    The inputs of every call are copied into the captured buffers and the output buffer is cloned, so callers see
+    ordinary tensors. Only for CUDA devices with a fixed model (weights must not change after capture).
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, autocast_dtype: Optional[torch.dtype]):
+        self.denoiser = denoiser
+        self.autocast_dtype = autocast_dtype
+        self._graphs: Dict[tuple, tuple] = {}
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
+                 text: Optional[torch.Tensor]) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, tuple(features.shape), None if text is None else tuple(text.shape))
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_inputs = [x.clone(), t.clone(), features.clone(), None if text is None else text.clone()]
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side), self._autocast():
+                for _ in range(2):  # warm-up outside the graph (allocator, kernels)
+                    self.denoiser(*static_inputs)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), self._autocast():
+                static_output = self.denoiser(*static_inputs)
+            entry = self._graphs[key] = (graph, static_inputs, static_output)
+        graph, static_inputs, static_output = entry
+        for buffer, value in zip(static_inputs, (x, t, features, text)):
+            if buffer is not None:
+                buffer.copy_(value)
+        graph.replay()
+        return static_output.clone()
+
+
 class _LRUCache:
     """A small least-recently-used map with hit/miss counters (instruction -> embedding)."""
 
@@ -156,17 +270,30 @@ class Forecaster:
     weights, for tests and benchmarks), then call :meth:`forecast`.
 
     Attributes:
-        sample_batch_size: samples per denoiser/decoder call (``None`` or 0 = all K at once). ``"auto"`` at
-            construction: 1 on CPU, where batching measured slower (cache pressure, ``ml-stack.md``), all on GPU.
+        plan: the :class:`SamplingPlan` (device, dtype, sample batch size, kernel/compile/graph flags).
+        sample_batch_size: samples per denoiser/decoder call (``None`` or 0 = all K at once); a shortcut that
+            replaces ``plan``. ``"auto"`` at construction: 1 on CPU, where batching measured slower, all on GPU.
         max_pixels: input images with more pixels are refused.
+
+    ``plan`` given at construction overrides ``device``, ``dtype``, ``sample_batch_size``, ``use_compile`` and
+    ``use_cuda_graph``.
     """
 
     def __init__(self, config: ModelConfig, denoiser: torch.nn.Module, vae: Optional[torch.nn.Module],
                  image_encoder: torch.nn.Module, text_encoder: Optional[torch.nn.Module], model_id: str,
                  device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
-                 sample_batch_size: Union[int, None, str] = "auto", text_cache_size: int = TEXT_CACHE_SIZE):
-        self._device = resolve_device(device)
-        self._dtype = resolve_dtype(dtype, self._device)
+                 sample_batch_size: Union[int, None, str] = "auto", text_cache_size: int = TEXT_CACHE_SIZE,
+                 plan: Optional[SamplingPlan] = None, use_compile: bool = False, use_cuda_graph: bool = False):
+        if plan is None:
+            if sample_batch_size is not None and sample_batch_size != "auto" and (
+                    isinstance(sample_batch_size, bool) or not isinstance(sample_batch_size, int)
+                    or sample_batch_size < 0):
+                raise ValueError(f"sample_batch_size must be a positive int, None (all samples) or 'auto', "
+                                 f"got {sample_batch_size!r}")
+            plan = choose_sampling_plan(device, dtype, sample_batch_size, use_compile=use_compile,
+                                        use_cuda_graph=use_cuda_graph)
+        self._device = resolve_device(plan.device)
+        self._dtype = resolve_dtype(plan.dtype, self._device)
         self._config = config
         self._model_id = model_id
         self._check_compatible(config, denoiser, vae, image_encoder, text_encoder)
@@ -174,12 +301,10 @@ class Forecaster:
         self.vae = vae.to(self._device).eval().requires_grad_(False) if vae is not None else None
         self.image_encoder = image_encoder.to(self._device).eval()
         self.text_encoder = text_encoder.to(self._device).eval() if text_encoder is not None else None
-        if sample_batch_size == "auto":
-            sample_batch_size = 1 if self._device.type == "cpu" else None
-        if sample_batch_size is not None and (not isinstance(sample_batch_size, int) or sample_batch_size < 0):
-            raise ValueError(f"sample_batch_size must be a positive int, None (all samples) or 'auto', "
-                             f"got {sample_batch_size!r}")
-        self.sample_batch_size = sample_batch_size
+        self._query_tokens: Optional[torch.Tensor] = None  # VAE tokens of the static query grid (plan-cached)
+        self._denoise_fn: Optional[Callable[..., torch.Tensor]] = None
+        self._plan = plan
+        self.plan = plan  # validates and builds the denoiser callable
         self.max_pixels = DEFAULT_MAX_PIXELS
         self._text_cache = _LRUCache(text_cache_size)
         self._lock = threading.Lock()
@@ -192,8 +317,7 @@ class Forecaster:
         scale = config.vae_scale if vae is not None else None
         self._latent_scale = (torch.tensor(scale, dtype=torch.float32, device=self._device).view(1, 1, -1, 1, 1)
                               if scale is not None else None)  # [1, 1, C, 1, 1]
-        log.info("forecaster '%s' on %s, compute dtype %s, sample batch %s", model_id, self._device,
-                 dtype_name(self._dtype), sample_batch_size or "all")
+        log.info("forecaster '%s': sampling plan %s", model_id, self._plan.summary())
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -287,6 +411,37 @@ class Forecaster:
         return self._dtype
 
     @property
+    def plan(self) -> SamplingPlan:
+        """The sampling plan (see :class:`SamplingPlan`)."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: SamplingPlan) -> None:
+        if resolve_device(plan.device) != self._device or plan.dtype != self._dtype:
+            raise ValueError(f"a plan for {plan.device} {dtype_name(plan.dtype)} does not fit this forecaster "
+                             f"({self._device} {dtype_name(self._dtype)}); build a new Forecaster instead")
+        self._plan = plan
+        self._query_tokens = None
+        self._denoise_fn = self._build_denoise_fn(plan)
+
+    @property
+    def sample_batch_size(self) -> Optional[int]:
+        """Samples per denoiser/decoder call (None = all K); setting it (None or 0 = all) replaces :attr:`plan`."""
+        return self._plan.sample_batch_size
+
+    @sample_batch_size.setter
+    def sample_batch_size(self, value: Optional[int]) -> None:
+        self.plan = dataclasses.replace(self._plan, sample_batch_size=value or None)
+
+    def _build_denoise_fn(self, plan: SamplingPlan) -> Callable[..., torch.Tensor]:
+        """The callable the sampler evaluates: the denoiser itself, compiled, or a CUDA-graph replayer."""
+        if plan.use_cuda_graph:
+            return CudaGraphDenoiser(self.denoiser, None if self._dtype == torch.float32 else self._dtype)
+        if plan.use_compile:
+            return torch.compile(self.denoiser, dynamic=False)
+        return self.denoiser
+
+    @property
     def text_cache(self) -> _LRUCache:
         """The instruction-embedding cache (``hits``, ``misses``, ``len``)."""
         return self._text_cache
@@ -359,12 +514,24 @@ class Forecaster:
             return grid, torch.zeros_like(grid)
         from traj_forecast_ros.model.flow import latents_to_grid
 
-        with torch.inference_mode(), self._autocast():
-            mean, std = self.vae.encode(self._static_tracks, features)  # [1, T, L, C] each
+        with torch.inference_mode():
+            tokens = self.query_tokens()  # [1, T, L, C]
+            with self._autocast():
+                mean, std = self.vae.encode_tokens(tokens, features)  # [1, T, L, Z] each
         grid_size = self.vae.latent_grid
         mean = latents_to_grid(mean[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
         std = latents_to_grid(std[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
         return mean, std
+
+    def query_tokens(self) -> torch.Tensor:
+        """``[1, T, L, C]`` VAE tokens of the static query grid (image-independent; cached when the plan says so)."""
+        if self._query_tokens is not None:
+            return self._query_tokens
+        with torch.inference_mode():
+            tokens = self.vae.embed_tracks(self._static_tracks)  # [1, T, L, C], float32
+        if self._plan.cache_query_tokens:
+            self._query_tokens = tokens
+        return tokens
 
     def _draw_noise(self, num_samples: int, seed: int) -> torch.Tensor:
         """``[K, T, C, h, w]`` standard normal from a CPU generator seeded with ``seed``.
@@ -426,7 +593,9 @@ class Forecaster:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if not isinstance(steps, int) or steps < 2:
             raise ValueError(f"steps counts Euler time points including t=0 and t=1: need >= 2, got {steps!r}")
-        with self._lock, torch.inference_mode():
+        from traj_forecast_ros.model.layers import fast_kernels
+
+        with self._lock, torch.inference_mode(), fast_kernels(self._plan.fast_cpu_kernels):
             if self.denoiser is None:
                 raise TrajForecastError("this forecaster was released; create a new one")
             return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order)
@@ -466,7 +635,7 @@ class Forecaster:
             batch = part.stop - part.start
             with self._timed(timings, "denoise"), self._autocast():
                 final_state = euler_sample(
-                    self.denoiser, cond[part], flow_noise[part], features.expand(batch, -1, -1),
+                    self._denoise_fn, cond[part], flow_noise[part], features.expand(batch, -1, -1),
                     text.expand(batch, -1) if text is not None else None, steps=steps,
                 )  # [b, T, C, h, w]
             with self._timed(timings, "vae_decode"):
@@ -505,6 +674,7 @@ class Forecaster:
         """Drop the modules and caches and free accelerator memory; the forecaster cannot be used afterwards."""
         with self._lock:
             self.denoiser = self.vae = self.image_encoder = self.text_encoder = None
+            self._denoise_fn = self._query_tokens = None
             self._text_cache.clear()
             self._static_tracks = self._latent_scale = None
             if self._device.type == "cuda":

@@ -48,6 +48,19 @@ def test_linear_warmup_then_constant_learning_rate():
     np.testing.assert_allclose(rates, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
 
 
+def test_cosine_schedule_decays_to_the_minimum_ratio():
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = common.warmup_schedule(optimizer, warmup_steps=1, kind="cosine", total_steps=5, min_ratio=0.1)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warmup (step 0), then 0.1 + 0.9 * (1 + cos(pi * k / 4)) / 2 for k = 0..4, then held at the minimum
+    expected = [0.5] + [0.1 + 0.45 * (1 + np.cos(np.pi * k / 4)) for k in range(5)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)
+
+
 def test_batches_are_deterministic_and_disjoint_across_ranks():
     single = common.BatchPlan(10, 3, seed=1, info=common.DistInfo())
     again = common.BatchPlan(10, 3, seed=1, info=common.DistInfo())

@@ -167,10 +167,9 @@ def _record(args: argparse.Namespace) -> int:
     import time
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException
 
     from traj_forecast_ros.errors import BagError
-    from traj_forecast_ros.recorder_node import BagRecorder
+    from traj_forecast_ros.recorder_node import BagRecorder, ExternalShutdownException
 
     rclpy.init()
     try:

@@ -27,6 +27,8 @@ def _add_common(parser: argparse.ArgumentParser, steps: int, lr: float, batch: i
     parser.add_argument("--batch-size", type=int, default=batch, help=f"examples per step and GPU (default {batch})")
     parser.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
     parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then constant (default 100)")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                        help="after warmup: constant LR (official recipe) or cosine decay to 0.1 x lr")
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999); "
@@ -82,7 +84,7 @@ def _settings(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, schedule=args.schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
         precision=args.precision, log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed,
         device=args.device, progress=not args.no_progress,

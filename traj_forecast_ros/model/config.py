@@ -206,8 +206,8 @@ def tiny_config(text: bool = True, image_size: int = 32, grid: int = 8, num_fram
         ),
         image_encoder=ImageEncoderConfig(
             model_id=None,
-            config=dict(hidden_size=dino_dim, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        patch_size=dino_patch, image_size=image_size),
+            config=dict(hidden_size=dino_dim, num_hidden_layers=1, num_attention_heads=2, patch_size=dino_patch,
+                        image_size=image_size),
         ),
         text_encoder=TextEncoderConfig(
             model_id=None,

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Dict, Optional, Union
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from traj_forecast_ros.model.config import DENOISER_SIZES, DenoiserConfig
@@ -20,25 +20,23 @@ from traj_forecast_ros.model.layers import (
     Attention,
     Mlp,
     PatchEmbed,
+    RMSNorm,
+    compute_dtype,
     TimestepEmbedder,
     TrackPosEncoder,
+    folded_linear_params,
+    linear,
     modulate,
     pair,
+    shared_rows,
     sincos_1d_table,
     sincos_2d_table,
     token_grid,
+    use_fast_path,
 )
 
 BLOCK_NORM_EPS = 1e-6
 ADALN_CHUNKS = 7  # shift_msa, scale_msa, gate_msa, gate_mxa, shift_mlp, scale_mlp, gate_mlp
-
-
-def shared_rows(rows: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """Repeat per-sample rows [B, K] batch-major to [N, K] for N = B * G sequences (G sequences per sample)."""
-    groups, remainder = divmod(num_sequences, rows.shape[0])
-    if remainder:
-        raise ValueError(f"{num_sequences} sequences cannot share {rows.shape[0]} conditioning rows evenly")
-    return rows if groups == 1 else repeat(rows, "b k -> (b g) k", g=groups)
 
 
 class DenoiserBlock(nn.Module):
@@ -46,10 +44,10 @@ class DenoiserBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.norm1 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=False)
+        self.norm1 = RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=False)
         self.attn = Attention(hidden_size, num_heads)
         self.xattn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=False)
+        self.norm2 = RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, ADALN_CHUNKS * hidden_size))
 
@@ -57,14 +55,17 @@ class DenoiserBlock(nn.Module):
         """x [N, L, C] with conditioning vectors cond [B, C] and image context [B, M, C] -> [N, L, C].
 
         N = B * G: groups of G consecutive sequences share one conditioning vector and context (batch-major), so
-        the modulation and the context keys/values are computed once per sample.
+        the modulation and the context keys/values are computed once per sample. The modulations, gates and
+        residual adds are passed to the sublayers, which fold them into their weights on CPU inference.
         """
-        modulation = shared_rows(self.adaLN_modulation(cond), x.shape[0])  # (N, 7C)
+        modulation = self.adaLN_modulation(cond)  # (B, 7C)
         (shift_msa, scale_msa, gate_msa, gate_mxa,
-         shift_mlp, scale_mlp, gate_mlp) = modulation.chunk(ADALN_CHUNKS, dim=1)  # (N, C) each
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, L, C)
-        x = x + gate_mxa.unsqueeze(1) * self.xattn(x, context)  # (N, L, C), query neither normed nor modulated
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, L, C)
+         shift_mlp, scale_mlp, gate_mlp) = modulation.chunk(ADALN_CHUNKS, dim=1)  # (B, C) each
+        x = self.attn(self.norm1(x), input_scale=1 + scale_msa, input_shift=shift_msa, gate=gate_msa,
+                      residual=x)  # (N, L, C) = x + gate_msa * attn(modulate(norm1(x)))
+        x = self.xattn(x, context, gate=gate_mxa, residual=x)  # (N, L, C), query neither normed nor modulated
+        x = self.mlp(self.norm2(x), input_scale=1 + scale_mlp, input_shift=shift_mlp, gate=gate_mlp,
+                     residual=x)  # (N, L, C) = x + gate_mlp * mlp(modulate(norm2(x)))
         return x
 
 
@@ -73,14 +74,18 @@ class DenoiserFinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
         super().__init__()
-        self.norm_final = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=False)
+        self.norm_final = RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=False)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x [N, L, C], cond [B, C] shared by groups of N/B sequences -> [N, L, p*p*c]."""
-        shift, scale = shared_rows(self.adaLN_modulation(cond), x.shape[0]).chunk(2, dim=1)  # (N, C) each
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, L, p*p*c)
+        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)  # (B, C) each
+        x = self.norm_final(x)  # (N, L, C)
+        if shift.shape[0] == 1 and use_fast_path(x):  # one sample: fold the modulation into the output layer
+            return linear(x, *folded_linear_params(self.linear, 1 + scale[0], shift[0], dtype=compute_dtype(x)))  # (N, L, p*p*c)
+        rows = x.shape[0]
+        return self.linear(modulate(x, shared_rows(shift, rows), shared_rows(scale, rows)))  # (N, L, p*p*c)
 
 
 class LatteDenoiser(nn.Module):

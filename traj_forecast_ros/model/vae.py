@@ -19,8 +19,10 @@ from traj_forecast_ros.model.layers import (
     Attention,
     Mlp,
     PatchEmbed,
+    RMSNorm,
     TrackPosEncoder,
     pair,
+    rms_normalize,
     sincos_1d_table,
     sincos_2d_table,
     token_grid,
@@ -34,21 +36,28 @@ class VAEBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.norm1 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
+        self.norm1 = RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
         self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
+        self.norm2 = RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
         self.xattn = Attention(hidden_size, num_heads)
-        self.norm3 = nn.RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
+        self.norm3 = RMSNorm(hidden_size, eps=BLOCK_NORM_EPS, elementwise_affine=True)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.gate_msa = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.gate_mxa = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.gate_mlp = nn.Parameter(torch.zeros(1, 1, hidden_size))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [N, L, C] with context [N or N/G, M, C] (see ``Attention``) -> [N, L, C]."""
-        x = x + self.gate_msa * self.attn(self.norm1(x))  # (N, L, C)
-        x = x + self.gate_mxa * self.xattn(self.norm2(x), context)  # (N, L, C)
-        x = x + self.gate_mlp * self.mlp(self.norm3(x))  # (N, L, C)
+        """x [N, L, C] with context [N or N/G, M, C] (see ``Attention``) -> [N, L, C].
+
+        Each sublayer gets the unweighted RMSNorm of x plus the norm weight as an input scale, the gate and the
+        residual: on CPU inference they are folded into the sublayer's weights (same values, fewer passes).
+        """
+        x = self.attn(rms_normalize(x, self.norm1.eps), input_scale=self.norm1.weight, gate=self.gate_msa,
+                      residual=x)  # (N, L, C) = x + gate_msa * attn(norm1(x))
+        x = self.xattn(rms_normalize(x, self.norm2.eps), context, input_scale=self.norm2.weight,
+                       gate=self.gate_mxa, residual=x)  # (N, L, C) = x + gate_mxa * xattn(norm2(x), context)
+        x = self.mlp(rms_normalize(x, self.norm3.eps), input_scale=self.norm3.weight, gate=self.gate_mlp,
+                     residual=x)  # (N, L, C) = x + gate_mlp * mlp(norm3(x))
         return x
 
 
@@ -186,15 +195,35 @@ class TrajectoryVAE(nn.Module):
     def encode(self, tracks_norm: torch.Tensor, frame_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Posterior of normalised tracks [B, T, 2, H, W]: (mean, std) each [B, T, L, C], std = softplus(logvar/2).
 
-        Inputs are cast to the dtype of the weights.
+        Inputs are cast to the dtype of the weights. Same as ``encode_tokens(embed_tracks(tracks), features)``.
         """
         self._check_tracks(tracks_norm)
-        self._check_frame_features(frame_features)
-        tracks_norm, frame_features = tracks_norm.to(self.dtype), frame_features.to(self.dtype)
+        return self.encode_tokens(self.embed_tracks(tracks_norm), frame_features)
+
+    def embed_tracks(self, tracks_norm: torch.Tensor) -> torch.Tensor:
+        """Image-independent first stage of ``encode``: tracks [B, T, 2, H, W] -> tokens [B, T, L, C].
+
+        Fourier features, patch embedding and ``pos_embed``. A fixed query grid's tokens can be computed once and
+        reused with every image (:meth:`encode_tokens`).
+        """
+        self._check_tracks(tracks_norm)
         batch = tracks_norm.shape[0]
-        x = self.x_encoder(tracks_norm)  # (B, T, 2+F, H, W)
+        x = self.x_encoder(tracks_norm.to(self.dtype))  # (B, T, 2+F, H, W)
         x = rearrange(x, "b f c h w -> (b f) c h w")  # (B*T, 2+F, H, W)
         x = self.x_embedder(x) + self.pos_embed  # (B*T, L, C)
+        return rearrange(x, "(b f) l c -> b f l c", b=batch)  # (B, T, L, C)
+
+    def encode_tokens(self, tokens: torch.Tensor, frame_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Second stage of ``encode``: embedded tracks [B, T, L, C] (:meth:`embed_tracks`) -> (mean, std)
+        each [B, T, L, Z]."""
+        expected = (self.num_frames, self.num_latent_tokens, self.cfg.hidden_size)
+        if tokens.dim() != 4 or tuple(tokens.shape[1:]) != expected:
+            raise ValueError(f"VAE expects embedded tracks [B, {', '.join(map(str, expected))}], "
+                             f"got {tuple(tokens.shape)}")
+        self._check_frame_features(frame_features)
+        batch = tokens.shape[0]
+        x = rearrange(tokens.to(self.dtype), "b f l c -> (b f) l c")  # (B*T, L, C)
+        frame_features = frame_features.to(self.dtype)
         x = self._run_blocks(x, self.encoder_blocks, self._context(frame_features), add_temp_embed=True)
         x = rearrange(x, "(b f) l c -> b f l c", b=batch)  # (B, T, L, C)
         mean, logvar = self.to_latents(x).chunk(2, dim=-1)  # (B, T, L, Z) each

@@ -1,6 +1,7 @@
 """Training machinery shared by the VAE, flow and regressor stages.
 
-* :class:`TrainSettings`: optimiser (AdamW, linear warmup then constant LR), precision, clipping, EMA, logging and
+* :class:`TrainSettings`: optimiser (AdamW, linear warmup then constant LR as in the official recipe, or a cosine
+  decay), precision, clipping, EMA, logging and
   checkpoint cadence.
 * :class:`Trainer`: the loop. Each step draws a deterministic batch (a ``DistributedSampler`` permutation per epoch,
   so step ``s`` always sees the same samples), seeds a per-step ``torch.Generator`` for every random draw of the
@@ -43,6 +44,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 METRICS_FILE = "metrics.csv"
 PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine")
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -54,6 +56,8 @@ class TrainSettings:
     batch_size: int = 16  # per rank
     lr: float = 3e-4
     warmup_steps: int = 100
+    schedule: str = "constant"  # after warmup: constant (official recipe) or cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -66,6 +70,8 @@ class TrainSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got '{self.schedule}'")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got '{self.precision}'")
         if self.steps < 1 or self.batch_size < 1:
@@ -154,8 +160,23 @@ def sanitize_and_clip(parameters: Sequence[nn.Parameter], max_norm: float) -> fl
 
 def warmup_constant_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from ~0 to the base LR over ``warmup_steps``, then constant (the official LinearWarmupScheduler)."""
+    return warmup_schedule(optimizer, warmup_steps)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, kind: str = "constant",
+                    total_steps: int = 1, min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_steps``, then constant or a cosine decay reaching ``min_ratio`` at ``total_steps``."""
     warmup = max(int(warmup_steps), 0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ------------------------------------------------------------------------------------------------ EMA
@@ -363,7 +384,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.trainable, lr=settings.lr, betas=settings.betas,
                                            weight_decay=settings.weight_decay)
-        self.scheduler = warmup_constant_schedule(self.optimizer, settings.warmup_steps)
+        self.scheduler = warmup_schedule(self.optimizer, settings.warmup_steps, settings.schedule, settings.steps,
+                                         settings.min_lr_ratio)
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "fp16" and self.device.type == "cuda")
         self.ema = EMA(model, settings.ema_decay) if settings.ema_decay else None
         self.make_batch = make_batch
