@@ -17,10 +17,11 @@ extrapolates the ``steps - 1`` evaluations of a real forecast from their median:
 "extrapolated". Without real weights the architecture is built with random weights (DINOv2-L and CLIP-L text
 configs included), which costs the same time.
 
-Examples (2-core CPU; the first takes about 10 minutes)::
+Examples (2-core CPU; the first, the full figure set, took 5 minutes on one thread)::
 
-    .venv/bin/python bench/forecast_bench.py --samples 1,8 --dtype float32,bfloat16 --evals 3 --json bench.json
-    .venv/bin/python bench/forecast_bench.py --samples 1 --dtype float32 --evals 2   # a couple of minutes
+    .venv/bin/python bench/forecast_bench.py --samples 1,8 --dtype float32,bfloat16 --threads 1 --json bench.json
+    .venv/bin/python bench/forecast_bench.py --samples 1,8 --evals 2      # same figures, evaluations extrapolated
+    .venv/bin/python bench/forecast_bench.py --samples 8 --sample-batch-size 8 --evals 1 --no-official
     .venv/bin/python bench/forecast_bench.py --quick          # tiny model, seconds: checks the script itself
 """
 
@@ -363,9 +364,9 @@ def print_run(dtype: str, samples: int, steps: int, measured_steps: int, batch: 
     print(f"\n== ours, dtype {dtype}, K={samples}, steps={steps} ({label}), sample batch {chunk}")
     efficiency = print_stage_table(timings, per_stage, peak_gflops)
     if evals:
+        gflop_per_call = flops["denoiser_eval"] / 1e9 * min(chunk, samples)
         print(f"   denoiser evaluations: {len(evals)} calls, median {statistics.median(evals):.3f} s, "
-              f"min {min(evals):.3f} s, max {max(evals):.3f} s ({flops['denoiser_eval'] / 1e9 * min(chunk, samples):.1f}"
-              " GFLOP each)")
+              f"min {min(evals):.3f} s, max {max(evals):.3f} s ({gflop_per_call:.1f} GFLOP each)")
         print("   each: " + " ".join(f"{d:.3f}" for d in evals))
     total = timings["total"]
     tag = " (extrapolated)" if extrapolated else ""
@@ -516,8 +517,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\nbfloat16 vs float32 tracks, same seed and noise ({measured_steps - 1} evaluations per sample, input "
               f"pixels of a {image.shape[1]}x{image.shape[0]} image):")
         for samples, diff in differences.items():
-            print(f"   K={samples}: mean |difference| {diff['mean_px']:.3f} px (last frame {diff['frame_last_mean_px']:.3f}"
-                  f" px), max {diff['max_px']:.2f} px")
+            print(f"   K={samples}: mean |difference| {diff['mean_px']:.3f} px (last frame "
+                  f"{diff['frame_last_mean_px']:.3f} px), max {diff['max_px']:.2f} px")
 
     print("\nsummary (total seconds per forecast; efficiency = overall GFLOP/s / same-run matmul GFLOP/s):")
     for row in results:

@@ -119,9 +119,11 @@ def randomise_zero_parameters(module: torch.nn.Module, generator: torch.Generato
 
 
 # ---------------------------------------------------------------------------------------------- sampling plan
-# Samples per denoiser/decoder call, measured per device type (bench/forecast_bench.py --sample-batch-size): on the
-# 2-core CPU one sample at a time is fastest (batching adds cache pressure and prevents folding the per-sample
-# modulation into the weights); a GPU is only filled by batching, so all K go at once there.
+# Samples per denoiser/decoder call per device type. CPU: measured on the 2-core project machine (LIBERO-size
+# denoiser, one thread): batch 1 1.37 s/sample fp32 and 0.71 s bf16, batch 4 1.65 s and 1.04 s (batching adds
+# cache pressure and prevents folding the per-sample modulation into the weights). CUDA: not measured here (no GPU
+# on the project machines); a GPU is only filled by batching, so all K go at once. Re-measure with
+# ``bench/forecast_bench.py --sample-batch-size N``.
 DEFAULT_SAMPLE_BATCH_SIZE: Dict[str, Optional[int]] = {"cpu": 1, "cuda": None}
 
 
@@ -133,9 +135,11 @@ class SamplingPlan:
         device: where everything runs.
         dtype: compute dtype (autocast; parameters stay float32).
         sample_batch_size: samples per denoiser / VAE-decoder call; None = all K in one call.
-        fast_cpu_kernels: CPU inference kernels of :mod:`traj_forecast_ros.model.layers` (oneDNN GEMMs with fused
-            GELU / residual, per-sample modulation folded into the weights, explicit bfloat16 attention).
-        use_compile: run the denoiser through ``torch.compile`` (slow first call per shape; off by default).
+        fast_cpu_kernels: CPU inference kernels of :mod:`traj_forecast_ros.model.layers`: oneDNN GEMMs (fused
+            GELU) for the denoiser, the VAE and the encoders' linear layers, per-sample modulation folded into the
+            weights, explicit cache-blocked bfloat16 attention. Off: the plain PyTorch forward.
+        use_compile: run the denoiser through ``torch.compile`` (about 30 s for the first call per shape on the
+            project CPU; inside it inductor picks the kernels; off by default).
         use_cuda_graph: replay one captured denoiser evaluation per batch shape from static, pre-allocated input and
             output buffers (CUDA only; off by default: not exercised on the CPU-only project machines).
         cache_query_tokens: embed the static query grid once per forecaster instead of once per image.
@@ -459,6 +463,14 @@ class Forecaster:
             return nullcontext()
         return torch.autocast(device_type=self._device.type, dtype=self._dtype)
 
+    def _encoder_kernels(self):
+        """The encoders' linear layers through oneDNN on CPU when the plan uses the fast CPU kernels."""
+        if not (self._plan.fast_cpu_kernels and self._device.type == "cpu"):
+            return nullcontext()
+        from traj_forecast_ros.model.layers import OneDNNLinearMode
+
+        return OneDNNLinearMode()
+
     def _sync(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
@@ -475,7 +487,7 @@ class Forecaster:
         if not model_image.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
             model_image = model_image.copy()
         pixels = torch.from_numpy(np.ascontiguousarray(model_image)).unsqueeze(0)  # [1, h, w, 3] uint8
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), self._encoder_kernels():
             return self.image_encoder(pixels.to(self._device)).float()  # [1, N, D]
 
     def embed_instruction(self, instruction: str) -> torch.Tensor:
@@ -483,7 +495,7 @@ class Forecaster:
         cached = self._text_cache.get(instruction)
         if cached is not None:
             return cached
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), self._encoder_kernels():
             embedding = self.text_encoder([instruction]).float()  # [1, E]
         self._text_cache.put(instruction, embedding)
         return embedding

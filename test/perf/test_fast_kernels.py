@@ -16,6 +16,8 @@ from traj_forecast_ros.model.layers import (
     Attention,
     LearnableFourierFeatures,
     Mlp,
+    OneDNNLinearMode,
+    explicit_attention,
     fast_kernels,
     folded_linear_params,
     rms_normalize,
@@ -162,3 +164,31 @@ def test_rms_normalize_and_chunked_fourier_features() -> None:
     with torch.inference_mode():
         chunked = lff(points)
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_linear_mode_routes_third_party_linears() -> None:
+    """Encoders built by transformers use nn.Linear: the mode sends them through oneDNN with the same result."""
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 6))
+    x = torch.randn(3, 5, 12)
+    with torch.inference_mode():
+        expected = layer(x)
+        with OneDNNLinearMode():
+            assert oneDNN_calls(lambda: layer(x)) == 2
+            routed = layer(x)
+            with fast_kernels(False):
+                assert oneDNN_calls(lambda: layer(x)) == 0
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-6)
+    with OneDNNLinearMode():
+        assert oneDNN_calls(lambda: layer(x)) == 0  # autograd on: untouched
+
+
+@pytest.mark.parametrize("batch", [1, 9])  # 1 x 2 heads: per-head GEMMs; 9 x 2 heads: chunked batched GEMMs
+def test_explicit_attention_equals_sdpa(batch) -> None:
+    generator = torch.Generator().manual_seed(batch)
+    q, k, v = (torch.randn(batch, 2, length, 8, generator=generator) for length in (40, 7, 7))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, L, H, d)
+    with torch.inference_mode():
+        out = explicit_attention(q * 8**-0.5, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -83,7 +83,8 @@ class DenoiserFinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)  # (B, C) each
         x = self.norm_final(x)  # (N, L, C)
         if shift.shape[0] == 1 and use_fast_path(x):  # one sample: fold the modulation into the output layer
-            return linear(x, *folded_linear_params(self.linear, 1 + scale[0], shift[0], dtype=compute_dtype(x)))  # (N, L, p*p*c)
+            folded = folded_linear_params(self.linear, 1 + scale[0], shift[0], dtype=compute_dtype(x))
+            return linear(x, *folded)  # (N, L, p*p*c)
         rows = x.shape[0]
         return self.linear(modulate(x, shared_rows(shift, rows), shared_rows(scale, rows)))  # (N, L, p*p*c)
 

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 Size2 = Tuple[int, int]
 
 QK_NORM_EPS = 1e-5
 ATTENTION_SCORE_BYTES = 1 << 20  # explicit attention: score bytes per chunk (about one core's L2)
+PER_HEAD_GEMM_MAX_PAIRS = 16  # explicit attention: up to this many (sequence, head) pairs run as GEMMs
 LFF_ROWS_PER_CHUNK = 4096  # track points per chunk of the Fourier-feature MLP on CPU inference
 
 
@@ -48,8 +50,11 @@ def shared_rows(rows: torch.Tensor, num_sequences: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- fast kernels
 # On CPU, PyTorch runs float32 ``F.linear`` through MKL, which uses its AVX2 kernels on AMD processors (about 100
 # GFLOP/s per core on the project machines), while oneDNN's ``_linear_pointwise`` reaches about 240 GFLOP/s on the
-# same shapes and fuses a tanh-GELU or a residual add into the GEMM. It has no autograd formula, so it is used only
-# for inference (grad mode off) on CPU; training and GPUs keep ``F.linear``.
+# same shapes and can fuse the tanh-GELU into the GEMM. It has no autograd formula, so it is used only for
+# inference (grad mode off) on CPU; training and GPUs keep ``F.linear``. The other inference kernels here: per-sample
+# adaLN modulation, norm weights and gates folded into the weights (O(C^2) per call instead of passes over every
+# token), a single-reduction RMSNorm, and for bfloat16 an explicit, cache-blocked attention (the fused CPU kernel is
+# 2-3x slower in bfloat16).
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 FAST_DTYPES = (torch.float32, torch.bfloat16)
 _fast_kernels_enabled = True
@@ -89,9 +94,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def use_fast_path(x: torch.Tensor) -> bool:
-    """True for CPU inference (no autograd) in float32/bfloat16 with oneDNN available and fast kernels enabled."""
+    """True for CPU inference (no autograd) in float32/bfloat16 with oneDNN available and fast kernels enabled.
+
+    False while ``torch.compile`` traces (inductor makes its own kernel choices and cannot lower these ops).
+    """
     return (_fast_kernels_enabled and ONEDNN_LINEAR and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and compute_dtype(x) in FAST_DTYPES)
+            and compute_dtype(x) in FAST_DTYPES and not torch.compiler.is_compiling())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool = False,
@@ -118,6 +126,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], 
     if residual is not None:
         out = residual + out
     return out
+
+
+class OneDNNLinearMode(TorchFunctionMode):
+    """Routes every ``F.linear`` (so every ``nn.Linear``) of third-party modules, such as the transformers image
+    and text encoders, through :func:`linear` while active: oneDNN on CPU inference, unchanged elsewhere."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and args and use_fast_path(args[0]):
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if weight.dim() == 2 and x.dim() >= 2:
+                return linear(x, weight, bias)
+        return func(*args, **kwargs)
 
 
 def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -299,17 +321,28 @@ class Attention(nn.Module):
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T) v for pre-scaled q [B, H, L, d], k, v [B, H, M, d] -> [B, L, H, d] (heads-last, contiguous).
 
-    Runs over chunks of the batch whose score matrices fit in about a core's L2 cache (the softmax pass over
-    scores that spill to L3/DRAM costs as much as the two GEMMs).
+    Few long query sequences (the shared-context cross-attention: B*H <= 16) run as two oneDNN GEMMs per head with
+    k and v as the weights; otherwise batched GEMMs over chunks of the batch whose score matrices fit in about a
+    core's L2 cache (a softmax pass over scores that spill to L3/DRAM costs as much as the two GEMMs). The softmax
+    runs in float32: more exact, and faster than the reduced-precision kernel on CPU (measured).
     """
     batch, heads, length, head_dim = q.shape
     out = q.new_empty(batch, length, heads, head_dim)  # (B, L, H, d)
+    if batch * heads <= PER_HEAD_GEMM_MAX_PAIRS and ONEDNN_LINEAR:
+        for b in range(batch):
+            for h in range(heads):
+                scores = torch.ops.mkldnn._linear_pointwise(q[b, h], k[b, h].contiguous(), None, "none", [], "")
+                probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (L, M)
+                out[b, :, h] = torch.ops.mkldnn._linear_pointwise(probs, v[b, h].t().contiguous(), None, "none",
+                                                                  [], "")  # (L, d)
+        return out
     score_bytes = heads * length * k.shape[2] * q.element_size()
     per_chunk = max(1, ATTENTION_SCORE_BYTES // max(1, score_bytes))
     for start in range(0, batch, per_chunk):
         part = slice(start, start + per_chunk)
         scores = torch.matmul(q[part], k[part].transpose(-1, -2))  # (b, H, L, M)
-        out[part] = torch.matmul(torch.softmax(scores, dim=-1), v[part]).transpose(1, 2)  # (b, L, H, d)
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (b, H, L, M)
+        out[part] = torch.matmul(probs, v[part]).transpose(1, 2)  # (b, L, H, d)
     return out
 
 
