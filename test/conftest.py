@@ -22,3 +22,14 @@ def shared_images() -> Path:
     if not SHARED_IMAGES.is_dir():
         pytest.fail(f"real test frames missing: {SHARED_IMAGES} (clone next to ../shared)")
     return SHARED_IMAGES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """Tiny models run faster on one intra-op thread than on two on the shared 2-core machine (nothing is timed)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

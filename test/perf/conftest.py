@@ -1,20 +1,11 @@
-"""Performance-path tests run tiny models on one intra-op thread (the 2-core machine is shared); nothing is timed."""
+"""Performance-path tests: the official-style reference forward from the module benchmark; nothing is timed."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 MODULE_BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_model_modules.py"
-
-
-@pytest.fixture(autouse=True, scope="package")
-def single_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="package")

@@ -29,8 +29,8 @@ from traj_forecast_ros.model.layers import (
     modulate,
     pair,
     shared_rows,
-    sincos_1d_table,
-    sincos_2d_table,
+    init_latte_weights,
+    latte_sincos_tables,
     token_grid,
     use_fast_path,
 )
@@ -142,29 +142,11 @@ class LatteDenoiser(nn.Module):
     # ------------------------------------------------------------------------------------------ init
     def sincos_tables(self) -> Dict[str, torch.Tensor]:
         """The fixed tables this architecture defines, by state-dict name (each [1, n, hidden])."""
-        hidden = self.cfg.hidden_size
-        return {
-            "pos_embed": sincos_2d_table(hidden, self.token_grid).unsqueeze(0),
-            "temp_embed": sincos_1d_table(hidden, self.num_frames).unsqueeze(0),
-            "frame_embed": sincos_2d_table(hidden, self.frame_token_grid).unsqueeze(0),
-        }
+        return latte_sincos_tables(self.cfg.hidden_size, self.token_grid, self.num_frames, self.frame_token_grid)
 
     def initialize_weights(self) -> None:
         """DiT init: Xavier linears and patch conv, N(0, 0.02) time MLP, zero adaLN and output layers."""
-
-        def xavier_linear(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(xavier_linear)
-        with torch.no_grad():
-            for name, table in self.sincos_tables().items():
-                getattr(self, name).copy_(table)
-        conv_weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_latte_weights(self, self.sincos_tables(), self.x_embedder)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:

@@ -530,3 +530,36 @@ def token_grid(num_tokens: Union[int, Size2]) -> Size2:
             )
         return (side, side)
     return pair(num_tokens)
+
+
+def latte_sincos_tables(
+    hidden: int, token_grid_size: Size2, num_frames: int, frame_token_grid: Size2
+) -> "dict[str, torch.Tensor]":
+    """The fixed tables of a Latte-style model by state-dict name, each ``[1, n, hidden]``.
+
+    ``pos_embed`` over the (rows, cols) token grid of one frame, ``temp_embed`` over the frames, ``frame_embed`` over
+    the DINO token grid.
+    """
+    return {
+        "pos_embed": sincos_2d_table(hidden, token_grid_size).unsqueeze(0),
+        "temp_embed": sincos_1d_table(hidden, num_frames).unsqueeze(0),
+        "frame_embed": sincos_2d_table(hidden, frame_token_grid).unsqueeze(0),
+    }
+
+
+def init_latte_weights(model: nn.Module, tables: "dict[str, torch.Tensor]", patch_embed: PatchEmbed) -> None:
+    """Shared init of the denoiser and the VAE: Xavier linears and patch conv, zero biases, fixed sin-cos tables."""
+
+    def xavier_linear(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    model.apply(xavier_linear)
+    with torch.no_grad():
+        for name, table in tables.items():
+            getattr(model, name).copy_(table)
+    conv_weight = patch_embed.proj.weight
+    nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
+    nn.init.zeros_(patch_embed.proj.bias)

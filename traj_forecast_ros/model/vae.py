@@ -23,8 +23,8 @@ from traj_forecast_ros.model.layers import (
     TrackPosEncoder,
     pair,
     rms_normalize,
-    sincos_1d_table,
-    sincos_2d_table,
+    init_latte_weights,
+    latte_sincos_tables,
     token_grid,
 )
 
@@ -124,29 +124,11 @@ class TrajectoryVAE(nn.Module):
     # ------------------------------------------------------------------------------------------ init
     def sincos_tables(self) -> Dict[str, torch.Tensor]:
         """The fixed tables this architecture defines, by state-dict name (each [1, n, hidden])."""
-        hidden = self.cfg.hidden_size
-        return {
-            "pos_embed": sincos_2d_table(hidden, self.latent_grid).unsqueeze(0),
-            "temp_embed": sincos_1d_table(hidden, self.num_frames).unsqueeze(0),
-            "frame_embed": sincos_2d_table(hidden, self.frame_token_grid).unsqueeze(0),
-        }
+        return latte_sincos_tables(self.cfg.hidden_size, self.latent_grid, self.num_frames, self.frame_token_grid)
 
     def initialize_weights(self) -> None:
         """Xavier linears and patch conv, fixed sin-cos tables, zero output head (gates are zero already)."""
-
-        def xavier_linear(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(xavier_linear)
-        with torch.no_grad():
-            for name, table in self.sincos_tables().items():
-                getattr(self, name).copy_(table)
-        conv_weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(conv_weight.view(conv_weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_latte_weights(self, self.sincos_tables(), self.x_embedder)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
