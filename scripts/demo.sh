@@ -4,7 +4,9 @@
 #   forecast_bag/  the node's live outputs (forecasts, markers, overlays, diagnostics), recorded as a rosbag2
 #   overlay.gif    forecast tracks animated over the camera frames
 #   summary.json   frames in, forecasts out, drops by reason, latency p50/p95 (also printed)
-# Options (environment): DEMO_MODEL=<registry name or model dir>, DEMO_RATE=<playback speed, default 1>,
+# The bag is played at 0.1x (one frame per second) so a 2-core CPU answers every frame; DEMO_RATE=1 plays it at the
+# recorded 10 Hz, and the node then skips the frames it has no time for (counted as "superseded").
+# Options (environment): DEMO_MODEL=<registry name or model dir>, DEMO_RATE=<playback speed, default 0.1>,
 #   DEMO_TOPIC=<image topic, default /agentview/image_raw>, DEMO_OUT=<folder, default outputs>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +23,4 @@ else  # best model available offline (demo-blocks ships with the repo); untraine
 fi
 echo "demo: replaying data/sample_bag/libero_two_views through forecast_node (outputs in $OUT/)"
 exec .venv/bin/python -m traj_forecast_ros.cli bag replay data/sample_bag/libero_two_views "$OUT" "${model_args[@]}" \
-  --topic "${DEMO_TOPIC:-/agentview/image_raw}" --rate "${DEMO_RATE:-1.0}"
+  --topic "${DEMO_TOPIC:-/agentview/image_raw}" --rate "${DEMO_RATE:-0.1}"

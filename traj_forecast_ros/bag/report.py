@@ -103,7 +103,7 @@ def overlay_animation_frames(
         tracks = forecast_arrays(forecast)["tracks"]
         chosen = tracks[min(sample, tracks.shape[0] - 1)] * scale  # [T, H, W, 2] in enlarged pixels
         step = stride or max(1, max(chosen.shape[1:3]) // 16)
-        animated = forecast_frames(large, chosen, stride=step, thickness=max(1, scale // 2))
+        animated = forecast_frames(large, chosen, stride=step, thickness=max(1, scale - 1))
         shown = np.unique(np.linspace(0, len(animated) - 1, max(2, steps)).round().astype(int))
         frames.extend(animated[i] for i in shown)
     return frames

@@ -156,7 +156,8 @@ class DatasetWriter:
             tracks = tracks[None]
         expected = (meta.num_rollouts, meta.num_frames, *meta.query_grid, 2)
         if tracks.shape != expected:
-            raise DatasetError(f"{where}: tracks must be [R, T, Hq, Wq, 2] = {list(expected)}, got {list(tracks.shape)}")
+            raise DatasetError(f"{where}: tracks must be [R, T, Hq, Wq, 2] = {list(expected)}, "
+                               f"got {list(tracks.shape)}")
         if not np.isfinite(tracks).all():
             raise DatasetError(f"{where}: tracks contain NaN/Inf (fill occluded points: every point needs a position)")
         values = {"images": image, "tracks": tracks.astype(np.float32)}

@@ -135,9 +135,9 @@ def _random_color(rng: np.random.Generator) -> Tuple[float, float, float]:
 def _random_body(rng: np.random.Generator, shape: Optional[str] = None) -> BodySpec:
     shape = shape or ("box" if rng.uniform() < 0.65 else "ball")
     if shape == "box":
-        size = (float(rng.uniform(14, 32)), float(rng.uniform(14, 32)))
+        size = (float(rng.uniform(22, 40)), float(rng.uniform(18, 36)))
     else:
-        radius = float(rng.uniform(8, 14))
+        radius = float(rng.uniform(11, 18))
         size = (radius, radius)
     return BodySpec(shape, size, (0.0, 0.0), 0.0, _random_color(rng), int(rng.integers(0, 3)))
 
@@ -146,15 +146,6 @@ def _bounding_radius(body: BodySpec) -> float:
     if body.shape == "ball":
         return body.size[0]
     return 0.5 * math.hypot(*body.size)
-
-
-def _half_height(body: BodySpec) -> float:
-    """Half the vertical extent of an axis-aligned (angle 0) body."""
-    return body.size[0] if body.shape == "ball" else 0.5 * body.size[1]
-
-
-def _half_width(body: BodySpec) -> float:
-    return body.size[0] if body.shape == "ball" else 0.5 * body.size[0]
 
 
 def _free_x(rng: np.random.Generator, half_width: float, taken: List[Tuple[float, float]], size: int,
@@ -187,7 +178,8 @@ def _place_on_ground(rng: np.random.Generator, ground_y: float, size: int, taken
     return bodies
 
 
-def _scene_fall(rng, size, ground_y):
+def _scene_fall(rng: np.random.Generator, size: int, ground_y: float) -> Tuple[List[BodySpec], List[np.ndarray]]:
+    """Bodies released in the air above 0-2 resting ones."""
     taken: List[Tuple[float, float]] = []
     bodies = _place_on_ground(rng, ground_y, size, taken, int(rng.integers(0, 3)))
     airborne: List[BodySpec] = []
@@ -206,7 +198,9 @@ def _scene_fall(rng, size, ground_y):
     return bodies + airborne, []
 
 
-def _scene_stack(rng, size, ground_y, max_overhang: float = 0.65):
+def _scene_stack(rng: np.random.Generator, size: int, ground_y: float, max_overhang: float = 0.65
+                 ) -> Tuple[List[BodySpec], List[np.ndarray]]:
+    """A stack of 2-3 boxes with random overhangs, plus maybe a resting body beside it."""
     levels = int(rng.integers(2, 4))
     bodies: List[BodySpec] = []
     x = float(rng.uniform(30, size - 30))
@@ -215,6 +209,8 @@ def _scene_stack(rng, size, ground_y, max_overhang: float = 0.65):
     for _ in range(levels):
         body = _random_body(rng, "box")
         width, height = body.size
+        if top - height < 8:  # keep the whole stack in view
+            break
         if below_width is not None:
             x = x + float(rng.uniform(-max_overhang, max_overhang)) * below_width
         x = min(max(x, 0.5 * width + 2), size - 0.5 * width - 2)
@@ -227,9 +223,10 @@ def _scene_stack(rng, size, ground_y, max_overhang: float = 0.65):
     return bodies, []
 
 
-def _scene_topple(rng, size, ground_y):
+def _scene_topple(rng: np.random.Generator, size: int, ground_y: float) -> Tuple[List[BodySpec], List[np.ndarray]]:
+    """A tall box standing tilted on one corner (plus maybe a resting body)."""
     body = _random_body(rng, "box")
-    width, height = float(rng.uniform(9, 16)), float(rng.uniform(30, 46))
+    width, height = float(rng.uniform(12, 20)), float(rng.uniform(36, 52))
     body.size = (width, height)
     tilt = float(rng.uniform(-0.5, 0.5))
     body.angle = tilt
@@ -242,7 +239,8 @@ def _scene_topple(rng, size, ground_y):
     return [body] + others, []
 
 
-def _scene_ramp(rng, size, ground_y):
+def _scene_ramp(rng: np.random.Generator, size: int, ground_y: float) -> Tuple[List[BodySpec], List[np.ndarray]]:
+    """A ball or box near the top of a fixed wedge."""
     height = float(rng.uniform(25, 55))
     length = float(rng.uniform(45, 80))
     left = rng.uniform() < 0.5
@@ -262,7 +260,7 @@ def _scene_ramp(rng, size, ground_y):
     if body.shape == "ball":
         centre = contact + normal * body.size[0]
     else:
-        body.size = (float(rng.uniform(12, 20)), float(rng.uniform(12, 20)))
+        body.size = (float(rng.uniform(16, 26)), float(rng.uniform(16, 26)))
         centre = contact + normal * 0.5 * body.size[1]
         body.angle = math.atan2(down[1], down[0]) if left else math.atan2(-down[1], -down[0])
     body.position = (float(centre[0]), float(centre[1]))
@@ -271,7 +269,8 @@ def _scene_ramp(rng, size, ground_y):
     return [body] + others, [ramp]
 
 
-def _scene_slide(rng, size, ground_y):
+def _scene_slide(rng: np.random.Generator, size: int, ground_y: float) -> Tuple[List[BodySpec], List[np.ndarray]]:
+    """Bodies on the ground with visible motion blur (speed shown, direction hidden)."""
     taken: List[Tuple[float, float]] = []
     bodies = _place_on_ground(rng, ground_y, size, taken, int(rng.integers(1, 3)))
     for body in bodies:
@@ -281,9 +280,10 @@ def _scene_slide(rng, size, ground_y):
     return bodies, []
 
 
-def _scene_rest(rng, size, ground_y):
+def _scene_rest(rng: np.random.Generator, size: int, ground_y: float) -> Tuple[List[BodySpec], List[np.ndarray]]:
+    """Bodies resting flat on the ground, maybe a well-centred stack: nothing can move."""
     taken: List[Tuple[float, float]] = []
-    bodies = _place_on_ground(rng, ground_y, size, taken, int(rng.integers(1, 5)))
+    bodies = _place_on_ground(rng, ground_y, size, taken, int(rng.integers(1, 4)))
     if rng.uniform() < 0.35:  # a stable two-box stack
         base, top = _random_body(rng, "box"), _random_body(rng, "box")
         x = _free_x(rng, 0.5 * max(base.size[0], top.size[0]), taken, size)
@@ -524,7 +524,8 @@ def render(layout: SceneLayout, pose: np.ndarray, config: GeneratorConfig,
 
     for ramp in layout.ramps:
         inside = _inside_convex(points, ramp)
-        ramp_color = np.array([0.55, 0.52, 0.48]) * (1.0 + 0.06 * _value_noise(texture_rng, (full, full), 10))[..., None]
+        grain = 1.0 + 0.06 * _value_noise(texture_rng, (full, full), 10)
+        ramp_color = np.array([0.55, 0.52, 0.48]) * grain[..., None]
         image = np.where(inside[..., None], ramp_color, image)
 
     for k, body in enumerate(layout.bodies):

@@ -159,13 +159,13 @@ def sanitize_and_clip(parameters: Sequence[nn.Parameter], max_norm: float) -> fl
 
 
 def warmup_constant_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from ~0 to the base LR over ``warmup_steps``, then constant (the official LinearWarmupScheduler)."""
+    """Linear warmup from ~0 to the base LR over ``warmup_steps``, then constant (official LinearWarmupScheduler)."""
     return warmup_schedule(optimizer, warmup_steps)
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, kind: str = "constant",
                     total_steps: int = 1, min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup_steps``, then constant or a cosine decay reaching ``min_ratio`` at ``total_steps``."""
+    """Linear warmup over ``warmup_steps``, then constant, or cosine decay reaching ``min_ratio`` at ``total_steps``."""
     warmup = max(int(warmup_steps), 0)
 
     def factor(step: int) -> float:
@@ -454,7 +454,8 @@ class Trainer:
         """One optimisation step at ``self.step``; returns the logged values."""
         settings = self.settings
         self.objective.train()
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.make_batch(self.plan.indices(self.step)).items()}
+        batch = self.make_batch(self.plan.indices(self.step))
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         generator = step_generator(settings.seed, self.step, self.info.rank, self.device)
         with autocast_context(self.device, settings.precision):
             losses = self.wrapped(**batch, generator=generator)
@@ -474,7 +475,8 @@ class Trainer:
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         return values
 
-    def fit(self, resume: bool = False, on_log: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
+    def fit(self, resume: bool = False,
+            on_log: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
         """Train until ``settings.steps``; checkpoints every ``checkpoint_every`` steps and at the end.
 
         Returns the last logged values. Non-finite losses are logged and the step still counts (their gradients are

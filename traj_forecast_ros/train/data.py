@@ -29,7 +29,8 @@ FEATURE_BATCH = 64
 def encoder_fingerprint(encoder: torch.nn.Module, image_size) -> str:
     """Short hash of an encoder's weights, preprocessing flags and input size (the feature cache key)."""
     digest = hashlib.sha256()
-    digest.update(repr((tuple(image_size), getattr(encoder, "resize", None), getattr(encoder, "drop_cls", None))).encode())
+    flags = (tuple(image_size), getattr(encoder, "resize", None), getattr(encoder, "drop_cls", None))
+    digest.update(repr(flags).encode())
     for key, value in sorted(encoder.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().float().contiguous().numpy().tobytes())

@@ -74,7 +74,8 @@ def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices:
     outputs = []
     for i in loop:
         image = dataset.gather("images", [indices[i]])[0]
-        outputs.append(forecaster.forecast(image, num_samples=num_samples, steps=steps, seed=seed + int(indices[i])).tracks)
+        forecast = forecaster.forecast(image, num_samples=num_samples, steps=steps, seed=seed + int(indices[i]))
+        outputs.append(forecast.tracks)
     return np.stack(outputs)
 
 

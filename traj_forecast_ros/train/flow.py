@@ -112,7 +112,8 @@ def latent_scale_from(latents: Dict[str, np.ndarray]) -> list:
     return [float(v) for v in np.sqrt(mean.var(0) + (std**2).mean(0))]
 
 
-def _text_embeddings(config: ModelConfig, model_dir: Optional[PathLike], device: torch.device) -> Optional[torch.Tensor]:
+def _text_embeddings(config: ModelConfig, model_dir: Optional[PathLike],
+                     device: torch.device) -> Optional[torch.Tensor]:
     """``[1, E]`` embedding of the config's default instruction for language-conditioned models, else None."""
     if config.text_encoder is None or config.denoiser.text_embed_dim is None:
         return None
@@ -171,7 +172,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         dataset.meta.check_model_geometry(config)
         features = image_features(dataset, encoder, out_dir, info.device, progress=settings.progress and info.is_main)
         examples = TrackExamples(dataset, features, config)
-        latents = cached_latents(vae, examples, config, out_dir, info.device, progress=settings.progress and info.is_main)
+        latents = cached_latents(vae, examples, config, out_dir, info.device,
+                                 progress=settings.progress and info.is_main)
         if config.latent_scale is None:
             config.latent_scale = latent_scale_from(latents)
             log.info("latent scale measured on the training set: %s", config.latent_scale)

@@ -41,13 +41,13 @@ def _blocks_config(name: str, grid: int, frames: int, dino: Dict, vae: Dict, den
 
 
 def demo_blocks_config() -> ModelConfig:
-    """The ``demo-blocks`` model: VAE 96-wide, depth 4 + 4 (patch 4 -> 8 x 8 latent tokens x 8 channels), denoiser 128-wide,
-    depth 6, patch 2 (4 x 4 tokens per frame), tiny random DINOv2 (192-d, 2 layers, 64 tokens)."""
+    """The ``demo-blocks`` model: VAE 96-wide, depth 4 + 4 (patch 4 -> 8 x 8 latent tokens x 8 channels, beta 1e-4),
+    denoiser 128-wide, depth 6, patch 2 (4 x 4 tokens per frame), tiny random DINOv2 (192-d, 2 layers, 64 tokens)."""
     return _blocks_config(
         "demo-blocks", grid=32, frames=12,
         dino=dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=2, patch_size=16),
         vae=dict(patch_size=4, hidden_size=96, encoder_depth=4, decoder_depth=4, num_heads=2, latent_channels=8,
-                 pos_embed_dim=16, beta=1e-5),
+                 pos_embed_dim=16, beta=1e-4),
         denoiser=dict(patch_size=2, hidden_size=128, depth=6, num_heads=2),
     )
 
