@@ -39,11 +39,11 @@ def best_offline_model(cache_dir: Optional[str] = None) -> Tuple[str, str]:
     if has_libero and _cuda_available():
         return LIBERO_MODEL, "LIBERO weights are downloaded and a CUDA GPU is available"
     if _available(DEMO_MODEL, cache_dir):
-        reason = "the model shipped with the package"
+        reason = "the model shipped with the package, trained on synthetic block scenes"
         if has_libero:
-            reason += " (LIBERO weights are downloaded, but without a GPU they take tens of seconds per sample)"
+            reason += "; LIBERO weights are downloaded, but without a GPU they take tens of seconds per sample"
         else:
-            reason += f" (for LIBERO-quality forecasts: `traj-forecast download {LIBERO_MODEL}`, GPU recommended)"
+            reason += f"; for LIBERO-trained forecasts: `traj-forecast download {LIBERO_MODEL}` (GPU recommended)"
         return DEMO_MODEL, reason
     if has_libero:
         return LIBERO_MODEL, "the only model available offline (slow on a CPU)"
