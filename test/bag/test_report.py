@@ -44,5 +44,9 @@ def test_gif_keeps_frames_and_durations(tmp_path):
             red, green, blue = np.asarray(gif.convert("RGB"))[5, 5 + 10 * index].astype(int)
             assert red > 200 and green > 200 and blue < 80  # the moving yellow patch, within palette error
         assert durations == [100, 100, 500]
+    exact = save_gif(frames, tmp_path / "exact.gif", [100] * 3, exact_colors=np.array([[255, 255, 0]]))
+    with Image.open(exact) as gif:
+        gif.seek(2)
+        assert tuple(np.asarray(gif.convert("RGB"))[5, 25]) == (255, 255, 0)  # kept exactly, not approximated
     with pytest.raises(BagError):
         save_gif([], tmp_path / "b.gif", [])

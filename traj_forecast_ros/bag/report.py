@@ -109,16 +109,24 @@ def overlay_animation_frames(
     return frames
 
 
-def save_gif(frames: Sequence[np.ndarray], path: PathLike, durations_ms: Sequence[int]) -> Path:
+def save_gif(frames: Sequence[np.ndarray], path: PathLike, durations_ms: Sequence[int],
+             exact_colors: Optional[np.ndarray] = None) -> Path:
     """Animated GIF with one palette for all frames and no dithering: unchanged pixels stay identical from frame
-    to frame, so the file is about 10x smaller than with a palette (and dither noise) per frame."""
+    to frame, so the file is about 10x smaller than with a palette (and dither noise) per frame.
+
+    ``exact_colors`` (``[N, 3]`` uint8, N < 128) are put into the palette as they are (e.g. the track colour ramp),
+    the rest of the palette is fitted to the frames."""
     if not frames:
         raise BagError("no frames to animate")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    exact = np.zeros((0, 3), np.uint8) if exact_colors is None else np.asarray(exact_colors, np.uint8).reshape(-1, 3)
     samples = frames[:: max(1, len(frames) // 8)][:8]
-    palette = PILImage.fromarray(np.concatenate(samples, axis=0)).quantize(colors=256,
-                                                                           method=PILImage.Quantize.MEDIANCUT)
+    fitted = PILImage.fromarray(np.concatenate(samples, axis=0)).quantize(colors=256 - len(exact),
+                                                                          method=PILImage.Quantize.MEDIANCUT)
+    entries = np.asarray(fitted.getpalette()[: 3 * (256 - len(exact))], np.uint8).reshape(-1, 3)
+    palette = PILImage.new("P", (1, 1))
+    palette.putpalette(np.concatenate([exact, entries]).reshape(-1).tolist())
     indexed = [PILImage.fromarray(frame).quantize(palette=palette, dither=PILImage.Dither.NONE) for frame in frames]
     indexed[0].save(path, save_all=True, append_images=indexed[1:], duration=list(durations_ms), loop=0)
     return path
@@ -141,7 +149,10 @@ def write_overlay_gif(
     if not forecasts:
         raise BagError(f"{forecast_bag} holds no forecast on {forecast_topic}: nothing to animate")
     images = read_images(image_bag, image_topic, [stamp for stamp, _ in forecasts])
+    from traj_forecast_ros.viz import time_colors
+
     frames = overlay_animation_frames(forecasts, images, scale=scale, steps=steps)
     per_forecast = len(frames) // len(forecasts)
     durations = [hold_ms if (i + 1) % per_forecast == 0 else step_ms for i in range(len(frames))]
-    return save_gif(frames, out, durations)
+    ramp = time_colors(int(forecasts[0][1].num_frames))
+    return save_gif(frames, out, durations, exact_colors=ramp)
