@@ -1,4 +1,4 @@
-"""``traj-forecast``: the command-line interface (works without ROS, except the ``bag play`` subcommand)."""
+"""``traj-forecast``: the command-line interface (works without ROS, except ``bag play/record/replay`` (rclpy) and ``bag run`` (ROS message packages))."""
 
 from __future__ import annotations
 

@@ -103,6 +103,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Euler time points (default: the node's steps, 10)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image (default 0)")
     parser.add_argument("--instruction", default=None, help="task instruction for language-conditioned models")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 avoids contention on a busy machine)")
 
 
 def _fail(message: str) -> int:
@@ -194,6 +196,13 @@ def _record(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from traj_forecast_ros.bag.offline import run_bag
     from traj_forecast_ros.errors import TrajForecastError
+
+    if args.threads is not None:
+        if args.threads < 1:
+            return _fail(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     try:
         result = run_bag(
