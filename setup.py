@@ -1,6 +1,7 @@
 """ament_python package traj_forecast_ros (also pip-installable for the ROS-free core)."""
 
 from glob import glob
+from os.path import isfile
 
 from setuptools import find_packages, setup
 
@@ -17,7 +18,8 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*")),
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
         (f"share/{PACKAGE}/models", glob("models/*.yaml")),
-        (f"share/{PACKAGE}/models/demo-blocks", glob("models/demo-blocks/*")),
+        (f"share/{PACKAGE}/models/demo-blocks", [f for f in glob("models/demo-blocks/*") if isfile(f)]),
+        (f"share/{PACKAGE}/models/demo-blocks/image_encoder", glob("models/demo-blocks/image_encoder/*")),
     ],
     package_data={PACKAGE: ["py.typed"]},
     install_requires=["setuptools"],

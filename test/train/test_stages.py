@@ -80,19 +80,6 @@ def test_flow_steps_lower_the_loss(tiny_data, tiny_vae_run, tmp_path):
     assert fixed_loss(objective, every) < 0.9 * before
 
 
-def test_flow_objective_can_train_on_posterior_means():
-    config = tiny_blocks_config()
-    denoiser = LatteDenoiser(config.denoiser)
-    mean, std = torch.randn(2, 4, 16, 4), torch.rand(2, 4, 16, 4)
-    scale = [2.0] * 4
-    exact = FlowObjective(denoiser, scale, (4, 4), latent_sample="mean").scaled_grid(mean, std, None)
-    torch.testing.assert_close(exact, (mean / 2.0).reshape(2, 4, 4, 4, 4).permute(0, 1, 4, 2, 3))
-    drawn = FlowObjective(denoiser, scale, (4, 4)).scaled_grid(mean, std, torch.Generator().manual_seed(0))
-    assert not torch.allclose(drawn, exact)  # official recipe: a posterior draw
-    with pytest.raises(ValueError, match="latent_sample"):
-        FlowObjective(denoiser, scale, (4, 4), latent_sample="mode")
-
-
 def test_regressor_steps_lower_the_loss_and_round_trip(tiny_data, tiny_vae_run, tmp_path, make_settings):
     config = tiny_blocks_config()
     falling = tmp_path / "falling"  # scenes where zero motion is clearly wrong

@@ -64,8 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                               "--init FILE.pth)")
     flow.add_argument("--init", type=Path, default=None, help="fine-tune: a model directory or an official .pth")
     flow.add_argument("--config", default=None, help="config of an official .pth (preset name or YAML)")
-    flow.add_argument("--latent-sample", choices=("posterior", "mean"), default="posterior",
-                      help="train on VAE posterior draws (official) or on posterior means (no decoded jitter)")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
@@ -119,7 +117,7 @@ def _train_flow(args: argparse.Namespace) -> int:
     return _report(train_flow(args.data, args.out, settings,
                               vae_dir=None if official else args.vae, init=args.init,
                               official_config=official_config, official_vae=args.vae if official else None,
-                              resume=args.resume, latent_sample=args.latent_sample))
+                              resume=args.resume))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -259,13 +259,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     generator = torch.Generator(device=device)
     generator.manual_seed(int(mixed) & ((1 << 63) - 1))
     return generator
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -524,16 +517,3 @@ class Trainer:
         if self.ema is not None:
             return {k: v.clone() for k, v in self.ema.shadow.items()}
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-
-def finite_or_raise(values: Mapping[str, float], what: str) -> None:
-    """Raise ``FloatingPointError`` naming the entries of ``values`` that are not finite."""
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"{what}: non-finite values {bad}")
-
-
-def iterate_chunks(count: int, chunk: int) -> Iterator[slice]:
-    """Slices ``[0:chunk], [chunk:2 chunk], ...`` covering ``range(count)``."""
-    for start in range(0, count, chunk):
-        yield slice(start, min(start + chunk, count))

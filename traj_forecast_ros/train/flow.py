@@ -32,7 +32,6 @@ from traj_forecast_ros.train.data import TrackExamples, encoder_fingerprint, ima
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 16
-LATENT_SAMPLES = ("posterior", "mean")
 PathLike = Union[str, Path]
 
 
@@ -40,27 +39,19 @@ class FlowObjective(nn.Module):
     """Rectified-flow loss of a denoiser on precomputed VAE posteriors.
 
     ``forward(latent_mean, latent_std [B, T, L, C], cond_mean, cond_std [B, 1, L, C], features [B, N, D],
-    text_embeds [B, E] | None, generator) -> dict(loss)``.
-
-    ``latent_sample="posterior"`` (official recipe) trains on posterior draws ``mean + std * eps``;
-    ``"mean"`` trains on the posterior means, so generated latents decode without the VAE's posterior noise (a
-    weakly regularised VAE decodes its own posterior noise as sub-pixel jitter of points that do not move).
+    text_embeds [B, E] | None, generator) -> dict(loss)``. Both the data latents and the conditioning frame are
+    posterior draws ``mean + std * eps`` (the official recipe; the sampler also draws the conditioning frame).
     """
 
-    def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int],
-                 latent_sample: str = "posterior") -> None:
+    def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int]) -> None:
         super().__init__()
-        if latent_sample not in LATENT_SAMPLES:
-            raise ValueError(f"latent_sample must be one of {LATENT_SAMPLES}, got '{latent_sample}'")
         self.denoiser = denoiser
         self.latent_grid = tuple(latent_grid)
-        self.latent_sample = latent_sample
         self.register_buffer("vae_scale", 1.0 / torch.tensor(latent_scale, dtype=torch.float32), persistent=False)
 
     def scaled_grid(self, mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Posterior sample (or mean) ``[B, T, L, C]`` -> scaled denoiser layout ``[B, T, C, h, w]``."""
-        z = mean if self.latent_sample == "mean" else TrajectoryVAE.sample_posterior(mean, std, generator)
-        z = z * self.vae_scale  # (B, T, L, C)
+        """Posterior sample ``[B, T, L, C]`` -> scaled denoiser layout ``[B, T, C, h, w]``."""
+        z = TrajectoryVAE.sample_posterior(mean, std, generator) * self.vae_scale  # (B, T, L, C)
         return latents_to_grid(z, self.latent_grid)  # (B, T, C, h, w)
 
     def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, cond_mean: torch.Tensor,
@@ -136,8 +127,7 @@ def _text_embeddings(config: ModelConfig, model_dir: Optional[PathLike],
 
 def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
                init: Optional[PathLike] = None, official_config: Optional[ModelConfig] = None,
-               official_vae: Optional[PathLike] = None, resume: bool = False,
-               latent_sample: str = "posterior") -> Dict[str, float]:
+               official_vae: Optional[PathLike] = None, resume: bool = False) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
@@ -190,7 +180,7 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
             log.info("latent scale measured on the training set: %s", config.latent_scale)
         text = _text_embeddings(config, encoder_dir, info.device)
 
-        objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, latent_sample)
+        objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid)
         num_rollouts = examples.num_rollouts
 
         def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
