@@ -35,12 +35,9 @@ from visualization_msgs.msg import MarkerArray
 
 from traj_forecast_ros.conversions import (
     compressed_msg_to_rgb,
-    forecast_to_msg,
     image_msg_to_rgb,
-    rgb_to_image_msg,
 )
 from traj_forecast_ros.errors import InvalidImageError
-from traj_forecast_ros.markers import ImagePlane, forecast_markers, lifetime_from_period
 from traj_forecast_ros.node_params import PARAMETER_SPECS, PARAMETERS
 from traj_forecast_ros.node_runtime import (
     OUT_OF_MEMORY,
@@ -50,7 +47,7 @@ from traj_forecast_ros.node_runtime import (
     classify_error,
     reason_category,
 )
-from traj_forecast_ros.viz import draw_tracks
+from traj_forecast_ros.outputs import OutputBuilder
 
 try:  # rclpy >= Galactic
     from rclpy.executors import ExternalShutdownException
@@ -166,7 +163,8 @@ class ForecastNode(LifecycleNode):
 
         self._forecaster: Any = None
         self._model_info: Dict[str, str] = {}
-        self._model_frame_interval = 0.0  # the model config's frame_interval_s, used when the parameter is 0
+        self._outputs = OutputBuilder(self.param, warn=lambda text: self.get_logger().warning(
+            text, throttle_duration_sec=10.0))
         self._model_lock = threading.Lock()  # one forecaster call at a time; release waits for it
         self._instruction = str(self.get_parameter("instruction").value)
         self._stats = PipelineStats(window=self.param("stats_window"))
@@ -307,7 +305,7 @@ class ForecastNode(LifecycleNode):
         with self._model_lock:
             self._forecaster = forecaster
         config = getattr(forecaster, "config", None)
-        self._model_frame_interval = float(getattr(config, "frame_interval_s", None) or 0.0)
+        self._outputs.model_frame_interval = float(getattr(config, "frame_interval_s", None) or 0.0)
         self._model_info = {"model_id": str(getattr(forecaster, "model_id", model)),
                             "device": str(getattr(forecaster, "device", device)),
                             "dtype": str(getattr(forecaster, "dtype", dtype)).replace("torch.", "")}
@@ -388,33 +386,12 @@ class ForecastNode(LifecycleNode):
 
     def _publish_outputs(self, frame: Frame, rgb: np.ndarray, forecast: Any) -> None:
         header = self._output_header(frame.message.header)
-        frame_interval = float(self.param("frame_interval")) or self._model_frame_interval
-        self._forecast_pub.publish(forecast_to_msg(forecast, header, frame_interval=frame_interval,
-                                                   moving_threshold=float(self.param("moving_threshold"))))
+        self._forecast_pub.publish(self._outputs.forecast_msg(forecast, header))
         if self._markers_pub.get_subscription_count() > 0:
-            self._markers_pub.publish(self._build_markers(forecast, header))
+            self._markers_pub.publish(self._outputs.markers(forecast, header, self._camera_info,
+                                                            self._stats.forecast_rate.period()))
         if self._overlay_pub.get_subscription_count() > 0:
-            sample = min(int(self.param("overlay_sample")), forecast.num_samples - 1)
-            overlay = draw_tracks(rgb, forecast.tracks[sample], stride=int(self.param("overlay_stride")))
-            self._overlay_pub.publish(rgb_to_image_msg(overlay, header))
-
-    def _build_markers(self, forecast: Any, header: Header) -> MarkerArray:
-        depth = float(self.param("marker_plane_depth"))
-        image_size = tuple(forecast.image_size)
-        plane = None
-        if self._camera_info is not None:
-            try:
-                plane = ImagePlane.from_camera_info(self._camera_info, image_size, depth)
-            except ValueError as exc:
-                self.get_logger().warning(f"ignoring CameraInfo: {exc}", throttle_duration_sec=10.0)
-        if plane is None:
-            plane = ImagePlane.from_pixel_size(image_size, float(self.param("marker_pixel_size")), depth)
-        lifetime = lifetime_from_period(self._stats.forecast_rate.period(),
-                                        float(self.param("marker_lifetime_periods")),
-                                        fallback_s=max(float(forecast.timings.get("total", 0.0)), 1.0))
-        return forecast_markers(forecast.tracks, header, plane, stride=int(self.param("marker_stride")),
-                                lifetime_s=lifetime, line_width=float(self.param("marker_line_width")),
-                                max_samples=int(self.param("marker_samples")))
+            self._overlay_pub.publish(self._outputs.overlay(forecast, rgb, header))
 
     # ---------------------------------------------------------------- diagnostics (executor thread)
     def publish_diagnostics(self) -> None:

@@ -220,11 +220,35 @@ def save_animation(frames: Union[np.ndarray, Sequence[np.ndarray]], path: Union[
     suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".gif":
-        images = [Image.fromarray(frame) for frame in frames]
-        duration_ms = int(round(1000.0 / fps))
-        images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+        write_gif(frames, path, [int(round(1000.0 / fps))] * len(frames))
     elif suffix in (".png", ".jpg", ".jpeg"):
         Image.fromarray(frames[-1]).save(path)
     else:
         raise ValueError(f"unsupported output format '{suffix}' for {path}: use .gif (animation) or .png/.jpg (still)")
+    return path
+
+
+def write_gif(frames: Sequence[np.ndarray], path: Union[str, Path], durations_ms: Sequence[int],
+              exact_colors: Optional[np.ndarray] = None) -> Path:
+    """Animated GIF with one palette for all frames and no dithering.
+
+    Unchanged pixels stay identical from frame to frame, so the file is about 10x smaller than with a palette
+    (and dither noise) per frame. ``exact_colors`` (``[N, 3]`` uint8, N < 128) go into the palette as they are (e.g.
+    the track colour ramp); the rest of the palette is fitted to the frames.
+    """
+    from PIL import Image  # local import: Pillow is only needed when saving
+
+    if len(frames) == 0:
+        raise ValueError("write_gif needs at least one frame")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exact = np.zeros((0, 3), np.uint8) if exact_colors is None else np.asarray(exact_colors, np.uint8).reshape(-1, 3)
+    samples = list(frames[:: max(1, len(frames) // 8)][:8])
+    fitted = Image.fromarray(np.concatenate(samples, axis=0)).quantize(colors=256 - len(exact),
+                                                                       method=Image.Quantize.MEDIANCUT)
+    entries = np.asarray(fitted.getpalette()[: 3 * (256 - len(exact))], np.uint8).reshape(-1, 3)
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(np.concatenate([exact, entries]).reshape(-1).tolist())
+    indexed = [Image.fromarray(frame).quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
+    indexed[0].save(path, save_all=True, append_images=indexed[1:], duration=list(durations_ms), loop=0)
     return path

@@ -29,15 +29,6 @@ def make_settings():
     return settings
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: keep every training test on one core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """12 scenes x 2 rollouts, kinds cycled so every kind (incl. resting scenes) appears."""

@@ -56,54 +56,6 @@ def frame_period_s(stamps_ns: Sequence[int]) -> Optional[float]:
     return float(np.median(np.diff(np.asarray(stamps_ns, dtype=np.int64)))) / 1e9
 
 
-class OutputBuilder:
-    """Builds the node's three outputs for one forecast, with the node's parameters (as ``forecast_node`` does).
-
-    ``model_frame_interval``: the model config's seconds between forecast frames, used when the
-    ``frame_interval`` parameter is 0.
-    """
-
-    def __init__(self, params: Dict[str, Any], model_frame_interval: float = 0.0) -> None:
-        self.params = params
-        self.frame_interval = float(params["frame_interval"]) or float(model_frame_interval or 0.0)
-
-    def forecast_msg(self, forecast: Any, header: Any) -> Any:
-        """``TrajectoryForecast`` carrying the source header."""
-        from traj_forecast_ros.conversions import forecast_to_msg
-
-        return forecast_to_msg(forecast, header, frame_interval=self.frame_interval,
-                               moving_threshold=float(self.params["moving_threshold"]))
-
-    def markers(self, forecast: Any, header: Any, camera_info: Any, period_s: Optional[float]) -> Any:
-        """``MarkerArray`` on the image plane (pinhole from ``camera_info`` when given)."""
-        from traj_forecast_ros.markers import ImagePlane, forecast_markers, lifetime_from_period
-
-        depth = float(self.params["marker_plane_depth"])
-        image_size = tuple(forecast.image_size)
-        plane = None
-        if camera_info is not None:
-            try:
-                plane = ImagePlane.from_camera_info(camera_info, image_size, depth)
-            except ValueError as exc:
-                log.warning("ignoring CameraInfo: %s", exc)
-        if plane is None:
-            plane = ImagePlane.from_pixel_size(image_size, float(self.params["marker_pixel_size"]), depth)
-        lifetime = lifetime_from_period(period_s, float(self.params["marker_lifetime_periods"]),
-                                        fallback_s=max(float(forecast.timings.get("total", 0.0)), 1.0))
-        return forecast_markers(forecast.tracks, header, plane, stride=int(self.params["marker_stride"]),
-                                lifetime_s=lifetime, line_width=float(self.params["marker_line_width"]),
-                                max_samples=int(self.params["marker_samples"]))
-
-    def overlay(self, forecast: Any, rgb: np.ndarray, header: Any) -> Any:
-        """Overlay ``Image``: one sample's tracks drawn over the source frame."""
-        from traj_forecast_ros.conversions import rgb_to_image_msg
-        from traj_forecast_ros.viz import draw_tracks
-
-        sample = min(int(self.params["overlay_sample"]), forecast.num_samples - 1)
-        drawn = draw_tracks(rgb, forecast.tracks[sample], stride=int(self.params["overlay_stride"]))
-        return rgb_to_image_msg(drawn, header)
-
-
 def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
     """CDR bytes -> (rclpy message, uint8 RGB)."""
     from rclpy.serialization import deserialize_message
@@ -184,7 +136,9 @@ def run_bag(
             model, model_note = best_offline_model()
         forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype, download=False)
     config = getattr(forecaster, "config", None)
-    builder = OutputBuilder(settings, getattr(config, "frame_interval_s", None) or 0.0)
+    from traj_forecast_ros.outputs import OutputBuilder
+
+    builder = OutputBuilder(settings.__getitem__, getattr(config, "frame_interval_s", None) or 0.0)
 
     stamps: Dict[str, List[int]] = {t: [] for t in image_topics}
     for message in read_messages(in_bag, image_topics):

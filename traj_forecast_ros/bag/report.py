@@ -111,25 +111,13 @@ def overlay_animation_frames(
 
 def save_gif(frames: Sequence[np.ndarray], path: PathLike, durations_ms: Sequence[int],
              exact_colors: Optional[np.ndarray] = None) -> Path:
-    """Animated GIF with one palette for all frames and no dithering: unchanged pixels stay identical from frame
-    to frame, so the file is about 10x smaller than with a palette (and dither noise) per frame.
+    """:func:`traj_forecast_ros.viz.write_gif` (one shared palette), with :class:`BagError` when there is nothing to
+    animate."""
+    from traj_forecast_ros.viz import write_gif
 
-    ``exact_colors`` (``[N, 3]`` uint8, N < 128) are put into the palette as they are (e.g. the track colour ramp),
-    the rest of the palette is fitted to the frames."""
     if not frames:
         raise BagError("no frames to animate")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    exact = np.zeros((0, 3), np.uint8) if exact_colors is None else np.asarray(exact_colors, np.uint8).reshape(-1, 3)
-    samples = frames[:: max(1, len(frames) // 8)][:8]
-    fitted = PILImage.fromarray(np.concatenate(samples, axis=0)).quantize(colors=256 - len(exact),
-                                                                          method=PILImage.Quantize.MEDIANCUT)
-    entries = np.asarray(fitted.getpalette()[: 3 * (256 - len(exact))], np.uint8).reshape(-1, 3)
-    palette = PILImage.new("P", (1, 1))
-    palette.putpalette(np.concatenate([exact, entries]).reshape(-1).tolist())
-    indexed = [PILImage.fromarray(frame).quantize(palette=palette, dither=PILImage.Dither.NONE) for frame in frames]
-    indexed[0].save(path, save_all=True, append_images=indexed[1:], duration=list(durations_ms), loop=0)
-    return path
+    return write_gif(frames, path, durations_ms, exact_colors=exact_colors)
 
 
 def write_overlay_gif(

@@ -1,0 +1,66 @@
+"""The forecast node's three outputs for one forecast, built from its parameters (no rclpy node needed).
+
+Used by ``forecast_node`` (live) and ``bag run`` (offline) so both publish identical messages:
+``TrajectoryForecast``, the ``MarkerArray`` on the camera's image plane, and the overlay ``Image``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from traj_forecast_ros.conversions import forecast_to_msg, rgb_to_image_msg
+from traj_forecast_ros.markers import ImagePlane, forecast_markers, lifetime_from_period
+from traj_forecast_ros.viz import draw_tracks
+
+log = logging.getLogger(__name__)
+
+
+class OutputBuilder:
+    """Builds forecast, markers and overlay messages, reading the node's parameters through ``param(name)``.
+
+    ``param`` is read on every call, so live parameter changes take effect. ``model_frame_interval`` (the model
+    config's seconds between forecast frames) is used when the ``frame_interval`` parameter is 0. ``warn`` reports an
+    unusable CameraInfo (the node passes a throttled logger).
+    """
+
+    def __init__(self, param: Callable[[str], Any], model_frame_interval: float = 0.0,
+                 warn: Optional[Callable[[str], None]] = None) -> None:
+        self.param = param
+        self.model_frame_interval = float(model_frame_interval or 0.0)
+        self.warn = warn or log.warning
+
+    def frame_interval(self) -> float:
+        """Seconds between forecast frames: the parameter, else the model's own value, else 0 (unknown)."""
+        return float(self.param("frame_interval")) or self.model_frame_interval
+
+    def forecast_msg(self, forecast: Any, header: Any) -> Any:
+        """``TrajectoryForecast`` carrying the source header."""
+        return forecast_to_msg(forecast, header, frame_interval=self.frame_interval(),
+                               moving_threshold=float(self.param("moving_threshold")))
+
+    def markers(self, forecast: Any, header: Any, camera_info: Any, period_s: Optional[float]) -> Any:
+        """``MarkerArray`` on the image plane (pinhole from ``camera_info`` when given, else the pixel scale)."""
+        depth = float(self.param("marker_plane_depth"))
+        image_size = tuple(forecast.image_size)
+        plane = None
+        if camera_info is not None:
+            try:
+                plane = ImagePlane.from_camera_info(camera_info, image_size, depth)
+            except ValueError as exc:
+                self.warn(f"ignoring CameraInfo: {exc}")
+        if plane is None:
+            plane = ImagePlane.from_pixel_size(image_size, float(self.param("marker_pixel_size")), depth)
+        lifetime = lifetime_from_period(period_s, float(self.param("marker_lifetime_periods")),
+                                        fallback_s=max(float(forecast.timings.get("total", 0.0)), 1.0))
+        return forecast_markers(forecast.tracks, header, plane, stride=int(self.param("marker_stride")),
+                                lifetime_s=lifetime, line_width=float(self.param("marker_line_width")),
+                                max_samples=int(self.param("marker_samples")))
+
+    def overlay(self, forecast: Any, rgb: np.ndarray, header: Any) -> Any:
+        """Overlay ``Image``: one sample's tracks drawn over the source frame."""
+        sample = min(int(self.param("overlay_sample")), forecast.num_samples - 1)
+        drawn = draw_tracks(rgb, forecast.tracks[sample], stride=int(self.param("overlay_stride")))
+        return rgb_to_image_msg(drawn, header)
