@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 
@@ -105,6 +106,19 @@ class BagPlayer:
                 self.close()
         stats.wall_s = time.monotonic() - started
         return stats
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every matched reliable subscriber has acknowledged what was published.
+
+        A reader that discovers this publisher late still gets reliable messages by retransmission, but only
+        while the publisher exists: call this before destroying the node. Returns False on timeout.
+        """
+        deadline = time.monotonic() + timeout_s
+        acked = True
+        for publisher in self.publishers.values():
+            left = max(0.0, deadline - time.monotonic())
+            acked = publisher.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))) and acked
+        return acked
 
     def close(self) -> None:
         """Stop publishing ``/clock``."""

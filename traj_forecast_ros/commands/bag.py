@@ -153,6 +153,8 @@ def _play(args: argparse.Namespace) -> int:
                 print(f"no subscriber yet on {waiting}; playing anyway", file=sys.stderr)
         print(f"playing {args.bag} ({', '.join(player.topics)}) at {args.rate}x{' in a loop' if args.loop else ''}")
         stats = player.play(stop)
+        if not player.flush():
+            print("some subscribers did not acknowledge every message within 5 s", file=sys.stderr)
     except BagError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
