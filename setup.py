@@ -20,6 +20,8 @@ setup(
         (f"share/{PACKAGE}/models", glob("models/*.yaml")),
         (f"share/{PACKAGE}/models/demo-blocks", [f for f in glob("models/demo-blocks/*") if isfile(f)]),
         (f"share/{PACKAGE}/models/demo-blocks/image_encoder", glob("models/demo-blocks/image_encoder/*")),
+        (f"share/{PACKAGE}/data/sample_bag", ["data/sample_bag/README.md"]),
+        (f"share/{PACKAGE}/data/sample_bag/libero_two_views", glob("data/sample_bag/libero_two_views/*")),
     ],
     package_data={PACKAGE: ["py.typed"]},
     install_requires=["setuptools"],

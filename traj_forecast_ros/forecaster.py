@@ -7,7 +7,8 @@
 * once per image: validation, colour conversion and centre-crop/resize (:mod:`traj_forecast_ros.geometry`),
   the DINOv2 patch tokens, and the VAE posterior of the static query grid (the conditioning frame);
 * once per distinct instruction: the CLIP pooled embedding (bounded LRU cache);
-* per sample: a conditioning latent drawn from that posterior (``mean + std * eps``), ``steps - 1`` Euler
+* per sample: a conditioning latent drawn from that posterior (``mean + std * eps``; the mean itself for models
+  trained with ``latent_draw: mean``), ``steps - 1`` Euler
   evaluations of the denoiser and one VAE decode, run in chunks of ``plan.sample_batch_size`` samples (1 on CPU,
   where batching measured slower; all K on GPU).
 
@@ -592,7 +593,8 @@ class Forecaster:
             seed: seed of the noise (None: a fresh random seed, reported in the result).
             initial_noise: optional standard-normal tensor ``[K, T-1, C, h, w]`` (flow state of frames 1..T-1; the
                 conditioning latent is then the posterior mean) or ``[K, T, C, h, w]`` (frame 0 = eps of the
-                conditioning draw). When given nothing random is drawn and ``seed`` is ignored.
+                conditioning draw; ignored by ``latent_draw: mean`` models). When given nothing random is drawn
+                and ``seed`` is ignored.
             color_order: channel order of ``image`` (see :func:`traj_forecast_ros.geometry.to_rgb`).
 
         Returns:
@@ -634,11 +636,11 @@ class Forecaster:
         with self._timed(timings, "vae_encode"):
             mean, std = self.condition_posterior(features)  # [1, 1, C, h, w] each
             noise = noise.to(self._device)
-            if noise.shape[1] == self.latent_shape[0]:  # frame 0 holds the conditioning eps
+            if noise.shape[1] == self.latent_shape[0] and self._config.latent_draw == "sample":  # frame 0: cond eps
                 cond_eps, flow_noise = noise[:, :1], noise[:, 1:]
                 cond = mean + std * cond_eps  # [K, 1, C, h, w]
-            else:
-                flow_noise = noise
+            else:  # no conditioning eps given, or a model trained on posterior means
+                flow_noise = noise[:, 1:] if noise.shape[1] == self.latent_shape[0] else noise
                 cond = mean.expand(num_samples, -1, -1, -1, -1)  # [K, 1, C, h, w]
         chunk = self.sample_batch_size or num_samples
         tracks_norm = []

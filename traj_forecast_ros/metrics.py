@@ -230,14 +230,20 @@ def mean_displacement(pred: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ summary
+STATIC_MOVING_THRESHOLD_PX = 2.0  # a point of a resting scene "moves" when its final displacement exceeds this
+
+
 def evaluate_predictions(pred: np.ndarray, gt: np.ndarray, object_ids: Optional[np.ndarray] = None,
                          kinds: Optional[Sequence[Optional[str]]] = None,
-                         static_kinds: Sequence[str] = ("rest",)) -> Dict[str, float]:
+                         static_kinds: Sequence[str] = ("rest",),
+                         moving_threshold_px: float = STATIC_MOVING_THRESHOLD_PX) -> Dict[str, float]:
     """Every metric for ``pred [N, K, T, Hq, Wq, 2]`` against ``gt [N, R, T, Hq, Wq, 2]``.
 
     Keys: ``best_of_k_mse``, ``mean_of_k_mse``, ``fvmd`` (all N*K samples vs all N*R rollouts), ``lrtl`` (needs
     ``object_ids``), ``diversity``, ``mean_displacement``, ``gt_mean_displacement`` and, when ``kinds`` marks
-    scenes of a kind in ``static_kinds``, ``static_mean_displacement`` / ``static_max_displacement`` on them.
+    scenes of a kind in ``static_kinds``, on them: ``static_mean_displacement``, ``static_median_displacement``,
+    ``static_max_displacement`` (final displacement ``|x_{T-1} - x_0|`` of every point of every sample, pixels) and
+    ``static_moving_share`` (share of those points that move more than ``moving_threshold_px``).
     """
     pred = np.asarray(pred, dtype=np.float64)
     gt = np.asarray(gt, dtype=np.float64)
@@ -262,5 +268,7 @@ def evaluate_predictions(pred: np.ndarray, gt: np.ndarray, object_ids: Optional[
         if static.any():
             moved = np.linalg.norm(pred[static][:, :, -1] - pred[static][:, :, 0], axis=-1)  # [S, K, Hq, Wq]
             results["static_mean_displacement"] = float(moved.mean())
+            results["static_median_displacement"] = float(np.median(moved))
             results["static_max_displacement"] = float(moved.max())
+            results["static_moving_share"] = float((moved > moving_threshold_px).mean())
     return results

@@ -145,6 +145,10 @@ def test_evaluate_predictions_reports_static_scene_motion():
     assert result["best_of_k_mse"] == pytest.approx((0.0 + 0.0) / 2)
     assert result["static_max_displacement"] == pytest.approx(1.0)
     assert result["static_mean_displacement"] == pytest.approx(0.5)
+    assert result["static_median_displacement"] == pytest.approx(0.5)  # half of the 200 points moved 1 px
+    assert result["static_moving_share"] == 0.0  # 1 px is under the 2 px threshold
+    strict = metrics.evaluate_predictions(pred, gt, kinds=["slide", "rest"], moving_threshold_px=0.5)
+    assert strict["static_moving_share"] == pytest.approx(0.5)
     assert result["gt_mean_displacement"] == pytest.approx((7.0 + 0.0) / 2)
     assert result["lrtl"] == pytest.approx(0.0, abs=1e-6)
     assert {"fvmd", "diversity", "mean_of_k_mse"} <= set(result)

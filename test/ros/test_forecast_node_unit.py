@@ -201,3 +201,30 @@ def test_package_manifest_lists_what_the_node_imports():
         assert f"<exec_depend>{dependency}</exec_depend>" in manifest, dependency
     msgs_manifest = Path(REPO / "msgs" / "traj_forecast_msgs" / "package.xml").read_text()
     assert "<member_of_group>rosidl_interface_packages</member_of_group>" in msgs_manifest
+
+
+def test_setup_installs_everything_a_ros_install_needs(monkeypatch):
+    """colcon installs setup.py's data_files: launch, config, RViz, registry, the demo model and the sample bag."""
+    import runpy
+
+    import setuptools
+
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.chdir(REPO)
+    runpy.run_path(str(REPO / "setup.py"), run_name="__main__")
+    installed = {}
+    for target, files in captured["data_files"]:
+        for name in files:
+            assert (REPO / name).is_file(), name
+            installed[f"{target}/{Path(name).name}"] = name
+    share = "share/traj_forecast_ros"
+    for path in ("package.xml", "launch/forecast.launch.py", "config/forecast.yaml", "config/fastdds_large_data.xml",
+                 "rviz/forecast.rviz", "models/registry.yaml", "models/demo-blocks/config.yaml",
+                 "models/demo-blocks/denoiser.safetensors", "models/demo-blocks/vae.safetensors",
+                 "data/sample_bag/libero_two_views/metadata.yaml",
+                 "data/sample_bag/libero_two_views/libero_two_views.mcap"):
+        assert f"{share}/{path}" in installed, path
+    encoder_files = [p for p in installed if p.startswith(f"{share}/models/demo-blocks/image_encoder/")]
+    assert encoder_files, "demo-blocks' image encoder is not installed"
+    assert "forecast_node = traj_forecast_ros.forecast_node:main" in captured["entry_points"]["console_scripts"]

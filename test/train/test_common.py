@@ -27,6 +27,29 @@ def test_ema_follows_the_documented_decay_schedule():
     assert restored.decay == 0.9 and restored.num_updates == 2
 
 
+def test_ema_copies_fixed_tables_and_buffers_exactly():
+    """Frozen parameters (the denoiser's sin-cos tables) and buffers are copied, not averaged: no rounding drift."""
+    from traj_forecast_ros.model.config import tiny_config
+    from traj_forecast_ros.model.denoiser import LatteDenoiser
+
+    torch.manual_seed(0)
+    model = LatteDenoiser(tiny_config().denoiser)
+    ema = common.EMA(model, decay=0.999)
+    for _ in range(300):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.01)
+        ema.update(model)
+    tables = model.sincos_tables()
+    assert tables
+    for name, table in tables.items():
+        assert torch.equal(ema.shadow[name], getattr(model, name).detach()), name
+        assert torch.equal(ema.shadow[name], table.to(ema.shadow[name].dtype)), name
+    trainable = next(name for name, p in model.named_parameters() if p.requires_grad)
+    assert not torch.equal(ema.shadow[trainable], model.state_dict()[trainable])  # trainable weights lag behind
+
+
 def test_non_finite_gradients_are_zeroed_then_clipped():
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
     a.grad = torch.tensor([float("nan"), 3.0, float("inf")])

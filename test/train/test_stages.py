@@ -168,3 +168,44 @@ def test_dataset_that_does_not_match_the_model_is_refused(tiny_data, tmp_path, m
     config = dataclasses.replace(tiny_blocks_config(), num_frames=6)
     with pytest.raises(DatasetError, match="frames"):
         train_vae(tiny_data, tmp_path / "bad", config, make_settings(steps=1))
+
+
+def test_mean_latent_draw_trains_on_posterior_means_and_is_saved(tiny_data, tiny_vae_run, tmp_path, make_settings):
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.train.flow import latent_scale_from
+
+    config, vae, _ = load_vae_dir(tiny_vae_run)
+    mean = torch.randn(2, 4, 16, 4)
+    wide, narrow = torch.full_like(mean, 5.0), torch.full_like(mean, 0.01)
+    objective = FlowObjective(LatteDenoiser(config.denoiser), [1.0] * 4, vae.latent_grid, latent_draw="mean")
+    a = objective.scaled_grid(mean, wide, torch.Generator().manual_seed(0))
+    b = objective.scaled_grid(mean, narrow, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)  # the posterior std plays no part
+    sampled = FlowObjective(objective.denoiser, [1.0] * 4, vae.latent_grid).scaled_grid(
+        mean, wide, torch.Generator().manual_seed(0))
+    assert not torch.allclose(sampled, a)
+    with pytest.raises(ValueError, match="latent_draw"):
+        FlowObjective(objective.denoiser, [1.0] * 4, vae.latent_grid, latent_draw="median")
+
+    # scale: std of the means only (a constant posterior std of 3 adds 9 to the variance of the draws)
+    latents = {"mean": np.stack([np.full((4, 16, 4), -1.0), np.full((4, 16, 4), 1.0)]).astype(np.float32),
+               "std": np.full((2, 4, 16, 4), 3.0, np.float32)}
+    np.testing.assert_allclose(latent_scale_from(latents, "mean"), [1.0] * 4)
+    np.testing.assert_allclose(latent_scale_from(latents, "sample"), [np.sqrt(10.0)] * 4)
+
+    out = tmp_path / "mean_run"
+    train_flow(tiny_data, out, make_settings(steps=2), vae_dir=tiny_vae_run, latent_draw="mean")
+    assert ModelConfig.load_yaml(out / "config.yaml").latent_draw == "mean"
+    forecaster = Forecaster.from_pretrained(out, device="cpu")
+    image = TrajectoryDataset(tiny_data)[0].image
+    T, C, h, w = forecaster.latent_shape
+    flow = torch.randn(2, T - 1, C, h, w, generator=torch.Generator().manual_seed(0))
+    full = torch.cat([100.0 * torch.ones(2, 1, C, h, w), flow], dim=1)  # a huge conditioning eps is ignored
+    np.testing.assert_array_equal(forecaster.forecast(image, num_samples=2, initial_noise=full).tracks,
+                                  forecaster.forecast(image, num_samples=2, initial_noise=flow).tracks)
+
+
+def test_model_config_rejects_an_unknown_latent_draw():
+    with pytest.raises(ValueError, match="latent_draw"):
+        ModelConfig(latent_draw="median")
+    assert ModelConfig.from_dict(ModelConfig(latent_draw="mean").to_dict()).latent_draw == "mean"

@@ -20,7 +20,8 @@ def test_generate_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert main(["train", "vae", "--data", str(data), "--out", str(tmp_path / "vae"), "--config", "tiny-blocks",
                  *quick]) == 0
     assert main(["train", "flow", "--data", str(data), "--vae", str(tmp_path / "vae"), "--out",
-                 str(tmp_path / "flow"), "--ema-decay", "0.9", *quick]) == 0
+                 str(tmp_path / "flow"), "--ema-decay", "0.9", "--latent-draw", "mean", *quick]) == 0
+    assert "latent_draw: mean" in (tmp_path / "flow" / "config.yaml").read_text()
     assert main(["train", "regressor", "--data", str(data), "--encoder", str(tmp_path / "vae"), "--out",
                  str(tmp_path / "regressor"), *quick]) == 0
     capsys.readouterr()

@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                               "--init FILE.pth)")
     flow.add_argument("--init", type=Path, default=None, help="fine-tune: a model directory or an official .pth")
     flow.add_argument("--config", default=None, help="config of an official .pth (preset name or YAML)")
+    flow.add_argument("--latent-draw", choices=("sample", "mean"), default=None,
+                      help="generate posterior draws mean + std * eps (official recipe) or posterior means (a "
+                           "deterministic conditioning frame; for small VAEs with noisy posteriors); default: the "
+                           "model config's (sample)")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
@@ -117,7 +121,7 @@ def _train_flow(args: argparse.Namespace) -> int:
     return _report(train_flow(args.data, args.out, settings,
                               vae_dir=None if official else args.vae, init=args.init,
                               official_config=official_config, official_vae=args.vae if official else None,
-                              resume=args.resume))
+                              resume=args.resume, latent_draw=args.latent_draw))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

@@ -83,6 +83,9 @@ class TextEncoderConfig:
     max_length: int = 77
 
 
+LATENT_DRAWS = ("sample", "mean")
+
+
 @dataclass
 class ModelConfig:
     """A complete forecasting model: geometry, latent scale and all sub-modules."""
@@ -100,6 +103,13 @@ class ModelConfig:
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: Optional[TextEncoderConfig] = field(default_factory=TextEncoderConfig)
     frame_interval_s: Optional[float] = None  # time between forecast frames when known
+    # What stage 2 generates and conditions on: "sample" = posterior draws mean + std * eps (the official recipe),
+    # "mean" = posterior means (a deterministic conditioning frame; for small VAEs whose posterior noise is large).
+    latent_draw: str = "sample"
+
+    def __post_init__(self) -> None:
+        if self.latent_draw not in LATENT_DRAWS:
+            raise ValueError(f"latent_draw must be one of {list(LATENT_DRAWS)}, got {self.latent_draw!r}")
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> Dict[str, Any]:

@@ -181,7 +181,8 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, kind: s
 
 # ------------------------------------------------------------------------------------------------ EMA
 class EMA:
-    """Exponential moving average of a module's floating-point state (parameters and buffers).
+    """Exponential moving average of a module's trainable parameters; everything else (buffers, frozen parameters
+    such as fixed sin-cos tables) is copied, so constants do not drift by float rounding.
 
     ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by the random init.
     """
@@ -198,9 +199,10 @@ class EMA:
         """Blend the module's current state into the average."""
         self.num_updates += 1
         decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
         for key, value in module.state_dict().items():
             shadow = self.shadow[key]
-            if shadow.is_floating_point():
+            if key in trainable and shadow.is_floating_point():
                 shadow.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
             else:
                 shadow.copy_(value)

@@ -28,6 +28,7 @@ TABLE_COLUMNS = (
     ("lrtl", "LRTL"),
     ("diversity", "diversity (px)"),
     ("static_mean_displacement", "resting-scene motion (px)"),
+    ("static_moving_share", "resting-scene points moving > 2 px (share)"),
 )
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from traj_forecast_ros.data.dataset import TrajectoryDataset
-from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.config import LATENT_DRAWS, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
@@ -39,19 +39,25 @@ class FlowObjective(nn.Module):
     """Rectified-flow loss of a denoiser on precomputed VAE posteriors.
 
     ``forward(latent_mean, latent_std [B, T, L, C], cond_mean, cond_std [B, 1, L, C], features [B, N, D],
-    text_embeds [B, E] | None, generator) -> dict(loss)``. Both the data latents and the conditioning frame are
-    posterior draws ``mean + std * eps`` (the official recipe; the sampler also draws the conditioning frame).
+    text_embeds [B, E] | None, generator) -> dict(loss)``. With ``latent_draw="sample"`` both the data latents and
+    the conditioning frame are posterior draws ``mean + std * eps`` (the official recipe; the sampler also draws the
+    conditioning frame); with ``"mean"`` both are the posterior means (and so is the sampler's conditioning frame).
     """
 
-    def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int]) -> None:
+    def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int],
+                 latent_draw: str = "sample") -> None:
         super().__init__()
+        if latent_draw not in LATENT_DRAWS:
+            raise ValueError(f"latent_draw must be one of {list(LATENT_DRAWS)}, got {latent_draw!r}")
         self.denoiser = denoiser
+        self.latent_draw = latent_draw
         self.latent_grid = tuple(latent_grid)
         self.register_buffer("vae_scale", 1.0 / torch.tensor(latent_scale, dtype=torch.float32), persistent=False)
 
     def scaled_grid(self, mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Posterior sample ``[B, T, L, C]`` -> scaled denoiser layout ``[B, T, C, h, w]``."""
-        z = TrajectoryVAE.sample_posterior(mean, std, generator) * self.vae_scale  # (B, T, L, C)
+        """Posterior draw (or mean) ``[B, T, L, C]`` -> scaled denoiser layout ``[B, T, C, h, w]``."""
+        z = mean if self.latent_draw == "mean" else TrajectoryVAE.sample_posterior(mean, std, generator)
+        z = z * self.vae_scale  # (B, T, L, C)
         return latents_to_grid(z, self.latent_grid)  # (B, T, C, h, w)
 
     def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, cond_mean: torch.Tensor,
@@ -105,12 +111,16 @@ def cached_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelCon
     return latents
 
 
-def latent_scale_from(latents: Dict[str, np.ndarray]) -> list:
-    """Per-channel std of ``mean + std * eps`` computed in closed form: ``sqrt(Var(mean) + E[std^2])``."""
+def latent_scale_from(latents: Dict[str, np.ndarray], latent_draw: str = "sample") -> list:
+    """Per-channel std of what stage 2 generates: ``mean + std * eps`` in closed form, ``sqrt(Var(mean) + E[std^2])``
+    (``latent_draw="sample"``), or of the posterior means, ``sqrt(Var(mean))`` (``"mean"``)."""
     channels = latents["mean"].shape[-1]
     mean = latents["mean"].reshape(-1, channels).astype(np.float64)
-    std = latents["std"].reshape(-1, channels).astype(np.float64)
-    return [float(v) for v in np.sqrt(mean.var(0) + (std**2).mean(0))]
+    variance = mean.var(0)
+    if latent_draw == "sample":
+        std = latents["std"].reshape(-1, channels).astype(np.float64)
+        variance = variance + (std**2).mean(0)
+    return [float(v) for v in np.sqrt(variance)]
 
 
 def _text_embeddings(config: ModelConfig, model_dir: Optional[PathLike],
@@ -127,14 +137,16 @@ def _text_embeddings(config: ModelConfig, model_dir: Optional[PathLike],
 
 def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
                init: Optional[PathLike] = None, official_config: Optional[ModelConfig] = None,
-               official_vae: Optional[PathLike] = None, resume: bool = False) -> Dict[str, float]:
+               official_vae: Optional[PathLike] = None, resume: bool = False,
+               latent_draw: Optional[str] = None) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
     ``init`` = a model directory (our format): config, denoiser, VAE and encoders come from it (``vae_dir``, when
     given, replaces its VAE); ``init`` = an official ``.pth`` denoiser: ``official_config`` and ``official_vae`` are
     required (:func:`~traj_forecast_ros.model.checkpoint.load_official`); no ``init``: a fresh denoiser on the
-    stage-1 run ``vae_dir``.
+    stage-1 run ``vae_dir``. ``latent_draw`` ("sample" or "mean", see :class:`FlowObjective`) overrides the
+    config's; it is saved with the model so the sampler conditions the same way.
     """
     from traj_forecast_ros.model.checkpoint import load_model_dir, load_official, save_model_dir
     from traj_forecast_ros.train.data import build_image_encoder
@@ -175,12 +187,14 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         examples = TrackExamples(dataset, features, config)
         latents = cached_latents(vae, examples, config, out_dir, info.device,
                                  progress=settings.progress and info.is_main)
+        if latent_draw is not None:
+            config.latent_draw = latent_draw
         if config.latent_scale is None:
-            config.latent_scale = latent_scale_from(latents)
+            config.latent_scale = latent_scale_from(latents, config.latent_draw)
             log.info("latent scale measured on the training set: %s", config.latent_scale)
         text = _text_embeddings(config, encoder_dir, info.device)
 
-        objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid)
+        objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw)
         num_rollouts = examples.num_rollouts
 
         def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
