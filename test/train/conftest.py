@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 
 from traj_forecast_ros.data.synthetic import GeneratorConfig, write_dataset
 from traj_forecast_ros.train.common import TrainSettings

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from traj_forecast_ros.bag.io import PathLike, bag_topics, read_messages
 from traj_forecast_ros.bag.offline import camera_namespace, output_topics
