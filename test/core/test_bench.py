@@ -24,3 +24,19 @@ def test_forecast_bench_quick_run(tmp_path, capsys):
         assert len(run["denoiser_evals"]) == 2 * run["samples"]
         assert run["total_flops"] > 0 and run["peak_rss_mb"] > 0
         assert run["flops"]["denoise"] == run["samples"] * 2 * report["flops_per_call"]["denoiser_eval"]
+
+
+def test_denoiser_profile_quick_run(capsys, monkeypatch):
+    """bench/profile_denoiser.py (the efficiency bound's breakdown) runs on the tiny model and accounts for its time."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("profile_denoiser", BENCH.parent / "profile_denoiser.py")
+    profiler = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profiler)
+    assert profiler.category("mkldnn::_linear_pointwise") == "linear GEMMs (oneDNN/addmm)"
+    assert profiler.category("aten::_softmax") == "attention (bmm, softmax, SDPA)"
+    assert profiler.category("aten::copy_") == "layout copies and casts"
+    assert profiler.category("aten::something_new") == "other"
+    assert profiler.main(["--quick", "--matmul-seconds", "0.02", "--evals", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "denoiser evaluation:" in printed and "linear GEMMs alone:" in printed
+    assert "between ops (Python, dispatch" in printed and "efficiency 0.7: an evaluation must take" in printed
