@@ -105,6 +105,20 @@ class RegistryEntry:
         return config
 
 
+def package_file_candidates(*parts: str) -> List[Path]:
+    """Where a packaged file ``<parts...>`` may be, in order: the source checkout, ``sys.prefix/share/<package>``
+    (pip), the ament index's share directory (colcon)."""
+    candidates = [Path(__file__).resolve().parents[1].joinpath(*parts),
+                  Path(sys.prefix).joinpath("share", PACKAGE, *parts)]
+    try:  # a colcon / ament install
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory(PACKAGE)).joinpath(*parts))
+    except Exception:  # noqa: BLE001 - ament_index not installed, or the package is not in the index
+        pass
+    return candidates
+
+
 def registry_path() -> Path:
     """The registry file: ``$TRAJ_FORECAST_REGISTRY``, the source checkout's ``models/``, or the installed share dir."""
     if os.environ.get(REGISTRY_ENV):
@@ -112,14 +126,7 @@ def registry_path() -> Path:
         if not custom.is_file():
             raise FileNotFoundError(f"{REGISTRY_ENV}={custom}: no such registry file")
         return custom
-    candidates = [Path(__file__).resolve().parents[1] / "models" / REGISTRY_FILE,
-                  Path(sys.prefix) / "share" / PACKAGE / "models" / REGISTRY_FILE]
-    try:  # a colcon / ament install
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory(PACKAGE)) / "models" / REGISTRY_FILE)
-    except Exception:  # ament_index not installed, or the package is not in the index
-        pass
+    candidates = package_file_candidates("models", REGISTRY_FILE)
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -83,7 +83,8 @@ def test_a_frame_the_node_rejects_is_counted_by_reason(tmp_path, tiny_model_dir)
             if index == 2:
                 image.encoding = "yuv422"  # not decodable by the node
             writer.write_message(message.topic, message.msgtype, message.timestamp, image)
-    summary = replay_through_node(bag, tmp_path / "out", model=str(tiny_model_dir), rate=0.5,
+    # 1 s between frames: the bad frame must reach the worker, not be superseded by the next one on a loaded machine
+    summary = replay_through_node(bag, tmp_path / "out", model=str(tiny_model_dir), rate=0.1,
                                   extra_params=["num_samples:=2", "steps:=3"], timeout_s=120, print_summary=False)
     assert summary["frames_in"] == 4 and summary["frames_unaccounted"] == 0
     assert summary["dropped"].get("unsupported_encoding") == 1

@@ -166,7 +166,6 @@ class BagWriter:
                 raise BagError("compression is only offered for MCAP bags (zstd chunks, read natively by rosbag2)")
             self._writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
         self._connections: Dict[str, Connection] = {}
-        self.counts: Dict[str, int] = {}
 
     def __enter__(self) -> "BagWriter":
         self.open()
@@ -197,7 +196,6 @@ class BagWriter:
         self._connections[topic] = self._writer.add_connection(
             topic, msgtype, typestore=self.typestore, offered_qos_profiles=list(qos)
         )
-        self.counts[topic] = 0
 
     def write(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> None:
         """Append one CDR-serialized message received (or stamped) at ``timestamp_ns``."""
@@ -205,7 +203,6 @@ class BagWriter:
         if timestamp_ns < 0:
             raise BagError(f"negative timestamp {timestamp_ns} for {topic}")
         self._writer.write(self._connections[topic], int(timestamp_ns), data)
-        self.counts[topic] += 1
 
     def write_message(self, topic: str, msgtype: str, timestamp_ns: int, message: object) -> None:
         """Serialize a rosbags message object with this bag's typestore and append it."""
@@ -239,7 +236,6 @@ class BackgroundBagWriter:
         self.path = Path(path)
         self.storage = storage
         self.overwrite = overwrite
-        self.counts: Dict[str, int] = {}
         self._queue: "queue.Queue" = queue.Queue()
         self._opened = threading.Event()
         self._error: Optional[BaseException] = None
@@ -282,7 +278,6 @@ class BackgroundBagWriter:
                 if self._error is None:
                     try:
                         writer.write(*item)
-                        self.counts[item[0]] = self.counts.get(item[0], 0) + 1
                     except BaseException as exc:  # noqa: BLE001 - re-raised by close()
                         self._error = exc
         finally:

@@ -70,9 +70,21 @@ def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
     return message, compressed_msg_to_rgb(message, max_pixels=max_pixels)
 
 
-def select_image_topics(in_bag: PathLike, topics: Optional[Iterable[str]]) -> List[str]:
-    """The image topics to forecast: ``topics`` (each must be an image topic) or every image topic of the bag."""
-    available = bag_topics(in_bag)
+def camera_info_topic(image_topic: str, available: Dict[str, Any]) -> Optional[str]:
+    """The ``sensor_msgs/CameraInfo`` topic beside ``image_topic`` (``<namespace>/camera_info``) when the bag's
+    topic table ``available`` (:func:`~traj_forecast_ros.bag.io.bag_topics`) has it with that type, else None."""
+    topic = f"{camera_namespace(image_topic)}/camera_info"
+    info = available.get(topic)
+    return topic if info is not None and info.msgtype == CAMERA_INFO_MSG else None
+
+
+def select_image_topics(in_bag: PathLike, topics: Optional[Iterable[str]],
+                        available: Optional[Dict[str, Any]] = None) -> List[str]:
+    """The image topics to forecast: ``topics`` (each must be an image topic) or every image topic of the bag.
+
+    ``available``: the bag's topic table when already read (else it is read here).
+    """
+    available = bag_topics(in_bag) if available is None else available
     if topics:
         chosen = list(topics)
         for topic in chosen:
@@ -117,12 +129,11 @@ def run_bag(
 
     from traj_forecast_ros.node_runtime import classify_error
 
-    image_topics = select_image_topics(in_bag, topics)
     available = bag_topics(in_bag)
-    info_topics = {t: f"{camera_namespace(t)}/camera_info" for t in image_topics}
-    info_present = {t: topic for t, topic in info_topics.items() if available.get(topic, None) is not None
-                    and available[topic].msgtype == CAMERA_INFO_MSG}
-    settings = dict(node_defaults())
+    image_topics = select_image_topics(in_bag, topics, available)
+    info_present = {t: info for t in image_topics if (info := camera_info_topic(t, available)) is not None}
+    outputs_by_topic = {t: output_topics(t) for t in image_topics}
+    settings = node_defaults()
     settings.update(params or {})
     num_samples = int(settings["num_samples"]) if num_samples is None else num_samples
     steps = int(settings["steps"]) if steps is None else steps
@@ -177,7 +188,7 @@ def run_bag(
                 continue
             inference_s.append(float(forecast.timings.get("total", 0.0)))
             header = source.header
-            outputs = output_topics(message.topic)
+            outputs = outputs_by_topic[message.topic]
             camera_info = latest_info.get(info_present.get(message.topic, ""))
             writer.write(outputs["forecast"], FORECAST_MSG, message.timestamp,
                          serialize_message(builder.forecast_msg(forecast, header)))
@@ -199,7 +210,7 @@ def run_bag(
         "forecasts_by_topic": per_topic,
         "dropped": dict(dropped),
         "inference_p50_s": float(np.median(inference_s)) if inference_s else None,
-        "output_topics": {t: output_topics(t) for t in image_topics},
+        "output_topics": outputs_by_topic,
     }
     if model_note:
         summary["model_choice"] = model_note

@@ -22,26 +22,20 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from traj_forecast_ros.bag.io import PathLike, bag_topics, read_messages
-from traj_forecast_ros.bag.offline import camera_namespace, output_topics
+from traj_forecast_ros.bag.offline import camera_info_topic, camera_namespace, output_topics
 from traj_forecast_ros.bag.report import header_stamp_ns, percentiles_ms, stamp_ns, write_overlay_gif
 from traj_forecast_ros.errors import BagError
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-SOURCE_ROOT = PACKAGE_ROOT.parent
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the traj_forecast_ros package
 CLOCK_HZ = 50.0
 NODE_STOP_TIMEOUT_S = 10.0
 
 
 def package_config_file(name: str) -> Optional[Path]:
     """``config/<name>`` from the source checkout or the installed share directory (None when absent)."""
-    candidates = [SOURCE_ROOT / "config" / name, Path(sys.prefix) / "share" / "traj_forecast_ros" / "config" / name]
-    try:
-        from ament_index_python.packages import get_package_share_directory
+    from traj_forecast_ros.registry import package_file_candidates
 
-        candidates.append(Path(get_package_share_directory("traj_forecast_ros")) / "config" / name)
-    except Exception:  # noqa: BLE001 - not an ament install
-        pass
-    return next((path for path in candidates if path.is_file()), None)
+    return next((path for path in package_file_candidates("config", name) if path.is_file()), None)
 
 
 def ensure_dds_profile() -> None:
@@ -103,9 +97,7 @@ class NodeProcess:
 
     def log_tail(self, lines: int = 25) -> str:
         """The last lines of the node's output."""
-        self._log.flush()
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def log_text(self) -> str:
         """The node's whole output so far."""
@@ -143,9 +135,10 @@ def parse_param_overrides(items: Sequence[str]) -> Dict[str, str]:
     return parsed
 
 
-def choose_image_topic(bag: PathLike, image_topic: Optional[str]) -> str:
-    """``image_topic`` (checked to be a ``sensor_msgs/Image`` topic of the bag) or the bag's first such topic."""
-    topics = bag_topics(bag)
+def choose_image_topic(bag: PathLike, image_topic: Optional[str], topics: Optional[Dict[str, Any]] = None) -> str:
+    """``image_topic`` (checked to be a ``sensor_msgs/Image`` topic of the bag) or the bag's first such topic;
+    ``topics``: the bag's topic table when already read."""
+    topics = bag_topics(bag) if topics is None else topics
     if image_topic is None:
         images = sorted(t for t, info in topics.items() if info.msgtype == "sensor_msgs/msg/Image")
         if not images:
@@ -190,11 +183,11 @@ def replay_through_node(
 
     started = time.monotonic()
     in_bag, out_dir = Path(in_bag), Path(out_dir)
-    image_topic = choose_image_topic(in_bag, image_topic)
-    namespace = camera_namespace(image_topic)
     topics_in_bag = bag_topics(in_bag)
-    info_topic = f"{namespace}/camera_info"
-    has_info = topics_in_bag.get(info_topic) is not None
+    image_topic = choose_image_topic(in_bag, image_topic, topics_in_bag)
+    namespace = camera_namespace(image_topic)
+    info_topic = camera_info_topic(image_topic, topics_in_bag)
+    has_info = info_topic is not None
     outputs = output_topics(image_topic)
     model_note = None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,7 +337,7 @@ def _check_stamps(forecast_bag: Path, outputs: Dict[str, str], sent: Sequence[in
     from traj_forecast_ros.bag.io import deserialize
     from traj_forecast_ros.bag.typestore import make_typestore
 
-    store = make_typestore()
+    store = None
     sent_set = set(sent)
     present = bag_topics(forecast_bag) if (forecast_bag / "metadata.yaml").exists() else {}
     result: Dict[str, Any] = {"unknown_stamps": 0, "duplicate_forecasts": 0}
@@ -353,9 +346,11 @@ def _check_stamps(forecast_bag: Path, outputs: Dict[str, str], sent: Sequence[in
             continue
         stamps = []
         for message in read_messages(forecast_bag, [topic]):
-            decoded = deserialize(message, store)
-            headers = [m.header for m in decoded.markers] if name == "markers" else [decoded.header]
-            stamps += sorted({stamp_ns(h) for h in headers})
+            if name != "markers":  # forecast and overlay start with their header: no need to decode the rest
+                stamps.append(header_stamp_ns(message.data))
+                continue
+            store = store or make_typestore()
+            stamps += sorted({stamp_ns(m.header) for m in deserialize(message, store).markers})
         result["unknown_stamps"] += sum(1 for s in stamps if s not in sent_set)
         if name == "forecast":
             result["duplicate_forecasts"] = len(stamps) - len(set(stamps))
@@ -371,8 +366,8 @@ def _summarise(in_bag: Path, image_topic: str, outputs: Dict[str, str], model: s
         received_ns = dict(log.forecast_received_ns)
         output_counts = dict(log.output_counts)
         diagnostics = dict(log.diagnostics)
-    frames_received = int(diagnostics.get("frames_received", "0") or 0)
-    dropped = {key[len("dropped."):]: int(v) for key, v in diagnostics.items() if key.startswith("dropped.")}
+    frames_received = log.diagnostic_int("frames_received")
+    dropped = log.dropped_by_reason()
     forecasts_out = output_counts.get(outputs["forecast"], 0)
     lost = max(0, frames_in - frames_received)
     latencies = [(received_ns[s] - published_ns[s]) / 1e9 for s in received_ns if s in published_ns]

@@ -44,13 +44,11 @@ def percentiles_ms(values_s: Sequence[float]) -> Dict[str, Optional[float]]:
 
 
 def forecast_arrays(message: object) -> Dict[str, np.ndarray]:
-    """Arrays of a decoded ``TrajectoryForecast`` (rosbags object): ``tracks [K,T,H,W,2]``, ``query_points``."""
-    k, t = int(message.num_samples), int(message.num_frames)
-    h, w = int(message.grid_rows), int(message.grid_cols)
-    return {
-        "tracks": np.asarray(message.tracks, dtype=np.float32).reshape(k, t, h, w, 2),
-        "query_points": np.asarray(message.query_points, dtype=np.float32).reshape(h, w, 2),
-    }
+    """Arrays of a decoded ``TrajectoryForecast`` (rosbags or rclpy object): ``tracks [K,T,H,W,2]``,
+    ``query_points`` and the per-point summaries (:func:`traj_forecast_ros.conversions.msg_to_arrays`)."""
+    from traj_forecast_ros.conversions import msg_to_arrays
+
+    return msg_to_arrays(message)
 
 
 def read_forecasts(bag: PathLike, topic: str) -> List[Tuple[int, object]]:
@@ -72,10 +70,9 @@ def read_images(bag: PathLike, topic: str, stamps: Optional[Iterable[int]] = Non
     wanted = set(stamps) if stamps is not None else None
     images = {}
     for message in read_messages(bag, [topic]):
-        image = deserialize(message, store)
-        stamp = stamp_ns(image.header)
-        if wanted is None or stamp in wanted:
-            images[stamp] = image_msg_to_rgb(image)
+        stamp = header_stamp_ns(message.data)
+        if wanted is None or stamp in wanted:  # decode only the frames asked for
+            images[stamp] = image_msg_to_rgb(deserialize(message, store))
     return images
 
 
