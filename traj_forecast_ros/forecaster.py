@@ -31,12 +31,12 @@ from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 
 from traj_forecast_ros.errors import CheckpointError, DeviceError, TrajForecastError, WeightsNotFoundError
 from traj_forecast_ros.forecast import Forecast
-from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, ImageTransform, denormalise_points, normalise_points
-from traj_forecast_ros.geometry import prepare_image, query_grid
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, ImageTransform, denormalise_points
+from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -314,11 +314,8 @@ class Forecaster:
         self._text_cache = _LRUCache(text_cache_size)
         self._lock = threading.Lock()
         self._warned_default_instruction = False
-        grid = query_grid(config)  # [Hq, Wq, 2] model pixels
-        self._query_grid_model = grid
-        grid_norm = normalise_points(torch.from_numpy(grid), config.image_size)  # [Hq, Wq, 2]
-        self._static_tracks = repeat(grid_norm, "h w c -> 1 t c h w", t=config.num_frames).contiguous().to(
-            self._device)  # [1, T, 2, Hq, Wq]
+        self._query_grid_model = query_grid(config)  # [Hq, Wq, 2] model pixels
+        self._static_tracks = static_tracks_norm(config).to(self._device)  # [1, T, 2, Hq, Wq]
         scale = config.vae_scale if vae is not None else None
         self._latent_scale = (torch.tensor(scale, dtype=torch.float32, device=self._device).view(1, 1, -1, 1, 1)
                               if scale is not None else None)  # [1, 1, C, 1, 1]

@@ -184,6 +184,15 @@ def query_grid(config) -> np.ndarray:
     return np.stack([grid_x, grid_y], axis=-1).astype(np.float32)
 
 
+def static_tracks_norm(config, batch: int = 1):
+    """``[B, T, 2, Hq, Wq]`` torch float32: the normalised query grid repeated over all frames (a motionless
+    trajectory; the conditioning frame both training and sampling encode)."""
+    import torch
+
+    grid = normalise_points(torch.from_numpy(query_grid(config)), tuple(config.image_size))  # [Hq, Wq, 2]
+    return grid.permute(2, 0, 1)[None, None].expand(batch, config.num_frames, -1, -1, -1).contiguous()
+
+
 def normalise_points(points, size: Tuple[int, int]):
     """Pixels -> [-1, 1]: ``2 p / size - 1`` with x by width and y by height; ``size = (height, width)``.
 

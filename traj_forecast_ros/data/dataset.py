@@ -64,11 +64,9 @@ class DatasetMeta:
 
     def query_points(self) -> np.ndarray:
         """``[Hq, Wq, 2]`` float32 query grid (x, y) of this dataset."""
-        rows, cols = self.query_grid
-        ys = self.query_offset + self.query_stride * np.arange(rows)
-        xs = self.query_offset + self.query_stride * np.arange(cols)
-        grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
-        return np.stack([grid_x, grid_y], axis=-1).astype(np.float32)
+        from traj_forecast_ros.geometry import query_grid
+
+        return query_grid(self)
 
     def check_model_geometry(self, config) -> None:
         """Raise :class:`DatasetError` when a ``ModelConfig`` expects a different image, grid or length."""

@@ -69,11 +69,9 @@ class GeneratorConfig:
 
     def query_points(self) -> np.ndarray:
         """``[Hq, Wq, 2]`` float32 query grid (x, y): ``offset + stride * index``."""
-        rows, cols = self.query_grid
-        ys = self.query_offset + self.query_stride * np.arange(rows)
-        xs = self.query_offset + self.query_stride * np.arange(cols)
-        grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")  # [Hq, Wq] each
-        return np.stack([grid_x, grid_y], axis=-1).astype(np.float32)
+        from traj_forecast_ros.geometry import query_grid
+
+        return query_grid(self)
 
 
 # ------------------------------------------------------------------------------------------------ scene state

@@ -116,14 +116,6 @@ class TrackExamples:
         return normalise_points(pixels, tuple(self.config.image_size)).permute(0, 1, 4, 2, 3).contiguous()
 
 
-def static_tracks_norm(config: ModelConfig, batch: int = 1) -> torch.Tensor:
-    """``[B, T, 2, Hq, Wq]`` the normalised query grid repeated over all frames (a motionless trajectory)."""
-    from traj_forecast_ros.geometry import query_grid
-
-    grid = normalise_points(torch.from_numpy(query_grid(config)), tuple(config.image_size))  # [Hq, Wq, 2]
-    return grid.permute(2, 0, 1)[None, None].expand(batch, config.num_frames, -1, -1, -1).contiguous()
-
-
 def build_image_encoder(config: ModelConfig, model_dir: Optional[Union[str, Path]] = None, seed: int = 0):
     """The frozen image encoder of ``config``: from ``model_dir``/hub, or random (deterministic in ``seed``)."""
     from traj_forecast_ros.model.encoders import ImageEncoder

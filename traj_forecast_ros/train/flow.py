@@ -27,7 +27,8 @@ from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.train.common import Trainer, TrainSettings, cleanup_distributed, setup_distributed
-from traj_forecast_ros.train.data import TrackExamples, encoder_fingerprint, image_features, static_tracks_norm
+from traj_forecast_ros.geometry import static_tracks_norm
+from traj_forecast_ros.train.data import TrackExamples, encoder_fingerprint, image_features
 
 log = logging.getLogger(__name__)
 

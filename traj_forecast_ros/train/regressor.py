@@ -30,7 +30,8 @@ from traj_forecast_ros.errors import CheckpointError
 from traj_forecast_ros.model.config import DenoiserConfig, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.train.common import Trainer, TrainSettings, cleanup_distributed, setup_distributed
-from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features, static_tracks_norm
+from traj_forecast_ros.geometry import static_tracks_norm
+from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
 
 log = logging.getLogger(__name__)
 
