@@ -15,6 +15,7 @@ import numpy as np
 
 from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.forecast import Forecast
+from traj_forecast_ros.geometry import to_rgb
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
@@ -28,9 +29,6 @@ _ENCODINGS = {
     "mono16": (1, np.uint16, "mono"),
 }
 SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
-
-# Fields of TrajectoryForecast that hold flat float32 arrays.
-ARRAY_FIELDS = ("query_points", "tracks", "mean_displacement", "spread", "moving_fraction")
 
 
 class ImageMessageError(InvalidImageError):
@@ -93,13 +91,9 @@ def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         mono = np.ascontiguousarray(rows).view(">u2" if big else "<u2").reshape(height, width)
         peak = int(mono.max())
         scaled = (mono.astype(np.uint32) * 255 // peak).astype(np.uint8) if peak else np.zeros_like(mono, np.uint8)
-        return np.repeat(scaled[:, :, None], 3, axis=2)
-    pixels = rows.reshape(height, width, channels)
-    if order == "mono":
-        return np.repeat(pixels, 3, axis=2)
-    if order in ("bgr", "bgra"):
-        return np.ascontiguousarray(pixels[:, :, 2::-1])
-    return np.ascontiguousarray(pixels[:, :, :3])
+        return to_rgb(scaled, "mono", max_pixels=max_pixels)
+    # max_pixels passed on explicitly: geometry's default limit differs from this module's (checked above already).
+    return to_rgb(rows.reshape(height, width, channels), color_order=order, max_pixels=max_pixels)
 
 
 def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

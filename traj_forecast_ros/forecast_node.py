@@ -26,25 +26,23 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.clock import Clock, ClockType
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
+from traj_forecast_ros.bag.ros_types import qos_from_name
 from traj_forecast_ros.conversions import (
     compressed_msg_to_rgb,
     image_msg_to_rgb,
 )
-from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.node_params import PARAMETER_SPECS, PARAMETERS
 from traj_forecast_ros.node_runtime import (
-    OUT_OF_MEMORY,
     ForecastPipeline,
     Frame,
     PipelineStats,
-    classify_error,
     reason_category,
 )
 from traj_forecast_ros.outputs import OutputBuilder
@@ -60,18 +58,7 @@ WEIGHTS_HINT = ("Set the 'model' parameter to a registry name (models/registry.y
                 "+ vae.safetensors), then trigger configure again.")
 
 
-def sensor_qos(reliability: str, depth: int) -> QoSProfile:
-    """Camera subscription QoS: keep-last ``depth``, volatile, best effort (sensor data) or reliable."""
-    return QoSProfile(
-        history=HistoryPolicy.KEEP_LAST,
-        depth=depth,
-        reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE,
-        durability=DurabilityPolicy.VOLATILE,
-    )
-
-
-OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE,
-                        durability=DurabilityPolicy.VOLATILE)
+OUTPUT_QOS = qos_from_name("reliable", depth=2)
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
@@ -136,13 +123,6 @@ def load_forecaster(model: str, device: str, dtype: str, cache_dir: Optional[str
     return Forecaster.from_pretrained(model, device=device, dtype=dtype, cache_dir=cache_dir)
 
 
-def free_accelerator_memory() -> None:
-    """Return cached CUDA memory to the driver after an out-of-memory error (no-op without CUDA)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class ForecastNode(LifecycleNode):
     """Lifecycle node: camera frames in, trajectory forecasts, markers, overlays and diagnostics out.
 
@@ -158,8 +138,7 @@ class ForecastNode(LifecycleNode):
         self._forecaster_factory = forecaster_factory or load_forecaster
         self.add_on_set_parameters_callback(self._on_set_parameters)
         for spec in PARAMETERS:
-            self.declare_parameter(spec.name, spec.default, spec.descriptor())
-        self._reject_invalid_startup_values()
+            self.declare_parameter(spec.name, spec.default, spec.descriptor())  # runs _on_set_parameters
 
         self._forecaster: Any = None
         self._model_info: Dict[str, str] = {}
@@ -169,7 +148,6 @@ class ForecastNode(LifecycleNode):
         self._instruction = str(self.get_parameter("instruction").value)
         self._stats = PipelineStats(window=self.param("stats_window"))
         self._pipeline: Optional[ForecastPipeline] = None
-        self._consecutive_failures = 0
         self._camera_info: Optional[CameraInfo] = None
         self._state_label = "unconfigured"
         self._input_subscriptions: List[Any] = []
@@ -177,7 +155,9 @@ class ForecastNode(LifecycleNode):
         self._markers_pub: Any = None
         self._overlay_pub: Any = None
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self._diagnostics_timer = self.create_timer(1.0, self.publish_diagnostics)
+        # Wall-clock (steady) period: with use_sim_time a slowed or paused /clock must not slow the diagnostics.
+        self._diagnostics_timer = self.create_timer(1.0, self.publish_diagnostics,
+                                                    clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     # ---------------------------------------------------------------- parameters
     def param(self, name: str) -> Any:
@@ -202,11 +182,6 @@ class ForecastNode(LifecycleNode):
                 self._set_instruction(str(parameter.value))
         return SetParametersResult(successful=True)
 
-    def _reject_invalid_startup_values(self) -> None:
-        problems = [problem for spec in PARAMETERS if (problem := spec.check(self.param(spec.name)))]
-        if problems:
-            raise ValueError("invalid parameters: " + "; ".join(problems))
-
     def _set_instruction(self, instruction: str) -> None:
         if instruction != getattr(self, "_instruction", instruction):
             self.get_logger().info(f"instruction: '{instruction}'")
@@ -217,7 +192,6 @@ class ForecastNode(LifecycleNode):
         if not self._load_model():
             return TransitionCallbackReturn.FAILURE
         self._stats = PipelineStats(window=self.param("stats_window"))
-        self._consecutive_failures = 0
         self._forecast_pub = self.create_lifecycle_publisher(self._forecast_msg_type(), "~/forecast", OUTPUT_QOS)
         self._markers_pub = self.create_lifecycle_publisher(MarkerArray, "~/markers", OUTPUT_QOS)
         self._overlay_pub = self.create_lifecycle_publisher(Image, "~/overlay", OUTPUT_QOS)
@@ -229,7 +203,7 @@ class ForecastNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         transport = self.param("image_transport")
         topic = str(self.param("image_topic"))
-        qos = sensor_qos(self.param("qos_reliability"), self.param("qos_depth"))
+        qos = qos_from_name(self.param("qos_reliability"), self.param("qos_depth"))
         if transport == "compressed":
             topic = f"{topic.rstrip('/')}/compressed"
             subscription = self.create_subscription(CompressedImage, topic, self._on_image, qos)
@@ -365,18 +339,15 @@ class ForecastNode(LifecycleNode):
         with self._model_lock:
             if self._forecaster is None:
                 raise RuntimeError("no model loaded (node not configured)")
-            try:
-                forecast = self._forecaster.forecast(
-                    rgb, instruction=self._instruction or None, num_samples=int(self.param("num_samples")),
-                    steps=int(self.param("steps")), seed=None if seed < 0 else seed)
-            except Exception as exc:
-                if classify_error(exc) == OUT_OF_MEMORY:
-                    free_accelerator_memory()
-                if not isinstance(exc, InvalidImageError):  # bad input is not a model failure
-                    self._consecutive_failures += 1
-                raise
-        self._consecutive_failures = 0
-        return forecast
+            # Failures are classified and counted (consecutive_failures included) by ForecastPipeline.process.
+            return self._forecaster.forecast(
+                rgb, instruction=self._instruction or None, num_samples=int(self.param("num_samples")),
+                steps=int(self.param("steps")), seed=None if seed < 0 else seed)
+
+    @property
+    def _consecutive_failures(self) -> int:
+        """Frames in a row whose forecast or publishing failed (diagnostics turn ERROR at 3); reset by a success."""
+        return self._stats.consecutive_failures
 
     def _output_header(self, header: Header) -> Header:
         camera_frame = self.param("camera_frame")

@@ -35,7 +35,7 @@ from einops import rearrange
 
 from traj_forecast_ros.errors import CheckpointError, DeviceError, TrajForecastError, WeightsNotFoundError
 from traj_forecast_ros.forecast import Forecast
-from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, ImageTransform, denormalise_points
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.config import ModelConfig
 
@@ -185,9 +185,12 @@ def choose_sampling_plan(device: Union[str, torch.device] = "auto", dtype: Union
     """
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    if isinstance(sample_batch_size, bool):  # an int subclass: False would otherwise read as 0 (all samples)
+        raise ValueError(f"sample_batch_size must be a positive int, None / 0 (all samples) or 'auto', "
+                         f"got {sample_batch_size!r}")
     if sample_batch_size == "auto":
         sample_batch_size = DEFAULT_SAMPLE_BATCH_SIZE.get(resolved_device.type, None)
-    elif sample_batch_size == 0:
+    elif isinstance(sample_batch_size, int) and sample_batch_size == 0:
         sample_batch_size = None
     return SamplingPlan(device=resolved_device, dtype=resolved_dtype, sample_batch_size=sample_batch_size,
                         fast_cpu_kernels=fast_cpu_kernels, use_compile=use_compile, use_cuda_graph=use_cuda_graph)
@@ -290,11 +293,6 @@ class Forecaster:
                  sample_batch_size: Union[int, None, str] = "auto", text_cache_size: int = TEXT_CACHE_SIZE,
                  plan: Optional[SamplingPlan] = None, use_compile: bool = False, use_cuda_graph: bool = False):
         if plan is None:
-            if sample_batch_size is not None and sample_batch_size != "auto" and (
-                    isinstance(sample_batch_size, bool) or not isinstance(sample_batch_size, int)
-                    or sample_batch_size < 0):
-                raise ValueError(f"sample_batch_size must be a positive int, None (all samples) or 'auto', "
-                                 f"got {sample_batch_size!r}")
             plan = choose_sampling_plan(device, dtype, sample_batch_size, use_compile=use_compile,
                                         use_cuda_graph=use_cuda_graph)
         self._device = resolve_device(plan.device)
@@ -306,10 +304,7 @@ class Forecaster:
         self.vae = vae.to(self._device).eval().requires_grad_(False) if vae is not None else None
         self.image_encoder = image_encoder.to(self._device).eval()
         self.text_encoder = text_encoder.to(self._device).eval() if text_encoder is not None else None
-        self._query_tokens: Optional[torch.Tensor] = None  # VAE tokens of the static query grid (plan-cached)
-        self._denoise_fn: Optional[Callable[..., torch.Tensor]] = None
-        self._plan = plan
-        self.plan = plan  # validates and builds the denoiser callable
+        self.plan = plan  # validates; sets _plan, _query_tokens and _denoise_fn
         self.max_pixels = DEFAULT_MAX_PIXELS
         self._text_cache = _LRUCache(text_cache_size)
         self._lock = threading.Lock()
@@ -423,8 +418,8 @@ class Forecaster:
             raise ValueError(f"a plan for {plan.device} {dtype_name(plan.dtype)} does not fit this forecaster "
                              f"({self._device} {dtype_name(self._dtype)}); build a new Forecaster instead")
         self._plan = plan
-        self._query_tokens = None
-        self._denoise_fn = self._build_denoise_fn(plan)
+        self._query_tokens: Optional[torch.Tensor] = None  # VAE tokens of the static query grid (plan-cached)
+        self._denoise_fn: Optional[Callable[..., torch.Tensor]] = self._build_denoise_fn(plan)
 
     @property
     def sample_batch_size(self) -> Optional[int]:
@@ -599,6 +594,8 @@ class Forecaster:
 
         Raises:
             InvalidImageError: unusable image. ValueError: bad arguments. TrajForecastError: non-finite output.
+            torch.cuda.OutOfMemoryError: out of GPU memory (the CUDA caching allocator is emptied before it
+            propagates).
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -609,7 +606,12 @@ class Forecaster:
         with self._lock, torch.inference_mode(), fast_kernels(self._plan.fast_cpu_kernels):
             if self.denoiser is None:
                 raise TrajForecastError("this forecaster was released; create a new one")
-            return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order)
+            try:
+                return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order)
+            except torch.cuda.OutOfMemoryError:
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()  # return the cached blocks to the driver; the caller may retry smaller
+                raise
 
     def _forecast(self, image, instruction, num_samples, steps, seed, initial_noise, color_order) -> Forecast:
         from traj_forecast_ros.model.flow import euler_sample
@@ -670,10 +672,6 @@ class Forecaster:
             timings=timings,
             seed=seed,
         )
-
-    def image_transform(self, image_size: Tuple[int, int]) -> ImageTransform:
-        """The crop/resize mapping used for input images of ``(height, width)``."""
-        return ImageTransform.centre_crop(image_size, tuple(self._config.image_size))
 
     def warmup(self) -> Dict[str, float]:
         """Run one tiny forecast (1 sample, 2 time points) to initialise kernels and caches; returns its timings."""

@@ -105,7 +105,8 @@ def forecast_markers(tracks: np.ndarray, header: Any, plane: ImagePlane, stride:
     points_3d = plane.lift(kept[:num_samples].reshape(num_samples, num_frames, -1, 2))  # [K, T, N, 3]
     palette = [ColorRGBA(r=float(r), g=float(g), b=float(b), a=float(a)) for r, g, b, a in time_ramp(num_frames)]
     seconds = max(float(lifetime_s), 0.0)
-    lifetime = Duration(sec=int(seconds), nanosec=int(round((seconds - int(seconds)) * 1e9)) % 1_000_000_000)
+    lifetime_sec, lifetime_nanosec = divmod(int(round(seconds * 1e9)), 10**9)  # 0.9999999998 s -> (1, 0), not (0, 0)
+    lifetime = Duration(sec=lifetime_sec, nanosec=lifetime_nanosec)
 
     clear = Marker()
     clear.header = header

@@ -68,16 +68,25 @@ def _rollout_scores(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.stack([sample_mse(pred, gt[:, r]) for r in range(gt.shape[1])], axis=1)
 
 
+def _k_scores(pred: np.ndarray, gt: np.ndarray, rollouts: bool) -> np.ndarray:
+    """``[N, R, K]`` per-sample MSE (``R = 1`` without rollouts)."""
+    return _rollout_scores(pred, gt) if rollouts else sample_mse(pred, gt)[:, None]
+
+
 def best_of_k_mse(pred: np.ndarray, gt: np.ndarray, rollouts: bool = False) -> float:
     """``mean_n min_k mse(pred_{n,k}, gt_n)`` in pixels^2. ``rollouts=True``: ``gt`` is ``[N, R, T, ...]``."""
-    scores = _rollout_scores(pred, gt) if rollouts else sample_mse(pred, gt)[:, None]
-    return float(scores.min(axis=-1).mean())
+    return float(_k_scores(pred, gt, rollouts).min(axis=-1).mean())
 
 
 def mean_of_k_mse(pred: np.ndarray, gt: np.ndarray, rollouts: bool = False) -> float:
     """``mean_n mean_k mse(pred_{n,k}, gt_n)`` in pixels^2. ``rollouts=True``: ``gt`` is ``[N, R, T, ...]``."""
-    scores = _rollout_scores(pred, gt) if rollouts else sample_mse(pred, gt)[:, None]
-    return float(scores.mean())
+    return float(_k_scores(pred, gt, rollouts).mean())
+
+
+def best_and_mean_of_k_mse(pred: np.ndarray, gt: np.ndarray, rollouts: bool = False) -> Tuple[float, float]:
+    """``(best_of_k_mse, mean_of_k_mse)`` from one pass over the per-sample scores (identical values)."""
+    scores = _k_scores(pred, gt, rollouts)
+    return float(scores.min(axis=-1).mean()), float(scores.mean())
 
 
 # ------------------------------------------------------------------------------------------------ FVMD
@@ -250,11 +259,12 @@ def evaluate_predictions(pred: np.ndarray, gt: np.ndarray, object_ids: Optional[
     if pred.ndim != 6 or gt.ndim != 6 or pred.shape[0] != gt.shape[0] or pred.shape[2:] != gt.shape[2:]:
         raise ValueError(f"need pred [N, K, T, Hq, Wq, 2] and gt [N, R, T, Hq, Wq, 2], got {pred.shape}, {gt.shape}")
     n, k = pred.shape[:2]
+    best, mean = best_and_mean_of_k_mse(pred, gt, rollouts=True)
     results: Dict[str, float] = {
         "scenes": float(n),
         "samples": float(k),
-        "best_of_k_mse": best_of_k_mse(pred, gt, rollouts=True),
-        "mean_of_k_mse": mean_of_k_mse(pred, gt, rollouts=True),
+        "best_of_k_mse": best,
+        "mean_of_k_mse": mean,
         "fvmd": fvmd(pred.reshape(-1, *pred.shape[2:]), gt.reshape(-1, *gt.shape[2:])),
         "diversity": diversity(pred),
         "mean_displacement": mean_displacement(pred),

@@ -28,9 +28,10 @@ INVALID_IMAGE = "invalid_image"  # decode or forecaster input check failed (a mo
 OUT_OF_MEMORY = "out_of_memory"  # the forecaster ran out of (accelerator) memory
 FORECAST_FAILED = "forecast_failed"  # the forecaster raised anything else
 PUBLISH_FAILED = "publish_failed"  # building or publishing the outputs raised
+STOPPED = "stopped"  # arrived, waited or finished inference while the worker was stopping (deactivate, shutdown)
 
 
-DROPPED_REASONS = frozenset({SUPERSEDED, TOO_OLD})  # good frames the node had no time for
+DROPPED_REASONS = frozenset({SUPERSEDED, TOO_OLD, STOPPED})  # good frames the node had no time for
 FAILED_REASONS = frozenset({OUT_OF_MEMORY, FORECAST_FAILED, PUBLISH_FAILED})  # the node's own failures
 
 
@@ -77,12 +78,13 @@ class Mailbox(Generic[Item]):
             item, self._item = self._item, None
             return item
 
-    def close(self) -> None:
-        """Wake every waiter; later ``take`` calls return None."""
+    def close(self) -> Optional[Item]:
+        """Wake every waiter; later ``take`` calls return None. Returns the item nobody took (None if empty)."""
         with self._cond:
             self._closed = True
-            self._item = None
+            item, self._item = self._item, None
             self._cond.notify_all()
+        return item
 
     def __len__(self) -> int:
         with self._cond:
@@ -188,6 +190,7 @@ class PipelineStats:
     not_forecast: ReasonCounter = field(default_factory=ReasonCounter)  # frames not forecast, by reason
     received: int = 0
     published: int = 0
+    consecutive_failures: int = 0  # "failed" frames (model or publishing) since the last published forecast
 
     def __post_init__(self) -> None:
         self.latency = Window(self.window)
@@ -245,6 +248,7 @@ class ForecastPipeline:
         self._logger = logger or logging.getLogger(__name__)
         self._mailbox: Mailbox[Frame] = Mailbox()
         self._stop = threading.Event()
+        self._submit_lock = threading.Lock()  # a frame is either in the mailbox before it closes or counted stopped
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -253,9 +257,12 @@ class ForecastPipeline:
         """Offer a frame (from the subscription callback): O(1), replaces an unprocessed older one."""
         self.stats.received += 1
         self.stats.input_rate.tick()
-        if self._stop.is_set():
-            return
-        if self._mailbox.put(frame):
+        with self._submit_lock:
+            stopped = self._stop.is_set()
+            superseded = not stopped and self._mailbox.put(frame)
+        if stopped:
+            self._count(STOPPED, "the frame arrived after the worker was stopped")
+        elif superseded:
             self._count(SUPERSEDED, "a newer frame arrived before the worker was free")
 
     def start(self) -> None:
@@ -265,8 +272,11 @@ class ForecastPipeline:
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Ask the worker to stop (a forecast in progress finishes but is not published); wait up to ``timeout``
         seconds (None = do not wait). Returns True when the worker has exited."""
-        self._stop.set()
-        self._mailbox.close()
+        with self._submit_lock:
+            self._stop.set()
+            waiting = self._mailbox.close()
+        if waiting is not None:
+            self._count(STOPPED, "the worker was stopped before it took the waiting frame")
         if timeout is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -310,14 +320,16 @@ class ForecastPipeline:
         except Exception as exc:  # noqa: BLE001 - bad input or a failing model must never stop the node
             self._count(classify_error(exc), f"{type(exc).__name__}: {exc}")
             return False
-        if self._stop.is_set():
-            return False  # stopped during inference: the result is discarded
+        if self._stop.is_set():  # stopped during inference: the result is discarded
+            self._count(STOPPED, "the worker was stopped during inference; the result is discarded")
+            return False
         try:
             self._publish(frame, rgb, result)
         except Exception as exc:  # noqa: BLE001
             self._count(PUBLISH_FAILED, f"{type(exc).__name__}: {exc}")
             return False
         self.stats.published += 1
+        self.stats.consecutive_failures = 0
         self.stats.forecast_rate.tick()
         self.stats.inference.add(inference_s)
         self.stats.overhead.add(time.monotonic() - started - inference_s)
@@ -326,8 +338,11 @@ class ForecastPipeline:
         return True
 
     def _count(self, reason: str, detail: str) -> None:
+        if reason_category(reason) == "failed":
+            self.stats.consecutive_failures += 1
         if self.stats.not_forecast.add(reason):
             total = self.stats.not_forecast.counts().get(reason, 0)
             line = f"{reason_category(reason)} frame ({reason}, {total} so far): {detail}"
-            # Superseded frames are the mailbox doing its job (camera faster than the model): not a warning.
-            (self._logger.debug if reason == SUPERSEDED else self._logger.warning)(line)
+            # Superseded frames are the mailbox doing its job (camera faster than the model) and stopped frames
+            # are the node shutting down or deactivating on purpose: not a warning.
+            (self._logger.debug if reason in (SUPERSEDED, STOPPED) else self._logger.warning)(line)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import rclpy
 from rclpy.context import Context
@@ -71,8 +71,10 @@ class BagRecorder(Node):
         self._recording_subscriptions: Dict[str, object] = {}
         self._on_message = on_message
         self.counts: Dict[str, int] = {topic: 0 for topic in self.requested}
+        self._timer: Optional[Any] = None
         self._discover()
-        self._timer = self.create_timer(0.2, self._discover)
+        if not self._all_subscribed():
+            self._timer = self.create_timer(0.2, self._discover)
         self.get_logger().info(f"recording {self.requested} into {out}")
 
     def _discover(self) -> None:
@@ -90,6 +92,11 @@ class BagRecorder(Node):
                 message_class(msgtype), topic, self._make_callback(topic, msgtype), qos, raw=True
             )
             self.get_logger().info(f"subscribed {topic} [{msgtype}] ({qos.reliability.name.lower()})")
+        if self._timer is not None and not self._timer.is_canceled() and self._all_subscribed():
+            self._timer.cancel()  # every requested topic is recorded: stop polling the graph
+
+    def _all_subscribed(self) -> bool:
+        return all(topic in self._recording_subscriptions for topic in self.requested)
 
     def _make_callback(self, topic: str, msgtype: str) -> Callable[[bytes], None]:
         def store(data: bytes) -> None:
@@ -117,6 +124,9 @@ class BagRecorder(Node):
             self._closed = True
             self.writer.close()
         self.get_logger().info(f"wrote {self.writer.path}: {self.counts}")
+        dropped = self.writer.dropped
+        if dropped:
+            self.get_logger().warning(f"not written (the disk was slower than the incoming messages): {dropped}")
 
     def destroy_node(self) -> None:
         """Close the bag, then destroy the node."""

@@ -19,11 +19,12 @@ import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import yaml
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
+from traj_forecast_ros.model.config import CONFIG_FILE, DENOISER_FILE, VAE_FILE, as_pair
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +134,6 @@ def registry_path() -> Path:
     raise FileNotFoundError(f"model registry not found; looked in: {', '.join(map(str, candidates))}")
 
 
-def _pair(value: Any) -> Optional[Tuple[int, int]]:
-    return None if value is None else (int(value[0]), int(value[1]))
-
-
 def load_registry(path: Optional[PathLike] = None) -> Dict[str, RegistryEntry]:
     """All entries of the registry file, by name."""
     path = Path(path) if path is not None else registry_path()
@@ -158,8 +155,8 @@ def load_registry(path: Optional[PathLike] = None) -> Dict[str, RegistryEntry]:
             latent_scale=item.get("latent_scale"),
             image_encoder=item.get("image_encoder"),
             text_encoder=item.get("text_encoder"),
-            image_size=_pair(item.get("image_size")),
-            query_grid=_pair(item.get("query_grid")),
+            image_size=as_pair(item["image_size"]) if item.get("image_size") is not None else None,
+            query_grid=as_pair(item["query_grid"]) if item.get("query_grid") is not None else None,
             num_frames=item.get("num_frames"),
             local_dir=(path.parent / local_dir).resolve() if local_dir else None,
         )
@@ -204,14 +201,14 @@ def model_cache_dir(name: str, cache_dir: Optional[PathLike] = None) -> Path:
 def has_weights(model_dir: PathLike) -> bool:
     """True when ``model_dir`` holds a config and the weights it needs (denoiser, and the VAE for latent models)."""
     model_dir = Path(model_dir)
-    config_file = model_dir / "config.yaml"
-    if not (config_file.is_file() and (model_dir / "denoiser.safetensors").is_file()):
+    config_file = model_dir / CONFIG_FILE
+    if not (config_file.is_file() and (model_dir / DENOISER_FILE).is_file()):
         return False
     try:
         latent = (yaml.safe_load(config_file.read_text()) or {}).get("vae") is not None
     except yaml.YAMLError:
         return False
-    return (model_dir / "vae.safetensors").is_file() or not latent
+    return (model_dir / VAE_FILE).is_file() or not latent
 
 
 def resolve(name_or_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path:
@@ -223,8 +220,8 @@ def resolve(name_or_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path
     """
     candidate = Path(name_or_dir).expanduser()
     if candidate.is_dir():
-        if not (candidate / "config.yaml").is_file():
-            raise WeightsNotFoundError(f"{candidate} is not a model directory (no config.yaml)")
+        if not (candidate / CONFIG_FILE).is_file():
+            raise WeightsNotFoundError(f"{candidate} is not a model directory (no {CONFIG_FILE})")
         return candidate
     name = str(name_or_dir)
     entries = load_registry()
@@ -298,7 +295,8 @@ def sha256_of(path: PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` asks for offline mode (1/true/yes/on)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -309,7 +307,7 @@ def _repo_listing(entry: RegistryEntry, target: Path) -> Optional[Dict[str, Opti
     """
     from huggingface_hub import HfApi
 
-    if _hub_offline():
+    if hub_offline():
         return None
     try:
         info = HfApi().model_info(entry.hub_repo, revision=entry.revision, timeout=HUB_TIMEOUT_S,
@@ -360,7 +358,7 @@ def _fetch_checkpoint(entry: RegistryEntry, role: str, listing: Optional[Dict[st
 def _fetch_encoder(model_id: str, entry: RegistryEntry, target: Path) -> Path:
     from huggingface_hub import snapshot_download
 
-    offline = _hub_offline()
+    offline = hub_offline()
     try:
         return Path(snapshot_download(model_id, allow_patterns=ENCODER_PATTERNS, etag_timeout=HUB_TIMEOUT_S,
                                       local_files_only=offline))

@@ -143,3 +143,37 @@ def test_recorder_processes_finish_their_bags(tmp_path, ros_context):
     assert cli_record.returncode == 0 and "recorded 8 messages" in cli_output, cli_output
     for name in ("node", "cli"):
         assert bag_topics(tmp_path / name)[topic].count == 8
+
+
+def test_background_writer_counts_drops_when_its_queue_is_full(tmp_path):
+    from rclpy.serialization import serialize_message
+    from std_msgs.msg import String
+
+    from traj_forecast_ros.bag.io import BackgroundBagWriter
+
+    writer = BackgroundBagWriter(tmp_path / "bounded", "sqlite3", max_queue=2)
+    data = serialize_message(String(data="hello"))
+    # The worker is not started yet, so nothing drains the queue: the third and fourth messages are dropped.
+    assert [writer.put("/chatter", "std_msgs/msg/String", 1000 + i, data) for i in range(4)] == [True, True,
+                                                                                                   False, False]
+    assert writer._queue.qsize() == 2 and writer.dropped == {"/chatter": 2}
+    writer.start()
+    writer.close()
+    assert [m.timestamp for m in read_messages(tmp_path / "bounded")] == [1000, 1001]
+
+
+def test_recorder_stops_polling_the_graph_once_every_topic_is_subscribed(tmp_path, ros_context):
+    from std_msgs.msg import String
+
+    context, executor, thread = ros_context
+    talker = rclpy.create_node("test_talker", context=context)
+    talker.create_publisher(String, "/chatter", 10)
+    recorder = BagRecorder(output=str(tmp_path / "chatter"), topics=["/chatter"], storage="sqlite3", context=context)
+    executor.add_node(recorder)
+    thread.start()
+    try:
+        assert _wait_for(lambda: recorder.subscribed_topics == ["/chatter"], 10)
+        assert recorder._timer is None or _wait_for(recorder._timer.is_canceled, 5)
+    finally:
+        recorder.destroy_node()
+        talker.destroy_node()

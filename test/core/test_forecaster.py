@@ -243,3 +243,29 @@ def test_warmup_and_release(agent_image):
     assert model.denoiser is None and len(model.text_cache) == 0
     with pytest.raises(TrajForecastError, match="released"):
         model.forecast(agent_image, "x", num_samples=1)
+
+
+@pytest.mark.parametrize("bad", [False, True, -1, 0.0, 2.5, "4"])
+def test_invalid_sample_batch_size_is_refused(bad):
+    with pytest.raises(ValueError, match="sample_batch_size"):
+        Forecaster.from_config(tiny_config(), sample_batch_size=bad)
+
+
+def test_out_of_memory_propagates_and_forecaster_stays_usable(agent_image, monkeypatch):
+    model = Forecaster.from_config(tiny_config(), seed=0)
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(model, "_forecast", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
+        model.forecast(agent_image, "x", num_samples=1)
+    assert emptied == []  # a CPU forecaster has no CUDA cache to empty
+    monkeypatch.setattr(model, "_device", torch.device("cuda"))  # only the cleanup branch looks at the device
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
+        model.forecast(agent_image, "x", num_samples=1)
+    assert emptied == [True]
+    monkeypatch.undo()
+    assert model.forecast(agent_image, "x", num_samples=1, steps=2, seed=0).tracks.shape[0] == 1

@@ -97,3 +97,15 @@ def test_write_synthetic_dataset(tmp_path):
     assert ds[1].tracks.shape == (2, 4, 8, 8, 2) and ds.meta.source["seed"] == 0
     with pytest.raises(DatasetError, match="already holds"):
         write_dataset(tmp_path / "syn", 3, seed=0, config=config)
+
+
+def test_indexing_across_shards_matches_gather_and_reuses_memory_maps(tmp_path):
+    with DatasetWriter(tmp_path / "ds", META, shard_size=2) as writer:
+        for i in range(5):
+            image, tracks = make_sample(i)
+            writer.add(image, tracks, kind="ab"[i % 2])
+    ds = TrajectoryDataset(tmp_path / "ds")
+    for i in (4, 0, 3, 1, 2, -1):
+        np.testing.assert_array_equal(ds[i].tracks, ds.gather("tracks", [i % 5])[0])
+        np.testing.assert_array_equal(ds[i].image, ds.gather("images", [i % 5])[0])
+    assert ds.shard(1).images is ds.shard(1).images  # each shard file is memory-mapped once

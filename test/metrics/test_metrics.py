@@ -152,3 +152,17 @@ def test_evaluate_predictions_reports_static_scene_motion():
     assert result["gt_mean_displacement"] == pytest.approx((7.0 + 0.0) / 2)
     assert result["lrtl"] == pytest.approx(0.0, abs=1e-6)
     assert {"fvmd", "diversity", "mean_of_k_mse"} <= set(result)
+
+
+def test_one_pass_best_and_mean_equal_the_separate_functions():
+    """evaluate_predictions / the per-kind table use the one-pass path: it must give exactly the old numbers."""
+    rng = np.random.default_rng(7)
+    pred = rng.normal(scale=5.0, size=(3, 4, 4, 5, 5, 2)).astype(np.float32)  # [N, K, T, Hq, Wq, 2]
+    gt = rng.normal(scale=5.0, size=(3, 2, 4, 5, 5, 2)).astype(np.float32)  # [N, R, ...]
+    both = metrics.best_and_mean_of_k_mse(pred, gt, rollouts=True)
+    assert both == (metrics.best_of_k_mse(pred, gt, rollouts=True), metrics.mean_of_k_mse(pred, gt, rollouts=True))
+    single = metrics.best_and_mean_of_k_mse(pred, gt[:, 0])
+    assert single == (metrics.best_of_k_mse(pred, gt[:, 0]), metrics.mean_of_k_mse(pred, gt[:, 0]))
+    results = metrics.evaluate_predictions(pred, gt)
+    assert results["best_of_k_mse"] == metrics.best_of_k_mse(pred, gt, rollouts=True)
+    assert results["mean_of_k_mse"] == metrics.mean_of_k_mse(pred, gt, rollouts=True)

@@ -258,3 +258,21 @@ def test_model_dir_errors(tiny: ModelConfig, trained, tmp_path: Path) -> None:
     (out / "config.yaml").unlink()
     with pytest.raises(WeightsNotFoundError, match="config.yaml"):
         load_model_dir(out)
+
+
+def test_save_and_read_tensors_are_public(tmp_path):
+    from traj_forecast_ros.model import checkpoint, config
+
+    for name in ("CONFIG_FILE", "DENOISER_FILE", "VAE_FILE", "IMAGE_ENCODER_DIR", "TEXT_ENCODER_DIR"):
+        assert getattr(checkpoint, name) == getattr(config, name)  # one definition, re-exported
+    layer = torch.nn.Linear(3, 2)
+    path = tmp_path / "layer.safetensors"
+    checkpoint.save_tensors(layer, path)
+    assert not (tmp_path / "layer.safetensors.partial").exists()
+    loaded = checkpoint.read_safetensors(path)
+    assert set(loaded) == {"weight", "bias"} and torch.equal(loaded["weight"], layer.weight.detach())
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="layer.safetensors is not a readable checkpoint"):
+        checkpoint.read_safetensors(path)
+    with pytest.raises(WeightsNotFoundError, match="missing.safetensors"):
+        checkpoint.read_safetensors(tmp_path / "missing.safetensors")

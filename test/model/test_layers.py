@@ -208,3 +208,30 @@ def test_token_grid() -> None:
     assert token_grid((18, 33)) == (18, 33)
     with pytest.raises(ValueError, match="not a square"):
         token_grid(594)
+
+
+def test_factorised_blocks_and_unpatchify_layouts():
+    from traj_forecast_ros.model.layers import run_factorised_blocks, unpatchify
+
+    batch, frames, rows, cols, width = 2, 3, 2, 3, 4
+    x = torch.randn(batch * frames, rows * cols, width)
+    temp_embed = torch.randn(1, frames, width)
+    seen = []
+
+    def record(tokens, *args):
+        seen.append((tuple(tokens.shape), args))
+        return tokens
+
+    out = run_factorised_blocks(x, [record, record], frames, rows * cols, "ctx", temp_embed=temp_embed)
+    assert seen == [((batch * frames, rows * cols, width), ("ctx",)), ((batch * rows * cols, frames, width), ("ctx",))]
+    expected = x.view(batch, frames, rows * cols, width) + temp_embed.view(1, frames, 1, width)
+    torch.testing.assert_close(out, expected.reshape(batch * frames, rows * cols, width), rtol=0, atol=0)
+    torch.testing.assert_close(run_factorised_blocks(x, [record, record], frames, rows * cols), x, rtol=0, atol=0)
+
+    patch, channels = 2, 3
+    tokens = torch.randn(batch * frames, rows * cols, patch * patch * channels)
+    video = unpatchify(tokens, batch, (rows, cols), patch)  # (B, T, c, rows*p, cols*p)
+    assert video.shape == (batch, frames, channels, rows * patch, cols * patch)
+    per_token = tokens.view(batch, frames, rows, cols, patch, patch, channels)
+    torch.testing.assert_close(video[1, 2, :, 1 * patch + 1, 2 * patch + 0], per_token[1, 2, 1, 2, 1, 0], rtol=0,
+                               atol=0)

@@ -106,3 +106,13 @@ def test_lifetime_from_period():
     assert lifetime_from_period(0.5, 3) == pytest.approx(1.5)
     assert lifetime_from_period(None, 3, fallback_s=2.0) == pytest.approx(6.0)
     assert lifetime_from_period(0.5, 0) == 0.0
+
+
+def test_marker_lifetime_carries_rounding_into_whole_seconds():
+    tracks = straight_tracks(k=1)
+    plane = ImagePlane.from_pixel_size((60, 80), pixel_size=0.01, depth=1.5)
+    lifetime_s = lifetime_from_period(0.33333333327, 3.0)  # 0.99999999981 s: rounds to 1 s, not to 0 s (forever)
+    marker = forecast_markers(tracks, Header(), plane, stride=2, lifetime_s=lifetime_s).markers[1]
+    assert (marker.lifetime.sec, marker.lifetime.nanosec) == (1, 0)
+    marker = forecast_markers(tracks, Header(), plane, stride=2, lifetime_s=2.0000000004).markers[1]
+    assert (marker.lifetime.sec, marker.lifetime.nanosec) == (2, 0)

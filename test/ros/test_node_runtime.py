@@ -12,6 +12,7 @@ from traj_forecast_ros.node_runtime import (
     FORECAST_FAILED,
     OUT_OF_MEMORY,
     PUBLISH_FAILED,
+    STOPPED,
     SUPERSEDED,
     TOO_OLD,
     ForecastPipeline,
@@ -225,3 +226,50 @@ def test_reasons_fall_into_dropped_rejected_and_failed():
     assert reason_category(SUPERSEDED) == reason_category(TOO_OLD) == "dropped"
     assert reason_category(OUT_OF_MEMORY) == reason_category(PUBLISH_FAILED) == "failed"
     assert reason_category("truncated") == reason_category("corrupt_compressed") == "rejected"
+
+
+def test_mailbox_close_returns_the_item_nobody_took():
+    box: Mailbox[int] = Mailbox()
+    assert box.close() is None
+    box = Mailbox()
+    box.put(5)
+    assert box.close() == 5
+    assert box.close() is None and len(box) == 0
+
+
+def test_frames_dropped_by_a_stop_are_counted_so_received_equals_published_plus_dropped():
+    inside, release = threading.Event(), threading.Event()
+
+    def gated_forecast(rgb):
+        if int(rgb[0, 0, 0]) == 2:  # frame 2 holds the worker until released
+            inside.set()
+            assert release.wait(5)
+        return int(rgb[0, 0, 0])
+
+    recorder = Recorder()
+    pipeline = make_pipeline(gated_forecast, recorder)
+    pipeline.start()
+    pipeline.submit(frame(1))
+    assert wait_until(lambda: pipeline.stats.published == 1)
+    pipeline.submit(frame(2))
+    assert inside.wait(2)  # the worker is inside the forecast of frame 2
+    pipeline.submit(frame(3))  # waits in the mailbox
+    pipeline.stop(timeout=None)  # frame 3 is discarded from the mailbox ...
+    pipeline.submit(frame(4))  # ... frame 4 arrives after the stop ...
+    release.set()  # ... and frame 2's forecast ends after it: the result is discarded
+    assert wait_until(lambda: not pipeline.running)
+    stats = pipeline.stats.snapshot()
+    assert [m for m, _ in recorder.published] == [1]
+    assert stats["not_forecast"] == {STOPPED: 3}
+    assert stats["received"] == 4 == stats["published"] + sum(stats["not_forecast"].values())
+    assert reason_category(STOPPED) == "dropped"
+
+
+def test_consecutive_failures_count_model_and_publish_failures_and_reset_on_success():
+    forecaster, recorder = FakeForecaster(), Recorder()
+    forecaster.fail_with = [RuntimeError("boom"), MemoryError()]
+    pipeline = make_pipeline(forecaster, recorder)
+    assert pipeline.process(frame(1)) is False and pipeline.stats.consecutive_failures == 1
+    assert pipeline.process(frame(-1)) is False and pipeline.stats.consecutive_failures == 1  # bad input: no change
+    assert pipeline.process(frame(2)) is False and pipeline.stats.consecutive_failures == 2
+    assert pipeline.process(frame(3)) is True and pipeline.stats.consecutive_failures == 0

@@ -132,3 +132,22 @@ def test_single_process_distributed_setup_reads_torchrun_environment(monkeypatch
     monkeypatch.setenv("RANK", "0")
     info = common.setup_distributed("cpu")
     assert not info.distributed and info.is_main and info.device.type == "cpu"
+
+
+def test_bare_cuda_device_gets_the_local_rank(monkeypatch):
+    """Under torchrun a bare ``cuda`` must become ``cuda:<LOCAL_RANK>`` (set_device / DDP need an index)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.resolve_train_device("cuda", local_rank=3) == torch.device("cuda", 3)
+    assert common.resolve_train_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
+    assert common.resolve_train_device("auto", local_rank=2) == torch.device("cuda", 2)
+    assert common.resolve_train_device("cpu", local_rank=2) == torch.device("cpu")
+    assert common.index_cuda_device(torch.device("cuda"), 0) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA"):
+        common.resolve_train_device("cuda", local_rank=0)
+
+
+def test_distributed_context_is_a_single_process_on_cpu(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with common.distributed("cpu") as info:
+        assert info.world_size == 1 and info.is_main and info.device == torch.device("cpu")

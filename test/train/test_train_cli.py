@@ -63,3 +63,21 @@ def test_import_tracker_output(tmp_path, capsys):
     np.testing.assert_allclose(sample.tracks[0, -1, 0, 0], grid[0] + [config.num_frames - 1, 0])
     with pytest.raises(SystemExit):
         main(["data", "generate", "--out", str(tmp_path / "x"), "--scenes", "1", "--kinds", "explode"])
+
+
+def test_train_vae_config_choice_with_init(tmp_path, monkeypatch):
+    """An explicit --config wins over --init DIR's config.yaml (even when it names the default preset); without
+    --config the init directory's config is used, and without either the demo-blocks preset."""
+    import traj_forecast_ros.train.vae as vae_module
+    from traj_forecast_ros.train.presets import tiny_blocks_config
+
+    init = tmp_path / "init"
+    init.mkdir()
+    tiny_blocks_config().save_yaml(init / "config.yaml")
+    seen = []
+    monkeypatch.setattr(vae_module, "train_vae", lambda data, out, config, settings, **kw: seen.append(config) or {})
+    common = ["train", "vae", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main([*common, "--config", "demo-blocks", "--init", str(init)]) == 0
+    assert main([*common, "--init", str(init)]) == 0
+    assert main(common) == 0
+    assert [config.name for config in seen] == ["demo-blocks", "tiny-blocks", "demo-blocks"]

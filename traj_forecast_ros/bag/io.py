@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import logging
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
@@ -22,6 +25,9 @@ STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 # rosbag2 metadata version 8 (Jazzy); readable by every rosbag2 from Humble on.
 BAG_VERSION = 8
+WRITE_QUEUE_SIZE = 1000  # messages a BackgroundBagWriter holds before it drops new ones (bounds its memory)
+
+_log = logging.getLogger(__name__)
 
 _NO_TIME = QosTime(sec=0, nsec=0)
 RELIABLE_QOS = Qos(
@@ -227,16 +233,23 @@ class BackgroundBagWriter:
 
     sqlite3 connections may only be used by the thread that made them, and disk writes should not block ROS
     callbacks: ``put`` only enqueues. ``start`` opens the bag (errors raised there); ``close`` drains the queue,
-    finishes the bag and re-raises a write error if one occurred.
+    finishes the bag and re-raises a write error if one occurred. The queue holds at most ``max_queue`` messages:
+    when the disk is slower than the incoming data, new messages are dropped and counted per topic in ``dropped``
+    (with a warning at most every ``warn_interval_s`` seconds) instead of growing memory without bound.
     """
 
-    def __init__(self, path: PathLike, storage: str = "mcap", overwrite: bool = False) -> None:
+    def __init__(self, path: PathLike, storage: str = "mcap", overwrite: bool = False,
+                 max_queue: int = WRITE_QUEUE_SIZE, warn_interval_s: float = 5.0) -> None:
         import queue
 
         self.path = Path(path)
         self.storage = storage
         self.overwrite = overwrite
-        self._queue: "queue.Queue" = queue.Queue()
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max_queue)
+        self._dropped: Dict[str, int] = collections.Counter()
+        self._dropped_lock = threading.Lock()
+        self._warn_interval_s = warn_interval_s
+        self._last_warning: Optional[float] = None
         self._opened = threading.Event()
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="bag-writer", daemon=True)
@@ -249,9 +262,32 @@ class BackgroundBagWriter:
             self._thread.join()
             raise self._error
 
-    def put(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> None:
-        """Queue one CDR message for writing."""
-        self._queue.put((topic, msgtype, timestamp_ns, data))
+    def put(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> bool:
+        """Queue one CDR message for writing (never blocks); False when the queue was full and it was dropped."""
+        import queue
+
+        try:
+            self._queue.put_nowait((topic, msgtype, timestamp_ns, data))
+            return True
+        except queue.Full:
+            pass
+        now = time.monotonic()
+        with self._dropped_lock:
+            self._dropped[topic] += 1
+            warn = self._last_warning is None or now - self._last_warning >= self._warn_interval_s
+            if warn:
+                self._last_warning = now
+                dropped = dict(self._dropped)
+        if warn:
+            _log.warning("bag writer queue full (%d messages; the disk is slower than the incoming data): "
+                         "dropping messages, so far %s", self._queue.maxsize, dropped)
+        return False
+
+    @property
+    def dropped(self) -> Dict[str, int]:
+        """Messages dropped because the write queue was full, by topic (empty when none were)."""
+        with self._dropped_lock:
+            return dict(self._dropped)
 
     def close(self) -> None:
         """Write what is queued, finish the bag, stop the thread."""

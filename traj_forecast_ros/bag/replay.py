@@ -205,6 +205,9 @@ def replay_through_node(
         "image_topic": image_topic.rsplit("/", 1)[1],
         "use_sim_time": True,
         "seed": 0,
+        # The player publishes reliably; a reliable subscription also gets the frames sent while the two ends
+        # were still matching (best effort, the camera default, loses them on a loaded machine).
+        "qos_reliability": "reliable",
     }
     if has_info:
         node_params["camera_info_topic"] = "camera_info"

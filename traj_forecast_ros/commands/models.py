@@ -82,11 +82,14 @@ def _parameter_counts(config) -> Dict[str, int]:
 
 
 def _encoder_status(model_dir: Optional[Path], sub_dir: str, model_id: Optional[str], has_config: bool) -> str:
-    if model_dir is not None and (model_dir / sub_dir).is_dir():
-        return f"shipped in {sub_dir}/"
-    if model_id is None:
+    from traj_forecast_ros.model.encoders import resolve_source
+
+    source = resolve_source(model_id, model_dir, sub_dir)  # the order the encoders load in
+    if source is None:
         return "random weights from config" if has_config else "not configured"
-    if Path(model_id).expanduser().is_dir() or (model_dir is not None and (model_dir / model_id).is_dir()):
+    if model_dir is not None and source == str(model_dir / sub_dir):
+        return f"shipped in {sub_dir}/"
+    if Path(source).is_dir():
         return f"local directory {model_id}"
     from huggingface_hub import try_to_load_from_cache
 
@@ -117,6 +120,7 @@ def describe_model(name_or_dir: str, cache_dir: Optional[Path] = None) -> Dict[s
     """Everything ``info`` prints about a registry name or a model directory, as a dict."""
     from traj_forecast_ros import registry
     from traj_forecast_ros.model.checkpoint import load_model_config
+    from traj_forecast_ros.model.config import CONFIG_FILE, IMAGE_ENCODER_DIR, TEXT_ENCODER_DIR
 
     description: Dict[str, Any] = {"model": name_or_dir}
     entry = registry.load_registry().get(name_or_dir)
@@ -131,7 +135,7 @@ def describe_model(name_or_dir: str, cache_dir: Optional[Path] = None) -> Dict[s
     else:
         raise FileNotFoundError(f"'{name_or_dir}' is neither a model directory nor a registry name "
                                 f"(known: {', '.join(sorted(registry.load_registry()))})")
-    present = model_dir.is_dir() and (model_dir / "config.yaml").is_file()
+    present = model_dir.is_dir() and (model_dir / CONFIG_FILE).is_file()
     if present:
         config = load_model_config(model_dir)
     elif entry is not None and entry.is_hub_model:
@@ -143,11 +147,11 @@ def describe_model(name_or_dir: str, cache_dir: Optional[Path] = None) -> Dict[s
     if config is not None:
         description["config"] = _config_summary(config)
         description["parameters"] = _parameter_counts(config)
-        description["image_encoder"] = _encoder_status(model_dir if present else None, "image_encoder",
+        description["image_encoder"] = _encoder_status(model_dir if present else None, IMAGE_ENCODER_DIR,
                                                        config.image_encoder.model_id,
                                                        bool(config.image_encoder.config))
         if config.text_encoder is not None:
-            description["text_encoder"] = _encoder_status(model_dir if present else None, "text_encoder",
+            description["text_encoder"] = _encoder_status(model_dir if present else None, TEXT_ENCODER_DIR,
                                                           config.text_encoder.model_id,
                                                           bool(config.text_encoder.config))
     if present:

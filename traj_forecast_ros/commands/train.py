@@ -53,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     vae = stages.add_parser("vae", help="stage 1: trajectory VAE (beta-VAE, Huber reconstruction)")
     _add_common(vae, steps=1500, lr=1e-3, batch=8)
-    vae.add_argument("--config", default="demo-blocks", help="preset (demo-blocks, tiny-blocks) or config.yaml")
+    vae.add_argument("--config", default=None,
+                     help="preset (demo-blocks, tiny-blocks) or config.yaml (default: the --init directory's "
+                          "config.yaml when it has one, else demo-blocks)")
     vae.add_argument("--init", type=Path, default=None, help="start from this model dir / VAE checkpoint")
     vae.add_argument("--beta", type=float, default=None, help="KL weight (default: the config's vae.beta)")
     vae.set_defaults(func=_train_vae)
@@ -105,8 +107,9 @@ def _train_vae(args: argparse.Namespace) -> int:
     from traj_forecast_ros.train.vae import train_vae
 
     settings = _settings(args)
-    config = resolve_config(str(args.init) if args.init and args.init.is_dir() and args.config == "demo-blocks"
-                            and (args.init / "config.yaml").is_file() else args.config)
+    init_config = args.init / "config.yaml" if args.init is not None and args.init.is_dir() else None
+    source = args.config or (str(args.init) if init_config is not None and init_config.is_file() else None)
+    config = resolve_config(source or "demo-blocks")
     return _report(train_vae(args.data, args.out, config, settings, init=args.init, resume=args.resume,
                              beta=args.beta))
 

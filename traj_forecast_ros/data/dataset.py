@@ -231,7 +231,7 @@ class TrajectoryDataset:
     ``ds.meta -> DatasetMeta``, ``ds.load(field)`` (one field of every shard, concatenated).
     """
 
-    def __init__(self, root: Union[str, Path], mmap: bool = True) -> None:
+    def __init__(self, root: Union[str, Path]) -> None:
         self.root = Path(root)
         index_path = self.root / INDEX_FILE
         if not index_path.is_file():
@@ -246,7 +246,6 @@ class TrajectoryDataset:
             raise DatasetError(f"{index_path}: format version {index['version']} is newer than this reader "
                                f"({FORMAT_VERSION}); update traj_forecast_ros")
         self.index = index
-        self.mmap = mmap
         self.meta = DatasetMeta(
             image_size=tuple(index["image_size"]),
             query_grid=tuple(index["query_grid"]),
@@ -262,7 +261,6 @@ class TrajectoryDataset:
         self.shard_names = [s["name"] for s in index["shards"]]
         self.shard_sizes = [int(s["num_samples"]) for s in index["shards"]]
         self._offsets = np.cumsum([0] + self.shard_sizes)
-        self._cache: Tuple[int, Optional[Shard]] = (-1, None)
         self._maps: Dict[Tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -280,13 +278,12 @@ class TrajectoryDataset:
         if not path.is_file():
             raise DatasetError(f"{path}: missing (index.json lists field '{field_name}')")
         try:
-            array = np.load(path, mmap_mode="r" if self.mmap else None)
+            array = np.load(path, mmap_mode="r")
         except ValueError as exc:
             raise DatasetError(f"{path}: unreadable ({exc})") from exc
         if array.shape[0] != self.shard_sizes[shard]:
             raise DatasetError(f"{path}: holds {array.shape[0]} samples, index.json says {self.shard_sizes[shard]}")
-        if self.mmap:  # memory maps are lazy: keeping them open costs no memory
-            self._maps[key] = array
+        self._maps[key] = array  # memory maps are lazy: keeping them open costs no memory
         return array
 
     def shard(self, shard: int) -> Shard:
@@ -312,9 +309,7 @@ class TrajectoryDataset:
 
     def __getitem__(self, index: int) -> Sample:
         shard_id, row = self.locate(index)
-        if self._cache[0] != shard_id:
-            self._cache = (shard_id, self.shard(shard_id))
-        shard = self._cache[1]
+        shard = self.shard(shard_id)  # cheap: the shard's memory maps are opened once and kept
         kinds = self.meta.kinds
         return Sample(
             image=np.asarray(shard.images[row]),

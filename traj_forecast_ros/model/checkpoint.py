@@ -21,18 +21,20 @@ from safetensors.torch import save_file as save_safetensors
 from torch import nn
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
-from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.config import (  # the model-directory file names are also imported from here
+    CONFIG_FILE,
+    DENOISER_FILE,
+    IMAGE_ENCODER_DIR,
+    TEXT_ENCODER_DIR,
+    VAE_FILE,
+    ModelConfig,
+)
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.vae import TrajectoryVAE
 
 LOGGER = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("module", "_orig_mod")  # DDP and torch.compile wrappers
-CONFIG_FILE = "config.yaml"
-DENOISER_FILE = "denoiser.safetensors"
-VAE_FILE = "vae.safetensors"
-IMAGE_ENCODER_DIR = "image_encoder"
-TEXT_ENCODER_DIR = "text_encoder"
 MAX_LISTED_KEYS = 5
 PathLike = Union[str, Path]
 
@@ -193,7 +195,8 @@ def load_official(
 
 
 # ---------------------------------------------------------------------------------------------- model directories
-def _save_tensors(module: nn.Module, path: Path) -> None:
+def save_tensors(module: nn.Module, path: Path) -> None:
+    """Write ``module``'s state dict (CPU, contiguous) to a safetensors file atomically (``.partial`` + rename)."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
     partial = path.with_name(path.name + ".partial")
     save_safetensors(tensors, str(partial), metadata={"format": "pt"})
@@ -215,9 +218,9 @@ def save_model_dir(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.save_yaml(directory / CONFIG_FILE)
-    _save_tensors(denoiser, directory / DENOISER_FILE)
+    save_tensors(denoiser, directory / DENOISER_FILE)
     if vae is not None:
-        _save_tensors(vae, directory / VAE_FILE)
+        save_tensors(vae, directory / VAE_FILE)
     if image_encoder is not None:
         image_encoder.save_pretrained(directory / IMAGE_ENCODER_DIR)
     if text_encoder is not None:
@@ -225,7 +228,8 @@ def save_model_dir(
     return directory
 
 
-def _read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors file on the CPU (``WeightsNotFoundError`` / ``CheckpointError`` naming it)."""
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     try:
@@ -254,10 +258,10 @@ def load_model_dir(directory: PathLike) -> Tuple[ModelConfig, LatteDenoiser, Opt
     config = load_model_config(directory)
     denoiser, vae = build_modules(config)
     denoiser_path = directory / DENOISER_FILE
-    load_state_dict_into(denoiser, _read_safetensors(denoiser_path), denoiser_path, "denoiser")
+    load_state_dict_into(denoiser, read_safetensors(denoiser_path), denoiser_path, "denoiser")
     vae_path = directory / VAE_FILE
     if vae is not None:
-        load_state_dict_into(vae, _read_safetensors(vae_path), vae_path, "trajectory VAE")
+        load_state_dict_into(vae, read_safetensors(vae_path), vae_path, "trajectory VAE")
         vae.eval()
     elif vae_path.exists():
         raise CheckpointError(f"{vae_path}: the config describes a raw model (vae: null) but the directory holds VAE "

@@ -16,6 +16,13 @@ import yaml
 
 Size2 = Tuple[int, int]
 
+# File names inside a model directory (see traj_forecast_ros.model.checkpoint.save_model_dir).
+CONFIG_FILE = "config.yaml"
+DENOISER_FILE = "denoiser.safetensors"
+VAE_FILE = "vae.safetensors"
+IMAGE_ENCODER_DIR = "image_encoder"
+TEXT_ENCODER_DIR = "text_encoder"
+
 
 def as_pair(value: Union[int, Tuple[int, int], List[int]]) -> Size2:
     """Return ``(rows, cols)`` for an int (square) or a 2-sequence."""

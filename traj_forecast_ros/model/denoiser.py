@@ -15,7 +15,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from traj_forecast_ros.model.config import DENOISER_SIZES, DenoiserConfig
+from traj_forecast_ros.model.config import DENOISER_SIZES, DenoiserConfig, as_pair
 from traj_forecast_ros.model.layers import (
     Attention,
     Mlp,
@@ -24,15 +24,16 @@ from traj_forecast_ros.model.layers import (
     compute_dtype,
     TimestepEmbedder,
     TrackPosEncoder,
+    foldable_vectors,
     folded_linear_params,
     linear,
-    modulate,
-    pair,
-    shared_rows,
+    modulated_input,
+    per_sample_vector,
     init_latte_weights,
     latte_sincos_tables,
+    run_factorised_blocks,
     token_grid,
-    use_fast_path,
+    unpatchify,
 )
 
 BLOCK_NORM_EPS = 1e-6
@@ -62,10 +63,10 @@ class DenoiserBlock(nn.Module):
         (shift_msa, scale_msa, gate_msa, gate_mxa,
          shift_mlp, scale_mlp, gate_mlp) = modulation.chunk(ADALN_CHUNKS, dim=1)  # (B, C) each
         x = self.attn(self.norm1(x), input_scale=1 + scale_msa, input_shift=shift_msa, gate=gate_msa,
-                      residual=x)  # (N, L, C) = x + gate_msa * attn(modulate(norm1(x)))
+                      residual=x)  # (N, L, C) = x + gate_msa * attn(norm1(x) * (1 + scale_msa) + shift_msa)
         x = self.xattn(x, context, gate=gate_mxa, residual=x)  # (N, L, C), query neither normed nor modulated
         x = self.mlp(self.norm2(x), input_scale=1 + scale_mlp, input_shift=shift_mlp, gate=gate_mlp,
-                     residual=x)  # (N, L, C) = x + gate_mlp * mlp(modulate(norm2(x)))
+                     residual=x)  # (N, L, C) = x + gate_mlp * mlp(norm2(x) * (1 + scale_mlp) + shift_mlp)
         return x
 
 
@@ -81,12 +82,13 @@ class DenoiserFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x [N, L, C], cond [B, C] shared by groups of N/B sequences -> [N, L, p*p*c]."""
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)  # (B, C) each
+        scale = 1 + scale  # (B, C)
         x = self.norm_final(x)  # (N, L, C)
-        if shift.shape[0] == 1 and use_fast_path(x):  # one sample: fold the modulation into the output layer
-            folded = folded_linear_params(self.linear, 1 + scale[0], shift[0], dtype=compute_dtype(x))
+        if foldable_vectors(x, scale, shift):  # one sample: fold the modulation into the output layer
+            folded = folded_linear_params(self.linear, per_sample_vector(scale), per_sample_vector(shift),
+                                          dtype=compute_dtype(x))
             return linear(x, *folded)  # (N, L, p*p*c)
-        rows = x.shape[0]
-        return self.linear(modulate(x, shared_rows(shift, rows), shared_rows(scale, rows)))  # (N, L, p*p*c)
+        return self.linear(modulated_input(x, scale, shift))  # (N, L, p*p*c) = linear(x * (1 + scale) + shift)
 
 
 class LatteDenoiser(nn.Module):
@@ -105,7 +107,7 @@ class LatteDenoiser(nn.Module):
                              f"got {cfg.in_channels}")
         self.cfg = cfg
         hidden = cfg.hidden_size
-        self.input_size = pair(cfg.input_size)
+        self.input_size = as_pair(cfg.input_size)
         self.patch_size = cfg.patch_size
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.in_channels
@@ -201,7 +203,6 @@ class LatteDenoiser(nn.Module):
         x, frame_features = x.to(dtype), frame_features.to(dtype)
         if text_embeds is not None:
             text_embeds = text_embeds.to(dtype)
-        frames, tokens = self.num_frames, self.num_tokens
 
         if self.x_encoder is not None:
             x = self.x_encoder(x)  # (B, T, 2+F, H, W)
@@ -216,20 +217,10 @@ class LatteDenoiser(nn.Module):
         # them batch-major before the blocks; the blocks here expand per-sample results instead (same values,
         # about a quarter fewer FLOPs).
 
-        for i in range(0, len(self.blocks), 2):
-            x = self.blocks[i](x, cond, context)  # (B*T, L, D), spatial: the L tokens of one frame
-            x = rearrange(x, "(b f) l d -> (b l) f d", f=frames)  # (B*L, T, D)
-            if i == 0:
-                x = x + self.temp_embed  # (B*L, T, D)
-            x = self.blocks[i + 1](x, cond, context)  # (B*L, T, D), temporal: the T frames of one token
-            x = rearrange(x, "(b l) f d -> (b f) l d", l=tokens)  # (B*T, L, D)
-
+        x = run_factorised_blocks(x, self.blocks, self.num_frames, self.num_tokens, cond, context,
+                                  temp_embed=self.temp_embed)  # (B*T, L, D)
         x = self.final_layer(x, cond)  # (B*T, L, p*p*C)
-        rows, cols = self.token_grid
-        p = self.patch_size
-        return rearrange(
-            x, "(b f) (h w) (p q c) -> b f c (h p) (w q)", b=batch, h=rows, w=cols, p=p, q=p
-        )  # (B, T, C, h, w)
+        return unpatchify(x, batch, self.token_grid, self.patch_size)  # (B, T, C, h, w)
 
 
 # ---------------------------------------------------------------------------------------------- size presets

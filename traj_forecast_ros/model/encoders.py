@@ -17,7 +17,6 @@ ImageNet mean/std. The LIBERO recipe (``resize=False``) feeds the model image at
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from traj_forecast_ros.errors import InvalidImageError, WeightsNotFoundError
-from traj_forecast_ros.model.config import ImageEncoderConfig, TextEncoderConfig
+from traj_forecast_ros.model.config import IMAGE_ENCODER_DIR, TEXT_ENCODER_DIR, ImageEncoderConfig, TextEncoderConfig
+from traj_forecast_ros.registry import hub_offline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,13 +40,10 @@ CLIP_L14_TEXT: Dict[str, Any] = dict(vocab_size=49408, hidden_size=768, intermed
                                      num_attention_heads=12, projection_dim=768, max_position_embeddings=77,
                                      hidden_act="quick_gelu")
 
-IMAGE_ENCODER_DIR = "image_encoder"
-TEXT_ENCODER_DIR = "text_encoder"
-
 PathLike = Union[str, Path]
 
 
-def _resolve_source(model_id: Optional[str], model_dir: Optional[PathLike], sub_dir: str) -> Optional[str]:
+def resolve_source(model_id: Optional[str], model_dir: Optional[PathLike], sub_dir: str) -> Optional[str]:
     """Where to load pretrained weights from: the model dir's sub-folder, a local dir, or a hub id (None: random)."""
     if model_dir is not None:
         shipped = Path(model_dir) / sub_dir
@@ -69,14 +66,8 @@ def _missing_weights(what: str, source: str, exc: Exception) -> WeightsNotFoundE
     else:
         hint = (f"fetch it once with network access: `traj-forecast download <MODEL NAME>` (writes it into the model "
                 f"directory) or `hf download {source}` (Hugging Face cache), then run again; offline mode is "
-                f"{'on' if _hub_offline() else 'off'} (HF_HUB_OFFLINE)")
+                f"{'on' if hub_offline() else 'off'} (HF_HUB_OFFLINE)")
     return WeightsNotFoundError(f"{what} weights '{source}' not found: {hint}. Cause: {type(exc).__name__}: {exc}")
-
-
-def _hub_offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 class ImageEncoder(nn.Module):
@@ -97,7 +88,7 @@ class ImageEncoder(nn.Module):
         """Load (or, with only ``cfg.config``, randomly build) the encoder; see the module docstring for the order."""
         from transformers import Dinov2Config, Dinov2Model
 
-        source = _resolve_source(cfg.model_id, model_dir, IMAGE_ENCODER_DIR)
+        source = resolve_source(cfg.model_id, model_dir, IMAGE_ENCODER_DIR)
         if source is None:
             if not cfg.config:
                 raise WeightsNotFoundError("image encoder: config has neither model_id nor config; set one of them")
@@ -197,7 +188,7 @@ class TextEncoder(nn.Module):
         """Load (or, with only ``cfg.config``, randomly build) the text tower and its tokenizer."""
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-        source = _resolve_source(cfg.model_id, model_dir, TEXT_ENCODER_DIR)
+        source = resolve_source(cfg.model_id, model_dir, TEXT_ENCODER_DIR)
         if source is None:
             if not cfg.config:
                 raise WeightsNotFoundError("text encoder: config has neither model_id nor config; set one of them")
@@ -239,17 +230,3 @@ class TextEncoder(nn.Module):
         """Write the model and its tokenizer into one transformers directory."""
         self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
-
-
-def describe_encoder_dir(path: PathLike) -> Optional[Dict[str, Any]]:
-    """Summary of a saved encoder directory (model type, width, files) or None when absent; used by ``info``."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    return {
-        "model_type": config.get("model_type"),
-        "hidden_size": config.get("hidden_size"),
-        "files": sorted(p.name for p in path.iterdir()),
-    }

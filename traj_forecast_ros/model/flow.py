@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from traj_forecast_ros.model.layers import Size2, pair
+from traj_forecast_ros.model.config import Size2, as_pair
 
 
 def latents_to_grid(latents: torch.Tensor, grid_size: Optional[Union[int, Size2]] = None) -> torch.Tensor:
@@ -24,7 +24,7 @@ def latents_to_grid(latents: torch.Tensor, grid_size: Optional[Union[int, Size2]
         if side * side != latents.shape[2]:
             raise ValueError(f"{latents.shape[2]} latent tokens are not a square grid; pass grid_size=(h, w)")
         grid_size = side
-    rows, cols = pair(grid_size)
+    rows, cols = as_pair(grid_size)
     return rearrange(latents, "b t (h w) c -> b t c h w", h=rows, w=cols)  # (B, T, C, h, w)
 
 

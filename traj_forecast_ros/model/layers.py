@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +18,12 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-Size2 = Tuple[int, int]
+from traj_forecast_ros.model.config import Size2, as_pair
 
 QK_NORM_EPS = 1e-5
 ATTENTION_SCORE_BYTES = 1 << 20  # explicit attention: score bytes per chunk (about one core's L2)
 PER_HEAD_GEMM_MAX_PAIRS = 16  # explicit attention: up to this many (sequence, head) pairs run as GEMMs
 LFF_ROWS_PER_CHUNK = 4096  # track points per chunk of the Fourier-feature MLP on CPU inference
-
-
-def pair(value: Union[int, Size2]) -> Size2:
-    """``(rows, cols)`` from an int (square) or a 2-sequence."""
-    if isinstance(value, int):
-        return (value, value)
-    rows, cols = value
-    return (int(rows), int(cols))
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation ``x * (1 + scale) + shift`` with per-sequence ``shift``/``scale`` [N, C] over x [N, L, C]."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def shared_rows(rows: torch.Tensor, num_sequences: int) -> torch.Tensor:
@@ -68,11 +55,6 @@ def set_fast_kernels(enabled: bool) -> bool:
     global _fast_kernels_enabled
     previous, _fast_kernels_enabled = _fast_kernels_enabled, bool(enabled)
     return previous
-
-
-def fast_kernels_enabled() -> bool:
-    """Whether :func:`set_fast_kernels` allows the CPU inference kernels."""
-    return _fast_kernels_enabled
 
 
 @contextmanager
@@ -188,6 +170,12 @@ def per_sample_vector(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None
 
 
+def foldable_vectors(x: torch.Tensor, *vectors: Optional[torch.Tensor]) -> bool:
+    """True when per-sample vectors (each None or one sample's, see :func:`per_sample_vector`) applied around a
+    linear layer on x should be folded into its weights: CPU inference (:func:`use_fast_path`) with one sample."""
+    return use_fast_path(x) and all(v is None or per_sample_vector(v) is not None for v in vectors)
+
+
 def folded_linear_params(layer: nn.Linear, input_scale: Optional[torch.Tensor] = None,
                          input_shift: Optional[torch.Tensor] = None, output_gate: Optional[torch.Tensor] = None,
                          dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -275,8 +263,7 @@ class Attention(nn.Module):
         On CPU inference with one sample the vectors are folded into the projection weights.
         """
         self_attention = context is None
-        fold = use_fast_path(x) and all(
-            v is None or per_sample_vector(v) is not None for v in (input_scale, input_shift, gate))
+        fold = foldable_vectors(x, input_scale, input_shift, gate)
         if fold:
             scale, shift, dtype = per_sample_vector(input_scale), per_sample_vector(input_shift), compute_dtype(x)
             q = linear(x, *folded_linear_params(self.q, scale, shift, dtype=dtype))  # (N, L, C)
@@ -360,8 +347,7 @@ class Mlp(nn.Module):
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., in] -> [..., out]; optional fused forms as in :meth:`Attention.forward`:
         ``residual + gate * mlp(x * input_scale + input_shift)`` (x [N, L, in] with per-sample vectors)."""
-        fold = use_fast_path(x) and all(
-            v is None or per_sample_vector(v) is not None for v in (input_scale, input_shift, gate))
+        fold = foldable_vectors(x, input_scale, input_shift, gate)
         if fold:
             dtype = compute_dtype(x)
             hidden = linear(x, *folded_linear_params(self.fc1, per_sample_vector(input_scale),
@@ -380,7 +366,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, input_size: Union[int, Size2], patch_size: int, in_channels: int, embed_dim: int) -> None:
         super().__init__()
-        self.input_size = pair(input_size)
+        self.input_size = as_pair(input_size)
         rows, cols = self.input_size
         if rows % patch_size or cols % patch_size:
             raise ValueError(f"input size {self.input_size} is not divisible by patch size {patch_size}")
@@ -513,7 +499,7 @@ def sincos_2d_table(embed_dim: int, grid_size: Union[int, Size2]) -> torch.Tenso
     """
     if embed_dim % 2:
         raise ValueError(f"2-D sin-cos embedding size must be even, got {embed_dim}")
-    rows, cols = pair(grid_size)
+    rows, cols = as_pair(grid_size)
     row_index, col_index = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # (rows, cols)
     col_part = sincos_1d(embed_dim // 2, col_index.reshape(-1))  # (rows*cols, D/2)
     row_part = sincos_1d(embed_dim // 2, row_index.reshape(-1))  # (rows*cols, D/2)
@@ -529,7 +515,7 @@ def token_grid(num_tokens: Union[int, Size2]) -> Size2:
                 f"num_frame_tokens={num_tokens} is not a square number; give the token grid as (rows, cols)"
             )
         return (side, side)
-    return pair(num_tokens)
+    return as_pair(num_tokens)
 
 
 def latte_sincos_tables(
@@ -545,6 +531,30 @@ def latte_sincos_tables(
         "temp_embed": sincos_1d_table(hidden, num_frames).unsqueeze(0),
         "frame_embed": sincos_2d_table(hidden, frame_token_grid).unsqueeze(0),
     }
+
+
+def run_factorised_blocks(x: torch.Tensor, blocks: Sequence[nn.Module], num_frames: int, num_tokens: int,
+                          *block_args: torch.Tensor, temp_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Latte's factorised transformer over x [(B T), L, C]: pairs of a spatial block (even: the L tokens of one
+    frame) and a temporal block (odd: the T frames of one token), each called as ``block(x, *block_args)``.
+
+    ``temp_embed`` [1, T, C], when given, is added after the first spatial block. Returns [(B T), L, C].
+    """
+    for i in range(0, len(blocks), 2):
+        x = blocks[i](x, *block_args)  # (B*T, L, C), spatial
+        x = rearrange(x, "(b f) l d -> (b l) f d", f=num_frames)  # (B*L, T, C)
+        if i == 0 and temp_embed is not None:
+            x = x + temp_embed  # (B*L, T, C)
+        x = blocks[i + 1](x, *block_args)  # (B*L, T, C), temporal
+        x = rearrange(x, "(b l) f d -> (b f) l d", l=num_tokens)  # (B*T, L, C)
+    return x
+
+
+def unpatchify(x: torch.Tensor, batch: int, token_grid_size: Size2, patch_size: int) -> torch.Tensor:
+    """Per-token outputs [(B T), rows * cols, p*p*c] ordered (p_row, p_col, c) -> [B, T, c, rows*p, cols*p]."""
+    rows, cols = token_grid_size
+    return rearrange(x, "(b f) (h w) (p q c) -> b f c (h p) (w q)", b=batch, h=rows, w=cols, p=patch_size,
+                     q=patch_size)
 
 
 def init_latte_weights(model: nn.Module, tables: "dict[str, torch.Tensor]", patch_embed: PatchEmbed) -> None:

@@ -14,18 +14,19 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from traj_forecast_ros.model.config import VAEConfig
+from traj_forecast_ros.model.config import VAEConfig, as_pair
 from traj_forecast_ros.model.layers import (
     Attention,
     Mlp,
     PatchEmbed,
     RMSNorm,
     TrackPosEncoder,
-    pair,
     rms_normalize,
     init_latte_weights,
     latte_sincos_tables,
+    run_factorised_blocks,
     token_grid,
+    unpatchify,
 )
 
 BLOCK_NORM_EPS = 1e-6
@@ -88,7 +89,7 @@ class TrajectoryVAE(nn.Module):
         if cfg.in_channels != 2:
             raise ValueError(f"the trajectory VAE encodes (x, y) tracks: in_channels must be 2, got {cfg.in_channels}")
         self.cfg = cfg
-        self.input_size = pair(cfg.input_size)
+        self.input_size = as_pair(cfg.input_size)
         self.patch_size = cfg.patch_size
         self.in_channels = cfg.in_channels
         self.out_channels = cfg.in_channels
@@ -160,20 +161,6 @@ class TrajectoryVAE(nn.Module):
         """DINO tokens [B, N, D] -> cross-attention context [B, N, C], shared by all sequences of a sample."""
         return self.frame_proj(frame_features) + self.frame_embed  # (B, N, C)
 
-    def _run_blocks(
-        self, x: torch.Tensor, blocks: nn.ModuleList, context: torch.Tensor, add_temp_embed: bool
-    ) -> torch.Tensor:
-        """Alternate spatial (even) and temporal (odd) blocks over x [(B T), L, C] with context [B, N, C]."""
-        frames = self.num_frames
-        for i in range(0, len(blocks), 2):
-            x = blocks[i](x, context)  # (B*T, L, C)
-            x = rearrange(x, "(b f) l c -> (b l) f c", f=frames)  # (B*L, T, C)
-            if add_temp_embed and i == 0:
-                x = x + self.temp_embed  # (B*L, T, C)
-            x = blocks[i + 1](x, context)  # (B*L, T, C)
-            x = rearrange(x, "(b l) f c -> (b f) l c", l=self.num_latent_tokens)  # (B*T, L, C)
-        return x
-
     def encode(self, tracks_norm: torch.Tensor, frame_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Posterior of normalised tracks [B, T, 2, H, W]: (mean, std) each [B, T, L, C], std = softplus(logvar/2).
 
@@ -206,7 +193,8 @@ class TrajectoryVAE(nn.Module):
         batch = tokens.shape[0]
         x = rearrange(tokens.to(self.dtype), "b f l c -> (b f) l c")  # (B*T, L, C)
         frame_features = frame_features.to(self.dtype)
-        x = self._run_blocks(x, self.encoder_blocks, self._context(frame_features), add_temp_embed=True)
+        x = run_factorised_blocks(x, self.encoder_blocks, self.num_frames, self.num_latent_tokens,
+                                  self._context(frame_features), temp_embed=self.temp_embed)  # (B*T, L, C)
         x = rearrange(x, "(b f) l c -> b f l c", b=batch)  # (B, T, L, C)
         mean, logvar = self.to_latents(x).chunk(2, dim=-1)  # (B, T, L, Z) each
         std = F.softplus(0.5 * logvar)  # (B, T, L, Z)
@@ -220,13 +208,10 @@ class TrajectoryVAE(nn.Module):
         batch = z.shape[0]
         x = self.from_latents(z)  # (B, T, L, C)
         x = rearrange(x, "b f l c -> (b f) l c")  # (B*T, L, C)
-        x = self._run_blocks(x, self.decoder_blocks, self._context(frame_features), add_temp_embed=False)
+        x = run_factorised_blocks(x, self.decoder_blocks, self.num_frames, self.num_latent_tokens,
+                                  self._context(frame_features))  # (B*T, L, C), no temporal embedding
         x = self.final_layer(x)  # (B*T, L, p*p*2)
-        rows, cols = self.latent_grid
-        p = self.patch_size
-        return rearrange(
-            x, "(b f) (h w) (p q c) -> b f c (h p) (w q)", b=batch, h=rows, w=cols, p=p, q=p
-        )  # (B, T, 2, H, W)
+        return unpatchify(x, batch, self.latent_grid, self.patch_size)  # (B, T, 2, H, W)
 
     @staticmethod
     def sample_posterior(

@@ -27,10 +27,10 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -103,13 +103,21 @@ class DistInfo:
 
 
 def resolve_train_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: ``cuda:<local_rank>`` when CUDA is available, else CPU. An unavailable device raises DeviceError."""
+    """``auto``: ``cuda:<local_rank>`` when CUDA is available, else CPU; a bare ``cuda`` also becomes
+    ``cuda:<local_rank>`` (each torchrun process its own GPU). An unavailable device raises DeviceError."""
     if device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device '{device}' requested but CUDA is not available; use --device cpu")
-    return resolved
+    return index_cuda_device(resolved, local_rank)
+
+
+def index_cuda_device(device: torch.device, local_rank: int = 0) -> torch.device:
+    """``cuda`` without an index -> ``cuda:<local_rank>`` (``set_device`` and DDP need one); anything else as is."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    return device
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
@@ -135,6 +143,16 @@ def cleanup_distributed(info: DistInfo) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device: str = "auto") -> Iterator[DistInfo]:
+    """:func:`setup_distributed` on entry, :func:`cleanup_distributed` on exit (also when the body raises)."""
+    info = setup_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup_distributed(info)
 
 
 # ------------------------------------------------------------------------------------------------ precision

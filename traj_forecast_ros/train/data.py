@@ -3,22 +3,25 @@
 A training *example* is one (scene, rollout) pair: a dataset of N scenes with R rollouts gives N * R examples that
 share each scene's image features. DINOv2 features are computed once per dataset and encoder and cached as
 ``features-<key>.npy`` (key = hash of the encoder weights and input size) in ``<dataset>/.cache/`` when writable,
-else in the run directory.
+else in the run directory. :func:`prepare_examples` is the common start of every stage (dataset, encoder, features,
+examples).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.geometry import normalise_points
+from traj_forecast_ros.model.checkpoint import IMAGE_ENCODER_DIR
 from traj_forecast_ros.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,11 @@ def encoder_fingerprint(encoder: torch.nn.Module, image_size) -> str:
     return digest.hexdigest()[:16]
 
 
+def dataset_fingerprint(dataset: TrajectoryDataset) -> str:
+    """Short hash of a dataset's ``index.json`` content (geometry, shard list, sizes, provenance)."""
+    return hashlib.sha256(json.dumps(dataset.index, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _writable_dir(preferred: Path, fallback: Path) -> Path:
     try:
         preferred.mkdir(parents=True, exist_ok=True)
@@ -50,9 +58,13 @@ def _writable_dir(preferred: Path, fallback: Path) -> Path:
 
 
 def image_features(dataset: TrajectoryDataset, encoder: torch.nn.Module, fallback_dir: Path,
-                   device: torch.device = torch.device("cpu"), progress: bool = False) -> np.ndarray:
-    """``[N, tokens, D]`` float32 frozen-encoder features of every dataset image (computed once, then cached)."""
-    key = encoder_fingerprint(encoder, dataset.meta.image_size)
+                   device: torch.device = torch.device("cpu"), progress: bool = False,
+                   fingerprint: Optional[str] = None) -> np.ndarray:
+    """``[N, tokens, D]`` float32 frozen-encoder features of every dataset image (computed once, then cached).
+
+    ``fingerprint``: the encoder's :func:`encoder_fingerprint` when already computed (the cache key).
+    """
+    key = fingerprint or encoder_fingerprint(encoder, dataset.meta.image_size)
     cache_dir = _writable_dir(dataset.root / ".cache", Path(fallback_dir) / "cache")
     path = cache_dir / f"features-{key}.npy"
     if path.is_file():
@@ -82,14 +94,18 @@ def image_features(dataset: TrajectoryDataset, encoder: torch.nn.Module, fallbac
 class TrackExamples:
     """(scene, rollout) examples of a dataset as normalised model inputs.
 
-    ``tracks_norm(examples) -> [B, T, 2, Hq, Wq]`` (``2 p / size - 1``), ``features(examples) -> [B, N, D]``.
+    ``tracks_norm(examples) -> [B, T, 2, Hq, Wq]`` (``2 p / size - 1``), ``features(examples) -> [B, N, D]``,
+    ``batch(examples)`` (both, as the VAE and regressor objectives take them). ``features_key`` names the encoder the
+    features came from (its :func:`encoder_fingerprint`; None when unknown).
     """
 
-    def __init__(self, dataset: TrajectoryDataset, features: np.ndarray, config: ModelConfig) -> None:
+    def __init__(self, dataset: TrajectoryDataset, features: np.ndarray, config: ModelConfig,
+                 features_key: Optional[str] = None) -> None:
         dataset.meta.check_model_geometry(config)
         self.dataset = dataset
         self.config = config
         self.features_all = features
+        self.features_key = features_key
         self.num_rollouts = dataset.meta.num_rollouts
         self.num_scenes = len(dataset)
 
@@ -115,6 +131,10 @@ class TrackExamples:
         pixels = torch.from_numpy(self.tracks_pixels(examples).astype(np.float32))
         return normalise_points(pixels, tuple(self.config.image_size)).permute(0, 1, 4, 2, 3).contiguous()
 
+    def batch(self, examples: np.ndarray) -> Dict[str, torch.Tensor]:
+        """``{"tracks_norm": [B, T, 2, Hq, Wq], "features": [B, N, D]}`` of the examples."""
+        return {"tracks_norm": self.tracks_norm(examples), "features": self.features(examples)}
+
 
 def build_image_encoder(config: ModelConfig, model_dir: Optional[Union[str, Path]] = None, seed: int = 0):
     """The frozen image encoder of ``config``: from ``model_dir``/hub, or random (deterministic in ``seed``)."""
@@ -123,3 +143,41 @@ def build_image_encoder(config: ModelConfig, model_dir: Optional[Union[str, Path
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ImageEncoder.from_config(config.image_encoder, model_dir=model_dir)
+
+
+def build_text_encoder(config: ModelConfig, model_dir: Optional[Union[str, Path]] = None, seed: int = 0):
+    """The frozen text encoder of ``config`` (None when it has none): from ``model_dir``/hub, or random (deterministic
+    in ``seed``, so the encoder a run embeds with is the one it saves)."""
+    if config.text_encoder is None:
+        return None
+    from traj_forecast_ros.model.encoders import TextEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TextEncoder.from_config(config.text_encoder, model_dir=model_dir)
+
+
+def prepare_examples(data_dir: Union[str, Path], config: ModelConfig, out_dir: Union[str, Path], info, settings,
+                     encoder_dir: Optional[Union[str, Path]] = None, resume: bool = False,
+                     encoder: Optional[torch.nn.Module] = None) -> Tuple[torch.nn.Module, TrackExamples]:
+    """The common start of a training stage: ``(image encoder, examples)``.
+
+    Opens the dataset (checked against ``config``). Without ``encoder``, builds the frozen image encoder (seeded with
+    ``settings.seed``) from ``out_dir`` when resuming a run that saved one, else from ``encoder_dir`` when it is a
+    directory, else randomly or from the hub per the config, and writes it to ``<out_dir>/image_encoder`` on rank 0
+    before training (so a resumed run reuses it). Then the encoder's cached image features and the
+    :class:`TrackExamples` over them. ``info`` is the run's :class:`~traj_forecast_ros.train.common.DistInfo`.
+    """
+    out_dir = Path(out_dir)
+    dataset = TrajectoryDataset(data_dir)
+    dataset.meta.check_model_geometry(config)
+    if encoder is None:
+        source = out_dir if resume and (out_dir / IMAGE_ENCODER_DIR).is_dir() else encoder_dir
+        source = source if source is not None and Path(source).is_dir() else None
+        encoder = build_image_encoder(config, model_dir=source, seed=settings.seed)
+        if info.is_main:
+            encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)  # saved before training: resume reuses it
+    fingerprint = encoder_fingerprint(encoder, dataset.meta.image_size)
+    features = image_features(dataset, encoder, out_dir, info.device, progress=settings.progress and info.is_main,
+                              fingerprint=fingerprint)
+    return encoder, TrackExamples(dataset, features, config, features_key=fingerprint)

@@ -94,7 +94,11 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     indices = np.arange(count)
     gt = dataset.gather("tracks", indices)  # [N, R, T, Hq, Wq, 2]
     object_ids = dataset.gather("object_ids", indices) if dataset.has("object_ids") else None
-    kinds = [dataset.kind_names()[i] for i in indices] if dataset.has("kinds") else None
+    if dataset.has("kinds"):
+        kind_names = dataset.kind_names()  # every sample's kind, read once
+        kinds: Optional[List[Optional[str]]] = [kind_names[i] for i in indices]
+    else:
+        kinds = None
 
     predictions: Dict[str, np.ndarray] = {}
     seconds: Dict[str, float] = {}
@@ -116,16 +120,16 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     if kinds is not None:
         for kind in sorted(set(kinds)):
             chosen = np.array([k == kind for k in kinds])
-            per_kind[kind] = {
-                name: {
+            per_kind[kind] = {}
+            for name, pred in predictions.items():
+                best, mean = metrics.best_and_mean_of_k_mse(pred[chosen], gt[chosen], rollouts=True)
+                per_kind[kind][name] = {
                     "scenes": int(chosen.sum()),
-                    "best_of_k_mse": metrics.best_of_k_mse(pred[chosen], gt[chosen], rollouts=True),
-                    "mean_of_k_mse": metrics.mean_of_k_mse(pred[chosen], gt[chosen], rollouts=True),
+                    "best_of_k_mse": best,
+                    "mean_of_k_mse": mean,
                     "diversity": metrics.diversity(pred[chosen]),
                     "mean_displacement": metrics.mean_displacement(pred[chosen]),
                 }
-                for name, pred in predictions.items()
-            }
     return {
         "dataset": str(data_dir),
         "model": None if model is None else str(model),

@@ -13,6 +13,7 @@ EMA is on, ``vae.safetensors``, ``image_encoder/``) that ``Forecaster.from_pretr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -21,14 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.model.config import LATENT_DRAWS, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
-from traj_forecast_ros.train.common import Trainer, TrainSettings, cleanup_distributed, setup_distributed
+from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
-from traj_forecast_ros.train.data import TrackExamples, encoder_fingerprint, image_features
+from traj_forecast_ros.train.data import TrackExamples, dataset_fingerprint, encoder_fingerprint, prepare_examples
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,17 @@ def encode_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelCon
 
 def cached_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelConfig, out_dir: Path,
                    device: torch.device, progress: bool = False) -> Dict[str, np.ndarray]:
-    """:func:`encode_latents`, cached per (VAE weights, features, dataset size) in ``<out>/cache``."""
-    key = encoder_fingerprint(vae, config.image_size)[:10] + f"-{len(examples)}-{examples.features_all.shape[1]}"
+    """:func:`encode_latents`, cached in ``<out>/cache`` per (VAE weights, dataset size, image features, dataset).
+
+    The features are identified by ``examples.features_key`` (the image encoder's fingerprint) or, when unknown, by a
+    hash of their values; the dataset by a hash of its ``index.json``.
+    """
+    features_id = examples.features_key
+    if features_id is None:
+        features_id = hashlib.sha256(np.ascontiguousarray(examples.features_all)).hexdigest()
+    source = hashlib.sha256(f"{features_id}:{dataset_fingerprint(examples.dataset)}".encode()).hexdigest()[:10]
+    key = (encoder_fingerprint(vae, config.image_size)[:10] + f"-{len(examples)}-{examples.features_all.shape[1]}"
+           + f"-{source}")
     path = out_dir / "cache" / f"latents-{key}.npz"
     if path.is_file():
         with np.load(path) as cached:
@@ -124,16 +133,17 @@ def latent_scale_from(latents: Dict[str, np.ndarray], latent_draw: str = "sample
     return [float(v) for v in np.sqrt(variance)]
 
 
-def _text_embeddings(config: ModelConfig, model_dir: Optional[PathLike],
+def _text_embeddings(config: ModelConfig, text_encoder: Optional[nn.Module],
                      device: torch.device) -> Optional[torch.Tensor]:
-    """``[1, E]`` embedding of the config's default instruction for language-conditioned models, else None."""
-    if config.text_encoder is None or config.denoiser.text_embed_dim is None:
+    """``[1, E]`` embedding of the config's default instruction by ``text_encoder`` for language-conditioned models
+    (``denoiser.text_embed_dim`` set), else None. The encoder is left on the CPU."""
+    if text_encoder is None or config.denoiser.text_embed_dim is None:
         return None
-    from traj_forecast_ros.model.encoders import TextEncoder
-
-    encoder = TextEncoder.from_config(config.text_encoder, model_dir=model_dir).to(device)
-    with torch.inference_mode():
-        return encoder([config.default_instruction]).float().cpu()
+    try:
+        with torch.no_grad():  # not inference_mode: inference tensors cannot enter the autograd-tracked forward
+            return text_encoder.to(device)([config.default_instruction]).float().cpu()
+    finally:
+        text_encoder.cpu()
 
 
 def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
@@ -150,12 +160,11 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     config's; it is saved with the model so the sampler conditions the same way.
     """
     from traj_forecast_ros.model.checkpoint import load_model_dir, load_official, save_model_dir
-    from traj_forecast_ros.train.data import build_image_encoder
+    from traj_forecast_ros.train.data import build_image_encoder, build_text_encoder
     from traj_forecast_ros.train.vae import load_vae_dir, load_vae_weights
 
     out_dir = Path(out_dir)
-    info = setup_distributed(settings.device)
-    try:
+    with distributed(settings.device) as info:
         encoder_dir: Optional[PathLike] = vae_dir
         encoder = None
         if init is not None and Path(init).is_dir():
@@ -182,10 +191,7 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         if encoder is None:
             encoder = build_image_encoder(config, model_dir=encoder_dir, seed=settings.seed)
 
-        dataset = TrajectoryDataset(data_dir)
-        dataset.meta.check_model_geometry(config)
-        features = image_features(dataset, encoder, out_dir, info.device, progress=settings.progress and info.is_main)
-        examples = TrackExamples(dataset, features, config)
+        encoder, examples = prepare_examples(data_dir, config, out_dir, info, settings, encoder=encoder)
         latents = cached_latents(vae, examples, config, out_dir, info.device,
                                  progress=settings.progress and info.is_main)
         if latent_draw is not None:
@@ -193,13 +199,14 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         if config.latent_scale is None:
             config.latent_scale = latent_scale_from(latents, config.latent_draw)
             log.info("latent scale measured on the training set: %s", config.latent_scale)
-        text = _text_embeddings(config, encoder_dir, info.device)
+        # built once: the encoder the denoiser is conditioned with is the one saved with the model
+        text_encoder = build_text_encoder(config, model_dir=encoder_dir, seed=settings.seed)
+        text = _text_embeddings(config, text_encoder, info.device)
 
         objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw)
-        num_rollouts = examples.num_rollouts
 
         def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
-            scenes = indices // num_rollouts
+            scenes = examples.scenes(indices)
             batch = {
                 "latent_mean": torch.from_numpy(latents["mean"][indices]),
                 "latent_std": torch.from_numpy(latents["std"][indices]),
@@ -215,14 +222,7 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         last = trainer.fit(resume=resume)
         denoiser.load_state_dict(trainer.averaged_model_state())
         if info.is_main:
-            text_encoder = None
-            if config.text_encoder is not None:
-                from traj_forecast_ros.model.encoders import TextEncoder
-
-                text_encoder = TextEncoder.from_config(config.text_encoder, model_dir=encoder_dir)
             save_model_dir(out_dir, config, denoiser.cpu(), vae.cpu(), image_encoder=encoder,
                            text_encoder=text_encoder)
             log.info("model directory written to %s", out_dir)
         return last
-    finally:
-        cleanup_distributed(info)

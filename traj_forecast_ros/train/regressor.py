@@ -18,26 +18,23 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.errors import CheckpointError
+from traj_forecast_ros.model.checkpoint import IMAGE_ENCODER_DIR, read_safetensors, save_tensors
 from traj_forecast_ros.model.config import DenoiserConfig, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
-from traj_forecast_ros.train.common import Trainer, TrainSettings, cleanup_distributed, setup_distributed
+from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
-from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
+from traj_forecast_ros.train.data import build_image_encoder, prepare_examples
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "regressor.safetensors"
-CONFIG_FILE = "regressor.yaml"
-IMAGE_ENCODER_DIR = "image_encoder"
+CONFIG_FILE = "regressor.yaml"  # the regressor's own description (not a model directory's config.yaml)
 PathLike = Union[str, Path]
 
 
@@ -95,17 +92,18 @@ class RegressorObjective(nn.Module):
         return {"loss": loss, "rmse_px": torch.sqrt(loss.detach()) * self.half_size}
 
 
-def save_regressor(out_dir: PathLike, regressor: TrackRegressor, image_encoder) -> Path:
-    """Write weights, config and encoder into ``out_dir``."""
+def save_regressor(out_dir: PathLike, regressor: TrackRegressor, image_encoder=None) -> Path:
+    """Write weights (atomically), config and, when given, the encoder into ``out_dir`` (:func:`train_regressor`
+    saves the frozen encoder before training and passes none here)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in regressor.net.state_dict().items()}
-    save_file(tensors, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(regressor.net, out_dir / WEIGHTS_FILE)
     description = {"model": regressor.config.to_dict(), "backbone": dataclasses.asdict(regressor.backbone_config)}
     if isinstance(description["backbone"]["input_size"], tuple):
         description["backbone"]["input_size"] = list(description["backbone"]["input_size"])
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(description, sort_keys=False))
-    image_encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)
+    if image_encoder is not None:
+        image_encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)
     return out_dir
 
 
@@ -123,7 +121,7 @@ def load_regressor(directory: PathLike) -> Tuple[TrackRegressor, object]:
     if isinstance(backbone.get("input_size"), list):
         backbone["input_size"] = tuple(backbone["input_size"])
     regressor = TrackRegressor(config, DenoiserConfig(**backbone))
-    load_state_dict_into(regressor.net, load_file(str(weights_path), device="cpu"), weights_path, "denoiser")
+    load_state_dict_into(regressor.net, read_safetensors(weights_path), weights_path, "denoiser")
     encoder = build_image_encoder(config, model_dir=directory)
     return regressor.eval(), encoder
 
@@ -133,31 +131,20 @@ def train_regressor(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, 
                     resume: bool = False) -> Dict[str, float]:
     """Train the regressor baseline; ``encoder_dir`` (e.g. the VAE run) supplies the same frozen image encoder."""
     out_dir = Path(out_dir)
-    info = setup_distributed(settings.device)
-    try:
-        dataset = TrajectoryDataset(data_dir)
-        dataset.meta.check_model_geometry(config)
-        source = out_dir if resume and (out_dir / IMAGE_ENCODER_DIR).is_dir() else encoder_dir
-        encoder = build_image_encoder(config, model_dir=source, seed=settings.seed)
-        if info.is_main:
-            encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)
-        features = image_features(dataset, encoder, out_dir, info.device, progress=settings.progress and info.is_main)
-        examples = TrackExamples(dataset, features, config)
+    with distributed(settings.device) as info:
+        # the encoder (from out_dir on resume, else encoder_dir's) is saved into out_dir before training
+        _, examples = prepare_examples(data_dir, config, out_dir, info, settings, encoder_dir=encoder_dir,
+                                       resume=resume)
         torch.manual_seed(settings.seed)
         regressor = TrackRegressor(config)
         if init is not None:
             initial, _ = load_regressor(init)
             regressor.net.load_state_dict(initial.net.state_dict())
 
-        def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
-            return {"tracks_norm": examples.tracks_norm(indices), "features": examples.features(indices)}
-
-        trainer = Trainer(RegressorObjective(regressor), regressor.net, make_batch, len(examples), settings, out_dir,
-                          info, stage="regressor")
+        trainer = Trainer(RegressorObjective(regressor), regressor.net, examples.batch, len(examples), settings,
+                          out_dir, info, stage="regressor")
         last = trainer.fit(resume=resume)
         regressor.net.load_state_dict(trainer.averaged_model_state())
         if info.is_main:
-            save_regressor(out_dir, regressor.cpu(), encoder)
+            save_regressor(out_dir, regressor.cpu())
         return last
-    finally:
-        cleanup_distributed(info)

@@ -16,21 +16,23 @@ from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.errors import CheckpointError
+from traj_forecast_ros.model.checkpoint import (
+    CONFIG_FILE,
+    IMAGE_ENCODER_DIR,
+    VAE_FILE,
+    read_safetensors,
+    save_tensors,
+)
 from traj_forecast_ros.model.config import ModelConfig
 from traj_forecast_ros.model.vae import TrajectoryVAE
-from traj_forecast_ros.train.common import Trainer, TrainSettings, cleanup_distributed, setup_distributed
-from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
+from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
+from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, prepare_examples
 
 log = logging.getLogger(__name__)
 
-VAE_FILE = "vae.safetensors"
-CONFIG_FILE = "config.yaml"
-IMAGE_ENCODER_DIR = "image_encoder"
 PathLike = Union[str, Path]
 
 
@@ -62,7 +64,7 @@ def load_vae_weights(vae: TrajectoryVAE, source: PathLike) -> None:
     if not path.is_file():
         raise CheckpointError(f"no VAE weights at {path}")
     if path.suffix == ".safetensors":
-        state = load_file(str(path), device="cpu")
+        state = read_safetensors(path)
     else:
         state = read_torch_checkpoint(path)
     load_state_dict_into(vae, state, path, "trajectory VAE")
@@ -91,14 +93,15 @@ def measure_latent_scale(vae: TrajectoryVAE, examples: TrackExamples, max_exampl
     return [float(math.sqrt(max(v, 1e-12))) for v in variance.tolist()]
 
 
-def write_vae_dir(out_dir: PathLike, config: ModelConfig, vae: TrajectoryVAE, image_encoder) -> Path:
-    """Write ``config.yaml``, ``vae.safetensors`` and ``image_encoder/`` into ``out_dir``."""
+def write_vae_dir(out_dir: PathLike, config: ModelConfig, vae: TrajectoryVAE, image_encoder=None) -> Path:
+    """Write ``config.yaml``, ``vae.safetensors`` (atomically) and, when given, ``image_encoder/`` into ``out_dir``
+    (:func:`train_vae` saves the frozen encoder before training and passes none here)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_yaml(out_dir / CONFIG_FILE)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
-    save_file(tensors, str(out_dir / VAE_FILE), metadata={"format": "pt"})
-    image_encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)
+    save_tensors(vae, out_dir / VAE_FILE)
+    if image_encoder is not None:
+        image_encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)
     return out_dir
 
 
@@ -113,17 +116,9 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
     if config.vae is None:
         raise ValueError(f"model '{config.name}' has no VAE (raw model): nothing to train in stage 1")
     out_dir = Path(out_dir)
-    info = setup_distributed(settings.device)
-    try:
-        dataset = TrajectoryDataset(data_dir)
-        dataset.meta.check_model_geometry(config)
-        encoder_dir = out_dir if resume and (out_dir / IMAGE_ENCODER_DIR).is_dir() else init
-        encoder_dir = encoder_dir if encoder_dir is not None and Path(encoder_dir).is_dir() else None
-        encoder = build_image_encoder(config, model_dir=encoder_dir, seed=settings.seed)
-        if info.is_main:
-            encoder.save_pretrained(out_dir / IMAGE_ENCODER_DIR)  # saved before training: resume reuses it
-        features = image_features(dataset, encoder, out_dir, info.device, progress=settings.progress and info.is_main)
-        examples = TrackExamples(dataset, features, config)
+    with distributed(settings.device) as info:
+        # the encoder (from out_dir on resume, else init's) is saved into out_dir before training
+        _, examples = prepare_examples(data_dir, config, out_dir, info, settings, encoder_dir=init, resume=resume)
 
         torch.manual_seed(settings.seed)
         vae = TrajectoryVAE(config.vae)
@@ -132,22 +127,17 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
         beta = config.vae.beta if beta is None else beta
         objective = VAEObjective(vae, beta, config.image_size)
 
-        def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
-            return {"tracks_norm": examples.tracks_norm(indices), "features": examples.features(indices)}
-
-        trainer = Trainer(objective, vae, make_batch, len(examples), settings, out_dir, info, stage="vae")
+        trainer = Trainer(objective, vae, examples.batch, len(examples), settings, out_dir, info, stage="vae")
         last = trainer.fit(resume=resume)
 
         vae.load_state_dict(trainer.averaged_model_state())
         if info.is_main:
             scale = measure_latent_scale(vae, examples, scale_examples, device=info.device, seed=settings.seed)
             final = dataclasses.replace(config, latent_scale=scale, vae=dataclasses.replace(config.vae, beta=beta))
-            write_vae_dir(out_dir, final, vae.cpu(), encoder)
+            write_vae_dir(out_dir, final, vae.cpu())
             last["latent_scale_mean"] = float(np.mean(scale))
             log.info("VAE written to %s (latent scale %s)", out_dir, [round(s, 4) for s in scale])
         return last
-    finally:
-        cleanup_distributed(info)
 
 
 def load_vae_dir(directory: PathLike):
