@@ -199,7 +199,11 @@ def measure_overhead(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     client.create_subscription(TrajectoryForecast, f"{NAMESPACE}/forecast_node/forecast", on_forecast, reliable)
     client.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, reliable)
     publisher = client.create_publisher(Image, f"{NAMESPACE}/image", reliable)
-    spinner = threading.Thread(target=rclpy.spin, args=(client,), daemon=True)
+    from rclpy.executors import SingleThreadedExecutor
+
+    executor = SingleThreadedExecutor()
+    executor.add_node(client)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     results: Dict[str, Dict[str, float]] = {}
     try:
@@ -210,6 +214,14 @@ def measure_overhead(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
             time.sleep(0.05)
         rng = np.random.default_rng(0)
         frame = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+        # Best effort: frames sent before the node's reader has matched this publisher are lost, whatever the
+        # publisher's subscription count says. Send until one is answered, then measure.
+        while not received:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError("the node never answered a frame (run with --verbose to see its log)")
+            publisher.publish(rgb_to_image_msg(frame))
+            with lock:
+                lock.wait_for(lambda: bool(received), timeout=1.0)
         for mode in ("forecast only", "forecast + markers + overlay"):
             if mode != "forecast only":
                 client.create_subscription(MarkerArray, f"{NAMESPACE}/forecast_node/markers", lambda m: None,
@@ -245,6 +257,8 @@ def measure_overhead(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+        executor.shutdown()  # stop spinning before the node goes (a thread still in spin aborts the process at exit)
+        spinner.join(timeout=5.0)
         client.destroy_node()
         rclpy.try_shutdown()
     return results
