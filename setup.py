@@ -34,8 +34,8 @@ setup(
     entry_points={
         "console_scripts": [
             "traj-forecast = traj_forecast_ros.cli:main",
-            "forecast_node = traj_forecast_ros.forecast_node:main",
-            "forecast_recorder = traj_forecast_ros.recorder_node:main",
+            "forecast_node = traj_forecast_ros.ros.forecast_node:main",
+            "forecast_recorder = traj_forecast_ros.bag.recorder:main",
         ],
     },
 )

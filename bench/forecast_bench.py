@@ -48,7 +48,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from traj_forecast_ros.errors import WeightsNotFoundError  # noqa: E402
-from traj_forecast_ros.forecaster import Forecaster, dtype_name, resolve_device  # noqa: E402
+from traj_forecast_ros.forecaster import Forecaster  # noqa: E402
+from traj_forecast_ros.sampling_plan import dtype_name, resolve_device  # noqa: E402
 from traj_forecast_ros.geometry import prepare_image  # noqa: E402
 from traj_forecast_ros.model.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig  # noqa: E402
 from traj_forecast_ros.model.config import libero_config, tiny_config  # noqa: E402

@@ -65,7 +65,7 @@ def bench_pack_unpack(k: int, t: int, grid: int, repeats: int) -> Dict[str, Dict
     from std_msgs.msg import Header
     from traj_forecast_msgs.msg import TrajectoryForecast
 
-    from traj_forecast_ros.conversions import forecast_to_msg, msg_to_arrays
+    from traj_forecast_ros.ros.conversions import forecast_to_msg, msg_to_arrays
 
     forecast = synthetic_forecast(k, t, grid)
     pack, unpack, unpack_copy, serialise, deserialise = [], [], [], [], []
@@ -126,7 +126,7 @@ def serve(args: argparse.Namespace) -> int:
     from rclpy.executors import ExternalShutdownException
     from rclpy.parameter import Parameter
 
-    from traj_forecast_ros.forecast_node import ForecastNode, load_forecaster
+    from traj_forecast_ros.ros.forecast_node import ForecastNode, load_forecaster
 
     if args.model:
         factory = load_forecaster
@@ -163,7 +163,7 @@ def measure_overhead(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     from traj_forecast_msgs.msg import TrajectoryForecast
     from visualization_msgs.msg import MarkerArray
 
-    from traj_forecast_ros.conversions import rgb_to_image_msg
+    from traj_forecast_ros.ros.conversions import rgb_to_image_msg
 
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--stub-ms", str(args.stub_ms),
                "--samples", str(args.samples), "--frames", str(args.frames), "--grid", str(args.grid)]

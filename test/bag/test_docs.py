@@ -21,7 +21,7 @@ def test_readme_starts_with_exactly_the_two_commands():
 
 
 def test_parameter_table_matches_the_node():
-    node_params = pytest.importorskip("traj_forecast_ros.node_params")
+    node_params = pytest.importorskip("traj_forecast_ros.ros.params")
     section = README.split("## Parameters", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, flags=re.MULTILINE))
 
@@ -49,7 +49,7 @@ def test_planner_example_reads_a_forecast_message():
     pytest.importorskip("traj_forecast_msgs.msg")
     from std_msgs.msg import Header
 
-    from traj_forecast_ros.conversions import forecast_to_msg
+    from traj_forecast_ros.ros.conversions import forecast_to_msg
     from traj_forecast_ros.forecast import Forecast
 
     spec = importlib.util.spec_from_file_location("forecast_subscriber", REPO / "docs/examples/forecast_subscriber.py")

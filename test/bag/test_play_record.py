@@ -18,7 +18,7 @@ from traj_forecast_ros.bag.io import bag_topics, read_messages  # noqa: E402
 from traj_forecast_ros.bag.player import BagPlayer  # noqa: E402
 from traj_forecast_ros.bag.sample import SAMPLE_BAG  # noqa: E402
 from traj_forecast_ros.errors import BagError  # noqa: E402
-from traj_forecast_ros.recorder_node import BagRecorder  # noqa: E402
+from traj_forecast_ros.bag.recorder import BagRecorder  # noqa: E402
 
 pytestmark = pytest.mark.ros
 REPO = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ def test_recorder_processes_finish_their_bags(tmp_path, ros_context):
     topic = "/agentview/image_raw"
     env = dict(os.environ)
     recorder_node = subprocess.Popen(
-        [sys.executable, "-m", "traj_forecast_ros.recorder_node", "--ros-args", "-p", f"output:={tmp_path / 'node'}",
+        [sys.executable, "-m", "traj_forecast_ros.bag.recorder", "--ros-args", "-p", f"output:={tmp_path / 'node'}",
          "-p", f"topics:=['{topic}']", "-p", "storage:=sqlite3"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

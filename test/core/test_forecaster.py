@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from traj_forecast_ros.errors import DeviceError, InvalidImageError, TrajForecastError
-from traj_forecast_ros.forecaster import Forecaster, resolve_device, resolve_dtype
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.sampling_plan import resolve_device, resolve_dtype
 from traj_forecast_ros.geometry import ImageTransform, query_grid
 from traj_forecast_ros.model.checkpoint import save_model_dir
 from traj_forecast_ros.model.config import tiny_config

@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from traj_forecast_ros.forecaster import (
-    DEFAULT_SAMPLE_BATCH_SIZE,
-    Forecaster,
-    SamplingPlan,
-    choose_sampling_plan,
-)
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.sampling_plan import DEFAULT_SAMPLE_BATCH_SIZE, SamplingPlan, choose_sampling_plan
 from traj_forecast_ros.model.config import tiny_config
 
 

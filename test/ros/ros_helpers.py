@@ -49,11 +49,11 @@ def _default_sigint() -> None:
 
 
 class NodeProcess:
-    """``python -m traj_forecast_ros.forecast_node`` in its own process, output captured in a log file."""
+    """``python -m traj_forecast_ros.ros.forecast_node`` in its own process, output captured in a log file."""
 
     def __init__(self, log_path: Path, params: Dict[str, Any], namespace: str = "") -> None:
         self.log_path = log_path
-        command = [sys.executable, "-m", "traj_forecast_ros.forecast_node", "--ros-args",
+        command = [sys.executable, "-m", "traj_forecast_ros.ros.forecast_node", "--ros-args",
                    "--params-file", str(PARAMS_FILE)]
         for name, value in params.items():
             command += ["-p", f"{name}:={value}"]

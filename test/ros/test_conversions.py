@@ -13,7 +13,7 @@ pytest.importorskip("traj_forecast_msgs", reason="traj_forecast_msgs not built: 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
 
-from traj_forecast_ros.conversions import (  # noqa: E402
+from traj_forecast_ros.ros.conversions import (  # noqa: E402
     ImageMessageError,
     compressed_msg_to_rgb,
     forecast_to_msg,

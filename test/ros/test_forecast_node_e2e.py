@@ -32,7 +32,7 @@ if ros_available() is None:
     from traj_forecast_msgs.msg import TrajectoryForecast
     from visualization_msgs.msg import Marker, MarkerArray
 
-    from traj_forecast_ros.conversions import msg_to_arrays, rgb_to_image_msg
+    from traj_forecast_ros.ros.conversions import msg_to_arrays, rgb_to_image_msg
 
 NODE = "/forecast_node"
 K, T, GRID = 2, 4, 8  # num_samples set below; tiny_config: 4 frames, 8x8 grid

@@ -20,11 +20,11 @@ if ros_available() is None:
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
-    from traj_forecast_ros.conversions import rgb_to_image_msg
+    from traj_forecast_ros.ros.conversions import rgb_to_image_msg
     from traj_forecast_ros.forecast import Forecast
-    from traj_forecast_ros.forecast_node import ForecastNode, diagnostic_status
-    from traj_forecast_ros.node_params import PARAMETERS
-    from traj_forecast_ros.node_runtime import PipelineStats
+    from traj_forecast_ros.ros.forecast_node import ForecastNode, diagnostic_status
+    from traj_forecast_ros.ros.params import PARAMETERS
+    from traj_forecast_ros.ros.pipeline import PipelineStats
 
 
 class FakeForecaster:
@@ -227,4 +227,4 @@ def test_setup_installs_everything_a_ros_install_needs(monkeypatch):
         assert f"{share}/{path}" in installed, path
     encoder_files = [p for p in installed if p.startswith(f"{share}/models/demo-blocks/image_encoder/")]
     assert encoder_files, "demo-blocks' image encoder is not installed"
-    assert "forecast_node = traj_forecast_ros.forecast_node:main" in captured["entry_points"]["console_scripts"]
+    assert "forecast_node = traj_forecast_ros.ros.forecast_node:main" in captured["entry_points"]["console_scripts"]

@@ -10,7 +10,7 @@ pytest.importorskip("visualization_msgs", reason="needs the ROS 2 message wheels
 from std_msgs.msg import Header  # noqa: E402
 from visualization_msgs.msg import Marker  # noqa: E402
 
-from traj_forecast_ros.markers import (  # noqa: E402
+from traj_forecast_ros.ros.markers import (  # noqa: E402
     ImagePlane,
     forecast_markers,
     lifetime_from_period,

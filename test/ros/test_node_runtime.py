@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from traj_forecast_ros.errors import InvalidImageError
-from traj_forecast_ros.node_runtime import (
+from traj_forecast_ros.ros.pipeline import (
     FORECAST_FAILED,
     OUT_OF_MEMORY,
     PUBLISH_FAILED,

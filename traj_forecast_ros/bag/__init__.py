@@ -9,5 +9,5 @@
 - :mod:`.report`: read forecasts back, latency statistics, the animated overlay.
 - :mod:`.model_choice`: the best model available offline.
 
-The recorder node lives in :mod:`traj_forecast_ros.recorder_node`.
+The recorder node lives in :mod:`traj_forecast_ros.bag.recorder`.
 """

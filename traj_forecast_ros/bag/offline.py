@@ -44,7 +44,7 @@ def output_topics(image_topic: str) -> Dict[str, str]:
 
 def node_defaults() -> Dict[str, Any]:
     """The forecast node's parameter defaults (so offline outputs match what the live node publishes)."""
-    from traj_forecast_ros.node_params import PARAMETERS
+    from traj_forecast_ros.ros.params import PARAMETERS
 
     return {spec.name: spec.default for spec in PARAMETERS}
 
@@ -61,7 +61,7 @@ def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import CompressedImage, Image
 
-    from traj_forecast_ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
+    from traj_forecast_ros.ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
 
     if msgtype == IMAGE_MSG:
         message = deserialize_message(data, Image)
@@ -127,7 +127,7 @@ def run_bag(
     from rclpy.serialization import serialize_message
     from tqdm import tqdm
 
-    from traj_forecast_ros.node_runtime import classify_error
+    from traj_forecast_ros.ros.pipeline import classify_error
 
     available = bag_topics(in_bag)
     image_topics = select_image_topics(in_bag, topics, available)
@@ -147,7 +147,7 @@ def run_bag(
             model, model_note = best_offline_model()
         forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype, download=False)
     config = getattr(forecaster, "config", None)
-    from traj_forecast_ros.outputs import OutputBuilder
+    from traj_forecast_ros.ros.outputs import OutputBuilder
 
     builder = OutputBuilder(settings.__getitem__, getattr(config, "frame_interval_s", None) or 0.0)
 

@@ -13,7 +13,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile
 
 from traj_forecast_ros.bag.io import BagMessage, PathLike, bag_topics, read_messages
-from traj_forecast_ros.bag.ros_types import message_class, qos_from_name
+from traj_forecast_ros.ros.qos import message_class, qos_from_name
 from traj_forecast_ros.errors import BagError
 
 PublishCallback = Callable[[BagMessage, int], None]

@@ -1,6 +1,6 @@
 """Replay a bag through the forecast node over DDS and account for every frame (the demo and the replay test).
 
-The node runs as its own process (``python -m traj_forecast_ros.forecast_node``) in the camera's namespace with
+The node runs as its own process (``python -m traj_forecast_ros.ros.forecast_node``) in the camera's namespace with
 ``use_sim_time``; this process plays the bag (publishing ``/clock`` from the bag's time), records the node's
 outputs into a bag, and watches ``/diagnostics``. When every published frame is either answered by a forecast
 or counted as dropped by the node (by reason), the node is stopped and a summary is written:
@@ -73,7 +73,7 @@ class NodeProcess:
 
     def __init__(self, namespace: str, params: Dict[str, Any], log_path: Path) -> None:
         self.log_path = log_path
-        command = [sys.executable, "-m", "traj_forecast_ros.forecast_node", "--ros-args"]
+        command = [sys.executable, "-m", "traj_forecast_ros.ros.forecast_node", "--ros-args"]
         params_file = package_config_file("forecast.yaml")
         if params_file is not None:
             command += ["--params-file", str(params_file)]
@@ -179,7 +179,7 @@ def replay_through_node(
     from rclpy.logging import LoggingSeverity
 
     from traj_forecast_ros.bag.player import BagPlayer
-    from traj_forecast_ros.recorder_node import BagRecorder
+    from traj_forecast_ros.bag.recorder import BagRecorder
 
     started = time.monotonic()
     in_bag, out_dir = Path(in_bag), Path(out_dir)

@@ -45,8 +45,8 @@ def percentiles_ms(values_s: Sequence[float]) -> Dict[str, Optional[float]]:
 
 def forecast_arrays(message: object) -> Dict[str, np.ndarray]:
     """Arrays of a decoded ``TrajectoryForecast`` (rosbags or rclpy object): ``tracks [K,T,H,W,2]``,
-    ``query_points`` and the per-point summaries (:func:`traj_forecast_ros.conversions.msg_to_arrays`)."""
-    from traj_forecast_ros.conversions import msg_to_arrays
+    ``query_points`` and the per-point summaries (:func:`traj_forecast_ros.ros.conversions.msg_to_arrays`)."""
+    from traj_forecast_ros.ros.conversions import msg_to_arrays
 
     return msg_to_arrays(message)
 
@@ -64,7 +64,7 @@ def read_forecasts(bag: PathLike, topic: str) -> List[Tuple[int, object]]:
 def read_images(bag: PathLike, topic: str, stamps: Optional[Iterable[int]] = None) -> Dict[int, np.ndarray]:
     """``stamp_ns -> [H, W, 3]`` uint8 RGB of the ``sensor_msgs/Image`` messages of ``topic`` (only ``stamps``
     when given), decoded like the node does (every encoding it accepts)."""
-    from traj_forecast_ros.conversions import image_msg_to_rgb
+    from traj_forecast_ros.ros.conversions import image_msg_to_rgb
 
     store = make_typestore()
     wanted = set(stamps) if stamps is not None else None

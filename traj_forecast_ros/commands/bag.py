@@ -138,7 +138,7 @@ def _play(args: argparse.Namespace) -> int:
     import rclpy
 
     from traj_forecast_ros.bag.player import BagPlayer
-    from traj_forecast_ros.bag.ros_types import qos_from_name
+    from traj_forecast_ros.ros.qos import qos_from_name
     from traj_forecast_ros.errors import BagError
 
     rclpy.init()
@@ -173,7 +173,7 @@ def _record(args: argparse.Namespace) -> int:
     import rclpy
 
     from traj_forecast_ros.errors import BagError
-    from traj_forecast_ros.recorder_node import BagRecorder, ExternalShutdownException
+    from traj_forecast_ros.bag.recorder import BagRecorder, ExternalShutdownException
 
     rclpy.init()
     try:

@@ -11,8 +11,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from traj_forecast_ros.conversions import forecast_to_msg, rgb_to_image_msg
-from traj_forecast_ros.markers import ImagePlane, forecast_markers, lifetime_from_period
+from traj_forecast_ros.ros.conversions import forecast_to_msg, rgb_to_image_msg
+from traj_forecast_ros.ros.markers import ImagePlane, forecast_markers, lifetime_from_period
 from traj_forecast_ros.viz import draw_tracks
 
 log = logging.getLogger(__name__)

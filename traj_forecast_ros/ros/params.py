@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from traj_forecast_ros.conversions import DEFAULT_MAX_PIXELS
+from traj_forecast_ros.ros.conversions import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)

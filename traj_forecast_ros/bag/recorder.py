@@ -3,7 +3,7 @@
 Each requested topic is subscribed as soon as a publisher for it appears, with a QoS that matches every
 publisher (like ``ros2 bag record``); messages are stored as received (CDR bytes) with their receive time.
 
-    python -m traj_forecast_ros.recorder_node --ros-args -p output:=outputs/forecast_bag \
+    python -m traj_forecast_ros.bag.recorder --ros-args -p output:=outputs/forecast_bag \
         -p topics:="['/forecast_node/forecast', '/forecast_node/markers', '/forecast_node/overlay']"
 """
 
@@ -20,7 +20,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from traj_forecast_ros.bag.io import BackgroundBagWriter
-from traj_forecast_ros.bag.ros_types import message_class, qos_matching_publishers
+from traj_forecast_ros.ros.qos import message_class, qos_matching_publishers
 from traj_forecast_ros.errors import BagError
 
 try:  # rclpy >= Galactic

@@ -1,11 +1,11 @@
 """``forecast_node``: a lifecycle node that forecasts dense point trajectories from a camera stream.
 
-    python -m traj_forecast_ros.forecast_node --ros-args --params-file config/forecast.yaml
+    python -m traj_forecast_ros.ros.forecast_node --ros-args --params-file config/forecast.yaml
 
 Lifecycle: ``configure`` loads the model and warms it up; ``activate`` subscribes to the camera and starts the
 worker; ``deactivate`` unsubscribes, stops inference and releases the model with its accelerator memory (the next
 ``activate`` loads it again); ``cleanup`` drops the model and the publishers. With ``autostart`` (default) the node
-configures and activates itself at startup. Parameters: :mod:`traj_forecast_ros.node_params`.
+configures and activates itself at startup. Parameters: :mod:`traj_forecast_ros.ros.params`.
 
 Topics (relative names, so namespaces and remappings apply):
     in:  ``<image_topic>`` (sensor_msgs/Image) or ``<image_topic>/compressed`` (sensor_msgs/CompressedImage),
@@ -33,19 +33,19 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
-from traj_forecast_ros.bag.ros_types import qos_from_name
-from traj_forecast_ros.conversions import (
+from traj_forecast_ros.ros.qos import qos_from_name
+from traj_forecast_ros.ros.conversions import (
     compressed_msg_to_rgb,
     image_msg_to_rgb,
 )
-from traj_forecast_ros.node_params import PARAMETER_SPECS, PARAMETERS
-from traj_forecast_ros.node_runtime import (
+from traj_forecast_ros.ros.params import PARAMETER_SPECS, PARAMETERS
+from traj_forecast_ros.ros.pipeline import (
     ForecastPipeline,
     Frame,
     PipelineStats,
     reason_category,
 )
-from traj_forecast_ros.outputs import OutputBuilder
+from traj_forecast_ros.ros.outputs import OutputBuilder
 
 try:  # rclpy >= Galactic
     from rclpy.executors import ExternalShutdownException
@@ -375,7 +375,7 @@ class ForecastNode(LifecycleNode):
 
 
 def main(args: Optional[List[str]] = None) -> int:
-    """Entry point of ``forecast_node`` (console script and ``python -m traj_forecast_ros.forecast_node``)."""
+    """Entry point of ``forecast_node`` (console script and ``python -m traj_forecast_ros.ros.forecast_node``)."""
     rclpy.init(args=args)
     node: Optional[ForecastNode] = None
     exit_code = 0
