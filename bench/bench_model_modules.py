@@ -1,7 +1,7 @@
 """Time the LIBERO-size torch modules (random weights): one denoiser evaluation, VAE encode, VAE decode.
 
 Each is timed twice in the same run: our forward (``LatteDenoiser`` / ``TrajectoryVAE`` with the CPU inference
-kernels of ``traj_forecast_ros.model.layers``) and the official-style reference below (plain PyTorch ops, image
+kernels of ``traj_forecast_ros.model.kernels``) and the official-style reference below (plain PyTorch ops, image
 context and conditioning repeated per sequence before the blocks, as the official code does). Also prints FLOPs,
 achieved GFLOP/s and the largest relative difference between the two.
 
@@ -28,9 +28,10 @@ import torch.nn.functional as F  # noqa: E402
 from einops import rearrange, repeat  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
-from traj_forecast_ros.model.config import libero_config  # noqa: E402
+from traj_forecast_ros.model.presets import libero_config  # noqa: E402
 from traj_forecast_ros.model.denoiser import LatteDenoiser  # noqa: E402
-from traj_forecast_ros.model.layers import Attention, Mlp, fast_kernels, timestep_frequencies  # noqa: E402
+from traj_forecast_ros.model.kernels import DenoiserKernels, KernelOptions, VAEKernels  # noqa: E402
+from traj_forecast_ros.model.layers import Attention, Mlp, timestep_frequencies  # noqa: E402
 from traj_forecast_ros.model.vae import TrajectoryVAE  # noqa: E402
 
 
@@ -177,8 +178,8 @@ def measure(fn: Callable[[], object], repeats: int) -> float:
 
 
 def count_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of one call, counted on the reference kernels (the CPU fast path's oneDNN ops are not registered)."""
-    with fast_kernels(False), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+    """FLOPs of one call (run it on the reference modules: the CPU kernels' oneDNN ops are not registered)."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -215,18 +216,21 @@ def main() -> None:
     latents = torch.randn(1, 16, 256, 8)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
+    options = KernelOptions(dtype=dtype)
+    fast_denoiser, fast_vae = DenoiserKernels(denoiser, options), VAEKernels(vae, options)
     cases: Dict[str, Tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]] = {
-        "denoiser": (lambda: denoiser(x, t, features, text),
+        "denoiser": (lambda: fast_denoiser(x, t, features, text),
                      lambda: official_denoiser_forward(denoiser, x, t, features, text)),
-        "vae.encode": (lambda: vae.encode(tracks, features)[0], lambda: official_vae_encode(vae, tracks, features)[0]),
-        "vae.decode": (lambda: vae.decode(latents, features), lambda: official_vae_decode(vae, latents, features)),
+        "vae.encode": (lambda: fast_vae.encode_tokens(fast_vae.embed_tracks(tracks), features)[0],
+                       lambda: official_vae_encode(vae, tracks, features)[0]),
+        "vae.decode": (lambda: fast_vae.decode(latents, features), lambda: official_vae_decode(vae, latents, features)),
     }
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, batch 1, LIBERO sizes")
     with torch.inference_mode(), autocast:
         for name, (ours, official) in cases.items():
-            difference = relative_difference(ours(), official())
+            difference = relative_difference(ours().float(), official().float())
+            flops = count_flops(official)  # same maths; the oneDNN ops are not in the FLOP registry
             for label, fn in (("ours", ours), ("official-style", official)):
-                flops = count_flops(fn)
                 seconds = measure(fn, args.repeats)
                 print(f"{name:11s} {label:15s} {seconds:7.3f} s  {flops / 1e9:7.1f} GFLOP  "
                       f"{flops / 1e9 / seconds:6.1f} GFLOP/s")

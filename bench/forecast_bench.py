@@ -23,6 +23,13 @@ Examples (2-core CPU; the first, the full figure set, took 5 minutes on one thre
     .venv/bin/python bench/forecast_bench.py --samples 1,8 --evals 2      # same figures, evaluations extrapolated
     .venv/bin/python bench/forecast_bench.py --samples 8 --sample-batch-size 8 --evals 1 --no-official
     .venv/bin/python bench/forecast_bench.py --quick          # tiny model, seconds: checks the script itself
+
+The issue-13 targets, printed as ratios at the end ("targets"), with the commands that measure them::
+
+    .venv/bin/python bench/forecast_bench.py --model models/demo-blocks --samples 8 --dtype float32 \
+        --threads 1,2 --repeat 3 --no-official        # small model: efficiency >= 0.05; 2 threads not slower
+    .venv/bin/python bench/forecast_bench.py --samples 8 --dtype float32,bfloat16 --threads 1,2 --evals 1
+        # LIBERO size (random weights): 2 threads >= 1.6x of 1; ours / official <= 0.45 (fp32), 0.25 (bf16)
 """
 
 from __future__ import annotations
@@ -49,12 +56,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from traj_forecast_ros.errors import WeightsNotFoundError  # noqa: E402
 from traj_forecast_ros.forecaster import Forecaster  # noqa: E402
-from traj_forecast_ros.sampling_plan import dtype_name, resolve_device  # noqa: E402
+from traj_forecast_ros.sampling_plan import dtype_name, resolve_device, resolve_dtype  # noqa: E402
 from traj_forecast_ros.geometry import prepare_image  # noqa: E402
 from traj_forecast_ros.model.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig  # noqa: E402
-from traj_forecast_ros.model.config import libero_config, tiny_config  # noqa: E402
+from traj_forecast_ros.model.presets import libero_config, tiny_config  # noqa: E402
 from traj_forecast_ros.model.encoders import CLIP_L14_TEXT, DINOV2_LARGE  # noqa: E402
-from traj_forecast_ros.model.layers import ONEDNN_LINEAR, fast_kernels  # noqa: E402
+from traj_forecast_ros.model.kernels import ONEDNN_LINEAR  # noqa: E402
 
 
 def _load_module_bench():
@@ -102,34 +109,38 @@ def with_dtype(base: Forecaster, dtype: str, sample_batch_size: Optional[int]) -
     """A forecaster sharing ``base``'s modules with another compute dtype (its own per-device plan)."""
     kwargs = {} if sample_batch_size is None else {"sample_batch_size": sample_batch_size or None}
     return Forecaster(base.config, base.denoiser, base.vae, base.image_encoder, base.text_encoder, base.model_id,
-                      device=base.device, dtype=dtype, **kwargs)
+                      device=base.device, dtype=dtype, plan_probe=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- measurements
-class CallTimer:
-    """Wall time of every forward call of a module (forward pre/post hooks)."""
+class EvalTimer:
+    """Wall time of every denoiser evaluation of a forecaster: wraps its denoise function (the CPU kernels' bound
+    step, the module, a compiled module or a CUDA-graph replayer) until :meth:`remove`."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.device = device
+    def __init__(self, forecaster: Forecaster):
+        self.forecaster = forecaster
+        self.device = forecaster.device
+        self.inner = forecaster._denoise_fn
         self.durations: List[float] = []
-        self._start = 0.0
-        self._handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
+        forecaster._denoise_fn = self
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _timed(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        _sync(self.device)
+        start = time.perf_counter()
+        out = fn(*args)
+        _sync(self.device)
+        self.durations.append(time.perf_counter() - start)
+        return out
 
-    def _before(self, module, inputs) -> None:
-        self._sync()
-        self._start = time.perf_counter()
-
-    def _after(self, module, inputs, output) -> None:
-        self._sync()
-        self.durations.append(time.perf_counter() - self._start)
+    def bind(self, features: torch.Tensor, text: Optional[torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if hasattr(self.inner, "bind"):
+            step = self.inner.bind(features, text)
+            return lambda x, t: self._timed(step, x, t)
+        return lambda x, t: self._timed(self.inner, x, t, features.expand(x.shape[0], -1, -1),
+                                        text.expand(x.shape[0], -1) if text is not None else None)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self.forecaster._denoise_fn = self.inner
 
 
 def _sync(device: torch.device) -> None:
@@ -147,9 +158,8 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def measure_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call, on the reference kernels (oneDNN's fused ops are not in torch's FLOP registry)."""
-    with fast_kernels(False), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, \
-            torch.inference_mode():
+    """FLOPs of one call; call the reference modules (oneDNN's fused ops are not in torch's FLOP registry)."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter, torch.inference_mode():
         fn()
     return int(counter.get_total_flops())
 
@@ -166,10 +176,12 @@ def count_flops(forecaster: Forecaster, model_image: np.ndarray) -> Dict[str, in
         mean, _ = forecaster.condition_posterior(features)  # [1, 1, C, h, w]; caches the query tokens
         state = mean.expand(-1, forecaster.latent_shape[0], -1, -1, -1).contiguous()  # [1, T, C, h, w]
     t = torch.full((1,), 0.5, device=forecaster.device)
+    pixels = torch.from_numpy(np.ascontiguousarray(model_image)).unsqueeze(0).to(forecaster.device)
+    tokens = forecaster.query_tokens()  # [1, T, L, C]
     return {
-        "image_encoder": measure_flops(lambda: forecaster.encode_image(model_image)),
+        "image_encoder": measure_flops(lambda: forecaster.image_encoder(pixels)),
         "text_encoder": measure_flops(lambda: forecaster.text_encoder([INSTRUCTION])) if text is not None else 0,
-        "vae_encode": measure_flops(lambda: forecaster.condition_posterior(features)),
+        "vae_encode": measure_flops(lambda: forecaster.vae.encode_tokens(tokens, features)) if forecaster.vae else 0,
         "denoiser_eval": measure_flops(lambda: forecaster.denoiser(state, t, features, text)),
         "vae_decode": (measure_flops(lambda: forecaster.vae.decode(grid_to_latents(state), features))
                        if forecaster.vae is not None else 0),
@@ -240,7 +252,7 @@ def run_once(forecaster: Forecaster, image: np.ndarray, samples: int, steps: int
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reset_peak_rss()
-    timer = CallTimer(forecaster.denoiser, device)
+    timer = EvalTimer(forecaster)
     try:
         instruction = INSTRUCTION if forecaster.text_encoder is not None else None
         result = forecaster.forecast(image, instruction, num_samples=samples, steps=steps, seed=0)
@@ -294,7 +306,7 @@ def official_style_stages(forecaster: Forecaster, image: np.ndarray, evals: int)
         return modules_bench.official_vae_decode(vae, grid_to_latents(state), features)
 
     stages: Dict[str, Any] = {}
-    with fast_kernels(False), torch.inference_mode():
+    with torch.inference_mode():
         if vae is not None:
             stages["vae_encode"] = timed(encode, device)
             latents_to_grid(encode()[:, :1], vae.latent_grid)  # same work as the sampler's layout change
@@ -351,7 +363,8 @@ def print_stage_table(timings: Dict[str, float], per_stage: Dict[str, int], peak
 
 
 def print_run(dtype: str, samples: int, steps: int, measured_steps: int, batch: Optional[int],
-              record: Dict[str, Any], flops: Dict[str, int], peak_gflops: float) -> Dict[str, Any]:
+              record: Dict[str, Any], flops: Dict[str, int], peak_gflops: float,
+              fp32_peak: Optional[float] = None) -> Dict[str, Any]:
     per_stage = forecast_flops(flops, samples, steps)
     total_flops = sum(per_stage.values())
     chunk = batch or samples
@@ -380,7 +393,44 @@ def print_run(dtype: str, samples: int, steps: int, measured_steps: int, batch: 
     row = {key: value for key, value in record.items() if key != "tracks"}
     return {"dtype": dtype, "samples": samples, "steps": steps, "measured_steps": measured_steps,
             "extrapolated": extrapolated, "sample_batch_size": chunk, "flops": per_stage, "total_flops": total_flops,
-            "gflops_per_s": total_flops / 1e9 / total, "efficiency": efficiency, "reported_timings": timings, **row}
+            "gflops_per_s": total_flops / 1e9 / total, "efficiency": efficiency,
+            "efficiency_vs_fp32_matmul": total_flops / 1e9 / total / (fp32_peak or peak_gflops),
+            "reported_timings": timings, **row}
+
+
+TARGET_EFFICIENCY = 0.05  # small models: FLOPs / time / same-run fp32 matmul rate, K=8, fp32, 2 threads
+TARGET_THREAD_SPEEDUP = 1.6  # LIBERO size: 2 threads vs 1, fp32 and bf16 (every model: never slower)
+TARGET_OFFICIAL_RATIO = {"float32": 0.45, "bfloat16": 0.25}  # LIBERO size: ours / official-style plan, K=8
+
+
+def print_targets(results: List[Dict[str, Any]], base: Forecaster, flops: Dict[str, int]) -> None:
+    """The issue-13 targets as ratios from this run, each marked met / NOT met."""
+    libero_size = base.denoiser.num_frames * base.denoiser.num_tokens >= 4096
+    print(f"\ntargets (issue 13; ratios within this run; {'LIBERO-size' if libero_size else 'small'} model, "
+          f"denoiser evaluation {flops['denoiser_eval'] / 1e9:.3g} GFLOP per sample):")
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    for row in results:
+        if row["dtype"] == "float32" and not libero_size:
+            ok = row["efficiency_vs_fp32_matmul"] >= TARGET_EFFICIENCY
+            print(f"   efficiency fp32 K={row['samples']} {row['threads']} thr: FLOPs / time / fp32 matmul rate = "
+                  f"{row['efficiency_vs_fp32_matmul']:.3f} (target >= {TARGET_EFFICIENCY}) {mark(ok)}")
+    by_key = {(row["dtype"], row["samples"], row["threads"]): row for row in results}
+    for (dtype, samples, threads), row in by_key.items():
+        single = by_key.get((dtype, samples, 1))
+        if threads == 1 or single is None:
+            continue
+        speedup = single["reported_timings"]["total"] / row["reported_timings"]["total"]
+        needed = TARGET_THREAD_SPEEDUP if libero_size and dtype in TARGET_OFFICIAL_RATIO else 1.0
+        print(f"   thread scaling {dtype} K={samples}: {threads} threads / 1 thread = {speedup:.2f}x faster "
+              f"(target >= {needed}) {mark(speedup >= needed)}")
+    for row in results:
+        if "ratio_to_official" in row and libero_size and row["dtype"] in TARGET_OFFICIAL_RATIO:
+            target = TARGET_OFFICIAL_RATIO[row["dtype"]]
+            print(f"   ours / official {row['dtype']} K={row['samples']} {row['threads']} thr: "
+                  f"{row['ratio_to_official']:.3f} (target <= {target}) {mark(row['ratio_to_official'] <= target)}")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -394,9 +444,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--model", default=None, help="registry name or model dir (default: random weights)")
     parser.add_argument("--sample-batch-size", type=int, default=None,
-                        help="samples per denoiser/decoder call (0 = all K; default: the plan's per-device default, "
-                             "1 on CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+                        help="samples per denoiser/decoder call (0 = all K; default: the plan's choice for the "
+                             "model: all K for small models on CPU, 1 at LIBERO size)")
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated torch intra-op thread counts, each measured in this run (e.g. 1,2: "
+                             "prints the 2-vs-1 speedup); the official-style plan runs at the last (default: torch's)")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="input image (default: a LIBERO frame)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="forecasts per configuration; the fastest is reported (the machine may be shared)")
@@ -426,8 +478,9 @@ def load_image(path: Path) -> np.ndarray:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_counts = [int(v) for v in str(args.threads).split(",") if v.strip()] if args.threads else [
+        torch.get_num_threads()]
+    torch.set_num_threads(thread_counts[-1])
     sample_counts = [int(k) for k in args.samples.split(",") if k.strip()]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     measured_steps = args.steps if args.evals is None else args.evals + 1
@@ -453,30 +506,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("FLOPs of our plan (counted in %.1f s): " % (time.perf_counter() - start)
           + ", ".join(f"{stage} {value / 1e9:.4g} G" for stage, value in flops.items()))
 
-    peaks: Dict[str, float] = {}
-    for dtype in dtypes:
-        forecaster = with_dtype(base, dtype, args.sample_batch_size)
-        reference = matmul_reference(forecaster.dtype, device, args.matmul_seconds)
-        peaks[dtype_name(forecaster.dtype)] = reference["best"]
-        print(f"matmul reference, {dtype_name(forecaster.dtype)}: "
-              + ", ".join(f"{name} {rate:.1f}" for name, rate in reference.items() if name != "best")
-              + f" GFLOP/s; best {reference['best']:.1f} GFLOP/s")
-
     results: List[Dict[str, Any]] = []
     tracks: Dict[Tuple[str, int], np.ndarray] = {}
-    for dtype in dtypes:
-        forecaster = with_dtype(base, dtype, args.sample_batch_size)
-        name = dtype_name(forecaster.dtype)
-        print(f"\n[{name}] plan: {forecaster.plan.summary()}")
-        if not args.no_warmup:
-            warm = forecaster.warmup()
-            print(f"[{name}] warm-up (K=1, 1 evaluation): {warm['total']:.2f} s")
-        for samples in sample_counts:
-            runs = [run_once(forecaster, image, samples, measured_steps) for _ in range(max(1, args.repeat))]
-            record = min(runs, key=lambda run: run["timings"]["total"])
-            tracks[(name, samples)] = record["tracks"]
-            results.append(print_run(name, samples, args.steps, measured_steps, forecaster.sample_batch_size,
-                                     record, flops, peaks[name]))
+    all_peaks: Dict[int, Dict[str, float]] = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        peaks = all_peaks[threads] = {}
+        for dtype in dtypes:
+            resolved = dtype_name(resolve_dtype(dtype, device))
+            reference = matmul_reference(resolve_dtype(dtype, device), device, args.matmul_seconds)
+            peaks[resolved] = reference["best"]
+            print(f"[{threads} thread(s)] matmul reference, {resolved}: "
+                  + ", ".join(f"{name} {rate:.1f}" for name, rate in reference.items() if name != "best")
+                  + f" GFLOP/s; best {reference['best']:.1f} GFLOP/s")
+        for dtype in dtypes:
+            forecaster = with_dtype(base, dtype, args.sample_batch_size)
+            name = dtype_name(forecaster.dtype)
+            print(f"\n[{name}, {threads} thread(s)] plan: {forecaster.plan.summary()}")
+            if not args.no_warmup:
+                warm = forecaster.warmup()
+                print(f"[{name}] warm-up (K=1, 1 evaluation): {warm['total']:.2f} s")
+            for samples in sample_counts:
+                runs = [run_once(forecaster, image, samples, measured_steps) for _ in range(max(1, args.repeat))]
+                record = min(runs, key=lambda run: run["timings"]["total"])
+                tracks[(name, samples)] = record["tracks"]
+                row = print_run(name, samples, args.steps, measured_steps, forecaster.sample_batch_size, record,
+                                flops, peaks[name], fp32_peak=peaks.get("float32"))
+                row["threads"] = threads
+                row["plan"] = forecaster.plan.summary()
+                results.append(row)
+    peaks = all_peaks[thread_counts[-1]]
 
     official: Dict[int, Dict[str, Any]] = {}
     if not args.no_official:
@@ -499,10 +558,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"   K={samples} ({tag}):")
             efficiency = print_stage_table(timings, per_stage, peak)
             official[samples] = {"timings": timings, "flops": per_stage, "efficiency": efficiency}
-        print("\nours / official-style plan (total time of a K-sample forecast, same run):")
+        print(f"\nours / official-style plan (total time of a K-sample forecast, same run, {thread_counts[-1]} "
+              "thread(s)):")
         for row in results:
             reference_row = official.get(row["samples"])
-            if reference_row:
+            if reference_row and row["threads"] == thread_counts[-1]:
                 ratio = row["reported_timings"]["total"] / reference_row["timings"]["total"]
                 row["ratio_to_official"] = ratio
                 print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['reported_timings']['total']:8.2f} s / "
@@ -525,13 +585,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     for row in results:
         ratio = f"   ours/official {row['ratio_to_official']:.3f}" if "ratio_to_official" in row else ""
         tag = " (extrapolated)" if row["extrapolated"] else ""
-        print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['reported_timings']['total']:8.2f} s{tag}   "
-              f"{row['gflops_per_s']:7.1f} GFLOP/s   efficiency {row['efficiency']:.2f}{ratio}")
+        print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['threads']} thr {row['reported_timings']['total']:8.2f} s"
+              f"{tag}   {row['gflops_per_s']:7.1f} GFLOP/s   efficiency {row['efficiency']:.2f}{ratio}")
+    print_targets(results, base, flops)
     if args.json:
         for row in results:
             row["denoiser_evals"] = list(row["denoiser_evals"])
         args.json.write_text(json.dumps({
-            "model": base.model_id, "device": str(device), "gpu": gpu, "threads": torch.get_num_threads(),
+            "model": base.model_id, "device": str(device), "gpu": gpu, "threads": thread_counts,
             "load_average": os.getloadavg(), "flops_per_call": flops, "matmul_best_gflops": peaks, "runs": results,
             "official": {str(k): v for k, v in official.items()},
             "bf16_vs_fp32_px": {str(k): v for k, v in differences.items()},

@@ -132,7 +132,7 @@ def serve(args: argparse.Namespace) -> int:
         factory = load_forecaster
         model = args.model
     else:
-        def factory(*_):
+        def factory(*_, **options):
             return StubForecaster(args.stub_ms / 1000.0, args.frames, args.grid)
         model = "stub"
     rclpy.init()

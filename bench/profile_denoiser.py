@@ -58,6 +58,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="registry name or model dir (default: random weights)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--evals", type=int, default=5, help="unprofiled evaluations to time (default 5)")
+    parser.add_argument("--samples", type=int, default=1, help="K of the recorded forecast (default 1)")
     parser.add_argument("--target", type=float, default=0.7, help="efficiency target (default 0.7)")
     parser.add_argument("--matmul-seconds", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true", help="tiny model: checks the script")
@@ -71,33 +72,47 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     from torch.profiler import ProfilerActivity, profile
 
-    from traj_forecast_ros.model.layers import fast_kernels
-
     forecaster = with_dtype(build_forecaster(argparse.Namespace(device=args.device, quick=args.quick,
                                                                 model=args.model)), args.dtype, None)
     image = load_image(args.image)
     recorded: Dict[str, tuple] = {}
     denoise = forecaster._denoise_fn
 
-    def recording(*call_args):
-        recorded["args"] = call_args
-        return denoise(*call_args)
+    class Recorder:
+        """Stands in for the forecaster's denoise function and keeps the bound step and one call's inputs."""
 
-    forecaster._denoise_fn = recording
-    forecaster.forecast(image, num_samples=1, steps=2, seed=0)  # one evaluation; also warms the caches
-    call_args = recorded["args"]
+        def bind(self, features, text):
+            if hasattr(denoise, "bind"):
+                step = denoise.bind(features, text)
+            else:
+                def step(x, t):
+                    return denoise(x, t, features.expand(x.shape[0], -1, -1),
+                                   text.expand(x.shape[0], -1) if text is not None else None)
+
+            def recording(x, t):
+                recorded["call"] = (step, x.clone(), t.clone(), features, text)
+                return step(x, t)
+
+            return recording
+
+    forecaster._denoise_fn = Recorder()
+    forecaster.forecast(image, num_samples=args.samples, steps=2, seed=0)  # one evaluation; also warms the caches
+    forecaster._denoise_fn = denoise
+    step, x, t, features, text = recorded["call"]
+    batch = x.shape[0]
     dtype = forecaster.dtype
     peak = matmul_reference(dtype, forecaster.device, args.matmul_seconds)["best"]
-    with torch.inference_mode(), fast_kernels(forecaster.plan.fast_cpu_kernels), forecaster._autocast():
-        flops = measure_flops(lambda: denoise(*call_args))
+    flops = measure_flops(lambda: forecaster.denoiser(x, t, features.expand(batch, -1, -1),
+                                                      text.expand(batch, -1) if text is not None else None))
+    with torch.inference_mode(), forecaster._autocast():
         for _ in range(2):
-            denoise(*call_args)
+            step(x, t)
         started = time.perf_counter()
         for _ in range(args.evals):
-            denoise(*call_args)
+            step(x, t)
         seconds = (time.perf_counter() - started) / args.evals
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            denoise(*call_args)
+            step(x, t)
     groups: Dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         groups[category(event.key)] += event.self_cpu_time_total / 1e6
@@ -106,6 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print(f"model {forecaster.model_id}, {forecaster.device}, {str(dtype).replace('torch.', '')}, "
           f"{torch.get_num_threads()} threads; matmul reference {peak:.1f} GFLOP/s (same run)")
+    print(f"plan: {forecaster.plan.summary()}; one evaluation of {batch} sample(s)")
     print(f"denoiser evaluation: {seconds * 1e3:.1f} ms ({args.evals} timed), {flops / 1e9:.1f} GFLOP, "
           f"{flops / seconds / 1e9:.1f} GFLOP/s = efficiency {flops / seconds / 1e9 / peak:.3f}")
     print(f"   {'group (profiled self CPU time)':40s} {'ms':>8s} {'share':>6s}")

@@ -45,7 +45,7 @@ def _objectives(config, batch: int):
 
 def main() -> None:
     from traj_forecast_ros.train.common import autocast_context
-    from traj_forecast_ros.train.presets import resolve_config
+    from traj_forecast_ros.model.presets import resolve_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="demo-blocks")

@@ -5,6 +5,9 @@
 
 Arguments left empty keep the value from ``params_file`` (default: the package's config/forecast.yaml). The Fast DDS
 large-data profile shipped in config/ is used unless FASTDDS_DEFAULT_PROFILES_FILE is already set.
+
+Stop it with SIGINT (Ctrl-C): SIGTERM to ``ros2 launch`` itself can leave the node orphaned (under systemd set
+``KillSignal=SIGINT``). The node alone exits cleanly on either signal.
 """
 
 import os
@@ -61,7 +64,8 @@ def generate_launch_description() -> LaunchDescription:
             "FASTDDS_DEFAULT_PROFILES_FILE",
             EnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE",
                                 default_value=os.path.join(share, "config", "fastdds_large_data.xml"))),
-        OpaqueFunction(function=_forecast_node),
+        # RViz first: when rviz2 is not installed the launch fails before the forecast node starts, instead of
+        # exiting 1 and leaving the node running orphaned.
         Node(
             package="rviz2",
             executable="rviz2",
@@ -69,4 +73,5 @@ def generate_launch_description() -> LaunchDescription:
             condition=IfCondition(LaunchConfiguration("rviz")),
             output="screen",
         ),
+        OpaqueFunction(function=_forecast_node),
     ])

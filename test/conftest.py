@@ -24,6 +24,14 @@ def shared_images() -> Path:
     return SHARED_IMAGES
 
 
+@pytest.fixture
+def cache_root(tmp_path, monkeypatch) -> Path:
+    """An empty model cache (``TRAJ_FORECAST_HOME``) for this test: no hub model is downloaded."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TRAJ_FORECAST_HOME", str(root))
+    return root
+
+
 @pytest.fixture(autouse=True, scope="session")
 def single_torch_thread():
     """Tiny models run faster on one intra-op thread than on two on the shared 2-core machine (nothing is timed)."""

@@ -27,3 +27,7 @@ class BagError(TrajForecastError):
 
 class DatasetError(TrajForecastError, ValueError):
     """A trajectory dataset cannot be read or written (missing index, wrong shapes, NaN tracks, geometry mismatch)."""
+
+
+class ForecastCancelled(TrajForecastError):
+    """A forecast was stopped between denoiser steps because its caller asked (``Forecaster.forecast(cancel=...)``)."""

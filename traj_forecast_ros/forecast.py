@@ -7,6 +7,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+DEFAULT_NUM_SAMPLES = 8  # K, sampled futures per image: the one default of the API, the CLI and the node
+DEFAULT_STEPS = 10  # Euler time points per forecast (9 denoiser evaluations), as the paper
+
 
 @dataclass
 class Forecast:

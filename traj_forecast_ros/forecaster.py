@@ -9,12 +9,15 @@
 * once per distinct instruction: the CLIP pooled embedding (bounded LRU cache);
 * per sample: a conditioning latent drawn from that posterior (``mean + std * eps``; the mean itself for models
   trained with ``latent_draw: mean``), ``steps - 1`` Euler
-  evaluations of the denoiser and one VAE decode, run in chunks of ``plan.sample_batch_size`` samples (1 on CPU,
-  where batching measured slower; all K on GPU).
+  evaluations of the denoiser and one VAE decode, run in chunks of ``plan.sample_batch_size`` samples (all K on
+  GPU; on CPU per model: all K for small models, one for LIBERO size).
 
 Random numbers come from a CPU ``torch.Generator`` seeded with ``seed`` (drawn fresh and reported when not given),
 so a seed gives the same noise on every device. Parameters stay float32; lower precision is autocast
-(``dtype="auto"``: float16 on CUDA, float32 on CPU; bfloat16 selectable on both). No ROS imports here.
+(``dtype="auto"``: bfloat16 on GPUs with native bfloat16, float16 on older GPUs, float32 on CPU; bfloat16
+selectable on the CPU). A half-precision forecast with NaN/Inf tracks is rerun in float32 (``fp32_fallbacks``,
+warned once). On CUDA every forecast runs under the forecaster's own device and stream, from any thread.
+No ROS imports here.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from einops import rearrange
 
 from traj_forecast_ros.errors import CheckpointError, TrajForecastError, WeightsNotFoundError
-from traj_forecast_ros.forecast import Forecast
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS, Forecast
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.config import ModelConfig
@@ -41,8 +44,11 @@ from traj_forecast_ros.sampling_plan import (
     CudaGraphDenoiser,
     LRUCache,
     SamplingPlan,
+    bound_to_device,
     choose_sampling_plan,
+    compiled_denoiser,
     dtype_name,
+    plan_for_model,
     resolve_device,
     resolve_dtype,
 )
@@ -50,6 +56,14 @@ from traj_forecast_ros.sampling_plan import (
 log = logging.getLogger(__name__)
 
 TEXT_CACHE_SIZE = 64
+
+
+class _NonFiniteTracks(TrajForecastError):
+    """A forecast came out with NaN/Inf; ``seed`` is the seed its noise was drawn from (None: noise was given)."""
+
+    def __init__(self, message: str, seed: Optional[int]):
+        super().__init__(message)
+        self.seed = seed
 RANDOM_INIT_STD = 0.02  # std given to zero-initialised parameters of random-weight models
 
 
@@ -80,7 +94,9 @@ class Forecaster:
     Attributes:
         plan: the :class:`SamplingPlan` (device, dtype, sample batch size, kernel/compile/graph flags).
         sample_batch_size: samples per denoiser/decoder call (``None`` or 0 = all K at once); a shortcut that
-            replaces ``plan``. ``"auto"`` at construction: 1 on CPU, where batching measured slower, all on GPU.
+            replaces ``plan``. ``"auto"`` at construction: all K on GPU; on CPU chosen per model
+            (:func:`~traj_forecast_ros.sampling_plan.plan_for_model`: small models batch all K, LIBERO size one
+            sample per call), by a timed probe cached per machine when ``plan_probe`` (``from_pretrained``).
         max_pixels: input images with more pixels are refused.
 
     ``plan`` given at construction overrides ``device``, ``dtype``, ``sample_batch_size``, ``use_compile`` and
@@ -91,12 +107,20 @@ class Forecaster:
                  image_encoder: torch.nn.Module, text_encoder: Optional[torch.nn.Module], model_id: str,
                  device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
                  sample_batch_size: Union[int, None, str] = "auto", text_cache_size: int = TEXT_CACHE_SIZE,
-                 plan: Optional[SamplingPlan] = None, use_compile: bool = False, use_cuda_graph: bool = False):
+                 plan: Optional[SamplingPlan] = None, use_compile: bool = False, use_cuda_graph: bool = False,
+                 graph_cache_size: int = SamplingPlan.graph_cache_size, plan_probe: bool = False):
         if plan is None:
-            plan = choose_sampling_plan(device, dtype, sample_batch_size, use_compile=use_compile,
-                                        use_cuda_graph=use_cuda_graph)
+            plan = dataclasses.replace(choose_sampling_plan(device, dtype, sample_batch_size, use_compile=use_compile,
+                                                            use_cuda_graph=use_cuda_graph),
+                                       graph_cache_size=graph_cache_size)
+            if sample_batch_size == "auto":  # CPU: per model, by the size rule or a cached timed probe
+                plan = plan_for_model(plan, denoiser, DEFAULT_NUM_SAMPLES, probe=plan_probe, model_name=model_id)
         self._device = resolve_device(plan.device)
         self._dtype = resolve_dtype(plan.dtype, self._device)
+        self._compute_dtype = self._dtype  # float32 while a non-finite half-precision forecast is rerun
+        self._fp32_fallbacks = 0
+        # Every forecast runs on this device and this stream, from whichever thread calls (see bound_to_device).
+        self._stream = torch.cuda.Stream(device=self._device) if self._device.type == "cuda" else None
         self._config = config
         self._model_id = model_id
         self._check_compatible(config, denoiser, vae, image_encoder, text_encoder)
@@ -141,6 +165,7 @@ class Forecaster:
                         if config.text_encoder is not None else None)
         is_name = not Path(str(name_or_dir)).expanduser().is_dir()
         model_id = str(name_or_dir) if is_name else config.name
+        kwargs.setdefault("plan_probe", True)  # a real model: time the CPU plan candidates once (cached)
         return cls(config, denoiser, vae, image_encoder, text_encoder, model_id, device=device, dtype=dtype, **kwargs)
 
     @classmethod
@@ -219,7 +244,26 @@ class Forecaster:
                              f"({self._device} {dtype_name(self._dtype)}); build a new Forecaster instead")
         self._plan = plan
         self._query_tokens: Optional[torch.Tensor] = None  # VAE tokens of the static query grid (plan-cached)
+        self._vae_kernels = None  # model.kernels.VAEKernels when the plan runs the CPU kernels
+        options = self._kernel_options(plan)
+        if options is not None and self.vae is not None:
+            from traj_forecast_ros.model.kernels import VAEKernels
+
+            self._vae_kernels = VAEKernels(self.vae, options)
         self._denoise_fn: Optional[Callable[..., torch.Tensor]] = self._build_denoise_fn(plan)
+
+    def _kernel_options(self, plan: SamplingPlan):
+        """``model.kernels.KernelOptions`` of the plan, or None where the reference modules run (GPU, compile,
+        ``fast_cpu_kernels=False``)."""
+        from traj_forecast_ros.model.kernels import KernelOptions, kernels_available
+
+        if not (plan.fast_cpu_kernels and not plan.use_compile and kernels_available(self._device, self._dtype)):
+            return None
+        return KernelOptions(dtype=self._dtype, fold_modulation=plan.fold_modulation, attention=plan.attention)
+
+    def _vae(self):
+        """The VAE's inference forward for the current compute dtype: the CPU kernels, or the module."""
+        return self._vae_kernels if self._vae_kernels is not None and self._compute_dtype == self._dtype else self.vae
 
     @property
     def sample_batch_size(self) -> Optional[int]:
@@ -231,12 +275,33 @@ class Forecaster:
         self.plan = dataclasses.replace(self._plan, sample_batch_size=value or None)
 
     def _build_denoise_fn(self, plan: SamplingPlan) -> Callable[..., torch.Tensor]:
-        """The callable the sampler evaluates: the denoiser itself, compiled, or a CUDA-graph replayer."""
+        """The callable the sampler evaluates: the denoiser itself, compiled, and/or replayed from CUDA graphs
+        (bounded LRU of ``plan.graph_cache_size`` graphs, bound to this forecaster's device)."""
+        options = self._kernel_options(plan)
+        if options is not None:
+            from traj_forecast_ros.model.kernels import DenoiserKernels
+
+            return DenoiserKernels(self.denoiser, options)
+        denoise = compiled_denoiser(self.denoiser) if plan.use_compile else self.denoiser
         if plan.use_cuda_graph:
-            return CudaGraphDenoiser(self.denoiser, None if self._dtype == torch.float32 else self._dtype)
-        if plan.use_compile:
-            return torch.compile(self.denoiser, dynamic=False)
-        return self.denoiser
+            return CudaGraphDenoiser(denoise, None if self._dtype == torch.float32 else self._dtype, self._device,
+                                     plan.graph_cache_size)
+        return denoise
+
+    @property
+    def fp32_fallbacks(self) -> int:
+        """Forecasts whose half-precision result was non-finite and that were rerun in float32."""
+        return self._fp32_fallbacks
+
+    def _count_fp32_fallback(self, exc: _NonFiniteTracks) -> None:
+        """Count a float32 rerun; warn on the first one (later ones only at debug level)."""
+        self._fp32_fallbacks += 1
+        if self._fp32_fallbacks == 1:
+            log.warning("%s. Rerunning this and any later non-finite forecast in float32 (counted as "
+                        "fp32_fallbacks; warned once). Frequent fallbacks cost a second forecast each: set "
+                        "dtype='float32', or 'bfloat16' where the GPU supports it.", exc)
+        else:
+            log.debug("%s (fp32 fallback %d)", exc, self._fp32_fallbacks)
 
     @property
     def text_cache(self) -> LRUCache:
@@ -252,15 +317,24 @@ class Forecaster:
 
     # ------------------------------------------------------------------------------------------ stages
     def _autocast(self):
-        if self._dtype == torch.float32:
+        if self._compute_dtype == torch.float32:
             return nullcontext()
-        return torch.autocast(device_type=self._device.type, dtype=self._dtype)
+        return torch.autocast(device_type=self._device.type, dtype=self._compute_dtype)
+
+    @contextmanager
+    def _precision(self, dtype: torch.dtype) -> Iterator[None]:
+        """Compute in ``dtype`` for the block (the float32 rerun); the caller holds the forecast lock."""
+        previous, self._compute_dtype = self._compute_dtype, dtype
+        try:
+            yield
+        finally:
+            self._compute_dtype = previous
 
     def _encoder_kernels(self):
         """The encoders' linear layers through oneDNN on CPU when the plan uses the fast CPU kernels."""
         if not (self._plan.fast_cpu_kernels and self._device.type == "cpu"):
             return nullcontext()
-        from traj_forecast_ros.model.layers import OneDNNLinearMode
+        from traj_forecast_ros.model.kernels import OneDNNLinearMode
 
         return OneDNNLinearMode()
 
@@ -284,13 +358,16 @@ class Forecaster:
             return self.image_encoder(pixels.to(self._device)).float()  # [1, N, D]
 
     def embed_instruction(self, instruction: str) -> torch.Tensor:
-        """``[1, E]`` float32 pooled text embedding, cached per distinct instruction."""
-        cached = self._text_cache.get(instruction)
+        """``[1, E]`` float32 pooled text embedding, cached per distinct instruction (computed in the plan's
+        dtype; the float32 rerun of a non-finite forecast bypasses the cache)."""
+        use_cache = self._compute_dtype == self._dtype
+        cached = self._text_cache.get(instruction) if use_cache else None
         if cached is not None:
             return cached
         with torch.inference_mode(), self._autocast(), self._encoder_kernels():
             embedding = self.text_encoder([instruction]).float()  # [1, E]
-        self._text_cache.put(instruction, embedding)
+        if use_cache:
+            self._text_cache.put(instruction, embedding)
         return embedding
 
     def _resolve_instruction(self, instruction: Optional[str]) -> Optional[str]:
@@ -322,7 +399,7 @@ class Forecaster:
         with torch.inference_mode():
             tokens = self.query_tokens()  # [1, T, L, C]
             with self._autocast():
-                mean, std = self.vae.encode_tokens(tokens, features)  # [1, T, L, Z] each
+                mean, std = self._vae().encode_tokens(tokens, features)  # [1, T, L, Z] each
         grid_size = self.vae.latent_grid
         mean = latents_to_grid(mean[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
         std = latents_to_grid(std[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
@@ -333,7 +410,8 @@ class Forecaster:
         if self._query_tokens is not None:
             return self._query_tokens
         with torch.inference_mode():
-            tokens = self.vae.embed_tracks(self._static_tracks)  # [1, T, L, C], float32
+            embed = self._vae_kernels.embed_tracks if self._vae_kernels is not None else self.vae.embed_tracks
+            tokens = embed(self._static_tracks).float()  # [1, T, L, C], float32
         if self._plan.cache_query_tokens:
             self._query_tokens = tokens
         return tokens
@@ -369,11 +447,13 @@ class Forecaster:
 
         latents = grid_to_latents(final_state / self._latent_scale)  # [B, T, L, C]
         with self._autocast():
-            return self.vae.decode(latents, features.expand(latents.shape[0], -1, -1)).float()  # [B, T, 2, Hq, Wq]
+            return self._vae().decode(latents, features.expand(latents.shape[0], -1, -1)).float()  # [B, T, 2, Hq, Wq]
 
     # ------------------------------------------------------------------------------------------ public API
-    def forecast(self, image, instruction: Optional[str] = None, num_samples: int = 8, steps: int = 10,
-                 seed: Optional[int] = None, initial_noise=None, color_order: Optional[str] = None) -> Forecast:
+    def forecast(self, image, instruction: Optional[str] = None, num_samples: int = DEFAULT_NUM_SAMPLES,
+                 steps: int = DEFAULT_STEPS, seed: Optional[int] = None, initial_noise=None,
+                 color_order: Optional[str] = None,
+                 cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None) -> Forecast:
         """Sample ``num_samples`` futures of the query grid for one image.
 
         Args:
@@ -388,12 +468,15 @@ class Forecaster:
                 conditioning draw; ignored by ``latent_draw: mean`` models). When given nothing random is drawn
                 and ``seed`` is ignored.
             color_order: channel order of ``image`` (see :func:`traj_forecast_ros.geometry.to_rgb`).
+            cancel: optional ``threading.Event`` (or ``() -> bool``) checked between denoiser steps; once set the
+                forecast stops with :class:`~traj_forecast_ros.errors.ForecastCancelled`. Unset, it changes nothing.
 
         Returns:
             :class:`Forecast` with ``tracks [K, T, Hq, Wq, 2]`` float32 in input-image pixels.
 
         Raises:
             InvalidImageError: unusable image. ValueError: bad arguments. TrajForecastError: non-finite output.
+            ForecastCancelled: ``cancel`` was set.
             torch.cuda.OutOfMemoryError: out of GPU memory (the CUDA caching allocator is emptied before it
             propagates).
         """
@@ -401,19 +484,32 @@ class Forecaster:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if not isinstance(steps, int) or steps < 2:
             raise ValueError(f"steps counts Euler time points including t=0 and t=1: need >= 2, got {steps!r}")
-        from traj_forecast_ros.model.layers import fast_kernels
-
-        with self._lock, torch.inference_mode(), fast_kernels(self._plan.fast_cpu_kernels):
+        with self._lock, torch.inference_mode(), bound_to_device(self._device, self._stream):
             if self.denoiser is None:
                 raise TrajForecastError("this forecaster was released; create a new one")
             try:
-                return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order)
+                should_stop = getattr(cancel, "is_set", cancel)  # an Event or a callable (None: never)
+                started = time.perf_counter()
+                try:
+                    return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order,
+                                          should_stop)
+                except _NonFiniteTracks as exc:
+                    if self._dtype == torch.float32:
+                        raise
+                    self._count_fp32_fallback(exc)
+                    with self._precision(torch.float32):
+                        result = self._forecast(image, instruction, num_samples, steps, exc.seed, initial_noise,
+                                                color_order, should_stop)
+                    result.timings["fp32_rerun"] = result.timings["total"]
+                    result.timings["total"] = time.perf_counter() - started  # both runs: what the caller waited
+                    return result
             except torch.cuda.OutOfMemoryError:
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()  # return the cached blocks to the driver; the caller may retry smaller
                 raise
 
-    def _forecast(self, image, instruction, num_samples, steps, seed, initial_noise, color_order) -> Forecast:
+    def _forecast(self, image, instruction, num_samples, steps, seed, initial_noise, color_order,
+                  should_stop=None) -> Forecast:
         from traj_forecast_ros.model.flow import euler_sample
 
         timings: Dict[str, float] = {}
@@ -445,18 +541,19 @@ class Forecaster:
         tracks_norm = []
         for first in range(0, num_samples, chunk):
             part = slice(first, min(first + chunk, num_samples))
-            batch = part.stop - part.start
             with self._timed(timings, "denoise"), self._autocast():
                 final_state = euler_sample(
-                    self._denoise_fn, cond[part], flow_noise[part], features.expand(batch, -1, -1),
-                    text.expand(batch, -1) if text is not None else None, steps=steps,
+                    self._denoise_fn if self._compute_dtype == self._dtype else self.denoiser,  # fp32 rerun: eager
+                    cond[part], flow_noise[part], features, text, steps=steps, cancel=should_stop,
                 )  # [b, T, C, h, w]
             with self._timed(timings, "vae_decode"):
                 tracks_norm.append(self._decode(final_state.float(), features))  # [b, T, 2, Hq, Wq]
         tracks_norm = torch.cat(tracks_norm)  # [K, T, 2, Hq, Wq]
         if not bool(torch.isfinite(tracks_norm).all()):
-            raise TrajForecastError(f"model '{self._model_id}' produced NaN/Inf tracks (dtype "
-                                    f"{dtype_name(self._dtype)}); the weights may be corrupt, or try dtype='float32'")
+            hint = ("even in float32: the weights may be corrupt" if self._compute_dtype == torch.float32 else
+                    "rerunning in float32")
+            raise _NonFiniteTracks(f"model '{self._model_id}' produced NaN/Inf tracks (dtype "
+                                   f"{dtype_name(self._compute_dtype)}); {hint}", seed)
         tracks_model = denormalise_points(rearrange(tracks_norm, "k t c h w -> k t h w c"),
                                           tuple(self._config.image_size))  # [K, T, Hq, Wq, 2] model pixels
         tracks = transform.to_input(tracks_model.cpu().numpy().astype(np.float64)).astype(np.float32)
@@ -468,7 +565,7 @@ class Forecaster:
             model_id=self._model_id,
             instruction=instruction,
             device=str(self._device),
-            dtype=dtype_name(self._dtype),
+            dtype=dtype_name(self._compute_dtype),
             timings=timings,
             seed=seed,
         )

@@ -28,7 +28,9 @@ import numpy as np
 
 from traj_forecast_ros.errors import InvalidImageError
 
-DEFAULT_MAX_PIXELS = 50_000_000  # 50 MP: larger frames are almost certainly a mistake (and would exhaust memory)
+# The one image-size limit (Forecaster, ROS conversions and the node's max_pixels parameter): 4096 x 4096 = 16.8 MP.
+# Larger frames are almost certainly a mistake, and a 50 MP RGB frame would already take 150 MB before resizing.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 # Channel count each colour order expects.
 COLOR_ORDERS = {"mono": 1, "rgb": 3, "bgr": 3, "rgba": 4, "bgra": 4}

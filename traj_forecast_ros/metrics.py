@@ -28,6 +28,8 @@ flattened); predictions carry ``K`` samples, datasets ``N`` scenes (``[N, K, T, 
   positions over all frames and points, averaged over scenes (0 when all samples agree).
 * **Mean displacement**: mean over samples and points of ``|x_{T-1} - x_0|`` (pixels); on scenes where nothing can
   move it should be near zero.
+* **One forecast against its recorded truth** (:func:`forecast_errors`, the replay demo's score): best-of-K MSE
+  and the best sample's mean point distance (ADE), final distance (FDE) and distance per forecast frame, pixels.
 """
 
 from __future__ import annotations
@@ -282,3 +284,39 @@ def evaluate_predictions(pred: np.ndarray, gt: np.ndarray, object_ids: Optional[
             results["static_max_displacement"] = float(moved.max())
             results["static_moving_share"] = float((moved > moving_threshold_px).mean())
     return results
+
+
+# ------------------------------------------------------------------------------------------------ one forecast
+def forecast_errors(pred: np.ndarray, truth: np.ndarray) -> Dict[str, object]:
+    """Accuracy of one forecast against its recorded true future(s) (the replay demo's score).
+
+    ``pred [K, T, *points, 2]`` (K samples) and ``truth [R, T, *points, 2]`` (R recorded futures, usually 1) or
+    ``[T, *points, 2]``, both in the same pixels. Returns ``best_of_k_mse`` (pixels^2; per true future the best
+    sample's MSE, averaged over the R futures: the dataset metric of :func:`best_of_k_mse` for one scene),
+    ``mean_of_k_mse``, ``best_of_k_ade_px`` / ``best_of_k_fde_px`` (mean point distance over all frames / at the
+    last frame of the sample closest in MSE) and ``best_of_k_error_px_by_frame`` (that sample's mean point distance
+    at every forecast frame, a list of T floats).
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if truth.ndim == pred.ndim - 1:
+        truth = truth[None]  # one true future
+    if truth.ndim != pred.ndim:
+        raise ValueError(f"need truth [R, T, *points, 2] or [T, *points, 2] for a forecast {pred.shape}, "
+                         f"got {truth.shape}")
+    pred = _flat_points(pred, 1)  # [K, T, P, 2]
+    truth = _flat_points(truth, 1)  # [R, T, P, 2]
+    if pred.shape[1:] != truth.shape[1:]:
+        raise ValueError(f"forecast {pred.shape[1:]} and truth {truth.shape[1:]} differ in frames or points")
+    if not (np.isfinite(pred).all() and np.isfinite(truth).all()):
+        raise ValueError("forecast or truth contains NaN/Inf")
+    scores = _rollout_scores(pred[None], truth[None])[0]  # [R, K]
+    best = scores.argmin(axis=1)  # [R] closest sample to each true future
+    distance = np.linalg.norm(pred[best] - truth, axis=-1)  # [R, T, P]
+    return {
+        "best_of_k_mse": float(scores.min(axis=1).mean()),
+        "mean_of_k_mse": float(scores.mean()),
+        "best_of_k_ade_px": float(distance.mean()),
+        "best_of_k_fde_px": float(distance[:, -1].mean()),
+        "best_of_k_error_px_by_frame": [float(v) for v in distance.mean(axis=(0, 2))],
+    }

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import yaml
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
-from traj_forecast_ros.model.config import CONFIG_FILE, DENOISER_FILE, VAE_FILE, as_pair
+from traj_forecast_ros.model.config import CONFIG_FILE, DENOISER_FILE, VAE_FILE, ModelConfig, as_pair
+from traj_forecast_ros.model.hub import hub_offline
+from traj_forecast_ros.model.presets import PRESETS, preset_config
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,8 @@ class HubFile:
 class RegistryEntry:
     """A named model: either a hub model (``hub_repo`` + ``files``) or a directory shipped with the package.
 
-    A hub model's architecture is a ``preset`` (``libero-atm``, ``libero-tramoe``) or a ``config_file`` (ModelConfig
-    YAML next to the registry file).
+    A hub model's architecture is a ``preset`` of :mod:`traj_forecast_ros.model.presets` (``libero-atm``,
+    ``libero-tramoe``) or a ``config_file`` (ModelConfig YAML next to the registry file).
     """
 
     name: str
@@ -76,19 +79,16 @@ class RegistryEntry:
         """True when the weights come from a hub repository (``download`` applies)."""
         return self.hub_repo is not None
 
-    def config(self):
+    def config(self) -> ModelConfig:
         """The :class:`ModelConfig` of a hub model: its preset (or config file) with this entry's latent scale and
         encoder ids."""
-        from traj_forecast_ros.model.config import ModelConfig, libero_config
-
-        presets = {"libero-atm": lambda: libero_config("atm"), "libero-tramoe": lambda: libero_config("tramoe")}
         if self.config_file is not None:
             config = ModelConfig.load_yaml(self.config_file)
-        elif self.preset in presets:
-            config = presets[self.preset]()
+        elif self.preset in PRESETS:
+            config = preset_config(self.preset)
         else:
             raise ValueError(f"registry entry '{self.name}': unknown preset '{self.preset}' "
-                             f"(known: {sorted(presets)}; or give config_file)")
+                             f"(known: {sorted(PRESETS)}; or give config_file)")
         config.name = self.name
         if self.latent_scale is not None:
             config.latent_scale = list(self.latent_scale)
@@ -222,6 +222,7 @@ def resolve(name_or_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path
     if candidate.is_dir():
         if not (candidate / CONFIG_FILE).is_file():
             raise WeightsNotFoundError(f"{candidate} is not a model directory (no {CONFIG_FILE})")
+        verify_model_dir(candidate)
         return candidate
     name = str(name_or_dir)
     entries = load_registry()
@@ -238,27 +239,11 @@ def resolve(name_or_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path
                                    "directory is missing or incomplete (reinstall the package or retrain the model)")
     target = model_cache_dir(name, cache_dir)
     if has_weights(target):
+        verify_model_dir(target)
         return target
     raise WeightsNotFoundError(f"model '{name}' is not downloaded (looked in {target}). Run "
                                f"`traj-forecast download {name}` once with network access.\n"
                                + manual_instructions(entry, target))
-
-
-def first_available_model(cache_dir: Optional[PathLike] = None) -> str:
-    """The registry default when its weights are on disk, else the first registry model that is (no network).
-
-    Raises :class:`WeightsNotFoundError` when none is, with the default model's download instructions.
-    """
-    default = default_model_name()
-    names = [default] + [name for name in load_registry() if name != default]
-    for name in names:
-        try:
-            resolve(name, cache_dir)
-            return name
-        except WeightsNotFoundError:
-            continue
-    resolve(default, cache_dir)  # raises with the instructions
-    return default
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -295,9 +280,49 @@ def sha256_of(path: PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` asks for offline mode (1/true/yes/on)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+def hub_commit_of(path: PathLike) -> Optional[str]:
+    """The commit hash in a Hugging Face cache path (``.../snapshots/<40 hex>/...``), None when there is none."""
+    parts = Path(path).parts
+    for index, part in enumerate(parts[:-1]):
+        if part == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[index + 1]):
+            return parts[index + 1]
+    return None
+
+
+def model_dir_digests(model_dir: PathLike) -> Dict[str, str]:
+    """``{relative path: sha256}`` of every file in a model directory except its ``source.json``."""
+    model_dir = Path(model_dir)
+    return {path.relative_to(model_dir).as_posix(): sha256_of(path) for path in sorted(model_dir.rglob("*"))
+            if path.is_file() and path.relative_to(model_dir).as_posix() != SOURCE_FILE}
+
+
+def verify_model_dir(model_dir: PathLike) -> None:
+    """Check a downloaded model directory against the sha256 pinned in its ``source.json`` at download time.
+
+    Directories without a ``source.json`` (trained or shipped models) or written before pinning are not checked.
+
+    Raises:
+        CheckpointError: a pinned file is missing or changed, or a weights file was added since the download.
+    """
+    model_dir = Path(model_dir)
+    source_path = model_dir / SOURCE_FILE
+    if not source_path.is_file():
+        return
+    try:
+        pinned = json.loads(source_path.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{source_path}: unreadable provenance file ({exc}); download the model again "
+                              "(`traj-forecast download NAME --force`)") from exc
+    if pinned is None:
+        return
+    actual = model_dir_digests(model_dir)
+    changed = sorted(name for name, digest in pinned.items() if actual.get(name) != digest)
+    added = sorted(name for name in actual if name not in pinned)
+    if changed or added:
+        raise CheckpointError(f"{model_dir}: files differ from the sha256 pinned in {SOURCE_FILE} at download "
+                              f"(changed or missing: {changed or 'none'}; added: {added or 'none'}); refusing to "
+                              "load it. Download it again (`traj-forecast download NAME --force`) if the change "
+                              "is intended.")
 
 
 def _repo_listing(entry: RegistryEntry, target: Path) -> Optional[Dict[str, Optional[str]]]:
@@ -390,11 +415,14 @@ def download(name: str, cache_dir: Optional[PathLike] = None, force: bool = Fals
 
     config = entry.config()
     image_encoder = text_encoder = None
+    encoder_commits: Dict[str, Optional[str]] = {}
     if config.image_encoder.model_id:
         snapshot = _fetch_encoder(config.image_encoder.model_id, entry, target)
+        encoder_commits["image_encoder"] = hub_commit_of(snapshot)
         image_encoder = ImageEncoder.from_config(replace(config.image_encoder, model_id=str(snapshot)))
     if config.text_encoder is not None and config.text_encoder.model_id:
         snapshot = _fetch_encoder(config.text_encoder.model_id, entry, target)
+        encoder_commits["text_encoder"] = hub_commit_of(snapshot)
         text_encoder = TextEncoder.from_config(replace(config.text_encoder, model_id=str(snapshot)))
 
     partial = target.with_name(target.name + ".partial")
@@ -405,10 +433,16 @@ def download(name: str, cache_dir: Optional[PathLike] = None, force: bool = Fals
         "name": name,
         "hub_repo": entry.hub_repo,
         "revision": entry.revision,
+        # The commit the (possibly moving) revision resolved to: pin it with `revision: <commit>` in the registry.
+        "resolved_commit": next((commit for commit in (hub_commit_of(path) for path, _ in checkpoints.values())
+                                 if commit), None),
         "files": {role: {"path": entry.files[role].path, "sha256": digest}
                   for role, (_, digest) in checkpoints.items()},
         "image_encoder": config.image_encoder.model_id,
+        "image_encoder_commit": encoder_commits.get("image_encoder"),
         "text_encoder": config.text_encoder.model_id if config.text_encoder else None,
+        "text_encoder_commit": encoder_commits.get("text_encoder"),
+        "sha256": model_dir_digests(partial),  # every converted file; resolve() refuses a directory that differs
     }
     (partial / SOURCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     if target.exists():

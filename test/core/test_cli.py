@@ -9,9 +9,16 @@ import torch
 from PIL import Image
 
 from traj_forecast_ros.cli import main
-from traj_forecast_ros.commands.predict import load_forecast_npz
 from traj_forecast_ros.forecaster import Forecaster
-from traj_forecast_ros.model.config import tiny_config
+from traj_forecast_ros.model.presets import tiny_config
+
+
+def read_npz(path: Path) -> dict:
+    """The arrays of a ``predict`` output file, with its JSON ``metadata`` decoded (no pickles allowed)."""
+    with np.load(path, allow_pickle=False) as data:
+        saved = {key: data[key] for key in data.files}
+    saved["metadata"] = json.loads(str(saved["metadata"]))
+    return saved
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +39,20 @@ def test_predict_writes_tracks_and_a_still(tiny_model_dir, shared_images, tmp_pa
                  "--viz", str(viz), "--viz-stride", "1"])
     assert code == 0, capsys.readouterr().err
     assert "tiny: 3 samples" in capsys.readouterr().out
-    forecast = load_forecast_npz(out)
-    assert forecast.tracks.shape == (3, 4, 8, 8, 2) and forecast.tracks.dtype == np.float32
-    assert forecast.image_size == (256, 464) and forecast.seed == 7 and forecast.instruction == "push the cart"
-    assert forecast.dtype == "float32" and "denoise" in forecast.timings
-    assert np.isfinite(forecast.tracks).all()
+    saved = read_npz(out)
+    metadata = saved["metadata"]
+    assert set(saved) == {"tracks", "query_points", "image_size", "metadata"}
+    assert saved["tracks"].shape == (3, 4, 8, 8, 2) and saved["tracks"].dtype == np.float32
+    assert saved["query_points"].shape == (8, 8, 2)
+    assert tuple(saved["image_size"]) == (256, 464) and metadata["seed"] == 7
+    assert metadata["instruction"] == "push the cart" and metadata["model_id"] == "tiny"
+    assert metadata["dtype"] == "float32" and metadata["device"] == "cpu" and "denoise" in metadata["timings"]
+    assert np.isfinite(saved["tracks"]).all()
     # Same model, same seed through the Python API -> identical tracks.
     api = Forecaster.from_pretrained(tiny_model_dir, device="cpu")
     image = np.asarray(Image.open(image_path).convert("RGB"))
     expected = api.forecast(image, "push the cart", num_samples=3, steps=4, seed=7).tracks
-    np.testing.assert_array_equal(forecast.tracks, expected)
+    np.testing.assert_array_equal(saved["tracks"], expected)
     drawn = np.asarray(Image.open(viz).convert("RGB"))
     assert drawn.shape == image.shape
     assert np.any(drawn != image)  # tracks painted over the image
@@ -55,7 +66,7 @@ def test_predict_gif_and_mono_input(tiny_model_dir, tmp_path):
                  "--seed", "1", "--out", str(out), "--viz", str(viz)]) == 0
     with Image.open(viz) as gif:
         assert gif.size == (100, 60) and gif.n_frames >= 2
-    tracks = load_forecast_npz(out).tracks
+    tracks = read_npz(out)["tracks"]
     assert tracks.shape == (1, 4, 8, 8, 2)
 
 
@@ -119,3 +130,37 @@ def test_download_offline_via_cli(capsys, monkeypatch, tmp_path):
     assert main(["download", "libero-atm"]) == 2
     err = capsys.readouterr().err
     assert "HF_HUB_OFFLINE" in err and "ckpt_epoch=1500.pth" in err
+
+
+def _commands(parser, path=()):
+    """``(command path, parser)`` for every command and subcommand of the CLI."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, path + (name,))
+
+
+def test_every_option_is_spelled_one_way_across_all_commands():
+    """One spelling per option (no aliases), one option per meaning: K is ``--samples`` everywhere."""
+    from traj_forecast_ros.cli import build_parser
+    from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+
+    spellings = {}  # dest -> option strings seen
+    commands = dict(_commands(build_parser()))
+    for path, parser in commands.items():
+        for action in parser._actions:
+            longs = [s for s in action.option_strings if s.startswith("--")]
+            if not longs or action.dest == "help":
+                continue
+            assert len(longs) == 1, f"{' '.join(path)}: {longs} spell one option several ways"
+            spellings.setdefault(action.dest, set()).add(longs[0])
+    assert {dest: s for dest, s in spellings.items() if len(s) > 1} == {}
+    assert not any(opt in ("--num-samples", "--topics", "--sample-batch") for s in spellings.values() for opt in s)
+    for path in (("predict",), ("evaluate",), ("bag", "run")):
+        options = {a.dest: a for a in commands[path]._actions}
+        assert options["samples"].option_strings == ["--samples"] and options["steps"].option_strings == ["--steps"]
+    assert {a.dest: a.default for a in commands[("predict",)]._actions}["samples"] == DEFAULT_NUM_SAMPLES
+    assert {a.dest: a.default for a in commands[("evaluate",)]._actions}["steps"] == DEFAULT_STEPS

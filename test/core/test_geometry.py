@@ -14,7 +14,7 @@ from traj_forecast_ros.geometry import (
     query_grid,
     to_rgb,
 )
-from traj_forecast_ros.model.config import libero_config, tiny_config
+from traj_forecast_ros.model.presets import libero_config, tiny_config
 
 
 def test_libero_frame_passes_through_untouched(shared_images):

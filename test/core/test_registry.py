@@ -17,17 +17,10 @@ from traj_forecast_ros import registry
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
 from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.model.checkpoint import build_modules, save_model_dir
-from traj_forecast_ros.model.config import (LIBERO_ATM_LATENT_SCALE, LIBERO_TRAMOE_LATENT_SCALE, libero_config,
-                                            tiny_config)
+from traj_forecast_ros.model.presets import (LIBERO_ATM_LATENT_SCALE, LIBERO_TRAMOE_LATENT_SCALE, libero_config,
+                                             tiny_config)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def cache_root(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("TRAJ_FORECAST_HOME", str(root))
-    return root
 
 
 def test_registry_lists_the_official_models():
@@ -175,17 +168,34 @@ def test_download_rejects_a_checksum_mismatch(fake_hub, cache_root):
     assert not (cache_root / "models" / "tiny-hub").exists()
 
 
-def test_first_available_model_prefers_the_default(cache_root, monkeypatch, tmp_path):
-    from traj_forecast_ros.model.config import tiny_config as make_tiny
+def test_download_pins_sha256_and_a_later_load_refuses_changed_files(fake_hub, cache_root):
+    """S3: source.json records every converted file's sha256; resolve/from_pretrained refuse a directory that differs."""
+    path = registry.download("tiny-hub")
+    source = yaml.safe_load((path / "source.json").read_text())
+    pinned = source["sha256"]
+    assert {"config.yaml", "denoiser.safetensors", "vae.safetensors"} <= set(pinned)
+    assert all(len(digest) == 64 for digest in pinned.values())
+    assert "resolved_commit" in source and "image_encoder_commit" in source
+    assert registry.resolve("tiny-hub") == path  # untouched: loads
 
-    shipped = registry.load_registry()["demo-blocks"].local_dir
-    if registry.has_weights(shipped):
-        assert registry.first_available_model() == "demo-blocks"
-    else:
-        with pytest.raises(WeightsNotFoundError, match="traj-forecast download libero-atm"):
-            registry.first_available_model()
-    config = make_tiny(text=False)
-    save_model_dir(registry.model_cache_dir("libero-tramoe"), config, *build_modules(config))
-    assert registry.first_available_model() in ("libero-tramoe", "demo-blocks")
-    save_model_dir(registry.model_cache_dir("libero-atm"), config, *build_modules(config))
-    assert registry.first_available_model() == "libero-atm"
+    weights = path / "denoiser.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one flipped bit
+    with pytest.raises(CheckpointError, match="denoiser.safetensors"):
+        registry.resolve("tiny-hub")
+    with pytest.raises(CheckpointError, match="pinned"):
+        Forecaster.from_pretrained(str(path))  # a path is checked as well as a name
+    weights.write_bytes(original)
+    assert registry.resolve("tiny-hub") == path
+
+    (path / "extra.safetensors").write_bytes(b"planted")  # an added file is refused too
+    with pytest.raises(CheckpointError, match="extra.safetensors"):
+        registry.resolve("tiny-hub")
+
+
+def test_hub_commit_is_read_from_the_cache_layout():
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert registry.hub_commit_of(f"/hf/models--a--b/snapshots/{commit}/vae/7.pth") == commit
+    assert registry.hub_commit_of(f"/hf/models--a--b/snapshots/{commit}") == commit
+    assert registry.hub_commit_of("/hf/models--a--b/snapshots/main/vae.pth") is None
+    assert registry.hub_commit_of("/tmp/vae.pth") is None

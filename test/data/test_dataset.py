@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from traj_forecast_ros.data.dataset import DatasetMeta, DatasetWriter, TrajectoryDataset, import_arrays, tracks_to_grid
-from traj_forecast_ros.data.synthetic import GeneratorConfig, write_dataset
+from traj_forecast_ros.data.scenes import GeneratorConfig
+from traj_forecast_ros.data.synthetic import write_dataset
 from traj_forecast_ros.errors import DatasetError
 
 META = DatasetMeta(image_size=(16, 16), query_grid=(4, 4), query_stride=4.0, query_offset=1.5, num_frames=3,
@@ -83,7 +84,7 @@ def test_import_tracker_output_in_points_first_layout(tmp_path):
 
 
 def test_model_geometry_check_names_the_mismatch():
-    from traj_forecast_ros.model.config import tiny_config
+    from traj_forecast_ros.model.presets import tiny_config
 
     with pytest.raises(DatasetError, match="query grid"):
         META.check_model_geometry(tiny_config(text=False))

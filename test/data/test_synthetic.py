@@ -5,8 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from traj_forecast_ros.data import synthetic
-from traj_forecast_ros.data.synthetic import GeneratorConfig, generate_sample
+from traj_forecast_ros.data.render import render
+from traj_forecast_ros.data.scenes import SCENE_KINDS, GeneratorConfig, sample_layout
+from traj_forecast_ros.data.synthetic import generate_sample
 
 CONFIG = GeneratorConfig(rollouts=3, num_frames=8)
 
@@ -21,7 +22,7 @@ def test_generation_is_deterministic_per_seed_and_index():
     assert not np.array_equal(first.image, other.image)
 
 
-@pytest.mark.parametrize("kind", synthetic.SCENE_KINDS)
+@pytest.mark.parametrize("kind", SCENE_KINDS)
 def test_every_kind_has_valid_shapes_and_query_grid_at_frame_zero(kind):
     sample = generate_sample(1, 0, CONFIG, kind=kind)
     assert sample.kind == kind
@@ -34,7 +35,7 @@ def test_every_kind_has_valid_shapes_and_query_grid_at_frame_zero(kind):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_body_points_move_rigidly_with_their_body_and_background_stays(seed):
-    sample = generate_sample(seed, 11, CONFIG, kind=synthetic.SCENE_KINDS[seed % 5])  # kinds with motion
+    sample = generate_sample(seed, 11, CONFIG, kind=SCENE_KINDS[seed % 5])  # kinds with motion
     for rollout in range(CONFIG.rollouts):
         tracks = sample.tracks[rollout].astype(np.float64)  # [T, Hq, Wq, 2]
         poses = sample.poses[rollout]  # [T, n, 3]
@@ -56,9 +57,9 @@ def test_body_points_move_rigidly_with_their_body_and_background_stays(seed):
 
 def test_object_ids_match_what_the_image_shows():
     sample = generate_sample(3, 5, CONFIG, kind="fall")
-    layout = synthetic.sample_layout(np.random.default_rng([3, 5, 0]), CONFIG, "fall")
+    layout = sample_layout(np.random.default_rng([3, 5, 0]), CONFIG, "fall")
     empty = dataclasses.replace(layout, bodies=[])
-    background = synthetic.render(empty, np.zeros((0, 3)), CONFIG).astype(int)
+    background = render(empty, np.zeros((0, 3)), CONFIG).astype(int)
     query = CONFIG.query_points()
     pixels = np.floor(query).astype(int)  # pixel holding each query point
     changed = np.abs(sample.image.astype(int) - background).sum(-1)[pixels[..., 1], pixels[..., 0]] > 0

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from traj_forecast_ros.model.config import ModelConfig, tiny_config
+from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.presets import tiny_config
 
 FIXED_TABLES = ("pos_embed", "temp_embed", "frame_embed")
 

@@ -1,4 +1,4 @@
-"""Latte denoiser: block formula, factorisation order, conditioning, init, raw and rectangular variants, presets."""
+"""Latte denoiser: block formula, factorisation order, conditioning, init, raw and rectangular variants."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import torch
 from einops import rearrange
 
 from traj_forecast_ros.model.config import DenoiserConfig, ModelConfig
-from traj_forecast_ros.model.denoiser import (
-    DenoiserBlock,
-    DenoiserFinalLayer,
-    LatteDenoiser,
-    denoiser_config,
-    latte_denoiser,
-)
+from traj_forecast_ros.model.denoiser import DenoiserBlock, DenoiserFinalLayer, LatteDenoiser
 from traj_forecast_ros.model.layers import sincos_1d_table, sincos_2d_table
 
 
@@ -190,18 +184,6 @@ def test_rectangular_variant(tiny: ModelConfig, randomize) -> None:
     x, t, features, _ = inputs(cfg)
     with torch.no_grad():
         assert model(x, t, features).shape == (2, 4, 4, 4, 6)
-
-
-def test_size_presets() -> None:
-    expected = {"XS": (8, 192, 3), "S": (12, 384, 6), "B": (12, 384, 6), "L": (16, 768, 12)}
-    for size, (depth, hidden, heads) in expected.items():
-        cfg = denoiser_config(size, input_size=4, text_embed_dim=None)
-        assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.input_size) == (depth, hidden, heads, 4)
-    model = latte_denoiser("XS", input_size=2, in_channels=2, num_frames=2, num_frame_tokens=1, frame_features_dim=4,
-                           text_embed_dim=None)
-    assert len(model.blocks) == 8 and model.cfg.hidden_size == 192
-    with pytest.raises(ValueError, match="unknown denoiser size"):
-        denoiser_config("XL")
 
 
 def test_bfloat16_weights_accept_float32_inputs(denoiser: LatteDenoiser) -> None:

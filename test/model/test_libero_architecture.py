@@ -11,9 +11,10 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from traj_forecast_ros.model.config import VAEConfig, libero_config
-from traj_forecast_ros.model.denoiser import LatteDenoiser, denoiser_config
+from traj_forecast_ros.model.config import VAEConfig
+from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.layers import sincos_1d_table, sincos_2d_table
+from traj_forecast_ros.model.presets import denoiser_config, libero_config
 from traj_forecast_ros.model.vae import TrajectoryVAE
 
 pytestmark = pytest.mark.slow  # full-size builds (cheap: about 5 s, no forward passes)

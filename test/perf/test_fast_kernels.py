@@ -1,31 +1,32 @@
-"""CPU inference kernels (oneDNN GEMMs, folded modulation, shared-context attention, bf16 attention) against the
-official-style reference forward: float32 results equal within 1e-5 relative, bfloat16 within its rounding."""
+"""CPU inference kernels (model/kernels.py) against the official-style reference forward: float32 results equal
+within 1e-5 relative, bfloat16 within its rounding; the reference modules never take a fast path."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from traj_forecast_ros.model.config import tiny_config
 from traj_forecast_ros.model.denoiser import LatteDenoiser
-from traj_forecast_ros.model.layers import (
+from traj_forecast_ros.model.kernels import (
     ONEDNN_LINEAR,
-    Attention,
-    LearnableFourierFeatures,
-    Mlp,
+    DenoiserKernels,
+    KernelOptions,
     OneDNNLinearMode,
+    VAEKernels,
+    chunked_fourier_features,
     explicit_attention,
-    fast_kernels,
-    folded_linear_params,
+    folded,
     rms_normalize,
 )
+from traj_forecast_ros.model.layers import Attention, LearnableFourierFeatures, Mlp
+from traj_forecast_ros.model.presets import tiny_config
 from traj_forecast_ros.model.vae import TrajectoryVAE
 
 FP32_TOLERANCE = 1e-5  # max |ours - reference| / max |reference|
 FIXED_TABLES = ("pos_embed", "temp_embed", "frame_embed")
+KERNEL_CHOICES = [KernelOptions(fold_modulation=fold, attention=attention)
+                  for fold in (True, False) for attention in ("sdpa", "explicit")]
 
 
 def randomize_parameters(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -63,43 +64,86 @@ def oneDNN_calls(fn) -> int:
     return sum(event.count for event in prof.key_averages() if event.key == "mkldnn::_linear_pointwise")
 
 
-@pytest.mark.parametrize("batch", [1, 3])  # 1: modulation folded into the weights; 3: applied per sequence
-def test_denoiser_fp32_equals_reference_forward(denoiser, reference, batch) -> None:
+@pytest.mark.parametrize("options", KERNEL_CHOICES, ids=lambda o: f"fold={o.fold_modulation}-{o.attention}")
+@pytest.mark.parametrize("batch", [1, 3])  # 3 distinct samples: modulation per sequence, contexts per sample
+def test_denoiser_kernels_equal_reference_forward(denoiser, reference, batch, options) -> None:
     inputs = denoiser_inputs(denoiser, batch)
     with torch.inference_mode():
         expected = reference.official_denoiser_forward(denoiser, *inputs)
-        fast = denoiser(*inputs)
-        with fast_kernels(False):
-            plain = denoiser(*inputs)
+        fast = DenoiserKernels(denoiser, options)(*inputs)
+        plain = denoiser(*inputs)
     assert expected.abs().max() > 0.1  # every path active
+    assert fast.dtype == torch.float32
     assert reference.relative_difference(fast, expected) < FP32_TOLERANCE
     assert reference.relative_difference(plain, expected) < FP32_TOLERANCE
 
 
-@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
-def test_fast_path_runs_only_for_cpu_inference(denoiser) -> None:
-    inputs = denoiser_inputs(denoiser, 1)
+@pytest.mark.parametrize("options", KERNEL_CHOICES, ids=lambda o: f"fold={o.fold_modulation}-{o.attention}")
+def test_shared_conditioning_of_a_forecast_step(denoiser, reference, options) -> None:
+    """K samples of one step share t, image and text: one row each (or an expanded batch) folds for all K."""
+    x, _, features, text = denoiser_inputs(denoiser, 4, seed=3)
+    t = torch.full((4,), 0.37)
+    one_features, one_text = features[:1], text[:1]
     with torch.inference_mode():
-        assert oneDNN_calls(lambda: denoiser(*inputs)) > 0
-        with fast_kernels(False):
-            assert oneDNN_calls(lambda: denoiser(*inputs)) == 0
+        expected = reference.official_denoiser_forward(denoiser, x, t, one_features.expand(4, -1, -1),
+                                                       one_text.expand(4, -1))
+        kernels = DenoiserKernels(denoiser, options)
+        bound = kernels.bind(one_features, one_text)(x, t)  # one row, bound once
+        expanded = kernels(x, t, one_features.expand(4, -1, -1), one_text.expand(4, -1))  # stride-0 batch
+    assert reference.relative_difference(bound, expected) < FP32_TOLERANCE
+    assert reference.relative_difference(expanded, expected) < FP32_TOLERANCE
+
+
+def test_bound_denoiser_rejects_mismatched_inputs(denoiser) -> None:
+    x, t, features, text = denoiser_inputs(denoiser, 3)
+    kernels = DenoiserKernels(denoiser, KernelOptions())
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="3 samples"):
+            kernels.bind(features[:2], text[:2])(x, t)  # two contexts for three samples
+        with pytest.raises(ValueError, match="frame_features"):
+            kernels.bind(features[..., :5], text)
+        with pytest.raises(ValueError, match="text_embeds"):
+            kernels.bind(features, None)
+        with pytest.raises(ValueError, match="denoiser expects x"):
+            kernels.bind(features, text)(x[:, :2], t)
+
+
+@pytest.mark.parametrize("bad", [dict(attention="flash"), dict(dtype=torch.float16)])
+def test_kernel_options_are_validated(bad) -> None:
+    with pytest.raises(ValueError):
+        KernelOptions(**bad)
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_reference_modules_never_take_the_fast_path(denoiser) -> None:
+    """The kernels are chosen explicitly: the modules' own forward stays plain PyTorch, also in inference mode."""
+    inputs = denoiser_inputs(denoiser, 1)
+    kernels = DenoiserKernels(denoiser, KernelOptions())
+    with torch.inference_mode():
+        assert oneDNN_calls(lambda: kernels(*inputs)) > 0
+        assert oneDNN_calls(lambda: denoiser(*inputs)) == 0
+        assert oneDNN_calls(lambda: DenoiserKernels(denoiser, KernelOptions(onednn=False))(*inputs)) == 0
     assert oneDNN_calls(lambda: denoiser(*inputs)) == 0  # autograd on: training keeps F.linear
 
 
-def test_vae_fp32_equals_reference_forward(vae, reference) -> None:
+def test_vae_kernels_equal_reference_forward(vae, reference) -> None:
     generator = torch.Generator().manual_seed(3)
     tracks = torch.rand(2, vae.num_frames, 2, *vae.input_size, generator=generator) * 2 - 1
     features = torch.randn(2, vae.num_frame_tokens, vae.frame_features_dim, generator=generator)
     latents = torch.randn(2, vae.num_frames, vae.num_latent_tokens, vae.latent_channels, generator=generator)
+    kernels = VAEKernels(vae, KernelOptions())
     with torch.inference_mode():
-        mean, std = vae.encode(tracks, features)
+        mean, std = kernels.encode_tokens(kernels.embed_tracks(tracks), features)
         mean_ref, std_ref = reference.official_vae_encode(vae, tracks, features)
-        decoded, decoded_ref = vae.decode(latents, features), reference.official_vae_decode(vae, latents, features)
-        staged = vae.encode_tokens(vae.embed_tracks(tracks), features)
+        decoded, decoded_ref = kernels.decode(latents, features), reference.official_vae_decode(vae, latents, features)
+        shared = kernels.decode(latents, features[:1])  # one image for both samples
+        shared_ref = reference.official_vae_decode(vae, latents, features[:1].expand(2, -1, -1))
+        module_mean, _ = vae.encode(tracks, features)
     assert reference.relative_difference(mean, mean_ref) < FP32_TOLERANCE
     assert reference.relative_difference(std, std_ref) < FP32_TOLERANCE
     assert reference.relative_difference(decoded, decoded_ref) < FP32_TOLERANCE
-    torch.testing.assert_close(staged[0], mean, rtol=0, atol=0)  # encode == encode_tokens(embed_tracks(.))
+    assert reference.relative_difference(shared, shared_ref) < FP32_TOLERANCE
+    assert reference.relative_difference(module_mean, mean_ref) < FP32_TOLERANCE
 
 
 def test_training_gradients_match_reference(denoiser, reference) -> None:
@@ -111,44 +155,27 @@ def test_training_gradients_match_reference(denoiser, reference) -> None:
     assert reference.relative_difference(grad_ours, grad_expected) < FP32_TOLERANCE
 
 
-def test_bfloat16_stays_close_and_keeps_the_fused_norm(denoiser, reference) -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_bfloat16_kernels_stay_close(denoiser, vae, reference, attention) -> None:
     inputs = denoiser_inputs(denoiser, 1)
     with torch.inference_mode():
         expected = reference.official_denoiser_forward(denoiser, *inputs)
-        for enabled in (True, False):
-            with warnings.catch_warnings(record=True) as caught, fast_kernels(enabled), \
-                    torch.autocast("cpu", dtype=torch.bfloat16):
-                warnings.simplefilter("always")
-                low = denoiser(*inputs)
-            assert low.dtype == torch.bfloat16
-            assert not [w for w in caught if "Mismatch dtype" in str(w.message)]
-            assert reference.relative_difference(low.float(), expected) < 0.05  # bfloat16 rounding only
+        low = DenoiserKernels(denoiser, KernelOptions(dtype=torch.bfloat16, attention=attention))(*inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = denoiser(*inputs)  # the reference modules under autocast (the GPU / fp32-rerun path)
+    assert low.dtype == torch.bfloat16 and autocast.dtype == torch.bfloat16
+    assert reference.relative_difference(low.float(), expected) < 0.05  # bfloat16 rounding only
+    assert reference.relative_difference(autocast.float(), expected) < 0.05
 
 
-def test_shared_context_attention_equals_repeated_context() -> None:
-    torch.manual_seed(0)
-    attention = randomize_parameters(Attention(16, num_heads=2), seed=4)
-    x, context = torch.randn(6, 5, 16), torch.randn(2, 7, 16)  # 3 sequences per context
-    repeated = context.repeat_interleave(3, dim=0)
-    with torch.inference_mode():
-        for enabled in (True, False):
-            with fast_kernels(enabled):
-                torch.testing.assert_close(attention(x, context), attention(x, repeated), rtol=1e-5, atol=1e-6)
-
-
-def test_fused_forms_equal_explicit_modulation_gate_and_residual() -> None:
+def test_folded_linear_equals_modulate_then_gate() -> None:
     torch.manual_seed(0)
     mlp = randomize_parameters(Mlp(16, 32), seed=5)
-    x, residual = torch.randn(4, 5, 16), torch.randn(4, 5, 16)
-    scale, shift, gate = torch.randn(1, 16), torch.randn(1, 16), torch.randn(1, 16)
-    expected = residual + gate[:, None] * mlp(x * scale[:, None] + shift[:, None])
-    weight, bias = folded_linear_params(mlp.fc1, scale[0], shift[0], gate[0, :1].expand(32))
+    x = torch.randn(4, 5, 16)
+    scale, shift, gate = torch.randn(16), torch.randn(16), torch.randn(32)
+    weight, bias = folded((mlp.fc1.weight, mlp.fc1.bias), torch.float32, scale, shift, gate)
     with torch.no_grad():
-        torch.testing.assert_close(x @ weight.T + bias, gate[0, 0] * mlp.fc1(x * scale + shift), rtol=1e-5,
-                                   atol=1e-5)
-    with torch.inference_mode():
-        fused = mlp(x, input_scale=scale, input_shift=shift, gate=gate, residual=residual)
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x @ weight.T + bias, gate * mlp.fc1(x * scale + shift), rtol=1e-5, atol=1e-5)
 
 
 def test_rms_normalize_and_chunked_fourier_features() -> None:
@@ -157,13 +184,17 @@ def test_rms_normalize_and_chunked_fourier_features() -> None:
     with torch.inference_mode():
         expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
         torch.testing.assert_close(rms_normalize(x, 1e-6, weight), expected, rtol=1e-6, atol=1e-6)
-    lff = randomize_parameters(LearnableFourierFeatures(8, 16), seed=6)
-    points = torch.rand(3, 2000, 2) * 2 - 1  # 6,000 points: more than one chunk
-    with torch.no_grad(), fast_kernels(False):
-        expected = lff(points)
-    with torch.inference_mode():
-        chunked = lff(points)
-    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+        strided = torch.randn(3, 7, 2, 24)[:, :, 1]  # a non-contiguous view, as in the fused q|k norm
+        torch.testing.assert_close(rms_normalize(strided, 1e-6), strided * torch.rsqrt(
+            strided.pow(2).mean(-1, keepdim=True) + 1e-6), rtol=1e-6, atol=1e-6)
+    for raw in (False, True):
+        lff = randomize_parameters(LearnableFourierFeatures(8, 16, raw=raw), seed=6)
+        points = torch.rand(3, 2000, 2) * 2 - 1  # 6,000 points: more than one chunk
+        with torch.no_grad():
+            expected = lff(points)
+        with torch.inference_mode():
+            chunked = chunked_fourier_features(lff, points, KernelOptions())
+        torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
@@ -174,14 +205,22 @@ def test_linear_mode_routes_third_party_linears() -> None:
     x = torch.randn(3, 5, 12)
     with torch.inference_mode():
         expected = layer(x)
+        assert oneDNN_calls(lambda: layer(x)) == 0
         with OneDNNLinearMode():
             assert oneDNN_calls(lambda: layer(x)) == 2
             routed = layer(x)
-            with fast_kernels(False):
-                assert oneDNN_calls(lambda: layer(x)) == 0
     torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-6)
     with OneDNNLinearMode():
         assert oneDNN_calls(lambda: layer(x)) == 0  # autograd on: untouched
+
+
+def test_shared_context_attention_equals_repeated_context() -> None:
+    torch.manual_seed(0)
+    attention = randomize_parameters(Attention(16, num_heads=2), seed=4)
+    x, context = torch.randn(6, 5, 16), torch.randn(2, 7, 16)  # 3 sequences per context
+    with torch.inference_mode():
+        torch.testing.assert_close(attention(x, context), attention(x, context.repeat_interleave(3, dim=0)),
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 9])  # 1 x 2 heads: per-head GEMMs; 9 x 2 heads: chunked batched GEMMs

@@ -1,16 +1,31 @@
-"""The sampling plan: per-device defaults, what runs once per forecaster / image / sample, plan switches."""
+"""The sampling plan: per-device defaults, the per-model CPU choice (size rule, timed probe, cache), what runs once
+per forecaster / image / sample, plan switches, forecasters in different threads, fast vs reference accuracy."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from traj_forecast_ros.forecaster import Forecaster
-from traj_forecast_ros.sampling_plan import DEFAULT_SAMPLE_BATCH_SIZE, SamplingPlan, choose_sampling_plan
-from traj_forecast_ros.model.config import tiny_config
+from traj_forecast_ros.model.denoiser import LatteDenoiser
+from traj_forecast_ros.model.presets import libero_config, tiny_config
+from traj_forecast_ros.sampling_plan import (
+    DEFAULT_SAMPLE_BATCH_SIZE,
+    ROWS_PER_CALL,
+    SamplingPlan,
+    choose_sampling_plan,
+    cpu_size_rule,
+    plan_for_model,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO / "models" / "demo-blocks"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +55,7 @@ def test_cpu_defaults_and_validation() -> None:
     assert plan == SamplingPlan(device=torch.device("cpu"), dtype=torch.float32, sample_batch_size=1)
     assert DEFAULT_SAMPLE_BATCH_SIZE == {"cpu": 1, "cuda": None}
     assert plan.fast_cpu_kernels and plan.cache_query_tokens and not plan.use_compile and not plan.use_cuda_graph
+    assert plan.fold_modulation and plan.attention == "sdpa" and plan.chosen_by == "device default"
     assert choose_sampling_plan("cpu", "bf16", sample_batch_size=0).dtype == torch.bfloat16
     assert choose_sampling_plan("cpu", sample_batch_size=0).sample_batch_size is None
     assert "sample batch 1" in plan.summary() and "float32" in plan.summary()
@@ -47,13 +63,56 @@ def test_cpu_defaults_and_validation() -> None:
         choose_sampling_plan("cpu", use_cuda_graph=True)
     with pytest.raises(ValueError, match="sample_batch_size"):
         SamplingPlan(device=torch.device("cpu"), dtype=torch.float32, sample_batch_size=-2)
+    with pytest.raises(ValueError, match="attention"):
+        SamplingPlan(device=torch.device("cpu"), dtype=torch.float32, sample_batch_size=1, attention="flash")
+    with pytest.raises(ValueError, match="threads"):
+        SamplingPlan(device=torch.device("cpu"), dtype=torch.float32, sample_batch_size=1, threads=0)
     assert set(SamplingPlan.PER_IMAGE + SamplingPlan.PER_INSTRUCTION + SamplingPlan.PER_SAMPLE) == {
         "image_encoder", "vae_encode", "text_encoder", "denoise", "vae_decode"}
 
 
+def test_size_rule_batches_small_models_and_not_libero() -> None:
+    """All K at once for small models; one LIBERO-size sample already fills a call; bf16 takes explicit attention."""
+    with torch.device("meta"):  # shapes only: no 25M-parameter allocation
+        libero = LatteDenoiser(libero_config("atm").denoiser)
+    small = LatteDenoiser(tiny_config().denoiser)
+    assert libero.num_frames * libero.num_tokens == ROWS_PER_CALL
+    assert cpu_size_rule(libero, torch.float32) == {"sample_batch_size": 1, "fold_modulation": True,
+                                                     "attention": "sdpa"}
+    assert cpu_size_rule(libero, torch.bfloat16)["attention"] == "explicit"
+    rule = cpu_size_rule(small, torch.float32)
+    assert rule["sample_batch_size"] >= 8  # a K=8 forecast in one call
+    base = choose_sampling_plan("cpu")
+    planned = plan_for_model(base, small, 8)
+    assert planned.chosen_by == "size rule" and planned.threads == torch.get_num_threads()
+    assert planned.sample_batch_size == rule["sample_batch_size"] and "size rule" in planned.summary()
+    unchanged = dataclasses.replace(base, fast_cpu_kernels=False)
+    assert plan_for_model(unchanged, small, 8) is unchanged  # reference modules: nothing to choose
+
+
+def test_probe_decision_is_cached_and_survives_bad_caches(tmp_path) -> None:
+    small = LatteDenoiser(tiny_config().denoiser).eval()
+    base = choose_sampling_plan("cpu")
+    probed = plan_for_model(base, small, 4, probe=True, cache_dir=tmp_path, model_name="tiny/model")
+    assert probed.chosen_by == "probe" and probed.attention in ("sdpa", "explicit")
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("tiny_model-")  # no path separator from the name
+    stored = json.loads(files[0].read_text())
+    assert len(stored["probe_ms_per_sample"]) == 4 and all(ms > 0 for ms in stored["probe_ms_per_sample"].values())
+    cached = plan_for_model(base, small, 4, probe=True, cache_dir=tmp_path, model_name="tiny/model")
+    assert cached.chosen_by == "cache"
+    assert (cached.sample_batch_size, cached.fold_modulation, cached.attention) == (
+        probed.sample_batch_size, probed.fold_modulation, probed.attention)
+    files[0].write_text('{"sample_batch_size": -3, "fold_modulation": true, "attention": "sdpa"}')
+    assert plan_for_model(base, small, 4, probe=True, cache_dir=tmp_path).chosen_by == "probe"  # invalid: redone
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert plan_for_model(base, small, 4, probe=True, cache_dir=blocked / "plans").chosen_by == "probe"  # unwritable
+
+
 def test_forecaster_exposes_and_switches_its_plan(forecaster) -> None:
     assert forecaster.plan.device == forecaster.device and forecaster.plan.dtype == forecaster.dtype
-    assert forecaster.sample_batch_size == 1
+    assert forecaster.plan.chosen_by == "size rule" and forecaster.sample_batch_size >= 8
     forecaster.sample_batch_size = 0  # legacy shortcut: 0 / None = all K at once
     assert forecaster.plan.sample_batch_size is None and forecaster.sample_batch_size is None
     forecaster.plan = dataclasses.replace(forecaster.plan, sample_batch_size=2)
@@ -64,24 +123,41 @@ def test_forecaster_exposes_and_switches_its_plan(forecaster) -> None:
     built = Forecaster(forecaster.config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
                        forecaster.text_encoder, "custom", plan=custom)
     assert built.plan is custom and built.dtype == torch.bfloat16
+    pinned = Forecaster(forecaster.config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
+                        forecaster.text_encoder, "pinned", device="cpu", sample_batch_size=1)
+    assert pinned.sample_batch_size == 1 and pinned.plan.chosen_by == "device default"  # explicit: kept
 
 
 def test_work_per_forecaster_image_and_sample(forecaster, image, monkeypatch) -> None:
-    """Query tokens once per forecaster, DINO and the posterior once per image, denoiser/decoder per sample."""
-    embeds = count_calls(monkeypatch, forecaster.vae, "embed_tracks")
-    encodes = count_calls(monkeypatch, forecaster.vae, "encode_tokens")
-    decodes = count_calls(monkeypatch, forecaster.vae, "decode")
+    """Query tokens once per forecaster, DINO and the posterior once per image, the per-image denoiser work
+    (context projections) once per chunk of samples, the per-step work once per Euler step and chunk."""
+    from traj_forecast_ros.model.kernels import DenoiserKernels, VAEKernels
+
+    embeds = count_calls(monkeypatch, VAEKernels, "embed_tracks")
+    encodes = count_calls(monkeypatch, VAEKernels, "encode_tokens")
+    decodes = []
+    original_decode = VAEKernels.decode
+    monkeypatch.setattr(VAEKernels, "decode", lambda self, z, f: decodes.append(z.shape[0]) or original_decode(
+        self, z, f))
     images = count_calls(monkeypatch, forecaster, "encode_image")
-    denoised = count_calls(monkeypatch, forecaster.denoiser, "forward")
+    binds, steps = [], []
+    original_bind = DenoiserKernels.bind
+
+    def counted_bind(self, features, text=None):
+        binds.append(features.shape[0])
+        step = original_bind(self, features, text)
+        return lambda x, t: steps.append(x.shape[0]) or step(x, t)
+
+    monkeypatch.setattr(DenoiserKernels, "bind", counted_bind)
     for _ in range(2):
         forecaster.forecast(image, "push", num_samples=3, steps=4, seed=1)
     assert len(embeds) == 1
     assert len(images) == 2 and len(encodes) == 2
-    assert denoised == [1] * (2 * 3 * 3) and decodes == [1] * (2 * 3)  # batch 1 on CPU: K x 3 evaluations
-    forecaster.sample_batch_size = None
-    denoised.clear(), decodes.clear()
+    assert binds == [1, 1] and steps == [3] * (2 * 3) and decodes == [3, 3]  # all K per call, one image row
+    forecaster.sample_batch_size = 1
+    binds.clear(), steps.clear(), decodes.clear()
     forecaster.forecast(image, "push", num_samples=3, steps=4, seed=1)
-    assert denoised == [3] * 3 and decodes == [3]
+    assert binds == [1] * 3 and steps == [1] * 9 and decodes == [1] * 3
 
 
 def test_cached_query_tokens_give_the_full_encode(forecaster) -> None:
@@ -97,12 +173,71 @@ def test_cached_query_tokens_give_the_full_encode(forecaster) -> None:
 
 
 def test_plans_agree_on_the_same_noise(forecaster, image) -> None:
-    """Fast kernels on/off, batch 1/all: the same forecast up to float32 rounding; bfloat16 within a pixel."""
-    reference = forecaster.forecast(image, "lift", num_samples=2, steps=4, seed=5).tracks
-    forecaster.plan = dataclasses.replace(forecaster.plan, fast_cpu_kernels=False, sample_batch_size=None)
-    plain = forecaster.forecast(image, "lift", num_samples=2, steps=4, seed=5).tracks
-    np.testing.assert_allclose(plain, reference, rtol=0, atol=1e-3)
+    """Every CPU kernel choice, batch 1/all, and the reference modules: the same forecast up to float32 rounding;
+    bfloat16 within a pixel."""
+    reference_plan = dataclasses.replace(forecaster.plan, fast_cpu_kernels=False, sample_batch_size=1)
+    reference = Forecaster(forecaster.config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
+                           forecaster.text_encoder, "reference", plan=reference_plan)
+    expected = reference.forecast(image, "lift", num_samples=2, steps=4, seed=5).tracks
+    for batch in (1, None):
+        for fold in (True, False):
+            for attention in ("sdpa", "explicit"):
+                forecaster.plan = dataclasses.replace(forecaster.plan, sample_batch_size=batch, fold_modulation=fold,
+                                                      attention=attention)
+                tracks = forecaster.forecast(image, "lift", num_samples=2, steps=4, seed=5).tracks
+                np.testing.assert_allclose(tracks, expected, rtol=0, atol=1e-4)
     low = Forecaster(forecaster.config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
                      forecaster.text_encoder, "bf16", dtype="bfloat16")
+    assert low.plan.attention == "explicit"
     low_tracks = low.forecast(image, "lift", num_samples=2, steps=4, seed=5).tracks
-    assert np.abs(low_tracks - reference).mean() < 1.0
+    assert np.abs(low_tracks - expected).mean() < 1.0
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "denoiser.safetensors").is_file(), reason="demo-blocks weights not shipped")
+def test_shipped_model_fast_plan_matches_reference_within_1e4_px(tmp_path) -> None:
+    """fp32 accuracy of the plan a user gets (demo-blocks, K=8, 10 time points, a real LIBERO frame): the same
+    tracks within 1e-4 px as the reference modules one sample at a time."""
+    from PIL import Image
+
+    frame = np.asarray(Image.open(REPO.parent / "shared" / "data" / "images" / "libero_agent_0.jpg").convert("RGB"))
+    fast = Forecaster.from_pretrained(DEMO_MODEL, device="cpu", dtype="float32", plan_probe=False)
+    assert fast.plan.fast_cpu_kernels and fast.sample_batch_size >= 8
+    reference = Forecaster(fast.config, fast.denoiser, fast.vae, fast.image_encoder, fast.text_encoder, "reference",
+                           plan=dataclasses.replace(fast.plan, fast_cpu_kernels=False, sample_batch_size=1))
+    tracks = fast.forecast(frame, num_samples=8, steps=10, seed=3).tracks
+    expected = reference.forecast(frame, num_samples=8, steps=10, seed=3).tracks
+    assert np.abs(tracks[:, -1] - tracks[:, 0]).max() > 1.0  # the tracks move: the comparison means something
+    np.testing.assert_allclose(tracks, expected, rtol=0, atol=1e-4)
+
+
+def test_forecasters_in_different_threads_do_not_affect_each_other(forecaster, image) -> None:
+    """A fast-kernel and a reference forecaster over the same modules, run concurrently from two threads, give
+    bit for bit what each gives alone (a process-wide kernel switch flipped per call would mix their paths)."""
+    reference = Forecaster(forecaster.config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
+                           forecaster.text_encoder, "reference",
+                           plan=dataclasses.replace(forecaster.plan, fast_cpu_kernels=False))
+    alone = {name: f.forecast(image, "push", num_samples=2, steps=4, seed=9).tracks
+             for name, f in (("fast", forecaster), ("reference", reference))}
+    assert not np.array_equal(alone["fast"], alone["reference"])  # the two paths round differently
+    results = {"fast": [], "reference": []}
+    errors = []
+    start = threading.Barrier(2)
+
+    def run(name: str, runner: Forecaster) -> None:
+        try:
+            start.wait()
+            for _ in range(4):
+                results[name].append(runner.forecast(image, "push", num_samples=2, steps=4, seed=9).tracks)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in (("fast", forecaster), ("reference", reference))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors
+    for name, runs in results.items():
+        assert len(runs) == 4
+        for tracks in runs:
+            np.testing.assert_array_equal(tracks, alone[name])

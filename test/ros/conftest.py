@@ -12,7 +12,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A model directory with a tiny random text-conditioned model (written once per session)."""
     from traj_forecast_ros.forecaster import Forecaster
     from traj_forecast_ros.model.checkpoint import save_model_dir
-    from traj_forecast_ros.model.config import tiny_config
+    from traj_forecast_ros.model.presets import tiny_config
 
     config = tiny_config(text=True)
     forecaster = Forecaster.from_config(config, device="cpu")

@@ -186,3 +186,100 @@ class Probe:
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
         self._thread.join(2.0)
+
+
+# ------------------------------------------------------------------------------------------------ counters
+def counts_balance(values: Dict[str, str]) -> Optional[str]:
+    """None when a /diagnostics status accounts for every frame, else what does not add up.
+
+    ``frames_received == forecasts_published + dropped_total``, where ``dropped_total`` (every frame not forecast)
+    is the sum of the ``dropped.<reason>`` counters and splits into plain drops (superseded, too_old, stopped),
+    ``rejected_total`` (bad input) and ``failed_total`` (the node's own failures).
+    """
+    received, published = int(values["frames_received"]), int(values["forecasts_published"])
+    dropped_total = int(values["dropped_total"])
+    by_reason = sum(int(value) for key, value in values.items() if key.startswith("dropped."))
+    plain = sum(int(values.get(f"dropped.{reason}", 0)) for reason in ("superseded", "too_old", "stopped"))
+    problems = []
+    if received != published + dropped_total:
+        problems.append(f"received {received} != published {published} + dropped_total {dropped_total}")
+    if by_reason != dropped_total:
+        problems.append(f"dropped.* sum to {by_reason}, dropped_total is {dropped_total}")
+    if plain + int(values["rejected_total"]) + int(values["failed_total"]) != dropped_total:
+        problems.append(f"dropped {plain} + rejected {values['rejected_total']} + failed {values['failed_total']} "
+                        f"!= dropped_total {dropped_total}")
+    return "; ".join(problems) or None
+
+
+def node_diagnostics(probe: "Probe", node_name: str, after: int = 0) -> Optional[Dict[str, str]]:
+    """Key/values (plus ``_level`` and ``_message``) of the newest /diagnostics status of ``node_name`` among the
+    messages after index ``after``; None when there is none yet."""
+    for msg in reversed(probe.messages("/diagnostics")[after:]):
+        for status in msg.status:
+            if status.name.startswith(f"{node_name}:"):
+                values = {kv.key: kv.value for kv in status.values}
+                values.update(_level=str(int.from_bytes(bytes(status.level), "little") if isinstance(
+                    status.level, (bytes, bytearray)) else int(status.level)), _message=status.message)
+                return values
+    return None
+
+
+def wait_balanced(probe: "Probe", node_name: str, timeout: float = 20.0) -> Dict[str, str]:
+    """The node's first fresh /diagnostics status whose counters balance (fails the test with the last status when
+    none does within ``timeout``: a frame went uncounted)."""
+    seen = len(probe.messages("/diagnostics"))
+    last: Dict[str, Any] = {}
+
+    def balanced() -> Optional[Dict[str, str]]:
+        values = node_diagnostics(probe, node_name, seen)
+        if values is None:
+            return None
+        last["values"] = values
+        return values if counts_balance(values) is None else None
+
+    values = wait_until(balanced, timeout, interval=0.1)
+    if values is None:
+        got = last.get("values")
+        pytest.fail(f"counters never balanced: {counts_balance(got) if got else 'no diagnostics'}; {got}")
+    return values
+
+
+class InProcessNode:
+    """A ``ForecastNode`` with an injected forecaster factory, spun in this process (own context and executor
+    thread) and reached over real DDS through its topics and lifecycle/parameter services."""
+
+    def __init__(self, factory: Callable[..., Any], namespace: str, **params: Any) -> None:
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.parameter import Parameter
+
+        from traj_forecast_ros.ros.forecast_node import ForecastNode
+
+        self.context = Context()
+        rclpy.init(context=self.context)
+        overrides = [Parameter(name, value=value) for name, value in params.items()]
+        self.node = ForecastNode(forecaster_factory=factory, context=self.context, namespace=namespace,
+                                 parameter_overrides=overrides)
+        self.name = self.node.get_fully_qualified_name()
+        self.executor = SingleThreadedExecutor(context=self.context)  # as rclpy.spin in the real node
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def close(self) -> None:
+        import rclpy
+
+        self.node.stop_worker(timeout=2.0)
+        self.executor.shutdown(timeout_sec=2.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(2.0)

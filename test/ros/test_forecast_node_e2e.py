@@ -6,6 +6,7 @@ and are undone by each test); the signal tests start their own processes.
 
 from __future__ import annotations
 
+import io
 import signal
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from ros_helpers import NodeProcess, Probe, ros_available, wait_until
+from ros_helpers import NodeProcess, Probe, counts_balance, ros_available, wait_balanced, wait_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))]
 
@@ -64,6 +65,15 @@ def node(tiny_model_dir, tmp_path_factory, probe):
     yield process
     code, _ = process.stop(signal.SIGTERM)
     assert code == 0, process.log()[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def counters_balance_after_each_test(request):
+    """received = published + dropped + rejected (+ failed) once the node is idle, after every test of the shared
+    node, failed transitions included."""
+    yield
+    if "node" in request.fixturenames:
+        wait_balanced(request.getfixturevalue("probe"), NODE)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +236,39 @@ def test_invalid_parameter_values_are_rejected_with_a_reason(probe, node):
     assert not result.successful and "device" in result.reason
     (result,) = set_params(probe, marker_plane_depth=-1.0)
     assert not result.successful
+    # validated on set, not at the next activate (D2, issue 11): topic names, the model, the device
+    (result,) = set_params(probe, instruction_topic="instruction\n[ERROR] forged")
+    assert not result.successful and "instruction_topic" in result.reason and "topic name" in result.reason
+    (result,) = set_params(probe, image_topic="cam era")
+    assert not result.successful and "image_topic" in result.reason
+    (result,) = set_params(probe, model="/nonexistent/what-happens-next")
+    assert not result.successful and "registry name" in result.reason and "config.yaml" in result.reason
+    (result,) = set_params(probe, device="cuda:7")
+    assert not result.successful and "cuda:7" in result.reason and "does not exist" in result.reason
+    assert state(probe) == "active"
+    response = probe.call(GetParameters, f"{NODE}/get_parameters",
+                          GetParameters.Request(names=["instruction_topic", "image_topic", "device"]))
+    assert [v.string_value for v in response.values] == ["instruction", "image", "cpu"]
+    assert "\n[ERROR] forged" not in node.log(), "a parameter value forged a log line"
+
+
+@pytest.mark.timeout(60)
+def test_instructions_are_logged_escaped_and_truncated(probe, node):
+    """D5: a newline cannot forge a log line and 100 kB are not echoed."""
+    instruction_pub = probe.publisher(String, "/instruction")
+    assert wait_until(lambda: instruction_pub.get_subscription_count() > 0, 30)
+    hostile = "pick the cup\n[ERROR] [forecast_node]: forged line" + "x" * 100_000
+    before = len(node.log())
+    try:
+        instruction_pub.publish(String(data=hostile))
+        assert node.wait_for_log("instruction: 'pick the cup\\n[ERROR]", 15), node.log()[-2000:]
+        time.sleep(0.5)
+        new_log = node.log()[before:]
+        assert "\n[ERROR] [forecast_node]: forged line" not in new_log
+        assert len(new_log) < 5_000, f"{len(new_log)} characters logged for one instruction"
+        assert "more characters" in new_log
+    finally:
+        assert all(r.successful for r in set_params(probe, instruction=""))
 
 
 @pytest.mark.timeout(180)
@@ -291,6 +334,25 @@ def test_compressed_transport_serves_jpeg_and_counts_corrupt_frames(probe, node,
         sent = stamped(probe, CompressedImage(format="jpeg", data=array.array("B", jpeg)))
         pub.publish(sent)
         wait_forecast(probe, sent.header)
+
+        # D3/S2: foreign formats are rejected unread; a DDS whose pixel-format flags are 0 made the old decoder raise
+        # NotImplementedError, counted as the node's own failure (three in a row: ERROR).
+        buffer = io.BytesIO()
+        PILImage.fromarray(np.zeros((8, 8), np.uint8)).save(buffer, format="DDS")
+        dds = bytearray(buffer.getvalue())
+        dds[80:84] = b"\x00\x00\x00\x00"
+        buffer = io.BytesIO()
+        PILImage.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="EPS")
+        before = diagnostics(probe)
+        for data in (bytes(dds), buffer.getvalue(), b"\x89PNG\r\n\x1a\n" + bytes(dds)):
+            received = int(diagnostics(probe)["frames_received"])
+            pub.publish(stamped(probe, CompressedImage(format="jpeg", data=array.array("B", data))))
+            assert wait_until(lambda: int(diagnostics(probe)["frames_received"]) > received, 15)
+        after = wait_balanced(probe, NODE)
+        assert int(after["rejected_total"]) - int(before["rejected_total"]) == 3, after
+        assert after["failed_total"] == before["failed_total"], "bad input counted as the node's own failure"
+        assert int(after.get("dropped.unsupported_format", 0)) >= 2
+        assert after["_level"] != "2", after["_message"]  # not ERROR
     finally:
         assert set_params(probe, image_transport="raw")[0].successful
         assert transition(probe, Transition.TRANSITION_DEACTIVATE)
@@ -298,17 +360,24 @@ def test_compressed_transport_serves_jpeg_and_counts_corrupt_frames(probe, node,
 
 
 @pytest.mark.timeout(180)
-def test_missing_model_fails_configure_with_instructions(probe, node, tiny_model_dir):
+def test_missing_model_fails_configure_with_instructions(probe, node, tiny_model_dir, tmp_path):
     assert transition(probe, Transition.TRANSITION_DEACTIVATE)
     assert transition(probe, Transition.TRANSITION_CLEANUP)
     assert state(probe) == "unconfigured"
+    no_weights = tmp_path / "no-weights"  # a model directory (config.yaml) whose weights are missing
+    no_weights.mkdir()
+    (no_weights / "config.yaml").write_text((tiny_model_dir / "config.yaml").read_text())
     try:
-        assert set_params(probe, model="/nonexistent/what-happens-next")[0].successful
+        assert not set_params(probe, model="/nonexistent/what-happens-next")[0].successful  # refused on set
+        assert set_params(probe, model=str(no_weights))[0].successful
         assert not transition(probe, Transition.TRANSITION_CONFIGURE)
         assert state(probe) == "unconfigured"
-        assert node.wait_for_log("cannot load model '/nonexistent/what-happens-next'", 10)
+        assert node.wait_for_log(f"cannot load model '{no_weights}'", 10)
         assert "traj-forecast download" in node.log() and "model directory" in node.log()
-        assert diagnostics(probe)["state"] == "unconfigured"
+        values = diagnostics(probe)
+        assert values["state"] == "unconfigured" and "configure failed" in values["_message"]
+        assert node.wait_for_log("configure failed: cannot load model", 5)  # logged, not swallowed (D2)
+        assert counts_balance(values) is None, values
     finally:
         assert set_params(probe, model=str(tiny_model_dir))[0].successful
         assert transition(probe, Transition.TRANSITION_CONFIGURE)

@@ -86,20 +86,21 @@ def test_every_parameter_has_a_description_and_the_yaml_sets_valid_values():
 
 def test_invalid_startup_value_is_refused_with_the_reason(context):
     with pytest.raises(Exception, match="image_transport"):
-        make_node(context, lambda *a: FakeForecaster(), image_transport="h264")
+        make_node(context, lambda *a, **options: FakeForecaster(), image_transport="h264")
 
 
 def test_lifecycle_releases_the_model_and_reloads_it(context):
     created = []
 
-    def factory(model, device, dtype, cache_dir):
-        created.append((model, device, dtype, cache_dir))
+    def factory(model, device, dtype, cache_dir, **options):
+        created.append((model, device, dtype, cache_dir, options))
         return FakeForecaster()
 
     node = make_node(context, factory, model="some-model", device="cpu", autostart=False)
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
-        assert created == [("some-model", "cpu", "auto", None)]
+        assert created == [("some-model", "cpu", "auto", None,
+                            {"use_cuda_graphs": False, "compile": False, "graph_cache_size": 4})]
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         first = node._forecaster
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
@@ -113,7 +114,7 @@ def test_lifecycle_releases_the_model_and_reloads_it(context):
 
 
 def test_configure_failure_leaves_the_node_unconfigured_and_says_how_to_fix_it(context, capfd):
-    def missing(model, *_):
+    def missing(model, *_, **options):
         raise FileNotFoundError(f"model directory not found: {model}")
 
     node = make_node(context, missing, model="/no/such/dir", autostart=False)
@@ -135,7 +136,7 @@ def test_model_failures_are_counted_and_turn_diagnostics_to_error(context):
 
     FakeOOM.__name__ = "OutOfMemoryError"
     fake.fail_with = [FakeOOM("CUDA out of memory"), MemoryError(), RuntimeError("boom")]
-    node = make_node(context, lambda *a: fake, instruction="stack the blocks")
+    node = make_node(context, lambda *a, **options: fake, instruction="stack the blocks")
     try:
         assert node.autostart()
         published = []

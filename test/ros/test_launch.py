@@ -10,7 +10,7 @@ import pytest
 from ros_helpers import REPO
 
 LAUNCH_FILE = REPO / "launch" / "forecast.launch.py"
-REQUIRED_ARGUMENTS = {"params_file", "image_topic", "camera_frame", "model", "namespace", "autostart"}
+REQUIRED_ARGUMENTS = {"params_file", "image_topic", "camera_frame", "model", "namespace", "autostart", "rviz"}
 
 
 def declared_arguments(tree: ast.AST) -> set:
@@ -30,6 +30,20 @@ def test_launch_file_parses_and_declares_the_arguments():
     source = LAUNCH_FILE.read_text()
     assert 'executable="forecast_node"' in source and "LifecycleNode" in source
     assert "fastdds_large_data.xml" in source and "forecast.yaml" in source
+
+
+def test_rviz_comes_before_the_forecast_node():
+    """With rviz:=true and no rviz2 installed the launch must fail before the node starts (no orphaned node)."""
+    tree = ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
+    generate = next(node for node in tree.body if isinstance(node, ast.FunctionDef)
+                    and node.name == "generate_launch_description")
+    order = []
+    for call in ast.walk(generate):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("Node", "OpaqueFunction"):
+            order.append((call.lineno, call.func.id))
+    names = [name for _, name in sorted(order)]
+    assert names == ["Node", "OpaqueFunction"], names
+    assert "KillSignal=SIGINT" in LAUNCH_FILE.read_text()
 
 
 def test_launch_description_builds_where_launch_ros_is_installed():

@@ -15,7 +15,6 @@ from traj_forecast_ros.ros.markers import (  # noqa: E402
     forecast_markers,
     lifetime_from_period,
     line_list_vertices,
-    marker_vertex_count,
     subsample_grid,
     time_ramp,
 )
@@ -65,8 +64,7 @@ def test_marker_array_structure_and_geometry():
     markers = array_msg.markers
     assert markers[0].action == Marker.DELETEALL
     assert len(markers) == 1 + tracks.shape[0]
-    expected_vertices = marker_vertex_count((6, 8), 4, 2)
-    assert expected_vertices == 3 * 4 * 3 * 2
+    expected_vertices = 3 * 4 * 3 * 2  # 3 x 4 points kept (6 x 8 grid, stride 2) x 3 segments (T = 4) x 2 vertices
     ramp = time_ramp(4)
     for sample, marker in enumerate(markers[1:]):
         assert marker.type == Marker.LINE_LIST and marker.action == Marker.ADD and marker.id == sample

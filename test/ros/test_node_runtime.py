@@ -7,9 +7,10 @@ from typing import List
 import numpy as np
 import pytest
 
-from traj_forecast_ros.errors import InvalidImageError
+from traj_forecast_ros.errors import ForecastCancelled, InvalidImageError
 from traj_forecast_ros.ros.pipeline import (
     FORECAST_FAILED,
+    FUTURE_STAMP,
     OUT_OF_MEMORY,
     PUBLISH_FAILED,
     STOPPED,
@@ -273,3 +274,112 @@ def test_consecutive_failures_count_model_and_publish_failures_and_reset_on_succ
     assert pipeline.process(frame(-1)) is False and pipeline.stats.consecutive_failures == 1  # bad input: no change
     assert pipeline.process(frame(2)) is False and pipeline.stats.consecutive_failures == 2
     assert pipeline.process(frame(3)) is True and pipeline.stats.consecutive_failures == 0
+
+
+# ------------------------------------------------------------------------------------------------ issue 11
+def balanced(pipeline: ForecastPipeline) -> bool:
+    stats = pipeline.stats
+    return stats.received == stats.published + stats.not_forecast.total()
+
+
+def settle(pipeline: ForecastPipeline) -> None:
+    assert wait_until(lambda: len(pipeline._mailbox) == 0 and not pipeline.busy and balanced(pipeline))
+
+
+@pytest.mark.parametrize("error", [TypeError("bad header"), AttributeError("no palette"),
+                                   NotImplementedError("unknown pixel format"), KeyError("mode")])
+def test_any_decoder_exception_is_a_rejected_input_not_a_node_failure(error):
+    """D3: whatever the decoder raises, the frame is counted as rejected bad input; diagnostics never turn ERROR."""
+    def fragile_decode(message: int) -> np.ndarray:
+        if message < 0:
+            raise error
+        return decode(message)
+
+    recorder = Recorder()
+    pipeline = ForecastPipeline(fragile_decode, FakeForecaster(), recorder, clock=time.time)
+    for _ in range(4):
+        pipeline.process(frame(-1))
+    assert pipeline.stats.not_forecast.counts() == {"invalid_image": 4}
+    assert reason_category("invalid_image") == "rejected"
+    assert pipeline.stats.consecutive_failures == 0
+
+
+def test_frames_are_validated_before_the_stamp_checks():
+    """D7: an invalid frame is rejected as invalid even when it is also too old."""
+    recorder = Recorder()
+    pipeline = make_pipeline(FakeForecaster(), recorder, clock=lambda: 100.0, max_age=0.5)
+    assert not pipeline.process(frame(-1, stamp=10.0))  # bad and 90 s old
+    assert pipeline.stats.not_forecast.counts() == {"truncated": 1}
+
+
+def test_future_stamps_are_rejected_and_never_reach_the_latency():
+    """D6: a frame stamped beyond max_clock_skew ahead of the clock is counted as future_stamp."""
+    recorder = Recorder()
+    pipeline = ForecastPipeline(decode, FakeForecaster(), recorder, clock=lambda: 100.0, max_input_age_s=1.0,
+                                max_clock_skew_s=0.5)
+    assert not pipeline.process(frame(1, stamp=100.0 + 3600.0))
+    assert pipeline.process(frame(2, stamp=100.3))  # within the skew: served
+    assert pipeline.stats.not_forecast.counts() == {FUTURE_STAMP: 1}
+    assert reason_category(FUTURE_STAMP) == "rejected"
+    assert pipeline.stats.latency.percentile(50) >= -0.5
+
+
+class CancellableForecaster:
+    """Steps of ``step_s`` seconds until ``steps`` are done or the pipeline's stop flag is set."""
+
+    def __init__(self, step_s: float, steps: int) -> None:
+        self.step_s, self.steps = step_s, steps
+        self.cancel: threading.Event = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, rgb: np.ndarray) -> int:
+        self.started.set()
+        for _ in range(self.steps):
+            if self.cancel.is_set():
+                raise ForecastCancelled("cancelled")
+            time.sleep(self.step_s)
+        return 1
+
+
+def test_stop_cancels_a_forecast_and_counts_it_stopped():
+    """D9: the stop flag is the forecast's cancel flag; the worker exits within a few steps, the frame is stopped."""
+    forecaster = CancellableForecaster(step_s=0.02, steps=1000)  # 20 s uncancelled
+    recorder = Recorder()
+    pipeline = make_pipeline(forecaster, recorder)
+    forecaster.cancel = pipeline.stopping
+    pipeline.start()
+    pipeline.submit(frame(1))
+    assert forecaster.started.wait(5)
+    started = time.monotonic()
+    assert pipeline.stop(timeout=5.0), "the worker did not exit"
+    elapsed = time.monotonic() - started
+    assert elapsed < 50 * forecaster.step_s, f"stop took {elapsed:.2f} s"  # a few steps, not the 20 s forecast
+    assert pipeline.stats.not_forecast.counts() == {STOPPED: 1} and balanced(pipeline)
+    assert recorder.published == []
+
+
+def test_nothing_is_published_after_stop_returns():
+    """stop() waits for a publish in progress; a result finished afterwards is counted stopped, not published."""
+    entered, release = threading.Event(), threading.Event()
+    published = []
+
+    def slow_publish(frame_, rgb, result):
+        entered.set()
+        release.wait(5)
+        published.append(result)
+
+    pipeline = ForecastPipeline(decode, FakeForecaster(), slow_publish, clock=time.time)
+    pipeline.start()
+    pipeline.submit(frame(7))
+    assert entered.wait(5)
+    stopper = threading.Thread(target=pipeline.stop, kwargs={"timeout": 5.0})
+    stopper.start()
+    time.sleep(0.05)
+    assert stopper.is_alive(), "stop() returned while a publish was in progress"
+    release.set()
+    stopper.join(5)
+    count = len(published)
+    assert count == 1 and pipeline.stats.published == 1
+    pipeline.stats.received += 1  # what submit() counts, for a frame the worker had taken before the stop
+    assert pipeline.process(frame(8)) is False and len(published) == count
+    assert pipeline.stats.not_forecast.counts() == {STOPPED: 1} and balanced(pipeline)

@@ -1,12 +1,15 @@
 """Tiny synthetic dataset and stage-1 run shared by the training tests (tiny-blocks geometry: 8x8 grid, T = 4)."""
 
+import csv
 from pathlib import Path
+from typing import Callable, Dict, List
 
 import pytest
 
-from traj_forecast_ros.data.synthetic import GeneratorConfig, write_dataset
+from traj_forecast_ros.data.scenes import GeneratorConfig
+from traj_forecast_ros.data.synthetic import write_dataset
 from traj_forecast_ros.train.common import TrainSettings
-from traj_forecast_ros.train.presets import tiny_blocks_config
+from traj_forecast_ros.model.presets import tiny_blocks_config
 
 
 def tiny_generator(rollouts: int = 2) -> GeneratorConfig:
@@ -20,6 +23,18 @@ def settings(**overrides) -> TrainSettings:
                   device="cpu", progress=False)
     values.update(overrides)
     return TrainSettings(**values)
+
+
+def metrics_rows(path: Path) -> List[Dict[str, float]]:
+    """The rows of a run's ``metrics.csv`` as dicts of floats (empty cells left out)."""
+    with Path(path).open(newline="") as handle:
+        return [{key: float(value) for key, value in row.items() if value != ""} for row in csv.DictReader(handle)]
+
+
+@pytest.fixture
+def read_metrics() -> Callable[[Path], List[Dict[str, float]]]:
+    """``read_metrics(path)``: the rows of a ``metrics.csv`` written by :class:`MetricsLogger`."""
+    return metrics_rows
 
 
 @pytest.fixture

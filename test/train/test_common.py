@@ -19,17 +19,14 @@ def test_ema_follows_the_documented_decay_schedule():
     assert ema.shadow["weight"].item() == pytest.approx(1 - 2 / 11)
     ema.update(module)  # decay_2 = min(0.9, 3 / 12)
     assert ema.shadow["weight"].item() == pytest.approx(1 - (2 / 11) * (3 / 12))
-    target = nn.Linear(1, 1, bias=False)
-    ema.copy_to(target)
-    assert target.weight.item() == pytest.approx(ema.shadow["weight"].item())
-    restored = common.EMA(target, decay=0.5)
+    restored = common.EMA(nn.Linear(1, 1, bias=False), decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.decay == 0.9 and restored.num_updates == 2
 
 
 def test_ema_copies_fixed_tables_and_buffers_exactly():
     """Frozen parameters (the denoiser's sin-cos tables) and buffers are copied, not averaged: no rounding drift."""
-    from traj_forecast_ros.model.config import tiny_config
+    from traj_forecast_ros.model.presets import tiny_config
     from traj_forecast_ros.model.denoiser import LatteDenoiser
 
     torch.manual_seed(0)
@@ -62,7 +59,7 @@ def test_non_finite_gradients_are_zeroed_then_clipped():
 
 def test_linear_warmup_then_constant_learning_rate():
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = common.warmup_constant_schedule(optimizer, warmup_steps=3)
+    scheduler = common.warmup_schedule(optimizer, warmup_steps=3)
     rates = []
     for _ in range(6):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -106,12 +103,12 @@ def test_step_generator_depends_only_on_seed_step_rank():
     assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
 
 
-def test_metrics_csv_appends_across_loggers(tmp_path):
+def test_metrics_csv_appends_across_loggers(tmp_path, read_metrics):
     logger = common.MetricsLogger(tmp_path, tensorboard=False)
     logger.log(1, {"loss": 2.0, "lr": 0.1})
     logger = common.MetricsLogger(tmp_path, tensorboard=False)  # a resumed run keeps the header
     logger.log(2, {"loss": 1.5, "lr": 0.1})
-    rows = common.read_metrics(tmp_path / common.METRICS_FILE)
+    rows = read_metrics(tmp_path / common.METRICS_FILE)
     assert rows == [{"step": 1.0, "loss": 2.0, "lr": 0.1}, {"step": 2.0, "loss": 1.5, "lr": 0.1}]
 
 
@@ -137,11 +134,15 @@ def test_single_process_distributed_setup_reads_torchrun_environment(monkeypatch
 def test_bare_cuda_device_gets_the_local_rank(monkeypatch):
     """Under torchrun a bare ``cuda`` must become ``cuda:<LOCAL_RANK>`` (set_device / DDP need an index)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert common.resolve_train_device("cuda", local_rank=3) == torch.device("cuda", 3)
     assert common.resolve_train_device("cuda:1", local_rank=3) == torch.device("cuda", 1)
     assert common.resolve_train_device("auto", local_rank=2) == torch.device("cuda", 2)
     assert common.resolve_train_device("cpu", local_rank=2) == torch.device("cpu")
-    assert common.index_cuda_device(torch.device("cuda"), 0) == torch.device("cuda", 0)
+    with pytest.raises(DeviceError, match="only 4 CUDA device"):  # the shared resolver checks the index
+        common.resolve_train_device("cuda", local_rank=5)
+    with pytest.raises(DeviceError, match="unknown device"):
+        common.resolve_train_device("gpu0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="CUDA"):
         common.resolve_train_device("cuda", local_rank=0)
@@ -151,3 +152,50 @@ def test_distributed_context_is_a_single_process_on_cpu(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with common.distributed("cpu") as info:
         assert info.world_size == 1 and info.is_main and info.device == torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ S1: checkpoints
+class _Payload:
+    """Pickles to a call of ``os.system``-like code: what a crafted ``last.pt`` would run on load."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    crafted = tmp_path / "last.pt"
+    torch.save({"stage": "flow", "step": 1, "model": {}, "evil": _Payload(marker)}, crafted)
+    with pytest.raises(common.CheckpointError, match="refused"):
+        common.load_checkpoint(crafted)
+    assert not marker.exists(), "torch.load ran the pickled payload"
+
+
+def test_a_trainer_checkpoint_round_trips_with_weights_only(tmp_path):
+    model = nn.Linear(3, 2)
+
+    class Objective(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, generator=None):
+            return {"loss": self.model(x).pow(2).mean()}
+
+    settings = common.TrainSettings(steps=2, batch_size=2, device="cpu", progress=False, ema_decay=0.9,
+                                    log_every=1, checkpoint_every=1)
+    trainer = common.Trainer(Objective(), model, lambda idx: {"x": torch.randn(len(idx), 3)}, 8, settings,
+                             tmp_path, common.DistInfo(), "test")
+    np.random.seed(123)
+    path = trainer.save(tmp_path / "last.pt")
+    expected = np.random.rand(3)
+    state = common.load_checkpoint(path)  # weights_only=True: must accept what Trainer writes
+    assert state["stage"] == "test" and set(state["model"]) == {"weight", "bias"}
+    np.random.seed(0)
+    common.set_rng_state(state["rng"])
+    np.testing.assert_array_equal(np.random.rand(3), expected)

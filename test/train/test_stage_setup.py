@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from traj_forecast_ros.data.dataset import TrajectoryDataset
-from traj_forecast_ros.data.synthetic import GeneratorConfig, write_dataset
+from traj_forecast_ros.data.scenes import GeneratorConfig
+from traj_forecast_ros.data.synthetic import write_dataset
 from traj_forecast_ros.model.config import ModelConfig, TextEncoderConfig
 from traj_forecast_ros.train import common, flow
 from traj_forecast_ros.train.data import (TrackExamples, build_image_encoder, build_text_encoder, image_features,
                                           prepare_examples)
-from traj_forecast_ros.train.presets import tiny_blocks_config
+from traj_forecast_ros.model.presets import tiny_blocks_config
 
 TEXT = TextEncoderConfig(model_id=None, config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=1, num_attention_heads=2, projection_dim=32,

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from traj_forecast_ros.data.dataset import TrajectoryDataset
-from traj_forecast_ros.data.synthetic import GeneratorConfig, write_dataset
+from traj_forecast_ros.data.scenes import GeneratorConfig
+from traj_forecast_ros.data.synthetic import write_dataset
 from traj_forecast_ros.errors import DatasetError
 from traj_forecast_ros.model.config import ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
@@ -17,7 +18,7 @@ from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.train import common
 from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
 from traj_forecast_ros.train.flow import FlowObjective, cached_latents, train_flow
-from traj_forecast_ros.train.presets import tiny_blocks_config
+from traj_forecast_ros.model.presets import tiny_blocks_config
 from traj_forecast_ros.train.regressor import RegressorObjective, TrackRegressor, load_regressor, train_regressor
 from traj_forecast_ros.train.vae import VAEObjective, load_vae_dir, train_vae
 
@@ -104,24 +105,24 @@ def test_regressor_steps_lower_the_loss_and_round_trip(tiny_data, tiny_vae_run, 
         torch.testing.assert_close(value, trained[key])
 
 
-def test_vae_run_directory_has_latent_scale_and_encoder(tiny_vae_run):
+def test_vae_run_directory_has_latent_scale_and_encoder(tiny_vae_run, read_metrics):
     config = ModelConfig.load_yaml(tiny_vae_run / "config.yaml")
     assert config.latent_scale is not None and len(config.latent_scale) == config.vae.latent_channels
     assert all(s > 0 for s in config.latent_scale)
     assert (tiny_vae_run / "image_encoder" / "config.json").is_file()
     assert (tiny_vae_run / "checkpoints" / "last.pt").is_file()
-    rows = common.read_metrics(tiny_vae_run / "metrics.csv")
+    rows = read_metrics(tiny_vae_run / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 9)) and "recon_rmse_px" in rows[0]
 
 
-def test_resume_gives_the_same_next_steps(tiny_data, tiny_vae_run, tmp_path, make_settings):
+def test_resume_gives_the_same_next_steps(tiny_data, tiny_vae_run, tmp_path, make_settings, read_metrics):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run = dict(vae_dir=tiny_vae_run)
     train_flow(tiny_data, straight, make_settings(steps=4, ema_decay=0.9), **run)
     train_flow(tiny_data, split, make_settings(steps=2, ema_decay=0.9), **run)
     train_flow(tiny_data, split, make_settings(steps=4, ema_decay=0.9), resume=True, **run)
-    rows_straight = common.read_metrics(straight / "metrics.csv")
-    rows_split = common.read_metrics(split / "metrics.csv")
+    rows_straight = read_metrics(straight / "metrics.csv")
+    rows_split = read_metrics(split / "metrics.csv")
     assert [r["step"] for r in rows_split] == [1, 2, 3, 4]
     for a, b in zip(rows_straight, rows_split):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]

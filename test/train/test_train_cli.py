@@ -45,7 +45,7 @@ def test_generate_train_and_evaluate_end_to_end(tmp_path, capsys):
 
 def test_import_tracker_output(tmp_path, capsys):
     from traj_forecast_ros.data.dataset import TrajectoryDataset
-    from traj_forecast_ros.train.presets import tiny_blocks_config
+    from traj_forecast_ros.model.presets import tiny_blocks_config
 
     config = tiny_blocks_config()
     rows, cols = config.query_grid
@@ -69,7 +69,7 @@ def test_train_vae_config_choice_with_init(tmp_path, monkeypatch):
     """An explicit --config wins over --init DIR's config.yaml (even when it names the default preset); without
     --config the init directory's config is used, and without either the demo-blocks preset."""
     import traj_forecast_ros.train.vae as vae_module
-    from traj_forecast_ros.train.presets import tiny_blocks_config
+    from traj_forecast_ros.model.presets import tiny_blocks_config
 
     init = tmp_path / "init"
     init.mkdir()

@@ -69,7 +69,7 @@ def write_untrained_model(directory: str, seed: int = 0) -> str:
     """Write a tiny model directory with random weights (no training): only shows the pipeline working."""
     from traj_forecast_ros.forecaster import Forecaster
     from traj_forecast_ros.model.checkpoint import save_model_dir
-    from traj_forecast_ros.model.config import tiny_config
+    from traj_forecast_ros.model.presets import tiny_config
 
     config = tiny_config(text=False)
     config.name = "untrained-tiny"

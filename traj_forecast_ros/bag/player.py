@@ -6,8 +6,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import rclpy
 from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
@@ -140,6 +141,30 @@ class BagPlayer:
             stats.published[message.topic] += 1
             if on_publish is not None:
                 on_publish(message, time.time_ns())
+
+
+def play_bag(bag: PathLike, topics: Optional[Sequence[str]] = None, rate: float = 1.0, loop: bool = False,
+             qos: str = "reliable", clock_hz: float = 0.0, wait_for_subscribers_s: float = 0.0,
+             stop: Optional[threading.Event] = None,
+             notify: Callable[[str], None] = print) -> Tuple[PlayStats, List[str], bool]:
+    """Play a bag from a node of its own (``traj-forecast bag play``): rclpy is initialised and shut down here.
+
+    With ``wait_for_subscribers_s`` > 0, first waits up to that long for a subscriber on every played topic.
+    ``notify`` gets one line when playback starts. Returns the playback statistics, the topics that still had no
+    subscriber when playback started, and whether every reliable subscriber acknowledged every message.
+    """
+    rclpy.init()
+    node = rclpy.create_node("bag_player")
+    try:
+        player = BagPlayer(node, bag, topics=topics, rate=rate, loop=loop, qos=qos_from_name(qos), clock_hz=clock_hz)
+        waiting = (player.wait_for_subscribers(player.topics, wait_for_subscribers_s)
+                   if wait_for_subscribers_s > 0 else [])
+        notify(f"playing {bag} ({', '.join(player.topics)}) at {rate}x{' in a loop' if loop else ''}")
+        stats = player.play(stop)
+        return stats, waiting, player.flush()
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
 
 
 class SimClock:

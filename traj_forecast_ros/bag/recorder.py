@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import rclpy
@@ -132,6 +133,28 @@ class BagRecorder(Node):
         """Close the bag, then destroy the node."""
         self.close()
         super().destroy_node()
+
+
+def record_bag(output: str, topics: Optional[Sequence[str]] = None, storage: str = "mcap", overwrite: bool = False,
+               duration_s: float = 0.0) -> Dict[str, int]:
+    """Record live topics into a new bag until ``duration_s`` passes (0: until Ctrl-C) (``traj-forecast bag
+    record``): rclpy is initialised and shut down here. Returns the messages recorded per topic."""
+    rclpy.init()
+    try:
+        recorder = BagRecorder(output=output, topics=topics, storage=storage, overwrite=overwrite)
+    except BaseException:
+        rclpy.try_shutdown()
+        raise
+    deadline = time.monotonic() + duration_s if duration_s > 0 else None
+    try:
+        while rclpy.ok() and (deadline is None or time.monotonic() < deadline):
+            rclpy.spin_once(recorder, timeout_sec=0.1)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        recorder.destroy_node()
+        rclpy.try_shutdown()
+    return dict(recorder.counts)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -23,7 +23,8 @@ from typing import Any, Dict, Optional, Sequence
 
 from traj_forecast_ros.bag.io import PathLike, bag_topics, read_messages
 from traj_forecast_ros.bag.offline import camera_info_topic, camera_namespace, output_topics
-from traj_forecast_ros.bag.report import header_stamp_ns, percentiles_ms, stamp_ns, write_overlay_gif
+from traj_forecast_ros.bag.report import (choose_truth_topic, format_accuracy, header_stamp_ns, percentiles_ms,
+                                          score_forecasts, stamp_ns, truth_topics, write_overlay_gif)
 from traj_forecast_ros.errors import BagError
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the traj_forecast_ros package
@@ -163,6 +164,7 @@ def replay_through_node(
     settle_s: float = 5.0,
     print_summary: bool = True,
     untrained_fallback_dir: Optional[PathLike] = None,
+    truth_topic: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Play ``in_bag``'s camera to a forecast node process, record its outputs, and summarise into ``out_dir``.
 
@@ -170,6 +172,9 @@ def replay_through_node(
     frames the node received but neither answered nor counted as dropped: 0 when everything works.
     ``model`` None picks the best model available offline; if there is none, an untrained tiny model is written
     into ``untrained_fallback_dir`` when given (and the summary says so), else ``WeightsNotFoundError``.
+    When the bag holds recorded true futures (a ``TrajectoryForecast`` topic: ``truth_topic``, or found with
+    :func:`~traj_forecast_ros.bag.report.choose_truth_topic`), ``summary["accuracy"]`` scores every forecast
+    against them (:func:`~traj_forecast_ros.bag.report.score_forecasts`: best-of-K MSE, ADE, FDE, per frame).
 
     Raises:
         BagError: bad arguments, or the node never came up (its log tail is in the message).
@@ -189,6 +194,11 @@ def replay_through_node(
     info_topic = camera_info_topic(image_topic, topics_in_bag)
     has_info = info_topic is not None
     outputs = output_topics(image_topic)
+    if truth_topic is None:
+        truth_topic = choose_truth_topic(topics_in_bag, image_topic, exclude=list(outputs.values()))
+    elif truth_topic not in truth_topics(topics_in_bag):
+        raise BagError(f"bag {in_bag} has no TrajectoryForecast topic {truth_topic}: "
+                       f"{truth_topics(topics_in_bag) or 'none'}")
     model_note = None
     out_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
@@ -266,6 +276,10 @@ def replay_through_node(
     if summary["forecasts_out"]:
         gif = write_overlay_gif(forecast_bag, outputs["forecast"], in_bag, image_topic, out_dir / "overlay.gif")
         summary["outputs"]["overlay_gif"] = str(gif)
+    if truth_topic is not None:
+        summary["accuracy"] = (score_forecasts(forecast_bag, outputs["forecast"], in_bag, truth_topic)
+                               if summary["forecasts_out"] else {"truth_topic": truth_topic, "scored": 0,
+                                                                 "unscored": {}, "per_forecast": []})
     summary["outputs"]["node_log"] = str(out_dir / "node.log")
     summary["wall_s"] = round(time.monotonic() - started, 2)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -411,6 +425,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
                               "forecast received)" if latency["count"] else "n/a (no forecasts)"),
         f"  stamps:        {'every output carries a source frame stamp' if summary['stamps']['ok'] else summary['stamps']}",
     ]
+    if "accuracy" in summary:
+        lines.append(f"  accuracy:      {format_accuracy(summary['accuracy'])}")
     for name, path in summary["outputs"].items():
         lines.append(f"  {name + ':':<14} {path}")
     return "\n".join(lines)

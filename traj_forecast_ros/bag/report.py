@@ -141,3 +141,81 @@ def write_overlay_gif(
     durations = [hold_ms if (i + 1) % per_forecast == 0 else step_ms for i in range(len(frames))]
     ramp = time_colors(int(forecasts[0][1].num_frames))
     return save_gif(frames, out, durations, exact_colors=ramp)
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+QUERY_MATCH_TOLERANCE_PX = 0.5  # forecast and truth must start from the same query points (source pixels)
+
+
+def truth_topics(topics: Dict[str, object], exclude: Sequence[str] = ()) -> List[str]:
+    """``TrajectoryForecast`` topics of a bag's topic table (:func:`~traj_forecast_ros.bag.io.bag_topics`), sorted:
+    in an input bag these hold recorded ground-truth futures (not the node's own outputs, listed in ``exclude``)."""
+    from traj_forecast_ros.bag.typestore import FORECAST_TYPE
+
+    return sorted(t for t, info in topics.items()
+                  if getattr(info, "msgtype", None) == FORECAST_TYPE and t not in set(exclude))
+
+
+def choose_truth_topic(topics: Dict[str, object], image_topic: str, exclude: Sequence[str] = ()) -> Optional[str]:
+    """The ground-truth topic for ``image_topic``: the bag's only ``TrajectoryForecast`` topic, or the one in the
+    camera's namespace when there are several (None when the bag has none or the choice is ambiguous)."""
+    from traj_forecast_ros.bag.offline import camera_namespace
+
+    candidates = truth_topics(topics, exclude)
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    namespace = camera_namespace(image_topic) + "/"
+    mine = [t for t in candidates if t.startswith(namespace)]
+    return mine[0] if len(mine) == 1 else None
+
+
+def score_forecasts(forecast_bag: PathLike, forecast_topic: str, truth_bag: PathLike, truth_topic: str
+                    ) -> Dict[str, object]:
+    """Best-of-K accuracy of every recorded forecast against the ground truth with the same stamp.
+
+    The truth topic carries ``TrajectoryForecast`` messages whose ``tracks`` are the true futures (``num_samples``
+    = R recorded futures, usually 1) of the frame with that stamp, in source-image pixels. A forecast is scored
+    when a truth with its stamp exists and both start from the same query points and have the same number of
+    frames; otherwise it is counted under ``unscored`` by reason. Returns the means over scored forecasts
+    (:func:`traj_forecast_ros.metrics.forecast_errors`: ``best_of_k_mse``, ``best_of_k_ade_px``,
+    ``best_of_k_fde_px``, ``best_of_k_error_px_by_frame``) and ``per_forecast`` (stamp and errors of each).
+    """
+    from traj_forecast_ros.metrics import forecast_errors
+
+    truths = {stamp: forecast_arrays(message) for stamp, message in read_forecasts(truth_bag, truth_topic)}
+    per_forecast: List[Dict[str, object]] = []
+    unscored: Dict[str, int] = {}
+    for stamp, message in read_forecasts(forecast_bag, forecast_topic):
+        truth = truths.get(stamp)
+        arrays = forecast_arrays(message)
+        reason = None
+        if truth is None:
+            reason = "no_truth_for_stamp"
+        elif arrays["tracks"].shape[1:] != truth["tracks"].shape[1:]:
+            reason = "different_frames_or_grid"
+        elif np.abs(arrays["query_points"] - truth["query_points"]).max() > QUERY_MATCH_TOLERANCE_PX:
+            reason = "different_query_points"
+        if reason is not None:
+            unscored[reason] = unscored.get(reason, 0) + 1
+            continue
+        per_forecast.append({"stamp_ns": stamp, **forecast_errors(arrays["tracks"], truth["tracks"])})
+    result: Dict[str, object] = {"truth_topic": truth_topic, "truths": len(truths), "scored": len(per_forecast),
+                                 "unscored": unscored}
+    if per_forecast:
+        for key in ("best_of_k_mse", "mean_of_k_mse", "best_of_k_ade_px", "best_of_k_fde_px"):
+            result[key] = float(np.mean([entry[key] for entry in per_forecast]))
+        result["best_of_k_error_px_by_frame"] = [
+            float(v) for v in np.mean([entry["best_of_k_error_px_by_frame"] for entry in per_forecast], axis=0)]
+    result["per_forecast"] = per_forecast
+    return result
+
+
+def format_accuracy(accuracy: Dict[str, object]) -> str:
+    """One line for the printed summary."""
+    unscored = ", ".join(f"{reason} {count}" for reason, count in sorted(accuracy.get("unscored", {}).items()))
+    if not accuracy.get("scored"):
+        return f"no forecast scored against {accuracy['truth_topic']}" + (f" ({unscored})" if unscored else "")
+    text = (f"best-of-K MSE {accuracy['best_of_k_mse']:.2f} px^2, ADE {accuracy['best_of_k_ade_px']:.2f} px, "
+            f"FDE {accuracy['best_of_k_fde_px']:.2f} px over {accuracy['scored']} forecasts "
+            f"(truth: {accuracy['truth_topic']})")
+    return text + (f"; unscored: {unscored}" if unscored else "")

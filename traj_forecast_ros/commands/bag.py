@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bag`` command and its subcommands."""
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     play.add_argument("bag", type=Path)
     play.add_argument("--rate", type=float, default=1.0, help="speed factor (2 = twice as fast; default 1)")
     play.add_argument("--loop", action="store_true", help="start over at the end until Ctrl-C")
-    play.add_argument("--topic", "--topics", dest="topics", nargs="+", metavar="TOPIC",
+    play.add_argument("--topic", dest="topics", nargs="+", metavar="TOPIC",
                       help="only these topics (default: all)")
     play.add_argument("--qos", choices=("reliable", "best_effort"), default="reliable",
                       help="publisher reliability (reliable reaches every subscriber; default)")
@@ -39,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     record = bag_commands.add_parser("record", help="record live topics into a new bag (Ctrl-C to stop)")
     record.add_argument("out_bag", type=Path)
-    record.add_argument("--topic", "--topics", dest="topics", nargs="+", metavar="TOPIC",
+    record.add_argument("--topic", dest="topics", nargs="+", metavar="TOPIC",
                         help="topics to record (default: the forecast node's outputs and /diagnostics)")
     record.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     record.add_argument("--duration", type=float, default=0.0, metavar="SECONDS", help="stop after SECONDS")
@@ -54,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("in_bag", type=Path)
     run.add_argument("out_bag", type=Path)
     _add_model_arguments(run)
-    run.add_argument("--topic", "--topics", dest="topics", nargs="+", metavar="TOPIC",
+    run.add_argument("--topic", dest="topics", nargs="+", metavar="TOPIC",
                      help="image topics to forecast (default: every sensor_msgs/Image and CompressedImage topic)")
     run.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     run.add_argument("--copy-input", action="store_true", help="also copy the input bag's messages")
@@ -97,10 +99,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="registry name or model directory (default: the best model available offline)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help="sampled futures per image (default: the node's num_samples, 8)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="Euler time points (default: the node's steps, 10)")
+    parser.add_argument("--samples", type=int, default=None, metavar="K",
+                        help=f"sampled futures per image (default: the node's num_samples, {DEFAULT_NUM_SAMPLES})")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help=f"Euler time points, N-1 denoiser evaluations (default: the node's steps, "
+                             f"{DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image (default 0)")
     parser.add_argument("--instruction", default=None, help="task instruction for language-conditioned models")
     parser.add_argument("--threads", type=int, default=None,
@@ -133,65 +136,34 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _play(args: argparse.Namespace) -> int:
-    import threading
-
-    import rclpy
-
-    from traj_forecast_ros.bag.player import BagPlayer
-    from traj_forecast_ros.ros.qos import qos_from_name
+    from traj_forecast_ros.bag.player import play_bag
     from traj_forecast_ros.errors import BagError
 
-    rclpy.init()
-    node = rclpy.create_node("bag_player")
-    stop = threading.Event()
     try:
-        player = BagPlayer(node, args.bag, topics=args.topics, rate=args.rate, loop=args.loop,
-                           qos=qos_from_name(args.qos), clock_hz=args.clock)
-        if args.wait_for_subscribers > 0:
-            waiting = player.wait_for_subscribers(player.topics, args.wait_for_subscribers)
-            if waiting:
-                print(f"no subscriber yet on {waiting}; playing anyway", file=sys.stderr)
-        print(f"playing {args.bag} ({', '.join(player.topics)}) at {args.rate}x{' in a loop' if args.loop else ''}")
-        stats = player.play(stop)
-        if not player.flush():
-            print("some subscribers did not acknowledge every message within 5 s", file=sys.stderr)
+        stats, waiting, acked = play_bag(args.bag, topics=args.topics, rate=args.rate, loop=args.loop, qos=args.qos,
+                                         clock_hz=args.clock, wait_for_subscribers_s=args.wait_for_subscribers)
     except BagError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
-        stop.set()
         return 130
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    if waiting:
+        print(f"no subscriber on {waiting} when playback started", file=sys.stderr)
+    if not acked:
+        print("some subscribers did not acknowledge every message within 5 s", file=sys.stderr)
     print(f"published {stats.total} messages in {stats.wall_s:.2f} s: {stats.published}")
     return 0
 
 
 def _record(args: argparse.Namespace) -> int:
-    import time
-
-    import rclpy
-
+    from traj_forecast_ros.bag.recorder import record_bag
     from traj_forecast_ros.errors import BagError
-    from traj_forecast_ros.bag.recorder import BagRecorder, ExternalShutdownException
 
-    rclpy.init()
     try:
-        recorder = BagRecorder(output=str(args.out_bag), topics=args.topics, storage=args.storage,
-                               overwrite=args.overwrite)
+        counts = record_bag(str(args.out_bag), topics=args.topics, storage=args.storage, overwrite=args.overwrite,
+                            duration_s=args.duration)
     except BagError as exc:
-        rclpy.try_shutdown()
         return _fail(str(exc))
-    deadline = time.monotonic() + args.duration if args.duration > 0 else None
-    try:
-        while rclpy.ok() and (deadline is None or time.monotonic() < deadline):
-            rclpy.spin_once(recorder, timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        recorder.destroy_node()
-        rclpy.try_shutdown()
-    print(f"recorded {sum(recorder.counts.values())} messages into {args.out_bag}: {recorder.counts}")
+    print(f"recorded {sum(counts.values())} messages into {args.out_bag}: {counts}")
     return 0
 
 
@@ -209,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = run_bag(
             args.in_bag, args.out_bag, model=args.model, topics=args.topics, device=args.device, dtype=args.dtype,
-            num_samples=args.num_samples, steps=args.steps, seed=args.seed, instruction=args.instruction,
+            num_samples=args.samples, steps=args.steps, seed=args.seed, instruction=args.instruction,
             storage=args.storage, copy_input=args.copy_input, overwrite=args.overwrite,
             progress=not args.no_progress,
         )

@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` command."""
@@ -21,11 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None, help="model directory or registry name (omit: baselines only)")
     parser.add_argument("--data", type=Path, required=True, help="dataset directory (held-out scenes)")
     parser.add_argument("--regressor", type=Path, default=None, help="regressor run directory (optional)")
-    parser.add_argument("--samples", type=int, default=8, help="K samples per image (default 8)")
-    parser.add_argument("--steps", type=int, default=10, help="Euler time points (default 10 = 9 evaluations)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="K",
+                        help=f"sampled futures per image (default {DEFAULT_NUM_SAMPLES})")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                        help=f"Euler time points, N-1 denoiser evaluations (default {DEFAULT_STEPS})")
     parser.add_argument("--max-scenes", type=int, default=None, help="only the first N scenes")
     parser.add_argument("--seed", type=int, default=0, help="scene i is sampled with seed + i")
-    parser.add_argument("--sample-batch", type=int, default=None,
+    parser.add_argument("--sample-batch-size", type=int, default=None,
                         help="samples per forward pass (default: all K at once)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -44,8 +48,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,
-                      max_scenes=args.max_scenes, seed=args.seed, steps=args.steps, sample_batch=args.sample_batch,
-                      device=args.device, progress=True)
+                      max_scenes=args.max_scenes, seed=args.seed, steps=args.steps,
+                      sample_batch_size=args.sample_batch_size, device=args.device, progress=True)
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
     if report["per_kind"]:

@@ -81,6 +81,22 @@ def _parameter_counts(config) -> Dict[str, int]:
     return counts
 
 
+def _cpu_plans(config, model_name: str) -> Dict[str, str]:
+    """The CPU sampling plan per dtype for the default K and the node's default thread count (the cores
+    available): a cached probe decision where one exists, else the size rule. Nothing is timed here."""
+    import torch
+
+    from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
+    from traj_forecast_ros.model.checkpoint import build_modules
+    from traj_forecast_ros.sampling_plan import known_cpu_plan, resolve_threads
+
+    with torch.device("meta"):
+        denoiser, _ = build_modules(config)
+    threads = resolve_threads(0)
+    return {name: known_cpu_plan(denoiser, dtype, threads, DEFAULT_NUM_SAMPLES, model_name=model_name).summary()
+            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+
+
 def _encoder_status(model_dir: Optional[Path], sub_dir: str, model_id: Optional[str], has_config: bool) -> str:
     from traj_forecast_ros.model.encoders import resolve_source
 
@@ -147,6 +163,7 @@ def describe_model(name_or_dir: str, cache_dir: Optional[Path] = None) -> Dict[s
     if config is not None:
         description["config"] = _config_summary(config)
         description["parameters"] = _parameter_counts(config)
+        description["cpu_sampling_plan"] = _cpu_plans(config, config.name if candidate.is_dir() else name_or_dir)
         description["image_encoder"] = _encoder_status(model_dir if present else None, IMAGE_ENCODER_DIR,
                                                        config.image_encoder.model_id,
                                                        bool(config.image_encoder.config))

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` command."""
@@ -18,14 +20,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=None,
                         help="registry name or model directory (default: the registry default, libero-atm)")
     parser.add_argument("--instruction", default=None, help="task instruction for language-conditioned models")
-    parser.add_argument("--samples", type=int, default=8, metavar="K", help="sampled futures (default 8)")
-    parser.add_argument("--steps", type=int, default=10, metavar="N",
-                        help="Euler time points, N-1 denoiser evaluations (default 10, as the paper)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="K",
+                        help=f"sampled futures per image (default {DEFAULT_NUM_SAMPLES})")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                        help=f"Euler time points, N-1 denoiser evaluations (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, saved in the output)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto",
                         help="float32, bfloat16, float16 (CUDA only) or auto "
-                             "(default: float16 on CUDA, float32 on CPU)")
+                             "(default: bfloat16 on GPUs with native bfloat16, else float16; float32 on CPU)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache root (default: $TRAJ_FORECAST_HOME)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz file")
     parser.add_argument("--viz", type=Path, default=None,
@@ -66,18 +69,6 @@ def save_forecast_npz(forecast, path: Path) -> Path:
         np.savez(stream, tracks=forecast.tracks, query_points=forecast.query_points,
                  image_size=np.asarray(forecast.image_size, dtype=np.int64), metadata=np.asarray(json.dumps(metadata)))
     return path
-
-
-def load_forecast_npz(path: Path):
-    """Read a file written by :func:`save_forecast_npz` back into a :class:`Forecast`."""
-    import numpy as np
-
-    from traj_forecast_ros.forecast import Forecast
-
-    with np.load(path, allow_pickle=False) as data:
-        metadata = json.loads(str(data["metadata"]))
-        return Forecast(tracks=data["tracks"], query_points=data["query_points"],
-                        image_size=tuple(int(v) for v in data["image_size"]), **metadata)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def _report(last: dict) -> int:
 
 
 def _train_vae(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.train.presets import resolve_config
+    from traj_forecast_ros.model.presets import resolve_config
     from traj_forecast_ros.train.vae import train_vae
 
     settings = _settings(args)
@@ -116,7 +116,7 @@ def _train_vae(args: argparse.Namespace) -> int:
 
 def _train_flow(args: argparse.Namespace) -> int:
     from traj_forecast_ros.train.flow import train_flow
-    from traj_forecast_ros.train.presets import resolve_config
+    from traj_forecast_ros.model.presets import resolve_config
 
     settings = _settings(args)
     official_config = resolve_config(args.config) if args.config else None
@@ -128,7 +128,7 @@ def _train_flow(args: argparse.Namespace) -> int:
 
 
 def _train_regressor(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.train.presets import resolve_config
+    from traj_forecast_ros.model.presets import resolve_config
     from traj_forecast_ros.train.regressor import train_regressor
 
     settings = _settings(args)

@@ -1,6 +1,8 @@
 """Training and evaluation data: physics-based synthetic scenes and the sharded on-disk dataset format.
 
-``synthetic``: pymunk scenes rendered to RGB with exact dense ground-truth tracks (:func:`synthetic.write_dataset`).
+``scenes``: the generator's configuration, scene kinds, visible layout and hidden state, drawn at random.
+``render``: a scene to an RGB image (texture, shading, motion blur, anti-aliasing).
+``synthetic``: pymunk simulation and exact dense ground-truth tracks; :func:`synthetic.write_dataset`.
 ``dataset``: the on-disk format (:class:`dataset.DatasetWriter`, :class:`dataset.TrajectoryDataset`), also for user
 data from any point tracker (:func:`dataset.import_arrays`).
 """

@@ -9,6 +9,10 @@ Layout of a dataset directory::
       shard-00000.object_ids.npy     [N, Hq, Wq] int16    optional; 0 = static background, k > 0 = object k
       shard-00000.kinds.npy          [N] int16            optional; index into index.json "kinds"
       shard-00000.frames.npy         [N, T, H, W, 3] uint8 optional; every frame of rollout 0 (visualisation)
+      shard-00000.visibility.npy     [N, R, T, Hq, Wq] uint8 optional (version 2); 1 = the point is seen in that frame
+      shard-00000.views.npy          [N] int16            optional (version 2); index into index.json "views"
+      shard-00000.instructions.npy   [N] int16            optional (version 2); index into index.json "instructions"
+      shard-00000.scene_ids.npy      [N] int32            optional (version 2); samples with one id share frame 0
       shard-00001.*.npy ...
 
 Every array is a plain ``.npy`` file, so a reader memory-maps one shard at a time (``np.load(mmap_mode="r")``)
@@ -19,7 +23,11 @@ and never holds the whole dataset in memory. ``index.json``::
      "num_frames": T, "num_rollouts": R, "frame_interval_s": dt | null,
      "fields": ["images", "tracks", ...], "kinds": ["fall", ...] | null,
      "num_samples": N_total, "shards": [{"name": "shard-00000", "num_samples": n}, ...],
-     "source": {...free-form provenance: generator settings, tracker name...}}
+     "source": {...free-form provenance: generator settings, tracker name...},
+     "views": ["agentview", ...] | absent, "instructions": ["put the can in the bin", ...] | absent}
+
+A dataset that stores any of the version-2 fields is written as version 2 (so an older reader refuses it clearly);
+every other dataset stays version 1, and this reader reads both.
 
 Tracks are absolute positions (not displacements) in the pixels of the stored image; frame 0 is the query grid
 (``x = offset + stride * j``, ``y = offset + stride * i``). Points without a position (occluded and not tracked)
@@ -40,12 +48,14 @@ import numpy as np
 from traj_forecast_ros.errors import DatasetError
 
 FORMAT_NAME = "traj-forecast-dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this reader understands (version 1 = without the V2_FIELDS)
 INDEX_FILE = "index.json"
 REQUIRED_FIELDS = ("images", "tracks")
-OPTIONAL_FIELDS = ("object_ids", "kinds", "frames")
+OPTIONAL_FIELDS = ("object_ids", "kinds", "frames", "visibility", "views", "instructions", "scene_ids")
+V2_FIELDS = ("visibility", "views", "instructions", "scene_ids")
 FIELD_DTYPES = {"images": np.uint8, "tracks": np.float32, "object_ids": np.int16, "kinds": np.int16,
-                "frames": np.uint8}
+                "frames": np.uint8, "visibility": np.uint8, "views": np.int16, "instructions": np.int16,
+                "scene_ids": np.int32}
 
 
 @dataclass
@@ -61,6 +71,8 @@ class DatasetMeta:
     frame_interval_s: Optional[float] = None
     kinds: Optional[List[str]] = None
     source: Dict[str, Any] = field(default_factory=dict)
+    views: Optional[List[str]] = None  # camera names the "views" field indexes
+    instructions: Optional[List[str]] = None  # the closed instruction set the "instructions" field indexes
 
     def query_points(self) -> np.ndarray:
         """``[Hq, Wq, 2]`` float32 query grid (x, y) of this dataset."""
@@ -93,6 +105,10 @@ class Shard:
     object_ids: Optional[np.ndarray] = None  # [n, Hq, Wq] int16
     kinds: Optional[np.ndarray] = None  # [n] int16
     frames: Optional[np.ndarray] = None  # [n, T, H, W, 3] uint8
+    visibility: Optional[np.ndarray] = None  # [n, R, T, Hq, Wq] uint8
+    views: Optional[np.ndarray] = None  # [n] int16
+    instructions: Optional[np.ndarray] = None  # [n] int16
+    scene_ids: Optional[np.ndarray] = None  # [n] int32
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -107,6 +123,10 @@ class Sample:
     object_ids: Optional[np.ndarray]  # [Hq, Wq] int16
     kind: Optional[str]
     frames: Optional[np.ndarray] = None  # [T, H, W, 3] uint8
+    visibility: Optional[np.ndarray] = None  # [R, T, Hq, Wq] bool
+    view: Optional[str] = None
+    instruction: Optional[str] = None
+    scene_id: Optional[int] = None
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -141,8 +161,13 @@ class DatasetWriter:
             self.close()
 
     def add(self, image: np.ndarray, tracks: np.ndarray, object_ids: Optional[np.ndarray] = None,
-            kind: Optional[str] = None, frames: Optional[np.ndarray] = None) -> None:
-        """Add one sample; ``tracks`` is ``[T, Hq, Wq, 2]`` or ``[R, T, Hq, Wq, 2]`` pixels. Validates everything."""
+            kind: Optional[str] = None, frames: Optional[np.ndarray] = None, visibility: Optional[np.ndarray] = None,
+            view: Optional[str] = None, instruction: Optional[str] = None, scene_id: Optional[int] = None) -> None:
+        """Add one sample; ``tracks`` is ``[T, Hq, Wq, 2]`` or ``[R, T, Hq, Wq, 2]`` pixels. Validates everything.
+
+        Optional (version 2): ``visibility`` bool ``[T, Hq, Wq]`` / ``[R, T, Hq, Wq]``; ``view`` and ``instruction``
+        must be in ``meta.views`` / ``meta.instructions``; ``scene_id`` >= 0 groups samples that share frame 0.
+        """
         meta = self.meta
         image = np.asarray(image)
         tracks = np.asarray(tracks)
@@ -175,6 +200,24 @@ class DatasetWriter:
                 raise DatasetError(f"{where}: frames must be uint8 {(meta.num_frames, *meta.image_size, 3)}, "
                                    f"got {frames.dtype} {frames.shape}")
             values["frames"] = frames
+        if visibility is not None:
+            visibility = np.asarray(visibility)
+            if visibility.ndim == 3:
+                visibility = visibility[None]
+            if visibility.shape != expected[:-1] or visibility.dtype not in (np.bool_, np.uint8):
+                raise DatasetError(f"{where}: visibility must be bool [R, T, Hq, Wq] = {list(expected[:-1])}, got "
+                                   f"{visibility.dtype} {list(visibility.shape)}")
+            values["visibility"] = visibility.astype(np.uint8)
+        for name, value, choices in (("views", view, meta.views), ("instructions", instruction, meta.instructions)):
+            if value is None:
+                continue
+            if not choices or value not in choices:
+                raise DatasetError(f"{where}: {name[:-1]} '{value}' is not in the dataset {name} {choices}")
+            values[name] = np.int16(choices.index(value))
+        if scene_id is not None:
+            if int(scene_id) < 0 or int(scene_id) > np.iinfo(np.int32).max:
+                raise DatasetError(f"{where}: scene_id must be in [0, 2^31), got {scene_id}")
+            values["scene_ids"] = np.int32(scene_id)
         fields = tuple(name for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS) if name in values)
         if self._fields is None:
             self._fields = fields
@@ -200,27 +243,42 @@ class DatasetWriter:
         if self._closed:
             return self.root / INDEX_FILE
         self._flush()
-        meta = self.meta
-        index = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "image_size": list(meta.image_size),
-            "query_grid": list(meta.query_grid),
-            "query_stride": float(meta.query_stride),
-            "query_offset": float(meta.query_offset),
-            "num_frames": int(meta.num_frames),
-            "num_rollouts": int(meta.num_rollouts),
-            "frame_interval_s": meta.frame_interval_s,
-            "fields": list(self._fields or REQUIRED_FIELDS),
-            "kinds": meta.kinds,
-            "num_samples": self._count,
-            "shards": self._shards,
-            "source": meta.source,
-        }
-        path = self.root / INDEX_FILE
-        path.write_text(json.dumps(index, indent=1))
+        path = write_index(self.root, self.meta, self._fields or REQUIRED_FIELDS, self._shards)
         self._closed = True
         return path
+
+
+def write_index(root: Union[str, Path], meta: DatasetMeta, fields: Sequence[str],
+                shards: Sequence[Dict[str, Any]]) -> Path:
+    """Write ``index.json`` for shards already on disk (``[{"name": ..., "num_samples": n}, ...]``); the version is 2
+    when any of :data:`V2_FIELDS` is stored, else 1. Returns the index path."""
+    fields = list(fields)
+    unknown = sorted(set(fields) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
+    if unknown or not set(REQUIRED_FIELDS) <= set(fields):
+        raise DatasetError(f"fields {fields} must include {list(REQUIRED_FIELDS)} and only known optional fields")
+    index = {
+        "format": FORMAT_NAME,
+        "version": 2 if set(fields) & set(V2_FIELDS) else 1,
+        "image_size": list(meta.image_size),
+        "query_grid": list(meta.query_grid),
+        "query_stride": float(meta.query_stride),
+        "query_offset": float(meta.query_offset),
+        "num_frames": int(meta.num_frames),
+        "num_rollouts": int(meta.num_rollouts),
+        "frame_interval_s": meta.frame_interval_s,
+        "fields": fields,
+        "kinds": meta.kinds,
+        "num_samples": int(sum(int(shard["num_samples"]) for shard in shards)),
+        "shards": [dict(shard) for shard in shards],
+        "source": meta.source,
+    }
+    if meta.views is not None:
+        index["views"] = list(meta.views)
+    if meta.instructions is not None:
+        index["instructions"] = list(meta.instructions)
+    path = Path(root) / INDEX_FILE
+    path.write_text(json.dumps(index, indent=1))
+    return path
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -256,6 +314,8 @@ class TrajectoryDataset:
             frame_interval_s=index.get("frame_interval_s"),
             kinds=index.get("kinds"),
             source=index.get("source", {}),
+            views=index.get("views"),
+            instructions=index.get("instructions"),
         )
         self.fields: Tuple[str, ...] = tuple(index["fields"])
         self.shard_names = [s["name"] for s in index["shards"]]
@@ -317,6 +377,11 @@ class TrajectoryDataset:
             object_ids=None if shard.object_ids is None else np.asarray(shard.object_ids[row]),
             kind=None if shard.kinds is None or not kinds else kinds[int(shard.kinds[row])],
             frames=None if shard.frames is None else np.asarray(shard.frames[row]),
+            visibility=None if shard.visibility is None else np.asarray(shard.visibility[row]).astype(bool),
+            view=None if shard.views is None or not self.meta.views else self.meta.views[int(shard.views[row])],
+            instruction=(None if shard.instructions is None or not self.meta.instructions
+                         else self.meta.instructions[int(shard.instructions[row])]),
+            scene_id=None if shard.scene_ids is None else int(shard.scene_ids[row]),
         )
 
     def load(self, field_name: str, indices: Optional[Sequence[int]] = None) -> np.ndarray:

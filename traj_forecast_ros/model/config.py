@@ -2,7 +2,8 @@
 
 A :class:`ModelConfig` holds the geometry of the task (image size, query grid, trajectory length), the latent
 scale, and one sub-config per module (trajectory VAE, latent denoiser, DINOv2 image encoder, CLIP text encoder).
-Presets for the paper's LIBERO models and tiny test models live at the bottom of this file.
+Named configurations (the paper's LIBERO models, the demo model, tiny test models) are in
+:mod:`traj_forecast_ros.model.presets`.
 """
 
 from __future__ import annotations
@@ -174,61 +175,3 @@ class ModelConfig:
         if self.latent_scale is None:
             return None
         return [1.0 / s for s in self.latent_scale]
-
-
-# -------------------------------------------------------------------- presets
-LIBERO_ATM_LATENT_SCALE = [1.213627, 2.053186, 1.9926697, 1.3819386, 2.1739495, 1.0036867, 0.41319662, 0.67743313]
-LIBERO_TRAMOE_LATENT_SCALE = [1.2902071, 1.9394214, 1.9453552, 1.562121, 2.2335691, 1.0033306, 0.8569633, 0.73737895]
-
-# Denoiser sizes of the official get_model(): name -> (depth, hidden, heads)
-DENOISER_SIZES: Dict[str, Tuple[int, int, int]] = {"XS": (8, 192, 3), "S": (12, 384, 6), "B": (12, 384, 6), "L": (16, 768, 12)}
-
-
-def libero_config(split: str = "atm") -> ModelConfig:
-    """The official LIBERO model (ATM or Tra-MoE split): 128 px, 64x64 grid, T=16, Latte-B latent denoiser."""
-    scale = {"atm": LIBERO_ATM_LATENT_SCALE, "tramoe": LIBERO_TRAMOE_LATENT_SCALE}[split]
-    return ModelConfig(
-        name=f"libero-{split}",
-        latent_scale=list(scale),
-        vae=VAEConfig(),
-        denoiser=DenoiserConfig(),
-        image_encoder=ImageEncoderConfig(),
-        text_encoder=TextEncoderConfig(),
-    )
-
-
-def tiny_config(text: bool = True, image_size: int = 32, grid: int = 8, num_frames: int = 4, width: int = 64) -> ModelConfig:
-    """A tiny random model for tests: same code paths as LIBERO at a fraction of the cost."""
-    patch = 2
-    dino_patch = 8
-    tokens = (image_size // dino_patch) ** 2
-    dino_dim = 32
-    return ModelConfig(
-        name="tiny",
-        image_size=(image_size, image_size),
-        query_grid=(grid, grid),
-        query_stride=image_size / grid,
-        query_offset=image_size / grid / 2 - 0.5,
-        num_frames=num_frames,
-        latent_scale=[1.0] * 4,
-        vae=VAEConfig(
-            input_size=grid, patch_size=patch, hidden_size=width, encoder_depth=2, decoder_depth=2, num_heads=2,
-            latent_channels=4, num_frames=num_frames, num_frame_tokens=tokens, frame_features_dim=dino_dim,
-            pos_embed_dim=16,
-        ),
-        denoiser=DenoiserConfig(
-            input_size=grid // patch, patch_size=1, in_channels=4, hidden_size=width, depth=2, num_heads=2,
-            num_frames=num_frames, num_frame_tokens=tokens, frame_features_dim=dino_dim,
-            text_embed_dim=32 if text else None,
-        ),
-        image_encoder=ImageEncoderConfig(
-            model_id=None,
-            config=dict(hidden_size=dino_dim, num_hidden_layers=1, num_attention_heads=2, patch_size=dino_patch,
-                        image_size=image_size),
-        ),
-        text_encoder=TextEncoderConfig(
-            model_id=None,
-            config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, projection_dim=32, max_position_embeddings=77),
-        ) if text else None,
-    )

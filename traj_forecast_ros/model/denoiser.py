@@ -8,29 +8,24 @@ block cross-attends to the image tokens and is modulated by adaLN-Zero from the 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict, Optional, Union
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from traj_forecast_ros.model.config import DENOISER_SIZES, DenoiserConfig, as_pair
+from traj_forecast_ros.model.config import DenoiserConfig, as_pair
 from traj_forecast_ros.model.layers import (
     Attention,
     Mlp,
     PatchEmbed,
     RMSNorm,
-    compute_dtype,
     TimestepEmbedder,
     TrackPosEncoder,
-    foldable_vectors,
-    folded_linear_params,
-    linear,
-    modulated_input,
-    per_sample_vector,
     init_latte_weights,
     latte_sincos_tables,
+    modulate,
+    per_sequence,
     run_factorised_blocks,
     token_grid,
     unpatchify,
@@ -56,17 +51,13 @@ class DenoiserBlock(nn.Module):
         """x [N, L, C] with conditioning vectors cond [B, C] and image context [B, M, C] -> [N, L, C].
 
         N = B * G: groups of G consecutive sequences share one conditioning vector and context (batch-major), so
-        the modulation and the context keys/values are computed once per sample. The modulations, gates and
-        residual adds are passed to the sublayers, which fold them into their weights on CPU inference.
+        the modulation and the context keys/values are computed once per sample.
         """
-        modulation = self.adaLN_modulation(cond)  # (B, 7C)
         (shift_msa, scale_msa, gate_msa, gate_mxa,
-         shift_mlp, scale_mlp, gate_mlp) = modulation.chunk(ADALN_CHUNKS, dim=1)  # (B, C) each
-        x = self.attn(self.norm1(x), input_scale=1 + scale_msa, input_shift=shift_msa, gate=gate_msa,
-                      residual=x)  # (N, L, C) = x + gate_msa * attn(norm1(x) * (1 + scale_msa) + shift_msa)
-        x = self.xattn(x, context, gate=gate_mxa, residual=x)  # (N, L, C), query neither normed nor modulated
-        x = self.mlp(self.norm2(x), input_scale=1 + scale_mlp, input_shift=shift_mlp, gate=gate_mlp,
-                     residual=x)  # (N, L, C) = x + gate_mlp * mlp(norm2(x) * (1 + scale_mlp) + shift_mlp)
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(cond).chunk(ADALN_CHUNKS, dim=1)  # (B, C) each
+        x = x + per_sequence(gate_msa, x) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, L, C)
+        x = x + per_sequence(gate_mxa, x) * self.xattn(x, context)  # (N, L, C), query neither normed nor modulated
+        x = x + per_sequence(gate_mlp, x) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, L, C)
         return x
 
 
@@ -82,13 +73,7 @@ class DenoiserFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x [N, L, C], cond [B, C] shared by groups of N/B sequences -> [N, L, p*p*c]."""
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)  # (B, C) each
-        scale = 1 + scale  # (B, C)
-        x = self.norm_final(x)  # (N, L, C)
-        if foldable_vectors(x, scale, shift):  # one sample: fold the modulation into the output layer
-            folded = folded_linear_params(self.linear, per_sample_vector(scale), per_sample_vector(shift),
-                                          dtype=compute_dtype(x))
-            return linear(x, *folded)  # (N, L, p*p*c)
-        return self.linear(modulated_input(x, scale, shift))  # (N, L, p*p*c) = linear(x * (1 + scale) + shift)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, L, p*p*c)
 
 
 class LatteDenoiser(nn.Module):
@@ -215,25 +200,9 @@ class LatteDenoiser(nn.Module):
         context = self.frame_proj(frame_features) + self.frame_embed  # (B, N, D)
         # cond and context are shared by the T spatial / L temporal sequences of a sample. The official code repeats
         # them batch-major before the blocks; the blocks here expand per-sample results instead (same values,
-        # about a quarter fewer FLOPs).
+        # about a quarter fewer FLOPs). CPU inference runs model/kernels.py's forward over the same parameters.
 
         x = run_factorised_blocks(x, self.blocks, self.num_frames, self.num_tokens, cond, context,
                                   temp_embed=self.temp_embed)  # (B*T, L, D)
         x = self.final_layer(x, cond)  # (B*T, L, p*p*C)
         return unpatchify(x, batch, self.token_grid, self.patch_size)  # (B, T, C, h, w)
-
-
-# ---------------------------------------------------------------------------------------------- size presets
-def denoiser_config(size: str, **overrides: object) -> DenoiserConfig:
-    """A ``DenoiserConfig`` of a named size ("XS", "S", "B", "L": depth / width / heads of the official
-    ``get_model``), with any other field overridden by keyword."""
-    if size not in DENOISER_SIZES:
-        raise ValueError(f"unknown denoiser size {size!r}; choose one of {sorted(DENOISER_SIZES)}")
-    depth, hidden, heads = DENOISER_SIZES[size]
-    cfg = DenoiserConfig(depth=depth, hidden_size=hidden, num_heads=heads)
-    return dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
-
-
-def latte_denoiser(size: str, **overrides: object) -> LatteDenoiser:
-    """Build a ``LatteDenoiser`` of a named size (see :func:`denoiser_config`)."""
-    return LatteDenoiser(denoiser_config(size, **overrides))

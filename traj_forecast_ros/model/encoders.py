@@ -26,7 +26,7 @@ from torch import nn
 
 from traj_forecast_ros.errors import InvalidImageError, WeightsNotFoundError
 from traj_forecast_ros.model.config import IMAGE_ENCODER_DIR, TEXT_ENCODER_DIR, ImageEncoderConfig, TextEncoderConfig
-from traj_forecast_ros.registry import hub_offline
+from traj_forecast_ros.model.hub import hub_offline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

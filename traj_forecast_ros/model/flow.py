@@ -7,13 +7,14 @@ conditioning frame (latent of the static query grid): it is pinned to ``cond_lat
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from traj_forecast_ros.errors import ForecastCancelled
 from traj_forecast_ros.model.config import Size2, as_pair
 
 
@@ -48,6 +49,7 @@ def euler_sample(
     frame_features: torch.Tensor,
     text_embeds: Optional[torch.Tensor] = None,
     steps: int = 10,
+    cancel: Optional[Callable[[], bool]] = None,
 ) -> torch.Tensor:
     """Integrate the velocity field from noise (t=0) to data (t=1) with explicit Euler.
 
@@ -56,13 +58,18 @@ def euler_sample(
     frame 0 is set to ``cond_latent`` and its velocity is masked to zero.
 
     Args:
-        denoiser: ``LatteDenoiser`` (any module with the same ``forward(x, t, frame_features, text_embeds)``).
+        denoiser: ``LatteDenoiser`` (any callable ``(x, t, frame_features, text_embeds)``), or an object with
+            ``bind(frame_features, text_embeds) -> step(x, t)`` (``model.kernels.DenoiserKernels``: the per-image
+            work is then done once, not once per step).
         cond_latent: [B, 1, C, h, w] conditioning frame (scaled latent of the static query grid).
         noise: [B, T-1, C, h, w] initial state of frames 1..T-1.
-        frame_features: [B, N, D] image tokens.
-        text_embeds: [B, E] pooled instruction embedding, or None for models without language conditioning.
+        frame_features: [B, N, D] image tokens, or [1, N, D] shared by all B samples.
+        text_embeds: [B or 1, E] pooled instruction embedding, or None for models without language conditioning.
+        cancel: optional ``() -> bool`` polled before every denoiser evaluation; True stops the integration.
     Returns:
         [B, T, C, h, w] final state, frame 0 equal to ``cond_latent``.
+    Raises:
+        ForecastCancelled: ``cancel()`` returned True.
     """
     if steps < 2:
         raise ValueError(f"steps counts time points including t=0 and t=1: need steps >= 2, got {steps}")
@@ -73,15 +80,34 @@ def euler_sample(
                          f"got {tuple(noise.shape)}")
     batch = cond_latent.shape[0]
     x = torch.cat([cond_latent, noise.to(cond_latent.dtype)], dim=1)  # (B, T, C, h, w)
-    mask = _frame0_mask(x)  # (1, T, 1, 1, 1)
+    velocity_at = _bind(denoiser, frame_features, text_embeds, batch)  # per-image work, once
     times = torch.linspace(0.0, 1.0, steps, device=x.device)  # (steps,) float32 whatever the state dtype
+    step_sizes = (times[1:] - times[:-1]).tolist()  # (steps - 1,) Python floats: no per-step tensor maths
     for k in range(steps - 1):
+        if cancel is not None and cancel():
+            raise ForecastCancelled(f"cancelled before denoiser step {k + 1} of {steps - 1}")
         x[:, :1] = cond_latent  # re-impose the conditioning frame
-        t = times[k].expand(batch)  # (B,)
-        velocity = denoiser(x, t, frame_features, text_embeds) * mask  # (B, T, C, h, w)
-        x = x + (times[k + 1] - times[k]) * velocity.to(x.dtype)  # (B, T, C, h, w)
+        velocity = velocity_at(x, times[k].expand(batch))  # (B, T, C, h, w)
+        x[:, 1:] += step_sizes[k] * velocity[:, 1:].to(x.dtype)  # frame 0's velocity is masked out
     x[:, :1] = cond_latent
     return x
+
+
+def _bind(denoiser: Callable[..., torch.Tensor], frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor],
+          batch: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x, t) -> velocity`` for fixed image tokens and text: ``denoiser.bind`` when it has one, else a closure
+    that expands one shared row of features / text to the batch."""
+    if hasattr(denoiser, "bind"):
+        return denoiser.bind(frame_features, text_embeds)
+    if frame_features.shape[0] != batch:
+        frame_features = frame_features.expand(batch, -1, -1)  # (B, N, D) view
+    if text_embeds is not None and text_embeds.shape[0] != batch:
+        text_embeds = text_embeds.expand(batch, -1)  # (B, E) view
+
+    def velocity_at(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return denoiser(x, t, frame_features, text_embeds)
+
+    return velocity_at
 
 
 def sample_flow_time(batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -21,7 +21,6 @@ from traj_forecast_ros.model.layers import (
     PatchEmbed,
     RMSNorm,
     TrackPosEncoder,
-    rms_normalize,
     init_latte_weights,
     latte_sincos_tables,
     run_factorised_blocks,
@@ -48,17 +47,10 @@ class VAEBlock(nn.Module):
         self.gate_mlp = nn.Parameter(torch.zeros(1, 1, hidden_size))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [N, L, C] with context [N or N/G, M, C] (see ``Attention``) -> [N, L, C].
-
-        Each sublayer gets the unweighted RMSNorm of x plus the norm weight as an input scale, the gate and the
-        residual: on CPU inference they are folded into the sublayer's weights (same values, fewer passes).
-        """
-        x = self.attn(rms_normalize(x, self.norm1.eps), input_scale=self.norm1.weight, gate=self.gate_msa,
-                      residual=x)  # (N, L, C) = x + gate_msa * attn(norm1(x))
-        x = self.xattn(rms_normalize(x, self.norm2.eps), context, input_scale=self.norm2.weight,
-                       gate=self.gate_mxa, residual=x)  # (N, L, C) = x + gate_mxa * xattn(norm2(x), context)
-        x = self.mlp(rms_normalize(x, self.norm3.eps), input_scale=self.norm3.weight, gate=self.gate_mlp,
-                     residual=x)  # (N, L, C) = x + gate_mlp * mlp(norm3(x))
+        """x [N, L, C] with context [N or N/G, M, C] (see ``Attention``) -> [N, L, C]."""
+        x = x + self.gate_msa * self.attn(self.norm1(x))  # (N, L, C)
+        x = x + self.gate_mxa * self.xattn(self.norm2(x), context)  # (N, L, C)
+        x = x + self.gate_mlp * self.mlp(self.norm3(x))  # (N, L, C)
         return x
 
 

@@ -15,9 +15,7 @@ import numpy as np
 
 from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.forecast import Forecast
-from traj_forecast_ros.geometry import to_rgb
-
-DEFAULT_MAX_PIXELS = 4096 * 4096
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, to_rgb
 
 # encoding -> (channels, numpy dtype of one channel, channel order); mono images are replicated to RGB.
 _ENCODINGS = {
@@ -29,6 +27,8 @@ _ENCODINGS = {
     "mono16": (1, np.uint16, "mono"),
 }
 SUPPORTED_ENCODINGS = tuple(_ENCODINGS)
+COMPRESSED_FORMATS = ("JPEG", "PNG", "WEBP")  # what image_transport's compressed plugins produce
+_WIDE_MONO_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # Pillow modes of 16-bit grayscale
 
 
 class ImageMessageError(InvalidImageError):
@@ -53,6 +53,13 @@ def _check_size(height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ImageMessageError("too_large", f"image is {width}x{height} = {height * width} pixels "
                                              f"> max_pixels {max_pixels}")
+
+
+def scale_to_uint8(mono: np.ndarray) -> np.ndarray:
+    """A 10/12/16-bit ``[H, W]`` integer image scaled so its maximum maps to 255 (all black stays black)."""
+    wide = np.clip(mono, 0, None).astype(np.uint32)  # [H, W]
+    peak = int(wide.max()) if wide.size else 0
+    return (wide * 255 // peak).astype(np.uint8) if peak else np.zeros(mono.shape, np.uint8)  # [H, W]
 
 
 def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -89,36 +96,58 @@ def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     if channel_dtype is np.uint16:
         big = bool(msg.is_bigendian)
         mono = np.ascontiguousarray(rows).view(">u2" if big else "<u2").reshape(height, width)
-        peak = int(mono.max())
-        scaled = (mono.astype(np.uint32) * 255 // peak).astype(np.uint8) if peak else np.zeros_like(mono, np.uint8)
-        return to_rgb(scaled, "mono", max_pixels=max_pixels)
-    # max_pixels passed on explicitly: geometry's default limit differs from this module's (checked above already).
+        return to_rgb(scale_to_uint8(mono), "mono", max_pixels=max_pixels)
+    # max_pixels passed on: the caller's limit (the node's parameter), checked above already.
     return to_rgb(rows.reshape(height, width, channels), color_order=order, max_pixels=max_pixels)
 
 
-def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a ``sensor_msgs/CompressedImage`` (any format Pillow reads: jpeg, png, ...) to ``[H, W, 3]`` RGB.
+def compressed_format(data: bytes) -> Optional[str]:
+    """The Pillow format name of compressed image bytes by their signature: JPEG, PNG, WEBP, or None for any other."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
 
-    The size is checked from the file header before the pixels are decoded.
+
+def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG or WebP: what ``image_transport`` produces) to
+    ``[H, W, 3]`` RGB.
+
+    Only those three formats are opened (checked by signature, and Pillow is told to try no other decoder): other
+    formats, some of which run external programs (EPS runs Ghostscript), are rejected unread. The size is checked from
+    the file header before the pixels are decoded. 16-bit PNGs are scaled like raw mono16 (maximum -> 255), not
+    clipped. Any decoder failure, whatever Pillow raises, is an ``ImageMessageError``.
 
     Raises:
-        ImageMessageError: reason ``empty``, ``too_large`` or ``corrupt_compressed``.
+        ImageMessageError: reason ``empty``, ``unsupported_format``, ``too_large`` or ``corrupt_compressed``.
     """
     from PIL import Image as PILImage
 
-    data = _as_bytes_view(msg.data)
-    if data.size == 0:
+    data = _as_bytes_view(msg.data).tobytes()
+    if not data:
         raise ImageMessageError("empty", "compressed image has no data")
+    image_format = compressed_format(data)
+    if image_format is None:
+        raise ImageMessageError("unsupported_format", f"'{str(msg.format)[:40]}' data starting {data[:8]!r} is not "
+                                                      f"{', '.join(COMPRESSED_FORMATS)}")
     try:
-        with PILImage.open(io.BytesIO(data.tobytes())) as image:
+        with PILImage.open(io.BytesIO(data), formats=[image_format]) as image:
             width, height = image.size
             _check_size(height, width, max_pixels)
-            rgb = np.asarray(image.convert("RGB"))
+            if image.mode in _WIDE_MONO_MODES:  # 16-bit grayscale PNG
+                mono = np.asarray(image)  # [H, W] uint16 or int32
+                return np.ascontiguousarray(to_rgb(scale_to_uint8(mono), "mono", max_pixels=max_pixels))
+            rgb = np.asarray(image.convert("RGB"))  # [H, W, 3]
     except ImageMessageError:
         raise
-    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, TypeError, ... on bad data
         raise ImageMessageError("corrupt_compressed",
-                                f"cannot decode {msg.format or 'compressed'} image: {exc}") from exc
+                                f"cannot decode {image_format} image: {type(exc).__name__}: {exc}") from exc
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[:2] != (height, width):
+        raise ImageMessageError("corrupt_compressed", f"{image_format} decoded to {rgb.shape} {rgb.dtype}")
     return np.ascontiguousarray(rgb)
 
 

@@ -17,18 +17,24 @@ Every output carries the source image's header. Markers and overlay are built on
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import InvalidTopicNameException
+from rclpy.expand_topic_name import expand_topic_name
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
+from rclpy.validate_full_topic_name import validate_full_topic_name
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
@@ -53,12 +59,73 @@ except ImportError:  # pragma: no cover
     ExternalShutdownException = KeyboardInterrupt  # type: ignore[misc,assignment]
 
 NODE_NAME = "forecast_node"
+
+
+class TransitionFailed(Exception):
+    """A lifecycle transition cannot complete; the message says why (logged and shown in /diagnostics)."""
 WEIGHTS_HINT = ("Set the 'model' parameter to a registry name (models/registry.yaml; `traj-forecast download NAME` "
                 "fetches it once with network access) or to a model directory (config.yaml + denoiser.safetensors "
                 "+ vae.safetensors), then trigger configure again.")
 
 
 OUTPUT_QOS = qos_from_name("reliable", depth=2)
+TOPIC_PARAMETERS = ("image_topic", "instruction_topic", "camera_info_topic")  # validated as ROS names on every set
+OPTIONAL_TOPIC_PARAMETERS = frozenset({"camera_info_topic"})  # '' = not used
+WORKER_JOIN_S = 0.5  # a transition waits this long for a cancelled forecast, then releases the model in background
+INSTRUCTION_LOG_CHARS = 120  # instructions are logged escaped and cut to this length
+
+
+def loggable_text(text: str, limit: int = INSTRUCTION_LOG_CHARS) -> str:
+    """``text`` for one log line: cut to ``limit`` characters, control and non-ASCII characters escaped, quoted."""
+    shown = text[:limit].encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    more = f" (+{len(text) - limit} more characters)" if len(text) > limit else ""
+    return f"'{shown}'{more}"
+
+
+def topic_name_problem(parameter: str, topic: str, node_name: str, namespace: str) -> Optional[str]:
+    """Why ``topic`` cannot be subscribed to from this node (None when it can): checked when the parameter is set,
+    so an invalid name never reaches ``activate``."""
+    if not topic and parameter in OPTIONAL_TOPIC_PARAMETERS:
+        return None
+    names = [topic, f"{topic.rstrip('/')}/compressed"] if parameter == "image_topic" else [topic]
+    try:
+        for name in names:
+            validate_full_topic_name(expand_topic_name(name, node_name, namespace))
+    except (InvalidTopicNameException, ValueError) as exc:
+        return f"'{parameter}' is not a valid topic name: {loggable_text(topic, 80)} ({str(exc).splitlines()[0]})"
+    return None
+
+
+def model_problem(model: str) -> Optional[str]:
+    """Why ``model`` names no model (None when it is a registry name or a directory holding config.yaml). Nothing is
+    loaded here: weights are read at configure, and only from safetensors."""
+    from traj_forecast_ros import registry
+    from traj_forecast_ros.model.config import CONFIG_FILE
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return None if (path / CONFIG_FILE).is_file() else f"'model': {model} holds no {CONFIG_FILE}"
+    try:
+        names = sorted(registry.load_registry())
+    except Exception as exc:  # noqa: BLE001 - an unreadable registry: say so rather than accept blindly
+        return f"'model': '{model}' is not a directory and the registry cannot be read ({exc})"
+    if model in names:
+        return None
+    return (f"'model' must be a registry name ({', '.join(names)}) or a model directory holding {CONFIG_FILE}; "
+            f"got {loggable_text(model, 200)}")
+
+
+def device_problem(device: str) -> Optional[str]:
+    """Why ``device`` does not exist on this machine (None when it does, or is 'auto'/'cpu')."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= count:
+        return f"'device': {device} does not exist here ({count} CUDA device(s) visible)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
@@ -67,13 +134,22 @@ def _fmt_ms(seconds: Optional[float]) -> str:
 
 
 def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Dict[str, str],
-                      consecutive_failures: int) -> DiagnosticStatus:
-    """One ``DiagnosticStatus`` summarising the node: level, message and key/values from a stats snapshot."""
+                      consecutive_failures: int, fp32_fallbacks: int = 0, transition_error: str = "",
+                      instruction_ignored: bool = False) -> DiagnosticStatus:
+    """One ``DiagnosticStatus`` summarising the node: level, message and key/values from a stats snapshot.
+
+    ``fp32_fallbacks``: forecasts of the loaded model rerun in float32 after a non-finite half-precision result.
+    ``transition_error``: why the last lifecycle transition failed ('' = it succeeded); the level is then ERROR.
+    ``instruction_ignored``: an instruction is set but the model has no language input (WARN while active).
+    """
     values = {
         "state": state,
         "model": model.get("model_id", ""),
         "device": model.get("device", ""),
         "dtype": model.get("dtype", ""),
+        "threads": model.get("threads", ""),
+        "sampling_plan": model.get("plan", ""),
+        "fp32_fallbacks": str(fp32_fallbacks),
         "frames_received": str(snapshot["received"]),
         "forecasts_published": str(snapshot["published"]),
         "input_rate_hz": f"{snapshot['input_rate_hz']:.2f}",
@@ -96,8 +172,12 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
             totals[f"{category}_total"] += count
     values.update({key: str(count) for key, count in totals.items()})
     values.update({f"dropped.{reason}": str(count) for reason, count in sorted(reasons.items())})
+    values["instruction_ignored"] = str(instruction_ignored).lower()
+    values["last_transition_error"] = transition_error
 
-    if state != "active":
+    if transition_error:
+        level, message = DiagnosticStatus.ERROR, transition_error
+    elif state != "active":
         level, message = DiagnosticStatus.OK, f"{state}: not forecasting"
     elif consecutive_failures >= 3:
         level, message = DiagnosticStatus.ERROR, f"the last {consecutive_failures} forecasts failed"
@@ -105,6 +185,9 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
         level, message = DiagnosticStatus.WARN, "no images received yet"
     elif snapshot["input_rate_hz"] > 0.0 and snapshot["forecast_rate_hz"] == 0.0 and snapshot["published"] == 0:
         level, message = DiagnosticStatus.WARN, "images arrive but no forecast has been published"
+    elif instruction_ignored:
+        level, message = DiagnosticStatus.WARN, ("the model has no language input: the instruction is ignored "
+                                                 f"(forecasting at {snapshot['forecast_rate_hz']:.2f} Hz)")
     else:
         level, message = DiagnosticStatus.OK, f"forecasting at {snapshot['forecast_rate_hz']:.2f} Hz"
     status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=model.get("device", ""))
@@ -113,21 +196,33 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
 
 
 # ------------------------------------------------------------------------------------------------ the node
-ForecasterFactory = Callable[[str, str, str, Optional[str]], Any]
+ForecasterFactory = Callable[..., Any]  # (model, device, dtype, cache_dir, **accelerator_options) -> forecaster
 
 
-def load_forecaster(model: str, device: str, dtype: str, cache_dir: Optional[str]) -> Any:
+def model_takes_instruction(forecaster: Any) -> bool:
+    """False when the loaded model has no language input (a Forecaster without a text encoder)."""
+    if hasattr(forecaster, "text_encoder"):
+        return forecaster.text_encoder is not None
+    config = getattr(forecaster, "config", None)
+    return getattr(config, "text_encoder", True) is not None
+
+
+def load_forecaster(model: str, device: str, dtype: str, cache_dir: Optional[str], use_cuda_graphs: bool = False,
+                    compile: bool = False, graph_cache_size: int = 4) -> Any:
     """Default factory: ``Forecaster.from_pretrained`` (a registry name or a model directory)."""
     from traj_forecast_ros.forecaster import Forecaster
 
-    return Forecaster.from_pretrained(model, device=device, dtype=dtype, cache_dir=cache_dir)
+    return Forecaster.from_pretrained(model, device=device, dtype=dtype, cache_dir=cache_dir,
+                                      use_cuda_graph=use_cuda_graphs, use_compile=compile,
+                                      graph_cache_size=graph_cache_size)
 
 
 class ForecastNode(LifecycleNode):
     """Lifecycle node: camera frames in, trajectory forecasts, markers, overlays and diagnostics out.
 
     Args:
-        forecaster_factory: ``(model, device, dtype, cache_dir) -> forecaster`` used at configure; the default
+        forecaster_factory: ``(model, device, dtype, cache_dir, use_cuda_graphs=, compile=, graph_cache_size=)
+            -> forecaster`` used at configure; the default
             loads :class:`traj_forecast_ros.forecaster.Forecaster`. Tests inject fakes here.
         **kwargs: passed to ``LifecycleNode`` (``namespace``, ``context``, ``parameter_overrides``, ...).
     """
@@ -136,15 +231,22 @@ class ForecastNode(LifecycleNode):
                  **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         self._forecaster_factory = forecaster_factory or load_forecaster
+        self._declared = False  # model/device are checked against this machine only for changes after startup
         self.add_on_set_parameters_callback(self._on_set_parameters)
         for spec in PARAMETERS:
             self.declare_parameter(spec.name, spec.default, spec.descriptor())  # runs _on_set_parameters
+        self._declared = True
 
         self._forecaster: Any = None
         self._model_info: Dict[str, str] = {}
         self._outputs = OutputBuilder(self.param, warn=lambda text: self.get_logger().warning(
             text, throttle_duration_sec=10.0))
-        self._model_lock = threading.Lock()  # one forecaster call at a time; release waits for it
+        self._model_lock = threading.Lock()  # guards the forecaster reference (held only to swap or read it)
+        self._model_takes_instruction = True  # False for models without language input (D4: instruction ignored)
+        self._model_accepts_cancel = False  # forecast(..., cancel=Event) supported: deactivate stops it mid-way
+        self._load_problem = ""  # why the last model load failed
+        self._release_threads: List[threading.Thread] = []  # models released after a cancelled forecast ends
+        self._transition_error = ""  # why the last lifecycle transition failed ('' = it succeeded)
         self._instruction = str(self.get_parameter("instruction").value)
         self._stats = PipelineStats(window=self.param("stats_window"))
         self._pipeline: Optional[ForecastPipeline] = None
@@ -170,84 +272,153 @@ class ForecastNode(LifecycleNode):
             spec = PARAMETER_SPECS.get(parameter.name)
             if spec is None or parameter.type_ == Parameter.Type.NOT_SET:
                 continue
-            problem = spec.check(parameter.value)
+            problem = spec.check(parameter.value) or self._check_machine_value(parameter.name, parameter.value)
             if problem:
                 problems.append(problem)
         if problems:
             reason = "; ".join(problems)
-            self.get_logger().warning(f"rejected parameter change: {reason}")
+            self.get_logger().warning(f"rejected parameter change: {loggable_text(reason, 400)}")
             return SetParametersResult(successful=False, reason=reason)
         for parameter in parameters:
             if parameter.name == "instruction":
                 self._set_instruction(str(parameter.value))
         return SetParametersResult(successful=True)
 
+    def _check_machine_value(self, name: str, value: Any) -> Optional[str]:
+        """Checks beyond the parameter table: topic names (always), and, for changes after startup, that ``model``
+        names a registry model or a model directory and that ``device`` exists here. None when acceptable."""
+        if name in TOPIC_PARAMETERS:
+            return topic_name_problem(name, str(value), self.get_name(), self.get_namespace())
+        if not self._declared:  # startup values: a bad model fails configure with the download instructions
+            return None
+        if name == "model":
+            return model_problem(str(value))
+        if name == "device":
+            return device_problem(str(value))
+        return None
+
     def _set_instruction(self, instruction: str) -> None:
         if instruction != getattr(self, "_instruction", instruction):
-            self.get_logger().info(f"instruction: '{instruction}'")
+            # Escaped and cut (a newline must not forge a log line, 100 kB must not flood it) and throttled.
+            self.get_logger().info(f"instruction: {loggable_text(instruction)}", throttle_duration_sec=1.0)
         self._instruction = instruction
 
     # ---------------------------------------------------------------- lifecycle
-    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if not self._load_model():
+    # Every transition either completes or is rolled back to the state it started from (FAILURE): it never leaves a
+    # subscription, publisher or worker behind. Why it failed is logged and shown as ERROR in /diagnostics until the
+    # next successful transition. on_error (an exception rclpy caught) tears everything down to unconfigured.
+    def _transition(self, name: str, body: Callable[[LifecycleState], None], rollback: Callable[[], None],
+                    state: LifecycleState, resulting_label: str) -> TransitionCallbackReturn:
+        try:
+            body(state)
+        except Exception as exc:  # noqa: BLE001 - any failure (invalid name, RCL error, model) is rolled back
+            reason = str(exc) if isinstance(exc, TransitionFailed) else f"{type(exc).__name__}: {exc}"
+            try:
+                rollback()
+            except Exception as rollback_exc:  # noqa: BLE001
+                reason += f"; rolling back failed too: {type(rollback_exc).__name__}: {rollback_exc}"
+            self._transition_error = f"{name} failed: {reason}"
+            self.get_logger().error(f"{self._transition_error} (rolled back; the node stays {self._state_label})")
             return TransitionCallbackReturn.FAILURE
+        self._transition_error = ""
+        self._state_label = resulting_label
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("configure", self._configure, self._teardown, state, "inactive")
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        loaded_before = self._forecaster is not None
+
+        def rollback() -> None:
+            self._stop_inputs()
+            super(ForecastNode, self).on_deactivate(state)  # the lifecycle publishers back to inactive
+            if not loaded_before:  # inactive after a deactivate holds no model: release the one loaded here
+                self._release_model()
+
+        return self._transition("activate", self._activate, rollback, state, "active")
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        def deactivate(state: LifecycleState) -> None:
+            self._stop_inputs()  # cancels a forecast in progress (counted as stopped)
+            self._release_model()  # the next activate loads the model again
+            if super(ForecastNode, self).on_deactivate(state) != TransitionCallbackReturn.SUCCESS:
+                raise TransitionFailed("deactivating the lifecycle publishers failed")
+
+        return self._transition("deactivate", deactivate, self._stop_inputs, state, "inactive")
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        return self._transition("cleanup", lambda state: self._teardown(), self._teardown, state, "unconfigured")
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop_worker(timeout=WORKER_JOIN_S)
+        self._release_model()
+        self._state_label = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """A transition raised past its own rollback (rclpy then logs nothing): tear down to unconfigured."""
+        self._transition_error = self._transition_error or f"transition from '{state.label}' raised an error"
+        self.get_logger().error(f"{self._transition_error}; cleaning up to unconfigured")
+        try:
+            self._teardown()
+        except Exception as exc:  # noqa: BLE001
+            self.get_logger().error(f"cleanup after the error failed: {type(exc).__name__}: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self, state: LifecycleState) -> None:
+        self._destroy_publishers()  # never two sets of outputs, whatever happened before
+        if not self._load_model():
+            raise TransitionFailed(self._load_problem)
         self._stats = PipelineStats(window=self.param("stats_window"))
         self._forecast_pub = self.create_lifecycle_publisher(self._forecast_msg_type(), "~/forecast", OUTPUT_QOS)
         self._markers_pub = self.create_lifecycle_publisher(MarkerArray, "~/markers", OUTPUT_QOS)
         self._overlay_pub = self.create_lifecycle_publisher(Image, "~/overlay", OUTPUT_QOS)
-        self._state_label = "inactive"
-        return TransitionCallbackReturn.SUCCESS
 
-    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _activate(self, state: LifecycleState) -> None:
         if self._forecaster is None and not self._load_model():  # released by an earlier deactivate
-            return TransitionCallbackReturn.FAILURE
+            raise TransitionFailed(self._load_problem)
         transport = self.param("image_transport")
         topic = str(self.param("image_topic"))
         qos = qos_from_name(self.param("qos_reliability"), self.param("qos_depth"))
+        # Each subscription is recorded as soon as it exists, so a failure part-way destroys the ones made.
         if transport == "compressed":
             topic = f"{topic.rstrip('/')}/compressed"
-            subscription = self.create_subscription(CompressedImage, topic, self._on_image, qos)
+            self._input_subscriptions.append(self.create_subscription(CompressedImage, topic, self._on_image, qos))
             decode: Callable[[Any], np.ndarray] = self._decode_compressed
         else:
-            subscription = self.create_subscription(Image, topic, self._on_image, qos)
+            self._input_subscriptions.append(self.create_subscription(Image, topic, self._on_image, qos))
             decode = self._decode_raw
-        self._input_subscriptions = [
-            subscription,
-            self.create_subscription(String, self.param("instruction_topic"), self._on_instruction, OUTPUT_QOS),
-        ]
+        self._input_subscriptions.append(self.create_subscription(
+            String, self.param("instruction_topic"), self._on_instruction, OUTPUT_QOS))
         if self.param("camera_info_topic"):
             self._input_subscriptions.append(self.create_subscription(
                 CameraInfo, self.param("camera_info_topic"), self._on_camera_info, qos))
-        self._pipeline = ForecastPipeline(decode, self._run_forecaster, self._publish_outputs, clock=self._now_s,
-                                          max_input_age_s=float(self.param("max_input_age")), stats=self._stats,
-                                          logger=self.get_logger())
-        self._pipeline.start()
-        self._state_label = "active"
+        pipeline = ForecastPipeline(decode, lambda rgb: self._run_forecaster(rgb, pipeline.stopping),
+                                    self._publish_outputs, clock=self._now_s,
+                                    max_input_age_s=float(self.param("max_input_age")), stats=self._stats,
+                                    logger=self.get_logger(), max_clock_skew_s=float(self.param("max_clock_skew")))
+        self._pipeline = pipeline
+        if super().on_activate(state) != TransitionCallbackReturn.SUCCESS:
+            raise TransitionFailed("activating the lifecycle publishers failed")
+        pipeline.start()
         self.get_logger().info(f"forecasting {self.resolve_topic_name(topic)} ({transport}) -> "
                                f"{self.resolve_topic_name('~/forecast')}")
-        return super().on_activate(state)
 
-    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._stop_inputs()
-        self._release_model()  # waits for a forecast in progress; the next activate loads the model again
-        self._state_label = "inactive"
-        return super().on_deactivate(state)
-
-    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+    def _teardown(self) -> None:
+        """Back to unconfigured: no inputs, no worker, no model, no outputs."""
         self._stop_inputs()
         self._release_model()
+        self._destroy_publishers()
+        self._model_info = {}
+        self._state_label = "unconfigured"
+
+    def _destroy_publishers(self) -> None:
         for publisher in (self._forecast_pub, self._markers_pub, self._overlay_pub):
             if publisher is not None:
                 self.destroy_lifecycle_publisher(publisher)
         self._forecast_pub = self._markers_pub = self._overlay_pub = None
-        self._model_info = {}
-        self._state_label = "unconfigured"
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.stop_worker(timeout=1.0)
-        self._state_label = "finalized"
-        return TransitionCallbackReturn.SUCCESS
 
     def autostart(self) -> bool:
         """Configure then activate; returns True when the node ends up active."""
@@ -263,26 +434,45 @@ class ForecastNode(LifecycleNode):
         return self._pipeline.stop(timeout) if self._pipeline is not None else True
 
     def _load_model(self) -> bool:
-        """Load and warm up the model named by the parameters; on failure log why (and how to fix it)."""
+        """Load and warm up the model named by the parameters; on failure log why (and how to fix it) and keep the
+        reason in ``_load_problem``."""
         model = str(self.param("model"))
         device, dtype = str(self.param("device")), str(self.param("dtype"))
+        for thread in self._release_threads:  # the previous model's memory first (a cancelled forecast unwinding)
+            thread.join()
+        self._release_threads = []
         self.get_logger().info(f"loading model '{model}' (device {device}, dtype {dtype})")
         try:
-            forecaster = self._forecaster_factory(model, device, dtype, self.param("cache_dir") or None)
+            import torch
+
+            from traj_forecast_ros.sampling_plan import resolve_threads
+
+            torch.set_num_threads(resolve_threads(int(self.param("threads"))))  # the CPU plan is chosen for it
+            forecaster = self._forecaster_factory(
+                model, device, dtype, self.param("cache_dir") or None, use_cuda_graphs=self.param("use_cuda_graphs"),
+                compile=self.param("compile"), graph_cache_size=int(self.param("graph_cache_size")))
             forecaster.warmup()
         except FileNotFoundError as exc:  # includes WeightsNotFoundError
-            self.get_logger().error(f"cannot load model '{model}': {exc}\n{WEIGHTS_HINT}")
+            self._load_problem = f"cannot load model '{model}': {exc}"
+            self.get_logger().error(f"{self._load_problem}\n{WEIGHTS_HINT}")
             return False
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
-            self.get_logger().error(f"cannot load model '{model}': {type(exc).__name__}: {exc}")
+            self._load_problem = f"cannot load model '{model}': {type(exc).__name__}: {exc}"
+            self.get_logger().error(self._load_problem)
             return False
+        takes_instruction = model_takes_instruction(forecaster)
+        accepts_cancel = "cancel" in inspect.signature(forecaster.forecast).parameters
         with self._model_lock:
             self._forecaster = forecaster
+            self._model_takes_instruction, self._model_accepts_cancel = takes_instruction, accepts_cancel
         config = getattr(forecaster, "config", None)
         self._outputs.model_frame_interval = float(getattr(config, "frame_interval_s", None) or 0.0)
+        plan = getattr(forecaster, "plan", None)
         self._model_info = {"model_id": str(getattr(forecaster, "model_id", model)),
                             "device": str(getattr(forecaster, "device", device)),
-                            "dtype": str(getattr(forecaster, "dtype", dtype)).replace("torch.", "")}
+                            "dtype": str(getattr(forecaster, "dtype", dtype)).replace("torch.", ""),
+                            "threads": str(torch.get_num_threads()),
+                            "plan": plan.summary() if hasattr(plan, "summary") else ""}
         self.get_logger().info(f"model ready: {self._model_info}")
         return True
 
@@ -291,17 +481,31 @@ class ForecastNode(LifecycleNode):
             self.destroy_subscription(subscription)
         self._input_subscriptions = []
         if self._pipeline is not None:
-            self._pipeline.stop(timeout=None)  # a forecast in progress finishes but is not published
+            # Sets the cancel flag: a forecast in progress stops at its next denoiser step (counted as stopped) and
+            # nothing is published afterwards. Waits at most WORKER_JOIN_S, so the executor never stalls.
+            self._pipeline.stop(timeout=WORKER_JOIN_S)
 
     def _release_model(self) -> None:
-        """Free the model and its accelerator memory (``Forecaster.release``) once any forecast in progress ends."""
+        """Free the model and its accelerator memory (``Forecaster.release``): now when the worker is idle, else in
+        a background thread once the cancelled forecast has unwound (the transition does not wait for it)."""
         with self._model_lock:
             forecaster, self._forecaster = self._forecaster, None
-            if forecaster is not None and hasattr(forecaster, "release"):
-                try:
-                    forecaster.release()
-                except Exception as exc:  # noqa: BLE001
-                    self.get_logger().warning(f"releasing the model failed: {type(exc).__name__}: {exc}")
+        if forecaster is None:
+            return
+        if self._pipeline is not None and self._pipeline.running:
+            thread = threading.Thread(target=self._release_forecaster, args=(forecaster,), name="forecast-release",
+                                      daemon=True)
+            self._release_threads.append(thread)
+            thread.start()
+        else:
+            self._release_forecaster(forecaster)
+
+    def _release_forecaster(self, forecaster: Any) -> None:
+        if hasattr(forecaster, "release"):
+            try:
+                forecaster.release()  # Forecaster.release waits for its own forecast in progress
+            except Exception as exc:  # noqa: BLE001
+                self.get_logger().warning(f"releasing the model failed: {type(exc).__name__}: {exc}")
 
     @staticmethod
     def _forecast_msg_type() -> Any:
@@ -334,15 +538,28 @@ class ForecastNode(LifecycleNode):
     def _decode_compressed(self, msg: CompressedImage) -> np.ndarray:
         return compressed_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")))
 
-    def _run_forecaster(self, rgb: np.ndarray) -> Any:
+    def _run_forecaster(self, rgb: np.ndarray, cancel: Optional[threading.Event] = None) -> Any:
         seed = int(self.param("seed"))
         with self._model_lock:
-            if self._forecaster is None:
-                raise RuntimeError("no model loaded (node not configured)")
-            # Failures are classified and counted (consecutive_failures included) by ForecastPipeline.process.
-            return self._forecaster.forecast(
-                rgb, instruction=self._instruction or None, num_samples=int(self.param("num_samples")),
-                steps=int(self.param("steps")), seed=None if seed < 0 else seed)
+            forecaster = self._forecaster
+            takes_instruction, accepts_cancel = self._model_takes_instruction, self._model_accepts_cancel
+        if forecaster is None:
+            raise RuntimeError("no model loaded (node not configured)")
+        instruction = self._instruction or None
+        if instruction is not None and not takes_instruction:
+            self.get_logger().warning(
+                f"model '{self._model_info.get('model_id', '')}' has no language input: ignoring the instruction "
+                f"{loggable_text(instruction, 60)} (instruction_ignored in /diagnostics)", throttle_duration_sec=60.0)
+            instruction = None
+        options: Dict[str, Any] = {"cancel": cancel} if accepts_cancel and cancel is not None else {}
+        # Failures are classified and counted (consecutive_failures included) by ForecastPipeline.process.
+        return forecaster.forecast(rgb, instruction=instruction, num_samples=int(self.param("num_samples")),
+                                   steps=int(self.param("steps")), seed=None if seed < 0 else seed, **options)
+
+    @property
+    def _instruction_ignored(self) -> bool:
+        """An instruction is set but the loaded model has no language input (D4: it is ignored, not fatal)."""
+        return bool(self._instruction) and self._forecaster is not None and not self._model_takes_instruction
 
     @property
     def _consecutive_failures(self) -> int:
@@ -368,15 +585,20 @@ class ForecastNode(LifecycleNode):
     def publish_diagnostics(self) -> None:
         """Publish the node's status on /diagnostics (called by a 1 Hz timer)."""
         status = diagnostic_status(f"{self.get_fully_qualified_name()}: trajectory forecast", self._state_label,
-                                   self._stats.snapshot(), self._model_info, self._consecutive_failures)
+                                   self._stats.snapshot(), self._model_info, self._consecutive_failures,
+                                   fp32_fallbacks=int(getattr(self._forecaster, "fp32_fallbacks", 0) or 0),
+                                   transition_error=self._transition_error,
+                                   instruction_ignored=self._instruction_ignored)
         array_msg = DiagnosticArray(status=[status])
         array_msg.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics_pub.publish(array_msg)
 
 
-def main(args: Optional[List[str]] = None) -> int:
-    """Entry point of ``forecast_node`` (console script and ``python -m traj_forecast_ros.ros.forecast_node``)."""
-    rclpy.init(args=args)
+def main(args: Optional[List[str]] = None) -> NoReturn:
+    """Entry point of ``forecast_node`` (console script and ``python -m traj_forecast_ros.ros.forecast_node``); ends
+    the process with exit code 0, or 1 when the node could not start."""
+    # SIGINT and SIGTERM both end the spin (rclpy's handlers), so `kill <pid>` and systemd stop the node cleanly.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.ALL)
     node: Optional[ForecastNode] = None
     exit_code = 0
     try:
@@ -390,19 +612,18 @@ def main(args: Optional[List[str]] = None) -> int:
         print(f"forecast_node: {type(exc).__name__}: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
-        worker_exited = True
         if node is not None:
-            worker_exited = node.stop_worker(timeout=0.5)  # never wait for a long forecast
+            node.stop_worker(timeout=WORKER_JOIN_S)  # cancels a forecast in progress; never waits for a long one
             node.destroy_node()
         rclpy.try_shutdown()
-    if not worker_exited:
-        # The worker is still inside a forecast (native torch code). Finalising the interpreter under it can abort
-        # ("terminate called without an active exception"), so leave now: ROS is already shut down.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
-    return exit_code
+    # ROS is shut down and nothing is left to publish. Leave without finalising the interpreter: after torch and DDS
+    # that takes about 2 s (so a SIGTERM/SIGINT stop would miss its deadline), and a worker still inside native
+    # torch code (a forecaster that ignores the cancel flag) can abort it ("terminate called without an active
+    # exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

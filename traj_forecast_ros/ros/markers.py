@@ -9,7 +9,7 @@ per sample whose vertex colours ramp over forecast time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -130,14 +130,6 @@ def forecast_markers(tracks: np.ndarray, header: Any, plane: ImagePlane, stride:
         marker.colors = [palette[f] for f in frames.tolist()]
         markers.append(marker)
     return MarkerArray(markers=markers)
-
-
-def marker_vertex_count(grid_shape: Sequence[int], num_frames: int, stride: int) -> int:
-    """Vertices per sample marker for a ``grid_shape`` (H, W) grid: 2 per segment, T-1 segments per kept point."""
-    offset = stride // 2
-    rows = len(range(offset, int(grid_shape[0]), stride))
-    cols = len(range(offset, int(grid_shape[1]), stride))
-    return rows * cols * (num_frames - 1) * 2
 
 
 def lifetime_from_period(period_s: Optional[float], periods: float, fallback_s: float = 1.0) -> float:

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from traj_forecast_ros.ros.conversions import DEFAULT_MAX_PIXELS
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,23 @@ class ParamSpec:
 PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec("autostart", True, "Configure and activate at startup (otherwise wait for lifecycle transitions)."),
     ParamSpec("model", "libero-atm", "Registry name (models/registry.yaml) or model directory. Applies at configure."),
-    ParamSpec("device", "auto", "Compute device: auto (GPU when available), cpu, cuda, cuda:N or mps. "
-              "Applies at configure.", pattern=r"auto|cpu|cuda(:\d+)?|mps"),
-    ParamSpec("dtype", "auto", "Compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16. "
-              "Applies at configure.", choices=("auto", "float32", "float16", "bfloat16")),
+    ParamSpec("device", "auto", "Compute device: auto (GPU when available), cpu, cuda or cuda:N. "
+              "Applies at configure.", pattern=r"auto|cpu|cuda(:\d+)?"),
+    ParamSpec("dtype", "auto", "Compute dtype: auto (bfloat16 on GPUs with native bfloat16, else float16; float32 "
+              "on CPU), float32, float16, bfloat16. A non-finite half-precision forecast is rerun in float32 "
+              "(fp32_fallbacks in /diagnostics). Applies at configure.",
+              choices=("auto", "float32", "float16", "bfloat16")),
+    ParamSpec("use_cuda_graphs", False, "Replay captured CUDA graphs of the denoiser, one per K (CUDA only; off "
+              "until bench/gpu_check.py passes on a real GPU). Applies at configure."),
+    ParamSpec("compile", False, "Run the denoiser through torch.compile (the first forecast per dtype compiles for "
+              "tens of seconds; off until bench/gpu_check.py passes on a real GPU). Applies at configure."),
+    ParamSpec("graph_cache_size", 4, "CUDA graphs kept (least recently used dropped first, with their GPU memory); "
+              "one per distinct num_samples. Applies at configure.", 1, 64),
     ParamSpec("cache_dir", "", "Where registry models are looked up ('' = the default cache). Applies at configure."),
-    ParamSpec("num_samples", 8, "K, sampled futures per frame.", 1, 64),
-    ParamSpec("steps", 10, "Flow-matching Euler time points per forecast (10 = 9 denoiser evaluations).", 2, 200),
+    ParamSpec("threads", 0, "Torch intra-op CPU threads (0 = the cores available to the process). Applies at "
+              "configure; the CPU sampling plan is chosen for this count.", 0, 1024),
+    ParamSpec("num_samples", DEFAULT_NUM_SAMPLES, "K, sampled futures per frame.", 1, 64),
+    ParamSpec("steps", DEFAULT_STEPS, "Flow-matching Euler time points per forecast (10 = 9 denoiser evaluations).", 2, 200),
     ParamSpec("seed", -1, "Noise seed: -1 = fresh noise for every frame, >= 0 = the same noise every frame.",
               -1, 2**31 - 1),
     ParamSpec("instruction", "", "Task instruction for language-conditioned models ('' = the model's default). "
@@ -85,6 +96,9 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec("qos_depth", 5, "Camera subscription queue depth. Applies at activate.", 1, 100),
     ParamSpec("max_input_age", 1.0, "Drop frames older than this many seconds (header stamp vs node clock) when the "
               "worker takes them; 0 disables.", 0.0, 3600.0),
+    ParamSpec("max_clock_skew", 1.0, "Reject frames stamped more than this many seconds ahead of the node clock "
+              "(counted as future_stamp): a sender clock ahead of ours would otherwise corrupt the latency figures.",
+              0.0, 3600.0),
     ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Reject images with more pixels than this.", 1, 2**28),
     ParamSpec("frame_interval", 0.0, "Seconds between forecast frames written to the message (0 = the model "
               "config's frame_interval_s, else unknown).", 0.0, 60.0),

@@ -17,18 +17,19 @@ from typing import Any, Callable, Deque, Dict, Generic, Optional, TypeVar
 
 import numpy as np
 
-from traj_forecast_ros.errors import InvalidImageError
+from traj_forecast_ros.errors import ForecastCancelled, InvalidImageError
 
 Item = TypeVar("Item")
 
 # Drop / rejection reasons (counter keys).
 SUPERSEDED = "superseded"  # replaced in the mailbox by a newer frame before the worker took it
 TOO_OLD = "too_old"  # older than max_input_age when the worker took it
+FUTURE_STAMP = "future_stamp"  # stamped further ahead of the node clock than max_clock_skew (a sender clock problem)
 INVALID_IMAGE = "invalid_image"  # decode or forecaster input check failed (a more specific reason when known)
 OUT_OF_MEMORY = "out_of_memory"  # the forecaster ran out of (accelerator) memory
 FORECAST_FAILED = "forecast_failed"  # the forecaster raised anything else
 PUBLISH_FAILED = "publish_failed"  # building or publishing the outputs raised
-STOPPED = "stopped"  # arrived, waited or finished inference while the worker was stopping (deactivate, shutdown)
+STOPPED = "stopped"  # arrived, waited or was in inference (cancelled) while the worker stopped (deactivate, shutdown)
 
 
 DROPPED_REASONS = frozenset({SUPERSEDED, TOO_OLD, STOPPED})  # good frames the node had no time for
@@ -216,6 +217,8 @@ class PipelineStats:
 
 def classify_error(exc: BaseException) -> str:
     """Counter reason for an exception raised while decoding or forecasting a frame."""
+    if isinstance(exc, ForecastCancelled):
+        return STOPPED
     if isinstance(exc, InvalidImageError):
         return getattr(exc, "reason", INVALID_IMAGE)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
@@ -224,31 +227,40 @@ def classify_error(exc: BaseException) -> str:
 
 
 class ForecastPipeline:
-    """Mailbox + worker thread: decode -> age check -> forecast -> publish, counting every frame not published.
+    """Mailbox + worker thread: decode (validate) -> stamp checks -> forecast -> publish, counting every frame that
+    is not published, so ``received == published + sum(not_forecast)`` once the worker is idle.
 
     Args:
-        decode: message -> uint8 RGB image (raises ``InvalidImageError`` for bad input).
-        forecast: RGB image -> forecast result (any object; passed on to ``publish``).
-        publish: ``(frame, rgb, result)`` -> None; builds and sends the outputs.
+        decode: message -> uint8 RGB image (raises ``InvalidImageError`` for bad input; any other exception it
+            raises is counted as a rejected ``invalid_image`` too).
+        forecast: RGB image -> forecast result (any object; passed on to ``publish``). It may watch
+            :attr:`stopping` and raise ``ForecastCancelled`` once it is set (counted as ``stopped``).
+        publish: ``(frame, rgb, result)`` -> None; builds and sends the outputs. Never called after :meth:`stop`
+            returned.
         clock: current time in seconds on the same time base as the frame stamps (the node clock).
         max_input_age_s: frames older than this (stamp vs clock) when taken are dropped; 0 disables the check.
+        max_clock_skew_s: frames stamped more than this ahead of the clock are rejected (``future_stamp``); None
+            disables the check.
         logger: where drops and failures are logged (throttled per reason).
     """
 
     def __init__(self, decode: Callable[[Any], np.ndarray], forecast: Callable[[np.ndarray], Any],
                  publish: Callable[[Frame, np.ndarray, Any], None], clock: Callable[[], float],
                  max_input_age_s: float = 0.0, stats: Optional[PipelineStats] = None,
-                 logger: Optional[Any] = None, name: str = "forecast-worker") -> None:
+                 logger: Optional[Any] = None, name: str = "forecast-worker",
+                 max_clock_skew_s: Optional[float] = None) -> None:
         self._decode = decode
         self._forecast = forecast
         self._publish = publish
         self._clock = clock
         self.max_input_age_s = max_input_age_s
+        self.max_clock_skew_s = max_clock_skew_s
         self.stats = stats or PipelineStats()
         self._logger = logger or logging.getLogger(__name__)
         self._mailbox: Mailbox[Frame] = Mailbox()
         self._stop = threading.Event()
         self._submit_lock = threading.Lock()  # a frame is either in the mailbox before it closes or counted stopped
+        self._publish_lock = threading.Lock()  # stop() waits for a publish in progress; none starts afterwards
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -270,16 +282,24 @@ class ForecastPipeline:
         self._thread.start()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
-        """Ask the worker to stop (a forecast in progress finishes but is not published); wait up to ``timeout``
-        seconds (None = do not wait). Returns True when the worker has exited."""
+        """Ask the worker to stop: :attr:`stopping` is set (a forecast watching it is cancelled, any other finishes
+        but is not published) and no output is published after this returns. Waits up to ``timeout`` seconds for
+        the worker to exit (None = do not wait). Returns True when it has exited."""
         with self._submit_lock:
             self._stop.set()
             waiting = self._mailbox.close()
         if waiting is not None:
             self._count(STOPPED, "the worker was stopped before it took the waiting frame")
+        with self._publish_lock:  # a publish in progress ends; later ones see the stop flag
+            pass
         if timeout is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once :meth:`stop` was called: the cancel flag for a forecast in progress."""
+        return self._stop
 
     @property
     def running(self) -> bool:
@@ -307,27 +327,39 @@ class ForecastPipeline:
         """Run one frame through decode -> forecast -> publish; returns True when outputs were published.
         Never raises: every failure is counted and logged (throttled)."""
         started = time.monotonic()
-        if self.max_input_age_s > 0 and frame.stamp_s > 0:
-            age = self._clock() - frame.stamp_s
-            if age > self.max_input_age_s:
-                self._count(TOO_OLD, f"frame is {age:.3f} s old > max_input_age {self.max_input_age_s} s")
+        try:  # validate first: a bad frame is rejected whatever its stamp says
+            rgb = self._decode(frame.message)
+        except Exception as exc:  # noqa: BLE001 - every decoder failure is bad input, never the node's own failure
+            reason = getattr(exc, "reason", INVALID_IMAGE) if isinstance(exc, InvalidImageError) else INVALID_IMAGE
+            self._count(reason, f"{type(exc).__name__}: {exc}")
+            return False
+        if frame.stamp_s > 0:
+            now = self._clock()
+            if self.max_clock_skew_s is not None and frame.stamp_s - now > self.max_clock_skew_s:
+                self._count(FUTURE_STAMP, f"frame is stamped {frame.stamp_s - now:.3f} s ahead of the node clock "
+                                          f"> max_clock_skew {self.max_clock_skew_s} s")
+                return False
+            if self.max_input_age_s > 0 and now - frame.stamp_s > self.max_input_age_s:
+                self._count(TOO_OLD, f"frame is {now - frame.stamp_s:.3f} s old > max_input_age "
+                                     f"{self.max_input_age_s} s")
                 return False
         try:
-            rgb = self._decode(frame.message)
             inference_started = time.monotonic()
             result = self._forecast(rgb)
             inference_s = time.monotonic() - inference_started
         except Exception as exc:  # noqa: BLE001 - bad input or a failing model must never stop the node
-            self._count(classify_error(exc), f"{type(exc).__name__}: {exc}")
+            reason = STOPPED if self._stop.is_set() else classify_error(exc)
+            self._count(reason, f"{type(exc).__name__}: {exc}")
             return False
-        if self._stop.is_set():  # stopped during inference: the result is discarded
-            self._count(STOPPED, "the worker was stopped during inference; the result is discarded")
-            return False
-        try:
-            self._publish(frame, rgb, result)
-        except Exception as exc:  # noqa: BLE001
-            self._count(PUBLISH_FAILED, f"{type(exc).__name__}: {exc}")
-            return False
+        with self._publish_lock:
+            if self._stop.is_set():  # stopped during inference: the result is discarded
+                self._count(STOPPED, "the worker was stopped during inference; the result is discarded")
+                return False
+            try:
+                self._publish(frame, rgb, result)
+            except Exception as exc:  # noqa: BLE001
+                self._count(PUBLISH_FAILED, f"{type(exc).__name__}: {exc}")
+                return False
         self.stats.published += 1
         self.stats.consecutive_failures = 0
         self.stats.forecast_rate.tick()

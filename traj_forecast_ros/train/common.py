@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from traj_forecast_ros.errors import CheckpointError, DeviceError
+from traj_forecast_ros.sampling_plan import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +104,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_train_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: ``cuda:<local_rank>`` when CUDA is available, else CPU; a bare ``cuda`` also becomes
-    ``cuda:<local_rank>`` (each torchrun process its own GPU). An unavailable device raises DeviceError."""
-    if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device '{device}' requested but CUDA is not available; use --device cpu")
-    return index_cuda_device(resolved, local_rank)
-
-
-def index_cuda_device(device: torch.device, local_rank: int = 0) -> torch.device:
-    """``cuda`` without an index -> ``cuda:<local_rank>`` (``set_device`` and DDP need one); anything else as is."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", local_rank)
-    return device
+def resolve_train_device(device: Union[str, torch.device] = "auto", local_rank: int = 0) -> torch.device:
+    """The training device: :func:`~traj_forecast_ros.sampling_plan.resolve_device` (the project's one resolver)
+    with the local rank on top: when CUDA is available, ``auto`` and a bare ``cuda`` become ``cuda:<local_rank>``
+    (each torchrun process its own GPU; ``set_device`` and DDP need an index). An unavailable device raises
+    :class:`DeviceError`."""
+    if str(device).strip().lower() in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    return resolve_device(device)
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
@@ -176,14 +170,10 @@ def sanitize_and_clip(parameters: Sequence[nn.Parameter], max_norm: float) -> fl
     return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
 
 
-def warmup_constant_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from ~0 to the base LR over ``warmup_steps``, then constant (official LinearWarmupScheduler)."""
-    return warmup_schedule(optimizer, warmup_steps)
-
-
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, kind: str = "constant",
                     total_steps: int = 1, min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup_steps``, then constant, or cosine decay reaching ``min_ratio`` at ``total_steps``."""
+    """Linear warmup from ~0 to the base LR over ``warmup_steps``, then constant (``kind="constant"``, the official
+    LinearWarmupScheduler), or cosine decay reaching ``min_ratio`` at ``total_steps``."""
     warmup = max(int(warmup_steps), 0)
 
     def factor(step: int) -> float:
@@ -224,10 +214,6 @@ class EMA:
                 shadow.mul_(decay).add_(value.detach(), alpha=1.0 - decay)
             else:
                 shadow.copy_(value)
-
-    def copy_to(self, module: nn.Module) -> None:
-        """Load the averaged state into ``module``."""
-        module.load_state_dict(self.shadow, strict=True)
 
     def state_dict(self) -> Dict[str, Any]:
         """Serialisable state (decay, update count, tensors)."""
@@ -323,12 +309,6 @@ class MetricsLogger:
             self._writer.close()
 
 
-def read_metrics(path: Union[str, Path]) -> List[Dict[str, float]]:
-    """Rows of a ``metrics.csv`` as dicts of floats."""
-    with Path(path).open() as handle:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
-
-
 # ------------------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     """``torch.save`` to a temporary file, then rename (a crash never leaves a truncated checkpoint)."""
@@ -343,14 +323,23 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no training checkpoint to resume from: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors, containers and plain numbers only; a pickled object (code) is refused, never run.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused: the checkpoint holds Python objects other than tensors and plain "
+                              f"values (a checkpoint written by an older version, or a crafted file); only "
+                              f"checkpoints written by this version resume ({exc})") from exc
     except Exception as exc:  # truncated / corrupt file
         raise CheckpointError(f"{path}: unreadable training checkpoint ({exc})") from exc
 
 
 def rng_state() -> Dict[str, Any]:
     """Python, numpy and torch (CPU and CUDA) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)),  # [624] (uint32 values)
+                   "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    # Tensors and plain values only, so load_checkpoint can read it with torch.load(weights_only=True).
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -359,7 +348,9 @@ def rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore :func:`rng_state` output."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["algorithm"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

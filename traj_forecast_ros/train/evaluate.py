@@ -17,6 +17,7 @@ import torch
 
 from traj_forecast_ros import metrics
 from traj_forecast_ros.data.dataset import TrajectoryDataset
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,14 @@ def regressor_predictions(directory: PathLike, dataset: TrajectoryDataset, indic
 
 
 def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices: Sequence[int], num_samples: int,
-                           seed: int = 0, steps: int = 10, sample_batch: Optional[int] = None,
+                           seed: int = 0, steps: int = DEFAULT_STEPS, sample_batch_size: Optional[int] = None,
                            device: str = "auto", dtype: str = "auto", progress: bool = False) -> np.ndarray:
     """``[N, K, T, Hq, Wq, 2]`` pixels from :meth:`Forecaster.forecast` (scene ``i`` with seed ``seed + i``)."""
     from traj_forecast_ros.forecaster import Forecaster
 
     forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype)
     dataset.meta.check_model_geometry(forecaster.config)
-    forecaster.sample_batch_size = sample_batch  # None: all K samples in one batch
+    forecaster.sample_batch_size = sample_batch_size  # None: all K samples in one batch
     loop = range(len(indices))
     if progress:
         from tqdm import tqdm
@@ -81,8 +82,9 @@ def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices:
 
 
 def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Optional[PathLike] = None,
-             num_samples: int = 8, max_scenes: Optional[int] = None, seed: int = 0, steps: int = 10,
-             sample_batch: Optional[int] = None, device: str = "auto", progress: bool = False) -> Dict:
+             num_samples: int = DEFAULT_NUM_SAMPLES, max_scenes: Optional[int] = None, seed: int = 0,
+             steps: int = DEFAULT_STEPS, sample_batch_size: Optional[int] = None, device: str = "auto",
+             progress: bool = False) -> Dict:
     """Score ``ours`` (when ``model`` is given), ``zero_motion`` and ``regressor`` (when given) on a dataset.
 
     Returns a JSON-friendly dict: settings, ``results[method] -> metrics`` (see
@@ -104,8 +106,8 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     seconds: Dict[str, float] = {}
     if model is not None:
         start = time.perf_counter()
-        predictions["ours"] = forecaster_predictions(model, dataset, indices, num_samples, seed, steps, sample_batch,
-                                                     device=device, progress=progress)
+        predictions["ours"] = forecaster_predictions(model, dataset, indices, num_samples, seed, steps,
+                                                     sample_batch_size, device=device, progress=progress)
         seconds["ours"] = time.perf_counter() - start
     start = time.perf_counter()
     predictions["zero_motion"] = zero_motion_predictions(dataset, indices, num_samples)

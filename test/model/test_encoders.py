@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from traj_forecast_ros.errors import InvalidImageError, WeightsNotFoundError
-from traj_forecast_ros.model.config import ImageEncoderConfig, TextEncoderConfig, libero_config, tiny_config
+from traj_forecast_ros.model.config import ImageEncoderConfig, TextEncoderConfig
+from traj_forecast_ros.model.presets import libero_config, tiny_config
 from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder, basic_clip_tokenizer
 
 # A narrow DINOv2 with the real patch size (14): exercises the LIBERO token arithmetic cheaply.

@@ -1,0 +1,199 @@
+"""The simulated manipulation generator (traj_forecast_ros.data.sim_manipulation).
+
+Pure parts (instruction set, scripted policy, object ids, config checks, dataset version 2 fields) always run. The
+end-to-end part runs ``traj-forecast data sim-manipulation`` in a subprocess (MuJoCo picks its GL backend at import)
+and is skipped, with the reason, where robosuite (``pip install .[sim]``) or libOSMesa is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from traj_forecast_ros.data import sim_manipulation as sm
+from traj_forecast_ros.data import sim_tracks
+from traj_forecast_ros.data.dataset import DatasetWriter, TrajectoryDataset
+from traj_forecast_ros.errors import DatasetError
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+def test_instruction_set_is_closed_and_covers_every_plan():
+    texts = sm.all_instructions()
+    assert len(texts) == len(set(texts))
+    for word in sm.OBJECT_WORDS.values():
+        assert f"reach for {word}" in texts and f"pick up {word}" in texts
+        for direction in sm.PUSH_DIRECTIONS:
+            assert sm.push_instruction(word, direction) in texts
+    assert "push the can to the left" in texts and "push the can forward" in texts
+    assert "put the can in the back left of the right bin" in texts and "open the door" in texts
+
+
+def test_scripted_policy_reaches_every_waypoint_in_order():
+    waypoints = [sm.Waypoint(np.array([0.1, 0.0, 1.0]), sm.GRIPPER_OPEN),
+                 sm.Waypoint(np.array([0.1, 0.2, 0.9]), sm.GRIPPER_CLOSED, hold=3)]
+    policy = sm.ScriptedPolicy(waypoints, speed=0.5)
+    eef = np.zeros(3) + [0.0, 0.0, 1.0]
+    visited, grippers = [], []
+    for _ in range(200):
+        action = policy.act(eef)
+        assert np.abs(action[:3]).max() <= 0.5 + 1e-12 and not action[3:6].any()  # speed cap, orientation held
+        eef = eef + 0.05 * action[:3]  # OSC delta: 1 = 5 cm per step (ideal tracking)
+        grippers.append(action[6])
+        visited.append(policy.index)
+        if policy.done:
+            break
+    assert policy.done and np.allclose(eef, waypoints[-1].position, atol=0.012)
+    assert visited == sorted(visited)
+    assert grippers[0] == sm.GRIPPER_OPEN and grippers[-1] == sm.GRIPPER_CLOSED
+    assert policy.act(eef)[6] == sm.GRIPPER_CLOSED and not policy.act(eef)[:3].any()  # done: hold still
+
+
+def test_scripted_policy_gives_up_on_unreachable_waypoints():
+    policy = sm.ScriptedPolicy([sm.Waypoint(np.array([5.0, 0, 0]), sm.GRIPPER_OPEN)], speed=0.3,
+                               max_steps_per_waypoint=10)
+    for _ in range(10):
+        policy.act(np.zeros(3))  # the arm does not move (blocked)
+    assert policy.done
+
+
+def test_object_ids_are_compact_and_static_is_zero():
+    weld = np.array([0, 0, 2, 3, 0, 5])  # bodies 1 and 4 welded to the world
+    ids = sm.compact_object_ids(np.array([0, 1, 2, 3, 5, sim_tracks.NO_BODY, 4]), weld, moving_bodies=[2, 3, 5])
+    assert ids.tolist() == [0, 0, 1, 2, 3, 0, 0] and ids.dtype == np.int16
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="unknown scenes"):
+        sm.SimConfig(scenes=("kitchen",))
+    with pytest.raises(ValueError):
+        sm.SimConfig(num_frames=1)
+    config = sm.SimConfig(frame_stride=3)
+    assert config.frame_interval_s == pytest.approx(0.15)
+    assert config.query_points()[0, 0].tolist() == [1.5, 1.5] and config.query_points()[-1, -1].tolist() == [125.5, 125.5]
+    with pytest.raises(ValueError, match="split"):
+        sm.write_sim_dataset("/nonexistent", "val", 1, 0, config)
+
+
+def test_dataset_version_2_fields_round_trip_and_are_validated(tmp_path):
+    config = sm.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5, num_frames=3)
+    meta = sm.dataset_meta(config, seed=7, split="test")
+    image = np.zeros((128, 128, 3), np.uint8)
+    tracks = np.broadcast_to(config.query_points(), (3, 4, 4, 2)).astype(np.float32)
+    visible = np.ones((3, 4, 4), bool)
+    visible[2, 0, 0] = False
+    instruction = "push the can to the left"
+    with DatasetWriter(tmp_path / "d", meta) as writer:
+        writer.add(image, tracks, kind="push", visibility=visible, view="robot0_eye_in_hand", instruction=instruction,
+                   scene_id=12)
+        with pytest.raises(DatasetError, match="instruction"):
+            writer.add(image, tracks, kind="push", visibility=visible, view="agentview", instruction="dance")
+        with pytest.raises(DatasetError, match="view"):
+            writer.add(image, tracks, kind="push", visibility=visible, view="frontview", instruction=instruction)
+        with pytest.raises(DatasetError, match="visibility"):
+            writer.add(image, tracks, kind="push", visibility=visible[:2], view="agentview", instruction=instruction)
+    dataset = TrajectoryDataset(tmp_path / "d")
+    assert dataset.index["version"] == 2
+    sample = dataset[0]
+    assert sample.view == "robot0_eye_in_hand" and sample.instruction == instruction and sample.scene_id == 12
+    assert sample.visibility.dtype == bool and sample.visibility.shape == (1, 3, 4, 4)
+    assert not sample.visibility[0, 2, 0, 0] and sample.visibility.sum() == 47
+    assert dataset.meta.views == list(sm.VIEWS) and dataset.meta.instructions == sm.all_instructions()
+
+
+def test_old_style_datasets_stay_version_1(tmp_path):
+    config = sm.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5, num_frames=3)
+    meta = sm.dataset_meta(config, seed=7, split="test")
+    tracks = np.broadcast_to(config.query_points(), (3, 4, 4, 2)).astype(np.float32)
+    with DatasetWriter(tmp_path / "d", meta) as writer:
+        writer.add(np.zeros((128, 128, 3), np.uint8), tracks, kind="reach")
+    dataset = TrajectoryDataset(tmp_path / "d")
+    assert dataset.index["version"] == 1
+    assert dataset[0].visibility is None and dataset[0].view is None and dataset[0].scene_id is None
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _skip_reason() -> str:
+    missing = [name for name in ("robosuite", "mujoco") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (pip install '.[sim]', see docs/sim-manipulation.md)"
+    if ctypes.util.find_library("OSMesa") is None:
+        return "CPU rendering needs libOSMesa (apt-get install -y libosmesa6)"
+    return ""
+
+
+needs_sim = pytest.mark.skipif(bool(_skip_reason()), reason=_skip_reason() or "available")
+
+
+def _generate(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
+    command = [sys.executable, "-m", "traj_forecast_ros.cli", "data", "sim-manipulation", "--out", str(out),
+               "--train-shards", "1", "--test-shards", "1", "--episodes-per-shard", "1", "--goals-per-scene", "1",
+               "--scenes", "lift", "--workers", "1", *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sim")
+    result = _generate(root / "a")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+@needs_sim
+def test_generator_writes_valid_shards_with_exact_frame_zero(generated):
+    root, _ = generated
+    for split in ("train", "test"):
+        dataset = TrajectoryDataset(root / "a" / split)
+        meta = dataset.meta
+        assert dataset.index["version"] == 2 and len(dataset) >= 2 and len(dataset) % 2 == 0  # both views per clip
+        assert set(dataset.fields) >= {"images", "tracks", "visibility", "object_ids", "kinds", "views",
+                                       "instructions", "scene_ids"}
+        assert meta.image_size == (128, 128) and meta.query_grid == (32, 32) and meta.num_frames == 16
+        assert meta.frame_interval_s == pytest.approx(0.1) and meta.source["split"] == split
+        tracks = dataset.load("tracks")[:, 0]  # [N, T, 32, 32, 2]
+        visibility = dataset.load("visibility")[:, 0]
+        views = [meta.views[v] for v in dataset.load("views")]
+        assert set(views) == set(sm.VIEWS)
+        assert np.array_equal(tracks[:, 0], np.broadcast_to(meta.query_points(), tracks[:, 0].shape))
+        assert visibility[:, 0].all()  # every query point is seen in its own frame
+        ids = dataset.load("object_ids")
+        for n, view in enumerate(views):
+            moving = ids[n] > 0
+            if view == "agentview":
+                # the fixed camera: static geometry has exactly zero motion, the robot moves
+                assert np.array_equal(tracks[n][:, ~moving], np.broadcast_to(tracks[n][0, ~moving],
+                                                                             tracks[n][:, ~moving].shape))
+                assert moving.any() and np.abs(tracks[n][-1, moving] - tracks[n][0, moving]).max() > 1.0
+        assert all(instruction in meta.instructions for instruction in
+                   [meta.instructions[i] for i in dataset.load("instructions")])
+        assert np.isfinite(tracks).all()
+
+
+@needs_sim
+def test_generator_is_deterministic_resumable_and_refuses_other_settings(generated):
+    root, _ = generated
+    again = _generate(root / "b")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for split in ("train", "test"):
+        first, second = TrajectoryDataset(root / "a" / split), TrajectoryDataset(root / "b" / split)
+        for name in first.fields:
+            assert np.array_equal(first.load(name), second.load(name)), (split, name)
+    train, test = TrajectoryDataset(root / "a" / "train"), TrajectoryDataset(root / "a" / "test")
+    assert not np.array_equal(train.load("images")[0], test.load("images")[0])  # disjoint streams
+    done = root / "a" / "train" / "shard-00000.done.json"
+    before = (done.stat().st_mtime_ns, done.read_text())
+    resumed = _generate(root / "a")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (done.stat().st_mtime_ns, done.read_text()) == before  # the finished shard was not generated again
+    assert json.loads(done.read_text())["num_samples"] == len(train)
+    other = _generate(root / "a", "--frame-stride", "3")
+    assert other.returncode != 0 and "other settings" in other.stderr

@@ -1,0 +1,607 @@
+"""LIBERO-like simulated manipulation clips with exact point tracks (``traj-forecast data sim-manipulation``).
+
+Needs the optional extra ``pip install .[sim]`` (robosuite + MuJoCo) and an offscreen OpenGL: on a CPU
+``apt-get install -y libosmesa6`` and ``MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa`` (set by the CLI when unset). The
+core package never imports this module's simulator code: robosuite is imported inside the functions that need it.
+
+What one episode is:
+
+* a robosuite Panda scene (``lift``: one cube; ``stack``: two cubes; ``pick_place``: milk, bread, cereal and can in a
+  bin beside an empty bin; ``door``: a hinged door without latch), reset from a seed: object placements, robot
+  initial joint noise, light colour/intensity/direction, and ``agentview`` camera jitter (position and viewing
+  direction) all come from the episode's random stream;
+* a scripted task on the OSC_POSE controller (``reach``, ``pick_lift``, ``pick_place``, ``push``, ``door``) with a
+  randomly chosen goal among the scene's several plausible ones (which object, which target, which direction) and a
+  random speed, and an instruction string naming the goal ("put the can in the back left of the right bin");
+* rendered every ``frame_stride`` control steps in both LIBERO views (``agentview``, ``robot0_eye_in_hand``) at
+  128 x 128: depth + per-element segmentation every rendered frame (cheap), RGB only where a clip starts.
+
+Clips: windows of ``num_frames`` rendered frames starting every ``clip_hop`` frames. Each clip and view is one
+dataset sample: the RGB image at the window's first frame, exact tracks of the query grid through the window
+(:mod:`traj_forecast_ros.data.sim_tracks`: lifted with frame-0 depth and element ids mapped to bodies, moved with the
+body poses, projected with each frame's camera; visibility by a depth test against each frame's depth render),
+the per-point object ids (0 = static), the task kind, view, instruction and scene id.
+
+Splits and determinism: sample streams are keyed by ``(seed, split, shard, episode)``; ``train`` and ``test`` use
+disjoint streams (so the test split holds unseen placements, lighting, camera jitter and seeds). A shard is a fixed
+list of episodes, so a shard's content depends only on its key; shards are generated in parallel processes, each
+written atomically (``shard-XXXXX.*.npy`` + ``shard-XXXXX.done.json``), and a rerun skips finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from traj_forecast_ros.data import sim_tracks
+
+SCENES: Tuple[str, ...] = ("lift", "stack", "pick_place", "door")
+# door is opt-in: robosuite's Door scene puts the door where agentview sees mostly the robot's base, not the door
+DEFAULT_SCENES: Tuple[str, ...] = ("lift", "stack", "pick_place")
+TASK_KINDS: Tuple[str, ...] = ("reach", "pick_lift", "pick_place", "push", "door")
+VIEWS: Tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
+SPLITS: Dict[str, int] = {"train": 0, "test": 1}
+ENV_NAMES = {"lift": "Lift", "stack": "Stack", "pick_place": "PickPlace", "door": "Door"}
+# Words for the objects of each scene (robosuite object name -> phrase). Lift's cube is red; Stack: A red, B green.
+OBJECT_WORDS = {
+    "cube": "the red cube", "cubeA": "the red cube", "cubeB": "the green cube",
+    "Milk": "the milk carton", "Bread": "the bread", "Cereal": "the cereal box", "Can": "the can",
+}
+PUSH_DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "forward": (1.0, 0.0), "back": (-1.0, 0.0)}
+BIN_CELLS = {"back left": (-1, -1), "back right": (-1, 1), "front left": (1, -1), "front right": (1, 1)}
+GRIPPER_OPEN, GRIPPER_CLOSED = -1.0, 1.0
+HIDDEN_GEOM_GROUP = 5  # a geom group no renderer draws (robosuite shows groups 1 and 2)
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+@dataclass
+class SimConfig:
+    """Geometry, timing and scene mix of the generator."""
+
+    image_size: int = 128
+    num_frames: int = 16  # T per clip, including frame 0
+    control_freq: int = 20  # Hz (robosuite default, LIBERO's rate)
+    frame_stride: int = 2  # control steps between rendered frames: frame interval = stride / control_freq
+    clip_hop: int = 8  # rendered frames between clip starts within an episode
+    query_grid: Tuple[int, int] = (32, 32)
+    query_stride: float = 4.0
+    query_offset: float = 1.5
+    episodes_per_shard: int = 4
+    goals_per_scene: int = 2  # episodes from the same reset state with different goals (same frame-0 image)
+    scenes: Tuple[str, ...] = DEFAULT_SCENES
+    max_episode_steps: int = 180
+    camera_jitter_m: float = 0.03  # agentview position jitter (std per axis, metres)
+    camera_jitter_deg: float = 2.0  # agentview viewing-direction jitter (std, degrees)
+    light_jitter: float = 0.25  # relative diffuse intensity jitter (uniform +-)
+    visibility_abs_tol_m: float = 0.01
+    visibility_rel_tol: float = 0.02
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.scenes) - set(SCENES))
+        if unknown:
+            raise ValueError(f"unknown scenes {unknown}; choose from {SCENES}")
+        if self.num_frames < 2 or self.frame_stride < 1 or self.clip_hop < 1 or self.episodes_per_shard < 1:
+            raise ValueError("num_frames >= 2, frame_stride >= 1, clip_hop >= 1, episodes_per_shard >= 1 required")
+        if self.goals_per_scene < 1:
+            raise ValueError("goals_per_scene must be >= 1")
+        self.query_grid = (int(self.query_grid[0]), int(self.query_grid[1]))
+        self.scenes = tuple(self.scenes)
+
+    @property
+    def frame_interval_s(self) -> float:
+        """Seconds between consecutive clip frames."""
+        return self.frame_stride / self.control_freq
+
+    def query_points(self) -> np.ndarray:
+        """``[Hq, Wq, 2]`` float32 query grid (x, y)."""
+        from traj_forecast_ros.geometry import query_grid
+
+        return query_grid(self)
+
+
+# ------------------------------------------------------------------------------------------------ instructions
+def all_instructions() -> List[str]:
+    """The closed instruction set (every string an episode can carry), in a fixed order."""
+    texts: List[str] = []
+    for obj in ("the red cube", "the green cube", "the milk carton", "the bread", "the cereal box", "the can"):
+        texts.append(f"reach for {obj}")
+        texts.append(f"pick up {obj}")
+        texts += [f"push {obj} {'to the ' + d if d in ('left', 'right') else d}" for d in PUSH_DIRECTIONS]
+    texts += ["put the red cube on the green cube", "put the green cube on the red cube"]
+    for obj in ("the milk carton", "the bread", "the cereal box", "the can"):
+        texts += [f"put {obj} in the {cell} of the right bin" for cell in BIN_CELLS]
+    texts += ["reach for the door handle", "open the door"]
+    return texts
+
+
+def push_instruction(obj_word: str, direction: str) -> str:
+    """"push the can to the left" / "push the can forward"."""
+    return f"push {obj_word} {'to the ' + direction if direction in ('left', 'right') else direction}"
+
+
+# ------------------------------------------------------------------------------------------------ scripted policy
+@dataclass
+class Waypoint:
+    """Move the end effector to ``position`` with the gripper command ``gripper``, then wait ``hold`` steps."""
+
+    position: np.ndarray  # [3] world metres
+    gripper: float
+    hold: int = 0
+    tolerance: float = 0.012  # metres
+
+
+@dataclass
+class EpisodePlan:
+    """What one episode does."""
+
+    scene: str
+    kind: str
+    instruction: str
+    speed: float  # max |action| per axis (OSC delta: 1 = 5 cm per control step)
+    target: str = ""  # object name (or "door")
+    goal: str = ""  # direction / bin cell / other object
+
+
+class ScriptedPolicy:
+    """Proportional OSC_POSE delta actions through a list of waypoints (orientation held, gripper per waypoint)."""
+
+    def __init__(self, waypoints: Sequence[Waypoint], speed: float, max_steps_per_waypoint: int = 60) -> None:
+        self.waypoints = list(waypoints)
+        self.speed = float(speed)
+        self.max_steps = max_steps_per_waypoint
+        self.index = 0
+        self._steps_here = 0
+        self._held = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.waypoints)
+
+    def act(self, eef_pos: np.ndarray) -> np.ndarray:
+        """The 7-D action (dx, dy, dz, dax, day, daz, gripper) for the current end-effector position."""
+        action = np.zeros(7)
+        if self.done:
+            action[6] = self.waypoints[-1].gripper if self.waypoints else GRIPPER_OPEN
+            return action
+        waypoint = self.waypoints[self.index]
+        error = waypoint.position - eef_pos
+        action[:3] = np.clip(error / 0.05, -self.speed, self.speed)
+        action[6] = waypoint.gripper
+        self._steps_here += 1
+        if np.linalg.norm(error) < waypoint.tolerance or self._steps_here >= self.max_steps:
+            self._held += 1
+            if self._held > waypoint.hold:
+                self.index += 1
+                self._steps_here = 0
+                self._held = 0
+        return action
+
+
+def _object_positions(env) -> Dict[str, np.ndarray]:
+    """World position of each movable task object's root body."""
+    sim = env.sim
+    positions = {}
+    for obj in getattr(env, "objects", None) or _scene_objects(env):
+        positions[obj.name] = np.array(sim.data.body_xpos[sim.model.body_name2id(obj.root_body)])
+    return positions
+
+
+def _scene_objects(env) -> List[Any]:
+    if hasattr(env, "cubeA"):
+        return [env.cubeA, env.cubeB]
+    if hasattr(env, "cube"):
+        return [env.cube]
+    return []
+
+
+def plan_episode(rng: np.random.Generator, scene: str, env) -> Tuple[EpisodePlan, List[Waypoint]]:
+    """Draw a task and goal for the scene's current state; returns the plan and its waypoints."""
+    speed = float(rng.uniform(0.3, 0.6))
+    eef = _eef_pos(env)
+    above = 0.12
+    if scene == "door":
+        handle = np.array(env.sim.data.site_xpos[env.door_handle_site_id])
+        if rng.random() < 0.3:
+            plan = EpisodePlan(scene, "reach", "reach for the door handle", speed, "door")
+            return plan, [Waypoint(handle + [-0.08, 0, 0.02], GRIPPER_OPEN), Waypoint(handle, GRIPPER_OPEN, hold=5)]
+        plan = EpisodePlan(scene, "door", "open the door", speed, "door")
+        return plan, [Waypoint(handle + [-0.08, 0, 0], GRIPPER_OPEN), Waypoint(handle, GRIPPER_OPEN),
+                      Waypoint(handle, GRIPPER_CLOSED, hold=6)] + _door_arc(env, handle)
+    objects = _object_positions(env)
+    names = sorted(objects)
+    kinds = ["reach", "pick_lift", "push"] + (["pick_place"] if scene in ("stack", "pick_place") else [])
+    if scene == "pick_place":
+        kinds = ["reach", "pick_lift", "pick_place", "pick_place"]  # no pushing inside a bin
+    kind = str(rng.choice(kinds))
+    name = str(rng.choice(names))
+    pos = objects[name]
+    word = OBJECT_WORDS.get(name, f"the {name.lower()}")
+    grasp = pos + [0.0, 0.0, 0.005]
+    if kind == "reach":
+        plan = EpisodePlan(scene, kind, f"reach for {word}", speed, name)
+        return plan, [Waypoint(pos + [0, 0, above], GRIPPER_OPEN), Waypoint(pos + [0, 0, 0.03], GRIPPER_OPEN, hold=8)]
+    pick = [Waypoint(grasp + [0, 0, above], GRIPPER_OPEN), Waypoint(grasp, GRIPPER_OPEN),
+            Waypoint(grasp, GRIPPER_CLOSED, hold=8)]
+    if kind == "pick_lift":
+        lift = float(rng.uniform(0.12, 0.25))
+        plan = EpisodePlan(scene, kind, f"pick up {word}", speed, name)
+        return plan, pick + [Waypoint(grasp + [0, 0, lift], GRIPPER_CLOSED, hold=6)]
+    if kind == "push":
+        direction = str(rng.choice(sorted(PUSH_DIRECTIONS)))
+        d = np.array([*PUSH_DIRECTIONS[direction], 0.0])
+        distance = float(rng.uniform(0.08, 0.15))
+        start = pos - d * 0.07 + [0, 0, 0.0]
+        plan = EpisodePlan(scene, kind, push_instruction(word, direction), speed, name, direction)
+        return plan, [Waypoint(start + [0, 0, above], GRIPPER_CLOSED), Waypoint(start, GRIPPER_CLOSED),
+                      Waypoint(pos + d * distance - d * 0.03, GRIPPER_CLOSED, hold=4),
+                      Waypoint(pos + d * distance - d * 0.03 + [0, 0, 0.1], GRIPPER_CLOSED)]
+    # pick and place
+    if scene == "stack":
+        other = [n for n in names if n != name][0]
+        destination = objects[other] + [0, 0, 0.05]
+        plan = EpisodePlan(scene, kind, f"put {word} on {OBJECT_WORDS[other]}", speed, name, other)
+    else:
+        cell = str(rng.choice(sorted(BIN_CELLS)))
+        bin_centre = np.array(env.bin2_pos)
+        sx, sy = BIN_CELLS[cell]  # x: +1 front (towards agentview), y: +1 right in agentview
+        destination = bin_centre + [sx * env.bin_size[0] / 4, sy * env.bin_size[1] / 4, 0.0]
+        destination[2] = pos[2] + 0.05  # release 5 cm above the object's resting height (the bins are level)
+        plan = EpisodePlan(scene, kind, f"put {word} in the {cell} of the right bin", speed, name, cell)
+    carry = max(float(destination[2]), float(grasp[2])) + 0.12
+    return plan, pick + [Waypoint(np.array([*grasp[:2], carry]), GRIPPER_CLOSED),
+                         Waypoint(np.array([*destination[:2], carry]), GRIPPER_CLOSED),
+                         Waypoint(destination, GRIPPER_CLOSED, hold=2),
+                         Waypoint(destination, GRIPPER_OPEN, hold=6),
+                         Waypoint(destination + [0, 0, 0.1], GRIPPER_OPEN)]
+
+
+def _door_arc(env, handle: np.ndarray, steps: int = 8) -> List[Waypoint]:
+    """Waypoints that swing the handle about the door's hinge by up to 40 degrees, towards the robot."""
+    sim = env.sim
+    joint = sim.model.joint_name2id(env.door.joints[0])
+    anchor = np.array(sim.data.xanchor[joint])
+    axis = np.array(sim.data.xaxis[joint])
+    base = np.array(env.robots[0].base_pos)
+    radial = handle - anchor
+
+    def rotate(angle: float) -> np.ndarray:
+        # Rodrigues rotation of the handle about the hinge axis
+        c, s = math.cos(angle), math.sin(angle)
+        return anchor + radial * c + np.cross(axis, radial) * s + axis * (axis @ radial) * (1 - c)
+
+    sign = 1.0 if np.linalg.norm(rotate(0.2) - base) < np.linalg.norm(rotate(-0.2) - base) else -1.0
+    return [Waypoint(rotate(sign * math.radians(40.0) * (i + 1) / steps), GRIPPER_CLOSED) for i in range(steps)]
+
+
+def _eef_pos(env) -> np.ndarray:
+    robot = env.robots[0]
+    site = robot.eef_site_id["right"] if isinstance(robot.eef_site_id, dict) else robot.eef_site_id
+    return np.array(env.sim.data.site_xpos[site])
+
+
+# ------------------------------------------------------------------------------------------------ environments
+def make_env(scene: str, config: SimConfig):
+    """A robosuite environment for ``scene`` that renders offscreen (no camera observations: we render ourselves)."""
+    import robosuite
+    from robosuite.controllers import load_composite_controller_config
+
+    controller = load_composite_controller_config(controller="BASIC", robot="Panda")
+    kwargs: Dict[str, Any] = dict(
+        robots="Panda", controller_configs=controller, has_renderer=False, has_offscreen_renderer=True,
+        use_camera_obs=False, use_object_obs=False, control_freq=config.control_freq, horizon=100000,
+        ignore_done=True, hard_reset=False, seed=0,
+    )
+    if scene == "door":
+        kwargs["use_latch"] = False
+    env = robosuite.make(ENV_NAMES[scene], **kwargs)
+    env.reset()
+    model = env.sim.model
+    # Render only what a camera would see: no site markers (drawn into the depth and segmentation buffers even
+    # when hidden in RGB) and no translucent helper geoms (IK target markers, PickPlace's ghost objects in the bin).
+    env.sim._render_context_offscreen.vopt.sitegroup[:] = 0
+    translucent = np.asarray(model.geom_rgba)[:, 3] < 1.0
+    model.geom_group[translucent] = HIDDEN_GEOM_GROUP
+    env._tf_defaults = {  # what the per-episode jitter starts from
+        "cam_pos": np.array(model.cam_pos), "cam_quat": np.array(model.cam_quat),
+        "light_diffuse": np.array(model.light_diffuse), "light_dir": np.array(model.light_dir),
+    }
+    return env
+
+
+def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    w1, x1, y1, z1 = a
+    w2, x2, y2, z2 = b
+    return np.array([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                     w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2])
+
+
+def reset_episode(env, rng: np.random.Generator, config: SimConfig) -> Dict[str, Any]:
+    """Reset placements and robot noise from ``rng``, jitter lights and the agentview camera; returns what was drawn."""
+    env.rng.bit_generator.state = np.random.default_rng(int(rng.integers(2**63))).bit_generator.state
+    env.reset()
+    model = env.sim.model
+    defaults = env._tf_defaults
+    cam = model.camera_name2id("agentview")
+    model.cam_pos[:] = defaults["cam_pos"]
+    model.cam_quat[:] = defaults["cam_quat"]
+    offset = rng.normal(0.0, config.camera_jitter_m, 3)
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = math.radians(config.camera_jitter_deg) * float(rng.normal())
+    turn = np.array([math.cos(angle / 2), *(axis * math.sin(angle / 2))])
+    model.cam_pos[cam] = defaults["cam_pos"][cam] + offset
+    model.cam_quat[cam] = _quat_mul(defaults["cam_quat"][cam], turn)
+    scale = 1.0 + rng.uniform(-config.light_jitter, config.light_jitter, (model.nlight, 1))
+    tint = 1.0 + rng.uniform(-0.08, 0.08, (model.nlight, 3))
+    model.light_diffuse[:] = np.clip(defaults["light_diffuse"] * scale * tint, 0.0, 1.0)
+    direction = defaults["light_dir"] + rng.normal(0.0, 0.15, defaults["light_dir"].shape)
+    model.light_dir[:] = direction / np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-9)
+    env.sim.forward()
+    return {"camera_offset_m": offset.round(4).tolist(), "camera_turn_deg": round(math.degrees(angle), 3)}
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+@dataclass
+class FrameState:
+    """What is kept of one rendered frame."""
+
+    body_pos: np.ndarray  # [B, 3]
+    body_rot: np.ndarray  # [B, 3, 3]
+    cameras: Dict[str, np.ndarray]  # view -> [4, 4] world-from-camera
+    depth: Dict[str, np.ndarray]  # view -> [H, W] metres, top row first
+    bodies: Dict[str, np.ndarray]  # view -> [H, W] body id (NO_BODY where nothing), top row first
+    rgb: Dict[str, np.ndarray] = field(default_factory=dict)  # view -> [H, W, 3] uint8 (only at clip starts)
+
+
+def render_frame(env, config: SimConfig, with_rgb: bool) -> FrameState:
+    """Render both views (segmentation + depth; RGB when asked) and record camera and body poses."""
+    import mujoco
+
+    sim = env.sim
+    model = sim.model
+    size = config.image_size
+    near, far = sim_tracks.clip_planes(model)
+    zero_far = int(sim._render_context_offscreen.con.readDepthMap) == int(mujoco.mjtDepthMap.mjDEPTH_ZEROFAR)
+    geom_type = int(mujoco.mjtObj.mjOBJ_GEOM)
+    geom_body = np.asarray(model.geom_bodyid)
+    state = FrameState(body_pos=np.array(sim.data.xpos), body_rot=np.array(sim.data.xmat).reshape(-1, 3, 3),
+                       cameras={}, depth={}, bodies={})
+    for view in VIEWS:
+        cam = model.camera_name2id(view)
+        state.cameras[view] = sim_tracks.extrinsic_matrix(sim.data.cam_xpos[cam], sim.data.cam_xmat[cam])
+        seg, raw = sim.render(size, size, camera_name=view, depth=True, segmentation=True)
+        seg, raw = seg[::-1], raw[::-1]  # MuJoCo reads bottom row first
+        is_geom = seg[..., 0] == geom_type  # robosuite: channel 0 = object type, 1 = object id
+        state.bodies[view] = np.where(is_geom, geom_body[np.where(is_geom, seg[..., 1], 0)], sim_tracks.NO_BODY)
+        state.depth[view] = sim_tracks.depth_buffer_to_metres(raw, near, far, zero_far=zero_far)
+        if with_rgb:
+            state.rgb[view] = np.ascontiguousarray(sim.render(size, size, camera_name=view)[::-1])
+    return state
+
+
+def run_episode(env, policy: ScriptedPolicy, config: SimConfig) -> List[FrameState]:
+    """Step the scripted policy; render every ``frame_stride`` steps (RGB at clip starts). Stops a few frames after
+    the script ends, but always renders at least one full clip."""
+    frames: List[FrameState] = []
+    steps_per_clip = (config.num_frames - 1) * config.frame_stride
+    step = 0
+    done_at: Optional[int] = None
+    while True:
+        if step % config.frame_stride == 0:
+            index = step // config.frame_stride
+            frames.append(render_frame(env, config, with_rgb=index % config.clip_hop == 0))
+            finished = done_at is not None and step - done_at >= 4 * config.frame_stride
+            if step >= steps_per_clip and (finished or step >= config.max_episode_steps):
+                # trim to the last window that starts at a clip start
+                usable = (len(frames) - config.num_frames) // config.clip_hop * config.clip_hop + config.num_frames
+                return frames[:usable]
+        env.step(policy.act(_eef_pos(env)))
+        if policy.done and done_at is None:
+            done_at = step
+        step += 1
+
+
+def compact_object_ids(body_ids: np.ndarray, body_weld: np.ndarray, moving_bodies: Sequence[int]) -> np.ndarray:
+    """Per-point object id: 0 for static geometry (welded to the world) and empty pixels, else 1 + the body's index
+    in ``moving_bodies`` (a fixed list per scene, so ids mean the same body across a scene's samples)."""
+    lookup = np.zeros(len(body_weld) + 1, dtype=np.int16)  # last entry: NO_BODY
+    for index, body in enumerate(moving_bodies):
+        lookup[body] = index + 1
+    ids = np.where(body_ids == sim_tracks.NO_BODY, len(body_weld), body_ids)
+    return lookup[ids]
+
+
+def clip_samples(frames: List[FrameState], intrinsics: Dict[str, np.ndarray], config: SimConfig,
+                 moving_bodies: Sequence[int], body_weld: np.ndarray, sky_depth: float) -> List[Dict[str, Any]]:
+    """Every clip window x view of an episode as dataset sample fields (image, tracks, visibility, object_ids)."""
+    query = config.query_points().astype(np.float64)
+    rows, cols = config.query_grid
+    samples = []
+    for start in range(0, len(frames) - config.num_frames + 1, config.clip_hop):
+        window = frames[start:start + config.num_frames]
+        body_pos = np.stack([f.body_pos for f in window])
+        body_rot = np.stack([f.body_rot for f in window])
+        for view in VIEWS:
+            clip = sim_tracks.clip_tracks(
+                query, window[0].bodies[view], window[0].depth[view], intrinsics[view],
+                np.stack([f.cameras[view] for f in window]), body_pos, body_rot,
+                depth_maps=np.stack([f.depth[view] for f in window]),
+                abs_tolerance=config.visibility_abs_tol_m, rel_tolerance=config.visibility_rel_tol,
+                sky_depth=sky_depth)
+            samples.append({
+                "image": window[0].rgb[view],
+                "tracks": clip.tracks.reshape(config.num_frames, rows, cols, 2).astype(np.float32),
+                "visibility": clip.visible.reshape(config.num_frames, rows, cols),
+                "object_ids": compact_object_ids(clip.body_ids, body_weld, moving_bodies).reshape(rows, cols),
+                "view": view,
+                "start_frame": start,
+            })
+    return samples
+
+
+def moving_body_list(env) -> List[int]:
+    """Bodies not welded to the world (robot links, gripper, objects, door leaf), in id order."""
+    weld = np.asarray(env.sim.model.body_weldid)
+    return [int(b) for b in range(1, len(weld)) if weld[b] != 0]
+
+
+# ------------------------------------------------------------------------------------------------ shards
+def episode_rng(seed: int, split: str, shard: int, scene_index: int) -> np.random.Generator:
+    """The random stream of one scene (reset state) of a shard; train and test streams never overlap."""
+    return np.random.default_rng([int(seed), SPLITS[split], int(shard), int(scene_index)])
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def dataset_meta(config: SimConfig, seed: int, split: str):
+    """The :class:`~traj_forecast_ros.data.dataset.DatasetMeta` of a generated split."""
+    from traj_forecast_ros.data.dataset import DatasetMeta
+
+    return DatasetMeta(
+        image_size=(config.image_size, config.image_size), query_grid=config.query_grid,
+        query_stride=config.query_stride, query_offset=config.query_offset, num_frames=config.num_frames,
+        num_rollouts=1, frame_interval_s=config.frame_interval_s, kinds=list(TASK_KINDS),
+        views=list(VIEWS), instructions=all_instructions(),
+        source={"generator": "traj_forecast_ros.data.sim_manipulation", "seed": int(seed), "split": split,
+                "config": asdict(config), "simulator": simulator_versions()},
+    )
+
+
+def simulator_versions() -> Dict[str, str]:
+    """Versions of the simulator packages (recorded in the dataset's provenance)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("robosuite", "mujoco"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "absent"
+    return found
+
+
+def generate_shard(root: Path, split: str, shard: int, seed: int, config: SimConfig,
+                   envs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Generate shard ``shard`` of ``split`` into ``root`` (atomically); returns its ``done.json`` record."""
+    from traj_forecast_ros.data.dataset import DatasetWriter
+
+    envs = {} if envs is None else envs
+    started = time.monotonic()
+    meta = dataset_meta(config, seed, split)
+    staging = root / f".{shard_name(shard)}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    episodes: List[Dict[str, Any]] = []
+    count = 0
+    with DatasetWriter(staging, meta, shard_size=1 << 30) as writer:
+        scene_count = max(1, config.episodes_per_shard // config.goals_per_scene)
+        for scene_index in range(scene_count):
+            rng = episode_rng(seed, split, shard, scene_index)
+            scene = config.scenes[int(rng.integers(len(config.scenes)))]
+            if scene not in envs:
+                envs[scene] = make_env(scene, config)
+            env = envs[scene]
+            reset_seed = int(rng.integers(2**63))
+            scene_id = shard * scene_count + scene_index
+            moving = moving_body_list(env)
+            weld = np.asarray(env.sim.model.body_weldid)
+            for goal in range(config.goals_per_scene):
+                drawn = reset_episode(env, np.random.default_rng(reset_seed), config)  # the same state per goal
+                plan, waypoints = plan_episode(rng, scene, env)
+                frames = run_episode(env, ScriptedPolicy(waypoints, plan.speed), config)
+                model = env.sim.model
+                intrinsics = {view: sim_tracks.intrinsic_matrix(float(model.cam_fovy[model.camera_name2id(view)]),
+                                                                config.image_size, config.image_size)
+                              for view in VIEWS}
+                sky = sim_tracks.clip_planes(model)[1]
+                for sample in clip_samples(frames, intrinsics, config, moving, weld, sky):
+                    writer.add(sample["image"], sample["tracks"], object_ids=sample["object_ids"], kind=plan.kind,
+                               visibility=sample["visibility"], view=sample["view"], instruction=plan.instruction,
+                               scene_id=scene_id)
+                    count += 1
+                episodes.append({**asdict(plan), "scene_id": scene_id, "frames": len(frames), **drawn})
+    fields = json.loads((staging / "index.json").read_text())["fields"]
+    name = shard_name(shard)
+    for path in sorted(staging.glob("shard-00000.*.npy")):
+        os.replace(path, root / path.name.replace("shard-00000", name))
+    shutil.rmtree(staging, ignore_errors=True)
+    record = {"name": name, "num_samples": count, "fields": fields, "episodes": episodes,
+              "seconds": round(time.monotonic() - started, 2)}
+    done = root / f"{name}.done.json"
+    done.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+    os.replace(done.with_suffix(".tmp"), done)
+    return record
+
+
+_WORKER_ENVS: Dict[str, Any] = {}  # per worker process: robosuite envs by scene, built once (about 5 s each)
+
+
+def _worker(task: Tuple[str, str, int, int, Dict[str, Any]]) -> Dict[str, Any]:
+    root, split, shard, seed, config_dict = task
+    config = SimConfig(**config_dict)
+    return generate_shard(Path(root), split, shard, seed, config, envs=_WORKER_ENVS)
+
+
+def ensure_offscreen_gl() -> None:
+    """Default to OSMesa (CPU) rendering unless the user chose a GL backend (must run before MuJoCo loads)."""
+    os.environ.setdefault("MUJOCO_GL", "osmesa")
+    if os.environ["MUJOCO_GL"] == "osmesa":
+        os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+
+
+def write_sim_dataset(root, split: str, num_shards: int, seed: int, config: SimConfig, workers: int = 1,
+                      progress: bool = True) -> Path:
+    """Generate ``num_shards`` shards of ``split`` into ``root`` (resuming: finished shards are kept) and write
+    ``index.json``. Returns the index path. Raises ValueError on a bad split or a dataset made with other settings."""
+    from traj_forecast_ros.data.dataset import write_index
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; choose from {sorted(SPLITS)}")
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {"seed": int(seed), "split": split, "config": json.loads(json.dumps(asdict(config)))}
+    settings_path = root / "generator.json"
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text())
+        if previous != settings:
+            raise ValueError(f"{root} was generated with other settings ({settings_path}); use another --out or "
+                             "the same settings to resume")
+    else:
+        settings_path.write_text(json.dumps(settings, indent=1))
+    pending = [s for s in range(num_shards) if not (root / f"{shard_name(s)}.done.json").exists()]
+    ensure_offscreen_gl()
+    tasks = [(str(root), split, shard, int(seed), asdict(config)) for shard in pending]
+    from tqdm import tqdm
+
+    bar = tqdm(total=num_shards, initial=num_shards - len(pending), unit="shard", desc=f"sim {split}",
+               disable=not progress)
+    if workers <= 1:
+        for task in tasks:
+            record = _worker(task)
+            bar.update(1)
+            bar.set_postfix(samples=record["num_samples"])
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for record in pool.imap_unordered(_worker, tasks):
+                bar.update(1)
+                bar.set_postfix(samples=record["num_samples"])
+    bar.close()
+    records = [json.loads((root / f"{shard_name(s)}.done.json").read_text()) for s in range(num_shards)]
+    fields = records[0]["fields"]
+    meta = dataset_meta(config, seed, split)
+    meta.source["seconds"] = round(sum(r["seconds"] for r in records), 2)
+    meta.source["episodes"] = sum(len(r["episodes"]) for r in records)
+    return write_index(root, meta, fields, [{"name": r["name"], "num_samples": r["num_samples"]} for r in records])
