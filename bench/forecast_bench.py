@@ -176,7 +176,7 @@ def count_flops(forecaster: Forecaster, model_image: np.ndarray) -> Dict[str, in
         mean, _ = forecaster.condition_posterior(features)  # [1, 1, C, h, w]; caches the query tokens
         state = mean.expand(-1, forecaster.latent_shape[0], -1, -1, -1).contiguous()  # [1, T, C, h, w]
     t = torch.full((1,), 0.5, device=forecaster.device)
-    pixels = torch.from_numpy(np.ascontiguousarray(model_image)).unsqueeze(0).to(forecaster.device)
+    pixels = torch.from_numpy(np.array(model_image)).unsqueeze(0).to(forecaster.device)  # writable copy
     tokens = forecaster.query_tokens()  # [1, T, L, C]
     return {
         "image_encoder": measure_flops(lambda: forecaster.image_encoder(pixels)),
@@ -585,8 +585,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for row in results:
         ratio = f"   ours/official {row['ratio_to_official']:.3f}" if "ratio_to_official" in row else ""
         tag = " (extrapolated)" if row["extrapolated"] else ""
-        print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['threads']} thr {row['reported_timings']['total']:8.2f} s"
-              f"{tag}   {row['gflops_per_s']:7.1f} GFLOP/s   efficiency {row['efficiency']:.2f}{ratio}")
+        print(f"   {row['dtype']:<9} K={row['samples']:<3} {row['threads']} thr "
+              f"{row['reported_timings']['total']:8.2f} s{tag}   {row['gflops_per_s']:7.1f} GFLOP/s   efficiency {row['efficiency']:.2f}{ratio}")
     print_targets(results, base, flops)
     if args.json:
         for row in results:

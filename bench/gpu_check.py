@@ -93,6 +93,7 @@ STRESS_SCALES = (1.0, 16.0, 256.0, 4096.0, 65536.0)
 INSTRUCTION = "put the black bowl in the bottom drawer of the cabinet and close it"
 DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("plain", "graphs", "compile", "graphs+compile")
+SECTIONS = ("policy", "accuracy", "stress", "timing", "node", "second_device")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -611,7 +612,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="model directory for the node run (default: the checked random-weight model)")
     parser.add_argument("--skip-node", action="store_true", help="no node replay")
     parser.add_argument("--strict", action="store_true", help="a skipped check fails too")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--samples", default=None, help="K values to time, e.g. 1,8,32 (default; quick 1,2); the "
+                        "largest is also the accuracy check's K")
     args = parser.parse_args(argv)
+    selected = {name.strip() for name in args.sections.split(",") if name.strip()}
+    if not selected <= set(SECTIONS):
+        parser.error(f"unknown section(s) {sorted(selected - set(SECTIONS))}: choose from {', '.join(SECTIONS)}")
 
     started = time.monotonic()
     device = resolve_device(args.device)
@@ -619,7 +627,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = Budget(args.budget_s if args.budget_s is not None else (120.0 if quick else 360.0))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample_counts = (1, 2) if quick else (1, 8, 32)
+    sample_counts = tuple(int(k) for k in args.samples.split(",")) if args.samples else ((1, 2) if quick
+                                                                                          else (1, 8, 32))
     steps = 3 if quick else 10
     repeats, warmup = (3, 1) if quick else (20, 3)
     stress_samples = 4 if quick else 64
@@ -632,15 +641,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = build_model(quick, device)
     image = scene_image(tuple(base.config.image_size))
     dtypes = supported_dtypes(device)
-    run_section(report, "policy", lambda: policy_section(device))
-    run_section(report, "accuracy", lambda: accuracy_section(base, image, sample_counts[-1], steps, dtypes))
-    run_section(report, "stress", lambda: stress_section(base, image, stress_samples, steps, dtypes, stress_scales))
+
+    def section(name: str, fn: Callable[[], Any]) -> None:
+        if name in selected:
+            run_section(report, name, fn)
+        else:
+            report["sections"].setdefault(name, check("skipped", reason="not selected (--sections)"))
+
+    section("policy", lambda: policy_section(device))
+    section("accuracy", lambda: accuracy_section(base, image, sample_counts[-1], steps, dtypes))
+    section("stress", lambda: stress_section(base, image, stress_samples, steps, dtypes, stress_scales))
     flops_of = None
-    try:
-        flops_of = count_forecast_flops(base, image, steps)
-        report["flops_per_forecast"] = {str(k): flops_of(k) for k in sample_counts}
-    except Exception as exc:  # noqa: BLE001 - timings stay valid without FLOPs
-        report["flops_error"] = f"{type(exc).__name__}: {exc}"
+    if "timing" in selected:
+        try:
+            flops_of = count_forecast_flops(base, image, steps)
+            report["flops_per_forecast"] = {str(k): flops_of(k) for k in sample_counts}
+        except Exception as exc:  # noqa: BLE001 - timings stay valid without FLOPs
+            report["flops_error"] = f"{type(exc).__name__}: {exc}"
 
     timing: Dict[str, Any] = {"rows": [], "steps": steps, "repeats": repeats, "warmup": warmup}
 
@@ -652,16 +669,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         timing["skipped_rows"] = sum(row["status"] == "skipped" for row in timing["rows"])
         return timing
 
-    run_section(report, "timing", lambda: timing_part(True))
+    section("timing", lambda: timing_part(True))  # plain and CUDA graphs
     if args.skip_node:
         report["sections"]["node"] = check("skipped", reason="--skip-node")
     else:
         with tempfile.TemporaryDirectory(prefix="gpu_check_model_") as tmp:
             model_dir = lambda: args.node_model or save_node_model(base, Path(tmp) / "model")  # noqa: E731
-            run_section(report, "node", lambda: node_section(device, model_dir, Path(tmp), 2 if quick else 8, steps,
-                                                             budget, 30.0 if quick else 90.0))
-    run_section(report, "timing", lambda: timing_part(False))
-    run_section(report, "second_device", lambda: second_device_section(base, image, 8 if not quick else 2, steps))
+            section("node", lambda: node_section(device, model_dir, Path(tmp), 2 if quick else 8, steps, budget,
+                                                 30.0 if quick else 90.0))
+    section("timing", lambda: timing_part(False))  # torch.compile last: each compile takes tens of seconds
+    section("second_device", lambda: second_device_section(base, image, 2 if quick else 8, steps))
 
     statuses = [s.get("status") for s in report["sections"].values() if isinstance(s, dict)]
     failed = "fail" in statuses or (args.strict and "skipped" in statuses)

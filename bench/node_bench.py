@@ -34,6 +34,8 @@ sys.path.insert(0, str(REPO))
 from traj_forecast_ros.forecast import Forecast  # noqa: E402
 
 NAMESPACE = "/node_bench"
+TARGET_OVERHEAD_P95_MS = 15.0  # issue 13: node overhead beyond the forecaster, markers and overlay subscribed
+TARGET_DEMO_P95_MS = 150.0  # issue 13: stamp -> forecast received at 10 Hz with the shipped small model
 
 
 def percentiles(values: List[float]) -> Dict[str, float]:
@@ -137,6 +139,7 @@ def serve(args: argparse.Namespace) -> int:
         model = "stub"
     rclpy.init()
     overrides = [Parameter("model", value=model), Parameter("device", value="cpu"),
+                 Parameter("threads", value=args.threads),
                  Parameter("num_samples", value=args.samples), Parameter("max_input_age", value=0.0),
                  Parameter("stats_window", value=max(args.count, 10))]  # diagnostics cover one mode's frames
     node = ForecastNode(forecaster_factory=factory, namespace=NAMESPACE, parameter_overrides=overrides)
@@ -166,7 +169,8 @@ def measure_overhead(args: argparse.Namespace) -> Dict[str, Dict[str, float]]:
     from traj_forecast_ros.ros.conversions import rgb_to_image_msg
 
     command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--stub-ms", str(args.stub_ms),
-               "--samples", str(args.samples), "--frames", str(args.frames), "--grid", str(args.grid)]
+               "--samples", str(args.samples), "--frames", str(args.frames), "--grid", str(args.grid),
+               "--threads", str(args.threads)]
     if args.model:
         command += ["--model", args.model]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
@@ -271,6 +275,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--grid", type=int, default=64, help="query grid side of the stub (default 64)")
     parser.add_argument("--stub-ms", type=float, default=50.0, help="time the stub forecaster takes (default 50)")
     parser.add_argument("--model", default=None, help="model directory or registry name instead of the stub")
+    parser.add_argument("--threads", type=int, default=0, help="the node's torch threads (default 0: the cores "
+                        "available)")
     parser.add_argument("--count", type=int, default=40, help="measured frames per mode (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured frames first (default 5)")
     parser.add_argument("--repeats", type=int, default=30, help="pack/unpack repetitions (default 30)")
@@ -296,7 +302,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name, row in rows.items():
         mean = f"mean {row['mean_ms']:8.2f} ms" if "mean_ms" in row else " " * 16
         print(f"{name:<{width}}  p50 {row['p50_ms']:8.2f} ms  p95 {row['p95_ms']:8.2f} ms  {mean}  (n={row['n']})")
+    print_targets(rows, args)
     return 0
+
+
+def print_targets(rows: Dict[str, Dict[str, float]], args: argparse.Namespace) -> None:
+    """The issue-13 node targets from this run, each marked met / NOT met."""
+    overhead = rows.get("overhead, forecast + markers + overlay")
+    if overhead is None:
+        return
+    print(f"\ntargets (issue 13, this run, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}):")
+    ok = overhead["p95_ms"] <= TARGET_OVERHEAD_P95_MS
+    print(f"   node overhead p95 with markers + overlay: {overhead['p95_ms']:.1f} ms (target <= "
+          f"{TARGET_OVERHEAD_P95_MS:.0f} ms, ratio {overhead['p95_ms'] / TARGET_OVERHEAD_P95_MS:.2f}) "
+          f"{'met' if ok else 'NOT met'}")
+    latency = rows.get("latency (stamp -> received), forecast + markers + overlay")
+    if args.model and latency is not None:
+        ok = latency["p95_ms"] <= TARGET_DEMO_P95_MS
+        print(f"   latency p95 with {args.model}, K={args.samples}: {latency['p95_ms']:.1f} ms (target <= "
+              f"{TARGET_DEMO_P95_MS:.0f} ms at 10 Hz, ratio {latency['p95_ms'] / TARGET_DEMO_P95_MS:.2f}) "
+              f"{'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

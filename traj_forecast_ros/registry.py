@@ -69,6 +69,7 @@ class RegistryEntry:
     latent_scale: Optional[List[float]] = None
     image_encoder: Optional[str] = None
     text_encoder: Optional[str] = None
+    encoder_revisions: Dict[str, str] = field(default_factory=dict)  # image_encoder/text_encoder -> commit to pin
     image_size: Optional[Tuple[int, int]] = None
     query_grid: Optional[Tuple[int, int]] = None
     num_frames: Optional[int] = None
@@ -155,6 +156,7 @@ def load_registry(path: Optional[PathLike] = None) -> Dict[str, RegistryEntry]:
             latent_scale=item.get("latent_scale"),
             image_encoder=item.get("image_encoder"),
             text_encoder=item.get("text_encoder"),
+            encoder_revisions={str(k): str(v) for k, v in (item.get("encoder_revisions") or {}).items()},
             image_size=as_pair(item["image_size"]) if item.get("image_size") is not None else None,
             query_grid=as_pair(item["query_grid"]) if item.get("query_grid") is not None else None,
             num_frames=item.get("num_frames"),
@@ -380,13 +382,13 @@ def _fetch_checkpoint(entry: RegistryEntry, role: str, listing: Optional[Dict[st
     return local, digest
 
 
-def _fetch_encoder(model_id: str, entry: RegistryEntry, target: Path) -> Path:
+def _fetch_encoder(model_id: str, entry: RegistryEntry, target: Path, role: str) -> Path:
     from huggingface_hub import snapshot_download
 
     offline = hub_offline()
-    try:
+    try:  # revision None = the repo's default branch, unless the registry pins a commit (encoder_revisions)
         return Path(snapshot_download(model_id, allow_patterns=ENCODER_PATTERNS, etag_timeout=HUB_TIMEOUT_S,
-                                      local_files_only=offline))
+                                      local_files_only=offline, revision=entry.encoder_revisions.get(role)))
     except Exception as exc:
         reason = (f"offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache does not hold {model_id}"
                   if offline else f"downloading encoder {model_id} failed: {type(exc).__name__}: {exc}")
@@ -417,11 +419,11 @@ def download(name: str, cache_dir: Optional[PathLike] = None, force: bool = Fals
     image_encoder = text_encoder = None
     encoder_commits: Dict[str, Optional[str]] = {}
     if config.image_encoder.model_id:
-        snapshot = _fetch_encoder(config.image_encoder.model_id, entry, target)
+        snapshot = _fetch_encoder(config.image_encoder.model_id, entry, target, "image_encoder")
         encoder_commits["image_encoder"] = hub_commit_of(snapshot)
         image_encoder = ImageEncoder.from_config(replace(config.image_encoder, model_id=str(snapshot)))
     if config.text_encoder is not None and config.text_encoder.model_id:
-        snapshot = _fetch_encoder(config.text_encoder.model_id, entry, target)
+        snapshot = _fetch_encoder(config.text_encoder.model_id, entry, target, "text_encoder")
         encoder_commits["text_encoder"] = hub_commit_of(snapshot)
         text_encoder = TextEncoder.from_config(replace(config.text_encoder, model_id=str(snapshot)))
 

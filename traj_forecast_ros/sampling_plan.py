@@ -2,7 +2,8 @@
 
 :func:`resolve_device` is the project's one device resolver (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and
 :func:`resolve_dtype` its dtype policy. :func:`choose_sampling_plan` picks the plan that
-:class:`traj_forecast_ros.forecaster.Forecaster` runs. No ROS imports here.
+:class:`traj_forecast_ros.forecaster.Forecaster` runs per device, and :func:`plan_for_model` its CPU fields per
+model (size rule, or a timed probe cached as JSON). No ROS imports here.
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- sampling plan
-# Samples per denoiser/decoder call per device type. CPU: measured on the 2-core project machine (LIBERO-size
-# denoiser, one thread): batch 1 1.37 s/sample fp32 and 0.71 s bf16, batch 4 1.65 s and 1.04 s (batching adds
-# cache pressure and prevents folding the per-sample modulation into the weights). CUDA: not measured here (no GPU
+# Samples per denoiser/decoder call per device type, before the per-model choice (plan_for_model). CPU: one sample
+# per call suits LIBERO size (measured on the 2-core project machine, one thread: batch 1 1.37 s/sample fp32 and
+# 0.71 s bf16, batch 4 1.65 s and 1.04 s); smaller models batch (see ROWS_PER_CALL). CUDA: not measured here (no GPU
 # on the project machines); a GPU is only filled by batching, so all K go at once. Re-measure with
 # ``bench/forecast_bench.py --sample-batch-size N``.
 DEFAULT_SAMPLE_BATCH_SIZE: Dict[str, Optional[int]] = {"cpu": 1, "cuda": None}

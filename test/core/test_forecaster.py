@@ -230,8 +230,8 @@ def test_from_pretrained_model_dir_reproduces_from_config(tmp_path, agent_image)
     model = Forecaster.from_config(tiny_config(), seed=3)
     save_model_dir(tmp_path / "tiny", model.config, model.denoiser, model.vae, model.image_encoder,
                    model.text_encoder)
-    loaded = Forecaster.from_pretrained(tmp_path / "tiny", device="cpu")
-    assert loaded.model_id == "tiny" and loaded.dtype == torch.float32
+    loaded = Forecaster.from_pretrained(tmp_path / "tiny", device="cpu", plan_probe=False)  # from_config's plan
+    assert loaded.model_id == "tiny" and loaded.dtype == torch.float32 and loaded.plan == model.plan
     np.testing.assert_array_equal(loaded.forecast(agent_image, "wipe", num_samples=2, seed=6).tracks,
                                   model.forecast(agent_image, "wipe", num_samples=2, seed=6).tracks)
 

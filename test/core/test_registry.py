@@ -169,7 +169,7 @@ def test_download_rejects_a_checksum_mismatch(fake_hub, cache_root):
 
 
 def test_download_pins_sha256_and_a_later_load_refuses_changed_files(fake_hub, cache_root):
-    """S3: source.json records every converted file's sha256; resolve/from_pretrained refuse a directory that differs."""
+    """S3: source.json records every converted file's sha256; loading refuses a directory that differs."""
     path = registry.download("tiny-hub")
     source = yaml.safe_load((path / "source.json").read_text())
     pinned = source["sha256"]
@@ -199,3 +199,18 @@ def test_hub_commit_is_read_from_the_cache_layout():
     assert registry.hub_commit_of(f"/hf/models--a--b/snapshots/{commit}") == commit
     assert registry.hub_commit_of("/hf/models--a--b/snapshots/main/vae.pth") is None
     assert registry.hub_commit_of("/tmp/vae.pth") is None
+
+
+def test_encoder_downloads_use_the_pinned_revision(monkeypatch, tmp_path):
+    """S3: encoders were downloaded without a revision; `encoder_revisions` in the registry pins them."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump({"models": {"pinned": {
+        "preset": "libero-atm", "hub_repo": "someone/x", "revision": commit,
+        "encoder_revisions": {"image_encoder": commit}, "files": {}}}}))
+    entry = registry.load_registry(tmp_path / "registry.yaml")["pinned"]
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kwargs: calls.append((repo, kwargs.get("revision"))) or str(tmp_path))
+    registry._fetch_encoder("facebook/dinov2-large", entry, tmp_path, "image_encoder")
+    registry._fetch_encoder("openai/clip-vit-large-patch14", entry, tmp_path, "text_encoder")
+    assert calls == [("facebook/dinov2-large", commit), ("openai/clip-vit-large-patch14", None)]

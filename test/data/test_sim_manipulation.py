@@ -1,4 +1,4 @@
-"""The simulated manipulation generator (traj_forecast_ros.data.sim_manipulation).
+"""The simulated manipulation generator (traj_forecast_ros.data.sim_manipulation, sim_tasks).
 
 Pure parts (instruction set, scripted policy, object ids, config checks, dataset version 2 fields) always run. The
 end-to-end part runs ``traj-forecast data sim-manipulation`` in a subprocess (MuJoCo picks its GL backend at import)
@@ -19,27 +19,27 @@ import numpy as np
 import pytest
 
 from traj_forecast_ros.data import sim_manipulation as sm
-from traj_forecast_ros.data import sim_tracks
+from traj_forecast_ros.data import sim_tasks, sim_tracks
 from traj_forecast_ros.data.dataset import DatasetWriter, TrajectoryDataset
 from traj_forecast_ros.errors import DatasetError
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
 def test_instruction_set_is_closed_and_covers_every_plan():
-    texts = sm.all_instructions()
+    texts = sim_tasks.all_instructions()
     assert len(texts) == len(set(texts))
-    for word in sm.OBJECT_WORDS.values():
+    for word in sim_tasks.OBJECT_WORDS.values():
         assert f"reach for {word}" in texts and f"pick up {word}" in texts
-        for direction in sm.PUSH_DIRECTIONS:
-            assert sm.push_instruction(word, direction) in texts
+        for direction in sim_tasks.PUSH_DIRECTIONS:
+            assert sim_tasks.push_instruction(word, direction) in texts
     assert "push the can to the left" in texts and "push the can forward" in texts
     assert "put the can in the back left of the right bin" in texts and "open the door" in texts
 
 
 def test_scripted_policy_reaches_every_waypoint_in_order():
-    waypoints = [sm.Waypoint(np.array([0.1, 0.0, 1.0]), sm.GRIPPER_OPEN),
-                 sm.Waypoint(np.array([0.1, 0.2, 0.9]), sm.GRIPPER_CLOSED, hold=3)]
-    policy = sm.ScriptedPolicy(waypoints, speed=0.5)
+    waypoints = [sim_tasks.Waypoint(np.array([0.1, 0.0, 1.0]), sim_tasks.GRIPPER_OPEN),
+                 sim_tasks.Waypoint(np.array([0.1, 0.2, 0.9]), sim_tasks.GRIPPER_CLOSED, hold=3)]
+    policy = sim_tasks.ScriptedPolicy(waypoints, speed=0.5)
     eef = np.zeros(3) + [0.0, 0.0, 1.0]
     visited, grippers = [], []
     for _ in range(200):
@@ -52,12 +52,12 @@ def test_scripted_policy_reaches_every_waypoint_in_order():
             break
     assert policy.done and np.allclose(eef, waypoints[-1].position, atol=0.012)
     assert visited == sorted(visited)
-    assert grippers[0] == sm.GRIPPER_OPEN and grippers[-1] == sm.GRIPPER_CLOSED
-    assert policy.act(eef)[6] == sm.GRIPPER_CLOSED and not policy.act(eef)[:3].any()  # done: hold still
+    assert grippers[0] == sim_tasks.GRIPPER_OPEN and grippers[-1] == sim_tasks.GRIPPER_CLOSED
+    assert policy.act(eef)[6] == sim_tasks.GRIPPER_CLOSED and not policy.act(eef)[:3].any()  # done: hold still
 
 
 def test_scripted_policy_gives_up_on_unreachable_waypoints():
-    policy = sm.ScriptedPolicy([sm.Waypoint(np.array([5.0, 0, 0]), sm.GRIPPER_OPEN)], speed=0.3,
+    policy = sim_tasks.ScriptedPolicy([sim_tasks.Waypoint(np.array([5.0, 0, 0]), sim_tasks.GRIPPER_OPEN)], speed=0.3,
                                max_steps_per_waypoint=10)
     for _ in range(10):
         policy.act(np.zeros(3))  # the arm does not move (blocked)
@@ -105,7 +105,7 @@ def test_dataset_version_2_fields_round_trip_and_are_validated(tmp_path):
     assert sample.view == "robot0_eye_in_hand" and sample.instruction == instruction and sample.scene_id == 12
     assert sample.visibility.dtype == bool and sample.visibility.shape == (1, 3, 4, 4)
     assert not sample.visibility[0, 2, 0, 0] and sample.visibility.sum() == 47
-    assert dataset.meta.views == list(sm.VIEWS) and dataset.meta.instructions == sm.all_instructions()
+    assert dataset.meta.views == list(sm.VIEWS) and dataset.meta.instructions == sim_tasks.all_instructions()
 
 
 def test_old_style_datasets_stay_version_1(tmp_path):
@@ -197,3 +197,16 @@ def test_generator_is_deterministic_resumable_and_refuses_other_settings(generat
     assert json.loads(done.read_text())["num_samples"] == len(train)
     other = _generate(root / "a", "--frame-stride", "3")
     assert other.returncode != 0 and "other settings" in other.stderr
+
+
+@needs_sim
+def test_parallel_generation_writes_the_same_shards_as_a_serial_run(generated):
+    root, _ = generated
+    parallel = _generate(root / "c", "--train-shards", "2", "--test-shards", "0", "--workers", "2")
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    serial = TrajectoryDataset(root / "a" / "train")
+    both = TrajectoryDataset(root / "c" / "train")
+    assert len(both.shard_names) == 2 and both.shard_sizes[0] == serial.shard_sizes[0]
+    for name in serial.fields:
+        assert np.array_equal(np.asarray(both.shard(0).__dict__[name]), np.asarray(serial.shard(0).__dict__[name]))
+    assert "sim train" in parallel.stderr  # the progress bar

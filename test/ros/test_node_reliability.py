@@ -245,6 +245,38 @@ def test_failed_configure_rolls_back_and_reconfigure_has_one_set_of_outputs(harn
     wait_balanced(harness.probe, harness.name)
 
 
+@pytest.mark.timeout(120)
+def test_failed_deactivate_goes_through_on_error_to_a_clean_unconfigured_node(harness_factory, monkeypatch):
+    """A deactivate cannot be undone: when it fails, on_error tears down to unconfigured (no inputs, no outputs, no
+    model), logs it and shows ERROR; configure + activate then work again."""
+    fakes = []
+    harness = harness_factory(lambda *a, **k: fakes.append(SlowFakeForecaster()) or fakes[-1])
+    baseline_subscriptions, baseline_publishers = harness.subscriptions(), harness.publishers()
+    harness.start()
+    harness.send(harness.frame())
+    real_destroy = harness.node.node.destroy_subscription
+    calls = []
+
+    def failing_destroy(subscription):
+        calls.append(subscription)
+        if len(calls) == 1:
+            raise RuntimeError("injected: cannot destroy the camera subscription")
+        return real_destroy(subscription)
+
+    monkeypatch.setattr(harness.node.node, "destroy_subscription", failing_destroy)
+    assert not harness.transition(Transition.TRANSITION_DEACTIVATE)
+    monkeypatch.setattr(harness.node.node, "destroy_subscription", real_destroy)
+    assert harness.state() == "unconfigured"
+    assert harness.publishers() == baseline_publishers and fakes[-1].released.is_set()
+    values = harness.diagnostics()
+    assert values["_level"] == str(ERROR) and "deactivate failed" in values["_message"], values
+    harness.start()
+    assert harness.subscriptions() == baseline_subscriptions + 2  # camera + instruction, nothing left over
+    harness.send(harness.frame())
+    assert wait_until(lambda: len(harness.forecasts()) == 2, 10)
+    wait_balanced(harness.probe, harness.name)
+
+
 @pytest.mark.timeout(60)
 def test_invalid_topic_names_are_rejected_when_set(harness_factory):
     """D2: the repro of D1 can no longer get in: invalid names are refused at set, with a reason."""

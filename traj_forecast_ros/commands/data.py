@@ -163,4 +163,12 @@ def _info(args: argparse.Namespace) -> int:
     kinds = Counter(dataset.kind_names())
     if None not in kinds:
         print("  kinds: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    if dataset.has("views") and meta.views:
+        views = Counter(meta.views[int(v)] for v in dataset.load("views"))
+        print("  views: " + ", ".join(f"{v} {n}" for v, n in sorted(views.items())))
+    if dataset.has("instructions") and meta.instructions:
+        used = len(set(int(i) for i in dataset.load("instructions")))
+        print(f"  instructions: {used} of a closed set of {len(meta.instructions)}")
+    if dataset.has("visibility"):
+        print(f"  visible: {float(dataset.load('visibility').mean()):.3f} of point-frames")
     return 0

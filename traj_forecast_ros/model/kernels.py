@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from traj_forecast_ros.model.layers import Attention, LearnableFourierFeatures, Mlp, timestep_frequencies, unpatchify
+from traj_forecast_ros.model.layers import Attention, LearnableFourierFeatures, timestep_frequencies, unpatchify
 
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -199,9 +199,10 @@ class AttentionWeights:
         q_weight = attn.q_norm.weight.detach().float() * (width // attn.num_heads) ** -0.5
         q, kv = dense(attn.q, dtype), dense(attn.kv, dtype)
         bias = None if q[1] is None else torch.cat([q[1], kv[1]])
+        k_weight = attn.k_norm.weight.detach().float()
         return cls(heads=attn.num_heads, q=q, kv=kv, qkv=(torch.cat([q[0], kv[0]]), bias),
-                   proj=dense(attn.proj, dtype), qk_norm=torch.stack([q_weight, attn.k_norm.weight.float()]).to(dtype),
-                   q_norm=q_weight.to(dtype), k_norm=cast(attn.k_norm.weight, dtype), eps=attn.q_norm.eps)
+                   proj=dense(attn.proj, dtype), qk_norm=torch.stack([q_weight, k_weight]).to(dtype),
+                   q_norm=q_weight.to(dtype), k_norm=k_weight.to(dtype), eps=attn.q_norm.eps)
 
     def self_attention(self, x: torch.Tensor, qkv: Dense, options: KernelOptions) -> torch.Tensor:
         """x [N, L, C] -> merged heads [N, L, C] before the output projection (``qkv`` maybe folded)."""
@@ -269,8 +270,9 @@ class DenoiserBlockWeights:
 class DenoiserKernels:
     """CPU inference forward of a ``LatteDenoiser`` (same signature: ``(x, t, frame_features, text_embeds)``).
 
-    Weights are cast to the compute dtype once, here. :meth:`bind` does the per-image work (context keys/values
-    of every cross-attention, the text projection) and returns the per-step function ``(x, t) -> velocity``.
+    Weights are cast to the compute dtype (and q|k|v stacked) once, here: build a new one after changing the
+    model's weights. :meth:`bind` does the per-image work (context keys/values of every cross-attention, the text
+    projection) and returns the per-step function ``(x, t) -> velocity``.
     """
 
     def __init__(self, model: nn.Module, options: KernelOptions) -> None:
@@ -468,7 +470,8 @@ def _float(q: nn.Linear, kv: nn.Linear) -> Dense:
 
 class VAEKernels:
     """CPU inference forward of a ``TrajectoryVAE``: ``embed_tracks``, ``encode_tokens`` and ``decode`` with the
-    reference signatures; outputs in the compute dtype."""
+    reference signatures; outputs in the compute dtype. Norm weights and gates are folded in once, here: build a
+    new one after changing the model's weights."""
 
     def __init__(self, vae: nn.Module, options: KernelOptions) -> None:
         self.vae = vae

@@ -23,7 +23,7 @@ QK_NORM_EPS = 1e-5
 
 def shared_rows(rows: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Repeat per-sample rows [B, K] batch-major to [N, K] for N = B * G sequences (G sequences per sample)."""
-    groups, remainder = divmod(num_sequences, rows.shape[0])
+    groups, remainder = num_sequences // rows.shape[0], num_sequences % rows.shape[0]  # not divmod: torch.compile
     if remainder:
         raise ValueError(f"{num_sequences} sequences cannot share {rows.shape[0]} conditioning rows evenly")
     return rows if groups == 1 else repeat(rows, "b k -> (b g) k", g=groups)
@@ -78,7 +78,7 @@ class Attention(nn.Module):
         k = self.k_norm(k)  # (B, M, C)
         sequences, length, width = q.shape
         contexts, context_length = k.shape[0], k.shape[1]
-        groups, remainder = divmod(sequences, contexts)
+        groups, remainder = sequences // contexts, sequences % contexts  # divmod breaks compile on symbolic sizes
         if remainder:
             raise ValueError(f"{sequences} query sequences cannot share {contexts} contexts evenly")
         heads = self.num_heads

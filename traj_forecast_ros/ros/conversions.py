@@ -131,8 +131,8 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
         raise ImageMessageError("empty", "compressed image has no data")
     image_format = compressed_format(data)
     if image_format is None:
-        raise ImageMessageError("unsupported_format", f"'{str(msg.format)[:40]}' data starting {data[:8]!r} is not "
-                                                      f"{', '.join(COMPRESSED_FORMATS)}")
+        raise ImageMessageError("unsupported_format", f"format {str(msg.format)[:40]!r}, data starting {data[:8]!r}: "
+                                                      f"not {', '.join(COMPRESSED_FORMATS)}")
     try:
         with PILImage.open(io.BytesIO(data), formats=[image_format]) as image:
             width, height = image.size
@@ -143,7 +143,7 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
             rgb = np.asarray(image.convert("RGB"))  # [H, W, 3]
     except ImageMessageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, TypeError, ... on bad data
+    except Exception as exc:  # noqa: BLE001 - bad data makes Pillow raise anything (OSError, TypeError, ...)
         raise ImageMessageError("corrupt_compressed",
                                 f"cannot decode {image_format} image: {type(exc).__name__}: {exc}") from exc
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[:2] != (height, width):

@@ -51,7 +51,7 @@ from traj_forecast_ros.ros.pipeline import (
     PipelineStats,
     reason_category,
 )
-from traj_forecast_ros.ros.outputs import OutputBuilder
+from traj_forecast_ros.ros.outputs import OutputBuilder, SideOutputs
 
 try:  # rclpy >= Galactic
     from rclpy.executors import ExternalShutdownException
@@ -241,6 +241,8 @@ class ForecastNode(LifecycleNode):
         self._model_info: Dict[str, str] = {}
         self._outputs = OutputBuilder(self.param, warn=lambda text: self.get_logger().warning(
             text, throttle_duration_sec=10.0))
+        self._side_outputs = SideOutputs(on_error=lambda exc: self.get_logger().error(
+            f"markers/overlay failed: {type(exc).__name__}: {exc}", throttle_duration_sec=10.0))
         self._model_lock = threading.Lock()  # guards the forecaster reference (held only to swap or read it)
         self._model_takes_instruction = True  # False for models without language input (D4: instruction ignored)
         self._model_accepts_cancel = False  # forecast(..., cancel=Event) supported: deactivate stops it mid-way
@@ -304,11 +306,14 @@ class ForecastNode(LifecycleNode):
         self._instruction = instruction
 
     # ---------------------------------------------------------------- lifecycle
-    # Every transition either completes or is rolled back to the state it started from (FAILURE): it never leaves a
-    # subscription, publisher or worker behind. Why it failed is logged and shown as ERROR in /diagnostics until the
-    # next successful transition. on_error (an exception rclpy caught) tears everything down to unconfigured.
+    # configure and activate either complete or are rolled back to the state they started from (FAILURE): they never
+    # leave a subscription, publisher or worker behind. deactivate and cleanup cannot be undone: if one fails, it
+    # returns ERROR and on_error tears everything down to unconfigured. Why a transition failed is logged and shown as
+    # ERROR in /diagnostics until the next successful transition.
     def _transition(self, name: str, body: Callable[[LifecycleState], None], rollback: Callable[[], None],
-                    state: LifecycleState, resulting_label: str) -> TransitionCallbackReturn:
+                    state: LifecycleState, resulting_label: str,
+                    on_failure: TransitionCallbackReturn = TransitionCallbackReturn.FAILURE
+                    ) -> TransitionCallbackReturn:
         try:
             body(state)
         except Exception as exc:  # noqa: BLE001 - any failure (invalid name, RCL error, model) is rolled back
@@ -318,8 +323,9 @@ class ForecastNode(LifecycleNode):
             except Exception as rollback_exc:  # noqa: BLE001
                 reason += f"; rolling back failed too: {type(rollback_exc).__name__}: {rollback_exc}"
             self._transition_error = f"{name} failed: {reason}"
-            self.get_logger().error(f"{self._transition_error} (rolled back; the node stays {self._state_label})")
-            return TransitionCallbackReturn.FAILURE
+            if on_failure == TransitionCallbackReturn.FAILURE:
+                self.get_logger().error(f"{self._transition_error} (rolled back; the node stays {self._state_label})")
+            return on_failure
         self._transition_error = ""
         self._state_label = resulting_label
         return TransitionCallbackReturn.SUCCESS
@@ -345,10 +351,12 @@ class ForecastNode(LifecycleNode):
             if super(ForecastNode, self).on_deactivate(state) != TransitionCallbackReturn.SUCCESS:
                 raise TransitionFailed("deactivating the lifecycle publishers failed")
 
-        return self._transition("deactivate", deactivate, self._stop_inputs, state, "inactive")
+        return self._transition("deactivate", deactivate, lambda: None, state, "inactive",
+                                on_failure=TransitionCallbackReturn.ERROR)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        return self._transition("cleanup", lambda state: self._teardown(), self._teardown, state, "unconfigured")
+        return self._transition("cleanup", lambda state: self._teardown(), lambda: None, state, "unconfigured",
+                                on_failure=TransitionCallbackReturn.ERROR)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker(timeout=WORKER_JOIN_S)
@@ -477,13 +485,17 @@ class ForecastNode(LifecycleNode):
         return True
 
     def _stop_inputs(self) -> None:
-        for subscription in self._input_subscriptions:
-            self.destroy_subscription(subscription)
-        self._input_subscriptions = []
-        if self._pipeline is not None:
-            # Sets the cancel flag: a forecast in progress stops at its next denoiser step (counted as stopped) and
-            # nothing is published afterwards. Waits at most WORKER_JOIN_S, so the executor never stalls.
-            self._pipeline.stop(timeout=WORKER_JOIN_S)
+        """Destroy the subscriptions (a failing one stays listed for the next attempt) and stop the worker."""
+        try:
+            while self._input_subscriptions:
+                self.destroy_subscription(self._input_subscriptions[-1])
+                self._input_subscriptions.pop()
+        finally:
+            if self._pipeline is not None:
+                # Sets the cancel flag: a forecast in progress stops at its next denoiser step (counted as stopped)
+                # and nothing is published afterwards. Waits at most WORKER_JOIN_S, so the executor never stalls.
+                self._pipeline.stop(timeout=WORKER_JOIN_S)
+            self._side_outputs.stop(timeout=WORKER_JOIN_S)  # markers/overlay still waiting are dropped
 
     def _release_model(self) -> None:
         """Free the model and its accelerator memory (``Forecaster.release``): now when the worker is idle, else in
@@ -575,11 +587,20 @@ class ForecastNode(LifecycleNode):
     def _publish_outputs(self, frame: Frame, rgb: np.ndarray, forecast: Any) -> None:
         header = self._output_header(frame.message.header)
         self._forecast_pub.publish(self._outputs.forecast_msg(forecast, header))
-        if self._markers_pub.get_subscription_count() > 0:
-            self._markers_pub.publish(self._outputs.markers(forecast, header, self._camera_info,
-                                                            self._stats.forecast_rate.period()))
-        if self._overlay_pub.get_subscription_count() > 0:
-            self._overlay_pub.publish(self._outputs.overlay(forecast, rgb, header))
+        markers_pub, overlay_pub = self._markers_pub, self._overlay_pub
+        wants_markers = markers_pub.get_subscription_count() > 0
+        wants_overlay = overlay_pub.get_subscription_count() > 0
+        if not (wants_markers or wants_overlay):
+            return
+        camera_info, period = self._camera_info, self._stats.forecast_rate.period()
+
+        def side_outputs() -> None:  # off the worker: the next frame's forecast starts meanwhile
+            if wants_markers:
+                markers_pub.publish(self._outputs.markers(forecast, header, camera_info, period))
+            if wants_overlay:
+                overlay_pub.publish(self._outputs.overlay(forecast, rgb, header))
+
+        self._side_outputs.submit(side_outputs)
 
     # ---------------------------------------------------------------- diagnostics (executor thread)
     def publish_diagnostics(self) -> None:
