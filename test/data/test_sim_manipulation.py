@@ -108,6 +108,19 @@ def test_dataset_version_2_fields_round_trip_and_are_validated(tmp_path):
     assert dataset.meta.views == list(sm.VIEWS) and dataset.meta.instructions == sim_tasks.all_instructions()
 
 
+def test_index_writer_refuses_unknown_or_missing_fields(tmp_path):
+    from traj_forecast_ros.data.dataset import write_index
+
+    meta = sm.dataset_meta(sm.SimConfig(), seed=0, split="train")
+    with pytest.raises(DatasetError):
+        write_index(tmp_path, meta, ["images", "tracks", "depth"], [])
+    with pytest.raises(DatasetError):
+        write_index(tmp_path, meta, ["images", "visibility"], [])
+    path = write_index(tmp_path, meta, ["images", "tracks", "views"], [{"name": "shard-00000", "num_samples": 3}])
+    index = json.loads(path.read_text())
+    assert index["version"] == 2 and index["num_samples"] == 3 and index["views"] == list(sm.VIEWS)
+
+
 def test_old_style_datasets_stay_version_1(tmp_path):
     config = sm.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5, num_frames=3)
     meta = sm.dataset_meta(config, seed=7, split="test")

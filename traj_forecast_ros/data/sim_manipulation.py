@@ -336,12 +336,17 @@ def generate_shard(root: Path, split: str, shard: int, seed: int, config: SimCon
                                                                 config.image_size, config.image_size)
                               for view in VIEWS}
                 sky = sim_tracks.clip_planes(model)[1]
+                skipped = 0
                 for sample in clip_samples(frames, intrinsics, config, moving, weld, sky):
+                    if not np.isfinite(sample["tracks"]).all():  # a point exactly in the camera plane: no pixel
+                        skipped += 1
+                        continue
                     writer.add(sample["image"], sample["tracks"], object_ids=sample["object_ids"], kind=plan.kind,
                                visibility=sample["visibility"], view=sample["view"], instruction=plan.instruction,
                                scene_id=scene_id)
                     count += 1
-                episodes.append({**asdict(plan), "scene_id": scene_id, "frames": len(frames), **drawn})
+                episodes.append({**asdict(plan), "scene_id": scene_id, "frames": len(frames),
+                                 "skipped_nonfinite": skipped, **drawn})
     fields = json.loads((staging / "index.json").read_text())["fields"]
     name = shard_name(shard)
     for path in sorted(staging.glob("shard-00000.*.npy")):
@@ -413,6 +418,9 @@ def write_sim_dataset(root, split: str, num_shards: int, seed: int, config: SimC
                 bar.set_postfix(samples=record["num_samples"])
     bar.close()
     records = [json.loads((root / f"{shard_name(s)}.done.json").read_text()) for s in range(num_shards)]
+    records = [r for r in records if r["num_samples"] > 0]  # a shard whose every clip was skipped has no files
+    if not records:
+        raise ValueError(f"{root}: no samples were generated")
     fields = records[0]["fields"]
     meta = dataset_meta(config, seed, split)
     meta.source["seconds"] = round(sum(r["seconds"] for r in records), 2)
