@@ -529,7 +529,8 @@ def markdown(report: Dict[str, Any]) -> str:
     accuracy = report["sections"].get("accuracy", {})
     if accuracy.get("dtypes"):
         lines += ["", f"## Tracks against float32 (same noise, K={accuracy.get('samples')}, px)", "",
-                  "| dtype | mean | p99 | max | limits (mean / p99) | non-finite | status |", "|---|---|---|---|---|---|---|"]
+                  "| dtype | mean | p99 | max | limits (mean / p99) | non-finite | status |",
+                  "|---|---|---|---|---|---|---|"]
         for name, row in accuracy["dtypes"].items():
             limits = row.get("limits", {})
             lines.append(f"| {name} | {_fmt(row.get('mean_px'), 4)} | {_fmt(row.get('p99_px'), 4)} | "

@@ -580,7 +580,7 @@ class Forecaster:
         """Drop the modules and caches and free accelerator memory; the forecaster cannot be used afterwards."""
         with self._lock:
             self.denoiser = self.vae = self.image_encoder = self.text_encoder = None
-            self._denoise_fn = self._query_tokens = None
+            self._denoise_fn = self._query_tokens = self._vae_kernels = None  # the kernels hold weight copies
             self._text_cache.clear()
             self._static_tracks = self._latent_scale = None
             if self._device.type == "cuda":

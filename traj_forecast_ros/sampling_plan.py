@@ -477,7 +477,9 @@ class CudaGraphDenoiser:
                 self.denoiser(*static_inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side), self._autocast():
+        # thread_local: CUDA work of other threads (another forecaster on another GPU) neither breaks this capture
+        # nor is broken by it.
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), self._autocast():
             static_output = self.denoiser(*static_inputs)
         return CapturedGraph(graph, static_inputs, static_output)
 

@@ -33,7 +33,8 @@ def test_size_presets_follow_the_official_get_model() -> None:
 
 
 def test_every_preset_builds_a_fresh_consistent_config() -> None:
-    assert set(PRESETS) == {"libero-atm", "libero-tramoe", "demo-blocks", "tiny-blocks", "tiny"}
+    assert set(PRESETS) == {"libero-atm", "libero-tramoe", "demo-blocks", "tiny-blocks", "tiny", "sim-manipulation",
+                            "tiny-sim"}
     for name in PRESETS:
         config = preset_config(name)
         assert config.name == name

@@ -1,10 +1,19 @@
-"""``traj-forecast train vae|flow|regressor``: the two training stages and the regression baseline.
+"""``traj-forecast train encoder|vae|flow|regressor``: encoder pretraining, the two training stages and the
+regression baseline.
 
 Stage 1 then stage 2 (then the baseline, on the same frozen image encoder)::
 
     traj-forecast train vae --data runs/train --out runs/vae --config demo-blocks --steps 1500
     traj-forecast train flow --data runs/train --vae runs/vae --out runs/flow --steps 2000 --ema-decay 0.999
     traj-forecast train regressor --data runs/train --encoder runs/vae --out runs/regressor --steps 1000
+
+With simulator data (dense depth + segmentation labels), pretrain the frozen image encoder first and hand it to
+stage 1 (without ``--encoder`` the VAE freezes the config's random encoder: the baseline to compare against)::
+
+    traj-forecast train encoder --data runs/sim/train --out runs/sim/encoder --config sim-manipulation \
+        --eval-data runs/sim/test
+    traj-forecast train vae --data runs/sim/train --encoder runs/sim/encoder --out runs/sim/vae \
+        --config sim-manipulation
 
 ``--resume`` continues the run in ``--out`` from ``checkpoints/last.pt`` (identical to an uninterrupted run).
 ``--init`` fine-tunes from a model directory or a checkpoint file (flow: an official ``.pth`` denoiser together with
@@ -51,6 +60,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stages = parser.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True
 
+    encoder = stages.add_parser("encoder", help="pretrain the image encoder on depth + segmentation labels")
+    _add_common(encoder, steps=2000, lr=5e-4, batch=32)
+    encoder.add_argument("--config", default="sim-manipulation",
+                         help="preset or config.yaml whose image_encoder to pretrain (default sim-manipulation)")
+    encoder.add_argument("--frozen-backbone", action="store_true",
+                         help="train the heads only, on the frozen random encoder (the random baseline's probe)")
+    encoder.add_argument("--depth-weight", type=float, default=1.0, help="weight of the depth L1 (metres)")
+    encoder.add_argument("--eval-data", type=Path, default=None,
+                         help="labelled held-out dataset: write depth L1, pixel accuracy and mIoU to "
+                              "OUT/encoder_eval.json")
+    encoder.set_defaults(func=_train_encoder)
+
     vae = stages.add_parser("vae", help="stage 1: trajectory VAE (beta-VAE, Huber reconstruction)")
     _add_common(vae, steps=1500, lr=1e-3, batch=8)
     vae.add_argument("--config", default=None,
@@ -58,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "config.yaml when it has one, else demo-blocks)")
     vae.add_argument("--init", type=Path, default=None, help="start from this model dir / VAE checkpoint")
     vae.add_argument("--beta", type=float, default=None, help="KL weight (default: the config's vae.beta)")
+    vae.add_argument("--encoder", type=Path, default=None,
+                     help="directory whose image_encoder/ to freeze (a `train encoder` run); default: the --init "
+                          "directory's, else the config's (random) encoder")
     vae.set_defaults(func=_train_vae)
 
     flow = stages.add_parser("flow", help="stage 2: latent denoiser with rectified flow")
@@ -111,7 +135,21 @@ def _train_vae(args: argparse.Namespace) -> int:
     source = args.config or (str(args.init) if init_config is not None and init_config.is_file() else None)
     config = resolve_config(source or "demo-blocks")
     return _report(train_vae(args.data, args.out, config, settings, init=args.init, resume=args.resume,
-                             beta=args.beta))
+                             beta=args.beta, encoder_dir=args.encoder))
+
+
+def _train_encoder(args: argparse.Namespace) -> int:
+    from traj_forecast_ros.model.presets import resolve_config
+    from traj_forecast_ros.train.encoder import evaluate_dense, train_encoder
+
+    settings = _settings(args)
+    last = train_encoder(args.data, args.out, resolve_config(args.config), settings, resume=args.resume,
+                         frozen_backbone=args.frozen_backbone, depth_weight=args.depth_weight)
+    if args.eval_data is not None:
+        scores = evaluate_dense(args.out, args.eval_data)
+        (args.out / "encoder_eval.json").write_text(json.dumps(scores, indent=1))
+        last.update({f"eval_{k}": v for k, v in scores.items()})
+    return _report(last)
 
 
 def _train_flow(args: argparse.Namespace) -> int:

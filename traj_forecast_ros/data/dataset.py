@@ -13,6 +13,9 @@ Layout of a dataset directory::
       shard-00000.views.npy          [N] int16            optional (version 2); index into index.json "views"
       shard-00000.instructions.npy   [N] int16            optional (version 2); index into index.json "instructions"
       shard-00000.scene_ids.npy      [N] int32            optional (version 2); samples with one id share frame 0
+      shard-00000.depth.npy          [N, H, W] float16    optional (version 2); metric depth of the image (metres)
+      shard-00000.segmentation.npy   [N, H, W] uint8      optional (version 2); per-pixel class, index into
+                                                          index.json "segmentation_classes"
       shard-00001.*.npy ...
 
 Every array is a plain ``.npy`` file, so a reader memory-maps one shard at a time (``np.load(mmap_mode="r")``)
@@ -24,7 +27,11 @@ and never holds the whole dataset in memory. ``index.json``::
      "fields": ["images", "tracks", ...], "kinds": ["fall", ...] | null,
      "num_samples": N_total, "shards": [{"name": "shard-00000", "num_samples": n}, ...],
      "source": {...free-form provenance: generator settings, tracker name...},
-     "views": ["agentview", ...] | absent, "instructions": ["put the can in the bin", ...] | absent}
+     "views": ["agentview", ...] | absent, "instructions": ["put the can in the bin", ...] | absent,
+     "segmentation_classes": ["empty", "static", "robot", ...] | absent}
+
+``depth`` and ``segmentation`` are dense labels of the conditioning image (frame 0), used to pretrain the image
+encoder (:mod:`traj_forecast_ros.train.encoder`).
 
 A dataset that stores any of the version-2 fields is written as version 2 (so an older reader refuses it clearly);
 every other dataset stays version 1, and this reader reads both.
@@ -51,11 +58,12 @@ FORMAT_NAME = "traj-forecast-dataset"
 FORMAT_VERSION = 2  # the newest version this reader understands (version 1 = without the V2_FIELDS)
 INDEX_FILE = "index.json"
 REQUIRED_FIELDS = ("images", "tracks")
-OPTIONAL_FIELDS = ("object_ids", "kinds", "frames", "visibility", "views", "instructions", "scene_ids")
-V2_FIELDS = ("visibility", "views", "instructions", "scene_ids")
+OPTIONAL_FIELDS = ("object_ids", "kinds", "frames", "visibility", "views", "instructions", "scene_ids", "depth",
+                   "segmentation")
+V2_FIELDS = ("visibility", "views", "instructions", "scene_ids", "depth", "segmentation")
 FIELD_DTYPES = {"images": np.uint8, "tracks": np.float32, "object_ids": np.int16, "kinds": np.int16,
                 "frames": np.uint8, "visibility": np.uint8, "views": np.int16, "instructions": np.int16,
-                "scene_ids": np.int32}
+                "scene_ids": np.int32, "depth": np.float16, "segmentation": np.uint8}
 
 
 @dataclass
@@ -73,6 +81,7 @@ class DatasetMeta:
     source: Dict[str, Any] = field(default_factory=dict)
     views: Optional[List[str]] = None  # camera names the "views" field indexes
     instructions: Optional[List[str]] = None  # the closed instruction set the "instructions" field indexes
+    segmentation_classes: Optional[List[str]] = None  # names of the "segmentation" field's class ids
 
     def query_points(self) -> np.ndarray:
         """``[Hq, Wq, 2]`` float32 query grid (x, y) of this dataset."""
@@ -109,6 +118,8 @@ class Shard:
     views: Optional[np.ndarray] = None  # [n] int16
     instructions: Optional[np.ndarray] = None  # [n] int16
     scene_ids: Optional[np.ndarray] = None  # [n] int32
+    depth: Optional[np.ndarray] = None  # [n, H, W] float16 metres
+    segmentation: Optional[np.ndarray] = None  # [n, H, W] uint8 class ids
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -127,6 +138,8 @@ class Sample:
     view: Optional[str] = None
     instruction: Optional[str] = None
     scene_id: Optional[int] = None
+    depth: Optional[np.ndarray] = None  # [H, W] float32 metres
+    segmentation: Optional[np.ndarray] = None  # [H, W] uint8 class ids
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -162,11 +175,14 @@ class DatasetWriter:
 
     def add(self, image: np.ndarray, tracks: np.ndarray, object_ids: Optional[np.ndarray] = None,
             kind: Optional[str] = None, frames: Optional[np.ndarray] = None, visibility: Optional[np.ndarray] = None,
-            view: Optional[str] = None, instruction: Optional[str] = None, scene_id: Optional[int] = None) -> None:
+            view: Optional[str] = None, instruction: Optional[str] = None, scene_id: Optional[int] = None,
+            depth: Optional[np.ndarray] = None, segmentation: Optional[np.ndarray] = None) -> None:
         """Add one sample; ``tracks`` is ``[T, Hq, Wq, 2]`` or ``[R, T, Hq, Wq, 2]`` pixels. Validates everything.
 
         Optional (version 2): ``visibility`` bool ``[T, Hq, Wq]`` / ``[R, T, Hq, Wq]``; ``view`` and ``instruction``
-        must be in ``meta.views`` / ``meta.instructions``; ``scene_id`` >= 0 groups samples that share frame 0.
+        must be in ``meta.views`` / ``meta.instructions``; ``scene_id`` >= 0 groups samples that share frame 0;
+        ``depth`` ``[H, W]`` metres (finite, >= 0) and ``segmentation`` ``[H, W]`` integer class ids (below
+        ``len(meta.segmentation_classes)``) label the image.
         """
         meta = self.meta
         image = np.asarray(image)
@@ -218,6 +234,7 @@ class DatasetWriter:
             if int(scene_id) < 0 or int(scene_id) > np.iinfo(np.int32).max:
                 raise DatasetError(f"{where}: scene_id must be in [0, 2^31), got {scene_id}")
             values["scene_ids"] = np.int32(scene_id)
+        values.update(_dense_labels(where, meta, depth, segmentation))
         fields = tuple(name for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS) if name in values)
         if self._fields is None:
             self._fields = fields
@@ -248,6 +265,30 @@ class DatasetWriter:
         return path
 
 
+def _dense_labels(where: str, meta: DatasetMeta, depth: Optional[np.ndarray],
+                  segmentation: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+    """Validated ``depth`` / ``segmentation`` label arrays of one sample (absent ones left out)."""
+    values: Dict[str, np.ndarray] = {}
+    size = tuple(meta.image_size)
+    if depth is not None:
+        depth = np.asarray(depth)
+        if depth.shape != size or not np.issubdtype(depth.dtype, np.floating):
+            raise DatasetError(f"{where}: depth must be float {size} metres, got {depth.dtype} {depth.shape}")
+        if not np.isfinite(depth).all() or (depth < 0).any() or depth.max() > np.finfo(np.float16).max:
+            raise DatasetError(f"{where}: depth must be finite, >= 0 and below 65504 m")
+        values["depth"] = depth.astype(np.float16)
+    if segmentation is not None:
+        segmentation = np.asarray(segmentation)
+        classes = meta.segmentation_classes
+        if segmentation.shape != size or not np.issubdtype(segmentation.dtype, np.integer):
+            raise DatasetError(f"{where}: segmentation must be integer {size}, got {segmentation.dtype} "
+                               f"{segmentation.shape}")
+        if not classes or segmentation.min() < 0 or segmentation.max() >= len(classes):
+            raise DatasetError(f"{where}: segmentation ids must index the dataset's segmentation_classes {classes}")
+        values["segmentation"] = segmentation.astype(np.uint8)
+    return values
+
+
 def write_index(root: Union[str, Path], meta: DatasetMeta, fields: Sequence[str],
                 shards: Sequence[Dict[str, Any]]) -> Path:
     """Write ``index.json`` for shards already on disk (``[{"name": ..., "num_samples": n}, ...]``); the version is 2
@@ -276,6 +317,8 @@ def write_index(root: Union[str, Path], meta: DatasetMeta, fields: Sequence[str]
         index["views"] = list(meta.views)
     if meta.instructions is not None:
         index["instructions"] = list(meta.instructions)
+    if meta.segmentation_classes is not None:
+        index["segmentation_classes"] = list(meta.segmentation_classes)
     path = Path(root) / INDEX_FILE
     path.write_text(json.dumps(index, indent=1))
     return path
@@ -316,6 +359,7 @@ class TrajectoryDataset:
             source=index.get("source", {}),
             views=index.get("views"),
             instructions=index.get("instructions"),
+            segmentation_classes=index.get("segmentation_classes"),
         )
         self.fields: Tuple[str, ...] = tuple(index["fields"])
         self.shard_names = [s["name"] for s in index["shards"]]
@@ -382,6 +426,8 @@ class TrajectoryDataset:
             instruction=(None if shard.instructions is None or not self.meta.instructions
                          else self.meta.instructions[int(shard.instructions[row])]),
             scene_id=None if shard.scene_ids is None else int(shard.scene_ids[row]),
+            depth=None if shard.depth is None else np.asarray(shard.depth[row], dtype=np.float32),
+            segmentation=None if shard.segmentation is None else np.asarray(shard.segmentation[row]),
         )
 
     def load(self, field_name: str, indices: Optional[Sequence[int]] = None) -> np.ndarray:

@@ -52,6 +52,13 @@ VIEWS: Tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
 SPLITS: Dict[str, int] = {"train": 0, "test": 1}
 ENV_NAMES = {"lift": "Lift", "stack": "Stack", "pick_place": "PickPlace", "door": "Door"}
 HIDDEN_GEOM_GROUP = 5  # a geom group no renderer draws (robosuite shows groups 1 and 2)
+# Per-pixel classes of the frame-0 "segmentation" label (encoder pretraining): nothing drawn, geometry welded to the
+# world (table, bins, arena, door frame), the robot (arm and gripper), then each movable object of the scene in body
+# order (the last class also takes any further objects).
+MAX_OBJECT_CLASSES = 5
+SEGMENTATION_CLASSES: Tuple[str, ...] = ("empty", "static", "robot") + tuple(
+    f"object {k}" for k in range(1, MAX_OBJECT_CLASSES + 1))
+ROBOT_BODY_PREFIXES = ("robot", "gripper")  # robosuite names robot bodies robot0_*, gripper0_*
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -76,6 +83,7 @@ class SimConfig:
     light_jitter: float = 0.25  # relative diffuse intensity jitter (uniform +-)
     visibility_abs_tol_m: float = 0.01
     visibility_rel_tol: float = 0.02
+    dense_labels: bool = True  # store frame-0 depth (metres) and segmentation classes for encoder pretraining
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.scenes) - set(SCENES))
@@ -232,9 +240,35 @@ def compact_object_ids(body_ids: np.ndarray, body_weld: np.ndarray, moving_bodie
     return lookup[ids]
 
 
+def segmentation_lookup(body_names: Sequence[str], body_weld: np.ndarray, moving_bodies: Sequence[int]) -> np.ndarray:
+    """``[num_bodies + 1]`` uint8 table: body id -> :data:`SEGMENTATION_CLASSES` index (last entry: ``NO_BODY``).
+
+    Welded bodies are ``static``, bodies named ``robot*`` / ``gripper*`` are ``robot``, and the other moving bodies
+    are ``object k`` in the order of ``moving_bodies`` (capped at the last object class)."""
+    lookup = np.zeros(len(body_weld) + 1, dtype=np.uint8)  # NO_BODY (last entry) -> empty
+    lookup[:len(body_weld)] = SEGMENTATION_CLASSES.index("static")
+    first_object = SEGMENTATION_CLASSES.index("object 1")
+    objects = 0
+    for body in moving_bodies:
+        if str(body_names[body]).startswith(ROBOT_BODY_PREFIXES):
+            lookup[body] = SEGMENTATION_CLASSES.index("robot")
+        else:
+            lookup[body] = min(first_object + objects, len(SEGMENTATION_CLASSES) - 1)
+            objects += 1
+    return lookup
+
+
+def segmentation_classes(body_map: np.ndarray, lookup: np.ndarray) -> np.ndarray:
+    """``[H, W]`` body ids (``NO_BODY`` where empty) -> ``[H, W]`` uint8 class ids through :func:`segmentation_lookup`."""
+    ids = np.where(body_map == sim_tracks.NO_BODY, len(lookup) - 1, body_map)
+    return lookup[ids]
+
+
 def clip_samples(frames: List[FrameState], intrinsics: Dict[str, np.ndarray], config: SimConfig,
-                 moving_bodies: Sequence[int], body_weld: np.ndarray, sky_depth: float) -> List[Dict[str, Any]]:
-    """Every clip window x view of an episode as dataset sample fields (image, tracks, visibility, object_ids)."""
+                 moving_bodies: Sequence[int], body_weld: np.ndarray, sky_depth: float,
+                 class_lookup: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+    """Every clip window x view of an episode as dataset sample fields (image, tracks, visibility, object_ids and,
+    with ``class_lookup`` (:func:`segmentation_lookup`), frame-0 ``depth`` and ``segmentation``)."""
     query = config.query_points().astype(np.float64)
     rows, cols = config.query_grid
     samples = []
@@ -256,6 +290,9 @@ def clip_samples(frames: List[FrameState], intrinsics: Dict[str, np.ndarray], co
                 "object_ids": compact_object_ids(clip.body_ids, body_weld, moving_bodies).reshape(rows, cols),
                 "view": view,
                 "start_frame": start,
+                "depth": None if class_lookup is None else window[0].depth[view].astype(np.float32),
+                "segmentation": (None if class_lookup is None
+                                 else segmentation_classes(window[0].bodies[view], class_lookup)),
             })
     return samples
 
@@ -285,6 +322,7 @@ def dataset_meta(config: SimConfig, seed: int, split: str):
         query_stride=config.query_stride, query_offset=config.query_offset, num_frames=config.num_frames,
         num_rollouts=1, frame_interval_s=config.frame_interval_s, kinds=list(TASK_KINDS),
         views=list(VIEWS), instructions=all_instructions(),
+        segmentation_classes=list(SEGMENTATION_CLASSES) if config.dense_labels else None,
         source={"generator": "traj_forecast_ros.data.sim_manipulation", "seed": int(seed), "split": split,
                 "config": asdict(config), "simulator": simulator_versions()},
     )
@@ -327,6 +365,8 @@ def generate_shard(root: Path, split: str, shard: int, seed: int, config: SimCon
             scene_id = shard * scene_count + scene_index
             moving = moving_body_list(env)
             weld = np.asarray(env.sim.model.body_weldid)
+            names = [env.sim.model.body_id2name(b) or "" for b in range(len(weld))]
+            lookup = segmentation_lookup(names, weld, moving) if config.dense_labels else None
             for goal in range(config.goals_per_scene):
                 drawn = reset_episode(env, np.random.default_rng(reset_seed), config)  # the same state per goal
                 plan, waypoints = plan_episode(rng, scene, env)
@@ -337,13 +377,13 @@ def generate_shard(root: Path, split: str, shard: int, seed: int, config: SimCon
                               for view in VIEWS}
                 sky = sim_tracks.clip_planes(model)[1]
                 skipped = 0
-                for sample in clip_samples(frames, intrinsics, config, moving, weld, sky):
+                for sample in clip_samples(frames, intrinsics, config, moving, weld, sky, lookup):
                     if not np.isfinite(sample["tracks"]).all():  # a point exactly in the camera plane: no pixel
                         skipped += 1
                         continue
                     writer.add(sample["image"], sample["tracks"], object_ids=sample["object_ids"], kind=plan.kind,
                                visibility=sample["visibility"], view=sample["view"], instruction=plan.instruction,
-                               scene_id=scene_id)
+                               scene_id=scene_id, depth=sample["depth"], segmentation=sample["segmentation"])
                     count += 1
                 episodes.append({**asdict(plan), "scene_id": scene_id, "frames": len(frames),
                                  "skipped_nonfinite": skipped, **drawn})

@@ -82,13 +82,25 @@ class ImageEncoderConfig:
     drop_cls: bool = True
 
 
+TEXT_ENCODER_KINDS = ("clip", "words")
+
+
 @dataclass
 class TextEncoderConfig:
-    """CLIP text tower producing the pooled instruction embedding (``text_embeds``)."""
+    """Text tower producing the pooled instruction embedding (``text_embeds``).
+
+    ``kind="clip"``: a frozen CLIP text tower (``model_id`` or random from ``config``). ``kind="words"``: a small
+    word-level encoder trained with the denoiser on a closed instruction set (``config``: ``vocab``, ``width``,
+    ``layers``, ``heads``, ``embed_dim``; :mod:`traj_forecast_ros.model.word_encoder`)."""
 
     model_id: Optional[str] = "openai/clip-vit-large-patch14"
-    config: Optional[Dict[str, Any]] = None  # kwargs for transformers.CLIPTextConfig (tests)
+    config: Optional[Dict[str, Any]] = None  # kwargs for transformers.CLIPTextConfig (tests), or the words encoder's
     max_length: int = 77
+    kind: str = "clip"
+
+    def __post_init__(self) -> None:
+        if self.kind not in TEXT_ENCODER_KINDS:
+            raise ValueError(f"text_encoder.kind must be one of {list(TEXT_ENCODER_KINDS)}, got {self.kind!r}")
 
 
 LATENT_DRAWS = ("sample", "mean")

@@ -184,8 +184,13 @@ class TextEncoder(nn.Module):
         self.eval()
 
     @classmethod
-    def from_config(cls, cfg: TextEncoderConfig, model_dir: Optional[PathLike] = None) -> "TextEncoder":
-        """Load (or, with only ``cfg.config``, randomly build) the text tower and its tokenizer."""
+    def from_config(cls, cfg: TextEncoderConfig, model_dir: Optional[PathLike] = None) -> nn.Module:
+        """Load (or, with only ``cfg.config``, randomly build) the text tower and its tokenizer; ``cfg.kind ==
+        "words"`` builds the small trained word encoder instead (:mod:`traj_forecast_ros.model.word_encoder`)."""
+        if cfg.kind == "words":
+            from traj_forecast_ros.model.word_encoder import WordTextEncoder
+
+            return WordTextEncoder.from_config(cfg, model_dir=model_dir)
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
         source = resolve_source(cfg.model_id, model_dir, TEXT_ENCODER_DIR)

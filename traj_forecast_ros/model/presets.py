@@ -8,6 +8,12 @@
   are reachable offline, so this deviates from the paper's pretrained encoder on purpose.
 - ``tiny-blocks``: the same family at test size (8 x 8 grid, T = 4).
 - ``tiny``: a tiny random text-conditioned model for tests (:func:`tiny_config` takes its sizes as arguments).
+- ``sim-manipulation``: the model trained on the simulated LIBERO-like clips (``traj-forecast data
+  sim-manipulation``; 128 px, the generator's 32 x 32 grid with stride 4, T = 16 at 0.1 s). Its small DINOv2-shaped
+  ViT is pretrained on the sim frames with depth and segmentation heads (``traj-forecast train encoder``) and then
+  frozen, and a small word-level text encoder (``text_encoder.kind: words``) is trained with the denoiser on the
+  dataset's closed instruction set. Sized for about 4 hours of a 2-core CPU (docs/sim-manipulation.md).
+- ``tiny-sim``: the same family at test size (8 x 8 grid, T = 4).
 
 :func:`denoiser_config` builds the denoiser sizes of the official ``get_model`` ("XS", "S", "B", "L").
 :func:`resolve_config` turns a ``--config`` argument (a preset name, a ``config.yaml`` or a model directory) into a
@@ -140,7 +146,11 @@ BLOCKS_SIZES: Dict[str, BlocksSizes] = {
 def blocks_config(name: str) -> ModelConfig:
     """A model of the synthetic-blocks family (:data:`BLOCKS_SIZES`): 128 px images, no text tower, a tiny random
     frozen DINOv2 (MLP ratio 2), VAE KL weight 1e-4."""
-    sizes = BLOCKS_SIZES[name]
+    return blocks_config_from(name, BLOCKS_SIZES[name])
+
+
+def blocks_config_from(name: str, sizes: BlocksSizes) -> ModelConfig:
+    """:func:`blocks_config` for explicit sizes."""
     image, grid, frames = 128, sizes.grid, sizes.frames
     stride = image / grid
     tokens = (image // sizes.dino_patch) ** 2
@@ -171,6 +181,45 @@ def blocks_config(name: str) -> ModelConfig:
     )
 
 
+@dataclass(frozen=True)
+class SimSizes:
+    """What a sim-manipulation model adds to its :class:`BlocksSizes`: clip geometry and the words text encoder."""
+
+    blocks: BlocksSizes
+    frame_interval_s: float
+    text_embed_dim: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+
+
+SIM_SIZES: Dict[str, SimSizes] = {
+    # 64 encoder tokens (patch 16) of width 192 from a 4-layer ViT; VAE 8 x 8 latent tokens x 8 channels per frame;
+    # denoiser 4 x 4 tokens per frame over 16 frames, width 128, depth 6. Timings: docs/sim-manipulation.md.
+    "sim-manipulation": SimSizes(
+        blocks=BlocksSizes(grid=32, frames=16, dino_width=192, dino_layers=4, dino_heads=3, dino_patch=16,
+                           vae_patch=4, vae_width=96, vae_depth=4, vae_heads=2, latent_channels=8, pos_embed_dim=16,
+                           denoiser_patch=2, denoiser_width=128, denoiser_depth=6, denoiser_heads=2),
+        frame_interval_s=0.1, text_embed_dim=64, text_width=64, text_layers=1, text_heads=2),
+    "tiny-sim": SimSizes(blocks=BLOCKS_SIZES["tiny-blocks"], frame_interval_s=0.1, text_embed_dim=16, text_width=16,
+                         text_layers=1, text_heads=1),
+}
+
+
+def sim_config(name: str) -> ModelConfig:
+    """A model of the sim-manipulation family (:data:`SIM_SIZES`): the blocks architecture at the simulator's clip
+    geometry, conditioned on the instruction through a words text encoder whose vocabulary the flow stage fills in
+    from the training set (``text_encoder.config.vocab``)."""
+    sizes = SIM_SIZES[name]
+    config = blocks_config_from(name, sizes.blocks)
+    config.frame_interval_s = sizes.frame_interval_s
+    config.denoiser.text_embed_dim = sizes.text_embed_dim
+    config.text_encoder = TextEncoderConfig(model_id=None, kind="words", config=dict(
+        embed_dim=sizes.text_embed_dim, width=sizes.text_width, layers=sizes.text_layers, heads=sizes.text_heads,
+        max_words=24))
+    return config
+
+
 def demo_blocks_config() -> ModelConfig:
     """The ``demo-blocks`` model shipped in ``models/demo-blocks``."""
     return blocks_config("demo-blocks")
@@ -187,6 +236,8 @@ PRESETS: Dict[str, Callable[[], ModelConfig]] = {
     "demo-blocks": demo_blocks_config,
     "tiny-blocks": tiny_blocks_config,
     "tiny": tiny_config,
+    "sim-manipulation": functools.partial(sim_config, "sim-manipulation"),
+    "tiny-sim": functools.partial(sim_config, "tiny-sim"),
 }
 
 

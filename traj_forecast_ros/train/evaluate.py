@@ -3,6 +3,12 @@
 Methods: ``ours`` (a model directory or registry name, K samples per image through :class:`Forecaster`),
 ``zero_motion`` (every point stays at its query position) and ``regressor`` (the deterministic baseline of
 :mod:`.regressor`; its single prediction counts as all K samples). Scene ``i`` is sampled with seed ``seed + i``.
+A language-conditioned model gets each sample's own instruction when the dataset stores them.
+
+Besides the overall metrics, the report breaks every method down by task kind (``per_kind``) and by camera view
+(``per_view``) with the same metrics (best-of-K and mean-of-K MSE, FVMD, LRTL when object ids are stored,
+diversity) plus ``background_mean_displacement``: the mean final displacement of the points on static geometry
+(object id 0), which an ideal forecaster keeps at 0.
 """
 
 from __future__ import annotations
@@ -61,8 +67,11 @@ def regressor_predictions(directory: PathLike, dataset: TrajectoryDataset, indic
 
 def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices: Sequence[int], num_samples: int,
                            seed: int = 0, steps: int = DEFAULT_STEPS, sample_batch_size: Optional[int] = None,
-                           device: str = "auto", dtype: str = "auto", progress: bool = False) -> np.ndarray:
-    """``[N, K, T, Hq, Wq, 2]`` pixels from :meth:`Forecaster.forecast` (scene ``i`` with seed ``seed + i``)."""
+                           device: str = "auto", dtype: str = "auto", progress: bool = False,
+                           instructions: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+    """``[N, K, T, Hq, Wq, 2]`` pixels from :meth:`Forecaster.forecast` (scene ``i`` with seed ``seed + i``).
+
+    ``instructions``: one per index, given to language-conditioned models (None: the model's default)."""
     from traj_forecast_ros.forecaster import Forecaster
 
     forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype)
@@ -76,20 +85,54 @@ def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices:
     outputs = []
     for i in loop:
         image = dataset.gather("images", [indices[i]])[0]
-        forecast = forecaster.forecast(image, num_samples=num_samples, steps=steps, seed=seed + int(indices[i]))
+        instruction = None
+        if instructions is not None and forecaster.text_encoder is not None:
+            instruction = instructions[i]
+        forecast = forecaster.forecast(image, instruction=instruction, num_samples=num_samples, steps=steps,
+                                       seed=seed + int(indices[i]))
         outputs.append(forecast.tracks)
     return np.stack(outputs)
+
+
+def background_mean_displacement(pred: np.ndarray, object_ids: Optional[np.ndarray]) -> Optional[float]:
+    """Mean final displacement ``|x_{T-1} - x_0|`` (pixels) of the points with object id 0 in ``pred [N, K, T, Hq,
+    Wq, 2]`` (None without object ids or static points)."""
+    if object_ids is None:
+        return None
+    static = np.asarray(object_ids) == 0  # [N, Hq, Wq]
+    if not static.any():
+        return None
+    moved = np.linalg.norm(pred[:, :, -1] - pred[:, :, 0], axis=-1)  # [N, K, Hq, Wq]
+    return float(moved.transpose(1, 0, 2, 3)[:, static].mean())
+
+
+def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids: Optional[np.ndarray],
+                  kinds: Optional[List[Optional[str]]], labels: Sequence[Optional[str]]) -> Dict[str, Dict]:
+    """``{label: {method: metrics}}`` for the scenes of each distinct label (None labels are left out)."""
+    groups: Dict[str, Dict] = {}
+    for label in sorted({label for label in labels if label is not None}):
+        chosen = np.array([value == label for value in labels])
+        ids = None if object_ids is None else object_ids[chosen]
+        chosen_kinds = None if kinds is None else [k for k, c in zip(kinds, chosen) if c]
+        groups[label] = {}
+        for name, pred in predictions.items():
+            values = metrics.evaluate_predictions(pred[chosen], gt[chosen], ids, chosen_kinds)
+            values["background_mean_displacement"] = background_mean_displacement(pred[chosen], ids)
+            groups[label][name] = values
+    return groups
 
 
 def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Optional[PathLike] = None,
              num_samples: int = DEFAULT_NUM_SAMPLES, max_scenes: Optional[int] = None, seed: int = 0,
              steps: int = DEFAULT_STEPS, sample_batch_size: Optional[int] = None, device: str = "auto",
-             progress: bool = False) -> Dict:
+             progress: bool = False, use_instructions: bool = True) -> Dict:
     """Score ``ours`` (when ``model`` is given), ``zero_motion`` and ``regressor`` (when given) on a dataset.
 
     Returns a JSON-friendly dict: settings, ``results[method] -> metrics`` (see
-    :func:`traj_forecast_ros.metrics.evaluate_predictions`), ``per_kind[kind][method] -> best_of_k_mse, ...`` and
-    ``seconds[method]``.
+    :func:`traj_forecast_ros.metrics.evaluate_predictions`, plus ``background_mean_displacement``),
+    ``per_kind[kind][method]`` and ``per_view[view][method]`` (the same metrics on those scenes; empty when the
+    dataset has no kinds / views) and ``seconds[method]``. ``use_instructions``: give a language-conditioned model
+    each sample's instruction (else the model's default instruction).
     """
     dataset = TrajectoryDataset(data_dir)
     count = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
@@ -101,13 +144,20 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         kinds: Optional[List[Optional[str]]] = [kind_names[i] for i in indices]
     else:
         kinds = None
+    views: Optional[List[Optional[str]]] = None
+    if dataset.has("views") and dataset.meta.views:
+        views = [dataset.meta.views[int(v)] for v in dataset.gather("views", indices)]
+    instructions: Optional[List[Optional[str]]] = None
+    if use_instructions and dataset.has("instructions") and dataset.meta.instructions:
+        instructions = [dataset.meta.instructions[int(i)] for i in dataset.gather("instructions", indices)]
 
     predictions: Dict[str, np.ndarray] = {}
     seconds: Dict[str, float] = {}
     if model is not None:
         start = time.perf_counter()
         predictions["ours"] = forecaster_predictions(model, dataset, indices, num_samples, seed, steps,
-                                                     sample_batch_size, device=device, progress=progress)
+                                                     sample_batch_size, device=device, progress=progress,
+                                                     instructions=instructions)
         seconds["ours"] = time.perf_counter() - start
     start = time.perf_counter()
     predictions["zero_motion"] = zero_motion_predictions(dataset, indices, num_samples)
@@ -118,20 +168,10 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         seconds["regressor"] = time.perf_counter() - start
 
     results = {name: metrics.evaluate_predictions(pred, gt, object_ids, kinds) for name, pred in predictions.items()}
-    per_kind: Dict[str, Dict[str, Dict[str, float]]] = {}
-    if kinds is not None:
-        for kind in sorted(set(kinds)):
-            chosen = np.array([k == kind for k in kinds])
-            per_kind[kind] = {}
-            for name, pred in predictions.items():
-                best, mean = metrics.best_and_mean_of_k_mse(pred[chosen], gt[chosen], rollouts=True)
-                per_kind[kind][name] = {
-                    "scenes": int(chosen.sum()),
-                    "best_of_k_mse": best,
-                    "mean_of_k_mse": mean,
-                    "diversity": metrics.diversity(pred[chosen]),
-                    "mean_displacement": metrics.mean_displacement(pred[chosen]),
-                }
+    for name, pred in predictions.items():
+        results[name]["background_mean_displacement"] = background_mean_displacement(pred, object_ids)
+    per_kind = group_metrics(predictions, gt, object_ids, kinds, kinds) if kinds is not None else {}
+    per_view = group_metrics(predictions, gt, object_ids, kinds, views) if views is not None else {}
     return {
         "dataset": str(data_dir),
         "model": None if model is None else str(model),
@@ -143,6 +183,8 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         "seed": seed,
         "results": results,
         "per_kind": per_kind,
+        "per_view": per_view,
+        "instructions": instructions is not None,
         "seconds": seconds,
     }
 
@@ -163,17 +205,23 @@ def format_table(report: Dict, markdown: bool = True) -> str:
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows)
 
 
-def format_kind_table(report: Dict) -> str:
-    """Best-of-K MSE per scene kind and method (markdown)."""
-    per_kind = report.get("per_kind") or {}
-    if not per_kind:
+GROUP_COLUMNS = (("best_of_k_mse", "best-of-K"), ("fvmd", "FVMD"), ("lrtl", "LRTL"), ("diversity", "diversity"))
+
+
+def format_kind_table(report: Dict, group: str = "per_kind") -> str:
+    """Best-of-K MSE, FVMD, LRTL and diversity per task kind (``group="per_kind"``) or view (``"per_view"``) and
+    method (markdown)."""
+    groups = report.get(group) or {}
+    if not groups:
         return ""
     methods = list(report["results"])
-    lines = ["| kind | scenes | " + " | ".join(f"{m} best-of-K" for m in methods) + " |",
-             "|" + "---|" * (len(methods) + 2)]
-    for kind, values in per_kind.items():
-        scenes = next(iter(values.values()))["scenes"]
-        lines.append(f"| {kind} | {scenes} | " + " | ".join(_fmt(values[m]["best_of_k_mse"]) for m in methods) + " |")
+    title = "kind" if group == "per_kind" else "view"
+    header = [title, "scenes"] + [f"{m} {name}" for _, name in GROUP_COLUMNS for m in methods]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, values in groups.items():
+        scenes = int(next(iter(values.values()))["scenes"])
+        cells = [_fmt(values[m].get(key)) for key, _ in GROUP_COLUMNS for m in methods]
+        lines.append(f"| {label} | {scenes} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,13 @@ pinned to the scaled conditioning latent and masked).
 The run directory is a complete model directory (``config.yaml``, ``denoiser.safetensors`` with the EMA weights when
 EMA is on, ``vae.safetensors``, ``image_encoder/``) that ``Forecaster.from_pretrained(out_dir)`` loads, plus
 ``checkpoints/`` and ``metrics.csv``.
+
+Language: a frozen CLIP text encoder embeds the config's default instruction (the official recipe has one per
+sample; our datasets have none). A ``words`` text encoder (:mod:`traj_forecast_ros.model.word_encoder`) is instead
+trained together with the denoiser on each example's own instruction (the dataset's ``instructions`` field): its
+vocabulary is built from the dataset's closed instruction set and saved in the model's config, and a share
+``text_dropout`` of the instructions is replaced by the empty one, so the model also forecasts without an
+instruction (the marginal over the tasks).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from traj_forecast_ros.model.config import LATENT_DRAWS, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
+from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary
 from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
 from traj_forecast_ros.train.data import TrackExamples, dataset_fingerprint, encoder_fingerprint, prepare_examples
@@ -33,6 +41,7 @@ from traj_forecast_ros.train.data import TrackExamples, dataset_fingerprint, enc
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 16
+TEXT_DROPOUT = 0.1  # share of training instructions replaced by the empty one (words text encoder)
 PathLike = Union[str, Path]
 
 
@@ -46,8 +55,11 @@ class FlowObjective(nn.Module):
     """
 
     def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int],
-                 latent_draw: str = "sample") -> None:
+                 latent_draw: str = "sample", text_encoder: Optional[WordTextEncoder] = None,
+                 text_dropout: float = TEXT_DROPOUT) -> None:
         super().__init__()
+        self.text_encoder = text_encoder  # trained with the denoiser; embeds the batch's ``text_ids``
+        self.text_dropout = float(text_dropout)
         if latent_draw not in LATENT_DRAWS:
             raise ValueError(f"latent_draw must be one of {list(LATENT_DRAWS)}, got {latent_draw!r}")
         self.denoiser = denoiser
@@ -63,7 +75,15 @@ class FlowObjective(nn.Module):
 
     def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, cond_mean: torch.Tensor,
                 cond_std: torch.Tensor, features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
+                text_ids: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        if text_ids is not None:
+            if self.text_encoder is None:
+                raise ValueError("text_ids given but the objective has no trainable text encoder")
+            if self.text_dropout > 0 and generator is not None:
+                drop = torch.rand(text_ids.shape[0], generator=generator, device=generator.device) < self.text_dropout
+                text_ids = torch.where(drop.to(text_ids.device)[:, None], torch.full_like(text_ids, PAD_ID), text_ids)
+            text_embeds = self.text_encoder.embed_ids(text_ids)  # (B, E)
         x1 = self.scaled_grid(latent_mean, latent_std, generator)  # (B, T, C, h, w)
         cond = self.scaled_grid(cond_mean, cond_std, generator)  # (B, 1, C, h, w)
         return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator)}
@@ -146,6 +166,26 @@ def _text_embeddings(config: ModelConfig, text_encoder: Optional[nn.Module],
         text_encoder.cpu()
 
 
+def _words_text_encoder(config: ModelConfig, examples: TrackExamples, model_dir: Optional[PathLike],
+                        seed: int) -> Tuple[WordTextEncoder, torch.Tensor]:
+    """The trainable words text encoder (vocabulary from the dataset's instructions unless the config has one; the
+    weights of ``model_dir`` when fine-tuning one) and the ``[num_instructions, L]`` ids of every instruction."""
+    meta = examples.dataset.meta
+    if not examples.dataset.has("instructions") or not meta.instructions:
+        raise ValueError(f"{examples.dataset.root}: the words text encoder trains on each example's instruction, but "
+                         "the dataset has no 'instructions' field")
+    fields = dict(config.text_encoder.config or {})
+    if not fields.get("vocab"):
+        fields["vocab"] = build_vocabulary(meta.instructions)
+        config.text_encoder.config = fields
+        log.info("instruction vocabulary: %d words", len(fields["vocab"]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = WordTextEncoder.from_config(config.text_encoder, model_dir=model_dir)
+    text_encoder.requires_grad_(True).train()
+    return text_encoder, text_encoder.vocabulary.encode_batch(meta.instructions, text_encoder.max_words)
+
+
 def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
                init: Optional[PathLike] = None, official_config: Optional[ModelConfig] = None,
                official_vae: Optional[PathLike] = None, resume: bool = False,
@@ -199,11 +239,21 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         if config.latent_scale is None:
             config.latent_scale = latent_scale_from(latents, config.latent_draw)
             log.info("latent scale measured on the training set: %s", config.latent_scale)
-        # built once: the encoder the denoiser is conditioned with is the one saved with the model
-        text_encoder = build_text_encoder(config, model_dir=encoder_dir, seed=settings.seed)
-        text = _text_embeddings(config, text_encoder, info.device)
+        trained: nn.Module = denoiser  # what the trainer optimises, averages and checkpoints
+        text_ids_table: Optional[torch.Tensor] = None
+        if config.text_encoder is not None and config.text_encoder.kind == "words":
+            text_encoder, text_ids_table = _words_text_encoder(config, examples, encoder_dir, settings.seed)
+            text = None
+            trained = nn.ModuleDict({"denoiser": denoiser, "text_encoder": text_encoder})
+        else:
+            # built once: the encoder the denoiser is conditioned with is the one saved with the model
+            text_encoder = build_text_encoder(config, model_dir=encoder_dir, seed=settings.seed)
+            text = _text_embeddings(config, text_encoder, info.device)
 
-        objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw)
+        objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw,
+                                  text_encoder=text_encoder if text_ids_table is not None else None)
+        instruction_index = (examples.dataset.load("instructions").astype(np.int64)
+                             if text_ids_table is not None else None)
 
         def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
             scenes = examples.scenes(indices)
@@ -216,11 +266,15 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
             }
             if text is not None:
                 batch["text_embeds"] = text.expand(len(indices), -1)
+            if text_ids_table is not None:
+                batch["text_ids"] = text_ids_table[instruction_index[scenes]]  # (B, L)
             return batch
 
-        trainer = Trainer(objective, denoiser, make_batch, len(examples), settings, out_dir, info, stage="flow")
+        trainer = Trainer(objective, trained, make_batch, len(examples), settings, out_dir, info, stage="flow")
         last = trainer.fit(resume=resume)
-        denoiser.load_state_dict(trainer.averaged_model_state())
+        trained.load_state_dict(trainer.averaged_model_state())
+        if text_ids_table is not None:
+            text_encoder.requires_grad_(False).eval()
         if info.is_main:
             save_model_dir(out_dir, config, denoiser.cpu(), vae.cpu(), image_encoder=encoder,
                            text_encoder=text_encoder)

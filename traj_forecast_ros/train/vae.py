@@ -107,18 +107,23 @@ def write_vae_dir(out_dir: PathLike, config: ModelConfig, vae: TrajectoryVAE, im
 
 def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settings: TrainSettings,
               init: Optional[PathLike] = None, resume: bool = False, beta: Optional[float] = None,
-              scale_examples: int = 512) -> Dict[str, float]:
+              scale_examples: int = 512, encoder_dir: Optional[PathLike] = None) -> Dict[str, float]:
     """Train the VAE of ``config`` on a dataset and write the stage-1 run directory; returns the last logged values.
 
     ``init``: fine-tune from a model/run directory or a VAE checkpoint file (its image encoder is reused when the
     directory ships one). ``resume``: continue ``out_dir``'s own checkpoint (same encoder, same features).
+    ``encoder_dir``: a directory whose ``image_encoder/`` to freeze and use (e.g. a ``train encoder`` run; it takes
+    precedence over ``init``'s); without it and ``init`` the encoder is the config's (random unless it names weights).
     """
     if config.vae is None:
         raise ValueError(f"model '{config.name}' has no VAE (raw model): nothing to train in stage 1")
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
         # the encoder (from out_dir on resume, else init's) is saved into out_dir before training
-        _, examples = prepare_examples(data_dir, config, out_dir, info, settings, encoder_dir=init, resume=resume)
+        encoder, examples = prepare_examples(data_dir, config, out_dir, info, settings,
+                                             encoder_dir=encoder_dir if encoder_dir is not None else init,
+                                             resume=resume)
+        check_encoder_fits(encoder, config)
 
         torch.manual_seed(settings.seed)
         vae = TrajectoryVAE(config.vae)
@@ -138,6 +143,22 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
             last["latent_scale_mean"] = float(np.mean(scale))
             log.info("VAE written to %s (latent scale %s)", out_dir, [round(s, 4) for s in scale])
         return last
+
+
+def check_encoder_fits(encoder, config: ModelConfig) -> None:
+    """``ValueError`` when the frozen image encoder's tokens do not match what the model's VAE and denoiser read."""
+    from traj_forecast_ros.model.config import as_pair
+
+    width = int(encoder.hidden_size)
+    tokens = int(encoder.num_tokens(tuple(config.image_size)))
+    expected_tokens = config.vae.num_frame_tokens
+    if not isinstance(expected_tokens, int):
+        rows, cols = as_pair(expected_tokens)
+        expected_tokens = rows * cols
+    if width != config.vae.frame_features_dim or tokens != expected_tokens:
+        raise ValueError(f"the image encoder gives {tokens} tokens of width {width}, the model config expects "
+                         f"{expected_tokens} of width {config.vae.frame_features_dim}: pretrain the encoder with the "
+                         "same --config")
 
 
 def load_vae_dir(directory: PathLike):

@@ -1,0 +1,90 @@
+"""The node's ``threads`` parameter (0 = the cores available) and its sampling plan in /diagnostics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ros_helpers import ros_available
+
+pytestmark = pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))
+
+if ros_available() is None:
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.parameter import Parameter
+
+    from traj_forecast_ros.ros.forecast_node import ForecastNode, diagnostic_status
+    from traj_forecast_ros.ros.params import PARAMETER_SPECS
+    from traj_forecast_ros.ros.pipeline import PipelineStats
+
+from traj_forecast_ros.sampling_plan import available_cores, choose_sampling_plan, resolve_threads
+
+
+@dataclasses.dataclass
+class PlannedForecaster:
+    """Just what the node reads at configure: identity, plan, warmup and release."""
+
+    model_id: str = "planned"
+    device: str = "cpu"
+    dtype: str = "float32"
+    plan: object = dataclasses.field(default_factory=lambda: choose_sampling_plan("cpu"))
+    threads_seen: int = 0
+
+    def warmup(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def forecast(self, rgb, instruction=None, num_samples=8, steps=10, seed=None):
+        raise RuntimeError("not used")
+
+
+@pytest.fixture
+def context():
+    context = Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_resolve_threads() -> None:
+    assert resolve_threads(0) == available_cores() >= 1
+    assert resolve_threads(3) == 3
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match="threads"):
+            resolve_threads(bad)
+    spec = PARAMETER_SPECS["threads"]
+    assert spec.default == 0 and spec.check(0) is None and spec.check(-1) is not None
+
+
+@pytest.mark.parametrize("requested, expected", [(0, None), (1, 1)])  # None: the cores available
+def test_threads_are_applied_before_loading_and_the_plan_is_reported(context, requested, expected) -> None:
+    loaded = PlannedForecaster()
+
+    def factory(*args, **options):
+        loaded.threads_seen = torch.get_num_threads()  # the plan is chosen for this count
+        return loaded
+
+    overrides = [Parameter("model", value="planned"), Parameter("threads", value=requested),
+                 Parameter("autostart", value=False)]
+    node = ForecastNode(forecaster_factory=factory, context=context, parameter_overrides=overrides)
+    try:
+        assert node._load_model()
+        assert loaded.threads_seen == (expected or available_cores())
+        values = {kv.key: kv.value for kv in diagnostic_status("x", "inactive", PipelineStats().snapshot(),
+                                                                node._model_info, 0).values}
+        assert values["threads"] == str(loaded.threads_seen)
+        assert values["sampling_plan"] == loaded.plan.summary() and "sample batch" in values["sampling_plan"]
+    finally:
+        node.destroy_node()
