@@ -62,3 +62,27 @@ def test_no_model_offline_says_how_to_get_one_and_the_fallback_writes_an_untrain
     model, why = model_choice.untrained_fallback(str(directory))
     assert model == str(directory) and why.startswith("UNTRAINED")
     assert registry.has_weights(directory) and registry.resolve(directory) == directory
+
+
+def test_shipped_sim_model_is_preferred_over_demo_blocks_when_present(cache_root, tmp_path, monkeypatch):
+    """The registry's sim-manipulation entry loads while its directory is absent; once the pipeline has written it,
+    it wins over demo-blocks offline (a downloaded LIBERO on a GPU still wins)."""
+    copy = tmp_path / "registry" / "registry.yaml"
+    copy.parent.mkdir()
+    shutil.copy(REPO / "models" / "registry.yaml", copy)
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(copy))
+    monkeypatch.setattr(model_choice, "_cuda_available", lambda: False)
+    entries = registry.load_registry()
+    assert entries[model_choice.SIM_MODEL].local_dir == (copy.parent / "sim-manipulation").resolve()
+    config = tiny_config(text=False)
+    save_model_dir(copy.parent / "demo-blocks", config, *build_modules(config))
+    assert model_choice.best_offline_model()[0] == model_choice.DEMO_MODEL  # sim directory absent
+    with pytest.raises(WeightsNotFoundError, match="should ship with the package"):
+        registry.resolve(model_choice.SIM_MODEL)
+    save_model_dir(copy.parent / "sim-manipulation", config, *build_modules(config))
+    name, why = model_choice.best_offline_model()
+    assert name == model_choice.SIM_MODEL and "simulated" in why
+    _download_libero(cache_root)
+    assert model_choice.best_offline_model()[0] == model_choice.SIM_MODEL  # LIBERO on a CPU is too slow
+    monkeypatch.setattr(model_choice, "_cuda_available", lambda: True)
+    assert model_choice.best_offline_model()[0] == model_choice.LIBERO_MODEL

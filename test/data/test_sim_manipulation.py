@@ -113,7 +113,7 @@ def test_index_writer_refuses_unknown_or_missing_fields(tmp_path):
 
     meta = sm.dataset_meta(sm.SimConfig(), seed=0, split="train")
     with pytest.raises(DatasetError):
-        write_index(tmp_path, meta, ["images", "tracks", "depth"], [])
+        write_index(tmp_path, meta, ["images", "tracks", "surface_normals"], [])
     with pytest.raises(DatasetError):
         write_index(tmp_path, meta, ["images", "visibility"], [])
     path = write_index(tmp_path, meta, ["images", "tracks", "views"], [{"name": "shard-00000", "num_samples": 3}])

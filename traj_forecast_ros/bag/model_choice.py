@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 from traj_forecast_ros.errors import WeightsNotFoundError
 
 DEMO_MODEL = "demo-blocks"
+SIM_MODEL = "sim-manipulation"  # trained on simulated LIBERO-like manipulation; preferred over DEMO_MODEL when present
 LIBERO_MODEL = "libero-atm"
 
 
@@ -30,7 +31,8 @@ def _cuda_available() -> bool:
 
 def best_offline_model(cache_dir: Optional[str] = None) -> Tuple[str, str]:
     """``(model name, why)``: the LIBERO model when downloaded and a GPU is present (on a CPU it takes tens of
-    seconds per sample), else the shipped ``demo-blocks``, else a downloaded LIBERO model on the CPU.
+    seconds per sample), else the shipped ``sim-manipulation`` (trained on simulated manipulation clips) when its
+    directory is present, else the shipped ``demo-blocks``, else a downloaded LIBERO model on the CPU.
 
     Raises:
         WeightsNotFoundError: no model is available offline; the message says how to get one.
@@ -38,6 +40,12 @@ def best_offline_model(cache_dir: Optional[str] = None) -> Tuple[str, str]:
     has_libero = _available(LIBERO_MODEL, cache_dir)
     if has_libero and _cuda_available():
         return LIBERO_MODEL, "LIBERO weights are downloaded and a CUDA GPU is available"
+    libero_hint = (f"LIBERO weights are downloaded, but without a GPU they take tens of seconds per sample"
+                   if has_libero else f"for LIBERO-trained forecasts: `traj-forecast download {LIBERO_MODEL}` (GPU "
+                   "recommended)")
+    if _available(SIM_MODEL, cache_dir):
+        return SIM_MODEL, ("the model shipped with the package, trained on simulated LIBERO-like manipulation "
+                           f"clips; {libero_hint}")
     if _available(DEMO_MODEL, cache_dir):
         reason = "the model shipped with the package, trained on synthetic block scenes"
         if has_libero:

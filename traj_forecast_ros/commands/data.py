@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="query grid side on the 128 px image, first point at pixel centre 1.5 (64 = LIBERO's "
                           "stride 2; 32 = stride 4, CPU-sized)")
     sim.add_argument("--frame-stride", type=int, default=2, help="control steps (20 Hz) between clip frames")
+    sim.add_argument("--no-dense-labels", action="store_true",
+                     help="leave out the frame-0 depth and segmentation labels (used to pretrain the image encoder)")
     sim.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes")
     sim.set_defaults(func=_sim_manipulation)
 
@@ -117,7 +119,8 @@ def _sim_manipulation(args: argparse.Namespace) -> int:
     try:
         config = SimConfig(query_grid=(args.grid, args.grid), query_stride=float(stride),
                            query_offset=1.5, frame_stride=args.frame_stride, scenes=scenes,
-                           episodes_per_shard=args.episodes_per_shard, goals_per_scene=args.goals_per_scene)
+                           episodes_per_shard=args.episodes_per_shard, goals_per_scene=args.goals_per_scene,
+                           dense_labels=not args.no_dense_labels)
         for split, shards in (("train", args.train_shards), ("test", args.test_shards)):
             if shards > 0:
                 index = write_sim_dataset(args.out / split, split, shards, args.seed, config, workers=args.workers)

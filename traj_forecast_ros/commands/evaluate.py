@@ -52,9 +52,10 @@ def _evaluate(args: argparse.Namespace) -> int:
                       sample_batch_size=args.sample_batch_size, device=args.device, progress=True)
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
-    if report["per_kind"]:
-        print()
-        print(format_kind_table(report))
+    for group in ("per_kind", "per_view"):
+        if report.get(group):
+            print()
+            print(format_kind_table(report, group))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

@@ -7,7 +7,8 @@ here to predict, from its patch tokens alone:
 
 * per-pixel metric depth (L1 in metres on pixels that show geometry, depth clipped at :data:`DEPTH_CLIP_M`);
 * per-pixel segmentation classes (cross-entropy over the dataset's ``segmentation_classes``: empty, static fixture,
-  robot, each movable object).
+  robot, each movable object), each class weighted by ``1 / sqrt(its pixel share)`` in the training set (normalised
+  to a pixel-weighted mean of 1), so the small objects are not drowned by the static table and walls.
 
 The heads are linear maps from each patch token to its ``patch x patch`` pixels (depth) and class logits, so
 everything they predict has to be in the tokens. Augmentation: a random horizontal flip per image (from the step's
@@ -78,8 +79,10 @@ class EncoderPretraining(nn.Module):
     -> dict(loss, depth_l1_m, segmentation_ce, segmentation_acc)``."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, depth_weight: float = 1.0,
-                 frozen_backbone: bool = False) -> None:
+                 frozen_backbone: bool = False, class_weights: Optional[torch.Tensor] = None) -> None:
         super().__init__()
+        weights = torch.ones(num_classes) if class_weights is None else torch.as_tensor(class_weights).float()
+        self.register_buffer("class_weights", weights, persistent=False)  # (C,)
         self.encoder = encoder
         self.encoder.backbone.requires_grad_(not frozen_backbone)
         self.heads = DenseHeads(encoder.hidden_size, encoder.patch_size, num_classes)
@@ -107,7 +110,7 @@ class EncoderPretraining(nn.Module):
         segmentation = segmentation[:, :rows, :cols].long()  # (B, H', W')
         valid = (segmentation != 0).float()  # class 0 = nothing drawn: no depth target
         depth_l1 = ((pred_depth.float() - depth).abs() * valid).sum() / valid.sum().clamp(min=1.0)
-        ce = F.cross_entropy(logits.float(), segmentation)
+        ce = F.cross_entropy(logits.float(), segmentation, weight=self.class_weights)
         accuracy = (logits.argmax(1) == segmentation).float().mean()
         return {"loss": self.depth_weight * depth_l1 + ce, "depth_l1_m": depth_l1.detach(),
                 "segmentation_ce": ce.detach(), "segmentation_acc": accuracy.detach()}
@@ -123,6 +126,18 @@ def _check_labels(dataset: TrajectoryDataset, config: ModelConfig) -> int:
     if tuple(dataset.meta.image_size) != tuple(config.image_size):
         raise DatasetError(f"dataset images {tuple(dataset.meta.image_size)} vs model {tuple(config.image_size)}")
     return len(dataset.meta.segmentation_classes)
+
+
+def class_weights_of(dataset: TrajectoryDataset, num_classes: int) -> torch.Tensor:
+    """``[C]`` cross-entropy weights ``1 / sqrt(share)`` of each class's pixel share in ``dataset`` (absent classes
+    weigh 0), scaled so that the pixel-weighted mean weight is 1."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for shard in dataset.iter_shards():
+        counts += np.bincount(np.asarray(shard.segmentation).ravel(), minlength=num_classes)[:num_classes]
+    share = counts / max(counts.sum(), 1.0)
+    weights = np.where(share > 0, 1.0 / np.sqrt(np.maximum(share, 1e-12)), 0.0)
+    weights /= max(float((weights * share).sum()), 1e-12)
+    return torch.from_numpy(weights.astype(np.float32))
 
 
 def label_batch(dataset: TrajectoryDataset, indices: np.ndarray) -> Dict[str, torch.Tensor]:
@@ -148,7 +163,9 @@ def train_encoder(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, se
     with distributed(settings.device) as info:
         encoder = build_image_encoder(config, seed=settings.seed)
         torch.manual_seed(settings.seed)
-        objective = EncoderPretraining(encoder, num_classes, depth_weight, frozen_backbone)
+        weights = class_weights_of(dataset, num_classes)
+        log.info("segmentation class weights: %s", [round(float(w), 3) for w in weights])
+        objective = EncoderPretraining(encoder, num_classes, depth_weight, frozen_backbone, weights)
         trainer = Trainer(objective, objective, lambda idx: label_batch(dataset, idx), len(dataset), settings,
                           out_dir, info, stage="encoder")
         last = trainer.fit(resume=resume)
@@ -169,6 +186,7 @@ def write_encoder_dir(out_dir: Path, config: ModelConfig, objective: EncoderPret
     summary = {
         "dataset": str(dataset.root), "samples": len(dataset), "classes": dataset.meta.segmentation_classes,
         "frozen_backbone": frozen_backbone, "depth_clip_m": DEPTH_CLIP_M,
+        "class_weights": [float(w) for w in objective.class_weights],
         "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "betas"},
         "last": {k: float(v) for k, v in last.items()},
     }

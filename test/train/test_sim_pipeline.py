@@ -1,0 +1,187 @@
+"""The sim-manipulation pipeline at test size, without robosuite (a tiny labelled dataset built here):
+encoder pretraining, both stages with the words text encoder, forecasting with an instruction, evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tiny_sim_data import INSTRUCTIONS, VIEWS, quick_settings, write_tiny_sim
+from traj_forecast_ros.errors import DatasetError
+from traj_forecast_ros.model.presets import preset_config
+
+
+@pytest.fixture(scope="module")
+def sim_data(tmp_path_factory):
+    return write_tiny_sim(tmp_path_factory.mktemp("sim") / "data", scenes=6)
+
+
+@pytest.fixture(scope="module")
+def encoder_run(sim_data, tmp_path_factory):
+    from traj_forecast_ros.train.encoder import train_encoder
+
+    out = tmp_path_factory.mktemp("sim") / "encoder"
+    train_encoder(sim_data, out, preset_config("tiny-sim"), quick_settings(steps=24, lr=3e-3, batch_size=6))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_run(sim_data, encoder_run, tmp_path_factory):
+    from traj_forecast_ros.train.flow import train_flow
+    from traj_forecast_ros.train.vae import train_vae
+
+    root = tmp_path_factory.mktemp("sim")
+    train_vae(sim_data, root / "vae", preset_config("tiny-sim"), quick_settings(steps=4), encoder_dir=encoder_run)
+    train_flow(sim_data, root / "flow", quick_settings(steps=4), vae_dir=root / "vae", latent_draw="mean")
+    return root
+
+
+def test_encoder_pretraining_loss_falls_and_the_encoder_loads_frozen(sim_data, encoder_run, read_metrics):
+    from traj_forecast_ros.train.data import build_image_encoder, encoder_fingerprint
+    from traj_forecast_ros.train.encoder import evaluate_dense
+
+    rows = read_metrics(encoder_run / "metrics.csv")
+    assert len(rows) == 24
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert last < 0.8 * first, (first, last)
+    assert rows[-1]["depth_l1_m"] < rows[0]["depth_l1_m"]
+
+    config = preset_config("tiny-sim")
+    encoder = build_image_encoder(config, model_dir=encoder_run)
+    random = build_image_encoder(config)  # what the VAE would freeze without --encoder
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    images = torch.from_numpy(np.stack([sim_data_image(sim_data, i) for i in range(3)]))
+    with torch.no_grad():
+        tokens = encoder(images)
+    assert tokens.shape == (3, config.vae.num_frame_tokens, config.vae.frame_features_dim)
+    assert encoder_fingerprint(encoder, config.image_size) != encoder_fingerprint(random, config.image_size)
+    assert (encoder_run / "image_encoder" / "model.safetensors").is_file()
+    scores = evaluate_dense(encoder_run, sim_data)
+    assert 0.0 <= scores["segmentation_miou"] <= scores["segmentation_acc"] <= 1.0
+    assert scores["depth_l1_m"] < 1.0
+
+
+def sim_data_image(root, index):
+    from traj_forecast_ros.data.dataset import TrajectoryDataset
+
+    return TrajectoryDataset(root)[index].image
+
+
+def test_probe_of_the_random_encoder_keeps_the_backbone(sim_data, tmp_path, make_settings):
+    from traj_forecast_ros.train.data import build_image_encoder
+    from traj_forecast_ros.train.encoder import train_encoder
+
+    config = preset_config("tiny-sim")
+    train_encoder(sim_data, tmp_path / "probe", config, make_settings(steps=2), frozen_backbone=True)
+    trained = build_image_encoder(config, model_dir=tmp_path / "probe").state_dict()
+    random = build_image_encoder(config).state_dict()
+    assert all(torch.equal(trained[k], random[k]) for k in random)
+
+
+def test_encoder_pretraining_refuses_unlabelled_data(tmp_path, tiny_data, make_settings):
+    from traj_forecast_ros.train.encoder import train_encoder
+
+    with pytest.raises(DatasetError, match="dense labels"):
+        train_encoder(tiny_data, tmp_path / "x", preset_config("tiny-blocks"), make_settings(steps=1))
+
+
+def test_vae_refuses_an_encoder_of_another_architecture(sim_data, tmp_path, make_settings, encoder_run):
+    from traj_forecast_ros.train.vae import train_vae
+
+    config = preset_config("tiny-sim")
+    config.vae.frame_features_dim = 48
+    with pytest.raises(ValueError, match="image encoder gives"):
+        train_vae(sim_data, tmp_path / "vae", config, make_settings(steps=1), encoder_dir=encoder_run)
+
+
+def test_trained_model_forecasts_with_an_instruction(sim_data, encoder_run, model_run):
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.model.word_encoder import WordTextEncoder
+    from traj_forecast_ros.train.data import build_image_encoder
+
+    flow = model_run / "flow"
+    config_text = (flow / "config.yaml").read_text()
+    assert "kind: words" in config_text and "- zzz" not in config_text
+    forecaster = Forecaster.from_pretrained(str(flow), device="cpu")
+    assert isinstance(forecaster.text_encoder, WordTextEncoder)
+    assert forecaster.text_encoder.vocabulary.tokens[2:] == sorted({w for s in INSTRUCTIONS for w in s.split()})
+    # the frozen encoder of the model is the pretrained one
+    pretrained = build_image_encoder(preset_config("tiny-sim"), model_dir=encoder_run).state_dict()
+    assert all(torch.equal(forecaster.image_encoder.state_dict()[k], v) for k, v in pretrained.items())
+
+    image = sim_data_image(sim_data, 0)
+    left = forecaster.forecast(image, instruction=INSTRUCTIONS[0], num_samples=2, seed=3).tracks
+    right = forecaster.forecast(image, instruction=INSTRUCTIONS[1], num_samples=2, seed=3).tracks
+    unknown = forecaster.forecast(image, instruction="shove the crimson block", num_samples=2, seed=3).tracks
+    unknown_again = forecaster.forecast(image, instruction="push the blue cube", num_samples=2, seed=3).tracks
+    assert left.shape == (2, 4, 8, 8, 2) and np.isfinite(left).all()
+    assert not np.array_equal(left, right)  # the instruction reaches the denoiser
+    assert np.isfinite(unknown).all() and np.isfinite(unknown_again).all()
+    again = forecaster.forecast(image, instruction=INSTRUCTIONS[0], num_samples=2, seed=3).tracks
+    np.testing.assert_array_equal(left, again)
+
+
+def test_text_encoder_is_trained_with_the_denoiser(model_run):
+    from safetensors.torch import load_file
+
+    from traj_forecast_ros.model.word_encoder import WordTextEncoder
+    from traj_forecast_ros.model.checkpoint import load_model_config
+
+    config = load_model_config(model_run / "flow")
+    torch.manual_seed(0)  # the seed train_flow builds it with
+    initial = WordTextEncoder.from_config(config.text_encoder).state_dict()
+    trained = load_file(str(model_run / "flow" / "text_encoder" / "model.safetensors"))
+    assert set(trained) == set(initial)
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+def test_flow_with_words_encoder_needs_instructions(tiny_data, tmp_path, make_settings):
+    from traj_forecast_ros.train.flow import train_flow
+    from traj_forecast_ros.train.vae import train_vae
+
+    config = preset_config("tiny-sim")  # the tiny-blocks geometry, with a words text encoder
+    train_vae(tiny_data, tmp_path / "vae", config, make_settings(steps=1))
+    with pytest.raises(ValueError, match="no 'instructions' field"):
+        train_flow(tiny_data, tmp_path / "flow", make_settings(steps=1), vae_dir=tmp_path / "vae")
+
+
+def test_per_view_and_per_kind_evaluation(sim_data, model_run, tmp_path, make_settings):
+    from traj_forecast_ros.train.evaluate import evaluate, format_kind_table
+    from traj_forecast_ros.train.regressor import train_regressor
+
+    train_regressor(sim_data, tmp_path / "regressor", preset_config("tiny-sim"), make_settings(steps=2),
+                    encoder_dir=model_run / "vae")
+    report = evaluate(sim_data, model=str(model_run / "flow"), regressor=tmp_path / "regressor", num_samples=2,
+                      max_scenes=8, device="cpu")
+    report = json.loads(json.dumps(report))  # JSON-friendly
+    assert report["instructions"] is True
+    assert set(report["per_view"]) == set(VIEWS) and set(report["per_kind"]) == {"push"}
+    methods = {"ours", "zero_motion", "regressor"}
+    for group in ("per_view", "per_kind"):
+        for label, values in report[group].items():
+            assert set(values) == methods, (group, label)
+            for method in methods:
+                for key in ("best_of_k_mse", "fvmd", "lrtl", "diversity", "background_mean_displacement"):
+                    assert key in values[method], (group, label, method, key)
+    assert sum(report["per_view"][v]["ours"]["scenes"] for v in VIEWS) == 8
+    zero = report["results"]["zero_motion"]
+    assert zero["diversity"] == 0.0 and zero["background_mean_displacement"] == 0.0
+    assert all(report["per_view"][v]["zero_motion"]["diversity"] == 0.0 for v in VIEWS)
+    assert report["results"]["regressor"]["diversity"] == 0.0
+    # zero motion is exact on the static points: its best-of-K is the cube's motion only
+    assert zero["best_of_k_mse"] > 0.0
+    table = format_kind_table(report, "per_view")
+    assert "| agentview |" in table and "ours FVMD" in table
+
+
+def test_rare_classes_weigh_more_and_absent_classes_nothing(sim_data):
+    from traj_forecast_ros.data.dataset import TrajectoryDataset
+    from traj_forecast_ros.train.encoder import class_weights_of
+
+    dataset = TrajectoryDataset(sim_data)
+    weights = class_weights_of(dataset, 4).numpy()
+    counts = np.bincount(dataset.load("segmentation").ravel(), minlength=4) / dataset.load("segmentation").size
+    assert weights[2] == 0.0 and counts[2] == 0.0  # no robot pixels in this set
+    assert weights[0] > weights[3] > weights[1] > 0.0  # empty rows < cube < table in pixel share
+    assert np.isclose((weights * counts).sum(), 1.0)
