@@ -3,7 +3,7 @@
 #   data (robosuite) -> image-encoder pretraining (+ the random encoder's probe) -> VAE -> flow -> regressor
 #   -> evaluation on the held-out split -> models/sim-manipulation (< 50 MB, registered in models/registry.yaml).
 #
-#   bash scripts/train_sim.sh                 # about 3.5 h on the 2-core CPU; rerun the same command to resume
+#   bash scripts/train_sim.sh                 # about 3.6 h on the 2-core CPU; rerun the same command to resume
 #   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.8 h)
 #
 # Every stage writes its run directory under $RUN and a `.done` marker when it finishes: a rerun skips finished
@@ -58,15 +58,17 @@ stage() {  # stage NAME OUT_DIR COMMAND...: skip when finished, --resume when in
     echo "[$name] done in $((SECONDS - start)) s"
 }
 
-evaluate() {  # evaluate NAME MODEL_DIR OUT_JSON: the model, zero motion and the regressor on the test split
+evaluate() {  # evaluate NAME MODEL_DIR OUT_JSON [ARGS...]: the model, zero motion and the regressor on the test split
     local name=$1 model=$2 out=$3
+    shift 3
     if [[ -f "$out" && "$out" -nt "$model/.done" && "$out" -nt "$RUN/regressor/.done" ]]; then
         echo "[$name] finished earlier ($out, newer than the model and the regressor), skipping"
         return 0
     fi
     echo "[$name] evaluating $model on $RUN/test"
     "$TF" evaluate --model "$model" --data "$RUN/test" --regressor "$RUN/regressor" --samples "$EVAL_SAMPLES" \
-        --seed "$SEED" --threads "$THREADS" --device cpu --markdown --out "$out.partial.json" | tee "${out%.json}.md"
+        --seed "$SEED" --threads "$THREADS" --device cpu --markdown --out "$out.partial.json" "$@" \
+        | tee "${out%.json}.md"
     mv "$out.partial.json" "$out"
 }
 
@@ -101,6 +103,8 @@ stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --enc
 
 # 6. evaluation on the held-out split: overall, per task kind and per view (JSON + markdown)
 evaluate evaluate "$RUN/flow" "$RUN/eval.json"
+# the same without instructions: the marginal over tasks, where the samples should spread over the candidate goals
+evaluate evaluate_no_instruction "$RUN/flow" "$RUN/eval_no_instruction.json" --no-instructions
 
 # optional: the same VAE + flow budget on the random frozen encoder (no --encoder), evaluated the same way
 if [[ "$COMPARE_RANDOM" == 1 ]]; then
@@ -141,7 +145,7 @@ fi
 import json, sys
 from pathlib import Path
 run = Path(sys.argv[1])
-for name in ("eval.json", "eval_random_encoder.json"):
+for name in ("eval.json", "eval_no_instruction.json", "eval_random_encoder.json"):
     path = run / name
     if path.is_file():
         results = json.loads(path.read_text())["results"]

@@ -192,6 +192,23 @@ def test_generator_writes_valid_shards_with_exact_frame_zero(generated):
 
 
 @needs_sim
+def test_generator_writes_dense_labels_that_agree_with_the_object_ids(generated):
+    root, _ = generated
+    dataset = TrajectoryDataset(root / "a" / "train")
+    assert dataset.meta.segmentation_classes == list(sm.SEGMENTATION_CLASSES)
+    segmentation, depth = dataset.load("segmentation"), dataset.load("depth").astype(np.float32)
+    assert segmentation.shape == depth.shape == (len(dataset), 128, 128)
+    robot = sm.SEGMENTATION_CLASSES.index("robot")
+    cube = sm.SEGMENTATION_CLASSES.index("object 1")  # lift: the cube is the only object
+    assert set(np.unique(segmentation)) <= {0, 1, robot, cube} and (segmentation == robot).any()
+    assert np.isfinite(depth).all() and (depth[segmentation > 0] > 0).all()
+    pixels = dataset.meta.query_points().astype(int)  # [32, 32, 2] pixel (column, row) of each query point
+    at_queries = segmentation[:, pixels[..., 1], pixels[..., 0]]  # [N, 32, 32]
+    ids = dataset.load("object_ids")
+    assert np.array_equal(at_queries >= robot, ids > 0)  # moving body <-> robot or object class
+
+
+@needs_sim
 def test_generator_is_deterministic_resumable_and_refuses_other_settings(generated):
     root, _ = generated
     again = _generate(root / "b")

@@ -213,6 +213,15 @@ def test_shipped_model_fast_plan_matches_reference_within_1e4_px(tmp_path) -> No
 def test_forecasters_in_different_threads_do_not_affect_each_other(forecaster, image) -> None:
     """A fast-kernel and a reference forecaster over the same modules, run concurrently from two threads, give
     bit for bit what each gives alone (a process-wide kernel switch flipped per call would mix their paths)."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one intra-op thread per caller: results bit-reproducible whatever ran before
+    try:
+        _check_concurrent_forecasters(forecaster, image)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _check_concurrent_forecasters(forecaster: Forecaster, image: np.ndarray) -> None:
     reference = Forecaster(forecaster.config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
                            forecaster.text_encoder, "reference",
                            plan=dataclasses.replace(forecaster.plan, fast_cpu_kernels=False))

@@ -56,6 +56,10 @@ def test_encoder_pretraining_loss_falls_and_the_encoder_loads_frozen(sim_data, e
         tokens = encoder(images)
     assert tokens.shape == (3, config.vae.num_frame_tokens, config.vae.frame_features_dim)
     assert encoder_fingerprint(encoder, config.image_size) != encoder_fingerprint(random, config.image_size)
+    named = preset_config("tiny-sim")  # a config can select the pretrained encoder by its folder
+    named.image_encoder.model_id = str(encoder_run / "image_encoder")
+    assert encoder_fingerprint(build_image_encoder(named), config.image_size) == encoder_fingerprint(
+        encoder, config.image_size)
     assert (encoder_run / "image_encoder" / "model.safetensors").is_file()
     scores = evaluate_dense(encoder_run, sim_data)
     assert 0.0 <= scores["segmentation_miou"] <= scores["segmentation_acc"] <= 1.0
@@ -120,6 +124,9 @@ def test_trained_model_forecasts_with_an_instruction(sim_data, encoder_run, mode
     assert np.isfinite(unknown).all() and np.isfinite(unknown_again).all()
     again = forecaster.forecast(image, instruction=INSTRUCTIONS[0], num_samples=2, seed=3).tracks
     np.testing.assert_array_equal(left, again)
+    no_instruction = forecaster.forecast(image, num_samples=2, seed=3).tracks  # the config's default: ""
+    np.testing.assert_array_equal(no_instruction, forecaster.forecast(image, instruction="", num_samples=2,
+                                                                      seed=3).tracks)
 
 
 def test_text_encoder_is_trained_with_the_denoiser(model_run):
@@ -171,6 +178,9 @@ def test_per_view_and_per_kind_evaluation(sim_data, model_run, tmp_path, make_se
     assert report["results"]["regressor"]["diversity"] == 0.0
     # zero motion is exact on the static points: its best-of-K is the cube's motion only
     assert zero["best_of_k_mse"] > 0.0
+    unconditioned = evaluate(sim_data, model=str(model_run / "flow"), num_samples=2, max_scenes=8, device="cpu",
+                             use_instructions=False)
+    assert unconditioned["instructions"] is False and set(unconditioned["results"]) == {"ours", "zero_motion"}
     table = format_kind_table(report, "per_view")
     assert "| agentview |" in table and "ours FVMD" in table
 
@@ -185,3 +195,23 @@ def test_rare_classes_weigh_more_and_absent_classes_nothing(sim_data):
     assert weights[2] == 0.0 and counts[2] == 0.0  # no robot pixels in this set
     assert weights[0] > weights[3] > weights[1] > 0.0  # empty rows < cube < table in pixel share
     assert np.isclose((weights * counts).sum(), 1.0)
+
+
+def test_encoder_and_vae_commands(sim_data, tmp_path, capsys):
+    from traj_forecast_ros.cli import main
+    from traj_forecast_ros.train.data import build_image_encoder, encoder_fingerprint
+
+    quick = ["--steps", "2", "--batch-size", "4", "--log-every", "1", "--no-progress", "--device", "cpu",
+             "--threads", "1"]
+    assert main(["train", "encoder", "--data", str(sim_data), "--out", str(tmp_path / "enc"), "--config", "tiny-sim",
+                 "--eval-data", str(sim_data), *quick]) == 0
+    scores = json.loads((tmp_path / "enc" / "encoder_eval.json").read_text())
+    assert set(scores) == {"samples", "depth_l1_m", "segmentation_acc", "segmentation_miou"}
+    assert json.loads((tmp_path / "enc" / "encoder.json").read_text())["frozen_backbone"] is False
+    assert main(["train", "vae", "--data", str(sim_data), "--out", str(tmp_path / "vae"), "--config", "tiny-sim",
+                 "--encoder", str(tmp_path / "enc"), *quick]) == 0
+    config = preset_config("tiny-sim")
+    frozen = build_image_encoder(config, model_dir=tmp_path / "vae")  # the VAE run froze the pretrained one
+    pretrained = build_image_encoder(config, model_dir=tmp_path / "enc")
+    assert encoder_fingerprint(frozen, config.image_size) == encoder_fingerprint(pretrained, config.image_size)
+    capsys.readouterr()

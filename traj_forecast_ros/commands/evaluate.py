@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="samples per forward pass (default: all K at once)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-instructions", action="store_true",
+                        help="do not give a language-conditioned model each sample's instruction (its default "
+                             "instruction instead: the forecast without a task)")
     parser.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.set_defaults(func=_evaluate)
@@ -49,7 +52,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,
                       max_scenes=args.max_scenes, seed=args.seed, steps=args.steps,
-                      sample_batch_size=args.sample_batch_size, device=args.device, progress=True)
+                      sample_batch_size=args.sample_batch_size, device=args.device, progress=True,
+                      use_instructions=not args.no_instructions)
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
     for group in ("per_kind", "per_view"):
