@@ -424,7 +424,7 @@ def test_node_parameters_for_the_gpu_path() -> None:
 
 def test_diagnostics_report_fp32_fallbacks() -> None:
     pytest.importorskip("diagnostic_msgs.msg")
-    from traj_forecast_ros.ros.forecast_node import diagnostic_status
+    from traj_forecast_ros.ros.diagnostics import diagnostic_status
     from traj_forecast_ros.ros.pipeline import PipelineStats
 
     snapshot = PipelineStats(window=10).snapshot()

@@ -22,7 +22,8 @@ if ros_available() is None:
 
     from traj_forecast_ros.ros.conversions import rgb_to_image_msg
     from traj_forecast_ros.forecast import Forecast
-    from traj_forecast_ros.ros.forecast_node import ForecastNode, diagnostic_status
+    from traj_forecast_ros.ros.diagnostics import diagnostic_status
+    from traj_forecast_ros.ros.forecast_node import ForecastNode
     from traj_forecast_ros.ros.params import PARAMETERS
     from traj_forecast_ros.ros.pipeline import PipelineStats
 

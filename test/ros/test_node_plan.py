@@ -16,7 +16,8 @@ if ros_available() is None:
     from rclpy.context import Context
     from rclpy.parameter import Parameter
 
-    from traj_forecast_ros.ros.forecast_node import ForecastNode, diagnostic_status
+    from traj_forecast_ros.ros.diagnostics import diagnostic_status
+    from traj_forecast_ros.ros.forecast_node import ForecastNode
     from traj_forecast_ros.ros.params import PARAMETER_SPECS
     from traj_forecast_ros.ros.pipeline import PipelineStats
 

@@ -121,7 +121,6 @@ def _scene_objects(env) -> List[Any]:
 def plan_episode(rng: np.random.Generator, scene: str, env) -> Tuple[EpisodePlan, List[Waypoint]]:
     """Draw a task and goal for the scene's current state; returns the plan and its waypoints."""
     speed = float(rng.uniform(0.3, 0.6))
-    eef = eef_position(env)
     above = 0.12
     if scene == "door":
         handle = np.array(env.sim.data.site_xpos[env.door_handle_site_id])

@@ -21,20 +21,16 @@ import inspect
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock, ClockType
-from rclpy.exceptions import InvalidTopicNameException
-from rclpy.expand_topic_name import expand_topic_name
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
-from rclpy.validate_full_topic_name import validate_full_topic_name
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
@@ -44,14 +40,17 @@ from traj_forecast_ros.ros.conversions import (
     compressed_msg_to_rgb,
     image_msg_to_rgb,
 )
+from traj_forecast_ros.ros.diagnostics import diagnostic_status
 from traj_forecast_ros.ros.params import PARAMETER_SPECS, PARAMETERS
-from traj_forecast_ros.ros.pipeline import (
-    ForecastPipeline,
-    Frame,
-    PipelineStats,
-    reason_category,
-)
+from traj_forecast_ros.ros.pipeline import ForecastPipeline, Frame, PipelineStats
 from traj_forecast_ros.ros.outputs import OutputBuilder, SideOutputs
+from traj_forecast_ros.ros.validation import (
+    TOPIC_PARAMETERS,
+    device_problem,
+    loggable_text,
+    model_problem,
+    topic_name_problem,
+)
 
 try:  # rclpy >= Galactic
     from rclpy.executors import ExternalShutdownException
@@ -63,136 +62,15 @@ NODE_NAME = "forecast_node"
 
 class TransitionFailed(Exception):
     """A lifecycle transition cannot complete; the message says why (logged and shown in /diagnostics)."""
+
+
 WEIGHTS_HINT = ("Set the 'model' parameter to a registry name (models/registry.yaml; `traj-forecast download NAME` "
                 "fetches it once with network access) or to a model directory (config.yaml + denoiser.safetensors "
                 "+ vae.safetensors), then trigger configure again.")
 
 
 OUTPUT_QOS = qos_from_name("reliable", depth=2)
-TOPIC_PARAMETERS = ("image_topic", "instruction_topic", "camera_info_topic")  # validated as ROS names on every set
-OPTIONAL_TOPIC_PARAMETERS = frozenset({"camera_info_topic"})  # '' = not used
 WORKER_JOIN_S = 0.5  # a transition waits this long for a cancelled forecast, then releases the model in background
-INSTRUCTION_LOG_CHARS = 120  # instructions are logged escaped and cut to this length
-
-
-def loggable_text(text: str, limit: int = INSTRUCTION_LOG_CHARS) -> str:
-    """``text`` for one log line: cut to ``limit`` characters, control and non-ASCII characters escaped, quoted."""
-    shown = text[:limit].encode("unicode_escape").decode("ascii").replace("'", "\\'")
-    more = f" (+{len(text) - limit} more characters)" if len(text) > limit else ""
-    return f"'{shown}'{more}"
-
-
-def topic_name_problem(parameter: str, topic: str, node_name: str, namespace: str) -> Optional[str]:
-    """Why ``topic`` cannot be subscribed to from this node (None when it can): checked when the parameter is set,
-    so an invalid name never reaches ``activate``."""
-    if not topic and parameter in OPTIONAL_TOPIC_PARAMETERS:
-        return None
-    names = [topic, f"{topic.rstrip('/')}/compressed"] if parameter == "image_topic" else [topic]
-    try:
-        for name in names:
-            validate_full_topic_name(expand_topic_name(name, node_name, namespace))
-    except (InvalidTopicNameException, ValueError) as exc:
-        return f"'{parameter}' is not a valid topic name: {loggable_text(topic, 80)} ({str(exc).splitlines()[0]})"
-    return None
-
-
-def model_problem(model: str) -> Optional[str]:
-    """Why ``model`` names no model (None when it is a registry name or a directory holding config.yaml). Nothing is
-    loaded here: weights are read at configure, and only from safetensors."""
-    from traj_forecast_ros import registry
-    from traj_forecast_ros.model.config import CONFIG_FILE
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return None if (path / CONFIG_FILE).is_file() else f"'model': {model} holds no {CONFIG_FILE}"
-    try:
-        names = sorted(registry.load_registry())
-    except Exception as exc:  # noqa: BLE001 - an unreadable registry: say so rather than accept blindly
-        return f"'model': '{model}' is not a directory and the registry cannot be read ({exc})"
-    if model in names:
-        return None
-    return (f"'model' must be a registry name ({', '.join(names)}) or a model directory holding {CONFIG_FILE}; "
-            f"got {loggable_text(model, 200)}")
-
-
-def device_problem(device: str) -> Optional[str]:
-    """Why ``device`` does not exist on this machine (None when it does, or is 'auto'/'cpu')."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    if index >= count:
-        return f"'device': {device} does not exist here ({count} CUDA device(s) visible)"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------ diagnostics
-def _fmt_ms(seconds: Optional[float]) -> str:
-    return "n/a" if seconds is None else f"{seconds * 1000.0:.1f}"
-
-
-def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Dict[str, str],
-                      consecutive_failures: int, fp32_fallbacks: int = 0, transition_error: str = "",
-                      instruction_ignored: bool = False) -> DiagnosticStatus:
-    """One ``DiagnosticStatus`` summarising the node: level, message and key/values from a stats snapshot.
-
-    ``fp32_fallbacks``: forecasts of the loaded model rerun in float32 after a non-finite half-precision result.
-    ``transition_error``: why the last lifecycle transition failed ('' = it succeeded); the level is then ERROR.
-    ``instruction_ignored``: an instruction is set but the model has no language input (WARN while active).
-    """
-    values = {
-        "state": state,
-        "model": model.get("model_id", ""),
-        "device": model.get("device", ""),
-        "dtype": model.get("dtype", ""),
-        "threads": model.get("threads", ""),
-        "sampling_plan": model.get("plan", ""),
-        "fp32_fallbacks": str(fp32_fallbacks),
-        "frames_received": str(snapshot["received"]),
-        "forecasts_published": str(snapshot["published"]),
-        "input_rate_hz": f"{snapshot['input_rate_hz']:.2f}",
-        "forecast_rate_hz": f"{snapshot['forecast_rate_hz']:.2f}",
-        "latency_p50_ms": _fmt_ms(snapshot["latency_p50_s"]),
-        "latency_p95_ms": _fmt_ms(snapshot["latency_p95_s"]),
-        "inference_p50_ms": _fmt_ms(snapshot["inference_p50_s"]),
-        "inference_p95_ms": _fmt_ms(snapshot["inference_p95_s"]),
-        "overhead_p50_ms": _fmt_ms(snapshot["overhead_p50_s"]),
-        "overhead_p95_ms": _fmt_ms(snapshot["overhead_p95_s"]),
-    }
-    # dropped_total counts every frame that got no forecast; rejected_total (bad input) and failed_total (model or
-    # publishing failed) are the parts of it that are not just "no time for it" (superseded, too_old).
-    reasons = snapshot["not_forecast"]
-    totals = {"dropped_total": 0, "rejected_total": 0, "failed_total": 0}
-    for reason, count in reasons.items():
-        totals["dropped_total"] += count
-        category = reason_category(reason)
-        if category != "dropped":
-            totals[f"{category}_total"] += count
-    values.update({key: str(count) for key, count in totals.items()})
-    values.update({f"dropped.{reason}": str(count) for reason, count in sorted(reasons.items())})
-    values["instruction_ignored"] = str(instruction_ignored).lower()
-    values["last_transition_error"] = transition_error
-
-    if transition_error:
-        level, message = DiagnosticStatus.ERROR, transition_error
-    elif state != "active":
-        level, message = DiagnosticStatus.OK, f"{state}: not forecasting"
-    elif consecutive_failures >= 3:
-        level, message = DiagnosticStatus.ERROR, f"the last {consecutive_failures} forecasts failed"
-    elif snapshot["input_rate_hz"] == 0.0 and snapshot["received"] == 0:
-        level, message = DiagnosticStatus.WARN, "no images received yet"
-    elif snapshot["input_rate_hz"] > 0.0 and snapshot["forecast_rate_hz"] == 0.0 and snapshot["published"] == 0:
-        level, message = DiagnosticStatus.WARN, "images arrive but no forecast has been published"
-    elif instruction_ignored:
-        level, message = DiagnosticStatus.WARN, ("the model has no language input: the instruction is ignored "
-                                                 f"(forecasting at {snapshot['forecast_rate_hz']:.2f} Hz)")
-    else:
-        level, message = DiagnosticStatus.OK, f"forecasting at {snapshot['forecast_rate_hz']:.2f} Hz"
-    status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=model.get("device", ""))
-    status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
-    return status
 
 
 # ------------------------------------------------------------------------------------------------ the node

@@ -1,0 +1,75 @@
+"""The node's ``/diagnostics`` status: level, message and key/values from a :class:`PipelineStats` snapshot."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+from traj_forecast_ros.ros.pipeline import reason_category
+
+
+def _fmt_ms(seconds: Optional[float]) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000.0:.1f}"
+
+
+def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Dict[str, str],
+                      consecutive_failures: int, fp32_fallbacks: int = 0, transition_error: str = "",
+                      instruction_ignored: bool = False) -> DiagnosticStatus:
+    """One ``DiagnosticStatus`` summarising the node: level, message and key/values from a stats snapshot.
+
+    ``fp32_fallbacks``: forecasts of the loaded model rerun in float32 after a non-finite half-precision result.
+    ``transition_error``: why the last lifecycle transition failed ('' = it succeeded); the level is then ERROR.
+    ``instruction_ignored``: an instruction is set but the model has no language input (WARN while active).
+    """
+    values = {
+        "state": state,
+        "model": model.get("model_id", ""),
+        "device": model.get("device", ""),
+        "dtype": model.get("dtype", ""),
+        "threads": model.get("threads", ""),
+        "sampling_plan": model.get("plan", ""),
+        "fp32_fallbacks": str(fp32_fallbacks),
+        "frames_received": str(snapshot["received"]),
+        "forecasts_published": str(snapshot["published"]),
+        "input_rate_hz": f"{snapshot['input_rate_hz']:.2f}",
+        "forecast_rate_hz": f"{snapshot['forecast_rate_hz']:.2f}",
+        "latency_p50_ms": _fmt_ms(snapshot["latency_p50_s"]),
+        "latency_p95_ms": _fmt_ms(snapshot["latency_p95_s"]),
+        "inference_p50_ms": _fmt_ms(snapshot["inference_p50_s"]),
+        "inference_p95_ms": _fmt_ms(snapshot["inference_p95_s"]),
+        "overhead_p50_ms": _fmt_ms(snapshot["overhead_p50_s"]),
+        "overhead_p95_ms": _fmt_ms(snapshot["overhead_p95_s"]),
+    }
+    # dropped_total counts every frame that got no forecast; rejected_total (bad input) and failed_total (model or
+    # publishing failed) are the parts of it that are not just "no time for it" (superseded, too_old).
+    reasons = snapshot["not_forecast"]
+    totals = {"dropped_total": 0, "rejected_total": 0, "failed_total": 0}
+    for reason, count in reasons.items():
+        totals["dropped_total"] += count
+        category = reason_category(reason)
+        if category != "dropped":
+            totals[f"{category}_total"] += count
+    values.update({key: str(count) for key, count in totals.items()})
+    values.update({f"dropped.{reason}": str(count) for reason, count in sorted(reasons.items())})
+    values["instruction_ignored"] = str(instruction_ignored).lower()
+    values["last_transition_error"] = transition_error
+
+    if transition_error:
+        level, message = DiagnosticStatus.ERROR, transition_error
+    elif state != "active":
+        level, message = DiagnosticStatus.OK, f"{state}: not forecasting"
+    elif consecutive_failures >= 3:
+        level, message = DiagnosticStatus.ERROR, f"the last {consecutive_failures} forecasts failed"
+    elif snapshot["input_rate_hz"] == 0.0 and snapshot["received"] == 0:
+        level, message = DiagnosticStatus.WARN, "no images received yet"
+    elif snapshot["input_rate_hz"] > 0.0 and snapshot["forecast_rate_hz"] == 0.0 and snapshot["published"] == 0:
+        level, message = DiagnosticStatus.WARN, "images arrive but no forecast has been published"
+    elif instruction_ignored:
+        level, message = DiagnosticStatus.WARN, ("the model has no language input: the instruction is ignored "
+                                                 f"(forecasting at {snapshot['forecast_rate_hz']:.2f} Hz)")
+    else:
+        level, message = DiagnosticStatus.OK, f"forecasting at {snapshot['forecast_rate_hz']:.2f} Hz"
+    status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=model.get("device", ""))
+    status.values = [KeyValue(key=key, value=value) for key, value in values.items()]
+    return status

@@ -1,0 +1,68 @@
+"""Checks of the node's parameter values made when a value is set (so a bad value never reaches a transition),
+and the escaping used for any user text written to the log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from rclpy.exceptions import InvalidTopicNameException
+from rclpy.expand_topic_name import expand_topic_name
+from rclpy.validate_full_topic_name import validate_full_topic_name
+
+TOPIC_PARAMETERS = ("image_topic", "instruction_topic", "camera_info_topic")  # validated as ROS names on every set
+OPTIONAL_TOPIC_PARAMETERS = frozenset({"camera_info_topic"})  # '' = not used
+INSTRUCTION_LOG_CHARS = 120  # instructions are logged escaped and cut to this length
+
+
+def loggable_text(text: str, limit: int = INSTRUCTION_LOG_CHARS) -> str:
+    """``text`` for one log line: cut to ``limit`` characters, control and non-ASCII characters escaped, quoted."""
+    shown = text[:limit].encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    more = f" (+{len(text) - limit} more characters)" if len(text) > limit else ""
+    return f"'{shown}'{more}"
+
+
+def topic_name_problem(parameter: str, topic: str, node_name: str, namespace: str) -> Optional[str]:
+    """Why ``topic`` cannot be subscribed to from this node (None when it can): checked when the parameter is set,
+    so an invalid name never reaches ``activate``."""
+    if not topic and parameter in OPTIONAL_TOPIC_PARAMETERS:
+        return None
+    names = [topic, f"{topic.rstrip('/')}/compressed"] if parameter == "image_topic" else [topic]
+    try:
+        for name in names:
+            validate_full_topic_name(expand_topic_name(name, node_name, namespace))
+    except (InvalidTopicNameException, ValueError) as exc:
+        return f"'{parameter}' is not a valid topic name: {loggable_text(topic, 80)} ({str(exc).splitlines()[0]})"
+    return None
+
+
+def model_problem(model: str) -> Optional[str]:
+    """Why ``model`` names no model (None when it is a registry name or a directory holding config.yaml). Nothing is
+    loaded here: weights are read at configure, and only from safetensors."""
+    from traj_forecast_ros import registry
+    from traj_forecast_ros.model.config import CONFIG_FILE
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return None if (path / CONFIG_FILE).is_file() else f"'model': {model} holds no {CONFIG_FILE}"
+    try:
+        names = sorted(registry.load_registry())
+    except Exception as exc:  # noqa: BLE001 - an unreadable registry: say so rather than accept blindly
+        return f"'model': '{model}' is not a directory and the registry cannot be read ({exc})"
+    if model in names:
+        return None
+    return (f"'model' must be a registry name ({', '.join(names)}) or a model directory holding {CONFIG_FILE}; "
+            f"got {loggable_text(model, 200)}")
+
+
+def device_problem(device: str) -> Optional[str]:
+    """Why ``device`` does not exist on this machine (None when it does, or is 'auto'/'cpu')."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= count:
+        return f"'device': {device} does not exist here ({count} CUDA device(s) visible)"
+    return None
