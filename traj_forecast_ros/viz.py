@@ -111,33 +111,68 @@ def _stamp(canvas: np.ndarray, points_xy: np.ndarray, color: np.ndarray, brush: 
     canvas[pixels[:, 1], pixels[:, 0]] = color
 
 
-def _draw_segments(canvas: np.ndarray, start: np.ndarray, end: np.ndarray, color: np.ndarray,
-                   brush: np.ndarray) -> None:
-    """Draw straight segments ``start[i] -> end[i]`` (``[M, 2]`` xy) in one colour, in place."""
-    height, width = canvas.shape[:2]
+def _sample_segments(shape: Sequence[int], start: np.ndarray, end: np.ndarray, brush: np.ndarray):
+    """Points every half pixel along segments ``start[i] -> end[i]`` (``[M, 2]`` xy), clipped to the canvas
+    ``shape`` plus the brush margin; returns (``[S, 2]`` xy samples, ``[S]`` index of each sample's segment)."""
+    height, width = shape[:2]
     margin = float(np.abs(brush).max()) + 1.0
     box = np.array([-margin, -margin, width + margin, height + margin])
     start, end, keep = _clip_segments(start, end, box)
-    start, end = start[keep], end[keep]
+    kept = np.flatnonzero(keep)  # [M'] original segment index
+    start, end = start[kept], end[kept]
     if len(start) == 0:
-        return
+        return np.zeros((0, 2)), np.zeros(0, np.int64)
     # Sample each segment every half pixel (variable count per segment, flattened with np.repeat).
-    lengths = np.abs(end - start).max(axis=1)  # [M] Chebyshev length in px
-    counts = np.ceil(lengths * 2.0).astype(np.int64) + 1  # [M]
+    lengths = np.abs(end - start).max(axis=1)  # [M'] Chebyshev length in px
+    counts = np.ceil(lengths * 2.0).astype(np.int64) + 1  # [M']
     segment_of = np.repeat(np.arange(len(start)), counts)  # [S]
-    first = np.cumsum(counts) - counts  # [M]
+    first = np.cumsum(counts) - counts  # [M']
     step = np.arange(len(segment_of)) - first[segment_of]  # [S] 0 .. count-1
     frac = step / np.maximum(counts[segment_of] - 1, 1)  # [S] in [0, 1]
     samples = start[segment_of] + frac[:, None] * (end - start)[segment_of]  # [S, 2]
+    return samples, kept[segment_of]
+
+
+def _draw_segments(canvas: np.ndarray, start: np.ndarray, end: np.ndarray, color: np.ndarray,
+                   brush: np.ndarray) -> None:
+    """Draw straight segments ``start[i] -> end[i]`` (``[M, 2]`` xy) in one colour, in place."""
+    samples, _ = _sample_segments(canvas.shape, start, end, brush)
     _stamp(canvas, samples, color, brush)
+
+
+def _stamp_layers(canvas: np.ndarray, points_xy: np.ndarray, layer: np.ndarray, colors: np.ndarray,
+                  brush: np.ndarray) -> None:
+    """Paint ``colors[layer[i]]`` at every (x, y) of ``points_xy [P, 2]`` dilated by ``brush [B, 2]``, in place.
+
+    Where several points cover a pixel the highest layer wins, exactly as if the layers were drawn one after
+    another (so one fancy-indexing write replaces a loop over layers).
+    """
+    if len(points_xy) == 0:
+        return
+    height, width = canvas.shape[:2]
+    pixels = np.floor(points_xy).astype(np.int64)  # [P, 2] (col, row)
+    pixels = (pixels[:, None, :] + brush[None, :, :]).reshape(-1, 2)  # [P*B, 2]
+    layer = np.repeat(np.asarray(layer, np.int64), len(brush))  # [P*B]
+    inside = (pixels[:, 0] >= 0) & (pixels[:, 0] < width) & (pixels[:, 1] >= 0) & (pixels[:, 1] < height)
+    linear = pixels[inside, 1] * width + pixels[inside, 0]  # [Q] row-major pixel index
+    owner = np.full(height * width, -1, np.int64)  # [H*W] highest layer reaching each pixel
+    np.maximum.at(owner, linear, layer[inside])
+    canvas.reshape(-1, canvas.shape[2])[linear] = colors[owner[linear]]  # duplicates all write the same colour
 
 
 def _draw_onto(canvas: np.ndarray, tracks: np.ndarray, colors: np.ndarray, thickness: int,
                end_dots: bool = True) -> None:
-    """Draw flattened tracks ``[T, M, 2]`` with per-frame ``colors [T, 3]`` onto ``canvas`` in place."""
+    """Draw flattened tracks ``[T, M, 2]`` with per-frame ``colors [T, 3]`` onto ``canvas`` in place.
+
+    Every segment is rasterised in one vectorised pass: the segment from frame ``t-1`` to ``t`` takes
+    ``colors[t]``, later segments cover earlier ones, and the end dots cover both.
+    """
     brush = _brush_offsets(thickness)
-    for t in range(1, tracks.shape[0]):  # later segments drawn over earlier ones
-        _draw_segments(canvas, tracks[t - 1], tracks[t], colors[t], brush)
+    num_frames, num_points = tracks.shape[:2]
+    if num_frames > 1:
+        starts, ends = tracks[:-1].reshape(-1, 2), tracks[1:].reshape(-1, 2)  # [(T-1)*M, 2], frame-major
+        samples, segment = _sample_segments(canvas.shape, starts, ends, brush)
+        _stamp_layers(canvas, samples, segment // num_points + 1, colors, brush)
     if end_dots:
         _stamp(canvas, tracks[-1], colors[-1], _brush_offsets(thickness + 2))
 

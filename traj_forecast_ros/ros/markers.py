@@ -8,8 +8,9 @@ per sample whose vertex colours ramp over forecast time.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -67,20 +68,126 @@ def subsample_grid(tracks: np.ndarray, stride: int) -> np.ndarray:
     return tracks[:, :, offset::stride, offset::stride]
 
 
+def frames_drawn(num_frames: int, max_frames: int = 0) -> np.ndarray:
+    """Indices of the forecast frames a marker draws: all ``num_frames`` when ``max_frames`` is 0 or enough, else
+    ``max(max_frames, 2)`` of them evenly spaced, the first and the last always among them."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if max_frames < 0:
+        raise ValueError(f"max_frames must be >= 0 (0 = all), got {max_frames}")
+    if max_frames == 0 or max_frames >= num_frames:
+        return np.arange(num_frames)
+    return np.round(np.linspace(0, num_frames - 1, max(max_frames, 2))).astype(np.int64)
+
+
+def line_list_indices(num_frames: int, num_points: int) -> np.ndarray:
+    """``[(T-1)*N*2]`` indices into a ``[T*N]`` (frame-major) vertex table: the segment endpoints of every point's
+    polyline, ordered segment by segment (frame 0->1 of every point, then 1->2, ...) as a ``LINE_LIST`` wants them."""
+    table = np.arange(num_frames * num_points).reshape(num_frames, num_points)
+    return np.stack([table[:-1], table[1:]], axis=2).reshape(-1)  # [T-1, N, 2] -> flat
+
+
 def line_list_vertices(tracks_one_sample: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Segment endpoints of every point's polyline: ``[T, N, 3] -> ([(T-1)*N*2, 3] positions, [(T-1)*N*2] frame
     index of each vertex)``, ordered segment by segment as a ``LINE_LIST`` wants them."""
     num_frames, num_points, _ = tracks_one_sample.shape
-    starts, ends = tracks_one_sample[:-1], tracks_one_sample[1:]  # [T-1, N, 3]
-    pairs = np.stack([starts, ends], axis=2)  # [T-1, N, 2, 3]
-    frames = np.broadcast_to(np.arange(num_frames - 1)[:, None, None] + np.array([0, 1]), (num_frames - 1, num_points, 2))
-    return pairs.reshape(-1, 3), frames.reshape(-1)
+    indices = line_list_indices(num_frames, num_points)
+    return tracks_one_sample.reshape(-1, tracks_one_sample.shape[-1])[indices], indices // num_points
+
+
+@dataclass(frozen=True)
+class MarkerGeometry:
+    """What the markers of one forecast draw: vertex positions on the plane and the colour of each vertex."""
+
+    positions: np.ndarray  # [K', T'*N, 3] metres: every drawn position of every drawn sample, frame-major
+    vertex_index: np.ndarray  # [V] LINE_LIST vertices as indices into positions' second axis, V = (T'-1)*N*2
+    frame_colors: np.ndarray  # [T', 4] RGBA 0..1 of the frames drawn
+    vertex_frame: np.ndarray  # [V] index into frame_colors of each vertex
+
+    @property
+    def num_samples(self) -> int:
+        return self.positions.shape[0]
+
+
+def marker_geometry(tracks: np.ndarray, plane: ImagePlane, stride: int = 8, max_samples: int = 0,
+                    max_frames: int = 0) -> MarkerGeometry:
+    """Subsample ``[K, T, H, W, 2]`` pixel tracks (grid ``stride``, ``max_samples``, ``max_frames``) and lift them
+    onto ``plane``; see :func:`forecast_markers` for the arguments."""
+    tracks = np.asarray(tracks, dtype=np.float64)
+    if tracks.ndim != 5 or tracks.shape[-1] != 2:
+        raise ValueError(f"tracks must be [K, T, H, W, 2], got {tracks.shape}")
+    frames = frames_drawn(tracks.shape[1], max_frames)  # [T'] indices of the frames drawn
+    kept = subsample_grid(tracks, stride)
+    num_samples = kept.shape[0] if max_samples <= 0 else min(max_samples, kept.shape[0])
+    kept = kept[:num_samples, frames]  # [K', T', H', W', 2]
+    num_frames, num_points = len(frames), kept.shape[2] * kept.shape[3]
+    positions = plane.lift(kept.reshape(num_samples, num_frames * num_points, 2))  # [K', T'*N, 3]
+    vertex_index = line_list_indices(num_frames, num_points)  # [V]
+    return MarkerGeometry(positions=positions, vertex_index=vertex_index,
+                          frame_colors=time_ramp(tracks.shape[1])[frames], vertex_frame=vertex_index // num_points)
+
+
+def _point_table(points_xyz: np.ndarray) -> List[Any]:
+    """One ``geometry_msgs/Point`` per row of ``[M, 3]`` metres.
+
+    The cheapest construction the public message API allows on Humble, Jazzy and Kilted (measured: about 20%
+    faster than ``Point(x=.., y=.., z=..)``, whose keyword dict costs more than three attribute sets).
+    """
+    from geometry_msgs.msg import Point
+
+    table = []
+    append = table.append
+    for x, y, z in points_xyz.tolist():
+        point = Point()
+        point.x = x
+        point.y = y
+        point.z = z
+        append(point)
+    return table
+
+
+def _marker_array(geometry: MarkerGeometry, header: Any, lifetime_s: float, line_width: float, namespace: str,
+                  fill: Callable[[int, Any], None]) -> Any:
+    """``MarkerArray``: ``DELETEALL``, then one ``LINE_LIST`` per sample whose points and colours ``fill(sample,
+    marker)`` sets."""
+    from builtin_interfaces.msg import Duration
+    from std_msgs.msg import ColorRGBA
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    seconds = max(float(lifetime_s), 0.0)
+    lifetime_sec, lifetime_nanosec = divmod(int(round(seconds * 1e9)), 10**9)  # 0.9999999998 s -> (1, 0), not (0, 0)
+    r, g, b, a = (float(v) for v in geometry.frame_colors[-1])
+    clear = Marker()
+    clear.header = header
+    clear.ns = namespace
+    clear.action = Marker.DELETEALL
+    markers: List[Any] = [clear]
+    for sample in range(geometry.num_samples):
+        marker = Marker()
+        marker.header = header
+        marker.ns = namespace
+        marker.id = sample
+        marker.type = Marker.LINE_LIST
+        marker.action = Marker.ADD
+        marker.pose.orientation.w = 1.0
+        marker.scale.x = float(line_width)
+        marker.color = ColorRGBA(r=r, g=g, b=b, a=a)
+        marker.lifetime = Duration(sec=lifetime_sec, nanosec=lifetime_nanosec)
+        marker.frame_locked = False
+        fill(sample, marker)
+        markers.append(marker)
+    return MarkerArray(markers=markers)
 
 
 def forecast_markers(tracks: np.ndarray, header: Any, plane: ImagePlane, stride: int = 8,
                      lifetime_s: float = 1.0, line_width: float = 0.004, max_samples: int = 0,
-                     namespace: str = MARKER_NAMESPACE) -> Any:
+                     max_frames: int = 0, namespace: str = MARKER_NAMESPACE) -> Any:
     """Build the ``MarkerArray`` of a forecast.
+
+    Each sample is one ``LINE_LIST`` whose vertices carry the time-ramp colour of their forecast frame (RViz blends
+    the colour along each segment). A position shared by two consecutive segments is one ``Point`` object listed
+    twice, so building costs one ``Point`` per drawn position, not two. :func:`serialized_forecast_markers` gives
+    the same message already serialised, about 20x faster.
 
     Args:
         tracks: ``[K, T, H, W, 2]`` pixel positions (x, y) in the source image.
@@ -90,46 +197,126 @@ def forecast_markers(tracks: np.ndarray, header: Any, plane: ImagePlane, stride:
         lifetime_s: marker lifetime (0 = forever); a few forecast periods so stale forecasts vanish.
         line_width: line width in metres.
         max_samples: draw at most this many samples (0 = all K).
+        max_frames: draw at most this many forecast frames of each track, evenly spaced, the first and the last
+            always among them (0 = all); each drawn vertex keeps the colour of its own frame.
     """
-    from builtin_interfaces.msg import Duration
-    from geometry_msgs.msg import Point
     from std_msgs.msg import ColorRGBA
-    from visualization_msgs.msg import Marker, MarkerArray
 
-    tracks = np.asarray(tracks, dtype=np.float64)
-    if tracks.ndim != 5 or tracks.shape[-1] != 2:
-        raise ValueError(f"tracks must be [K, T, H, W, 2], got {tracks.shape}")
-    kept = subsample_grid(tracks, stride)
-    num_samples = kept.shape[0] if max_samples <= 0 else min(max_samples, kept.shape[0])
-    num_frames = kept.shape[1]
-    points_3d = plane.lift(kept[:num_samples].reshape(num_samples, num_frames, -1, 2))  # [K, T, N, 3]
-    palette = [ColorRGBA(r=float(r), g=float(g), b=float(b), a=float(a)) for r, g, b, a in time_ramp(num_frames)]
-    seconds = max(float(lifetime_s), 0.0)
-    lifetime_sec, lifetime_nanosec = divmod(int(round(seconds * 1e9)), 10**9)  # 0.9999999998 s -> (1, 0), not (0, 0)
-    lifetime = Duration(sec=lifetime_sec, nanosec=lifetime_nanosec)
+    geometry = marker_geometry(tracks, plane, stride, max_samples, max_frames)
+    palette = [ColorRGBA(r=float(r), g=float(g), b=float(b), a=float(a)) for r, g, b, a in geometry.frame_colors]
+    vertex_index = geometry.vertex_index.tolist()
+    vertex_colors = [palette[frame] for frame in geometry.vertex_frame.tolist()]
 
-    clear = Marker()
-    clear.header = header
-    clear.ns = namespace
-    clear.action = Marker.DELETEALL
-    markers: List[Any] = [clear]
-    for sample in range(num_samples):
-        vertices, frames = line_list_vertices(points_3d[sample])
-        marker = Marker()
-        marker.header = header
-        marker.ns = namespace
-        marker.id = sample
-        marker.type = Marker.LINE_LIST
-        marker.action = Marker.ADD
-        marker.pose.orientation.w = 1.0
-        marker.scale.x = float(line_width)
-        marker.color = palette[-1]
-        marker.lifetime = lifetime
-        marker.frame_locked = False
-        marker.points = [Point(x=x, y=y, z=z) for x, y, z in vertices.tolist()]
-        marker.colors = [palette[f] for f in frames.tolist()]
-        markers.append(marker)
-    return MarkerArray(markers=markers)
+    def fill(sample: int, marker: Any) -> None:
+        table = _point_table(geometry.positions[sample])
+        marker.points = list(map(table.__getitem__, vertex_index))
+        marker.colors = list(vertex_colors)
+
+    return _marker_array(geometry, header, lifetime_s, line_width, namespace, fill)
+
+
+# ------------------------------------------------------------------------------------------------ serialised
+_SEQUENCE_LENGTH = struct.Struct("<I")  # CDR little endian: a sequence starts with its uint32 length
+
+
+def _sentinel_point(sample: int) -> Tuple[float, float, float]:
+    return (-7.25e-301 * (sample + 1), 3.0e303 + sample, -1.5e-299 * (sample + 3))  # never a real position
+
+
+def _sentinel_color(sample: int) -> Tuple[float, float, float, float]:
+    return (-3.5e-37, 2.5e37 + 1e31 * sample, -1.25e-36, 3.25e36)  # float32-exact, never a real colour
+
+
+def serialized_forecast_markers(tracks: np.ndarray, header: Any, plane: ImagePlane, stride: int = 8,
+                                lifetime_s: float = 1.0, line_width: float = 0.004, max_samples: int = 0,
+                                max_frames: int = 0, namespace: str = MARKER_NAMESPACE) -> bytes:
+    """:func:`forecast_markers`, serialised (CDR, as ``rclpy.serialization.serialize_message`` writes it), for
+    ``Publisher.publish(bytes)``, without building a Python object per vertex.
+
+    The ``MarkerArray`` is serialised by rclpy with one sentinel point and colour per marker; those are then
+    replaced by the real arrays, written by numpy (every field around them stays exactly as rclpy wrote it, and
+    each marker grows by a multiple of 8 bytes, so no CDR alignment changes). Raises :class:`ValueError` when the
+    sentinels are not where a little-endian CDR encoding puts them (another encoding): then use
+    :func:`forecast_markers` (:class:`MarkerSerializer` does, after comparing both once). CDR padding bytes are
+    whatever rclpy left there (it does not clear them either), so compare the messages read back, not the bytes.
+    """
+    from geometry_msgs.msg import Point
+    from rclpy.serialization import serialize_message
+    from std_msgs.msg import ColorRGBA
+
+    geometry = marker_geometry(tracks, plane, stride, max_samples, max_frames)
+    num_vertices = len(geometry.vertex_index)
+    if num_vertices == 0:  # an empty sequence has no alignment padding: nothing to splice, and nothing costly
+        return serialize_message(forecast_markers(tracks, header, plane, stride, lifetime_s, line_width,
+                                                  max_samples, max_frames, namespace))
+
+    def fill(sample: int, marker: Any) -> None:
+        x, y, z = _sentinel_point(sample)
+        r, g, b, a = _sentinel_color(sample)
+        marker.points = [Point(x=x, y=y, z=z)]
+        marker.colors = [ColorRGBA(r=r, g=g, b=b, a=a)]
+
+    template = serialize_message(_marker_array(geometry, header, lifetime_s, line_width, namespace, fill))
+    if template[:2] != b"\x00\x01":  # CDR_LE: plain little-endian XCDR1, what ROS 2 middlewares write
+        raise ValueError(f"not a little-endian CDR encapsulation: {template[:4].hex()}")
+    colors = geometry.frame_colors.astype(np.float32)[geometry.vertex_frame].tobytes()  # [V, 4] float32
+    positions = geometry.positions[:, geometry.vertex_index]  # [K', V, 3] float64
+    length = _SEQUENCE_LENGTH.pack(num_vertices)
+    one = _SEQUENCE_LENGTH.pack(1)
+    pieces: List[bytes] = []
+    done = 0  # template bytes already copied
+    for sample in range(geometry.num_samples):
+        point = struct.pack("<3d", *_sentinel_point(sample))
+        color = struct.pack("<4f", *_sentinel_color(sample))
+        at = template.find(point, done)
+        if at < 0 or template.count(point) != 1:
+            raise ValueError(f"marker {sample}: sentinel point not found once in the serialised template")
+        # [count][padding to 8][point] then [count][color]; the padding is 4 bytes or none.
+        count_at = at - 4 if template[at - 4:at] == one else at - 8
+        color_at = at + 24 + 4
+        if (template[count_at:count_at + 4] != one or template[at + 24:color_at] != one
+                or template[color_at:color_at + 16] != color):
+            raise ValueError(f"marker {sample}: the serialised template is not laid out as little-endian CDR")
+        pieces += [template[done:count_at], length, template[count_at + 4:at], positions[sample].tobytes(), length,
+                   colors]
+        done = color_at + 16
+    pieces.append(template[done:])
+    return b"".join(pieces)
+
+
+class MarkerSerializer:
+    """Serialised markers by the fastest path that gives rclpy's message in this process.
+
+    The first call builds the markers both ways (:func:`serialized_forecast_markers`, and :func:`forecast_markers`)
+    and checks that the serialised bytes read back as exactly that message; when they do not (a middleware with
+    another encoding), every later call serialises the message object instead. ``fast`` says which path is in use.
+    """
+
+    def __init__(self, warn: Optional[Callable[[str], None]] = None) -> None:
+        self.fast: Optional[bool] = None  # None until the first call has compared both paths
+        self.warn = warn
+
+    def __call__(self, tracks: np.ndarray, header: Any, plane: ImagePlane, **options: Any) -> bytes:
+        """Serialised ``MarkerArray``: the arguments of :func:`forecast_markers`."""
+        from rclpy.serialization import deserialize_message, serialize_message
+        from visualization_msgs.msg import MarkerArray
+
+        if self.fast is not False:
+            try:
+                fast = serialized_forecast_markers(tracks, header, plane, **options)
+                reason = "it reads back as a different message"
+            except ValueError as exc:
+                fast, reason = None, str(exc)
+            if self.fast is None:
+                message = forecast_markers(tracks, header, plane, **options)
+                self.fast = fast is not None and deserialize_message(fast, MarkerArray) == message
+                if not self.fast:
+                    if self.warn is not None:
+                        self.warn(f"markers: serialising message objects (the direct CDR path is off: {reason})")
+                    return serialize_message(message)
+            if fast is not None:
+                return fast
+        return serialize_message(forecast_markers(tracks, header, plane, **options))
 
 
 def lifetime_from_period(period_s: Optional[float], periods: float, fallback_s: float = 1.0) -> float:

@@ -2,20 +2,22 @@
 
 Used by ``forecast_node`` (live) and ``bag run`` (offline) so both publish identical messages:
 ``TrajectoryForecast``, the ``MarkerArray`` on the camera's image plane, and the overlay ``Image``.
-:class:`SideOutputs` builds the optional two (markers: about 50 ms of Python message building at K=8, 64x64) on
-their own thread, so the forecast worker goes back to the next frame as soon as the forecast is out.
+:class:`SideOutputs` builds the optional two on their own thread, so the forecast worker goes back to the next frame
+as soon as the forecast is out. For publishing, :meth:`OutputBuilder.markers_serialized` writes the markers' CDR
+with numpy (about 2 ms at K=8, 64x64, 16 frames, 15,360 vertices, against about 50 ms for building and converting
+a Python ``Point`` and ``ColorRGBA`` per vertex, which also holds the GIL that the forecast worker needs).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
 from traj_forecast_ros.ros.conversions import forecast_to_msg, rgb_to_image_msg
-from traj_forecast_ros.ros.markers import ImagePlane, forecast_markers, lifetime_from_period
+from traj_forecast_ros.ros.markers import ImagePlane, MarkerSerializer, forecast_markers, lifetime_from_period
 from traj_forecast_ros.viz import draw_tracks
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class OutputBuilder:
         self.param = param
         self.model_frame_interval = float(model_frame_interval or 0.0)
         self.warn = warn or log.warning
+        self._serialize_markers = MarkerSerializer(warn=self.warn)
 
     def frame_interval(self) -> float:
         """Seconds between forecast frames: the parameter, else the model's own value, else 0 (unknown)."""
@@ -46,6 +49,17 @@ class OutputBuilder:
 
     def markers(self, forecast: Any, header: Any, camera_info: Any, period_s: Optional[float]) -> Any:
         """``MarkerArray`` on the image plane (pinhole from ``camera_info`` when given, else the pixel scale)."""
+        plane, options = self._marker_arguments(forecast, camera_info, period_s)
+        return forecast_markers(forecast.tracks, header, plane, **options)
+
+    def markers_serialized(self, forecast: Any, header: Any, camera_info: Any, period_s: Optional[float]) -> bytes:
+        """:meth:`markers` serialised, for ``Publisher.publish(bytes)``: the same message, read back, at a fraction
+        of the cost (see :class:`~traj_forecast_ros.ros.markers.MarkerSerializer`)."""
+        plane, options = self._marker_arguments(forecast, camera_info, period_s)
+        return self._serialize_markers(forecast.tracks, header, plane, **options)
+
+    def _marker_arguments(self, forecast: Any, camera_info: Any, period_s: Optional[float]):
+        """The image plane and the keyword options of the markers, from the parameters."""
         depth = float(self.param("marker_plane_depth"))
         image_size = tuple(forecast.image_size)
         plane = None
@@ -58,9 +72,10 @@ class OutputBuilder:
             plane = ImagePlane.from_pixel_size(image_size, float(self.param("marker_pixel_size")), depth)
         lifetime = lifetime_from_period(period_s, float(self.param("marker_lifetime_periods")),
                                         fallback_s=max(float(forecast.timings.get("total", 0.0)), 1.0))
-        return forecast_markers(forecast.tracks, header, plane, stride=int(self.param("marker_stride")),
-                                lifetime_s=lifetime, line_width=float(self.param("marker_line_width")),
-                                max_samples=int(self.param("marker_samples")))
+        return plane, dict(stride=int(self.param("marker_stride")), lifetime_s=lifetime,
+                           line_width=float(self.param("marker_line_width")),
+                           max_samples=int(self.param("marker_samples")),
+                           max_frames=int(self.param("marker_max_frames")))
 
     def overlay(self, forecast: Any, rgb: np.ndarray, header: Any) -> Any:
         """Overlay ``Image``: one sample's tracks drawn over the source frame."""
@@ -102,6 +117,13 @@ class SideOutputs:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
             self._condition.notify_all()
+
+    def counts(self) -> Dict[str, int]:
+        """Jobs ``done``, ``skipped`` (replaced by a newer one, or dropped by :meth:`stop`) and ``failed`` so far; with
+        ``pending`` (0 or 1, waiting or running) every submitted job is in exactly one of them."""
+        with self._condition:
+            return {"done": self.done, "skipped": self.skipped, "failed": self.failed,
+                    "pending": int(self._job is not None) + int(self._running)}
 
     def idle(self, timeout: Optional[float] = None) -> bool:
         """Wait until no job is waiting or running; False on timeout."""

@@ -106,6 +106,8 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               0.0, 10000.0),
     ParamSpec("camera_frame", "", "frame_id used when an image header has none ('' = keep the header as is)."),
     ParamSpec("marker_stride", 8, "Markers: draw every Nth query point in each grid direction.", 1, 256),
+    ParamSpec("marker_max_frames", 0, "Markers: draw at most this many forecast frames per track, evenly spaced, "
+              "the first and the last always among them (0 = all).", 0, 1000),
     ParamSpec("marker_samples", 0, "Markers: draw at most this many samples (0 = all).", 0, 64),
     ParamSpec("marker_plane_depth", 1.0, "Markers: metres from the camera to the image plane they are drawn on.",
               0.01, 100.0),
