@@ -12,6 +12,7 @@
 # machine regenerates the same data and the same model. Settings come from the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup_sim.sh  # the venv, robosuite and libOSMesa (idempotent)
 
 RUN=${RUN:-runs/sim}
 CONFIG=${CONFIG:-sim-manipulation}

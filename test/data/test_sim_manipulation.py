@@ -136,7 +136,7 @@ def test_old_style_datasets_stay_version_1(tmp_path):
 def _skip_reason() -> str:
     missing = [name for name in ("robosuite", "mujoco") if importlib.util.find_spec(name) is None]
     if missing:
-        return f"{', '.join(missing)} not installed (pip install '.[sim]', see docs/sim-manipulation.md)"
+        return f"{', '.join(missing)} not installed (bash scripts/setup_sim.sh, see docs/sim-manipulation.md)"
     if ctypes.util.find_library("OSMesa") is None:
         return "CPU rendering needs libOSMesa (apt-get install -y libosmesa6)"
     return ""

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imports.set_defaults(func=_import)
 
     sim = commands.add_parser(
-        "sim-manipulation", help="LIBERO-like robosuite clips with exact tracks (needs pip install .[sim])",
+        "sim-manipulation", help="LIBERO-like robosuite clips with exact tracks (needs bash scripts/setup_sim.sh)",
         description="Render scripted Panda manipulation episodes (robosuite + MuJoCo, CPU via OSMesa) into OUT/train "
                     "and OUT/test. Rerun the same command to resume: finished shards are kept. See "
                     "docs/sim-manipulation.md.")
@@ -110,8 +110,8 @@ def _sim_manipulation(args: argparse.Namespace) -> int:
 
     missing = [name for name in ("robosuite", "mujoco") if importlib.util.find_spec(name) is None]
     if missing:
-        raise SystemExit(f"error: {', '.join(missing)} not installed: pip install '.[sim]' (robosuite==1.5.2, "
-                         "mujoco==3.3.7) and, for CPU rendering, apt-get install -y libosmesa6")
+        raise SystemExit(f"error: {', '.join(missing)} not installed: bash scripts/setup_sim.sh installs "
+                         "robosuite==1.5.2, mujoco==3.3.7 and, for CPU rendering, libosmesa6 (docs/sim-manipulation.md)")
     from traj_forecast_ros.data.sim_manipulation import DEFAULT_SCENES, SimConfig, write_sim_dataset
 
     scenes = tuple(s.strip() for s in args.scenes.split(",")) if args.scenes else DEFAULT_SCENES

@@ -1,6 +1,6 @@
 """LIBERO-like simulated manipulation clips with exact point tracks (``traj-forecast data sim-manipulation``).
 
-Needs the optional extra ``pip install .[sim]`` (robosuite + MuJoCo) and an offscreen OpenGL: on a CPU
+Needs the optional extra installed by ``bash scripts/setup_sim.sh`` (robosuite + MuJoCo) and an offscreen OpenGL: on a CPU
 ``apt-get install -y libosmesa6`` and ``MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa`` (set by the CLI when unset). The
 core package never imports this module's simulator code: robosuite is imported inside the functions that need it.
 

@@ -58,7 +58,8 @@ class OutputBuilder:
         plane, options = self._marker_arguments(forecast, camera_info, period_s)
         return self._serialize_markers(forecast.tracks, header, plane, **options)
 
-    def _marker_arguments(self, forecast: Any, camera_info: Any, period_s: Optional[float]):
+    def _marker_arguments(self, forecast: Any, camera_info: Any,
+                          period_s: Optional[float]) -> Tuple[ImagePlane, Dict[str, Any]]:
         """The image plane and the keyword options of the markers, from the parameters."""
         depth = float(self.param("marker_plane_depth"))
         image_size = tuple(forecast.image_size)
