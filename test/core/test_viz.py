@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from traj_forecast_ros.errors import InvalidImageError
+from traj_forecast_ros import viz
 from traj_forecast_ros.viz import draw_tracks, forecast_frames, save_animation, time_colors
 
 
@@ -90,3 +91,38 @@ def test_save_animation_gif_and_png(tmp_path: Path):
     np.testing.assert_array_equal(still, frames[-1])
     with pytest.raises(ValueError, match="unsupported"):
         save_animation(frames, tmp_path / "anim.mp4")
+
+
+def _draw_step_by_step(image: np.ndarray, tracks: np.ndarray, stride: int, thickness: int) -> np.ndarray:
+    """Reference: one time step after another (the drawing before it was vectorised), then the end dots."""
+    flat = viz._flatten_tracks(tracks, stride)
+    colors = time_colors(flat.shape[0])
+    canvas = image.copy()
+    brush = viz._brush_offsets(thickness)
+    for t in range(1, flat.shape[0]):
+        viz._draw_segments(canvas, flat[t - 1], flat[t], colors[t], brush)
+    viz._stamp(canvas, flat[-1], colors[-1], viz._brush_offsets(thickness + 2))
+    return canvas
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_drawing_equals_drawing_step_by_step(seed):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    start = np.stack(np.meshgrid(np.linspace(-20, 150, 9), np.linspace(-20, 110, 7)), -1)  # [7, 9, 2], some outside
+    tracks = start + np.cumsum(rng.normal(0, 6.0, (12, 7, 9, 2)), 0)  # [T=12, 7, 9, 2] crossing paths and the border
+    for thickness in (1, 2, 3):
+        for stride in (1, 2):
+            expected = _draw_step_by_step(image, tracks, stride, thickness)
+            np.testing.assert_array_equal(draw_tracks(image, tracks, stride=stride, thickness=thickness), expected)
+
+
+def test_later_segments_cover_earlier_ones():
+    image = np.zeros((40, 60, 3), np.uint8)
+    there_and_back = np.array([[[5.5, 20.5]], [[50.5, 20.5]], [[5.5, 20.5]]])  # [T=3, N=1, 2]: out, then back
+    out = draw_tracks(image, there_and_back, stride=1)
+    colors = time_colors(3)
+    assert tuple(out[20, 30]) == tuple(colors[2])  # the return leg (frame 2) is on top of the way out (frame 1)
+    still = np.repeat(np.array([[[30.5, 10.5]]]), 4, axis=0)  # a point that never moves: just its end dot
+    dot = draw_tracks(image, still, stride=1)
+    assert tuple(dot[10, 30]) == tuple(time_colors(4)[-1]) and dot.any(-1).sum() <= 9

@@ -1,4 +1,5 @@
-"""RViz markers: DELETEALL first, one LINE_LIST per sample, colours ramp over time, pixels on the image plane."""
+"""RViz markers: DELETEALL first, one LINE_LIST per sample, colours ramp over time, pixels on the image plane; the
+serialised shortcut reads back as exactly the same message."""
 
 from types import SimpleNamespace
 
@@ -7,17 +8,23 @@ import pytest
 
 pytest.importorskip("visualization_msgs", reason="needs the ROS 2 message wheels (requirements-ros.txt)")
 
+from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
-from visualization_msgs.msg import Marker  # noqa: E402
+from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
+from traj_forecast_ros.ros import markers as markers_module  # noqa: E402
 from traj_forecast_ros.ros.markers import (  # noqa: E402
     ImagePlane,
+    MarkerSerializer,
     forecast_markers,
+    frames_drawn,
     lifetime_from_period,
     line_list_vertices,
+    serialized_forecast_markers,
     subsample_grid,
     time_ramp,
 )
+from traj_forecast_ros.ros.params import PARAMETER_SPECS  # noqa: E402
 
 
 def straight_tracks(k=2, t=4, h=6, w=8, velocity=(3.0, -1.0)):
@@ -114,3 +121,145 @@ def test_marker_lifetime_carries_rounding_into_whole_seconds():
     assert (marker.lifetime.sec, marker.lifetime.nanosec) == (1, 0)
     marker = forecast_markers(tracks, Header(), plane, stride=2, lifetime_s=2.0000000004).markers[1]
     assert (marker.lifetime.sec, marker.lifetime.nanosec) == (2, 0)
+
+
+def random_tracks(k=3, t=16, h=16, w=16, seed=0, image_size=(480, 640)):
+    """[K, T, H, W, 2] random walks from a pixel grid, some leaving the image."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.meshgrid(np.linspace(5, image_size[0] - 5, h), np.linspace(5, image_size[1] - 5, w), indexing="ij")
+    query = np.stack([xs, ys], axis=-1)
+    steps = rng.normal(0.0, 4.0, (k, t - 1, h, w, 2))
+    return np.concatenate([np.broadcast_to(query, (k, 1, h, w, 2)), query + np.cumsum(steps, 1)], 1).astype(np.float32)
+
+
+def read_back(data: bytes) -> MarkerArray:
+    return deserialize_message(data, MarkerArray)
+
+
+def test_frames_drawn_keeps_first_and_last_evenly_spaced():
+    np.testing.assert_array_equal(frames_drawn(16, 0), np.arange(16))
+    np.testing.assert_array_equal(frames_drawn(16, 16), np.arange(16))
+    np.testing.assert_array_equal(frames_drawn(4, 100), np.arange(4))
+    np.testing.assert_array_equal(frames_drawn(16, 6), [0, 3, 6, 9, 12, 15])
+    np.testing.assert_array_equal(frames_drawn(16, 1), [0, 15])  # first and last always among them
+    drawn = frames_drawn(16, 8)
+    assert drawn[0] == 0 and drawn[-1] == 15 and len(drawn) == 8 and set(np.diff(drawn)) <= {2, 3}
+    np.testing.assert_array_equal(frames_drawn(1, 5), [0])
+    with pytest.raises(ValueError):
+        frames_drawn(16, -1)
+    with pytest.raises(ValueError):
+        frames_drawn(0, 0)
+
+
+def test_max_frames_cuts_vertices_and_keeps_each_frame_colour():
+    tracks = straight_tracks(k=2, t=16, h=4, w=4)
+    plane = ImagePlane.from_pixel_size((60, 80), pixel_size=0.01, depth=1.0)
+    ramp = time_ramp(16)
+    marker = forecast_markers(tracks, Header(), plane, stride=1, max_frames=6).markers[1]
+    assert len(marker.points) == len(marker.colors) == (6 - 1) * 16 * 2
+    # first segment of the first point: frame 0 -> frame 3, coloured with those frames' ramp colours (of T = 16)
+    assert marker.points[1].x - marker.points[0].x == pytest.approx(3 * 3.0 * 0.01)
+    assert (marker.colors[0].r, marker.colors[0].b) == pytest.approx((ramp[0, 0], ramp[0, 2]))
+    assert (marker.colors[1].r, marker.colors[1].g) == pytest.approx((ramp[3, 0], ramp[3, 1]))
+    assert (marker.colors[-1].r, marker.colors[-1].g) == pytest.approx((ramp[15, 0], ramp[15, 1]))
+    assert marker.color.r == pytest.approx(ramp[-1, 0])
+
+
+def test_a_position_shared_by_two_segments_is_one_point_object():
+    tracks = random_tracks(k=1, t=5, h=3, w=3)
+    plane = ImagePlane.from_pixel_size((480, 640), 0.002, 1.0)
+    points = forecast_markers(tracks, Header(), plane, stride=1).markers[1].points
+    num_points = 9
+    # LINE_LIST order: segment (t -> t+1) of every point, then t+1 -> t+2; a segment's end is the next one's start.
+    for t in range(3):
+        for n in range(num_points):
+            end = points[(t * num_points + n) * 2 + 1]
+            start = points[((t + 1) * num_points + n) * 2]
+            assert end is start
+    assert len({id(p) for p in points}) == 5 * num_points
+
+
+@pytest.mark.parametrize("frame_id", ["", "c", "ab", "cam", "camera", "camera_o", "camera_optical", "x" * 33])
+def test_serialised_markers_read_back_as_the_message(frame_id):
+    """Every header length (CDR alignment), several namespaces, strides and frame caps: same message."""
+    header = Header(frame_id=frame_id)
+    header.stamp.sec, header.stamp.nanosec = 1_700_000_123, 987_654_321
+    plane = ImagePlane.from_pixel_size((480, 640), 0.002, 1.5)
+    tracks = random_tracks(k=3, t=7, seed=len(frame_id))
+    for namespace in ("trajectory_forecast", "n", "abc"):
+        for stride, max_samples, max_frames in ((4, 0, 0), (3, 2, 3), (16, 1, 0), (1, 0, 2)):
+            options = dict(stride=stride, lifetime_s=0.75, line_width=0.005, max_samples=max_samples,
+                           max_frames=max_frames, namespace=namespace)
+            expected = read_back(serialize_message(forecast_markers(tracks, header, plane, **options)))
+            data = serialized_forecast_markers(tracks, header, plane, **options)
+            assert len(data) == len(serialize_message(forecast_markers(tracks, header, plane, **options)))
+            got = read_back(data)
+            assert got == expected, (namespace, stride, max_samples, max_frames)
+    # and the content is what RViz needs: header equal to the source's, vertex counts, colours on the ramp
+    got = read_back(serialized_forecast_markers(tracks, header, plane, stride=4, max_frames=0))
+    assert len(got.markers) == 1 + 3 and got.markers[0].action == Marker.DELETEALL
+    ramp = time_ramp(7).astype(np.float32)
+    for sample, marker in enumerate(got.markers[1:]):
+        assert marker.header == header and marker.id == sample and marker.type == Marker.LINE_LIST
+        assert len(marker.points) == len(marker.colors) == 4 * 4 * 6 * 2
+        colors = np.array([[c.r, c.g, c.b, c.a] for c in marker.colors], np.float32)
+        np.testing.assert_array_equal(colors[0], ramp[0])
+        np.testing.assert_array_equal(colors[-1], ramp[-1])
+        np.testing.assert_array_equal(colors[1::2][:16], np.broadcast_to(ramp[1], (16, 4)))  # segment ends: frame 1
+        lifted = plane.lift(np.asarray(tracks[sample, 0, 2, 2], np.float64))  # grid point (2, 2) is the first kept
+        assert (marker.points[0].x, marker.points[0].y, marker.points[0].z) == tuple(lifted)
+
+
+def test_serialised_markers_with_nothing_to_draw_and_camera_planes():
+    plane = ImagePlane(fx=500.0, fy=480.0, cx=321.5, cy=239.25, depth=0.8)
+    header = Header(frame_id="cam")
+    single_frame = random_tracks(k=2, t=1)
+    got = read_back(serialized_forecast_markers(single_frame, header, plane, stride=4))
+    assert [len(m.points) for m in got.markers[1:]] == [0, 0]
+    tracks = random_tracks(k=2, t=4, h=5, w=3) * 1e4  # far outside the image: still drawn where they are
+    expected = read_back(serialize_message(forecast_markers(tracks, header, plane, stride=2)))
+    assert read_back(serialized_forecast_markers(tracks, header, plane, stride=2)) == expected
+    with pytest.raises(ValueError):
+        serialized_forecast_markers(tracks[0], header, plane)
+
+
+def test_serializer_uses_the_direct_path_after_checking_it():
+    warnings = []
+    serializer = MarkerSerializer(warn=warnings.append)
+    plane = ImagePlane.from_pixel_size((480, 640), 0.002, 1.0)
+    tracks = random_tracks(k=2, t=6)
+    header = Header(frame_id="cam")
+    data = serializer(tracks, header, plane, stride=4)
+    assert serializer.fast is True and not warnings
+    assert read_back(data) == read_back(serialize_message(forecast_markers(tracks, header, plane, stride=4)))
+
+
+def test_serializer_falls_back_when_the_direct_path_is_wrong(monkeypatch):
+    plane = ImagePlane.from_pixel_size((480, 640), 0.002, 1.0)
+    tracks = random_tracks(k=2, t=6)
+    header = Header(frame_id="cam")
+    expected = read_back(serialize_message(forecast_markers(tracks, header, plane, stride=4)))
+
+    def wrong_bytes(tracks, header, plane, **options):  # e.g. another middleware encoding: a different message
+        return serialize_message(forecast_markers(tracks + 1.0, header, plane, **options))
+
+    def refuses(*args, **options):
+        raise ValueError("not a little-endian CDR encapsulation")
+
+    for broken in (wrong_bytes, refuses):
+        monkeypatch.setattr(markers_module, "serialized_forecast_markers", broken)
+        warnings = []
+        serializer = MarkerSerializer(warn=warnings.append)
+        assert read_back(serializer(tracks, header, plane, stride=4)) == expected
+        assert serializer.fast is False and len(warnings) == 1 and "message objects" in warnings[0]
+        assert read_back(serializer(tracks, header, plane, stride=4)) == expected  # and stays on the safe path
+        assert len(warnings) == 1
+
+
+def test_marker_max_frames_parameter_is_validated():
+    spec = PARAMETER_SPECS["marker_max_frames"]
+    assert spec.default == 0  # all frames: what RViz showed before the parameter existed
+    assert spec.check(0) is None and spec.check(1) is None and spec.check(1000) is None
+    assert "marker_max_frames" in spec.check(-1) and spec.check(1001) is not None
+    (allowed,) = spec.descriptor().integer_range
+    assert (allowed.from_value, allowed.to_value) == (0, 1000)

@@ -1,8 +1,12 @@
-"""SideOutputs: markers and overlay built off the forecast worker, newest job first; nothing is timed."""
+"""SideOutputs: markers and overlay built off the forecast worker, newest job first, every job accounted for;
+OutputBuilder: the serialised markers are the message, every output carries the source header. Nothing is timed."""
 
 from __future__ import annotations
 
 import threading
+
+import numpy as np
+import pytest
 
 from traj_forecast_ros.ros.outputs import SideOutputs
 
@@ -55,3 +59,87 @@ def test_stop_drops_the_waiting_job_and_submit_restarts() -> None:
     side.submit(lambda: ran.append("after restart"))
     assert side.idle(30) and ran == ["running", "after restart"]
     assert side.stop(30)
+
+
+def test_counts_account_for_every_submitted_job() -> None:
+    side = SideOutputs(on_error=lambda exc: None)
+    release, started = threading.Event(), threading.Event()
+    side.submit(lambda: (started.set(), release.wait(30)))
+    assert started.wait(30)
+    assert side.counts() == {"done": 0, "skipped": 0, "failed": 0, "pending": 1}
+    for _ in range(5):  # four of these are replaced while the first job runs
+        side.submit(lambda: None)
+    assert side.counts() == {"done": 0, "skipped": 4, "failed": 0, "pending": 2}
+    release.set()
+    assert side.idle(30)
+    side.submit(lambda: 1 / 0)
+    assert side.idle(30)
+    counts = side.counts()
+    assert counts == {"done": 2, "skipped": 4, "failed": 1, "pending": 0}
+    assert sum(counts.values()) == 1 + 5 + 1
+    assert side.stop(30)
+
+
+# ------------------------------------------------------------------------------------------------ OutputBuilder
+def _builder(**overrides):
+    pytest.importorskip("visualization_msgs", reason="needs the ROS 2 message wheels (requirements-ros.txt)")
+    from traj_forecast_ros.ros.outputs import OutputBuilder
+    from traj_forecast_ros.ros.params import PARAMETER_SPECS
+
+    values = {name: spec.default for name, spec in PARAMETER_SPECS.items()}
+    values.update(overrides)
+    warnings = []
+    return OutputBuilder(values.__getitem__, warn=warnings.append), warnings
+
+
+def _forecast(k=3, t=6, grid=16, size=(120, 160), seed=0):
+    from traj_forecast_ros.forecast import Forecast
+
+    rng = np.random.default_rng(seed)
+    coords = (np.arange(grid) + 0.5) * min(size) / grid
+    ys, xs = np.meshgrid(coords, coords, indexing="ij")
+    query = np.stack([xs, ys], -1).astype(np.float32)
+    tracks = query + np.cumsum(rng.normal(0, 2.0, (k, t, grid, grid, 2)), 1).astype(np.float32)
+    tracks[:, 0] = query
+    return Forecast(tracks=tracks, query_points=query, image_size=size, model_id="test", instruction=None,
+                    timings={"total": 0.05})
+
+
+def _header(frame_id="camera_optical"):
+    from std_msgs.msg import Header
+
+    header = Header(frame_id=frame_id)
+    header.stamp.sec, header.stamp.nanosec = 1_700_000_001, 250_000_000
+    return header
+
+
+def test_serialised_markers_are_the_markers_message() -> None:
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import CameraInfo
+    from visualization_msgs.msg import MarkerArray
+
+    builder, warnings = _builder(marker_stride=4, marker_max_frames=4, marker_samples=2)
+    forecast, header = _forecast(), _header()
+    info = CameraInfo(width=320, height=240, k=[300.0, 0.0, 160.0, 0.0, 300.0, 120.0, 0.0, 0.0, 1.0])
+    for camera_info in (None, info):
+        message = builder.markers(forecast, header, camera_info, period_s=0.1)
+        data = builder.markers_serialized(forecast, header, camera_info, period_s=0.1)
+        assert isinstance(data, bytes)
+        assert deserialize_message(data, MarkerArray) == deserialize_message(serialize_message(message), MarkerArray)
+        lines = message.markers[1:]
+        assert len(lines) == 2 and all(m.header == header for m in message.markers)  # the source header, stamp too
+        assert all(len(m.points) == len(m.colors) == (4 - 1) * 4 * 4 * 2 for m in lines)  # 4 frames, 4x4 points
+    assert builder.direct_markers is True and not warnings
+
+
+def test_overlay_carries_the_source_header_and_draws_the_chosen_sample() -> None:
+    builder, _ = _builder(overlay_sample=7, overlay_stride=2)  # clamped to the last sample
+    forecast, header = _forecast(), _header("cam")
+    rgb = np.zeros((120, 160, 3), np.uint8)
+    message = builder.overlay(forecast, rgb, header)
+    assert message.header == header and (message.height, message.width, message.encoding) == (120, 160, "rgb8")
+    from traj_forecast_ros.viz import draw_tracks
+
+    expected = draw_tracks(rgb, forecast.tracks[2], stride=2)
+    np.testing.assert_array_equal(np.frombuffer(bytes(message.data), np.uint8).reshape(120, 160, 3), expected)
+    assert not rgb.any()  # the source frame is not drawn on

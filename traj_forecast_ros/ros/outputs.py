@@ -58,6 +58,12 @@ class OutputBuilder:
         plane, options = self._marker_arguments(forecast, camera_info, period_s)
         return self._serialize_markers(forecast.tracks, header, plane, **options)
 
+    @property
+    def direct_markers(self) -> Optional[bool]:
+        """Whether :meth:`markers_serialized` writes the CDR directly (True) or serialises message objects (False:
+        the direct path did not match rclpy here); None before its first call."""
+        return self._serialize_markers.fast
+
     def _marker_arguments(self, forecast: Any, camera_info: Any,
                           period_s: Optional[float]) -> Tuple[ImagePlane, Dict[str, Any]]:
         """The image plane and the keyword options of the markers, from the parameters."""
@@ -120,8 +126,8 @@ class SideOutputs:
             self._condition.notify_all()
 
     def counts(self) -> Dict[str, int]:
-        """Jobs ``done``, ``skipped`` (replaced by a newer one, or dropped by :meth:`stop`) and ``failed`` so far; with
-        ``pending`` (0 or 1, waiting or running) every submitted job is in exactly one of them."""
+        """Jobs ``done``, ``skipped`` (replaced by a newer one, or dropped by :meth:`stop`) and ``failed`` so far, and
+        ``pending`` (one waiting and/or one running: 0 to 2): every submitted job is in exactly one of them."""
         with self._condition:
             return {"done": self.done, "skipped": self.skipped, "failed": self.failed,
                     "pending": int(self._job is not None) + int(self._running)}
