@@ -25,11 +25,10 @@ setup(
     ],
     package_data={PACKAGE: ["py.typed"]},
     install_requires=["setuptools"],
-    # `pip install .[sim]`: the simulated manipulation generator (traj-forecast data sim-manipulation; robosuite's
-    # camera utilities import h5py, which robosuite does not declare). robosuite 1.5.2 pins mink==0.0.5 (numpy<2),
-    # so beside this project's numpy 2 pin use `bash scripts/setup_sim.sh` (robosuite with --no-deps plus
-    # requirements-sim.txt): docs/sim-manipulation.md, "Install".
-    extras_require={"sim": ["robosuite==1.5.2", "mujoco==3.3.7", "h5py==3.16.0"]},
+    # No `sim` extra: robosuite 1.5.2 pins mink==0.0.5 (numpy<2), which cannot resolve beside this project's
+    # numpy 2 pin. The simulated manipulation generator (traj-forecast data sim-manipulation) is installed by
+    # `bash scripts/setup_sim.sh` (robosuite with --no-deps plus the pinned requirements-sim.txt):
+    # docs/sim-manipulation.md, "Install".
     zip_safe=True,
     maintainer="traj_forecast_ros maintainers",
     maintainer_email="maintainers@traj-forecast.invalid",

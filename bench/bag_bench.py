@@ -74,7 +74,7 @@ def replay(work: Path, model: str, rate: float) -> Dict[str, Any]:
     summary = replay_through_node(SAMPLE_BAG, work / f"replay_{rate}", model=model, rate=rate,
                                   extra_params=["num_samples:=4"], print_summary=False)
     return {"rate": rate, "frames_in": summary["frames_in"], "forecasts_out": summary["forecasts_out"],
-            "dropped": summary["dropped"], "latency_ms": summary["latency_ms"],
+            "dropped": summary["dropped"], "rejected": summary.get("rejected", {}), "latency_ms": summary["latency_ms"],
             "node_inference_p50_ms": summary["node_diagnostics"].get("inference_p50_ms")}
 
 

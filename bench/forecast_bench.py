@@ -58,9 +58,7 @@ from traj_forecast_ros.errors import WeightsNotFoundError  # noqa: E402
 from traj_forecast_ros.forecaster import Forecaster  # noqa: E402
 from traj_forecast_ros.sampling_plan import dtype_name, resolve_device, resolve_dtype  # noqa: E402
 from traj_forecast_ros.geometry import prepare_image  # noqa: E402
-from traj_forecast_ros.model.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig  # noqa: E402
-from traj_forecast_ros.model.presets import libero_config, tiny_config  # noqa: E402
-from traj_forecast_ros.model.encoders import CLIP_L14_TEXT, DINOV2_LARGE  # noqa: E402
+from traj_forecast_ros.model.presets import libero_random_config, tiny_config  # noqa: E402
 from traj_forecast_ros.model.kernels import ONEDNN_LINEAR  # noqa: E402
 
 
@@ -83,15 +81,6 @@ MATMUL_SHAPES = ((4096, 384, 1536), (4096, 1536, 384))  # (M, K, N): the MLP GEM
 
 
 # ---------------------------------------------------------------------------------------------- model
-def libero_random_config() -> ModelConfig:
-    """The LIBERO-ATM architecture with random-weight DINOv2-L and CLIP-L text encoders of the real sizes."""
-    config = libero_config("atm")
-    config.name = "libero-atm (random weights)"
-    config.image_encoder = ImageEncoderConfig(model_id=None, config=dict(DINOV2_LARGE))
-    config.text_encoder = TextEncoderConfig(model_id=None, config=dict(CLIP_L14_TEXT))
-    return config
-
-
 def build_forecaster(args: argparse.Namespace) -> Forecaster:
     """The model to benchmark: ``--model`` when its weights are present, else random weights."""
     device = resolve_device(args.device)
@@ -103,13 +92,6 @@ def build_forecaster(args: argparse.Namespace) -> Forecaster:
         except WeightsNotFoundError as exc:
             print(f"note: {args.model} not available ({str(exc).splitlines()[0]}); using random weights")
     return Forecaster.from_config(libero_random_config(), device=device, dtype="float32", seed=0)
-
-
-def with_dtype(base: Forecaster, dtype: str, sample_batch_size: Optional[int]) -> Forecaster:
-    """A forecaster sharing ``base``'s modules with another compute dtype (its own per-device plan)."""
-    kwargs = {} if sample_batch_size is None else {"sample_batch_size": sample_batch_size or None}
-    return Forecaster(base.config, base.denoiser, base.vae, base.image_encoder, base.text_encoder, base.model_id,
-                      device=base.device, dtype=dtype, plan_probe=True, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- measurements
@@ -539,7 +521,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                   + ", ".join(f"{name} {rate:.1f}" for name, rate in reference.items() if name != "best")
                   + f" GFLOP/s; best {reference['best']:.1f} GFLOP/s")
         for dtype in dtypes:
-            forecaster = with_dtype(base, dtype, args.sample_batch_size)
+            # --sample-batch-size absent: the plan's choice; 0: all K per call; N: N per call
+            batch = {} if args.sample_batch_size is None else {"sample_batch_size": args.sample_batch_size or None}
+            forecaster = base.sibling(dtype=dtype, plan_probe=True, **batch)
             name = dtype_name(forecaster.dtype)
             print(f"\n[{name}, {threads} thread(s)] plan: {forecaster.plan.summary()}")
             if not args.no_warmup:

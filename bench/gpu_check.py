@@ -142,25 +142,9 @@ def scene_image(size: Tuple[int, int]) -> np.ndarray:
     return image
 
 
-def libero_random_config():
-    """The LIBERO-ATM architecture with random-weight DINOv2-L and CLIP-L text encoders of the real sizes."""
-    from traj_forecast_ros.model.config import ImageEncoderConfig, TextEncoderConfig
-    from traj_forecast_ros.model.encoders import CLIP_L14_TEXT, DINOV2_LARGE
-    from traj_forecast_ros.model.presets import libero_config
-
-    config = libero_config("atm")
-    config.name = "libero-atm (random weights)"
-    config.image_encoder = ImageEncoderConfig(model_id=None, config=dict(DINOV2_LARGE))
-    config.text_encoder = TextEncoderConfig(model_id=None, config=dict(CLIP_L14_TEXT))
-    return config
-
-
-def sibling(base: Forecaster, dtype: str, mode: str = "plain", sample_batch_size: Optional[int] = None,
-            device: Optional[torch.device] = None) -> Forecaster:
-    """A forecaster sharing ``base``'s modules with another dtype / graph / compile setting (all K in one call)."""
-    return Forecaster(base.config, base.denoiser, base.vae, base.image_encoder, base.text_encoder, base.model_id,
-                      device=device or base.device, dtype=dtype, sample_batch_size=sample_batch_size or 0,
-                      use_cuda_graph="graphs" in mode, use_compile="compile" in mode)
+def mode_settings(mode: str) -> Dict[str, bool]:
+    """``Forecaster.sibling`` flags of a run mode ("plain", "graphs", "compile", "compile+graphs")."""
+    return {"use_cuda_graph": "graphs" in mode, "use_compile": "compile" in mode}
 
 
 def instruction_for(forecaster: Forecaster) -> Optional[str]:
@@ -231,7 +215,7 @@ def accuracy_section(base: Forecaster, image: np.ndarray, samples: int, steps: i
         if dtypes[name] is not None:
             rows[name] = {"status": "skipped", "reason": dtypes[name]}
             continue
-        low = sibling(base, name)
+        low = base.sibling(dtype=name, sample_batch_size=0)
         result = low.forecast(image, instruction_for(base), num_samples=samples, steps=steps, seed=0)
         row = track_difference(result.tracks, reference)
         limits = TRACK_TOLERANCE[name]
@@ -286,7 +270,7 @@ def stress_section(base: Forecaster, image: np.ndarray, samples: int, steps: int
             fallback[name] = {"status": "info", "reason": "no scale broke this dtype while float32 held"}
             continue
         scale = max(broken)
-        low = sibling(base, name)
+        low = base.sibling(dtype=name, sample_batch_size=0)
         with stressed(base.denoiser, scale):
             try:
                 result = low.forecast(image, instruction_for(base), num_samples=min(samples, 8), steps=steps,
@@ -312,7 +296,7 @@ def count_forecast_flops(base: Forecaster, image: np.ndarray, steps: int) -> Cal
 
     cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
                 lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)}
-    counter_model = sibling(base, "float32")
+    counter_model = base.sibling(dtype="float32", sample_batch_size=0)
     counter_model.plan = dataclasses.replace(counter_model.plan, fast_cpu_kernels=False)
     counted = {}
     for samples in (1, 2):
@@ -383,7 +367,7 @@ def timing_section(base: Forecaster, image: np.ndarray, sample_counts: Sequence[
 
 def base_plain_tracks(base: Forecaster, image: np.ndarray, row: Dict[str, Any], steps: int) -> Dict[str, Any]:
     """The plain run's tracks for a row whose plain run is in the other half of the timing section."""
-    plain = sibling(base, row["dtype"])
+    plain = base.sibling(dtype=row["dtype"], sample_batch_size=0)
     result = plain.forecast(image, instruction_for(base), num_samples=row["samples"], steps=steps, seed=0)
     return {"tracks": result.tracks}
 
@@ -392,7 +376,7 @@ def time_one(base: Forecaster, image: np.ndarray, name: str, mode: str, samples:
              warmup: int) -> Dict[str, Any]:
     """Median of ``repeats`` synchronised forecasts after ``warmup`` untimed ones; peak memory; the tracks."""
     device = base.device
-    forecaster = sibling(base, name, mode)
+    forecaster = base.sibling(dtype=name, sample_batch_size=0, **mode_settings(mode))
     instruction = instruction_for(base)
     started = time.perf_counter()
     result = forecaster.forecast(image, instruction, num_samples=samples, steps=steps, seed=0)  # compiles/captures
@@ -430,9 +414,10 @@ def second_device_section(base: Forecaster, image: np.ndarray, samples: int, ste
         return check("skipped", reason=f"{count} CUDA device(s): needs 2")
     first, second = torch.device("cuda", 0), torch.device("cuda", 1)
     dtype = dtype_name(resolve_dtype("auto", second))
-    on_first = sibling(base, dtype, "plain", device=first)
+    on_first = base.sibling(device=first, dtype=dtype, sample_batch_size=0)
     reference = on_first.forecast(image, instruction_for(base), num_samples=samples, steps=steps, seed=0).tracks
-    on_second = sibling(base, dtype, "graphs", device=second)  # moves the shared modules: base is done with them
+    # moves the shared modules: base is done with them
+    on_second = base.sibling(device=second, dtype=dtype, sample_batch_size=0, use_cuda_graph=True)
     outcome: Dict[str, Any] = {}
 
     def worker() -> None:
@@ -458,8 +443,9 @@ def second_device_section(base: Forecaster, image: np.ndarray, samples: int, ste
 
 
 def node_section(device: torch.device, model_dir: Callable[[], str], work_dir: Path, samples: int, steps: int,
-                 budget: Budget, estimate_s: float) -> Dict[str, Any]:
-    """The sample bag through the node process on ``device``; the recording stays in ``work_dir`` (temporary)."""
+                 budget: Budget, estimate_s: float, frames: Optional[int] = None) -> Dict[str, Any]:
+    """The sample bag through the node process on ``device``; the recording stays in ``work_dir`` (temporary).
+    ``frames``: replay only the first N frames of each camera (a bag written into ``work_dir``; --quick)."""
     try:
         import rclpy  # noqa: F401
         import traj_forecast_msgs.msg  # noqa: F401
@@ -471,12 +457,18 @@ def node_section(device: torch.device, model_dir: Callable[[], str], work_dir: P
         return check("skipped", reason=f"time budget (--budget-s): {budget.left():.0f} s left")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     device_param = "cuda" if device.type == "cuda" else str(device)
+    bag = SAMPLE_BAG
+    if frames is not None:
+        from traj_forecast_ros.bag.sample import SHARED_IMAGES, make_sample_bag
+
+        if SHARED_IMAGES.is_dir():  # else the shipped 8-frame bag
+            bag = make_sample_bag(work_dir / "short_bag", num_frames=frames)
     summary = replay_through_node(
-        SAMPLE_BAG, work_dir / "replay", model=model_dir(), rate=1.0, print_summary=False, timeout_s=240,
+        bag, work_dir / "replay", model=model_dir(), rate=1.0, print_summary=False, timeout_s=240,
         extra_params=[f"device:={device_param}", f"num_samples:={samples}", f"steps:={steps}"])
     diagnostics = summary.get("node_diagnostics", {})
     details = {key: summary.get(key) for key in ("frames_in", "frames_received_by_node", "forecasts_out", "dropped",
-                                                  "frames_unaccounted", "all_frames_accounted", "latency_ms",
+                                                  "rejected", "frames_unaccounted", "all_frames_accounted", "latency_ms",
                                                   "node_exit_code", "wall_s")}
     details["node_device"] = diagnostics.get("device")
     details["node_dtype"] = diagnostics.get("dtype")
@@ -551,7 +543,7 @@ def markdown(report: Dict[str, Any]) -> str:
         latency = node.get("latency_ms") or {}
         lines += ["", "## Node end to end (sample bag, forecast_node over DDS)", "",
                   f"frames in {node.get('frames_in')}, forecasts out {node.get('forecasts_out')}, dropped "
-                  f"{node.get('dropped')}, unaccounted {node.get('frames_unaccounted')}; latency p50 "
+                  f"{node.get('dropped')}, rejected {node.get('rejected')}, unaccounted {node.get('frames_unaccounted')}; latency p50 "
                   f"{_fmt(latency.get('p50'), 1)} ms, p95 {_fmt(latency.get('p95'), 1)} ms; node device "
                   f"{node.get('node_device')} {node.get('node_dtype')}, fp32_fallbacks {node.get('fp32_fallbacks')}"]
     return "\n".join(lines) + "\n"
@@ -570,7 +562,7 @@ def jsonable(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- main
 def build_model(quick: bool, device: torch.device) -> Forecaster:
-    from traj_forecast_ros.model.presets import tiny_config
+    from traj_forecast_ros.model.presets import libero_random_config, tiny_config
 
     if quick:
         return Forecaster.from_config(tiny_config(), device=device, dtype="float32", sample_batch_size=0)
@@ -677,7 +669,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gpu_check_model_") as tmp:
             model_dir = lambda: args.node_model or save_node_model(base, Path(tmp) / "model")  # noqa: E731
             section("node", lambda: node_section(device, model_dir, Path(tmp), 2 if quick else 8, steps, budget,
-                                                 30.0 if quick else 90.0))
+                                                 30.0 if quick else 90.0, frames=2 if quick else None))
     section("timing", lambda: timing_part(False))  # torch.compile last: each compile takes tens of seconds
     section("second_device", lambda: second_device_section(base, image, 2 if quick else 8, steps))
 

@@ -95,6 +95,38 @@ def bench_pack_unpack(k: int, t: int, grid: int, repeats: int) -> Dict[str, Dict
             "deserialise": percentiles(deserialise)}
 
 
+def bench_side_outputs(k: int, t: int, grid: int, repeats: int) -> Dict[str, Dict[str, float]]:
+    """Timings of what the side-output thread does per frame with the node's default parameters: the markers
+    serialised both ways (message objects, and the direct CDR the node publishes) and the overlay."""
+    from rclpy.serialization import serialize_message
+    from std_msgs.msg import Header
+
+    from traj_forecast_ros.ros.outputs import OutputBuilder
+    from traj_forecast_ros.ros.params import PARAMETER_SPECS
+
+    defaults = {name: spec.default for name, spec in PARAMETER_SPECS.items()}
+    builder = OutputBuilder(defaults.__getitem__)
+    forecast = synthetic_forecast(k, t, grid)
+    rgb = np.random.default_rng(0).integers(0, 255, (*forecast.image_size, 3), dtype=np.uint8)
+    header = Header(frame_id="camera_optical")
+    builder.markers_serialized(forecast, header, None, 0.1)  # the one-time check of the direct path
+    objects, direct, overlay = [], [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        serialize_message(builder.markers(forecast, header, None, 0.1))
+        objects.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        builder.markers_serialized(forecast, header, None, 0.1)
+        direct.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        serialize_message(builder.overlay(forecast, rgb, header))
+        overlay.append(time.perf_counter() - started)
+    path = "direct CDR" if builder.direct_markers else "message objects: the direct path is off here"
+    return {"markers as message objects + serialise (offline path)": percentiles(objects),
+            f"markers_serialized ({path})": percentiles(direct),
+            "overlay (draw_tracks + Image + serialise)": percentiles(overlay)}
+
+
 # ------------------------------------------------------------------------------------------------ node side
 class StubForecaster:
     """Stands in for the model: sleeps ``seconds`` and returns K x T x grid x grid tracks for the input size."""
@@ -297,6 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"K={args.samples}, T={args.frames}, grid {args.grid}x{args.grid}; "
           f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     rows = bench_pack_unpack(args.samples, args.frames, args.grid, args.repeats)
+    rows.update(bench_side_outputs(args.samples, args.frames, args.grid, max(args.repeats // 3, 5)))
     if not args.pack_only:
         print(f"node: {'model ' + args.model if args.model else f'stub forecaster ({args.stub_ms:.0f} ms)'}, "
               f"640x480 rgb8 frames, one at a time")

@@ -29,7 +29,6 @@ from forecast_bench import (  # noqa: E402  (the benchmark's model, image and ma
     load_image,
     matmul_reference,
     measure_flops,
-    with_dtype,
 )
 
 CATEGORIES = {
@@ -72,8 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     from torch.profiler import ProfilerActivity, profile
 
-    forecaster = with_dtype(build_forecaster(argparse.Namespace(device=args.device, quick=args.quick,
-                                                                model=args.model)), args.dtype, None)
+    base = build_forecaster(argparse.Namespace(device=args.device, quick=args.quick, model=args.model))
+    forecaster = base.sibling(dtype=args.dtype, plan_probe=True)
     image = load_image(args.image)
     recorded: Dict[str, tuple] = {}
     denoise = forecaster._denoise_fn

@@ -41,3 +41,17 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_home(tmp_path_factory) -> Path:
+    """Every test run gets its own empty ``TRAJ_FORECAST_HOME``: no test reads or writes the user's model or
+    sampling-plan cache, and no test sees a plan decision probed by an earlier run."""
+    root = tmp_path_factory.mktemp("traj_forecast_home")
+    previous = os.environ.get("TRAJ_FORECAST_HOME")
+    os.environ["TRAJ_FORECAST_HOME"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("TRAJ_FORECAST_HOME", None)
+    else:
+        os.environ["TRAJ_FORECAST_HOME"] = previous

@@ -108,13 +108,16 @@ class Forecaster:
                  device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "auto",
                  sample_batch_size: Union[int, None, str] = "auto", text_cache_size: int = TEXT_CACHE_SIZE,
                  plan: Optional[SamplingPlan] = None, use_compile: bool = False, use_cuda_graph: bool = False,
-                 graph_cache_size: int = SamplingPlan.graph_cache_size, plan_probe: bool = False):
+                 graph_cache_size: int = SamplingPlan.graph_cache_size, plan_probe: bool = False,
+                 plan_cache_dir: Optional[Union[str, Path]] = None):
+        self._plan_cache_dir = plan_cache_dir
         if plan is None:
             plan = dataclasses.replace(choose_sampling_plan(device, dtype, sample_batch_size, use_compile=use_compile,
                                                             use_cuda_graph=use_cuda_graph),
                                        graph_cache_size=graph_cache_size)
             if sample_batch_size == "auto":  # CPU: per model, by the size rule or a cached timed probe
-                plan = plan_for_model(plan, denoiser, DEFAULT_NUM_SAMPLES, probe=plan_probe, model_name=model_id)
+                plan = plan_for_model(plan, denoiser, DEFAULT_NUM_SAMPLES, probe=plan_probe, cache_dir=plan_cache_dir,
+                                      model_name=model_id)
         self._device = resolve_device(plan.device)
         self._dtype = resolve_dtype(plan.dtype, self._device)
         self._compute_dtype = self._dtype  # float32 while a non-finite half-precision forecast is rerun
@@ -123,15 +126,16 @@ class Forecaster:
         self._stream = torch.cuda.Stream(device=self._device) if self._device.type == "cuda" else None
         self._config = config
         self._model_id = model_id
+        self._lock = threading.Lock()
         self._check_compatible(config, denoiser, vae, image_encoder, text_encoder)
         self.denoiser = denoiser.to(self._device).eval().requires_grad_(False)
         self.vae = vae.to(self._device).eval().requires_grad_(False) if vae is not None else None
         self.image_encoder = image_encoder.to(self._device).eval()
         self.text_encoder = text_encoder.to(self._device).eval() if text_encoder is not None else None
-        self.plan = plan  # validates; sets _plan, _query_tokens and _denoise_fn
+        self._encoder_weights = None  # model.kernels.EncoderWeightCache while the plan runs the CPU kernels
+        self._apply_plan(plan)  # validates; sets _plan, _query_tokens and _denoise_fn
         self.max_pixels = DEFAULT_MAX_PIXELS
         self._text_cache = LRUCache(text_cache_size)
-        self._lock = threading.Lock()
         self._warned_default_instruction = False
         self._query_grid_model = query_grid(config)  # [Hq, Wq, 2] model pixels
         self._static_tracks = static_tracks_norm(config).to(self._device)  # [1, T, 2, Hq, Wq]
@@ -166,6 +170,8 @@ class Forecaster:
         is_name = not Path(str(name_or_dir)).expanduser().is_dir()
         model_id = str(name_or_dir) if is_name else config.name
         kwargs.setdefault("plan_probe", True)  # a real model: time the CPU plan candidates once (cached)
+        if cache_dir is not None:  # probe decisions live beside the models of that cache
+            kwargs.setdefault("plan_cache_dir", Path(cache_dir).expanduser() / "plans")
         return cls(config, denoiser, vae, image_encoder, text_encoder, model_id, device=device, dtype=dtype, **kwargs)
 
     @classmethod
@@ -181,6 +187,7 @@ class Forecaster:
         from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
 
         resolve_dtype(dtype, resolve_device(device))
+        config = cls._untrained_config(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             denoiser, vae = build_modules(config)
@@ -194,14 +201,29 @@ class Forecaster:
                    **kwargs)
 
     @staticmethod
+    def _untrained_config(config: ModelConfig) -> ModelConfig:
+        """A copy of ``config`` completed with what training would measure or build, for random weights: a unit
+        latent scale when none was measured, and a words text encoder's vocabulary from the default instruction."""
+        if config.vae is not None and config.latent_scale is None:
+            config = dataclasses.replace(config, latent_scale=[1.0] * config.vae.latent_channels)
+        text = config.text_encoder
+        if text is not None and text.kind == "words" and not (text.config or {}).get("vocab"):
+            from traj_forecast_ros.model.word_encoder import build_vocabulary
+
+            vocab = build_vocabulary([config.default_instruction or ""])
+            config = dataclasses.replace(config, text_encoder=dataclasses.replace(
+                text, config={**(text.config or {}), "vocab": vocab}))
+        return config
+
+    @staticmethod
     def _check_compatible(config, denoiser, vae, image_encoder, text_encoder) -> None:
         """Encoders and config must produce the shapes the denoiser and VAE were built for."""
-        tokens = image_encoder.num_tokens(tuple(config.image_size))
-        if tokens != denoiser.num_frame_tokens or image_encoder.hidden_size != denoiser.frame_features_dim:
-            raise CheckpointError(
-                f"image encoder gives {tokens} tokens x {image_encoder.hidden_size} for {config.image_size} images, "
-                f"the denoiser expects {denoiser.num_frame_tokens} x {denoiser.frame_features_dim}: the image "
-                "encoder does not belong to this model")
+        from traj_forecast_ros.model.encoders import image_encoder_mismatch
+
+        mismatch = image_encoder_mismatch(image_encoder, config.image_size, denoiser.num_frame_tokens,
+                                          denoiser.frame_features_dim)
+        if mismatch is not None:
+            raise CheckpointError(f"model '{config.name}': {mismatch}: the image encoder does not belong to this model")
         if (text_encoder is None) != (denoiser.text_embed_dim is None):
             raise CheckpointError(f"model '{config.name}': denoiser text_embed_dim={denoiser.text_embed_dim} but the "
                                   f"text encoder is {'missing' if text_encoder is None else 'present'}")
@@ -210,6 +232,10 @@ class Forecaster:
                                   f"{denoiser.text_embed_dim}")
         if vae is None and config.denoiser.latent:
             raise CheckpointError(f"model '{config.name}' is a latent model but has no VAE")
+        if vae is not None and config.latent_scale is None:
+            raise CheckpointError(f"model '{config.name}' has a VAE but no latent_scale in its config (measured by "
+                                  "`traj-forecast train flow`); the latents cannot be scaled for the denoiser. "
+                                  "Forecaster.from_config gives random-weight models a unit scale")
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -239,6 +265,11 @@ class Forecaster:
 
     @plan.setter
     def plan(self, plan: SamplingPlan) -> None:
+        """Replace the plan (recorded as ``chosen_by="given"``); waits for a running forecast."""
+        with self._lock:
+            self._apply_plan(dataclasses.replace(plan, chosen_by="given"))
+
+    def _apply_plan(self, plan: SamplingPlan) -> None:
         if resolve_device(plan.device) != self._device or plan.dtype != self._dtype:
             raise ValueError(f"a plan for {plan.device} {dtype_name(plan.dtype)} does not fit this forecaster "
                              f"({self._device} {dtype_name(self._dtype)}); build a new Forecaster instead")
@@ -246,6 +277,8 @@ class Forecaster:
         self._query_tokens: Optional[torch.Tensor] = None  # VAE tokens of the static query grid (plan-cached)
         self._vae_kernels = None  # model.kernels.VAEKernels when the plan runs the CPU kernels
         options = self._kernel_options(plan)
+        if self._encoder_weights is not None:
+            self._encoder_weights.clear()  # the cast encoder weights belong to the previous plan's kernels
         if options is not None and self.vae is not None:
             from traj_forecast_ros.model.kernels import VAEKernels
 
@@ -272,7 +305,16 @@ class Forecaster:
 
     @sample_batch_size.setter
     def sample_batch_size(self, value: Optional[int]) -> None:
-        self.plan = dataclasses.replace(self._plan, sample_batch_size=value or None)
+        with self._lock:
+            self._apply_plan(dataclasses.replace(self._plan, sample_batch_size=value or None, chosen_by="given"))
+
+    def sibling(self, model_id: Optional[str] = None, **settings) -> "Forecaster":
+        """A new forecaster over this one's modules with other constructor settings (``device``, ``dtype``,
+        ``sample_batch_size``, ``plan``, ``use_cuda_graph``, ...; device defaults to this one's)."""
+        settings.setdefault("device", self._device)
+        settings.setdefault("plan_cache_dir", self._plan_cache_dir)
+        return Forecaster(self._config, self.denoiser, self.vae, self.image_encoder, self.text_encoder,
+                          model_id or self._model_id, **settings)
 
     def _build_denoise_fn(self, plan: SamplingPlan) -> Callable[..., torch.Tensor]:
         """The callable the sampler evaluates: the denoiser itself, compiled, and/or replayed from CUDA graphs
@@ -334,13 +376,16 @@ class Forecaster:
         """The encoders' linear layers through oneDNN on CPU when the plan uses the fast CPU kernels."""
         if not (self._plan.fast_cpu_kernels and self._device.type == "cpu"):
             return nullcontext()
-        from traj_forecast_ros.model.kernels import OneDNNLinearMode
+        from traj_forecast_ros.model.kernels import EncoderWeightCache, OneDNNLinearMode
 
-        return OneDNNLinearMode()
+        if self._encoder_weights is None:
+            self._encoder_weights = EncoderWeightCache()
+        return OneDNNLinearMode(self._encoder_weights)
 
     def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        """Wait for this forecaster's own stream (other streams and forecasters on the GPU are not waited for)."""
+        if self._stream is not None:
+            self._stream.synchronize()
 
     @contextmanager
     def _timed(self, timings: Dict[str, float], stage: str) -> Iterator[None]:
@@ -581,6 +626,9 @@ class Forecaster:
         with self._lock:
             self.denoiser = self.vae = self.image_encoder = self.text_encoder = None
             self._denoise_fn = self._query_tokens = self._vae_kernels = None  # the kernels hold weight copies
+            if self._encoder_weights is not None:
+                self._encoder_weights.clear()
+            self._encoder_weights = None
             self._text_cache.clear()
             self._static_tracks = self._latent_scale = None
             if self._device.type == "cuda":

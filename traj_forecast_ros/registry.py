@@ -18,9 +18,10 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
@@ -37,6 +38,7 @@ HOME_ENV = "TRAJ_FORECAST_HOME"
 REGISTRY_ENV = "TRAJ_FORECAST_REGISTRY"  # use another registry file (your own models)
 SOURCE_FILE = "source.json"  # provenance written next to a downloaded model
 HUB_TIMEOUT_S = 10.0  # per metadata request: fail fast when the hub is unreachable
+RACY_WINDOW_NS = 2_000_000_000  # files modified this close to their stat record are always re-hashed
 ENCODER_PATTERNS = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer and weights; no .bin/.h5/.msgpack
 
 PathLike = Union[str, Path]
@@ -298,10 +300,30 @@ def model_dir_digests(model_dir: PathLike) -> Dict[str, str]:
             if path.is_file() and path.relative_to(model_dir).as_posix() != SOURCE_FILE}
 
 
+def file_stats(model_dir: PathLike, names: Iterable[str]) -> Dict[str, List[int]]:
+    """``{relative path: [size, mtime_ns]}`` of the named files of a model directory."""
+    model_dir = Path(model_dir)
+    stats = {}
+    for name in names:
+        info = (model_dir / name).stat()
+        stats[name] = [int(info.st_size), int(info.st_mtime_ns)]
+    return stats
+
+
+def _stat_record(model_dir: PathLike, names: Iterable[str]) -> Dict[str, object]:
+    """The ``stat`` entry of ``source.json``: the files' (size, mtime_ns) and when they were recorded."""
+    return {"recorded_ns": time.time_ns(), "files": file_stats(model_dir, names)}
+
+
 def verify_model_dir(model_dir: PathLike) -> None:
     """Check a downloaded model directory against the sha256 pinned in its ``source.json`` at download time.
 
     Directories without a ``source.json`` (trained or shipped models) or written before pinning are not checked.
+    Only files whose (size, mtime_ns) differ from the ``stat`` recorded beside the sha256 are hashed again (a
+    LIBERO model is about 1.9 GB); a changed size is refused without hashing. As in git's index, a file modified
+    within :data:`RACY_WINDOW_NS` of the record could keep its mtime, so such files are always hashed; after a
+    successful re-hash the record is refreshed (best effort). This guards against corruption and accidental edits,
+    not against someone who restores a file's size and mtime on purpose.
 
     Raises:
         CheckpointError: a pinned file is missing or changed, or a weights file was added since the download.
@@ -311,20 +333,56 @@ def verify_model_dir(model_dir: PathLike) -> None:
     if not source_path.is_file():
         return
     try:
-        pinned = json.loads(source_path.read_text()).get("sha256")
-    except (OSError, ValueError, AttributeError) as exc:
+        source = json.loads(source_path.read_text())
+        pinned = source.get("sha256")
+        stat = source.get("stat") or {}
+        recorded = dict(stat.get("files") or {})
+        recorded_ns = int(stat.get("recorded_ns") or 0)
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"{source_path}: unreadable provenance file ({exc}); download the model again "
                               "(`traj-forecast download NAME --force`)") from exc
     if pinned is None:
         return
-    actual = model_dir_digests(model_dir)
-    changed = sorted(name for name, digest in pinned.items() if actual.get(name) != digest)
-    added = sorted(name for name in actual if name not in pinned)
+    present = {path.relative_to(model_dir).as_posix(): path for path in sorted(model_dir.rglob("*"))
+               if path.is_file() and path.relative_to(model_dir).as_posix() != SOURCE_FILE}
+    changed, rehashed = [], []
+    for name, digest in pinned.items():
+        path = present.get(name)
+        if path is None:
+            changed.append(name)
+            continue
+        info = path.stat()
+        current = [int(info.st_size), int(info.st_mtime_ns)]
+        known = recorded.get(name)
+        if isinstance(known, list) and len(known) == 2:
+            if known[0] != current[0]:  # another size: changed, no need to hash
+                changed.append(name)
+                continue
+            if known == current and current[1] < recorded_ns - RACY_WINDOW_NS:
+                continue  # unchanged since the record, and not racy
+        if sha256_of(path) != digest:
+            changed.append(name)
+        else:
+            rehashed.append(name)
+    added = sorted(name for name in present if name not in pinned)
     if changed or added:
         raise CheckpointError(f"{model_dir}: files differ from the sha256 pinned in {SOURCE_FILE} at download "
-                              f"(changed or missing: {changed or 'none'}; added: {added or 'none'}); refusing to "
-                              "load it. Download it again (`traj-forecast download NAME --force`) if the change "
-                              "is intended.")
+                              f"(changed or missing: {sorted(changed) or 'none'}; added: {added or 'none'}); "
+                              "refusing to load it. Download it again (`traj-forecast download NAME --force`) if "
+                              "the change is intended.")
+    if rehashed:
+        _refresh_stat_record(source_path, source, model_dir, pinned)
+
+
+def _refresh_stat_record(source_path: Path, source: dict, model_dir: Path, names: Iterable[str]) -> None:
+    """Rewrite ``source.json`` with the current (size, mtime_ns) of files that were just verified by hash."""
+    try:
+        source["stat"] = _stat_record(model_dir, names)
+        partial = source_path.with_name(f"{SOURCE_FILE}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(source, indent=2) + "\n")
+        os.replace(partial, source_path)
+    except OSError as exc:  # a read-only cache: the files are hashed again next time
+        log.debug("%s: stat record not refreshed (%s)", source_path, exc)
 
 
 def _repo_listing(entry: RegistryEntry, target: Path) -> Optional[Dict[str, Optional[str]]]:
@@ -446,6 +504,8 @@ def download(name: str, cache_dir: Optional[PathLike] = None, force: bool = Fals
         "text_encoder_commit": encoder_commits.get("text_encoder"),
         "sha256": model_dir_digests(partial),  # every converted file; resolve() refuses a directory that differs
     }
+    # (size, mtime_ns) per file: resolve() re-hashes only files whose stat changed (the rename keeps mtimes)
+    provenance["stat"] = _stat_record(partial, provenance["sha256"])
     (partial / SOURCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     if target.exists():
         shutil.rmtree(target)

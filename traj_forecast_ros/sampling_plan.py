@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import threading
@@ -19,7 +20,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Mapping, Optional, Union
 
 import torch
 
@@ -218,7 +219,7 @@ def choose_sampling_plan(device: Union[str, torch.device] = "auto", dtype: Union
 ROWS_PER_CALL = 4096
 PROBE_MAX_GFLOP = 8.0  # time the candidates at load only when one candidate evaluation is at most this much work
 PROBE_MARGIN = 0.9  # another candidate replaces the rule's choice only when at least 10% faster (the machine is noisy)
-PLAN_CACHE_VERSION = 1
+PLAN_CACHE_VERSION = 2  # 2: keyed by weights and device too
 
 
 def cpu_size_rule(denoiser: torch.nn.Module, dtype: torch.dtype) -> Dict[str, Any]:
@@ -229,12 +230,56 @@ def cpu_size_rule(denoiser: torch.nn.Module, dtype: torch.dtype) -> Dict[str, An
             "attention": "explicit" if dtype == torch.bfloat16 else "sdpa"}
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read_first_line(path: Path) -> Optional[str]:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return path.read_text(encoding="ascii").strip().splitlines()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> Optional[float]:
+    """The CPU quota of this process's cgroup in cores (e.g. 1.5), or None when unlimited or unreadable.
+
+    cgroup v2: ``<root>/cpu.max`` = ``"<quota> <period>"`` (``"max ..."`` = no limit); cgroup v1:
+    ``<root>/cpu[,cpuacct]/cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1 = no limit).
+    """
+    line = _read_first_line(root / "cpu.max")
+    if line is not None:
+        fields = line.split()
+        if len(fields) == 2 and fields[0] != "max":
+            try:
+                quota, period = int(fields[0]), int(fields[1])
+            except ValueError:
+                return None
+            return quota / period if quota > 0 and period > 0 else None
+        return None
+    for controller in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        quota_line = _read_first_line(root / controller / "cpu.cfs_quota_us")
+        period_line = _read_first_line(root / controller / "cpu.cfs_period_us")
+        if quota_line is None or period_line is None:
+            continue
+        try:
+            quota, period = int(quota_line), int(period_line)
+        except ValueError:
+            return None
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPU cores this process may run on: its affinity mask (else the CPU count), capped by the cgroup CPU quota
+    (containers: ``docker --cpus``, Kubernetes limits) rounded up."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
+    return cores
 
 
 def resolve_threads(requested: int = 0) -> int:
@@ -252,50 +297,65 @@ def denoiser_gflop(denoiser: torch.nn.Module, samples: int) -> float:
     return 2.0 * rows * per_row * cfg.depth / 1e9
 
 
+def weights_identity(tensors: "Mapping[str, torch.Tensor]") -> Optional[str]:
+    """A short content hash of a state dict (names, shapes, dtypes and values), or None when any tensor has no
+    data (meta device). Keys the cached plan decision to the weights it was probed with."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.is_meta:
+            return None
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
 def plan_for_model(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: int, probe: bool = False,
-                   cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None, model_name: str = "model"
-                   ) -> SamplingPlan:
+                   cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None, model_name: str = "model",
+                   cache_only: bool = False, weights_id: Optional[str] = None) -> SamplingPlan:
     """``plan`` with its CPU fields (sample batch, folding, attention kernel, threads) chosen for ``denoiser``.
 
     Only CPU plans with the fast kernels change. Without ``probe`` the size rule decides. With it, a small model
     (one candidate evaluation at most :data:`PROBE_MAX_GFLOP`) times the candidates once and the decision is cached
-    as JSON under ``cache_dir`` (default ``<cache home>/plans``), keyed by architecture, dtype, thread count, torch
-    version and processor; later loads read it back (``chosen_by="cache"``).
+    as JSON under ``cache_dir`` (default ``<cache home>/plans``), keyed by everything that affects it: the
+    denoiser's architecture and weights (``weights_id``, default :func:`weights_identity` of its state dict),
+    device, dtype, thread count (``plan.threads`` when set, else torch's), K, torch version and processor; later
+    loads read it back (``chosen_by="cache"``). ``cache_only``: never time anything, use a cached decision when
+    there is one, else the size rule (``traj-forecast info``; ``denoiser`` may then live on the meta device).
+    The candidates compute the same function with different kernels, so the chosen plan may differ numerically
+    (within the kernels' tolerance) from the size rule's.
     """
     if plan.device.type != "cpu" or not plan.fast_cpu_kernels or plan.use_compile:
         return plan
-    threads = torch.get_num_threads()
+    threads = plan.threads or torch.get_num_threads()
     ruled = dataclasses.replace(plan, threads=threads, chosen_by="size rule",
                                 **cpu_size_rule(denoiser, plan.dtype))
-    if not probe or denoiser_gflop(denoiser, min(num_samples, ruled.sample_batch_size)) > PROBE_MAX_GFLOP:
+    too_big = denoiser_gflop(denoiser, min(num_samples, ruled.sample_batch_size)) > PROBE_MAX_GFLOP
+    if not (probe or cache_only) or too_big:
         return ruled
-    path = _plan_cache_path(ruled, denoiser, num_samples, cache_dir, model_name)
+    if weights_id is None:
+        weights_id = weights_identity(denoiser.state_dict())
+    path = _plan_cache_path(ruled, denoiser, num_samples, cache_dir, model_name, weights_id)
     cached = _read_plan(path)
     if cached is not None:
         return dataclasses.replace(ruled, chosen_by="cache", **cached)
+    if cache_only:
+        return ruled
     choice, timings = probe_cpu_plan(ruled, denoiser, num_samples)
     _write_plan(path, choice, timings)
     return dataclasses.replace(ruled, chosen_by="probe", **choice)
 
 
-def known_cpu_plan(denoiser: torch.nn.Module, dtype: torch.dtype, threads: int, num_samples: int,
-                   cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None, model_name: str = "model"
-                   ) -> SamplingPlan:
-    """The CPU plan a load with ``threads`` threads would use, without timing anything: the cached probe decision
-    when there is one, else the size rule (``traj-forecast info``). ``denoiser`` may live on the meta device."""
-    base = SamplingPlan(device=torch.device("cpu"), dtype=dtype, sample_batch_size=DEFAULT_SAMPLE_BATCH_SIZE["cpu"])
-    ruled = dataclasses.replace(base, threads=threads, chosen_by="size rule", **cpu_size_rule(denoiser, dtype))
-    if denoiser_gflop(denoiser, min(num_samples, ruled.sample_batch_size)) > PROBE_MAX_GFLOP:
-        return ruled
-    cached = _read_plan(_plan_cache_path(ruled, denoiser, num_samples, cache_dir, model_name))
-    return dataclasses.replace(ruled, chosen_by="cache", **cached) if cached is not None else ruled
-
-
 def probe_cpu_plan(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: int,
-                   repeats: int = 2) -> "tuple[Dict[str, Any], Dict[str, float]]":
+                   repeats: int = 3) -> "tuple[Dict[str, Any], Dict[str, float]]":
     """Time one denoiser evaluation per candidate on random inputs: the rule's plan (first), the other attention
     kernel, the other folding setting and, for a batched rule, one sample per call. Returns the choice (the rule's
-    unless another is :data:`PROBE_MARGIN` faster per sample) and every candidate's ms per sample."""
+    unless another is :data:`PROBE_MARGIN` faster per sample) and every candidate's ms per sample.
+
+    Against a loaded machine: the candidates are timed round-robin ``repeats`` times (a burst of load hits every
+    candidate, not one) and each keeps its fastest run (load only ever adds time).
+    """
     from traj_forecast_ros.model.kernels import DenoiserKernels, KernelOptions
 
     batch = min(num_samples, plan.sample_batch_size or num_samples)
@@ -308,40 +368,45 @@ def probe_cpu_plan(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: i
     features = torch.randn(1, denoiser.num_frame_tokens, denoiser.frame_features_dim, generator=generator)
     text = (torch.randn(1, denoiser.text_embed_dim, generator=generator)
             if denoiser.text_embed_dim is not None else None)
-    timings: Dict[str, float] = {}
-    best: Optional[tuple] = None
+    runs = []  # (step function, x, t) per candidate
     with torch.inference_mode():
         for samples, fold, attention in candidates:
             kernels = DenoiserKernels(denoiser, KernelOptions(dtype=plan.dtype, fold_modulation=fold,
                                                               attention=attention))
             x = torch.randn(samples, denoiser.num_frames, denoiser.in_channels, *denoiser.input_size,
-                            generator=generator)
+                            generator=generator)  # [b, T, C, h, w]
             step = kernels.bind(features, text)
-            t = torch.full((samples,), 0.5)
+            t = torch.full((samples,), 0.5)  # [b]
             step(x, t)  # warm-up: allocations, oneDNN primitive creation
-            seconds = []
-            for _ in range(repeats):
+            runs.append((step, x, t))
+        fastest = [float("inf")] * len(candidates)
+        for _ in range(max(1, repeats)):
+            for index, (step, x, t) in enumerate(runs):
                 started = time.perf_counter()
                 step(x, t)
-                seconds.append(time.perf_counter() - started)
-            per_sample = min(seconds) / samples
-            timings[f"batch {samples}, fold {'on' if fold else 'off'}, {attention}"] = round(per_sample * 1e3, 3)
-            if best is None or per_sample < best[0] * PROBE_MARGIN:
-                best = (per_sample, samples, fold, attention)
+                fastest[index] = min(fastest[index], time.perf_counter() - started)
+    timings: Dict[str, float] = {}
+    best: Optional[tuple] = None
+    for (samples, fold, attention), seconds in zip(candidates, fastest):
+        per_sample = seconds / samples
+        timings[f"batch {samples}, fold {'on' if fold else 'off'}, {attention}"] = round(per_sample * 1e3, 3)
+        if best is None or per_sample < best[0] * PROBE_MARGIN:
+            best = (per_sample, samples, fold, attention)
     _, samples, fold, attention = best
     sample_batch = plan.sample_batch_size if samples == batch else 1
     return {"sample_batch_size": sample_batch, "fold_modulation": fold, "attention": attention}, timings
 
 
 def _plan_cache_path(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: int,
-                     cache_dir: Optional[Union[str, "os.PathLike[str]"]], model_name: str) -> Path:
+                     cache_dir: Optional[Union[str, "os.PathLike[str]"]], model_name: str,
+                     weights_id: Optional[str]) -> Path:
     if cache_dir is None:
         from traj_forecast_ros.registry import cache_home
 
         cache_dir = cache_home() / "plans"
-    identity = {"version": PLAN_CACHE_VERSION, "denoiser": dataclasses.asdict(denoiser.cfg),
-                "dtype": dtype_name(plan.dtype), "threads": plan.threads, "samples": num_samples,
-                "torch": torch.__version__, "processor": _processor_name()}
+    identity = {"version": PLAN_CACHE_VERSION, "denoiser": dataclasses.asdict(denoiser.cfg), "weights": weights_id,
+                "device": str(plan.device), "dtype": dtype_name(plan.dtype), "threads": plan.threads,
+                "samples": num_samples, "torch": torch.__version__, "processor": _processor_name()}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     safe_name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_name)[:60] or "model"
     return Path(cache_dir).expanduser() / f"{safe_name}-{digest}.json"

@@ -33,6 +33,17 @@ def test_parameter_table_matches_the_node():
     assert rows == {spec.name: shown(spec.default) for spec in node_params.PARAMETERS}
 
 
+def test_what_zero_means_is_documented_alike_in_the_table_and_the_node():
+    """0 disables max_input_age but makes max_clock_skew strict: both the README table and the parameter
+    descriptions must say so."""
+    node_params = pytest.importorskip("traj_forecast_ros.ros.params")
+    section = README.split("## Parameters", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| `[^`]*` \| (.*) \|$", section, flags=re.MULTILINE))
+    for name, meaning in (("max_input_age", "0 disables"), ("max_clock_skew", "0 is strict")):
+        assert meaning in node_params.PARAMETER_SPECS[name].description, name
+        assert meaning in rows[name], name
+
+
 def test_documented_cli_commands_exist():
     from traj_forecast_ros.cli import build_parser
 

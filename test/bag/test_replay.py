@@ -34,7 +34,7 @@ def test_every_frame_is_answered_or_counted_as_dropped(replay):
     assert summary["frames_in"] == 8
     assert summary["frames_received_by_node"] == 8  # reliable QoS on loopback: nothing lost in transport
     assert summary["frames_unaccounted"] == 0 and summary["all_frames_accounted"]
-    assert summary["forecasts_out"] + sum(summary["dropped"].values()) == 8
+    assert summary["forecasts_out"] + sum(summary["dropped"].values()) + sum(summary["rejected"].values()) == 8
     assert summary["forecasts_out"] >= 1
     assert summary["node_diagnostics"]["forecasts_published"] == str(summary["forecasts_out"])
     assert summary["latency_ms"]["count"] == summary["forecasts_out"] and summary["latency_ms"]["p50"] > 0
@@ -87,8 +87,9 @@ def test_a_frame_the_node_rejects_is_counted_by_reason(tmp_path, tiny_model_dir)
     summary = replay_through_node(bag, tmp_path / "out", model=str(tiny_model_dir), rate=0.1,
                                   extra_params=["num_samples:=2", "steps:=3"], timeout_s=120, print_summary=False)
     assert summary["frames_in"] == 4 and summary["frames_unaccounted"] == 0
-    assert summary["dropped"].get("unsupported_encoding") == 1
-    assert summary["forecasts_out"] + sum(summary["dropped"].values()) == 4
+    assert summary["rejected"] == {"unsupported_encoding": 1}, summary  # bad input: rejected, not dropped
+    assert "unsupported_encoding" not in summary["dropped"]
+    assert summary["forecasts_out"] + sum(summary["dropped"].values()) + sum(summary["rejected"].values()) == 4
     sent = [stamp_ns(deserialize(m).header) for m in read_messages(bag, ["/agentview/image_raw"])]
     assert sent[2] not in {stamp for stamp, _ in read_forecasts(tmp_path / "out" / "forecast_bag", OUTPUTS["forecast"])}
 

@@ -164,3 +164,15 @@ def test_every_option_is_spelled_one_way_across_all_commands():
         assert options["samples"].option_strings == ["--samples"] and options["steps"].option_strings == ["--steps"]
     assert {a.dest: a.default for a in commands[("predict",)]._actions}["samples"] == DEFAULT_NUM_SAMPLES
     assert {a.dest: a.default for a in commands[("evaluate",)]._actions}["steps"] == DEFAULT_STEPS
+
+
+def test_data_workers_default_to_the_cores_available_not_the_cpu_count(monkeypatch):
+    """`data sim-manipulation --workers` unset: the cores this process may use (affinity, cgroup quota)."""
+    from traj_forecast_ros import sampling_plan
+    from traj_forecast_ros.commands.data import default_workers
+
+    monkeypatch.setattr(sampling_plan, "available_cores", lambda: 3)
+    assert default_workers(None) == 3
+    assert default_workers(5) == 5
+    with pytest.raises(SystemExit, match="at least 1"):
+        default_workers(0)

@@ -270,3 +270,42 @@ def test_out_of_memory_propagates_and_forecaster_stays_usable(agent_image, monke
     assert emptied == [True]
     monkeypatch.undo()
     assert model.forecast(agent_image, "x", num_samples=1, steps=2, seed=0).tracks.shape[0] == 1
+
+
+@pytest.mark.parametrize("preset", ["demo-blocks", "tiny-blocks", "sim-manipulation", "tiny-sim"])
+def test_from_config_runs_presets_without_a_measured_latent_scale(preset):
+    """Presets whose latent scale is measured in training (None) still give a usable random-weight forecaster
+    (unit scale); a loaded model without one is refused with a clear error instead of a TypeError."""
+    from traj_forecast_ros.errors import CheckpointError
+    from traj_forecast_ros.model.presets import preset_config
+
+    config = preset_config(preset)
+    assert config.vae is not None and config.latent_scale is None
+    model = Forecaster.from_config(config, seed=0)
+    assert model.config.latent_scale == [1.0] * model.denoiser.in_channels
+    assert config.latent_scale is None  # the caller's config is not changed
+    height, width = config.image_size
+    instruction = "push the red cube" if model.text_encoder is not None else None
+    result = model.forecast(np.zeros((height, width, 3), np.uint8), instruction, num_samples=1, steps=2, seed=0)
+    assert np.isfinite(result.tracks).all()
+    with pytest.raises(CheckpointError, match="latent_scale"):
+        Forecaster(config, model.denoiser, model.vae, model.image_encoder, model.text_encoder, preset)
+
+
+def test_stage_timings_wait_for_the_forecasters_own_stream_only(forecaster, monkeypatch):
+    """_timed synchronises this forecaster's stream, not the whole device (other forecasters keep running)."""
+    waits = []
+
+    class Stream:
+        def synchronize(self):
+            waits.append("own stream")
+
+    def device_wide(*args, **kwargs):
+        raise AssertionError("device-wide synchronize")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", device_wide)
+    monkeypatch.setattr(forecaster, "_stream", Stream())
+    timings = {}
+    with forecaster._timed(timings, "stage"):
+        pass
+    assert waits == ["own stream"] and timings["stage"] >= 0.0

@@ -1,6 +1,7 @@
 """Model registry: entries, cache location, name resolution, download (offline failure and a faked hub)."""
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -75,11 +76,23 @@ def test_resolve_paths_names_and_missing_models(cache_root, tmp_path):
     assert not registry.has_weights(target)
 
 
-def test_offline_download_fails_fast_with_instructions(cache_root):
-    start = time.monotonic()
+def test_offline_download_fails_fast_with_instructions(cache_root, monkeypatch):
+    """Offline mode never touches the network: no hub listing, only local-cache lookups, then instructions."""
+    lookups = []
+
+    class NoNetworkApi:
+        def model_info(self, *args, **kwargs):
+            raise AssertionError("offline mode must not list the hub")
+
+    def local_only(repo_id, filename, **kwargs):
+        lookups.append(kwargs.get("local_files_only"))
+        raise huggingface_hub.errors.LocalEntryNotFoundError(f"{filename} is not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", NoNetworkApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", local_only)
     with pytest.raises(WeightsNotFoundError) as info:
         registry.download("libero-atm")
-    assert time.monotonic() - start < 5.0
+    assert lookups == [True]  # one local-cache lookup, the first missing file ends it
     message = str(info.value)
     for expected in ("HF_HUB_OFFLINE", "https://huggingface.co/Gabrijel/what-happens-next",
                      "track-generator/libero/atm/latent/ckpt_epoch=1500.pth", "track-vae/atm_libero_grid_atm/303.pth",
@@ -93,14 +106,13 @@ def test_download_without_network_fails_fast(tmp_path):
     """HF_HUB_OFFLINE unset but the hub unreachable (a closed local port): still a quick, instructive failure."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
            "HF_ENDPOINT": "http://127.0.0.1:9", "TRAJ_FORECAST_HOME": str(tmp_path / "cache")}
-    start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "traj_forecast_ros.cli", "download", "libero-tramoe"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - start
+                          env=env, capture_output=True, text=True, timeout=300)  # a hang guard only
     assert done.returncode == 2, done.stderr
     assert "cannot download model 'libero-tramoe'" in done.stderr
+    # the refused connection itself ends the attempt (no retry loop, no timeout waited out)
     assert "track-vae/atm_libero_grid_tramoe/205.pth" in done.stderr and "ConnectError" in done.stderr
-    assert elapsed < 20.0  # interpreter start and imports included; the network failure itself is instant
+    assert "Timeout" not in done.stderr and not (tmp_path / "cache" / "models" / "libero-tramoe").exists()
 
 
 def _official(module: torch.nn.Module, path: Path) -> None:
@@ -214,3 +226,61 @@ def test_encoder_downloads_use_the_pinned_revision(monkeypatch, tmp_path):
     registry._fetch_encoder("facebook/dinov2-large", entry, tmp_path, "image_encoder")
     registry._fetch_encoder("openai/clip-vit-large-patch14", entry, tmp_path, "text_encoder")
     assert calls == [("facebook/dinov2-large", commit), ("openai/clip-vit-large-patch14", None)]
+
+
+def _age_files(model_dir: Path, seconds: float = 3600.0) -> None:
+    """Give every file an mtime ``seconds`` in the past (outside the racy window of a fresh stat record)."""
+    past = time.time_ns() - int(seconds * 1e9)
+    for path in model_dir.rglob("*"):
+        if path.is_file() and path.name != registry.SOURCE_FILE:
+            os.utime(path, ns=(past, past))
+
+
+def test_resolve_rehashes_only_files_whose_size_or_mtime_changed(fake_hub, cache_root, monkeypatch):
+    """The pinned sha256 is re-checked by (size, mtime_ns): unchanged files are not hashed on every resolve."""
+    path = registry.download("tiny-hub")
+    source = yaml.safe_load((path / "source.json").read_text())
+    assert set(source["stat"]["files"]) == set(source["sha256"])
+    hashed = []
+    real_sha256 = registry.sha256_of
+    monkeypatch.setattr(registry, "sha256_of", lambda file, *a, **k: hashed.append(Path(file).name)
+                        or real_sha256(file, *a, **k))
+    registry.resolve("tiny-hub")  # just written: inside the racy window, so hashed
+    assert len(hashed) == len(source["sha256"])
+
+    _age_files(path)  # mtimes moved: hashed once more, then the record is refreshed
+    hashed.clear()
+    registry.resolve("tiny-hub")
+    assert len(hashed) == len(source["sha256"])
+    hashed.clear()
+    assert registry.resolve("tiny-hub") == path and registry.resolve(str(path)) == path
+    assert hashed == []  # unchanged (size, mtime): nothing re-hashed
+
+    weights = path / "denoiser.safetensors"
+    original, info = weights.read_bytes(), weights.stat()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, new mtime: hashed and refused
+    with pytest.raises(CheckpointError, match="denoiser.safetensors"):
+        registry.resolve("tiny-hub")
+    assert hashed == ["denoiser.safetensors"]
+    weights.write_bytes(original[:-7])  # another size, the recorded mtime restored: refused without hashing
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    hashed.clear()
+    with pytest.raises(CheckpointError, match="denoiser.safetensors"):
+        registry.resolve("tiny-hub")
+    assert hashed == []
+    weights.write_bytes(original)
+    assert registry.resolve("tiny-hub") == path
+
+
+def test_model_choice_falls_back_past_a_corrupt_model_with_the_reason_logged(cache_root, monkeypatch, caplog):
+    from traj_forecast_ros.bag import model_choice
+
+    libero = registry.model_cache_dir(model_choice.LIBERO_MODEL)
+    config = tiny_config(text=False)
+    save_model_dir(libero, config, *build_modules(config))
+    (libero / registry.SOURCE_FILE).write_text('{"sha256": {"config.yaml": "' + "0" * 64 + '"}}')
+    monkeypatch.setattr(model_choice, "_cuda_available", lambda: True)
+    with caplog.at_level("WARNING", logger="traj_forecast_ros.bag.model_choice"):
+        name, _why = model_choice.best_offline_model()
+    assert name == model_choice.DEMO_MODEL  # LIBERO with a GPU would win, but its files differ from the pins
+    assert any("libero-atm" in record.getMessage() and "pinned" in record.getMessage() for record in caplog.records)

@@ -2,7 +2,7 @@
 
 Pure parts (instruction set, scripted policy, object ids, config checks, dataset version 2 fields) always run. The
 end-to-end part runs ``traj-forecast data sim-manipulation`` in a subprocess (MuJoCo picks its GL backend at import)
-and is skipped, with the reason, where robosuite (``pip install .[sim]``) or libOSMesa is missing.
+and is skipped, with the reason, where robosuite (``bash scripts/setup_sim.sh``) or libOSMesa is missing.
 """
 
 from __future__ import annotations

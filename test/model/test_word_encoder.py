@@ -70,6 +70,17 @@ def test_saved_words_encoder_loads_frozen_through_text_encoder(tmp_path):
         WordTextEncoder.from_config(wrong, model_dir=tmp_path)  # another vocabulary: other embedding table
 
 
+def test_model_dir_without_words_encoder_weights_is_refused(tmp_path):
+    """A model directory missing text_encoder/model.safetensors must not load with random instruction weights."""
+    cfg = _config(build_vocabulary(INSTRUCTIONS))
+    (tmp_path / "text_encoder").mkdir()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        TextEncoder.from_config(cfg, model_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="missing"):
+        WordTextEncoder.from_config(cfg, model_dir=tmp_path / "nowhere")
+    assert WordTextEncoder.from_config(cfg).embed_dim == 8  # no model_dir: random weights, by intent
+
+
 def test_words_encoder_needs_a_vocabulary_and_a_known_kind():
     with pytest.raises(WeightsNotFoundError, match="vocabulary"):
         WordTextEncoder.from_config(TextEncoderConfig(model_id=None, kind="words", config={"embed_dim": 8}))

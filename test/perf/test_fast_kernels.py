@@ -49,14 +49,6 @@ def vae() -> TrajectoryVAE:
     return randomize_parameters(TrajectoryVAE(tiny_config().vae), seed=2).eval()
 
 
-def denoiser_inputs(model: LatteDenoiser, batch: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.num_frames, model.in_channels, *model.input_size, generator=generator)
-    t = torch.rand(batch, generator=generator)
-    features = torch.randn(batch, model.num_frame_tokens, model.frame_features_dim, generator=generator)
-    text = torch.randn(batch, model.text_embed_dim, generator=generator)
-    return x, t, features, text
-
 
 def oneDNN_calls(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -66,7 +58,8 @@ def oneDNN_calls(fn) -> int:
 
 @pytest.mark.parametrize("options", KERNEL_CHOICES, ids=lambda o: f"fold={o.fold_modulation}-{o.attention}")
 @pytest.mark.parametrize("batch", [1, 3])  # 3 distinct samples: modulation per sequence, contexts per sample
-def test_denoiser_kernels_equal_reference_forward(denoiser, reference, batch, options) -> None:
+def test_denoiser_kernels_equal_reference_forward(denoiser, reference, batch, options,
+                                                  denoiser_inputs) -> None:
     inputs = denoiser_inputs(denoiser, batch)
     with torch.inference_mode():
         expected = reference.official_denoiser_forward(denoiser, *inputs)
@@ -79,7 +72,7 @@ def test_denoiser_kernels_equal_reference_forward(denoiser, reference, batch, op
 
 
 @pytest.mark.parametrize("options", KERNEL_CHOICES, ids=lambda o: f"fold={o.fold_modulation}-{o.attention}")
-def test_shared_conditioning_of_a_forecast_step(denoiser, reference, options) -> None:
+def test_shared_conditioning_of_a_forecast_step(denoiser, reference, options, denoiser_inputs) -> None:
     """K samples of one step share t, image and text: one row each (or an expanded batch) folds for all K."""
     x, _, features, text = denoiser_inputs(denoiser, 4, seed=3)
     t = torch.full((4,), 0.37)
@@ -94,7 +87,7 @@ def test_shared_conditioning_of_a_forecast_step(denoiser, reference, options) ->
     assert reference.relative_difference(expanded, expected) < FP32_TOLERANCE
 
 
-def test_bound_denoiser_rejects_mismatched_inputs(denoiser) -> None:
+def test_bound_denoiser_rejects_mismatched_inputs(denoiser, denoiser_inputs) -> None:
     x, t, features, text = denoiser_inputs(denoiser, 3)
     kernels = DenoiserKernels(denoiser, KernelOptions())
     with torch.inference_mode():
@@ -115,7 +108,7 @@ def test_kernel_options_are_validated(bad) -> None:
 
 
 @pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
-def test_reference_modules_never_take_the_fast_path(denoiser) -> None:
+def test_reference_modules_never_take_the_fast_path(denoiser, denoiser_inputs) -> None:
     """The kernels are chosen explicitly: the modules' own forward stays plain PyTorch, also in inference mode."""
     inputs = denoiser_inputs(denoiser, 1)
     kernels = DenoiserKernels(denoiser, KernelOptions())
@@ -146,7 +139,7 @@ def test_vae_kernels_equal_reference_forward(vae, reference) -> None:
     assert reference.relative_difference(module_mean, mean_ref) < FP32_TOLERANCE
 
 
-def test_training_gradients_match_reference(denoiser, reference) -> None:
+def test_training_gradients_match_reference(denoiser, reference, denoiser_inputs) -> None:
     inputs = denoiser_inputs(denoiser, 2)
     ours = denoiser(*inputs).square().mean()
     expected = reference.official_denoiser_forward(denoiser, *inputs).square().mean()
@@ -156,7 +149,7 @@ def test_training_gradients_match_reference(denoiser, reference) -> None:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
-def test_bfloat16_kernels_stay_close(denoiser, vae, reference, attention) -> None:
+def test_bfloat16_kernels_stay_close(denoiser, vae, reference, attention, denoiser_inputs) -> None:
     inputs = denoiser_inputs(denoiser, 1)
     with torch.inference_mode():
         expected = reference.official_denoiser_forward(denoiser, *inputs)
@@ -212,6 +205,41 @@ def test_linear_mode_routes_third_party_linears() -> None:
     torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-6)
     with OneDNNLinearMode():
         assert oneDNN_calls(lambda: layer(x)) == 0  # autograd on: untouched
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_bfloat16_encoder_weights_are_cast_once_per_forecaster() -> None:
+    """bfloat16 on CPU: the encoders' linear weights are cast on the first frame only; later frames reuse them
+    with identical outputs, and a plan change or release drops the cast copies."""
+    import numpy as np
+
+    from traj_forecast_ros.forecaster import Forecaster
+
+    forecaster = Forecaster.from_config(tiny_config(), dtype="bfloat16", seed=0)
+    height, width = forecaster.config.image_size
+    frame = np.random.default_rng(0).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    first = forecaster.encode_image(frame)
+    weights = forecaster._encoder_weights
+    casts = weights.casts
+    linears = [m for m in forecaster.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert casts >= len(linears) > 0  # every linear weight (and bias) cast once
+    second = forecaster.encode_image(frame)
+    assert weights.casts == casts  # no re-cast on the second frame
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), OneDNNLinearMode():
+        uncached = forecaster.image_encoder(torch.from_numpy(frame).unsqueeze(0)).float()  # cast on every call
+    torch.testing.assert_close(first, uncached, rtol=0, atol=0)
+    forecaster.embed_instruction("push the cube")
+    assert weights.casts > casts  # the text encoder's weights: cast once too
+    forecaster.sample_batch_size = 1  # a new plan: the cache starts over
+    assert len(weights) == 0
+    forecaster.encode_image(frame)
+    assert len(weights) > 0
+    forecaster.release()
+    assert len(weights) == 0 and forecaster._encoder_weights is None
+    other = Forecaster.from_config(tiny_config(), dtype="bfloat16", seed=0)
+    other.encode_image(frame)
+    assert other._encoder_weights is not weights  # owned per forecaster, not shared through the module
 
 
 def test_shared_context_attention_equals_repeated_context() -> None:

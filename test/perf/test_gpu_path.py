@@ -34,6 +34,7 @@ from traj_forecast_ros.sampling_plan import (
     LRUCache,
     SamplingPlan,
     bound_to_device,
+    choose_sampling_plan,
     resolve_dtype,
 )
 
@@ -55,12 +56,9 @@ def modules():
     return Forecaster.from_config(tiny_config(), seed=0)
 
 
-def sibling(base: Forecaster, dtype: str, **kwargs) -> Forecaster:
-    """Another forecaster over ``base``'s modules; plain reference kernels (what runs on CUDA), all K at once."""
-    forecaster = Forecaster(base.config, base.denoiser, base.vae, base.image_encoder, base.text_encoder, "t",
-                            device="cpu", dtype=dtype, sample_batch_size=0, **kwargs)
-    forecaster.plan = dataclasses.replace(forecaster.plan, fast_cpu_kernels=False)
-    return forecaster
+def sibling(base: Forecaster, dtype: str) -> Forecaster:
+    """``base.sibling`` on the CPU with the plain reference kernels (what runs on CUDA), all K at once."""
+    return base.sibling("t", plan=choose_sampling_plan("cpu", dtype, sample_batch_size=0, fast_cpu_kernels=False))
 
 
 def relative_max_difference(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -97,14 +95,6 @@ def test_cpu_policy_is_fp32_with_bf16_opt_in() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CUDA code path on CPU
-def denoiser_inputs(model: LatteDenoiser, batch: int):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, model.num_frames, model.in_channels, *model.input_size, generator=generator)
-    t = torch.rand(batch, generator=generator)
-    features = torch.randn(batch, model.num_frame_tokens, model.frame_features_dim, generator=generator)
-    text = torch.randn(batch, model.text_embed_dim, generator=generator) if model.text_embed_dim else None
-    return x, t, features, text
-
 
 def random_denoiser(config) -> LatteDenoiser:
     torch.manual_seed(0)
@@ -115,7 +105,7 @@ def random_denoiser(config) -> LatteDenoiser:
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("size", ["tiny", "libero-width"])
-def test_reference_denoiser_in_half_precision_matches_fp32(dtype, size) -> None:
+def test_reference_denoiser_in_half_precision_matches_fp32(dtype, size, denoiser_inputs) -> None:
     """The modules CUDA runs (no CPU kernels exist for float16), under autocast, against float32."""
     config = tiny_config().denoiser
     if size == "libero-width":  # the real widths, token counts and heads; one spatial+temporal pair keeps it fast
@@ -228,7 +218,8 @@ def test_lru_cache_evicts_least_recently_used_with_a_callback() -> None:
 
 class FakeGraphDenoiser(CudaGraphDenoiser):
     """CudaGraphDenoiser's bookkeeping on CPU: 'capture' keeps the static buffers, 'replay' runs the denoiser on
-    them; the device binding is recorded."""
+    them; the device binding is recorded. Only the cache, buffer and binding logic is tested here: the real
+    capture/replay path (torch.cuda.graph) runs only on a GPU, via ``bench/gpu_check.py``."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -244,7 +235,7 @@ class FakeGraphDenoiser(CudaGraphDenoiser):
         entry.static_output.copy_(self.denoiser(*entry.static_inputs))
 
 
-def test_graph_cache_is_a_bounded_lru_per_batch_shape() -> None:
+def test_graph_cache_is_a_bounded_lru_per_batch_shape(denoiser_inputs) -> None:
     model = random_denoiser(tiny_config().denoiser)
     graphs = FakeGraphDenoiser(model, None, "cuda:1", cache_size=2)
     graphs._bound = lambda: torch.inference_mode()  # no CUDA here; the binding has its own test
@@ -265,7 +256,7 @@ def test_graph_cache_is_a_bounded_lru_per_batch_shape() -> None:
         SamplingPlan(device=torch.device("cpu"), dtype=torch.float32, sample_batch_size=None, graph_cache_size=0)
 
 
-def test_graph_denoiser_binds_its_own_device_from_any_thread(monkeypatch) -> None:
+def test_graph_denoiser_binds_its_own_device_from_any_thread(monkeypatch, denoiser_inputs) -> None:
     entered = []
 
     @contextmanager
@@ -384,6 +375,7 @@ def test_gpu_check_quick_runs_end_to_end_on_cpu(tmp_path) -> None:
         assert node["status"] == "pass" and node["all_frames_accounted"] and node["frames_unaccounted"] == 0
         assert node["forecasts_out"] >= 1 and node["node_device"] == "cpu" and node["fp32_fallbacks"] == "0"
         assert node["latency_ms"]["count"] == node["forecasts_out"]
+        assert node["frames_in"] == 2  # --quick replays a 2-frame bag (the node run is the slow part)
     table = (out / "gpu_check.md").read_text()
     assert "| float32 | 1 | plain |" in table and "# gpu_check: PASS" in table
 

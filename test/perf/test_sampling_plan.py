@@ -20,8 +20,11 @@ from traj_forecast_ros.sampling_plan import (
     ROWS_PER_CALL,
     SamplingPlan,
     choose_sampling_plan,
+    cgroup_cpu_limit,
+    available_cores,
     cpu_size_rule,
     plan_for_model,
+    weights_identity,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +56,14 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 def test_cpu_defaults_and_validation() -> None:
     plan = choose_sampling_plan("cpu")
     assert plan == SamplingPlan(device=torch.device("cpu"), dtype=torch.float32, sample_batch_size=1)
-    assert DEFAULT_SAMPLE_BATCH_SIZE == {"cpu": 1, "cuda": None}
+    # the CPU device default is what the size rule picks for a LIBERO-size model (the fallback when no model is
+    # known), and every device default is a valid plan ("cuda": None runs all K in one call)
+    with torch.device("meta"):
+        libero = LatteDenoiser(libero_config("atm").denoiser)
+    assert DEFAULT_SAMPLE_BATCH_SIZE["cpu"] == cpu_size_rule(libero, torch.float32)["sample_batch_size"]
+    for device_type, batch in DEFAULT_SAMPLE_BATCH_SIZE.items():
+        assert "sample batch " + (str(batch) if batch else "all") in SamplingPlan(
+            device=torch.device("cpu"), dtype=torch.float32, sample_batch_size=batch).summary(), device_type
     assert plan.fast_cpu_kernels and plan.cache_query_tokens and not plan.use_compile and not plan.use_cuda_graph
     assert plan.fold_modulation and plan.attention == "sdpa" and plan.chosen_by == "device default"
     assert choose_sampling_plan("cpu", "bf16", sample_batch_size=0).dtype == torch.bfloat16
@@ -115,7 +125,9 @@ def test_forecaster_exposes_and_switches_its_plan(forecaster) -> None:
     assert forecaster.plan.chosen_by == "size rule" and forecaster.sample_batch_size >= 8
     forecaster.sample_batch_size = 0  # legacy shortcut: 0 / None = all K at once
     assert forecaster.plan.sample_batch_size is None and forecaster.sample_batch_size is None
-    forecaster.plan = dataclasses.replace(forecaster.plan, sample_batch_size=2)
+    assert forecaster.plan.chosen_by == "given"  # no longer the size rule's choice
+    forecaster.plan = dataclasses.replace(forecaster.plan, sample_batch_size=2, chosen_by="size rule")
+    assert forecaster.plan.chosen_by == "given"
     assert forecaster.sample_batch_size == 2
     with pytest.raises(ValueError, match="does not fit"):
         forecaster.plan = choose_sampling_plan("cpu", "bfloat16")
@@ -250,3 +262,96 @@ def _check_concurrent_forecasters(forecaster: Forecaster, image: np.ndarray) -> 
         assert len(runs) == 4
         for tracks in runs:
             np.testing.assert_array_equal(tracks, alone[name])
+
+
+def test_plan_setters_take_the_forecast_lock(forecaster) -> None:
+    """Switching the plan waits for a running forecast: both setters apply it under the forecaster's lock."""
+    held = []
+    apply_plan = forecaster._apply_plan
+
+    def recording(plan):
+        held.append(forecaster._lock.locked())
+        apply_plan(plan)
+
+    forecaster._apply_plan = recording
+    forecaster.sample_batch_size = 3
+    forecaster.plan = dataclasses.replace(forecaster.plan, sample_batch_size=2)
+    assert held == [True, True] and forecaster.sample_batch_size == 2
+
+
+def test_probe_cache_is_keyed_by_weights_dtype_and_threads(tmp_path) -> None:
+    """Two models with one architecture but other weights never share a cached decision; nor do dtypes or
+    thread counts. The same weights (another module object) find it."""
+    torch.manual_seed(0)
+    first = LatteDenoiser(tiny_config().denoiser).eval()
+    torch.manual_seed(1)
+    second = LatteDenoiser(tiny_config().denoiser).eval()
+    twin = LatteDenoiser(tiny_config().denoiser).eval()
+    twin.load_state_dict(first.state_dict())
+    assert weights_identity(first.state_dict()) == weights_identity(twin.state_dict())
+    assert weights_identity(first.state_dict()) != weights_identity(second.state_dict())
+    with torch.device("meta"):
+        assert weights_identity(LatteDenoiser(tiny_config().denoiser).state_dict()) is None
+    base = choose_sampling_plan("cpu")
+    assert plan_for_model(base, first, 4, probe=True, cache_dir=tmp_path).chosen_by == "probe"
+    assert plan_for_model(base, twin, 4, probe=True, cache_dir=tmp_path).chosen_by == "cache"
+    assert plan_for_model(base, second, 4, probe=True, cache_dir=tmp_path).chosen_by == "probe"
+    other_threads = dataclasses.replace(base, threads=torch.get_num_threads() + 1)
+    assert plan_for_model(other_threads, first, 4, cache_dir=tmp_path, cache_only=True).chosen_by == "size rule"
+    bf16 = choose_sampling_plan("cpu", "bfloat16")
+    assert plan_for_model(bf16, first, 4, cache_dir=tmp_path, cache_only=True).chosen_by == "size rule"
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    # cache_only (traj-forecast info) never probes: the cached decision, else the size rule, and nothing written
+    assert plan_for_model(base, first, 4, cache_dir=tmp_path, cache_only=True).chosen_by == "cache"
+    assert plan_for_model(base, first, 4, cache_dir=tmp_path / "empty", cache_only=True).chosen_by == "size rule"
+    assert not (tmp_path / "empty").exists()
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "denoiser.safetensors").is_file(), reason="demo-blocks weights not shipped")
+def test_from_pretrained_keeps_probe_decisions_in_its_cache_dir(tmp_path) -> None:
+    """from_pretrained(cache_dir=...) probes into <cache_dir>/plans, not the cache home; a second load reads it."""
+    from traj_forecast_ros.registry import cache_home
+
+    home_plans = cache_home() / "plans"
+    before = sorted(home_plans.glob("*.json")) if home_plans.is_dir() else []
+    first = Forecaster.from_pretrained(DEMO_MODEL, device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert first.plan.chosen_by == "probe" and len(list((tmp_path / "plans").glob("*.json"))) == 1
+    again = Forecaster.from_pretrained(DEMO_MODEL, device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert again.plan.chosen_by == "cache" and again.plan.attention == first.plan.attention
+    assert (sorted(home_plans.glob("*.json")) if home_plans.is_dir() else []) == before
+    sibling = again.sibling(dtype="float32", plan_probe=True)  # the same cache travels with the modules
+    assert sibling.plan.chosen_by == "cache"
+
+
+def test_tests_never_touch_the_user_cache() -> None:
+    """test/conftest.py points TRAJ_FORECAST_HOME at a per-run temporary folder."""
+    import os
+    import tempfile
+
+    from traj_forecast_ros.registry import cache_home
+
+    assert Path(os.environ["TRAJ_FORECAST_HOME"]) == cache_home()
+    assert Path(tempfile.gettempdir()).resolve() in cache_home().resolve().parents
+
+
+def _cgroup(tmp_path: Path, files: dict) -> Path:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def test_cgroup_cpu_quota_caps_the_available_cores(tmp_path) -> None:
+    v2 = _cgroup(tmp_path / "v2", {"cpu.max": "150000 100000\n"})
+    assert cgroup_cpu_limit(v2) == 1.5
+    assert available_cores(v2) == min(2, available_cores(tmp_path / "none"))  # 1.5 cores: 2 threads, rounded up
+    assert cgroup_cpu_limit(_cgroup(tmp_path / "v2max", {"cpu.max": "max 100000\n"})) is None
+    small = _cgroup(tmp_path / "v2small", {"cpu.max": "20000 100000"})
+    assert cgroup_cpu_limit(small) == 0.2 and available_cores(small) == 1  # never below one core
+    v1 = _cgroup(tmp_path / "v1", {"cpu,cpuacct/cpu.cfs_quota_us": "100000", "cpu,cpuacct/cpu.cfs_period_us": "50000"})
+    assert cgroup_cpu_limit(v1) == 2.0
+    unlimited = _cgroup(tmp_path / "v1none", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert cgroup_cpu_limit(unlimited) is None
+    garbage = _cgroup(tmp_path / "bad", {"cpu.max": "lots 0"})
+    assert cgroup_cpu_limit(garbage) is None and cgroup_cpu_limit(tmp_path / "none") is None
+    assert available_cores(tmp_path / "none") >= 1

@@ -20,3 +20,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     save_model_dir(directory, config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
                    forecaster.text_encoder)
     return directory
+
+
+@pytest.fixture
+def context():
+    """A fresh rclpy context for a node created in the test (shut down afterwards)."""
+    import rclpy
+    from rclpy.context import Context
+
+    context = Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)

@@ -107,21 +107,20 @@ class NodeProcess:
         return self.process.returncode, time.monotonic() - started
 
 
-class Probe:
-    """An rclpy node inside the test process (own context, own spin thread) that publishes, records and calls."""
+class SpunNode:
+    """An rclpy node spun in this process by its own context, executor and thread (as ``rclpy.spin`` runs it)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, make_node: Callable[[Any], Any]) -> None:
+        """``make_node(context)`` creates the node in the fresh context."""
         import rclpy
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
 
         self.context = Context()
         rclpy.init(context=self.context)
-        self.node = rclpy.create_node(name, context=self.context)
+        self.node = make_node(self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self._lock = threading.Lock()
-        self.received: Dict[str, List[Tuple[float, Any]]] = {}
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
 
@@ -132,6 +131,27 @@ class Probe:
             self.executor.spin()
         except ExternalShutdownException:
             pass
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop spinning, destroy the node and shut its context down."""
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=timeout)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(2.0)
+
+
+class Probe(SpunNode):
+    """An in-test node that publishes, records and calls."""
+
+    def __init__(self, name: str) -> None:
+        import rclpy
+
+        self._lock = threading.Lock()
+        self.received: Dict[str, List[Tuple[float, Any]]] = {}
+        self._clients: Dict[str, Any] = {}  # kept service clients by service name
+        super().__init__(lambda context: rclpy.create_node(name, context=context))
 
     def subscribe(self, msg_type: Any, topic: str, depth: int = 50) -> None:
         """Record every message on ``topic`` (reliable QoS) with its receive time (time.time())."""
@@ -166,9 +186,15 @@ class Probe:
         reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
         return self.node.create_publisher(msg_type, topic, QoSProfile(depth=depth, reliability=reliability))
 
-    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 15.0) -> Any:
-        """Call a service and return its response (fails the test on timeout)."""
-        client = self.node.create_client(srv_type, name)
+    def call(self, srv_type: Any, name: str, request: Any, timeout: float = 15.0, keep_client: bool = False) -> Any:
+        """Call a service and return its response (fails the test on timeout). With ``keep_client`` the client
+        (and its discovery) is made once and reused by later calls that keep it too, so timing such a call measures
+        the service, not client creation and discovery."""
+        client = self._clients.get(name) if keep_client else None
+        if client is None:
+            client = self.node.create_client(srv_type, name)
+            if keep_client:
+                self._clients[name] = client
         try:
             if not client.wait_for_service(timeout_sec=timeout):
                 pytest.fail(f"service {name} not available after {timeout} s")
@@ -177,37 +203,50 @@ class Probe:
                 pytest.fail(f"service {name} did not answer within {timeout} s")
             return future.result()
         finally:
-            self.node.destroy_client(client)
-
-    def close(self) -> None:
-        import rclpy
-
-        self.executor.shutdown(timeout_sec=1.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-        self._thread.join(2.0)
+            if not keep_client:
+                self.node.destroy_client(client)
 
 
 # ------------------------------------------------------------------------------------------------ counters
-def counts_balance(values: Dict[str, str]) -> Optional[str]:
+def counts_balance(values: Dict[str, str], stats: Any = None) -> Optional[str]:
     """None when a /diagnostics status accounts for every frame, else what does not add up.
 
-    ``frames_received == forecasts_published + dropped_total``, where ``dropped_total`` (every frame not forecast)
-    is the sum of the ``dropped.<reason>`` counters and splits into plain drops (superseded, too_old, stopped),
-    ``rejected_total`` (bad input) and ``failed_total`` (the node's own failures).
+    ``frames_received == forecasts_published + dropped_total + rejected_total``; the ``dropped.<reason>`` keys sum to
+    ``dropped_total`` and name only reasons of the dropped and failed categories, the ``rejected.<reason>`` keys sum to
+    ``rejected_total`` and name only bad-input reasons; ``failed_total`` is the failed part of ``dropped_total``.
+    With ``stats`` (the in-process node's ``PipelineStats``), every count must also equal the node's own counters,
+    so a reason missing from (or invented by) the diagnostics fails too.
     """
+    from traj_forecast_ros.ros.pipeline import reason_category
+
     received, published = int(values["frames_received"]), int(values["forecasts_published"])
-    dropped_total = int(values["dropped_total"])
-    by_reason = sum(int(value) for key, value in values.items() if key.startswith("dropped."))
-    plain = sum(int(values.get(f"dropped.{reason}", 0)) for reason in ("superseded", "too_old", "stopped"))
+    dropped_total, rejected_total = int(values["dropped_total"]), int(values["rejected_total"])
+    by_prefix: Dict[str, Dict[str, int]] = {"dropped": {}, "rejected": {}}
+    for key, value in values.items():
+        prefix, _, reason = key.partition(".")
+        if prefix in by_prefix and reason:
+            by_prefix[prefix][reason] = int(value)
     problems = []
-    if received != published + dropped_total:
-        problems.append(f"received {received} != published {published} + dropped_total {dropped_total}")
-    if by_reason != dropped_total:
-        problems.append(f"dropped.* sum to {by_reason}, dropped_total is {dropped_total}")
-    if plain + int(values["rejected_total"]) + int(values["failed_total"]) != dropped_total:
-        problems.append(f"dropped {plain} + rejected {values['rejected_total']} + failed {values['failed_total']} "
-                        f"!= dropped_total {dropped_total}")
+    if received != published + dropped_total + rejected_total:
+        problems.append(f"received {received} != published {published} + dropped_total {dropped_total} + "
+                        f"rejected_total {rejected_total}")
+    for prefix, total in (("dropped", dropped_total), ("rejected", rejected_total)):
+        if sum(by_prefix[prefix].values()) != total:
+            problems.append(f"{prefix}.* sum to {sum(by_prefix[prefix].values())}, {prefix}_total is {total}")
+    misfiled = [f"dropped.{r}" for r in by_prefix["dropped"] if reason_category(r) == "rejected"]
+    misfiled += [f"rejected.{r}" for r in by_prefix["rejected"] if reason_category(r) != "rejected"]
+    if misfiled:
+        problems.append(f"reasons under the wrong prefix: {misfiled}")
+    failed = sum(count for r, count in by_prefix["dropped"].items() if reason_category(r) == "failed")
+    if failed != int(values["failed_total"]):
+        problems.append(f"failed reasons sum to {failed}, failed_total is {values['failed_total']}")
+    if stats is not None:
+        node_counts = {"received": stats.received, "published": stats.published,
+                       "reasons": stats.not_forecast.counts()}
+        reported = {"received": received, "published": published,
+                    "reasons": {**by_prefix["dropped"], **by_prefix["rejected"]}}
+        if reported != node_counts:
+            problems.append(f"diagnostics {reported} != the node's counters {node_counts}")
     return "; ".join(problems) or None
 
 
@@ -224,9 +263,11 @@ def node_diagnostics(probe: "Probe", node_name: str, after: int = 0) -> Optional
     return None
 
 
-def wait_balanced(probe: "Probe", node_name: str, timeout: float = 20.0) -> Dict[str, str]:
+def wait_balanced(probe: "Probe", node_name: str, timeout: float = 20.0,
+                  stats: Optional[Callable[[], Any]] = None) -> Dict[str, str]:
     """The node's first fresh /diagnostics status whose counters balance (fails the test with the last status when
-    none does within ``timeout``: a frame went uncounted)."""
+    none does within ``timeout``: a frame went uncounted). ``stats``: returns the in-process node's
+    ``PipelineStats``, which the status must then match exactly."""
     seen = len(probe.messages("/diagnostics"))
     last: Dict[str, Any] = {}
 
@@ -235,51 +276,30 @@ def wait_balanced(probe: "Probe", node_name: str, timeout: float = 20.0) -> Dict
         if values is None:
             return None
         last["values"] = values
-        return values if counts_balance(values) is None else None
+        return values if counts_balance(values, stats() if stats else None) is None else None
 
     values = wait_until(balanced, timeout, interval=0.1)
     if values is None:
         got = last.get("values")
-        pytest.fail(f"counters never balanced: {counts_balance(got) if got else 'no diagnostics'}; {got}")
+        problem = counts_balance(got, stats() if stats else None) if got else "no diagnostics"
+        pytest.fail(f"counters never balanced: {problem}; {got}")
     return values
 
 
-class InProcessNode:
+class InProcessNode(SpunNode):
     """A ``ForecastNode`` with an injected forecaster factory, spun in this process (own context and executor
     thread) and reached over real DDS through its topics and lifecycle/parameter services."""
 
     def __init__(self, factory: Callable[..., Any], namespace: str, **params: Any) -> None:
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
         from rclpy.parameter import Parameter
 
         from traj_forecast_ros.ros.forecast_node import ForecastNode
 
-        self.context = Context()
-        rclpy.init(context=self.context)
         overrides = [Parameter(name, value=value) for name, value in params.items()]
-        self.node = ForecastNode(forecaster_factory=factory, context=self.context, namespace=namespace,
-                                 parameter_overrides=overrides)
+        super().__init__(lambda context: ForecastNode(forecaster_factory=factory, context=context,
+                                                      namespace=namespace, parameter_overrides=overrides))
         self.name = self.node.get_fully_qualified_name()
-        self.executor = SingleThreadedExecutor(context=self.context)  # as rclpy.spin in the real node
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
 
-    def _spin(self) -> None:
-        from rclpy.executors import ExternalShutdownException
-
-        try:
-            self.executor.spin()
-        except ExternalShutdownException:
-            pass
-
-    def close(self) -> None:
-        import rclpy
-
-        self.node.stop_worker(timeout=2.0)
-        self.executor.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.context)
-        self._thread.join(2.0)
+    def close(self, timeout: float = 2.0) -> None:
+        self.node.stop_worker(timeout=timeout)
+        super().close(timeout)

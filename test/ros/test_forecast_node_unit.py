@@ -14,9 +14,7 @@ from ros_helpers import REPO, ros_available, wait_until
 pytestmark = pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))
 
 if ros_available() is None:
-    import rclpy
     from diagnostic_msgs.msg import DiagnosticStatus
-    from rclpy.context import Context
     from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
@@ -57,14 +55,6 @@ class FakeForecaster:
         tracks = np.repeat(tracks, num_samples, axis=0)
         return Forecast(tracks=tracks, query_points=query, image_size=(height, width), model_id="fake",
                         instruction=instruction, timings={"total": 0.01})
-
-
-@pytest.fixture
-def context():
-    context = Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 def make_node(context, factory, **params):
@@ -153,7 +143,9 @@ def test_model_failures_are_counted_and_turn_diagnostics_to_error(context):
         assert status.level == DiagnosticStatus.ERROR
         values = {kv.key: kv.value for kv in status.values}
         assert values["dropped.out_of_memory"] == "2" and values["dropped.forecast_failed"] == "1"
+        # Failed forecasts are dropped frames (failed_total is a part of dropped_total), never rejected ones.
         assert values["dropped_total"] == values["failed_total"] == "3" and values["rejected_total"] == "0"
+        assert not any(key.startswith("rejected.") for key in values)
         node._on_image(rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8)))
         assert wait_until(lambda: published, 5)  # recovers on the next frame
         assert fake.instructions == ["stack the blocks"]
@@ -179,8 +171,15 @@ def test_diagnostic_levels_and_values():
     values = {kv.key: kv.value for kv in status.values}
     assert status.hardware_id == "cuda:0" and status.level == DiagnosticStatus.OK
     assert values["latency_p50_ms"] == "120.0" and float(values["latency_p95_ms"]) > 250
-    assert values["dropped.superseded"] == "1" and values["dropped.truncated"] == "1"
-    assert values["dropped_total"] == "2" and values["rejected_total"] == "1" and values["failed_total"] == "0"
+    # received 10 = published 3 + dropped_total + rejected_total: the two totals are disjoint.
+    assert values["dropped.superseded"] == "1" and values["rejected.truncated"] == "1"
+    assert "dropped.truncated" not in values and "rejected.superseded" not in values
+    assert values["dropped_total"] == "1" and values["rejected_total"] == "1" and values["failed_total"] == "0"
+    stats.not_forecast.add("out_of_memory")
+    stats.received += 1
+    values = {kv.key: kv.value for kv in diagnostic_status("x", "active", stats.snapshot(), model, 1).values}
+    assert values["dropped.out_of_memory"] == "1" and values["failed_total"] == "1"
+    assert values["dropped_total"] == "2" and values["rejected_total"] == "1"
     assert values["dtype"] == "float16" and values["model"] == "libero-atm"
     assert values["inference_p50_ms"] == "n/a"
 
@@ -230,3 +229,56 @@ def test_setup_installs_everything_a_ros_install_needs(monkeypatch):
     encoder_files = [p for p in installed if p.startswith(f"{share}/models/demo-blocks/image_encoder/")]
     assert encoder_files, "demo-blocks' image encoder is not installed"
     assert "forecast_node = traj_forecast_ros.ros.forecast_node:main" in captured["entry_points"]["console_scripts"]
+
+
+class WarmupFailingForecaster(FakeForecaster):
+    """Loads, then fails its warmup (e.g. out of accelerator memory); records release()."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error = error
+
+    def warmup(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory during warmup"),
+                                   FileNotFoundError("encoder weights missing")])
+def test_a_model_whose_warmup_fails_is_released(context, error):
+    """configure fails with the reason, and the model that was loaded but failed its warmup is released (its
+    accelerator memory freed), not just dropped."""
+    loaded = []
+    node = make_node(context, lambda *a, **options: loaded.append(WarmupFailingForecaster(error)) or loaded[-1],
+                     autostart=False)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+        assert len(loaded) == 1 and loaded[0].released, "the model that failed its warmup was not released"
+        assert node._forecaster is None and str(error) in node._transition_error
+    finally:
+        node.destroy_node()
+
+
+def test_counts_balance_fails_on_every_kind_of_miscount():
+    """The helper every DDS test ends with: each of its checks can fail, including against the node's counters."""
+    from ros_helpers import counts_balance
+
+    stats = PipelineStats()
+    stats.received, stats.published = 6, 2
+    for reason in ("superseded", "forecast_failed", "truncated", "future_stamp"):
+        stats.not_forecast.add(reason)
+    good = {kv.key: kv.value for kv in diagnostic_status("x", "active", stats.snapshot(), {}, 0).values}
+    assert counts_balance(good) is None and counts_balance(good, stats) is None
+    assert good["dropped_total"] == "2" and good["rejected_total"] == "2" and good["failed_total"] == "1"
+    broken = {
+        "a frame uncounted": dict(good, frames_received="7"),
+        "dropped.* not summing to dropped_total": dict(good, **{"dropped.superseded": "2"}),
+        "rejected.* not summing to rejected_total": dict(good, **{"rejected.truncated": "0"}),
+        "a rejected reason under dropped.": {**{k: v for k, v in good.items() if k != "rejected.truncated"},
+                                             "dropped.truncated": "1"},
+        "failed_total wrong": dict(good, failed_total="0"),
+    }
+    for what, values in broken.items():
+        assert counts_balance(values) is not None, what
+    stats.not_forecast.add("stopped")  # the node counted a frame the status does not show
+    stats.received += 1
+    assert counts_balance(good, stats) is not None

@@ -216,6 +216,9 @@ def test_serialised_markers_with_nothing_to_draw_and_camera_planes():
     single_frame = random_tracks(k=2, t=1)
     got = read_back(serialized_forecast_markers(single_frame, header, plane, stride=4))
     assert [len(m.points) for m in got.markers[1:]] == [0, 0]
+    coarse = read_back(serialized_forecast_markers(random_tracks(k=2, t=4, h=4, w=4), header, plane, stride=8))
+    assert [len(m.points) for m in coarse.markers[1:]] == [0, 0]  # stride wider than the grid: no point kept
+    assert len(read_back(serialized_forecast_markers(random_tracks(k=2)[:0], header, plane)).markers) == 1
     tracks = random_tracks(k=2, t=4, h=5, w=3) * 1e4  # far outside the image: still drawn where they are
     expected = read_back(serialize_message(forecast_markers(tracks, header, plane, stride=2)))
     assert read_back(serialized_forecast_markers(tracks, header, plane, stride=2)) == expected

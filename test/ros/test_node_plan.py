@@ -12,8 +12,6 @@ from ros_helpers import ros_available
 pytestmark = pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))
 
 if ros_available() is None:
-    import rclpy
-    from rclpy.context import Context
     from rclpy.parameter import Parameter
 
     from traj_forecast_ros.ros.diagnostics import diagnostic_status
@@ -42,14 +40,6 @@ class PlannedForecaster:
 
     def forecast(self, rgb, instruction=None, num_samples=8, steps=10, seed=None):
         raise RuntimeError("not used")
-
-
-@pytest.fixture
-def context():
-    context = Context()
-    rclpy.init(context=context)
-    yield context
-    rclpy.try_shutdown(context=context)
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Tuple
 
-from traj_forecast_ros.errors import WeightsNotFoundError
+from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
+
+log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo-blocks"
 SIM_MODEL = "sim-manipulation"  # trained on simulated LIBERO-like manipulation; preferred over DEMO_MODEL when present
@@ -12,11 +15,16 @@ LIBERO_MODEL = "libero-atm"
 
 
 def _available(name: str, cache_dir: Optional[str] = None) -> bool:
+    """True when ``name`` resolves offline; a present but corrupt or changed model (:class:`CheckpointError`) is
+    unavailable too, with the reason logged, so the choice falls back to the next model."""
     from traj_forecast_ros import registry
 
     try:
         registry.resolve(name, cache_dir)
     except (WeightsNotFoundError, FileNotFoundError):
+        return False
+    except CheckpointError as exc:
+        log.warning("model '%s' is present but unusable, trying the next one: %s", name, exc)
         return False
     return True
 
@@ -40,7 +48,7 @@ def best_offline_model(cache_dir: Optional[str] = None) -> Tuple[str, str]:
     has_libero = _available(LIBERO_MODEL, cache_dir)
     if has_libero and _cuda_available():
         return LIBERO_MODEL, "LIBERO weights are downloaded and a CUDA GPU is available"
-    libero_hint = (f"LIBERO weights are downloaded, but without a GPU they take tens of seconds per sample"
+    libero_hint = ("LIBERO weights are downloaded, but without a GPU they take tens of seconds per sample"
                    if has_libero else f"for LIBERO-trained forecasts: `traj-forecast download {LIBERO_MODEL}` (GPU "
                    "recommended)")
     if _available(SIM_MODEL, cache_dir):

@@ -128,10 +128,12 @@ class BagPlayer:
 
     def _play_once(self, stop: threading.Event, stats: PlayStats, on_publish: Optional[PublishCallback]) -> None:
         first_bag_ns: Optional[int] = None
-        start_wall = time.monotonic()
+        start_wall = 0.0
         for message in read_messages(self.bag, self.topics):
             if first_bag_ns is None:
-                first_bag_ns = message.timestamp
+                # Paced from the first message read, not from opening the bag: a slow open (a loaded machine) must
+                # not make the first messages overdue and publish them in one burst.
+                first_bag_ns, start_wall = message.timestamp, time.monotonic()
                 if self._clock is not None:
                     self._clock.restart(first_bag_ns, self.rate)
             due = start_wall + (message.timestamp - first_bag_ns) / 1e9 / self.rate

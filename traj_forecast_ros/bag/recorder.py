@@ -17,17 +17,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import rclpy
 from rclpy.context import Context
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from traj_forecast_ros.bag.io import BackgroundBagWriter
 from traj_forecast_ros.ros.qos import message_class, qos_matching_publishers
 from traj_forecast_ros.errors import BagError
-
-try:  # rclpy >= Galactic
-    from rclpy.executors import ExternalShutdownException
-except ImportError:  # pragma: no cover
-    ExternalShutdownException = KeyboardInterrupt  # type: ignore[misc,assignment]
 
 DEFAULT_TOPICS = ["/forecast_node/forecast", "/forecast_node/markers", "/forecast_node/overlay", "/diagnostics"]
 

@@ -62,11 +62,13 @@ class ReplayLog:
         with self.lock:
             return int(self.diagnostics.get(key, "0") or 0)
 
-    def dropped_by_reason(self) -> Dict[str, int]:
-        """The node's drop counters by reason."""
+    def counts_by_reason(self, category: str) -> Dict[str, int]:
+        """The node's ``dropped`` (good frames not forecast, failures included) or ``rejected`` (bad input)
+        counters by reason."""
+        prefix = f"{category}."
         with self.lock:
-            return {key[len("dropped."):]: int(value) for key, value in self.diagnostics.items()
-                    if key.startswith("dropped.")}
+            return {key[len(prefix):]: int(value) for key, value in self.diagnostics.items()
+                    if key.startswith(prefix)}
 
 
 class NodeProcess:
@@ -334,7 +336,7 @@ def _wait_until_accounted(log: ReplayLog, frames_in: int, forecast_topic: str, n
     while time.monotonic() < deadline and node_process.alive():
         received = log.diagnostic_int("frames_received")
         published = log.diagnostic_int("forecasts_published")
-        dropped = log.diagnostic_int("dropped_total")
+        dropped = log.diagnostic_int("dropped_total") + log.diagnostic_int("rejected_total")
         with log.lock:
             recorded = log.output_counts.get(forecast_topic, 0)
         settled = published + dropped == received and recorded >= published
@@ -384,11 +386,11 @@ def _summarise(in_bag: Path, image_topic: str, outputs: Dict[str, str], model: s
         output_counts = dict(log.output_counts)
         diagnostics = dict(log.diagnostics)
     frames_received = log.diagnostic_int("frames_received")
-    dropped = log.dropped_by_reason()
+    dropped, rejected = log.counts_by_reason("dropped"), log.counts_by_reason("rejected")
     forecasts_out = output_counts.get(outputs["forecast"], 0)
     lost = max(0, frames_in - frames_received)
     latencies = [(received_ns[s] - published_ns[s]) / 1e9 for s in received_ns if s in published_ns]
-    unaccounted = frames_in - forecasts_out - sum(dropped.values()) - lost
+    unaccounted = frames_in - forecasts_out - sum(dropped.values()) - sum(rejected.values()) - lost
     return {
         "bag": str(in_bag),
         "image_topic": image_topic,
@@ -399,6 +401,7 @@ def _summarise(in_bag: Path, image_topic: str, outputs: Dict[str, str], model: s
         "frames_received_by_node": frames_received,
         "forecasts_out": forecasts_out,
         "dropped": {**dropped, **({"lost_in_transport": lost} if lost else {})},
+        "rejected": rejected,
         "frames_unaccounted": unaccounted,
         "all_frames_accounted": complete and unaccounted == 0,
         "latency_ms": percentiles_ms(latencies),
@@ -414,12 +417,14 @@ def format_summary(summary: Dict[str, Any]) -> str:
     """The summary as a few human-readable lines."""
     latency = summary["latency_ms"]
     dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(summary["dropped"].items())) or "none"
+    rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(summary["rejected"].items())) or "none"
     lines = [
         f"replayed {summary['bag']} ({summary['image_topic']}, {summary['rate']}x) through forecast_node",
         f"  model:         {summary['model']} ({summary['model_choice']})",
         f"  frames in:     {summary['frames_in']}   received by the node: {summary['frames_received_by_node']}",
         f"  forecasts out: {summary['forecasts_out']}",
         f"  dropped:       {dropped}",
+        f"  rejected:      {rejected}",
         f"  unaccounted:   {summary['frames_unaccounted']}",
         "  latency:       " + (f"p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms (image published -> "
                               "forecast received)" if latency["count"] else "n/a (no forecasts)"),

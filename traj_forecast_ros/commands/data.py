@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+from typing import Optional
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--frame-stride", type=int, default=2, help="control steps (20 Hz) between clip frames")
     sim.add_argument("--no-dense-labels", action="store_true",
                      help="leave out the frame-0 depth and segmentation labels (used to pretrain the image encoder)")
-    sim.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes")
+    sim.add_argument("--workers", type=int, default=None,
+                     help="processes (default: the cores available to this process, cgroup CPU quota included)")
     sim.set_defaults(func=_sim_manipulation)
 
     info = commands.add_parser("info", help="summarise a dataset directory")
@@ -105,6 +106,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_workers(requested: Optional[int]) -> int:
+    """``--workers``: the value given (at least 1), else the cores available to this process (affinity and cgroup
+    CPU quota, not the machine's CPU count)."""
+    from traj_forecast_ros.sampling_plan import available_cores
+
+    if requested is None:
+        return available_cores()
+    if requested < 1:
+        raise SystemExit(f"error: --workers must be at least 1, got {requested}")
+    return requested
+
+
 def _sim_manipulation(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -114,6 +127,7 @@ def _sim_manipulation(args: argparse.Namespace) -> int:
                          "robosuite==1.5.2, mujoco==3.3.7 and, for CPU rendering, libosmesa6 (docs/sim-manipulation.md)")
     from traj_forecast_ros.data.sim_manipulation import DEFAULT_SCENES, SimConfig, write_sim_dataset
 
+    workers = default_workers(args.workers)
     scenes = tuple(s.strip() for s in args.scenes.split(",")) if args.scenes else DEFAULT_SCENES
     stride = 128 // args.grid
     try:
@@ -123,7 +137,7 @@ def _sim_manipulation(args: argparse.Namespace) -> int:
                            dense_labels=not args.no_dense_labels)
         for split, shards in (("train", args.train_shards), ("test", args.test_shards)):
             if shards > 0:
-                index = write_sim_dataset(args.out / split, split, shards, args.seed, config, workers=args.workers)
+                index = write_sim_dataset(args.out / split, split, shards, args.seed, config, workers=workers)
                 print(f"{split}: {json.loads(index.read_text())['num_samples']} samples in {index.parent}")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc

@@ -12,8 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Union
 
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+
+
+def sample_batch_size_arg(text: str) -> Union[int, str]:
+    """``--sample-batch-size``: ``auto`` or a non-negative int (0 = all K at once)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a non-negative integer, got {text!r}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"Euler time points, N-1 denoiser evaluations (default {DEFAULT_STEPS})")
     parser.add_argument("--max-scenes", type=int, default=None, help="only the first N scenes")
     parser.add_argument("--seed", type=int, default=0, help="scene i is sampled with seed + i")
-    parser.add_argument("--sample-batch-size", type=int, default=None,
-                        help="samples per forward pass (default: all K at once)")
+    parser.add_argument("--sample-batch-size", type=sample_batch_size_arg, default="auto",
+                        help="samples per forward pass: auto (default: the sampling plan chosen at load), N, or "
+                             "0 (all K at once)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-instructions", action="store_true",

@@ -81,20 +81,37 @@ def _parameter_counts(config) -> Dict[str, int]:
     return counts
 
 
-def _cpu_plans(config, model_name: str) -> Dict[str, str]:
+def _cpu_plans(config, model_name: str, model_dir: Optional[Path] = None,
+               cache_dir: Optional[Path] = None) -> Dict[str, str]:
     """The CPU sampling plan per dtype for the default K and the node's default thread count (the cores
-    available): a cached probe decision where one exists, else the size rule. Nothing is timed here."""
+    available): a cached probe decision where one exists (``<cache_dir>/plans``, keyed by the weights in
+    ``model_dir``), else the size rule. Nothing is timed here."""
     import torch
 
     from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
     from traj_forecast_ros.model.checkpoint import build_modules
-    from traj_forecast_ros.sampling_plan import known_cpu_plan, resolve_threads
+    from traj_forecast_ros.model.config import DENOISER_FILE
+    from traj_forecast_ros.sampling_plan import (PROBE_MAX_GFLOP, SamplingPlan, cpu_size_rule, denoiser_gflop,
+                                                 plan_for_model, resolve_threads, weights_identity)
 
     with torch.device("meta"):
         denoiser, _ = build_modules(config)
     threads = resolve_threads(0)
-    return {name: known_cpu_plan(denoiser, dtype, threads, DEFAULT_NUM_SAMPLES, model_name=model_name).summary()
-            for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    weights_id = None
+    weights = model_dir / DENOISER_FILE if model_dir is not None else None
+    batch = cpu_size_rule(denoiser, torch.float32)["sample_batch_size"]
+    if (weights is not None and weights.is_file()
+            and denoiser_gflop(denoiser, min(DEFAULT_NUM_SAMPLES, batch)) <= PROBE_MAX_GFLOP):  # probed models only
+        from safetensors.torch import load_file
+
+        weights_id = weights_identity(load_file(str(weights)))
+    plans_dir = Path(cache_dir).expanduser() / "plans" if cache_dir is not None else None
+    plans = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        base = SamplingPlan(device=torch.device("cpu"), dtype=dtype, sample_batch_size=1, threads=threads)
+        plans[name] = plan_for_model(base, denoiser, DEFAULT_NUM_SAMPLES, cache_dir=plans_dir, model_name=model_name,
+                                     cache_only=True, weights_id=weights_id).summary()
+    return plans
 
 
 def _encoder_status(model_dir: Optional[Path], sub_dir: str, model_id: Optional[str], has_config: bool) -> str:
@@ -163,7 +180,8 @@ def describe_model(name_or_dir: str, cache_dir: Optional[Path] = None) -> Dict[s
     if config is not None:
         description["config"] = _config_summary(config)
         description["parameters"] = _parameter_counts(config)
-        description["cpu_sampling_plan"] = _cpu_plans(config, config.name if candidate.is_dir() else name_or_dir)
+        description["cpu_sampling_plan"] = _cpu_plans(config, config.name if candidate.is_dir() else name_or_dir,
+                                                      model_dir if present else None, cache_dir)
         description["image_encoder"] = _encoder_status(model_dir if present else None, IMAGE_ENCODER_DIR,
                                                        config.image_encoder.model_id,
                                                        bool(config.image_encoder.config))

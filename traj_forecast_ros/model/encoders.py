@@ -70,6 +70,24 @@ def _missing_weights(what: str, source: str, exc: Exception) -> WeightsNotFoundE
     return WeightsNotFoundError(f"{what} weights '{source}' not found: {hint}. Cause: {type(exc).__name__}: {exc}")
 
 
+def image_encoder_mismatch(encoder: nn.Module, image_size: Sequence[int], expected_tokens: Union[int, Sequence[int]],
+                           expected_width: int) -> Optional[str]:
+    """None when ``encoder`` gives the tokens a model reads for ``image_size`` images, else what differs.
+
+    ``expected_tokens``: a count, or a ``(rows, cols)`` token grid; ``expected_width``: the feature width. The one
+    check shared by the forecaster (an encoder loaded beside a model) and training (a pretrained encoder).
+    """
+    if not isinstance(expected_tokens, int):
+        rows, cols = expected_tokens
+        expected_tokens = int(rows) * int(cols)
+    tokens = int(encoder.num_tokens(tuple(image_size)))
+    width = int(encoder.hidden_size)
+    if tokens == expected_tokens and width == int(expected_width):
+        return None
+    return (f"the image encoder gives {tokens} tokens x {width} for {tuple(image_size)} images, the model expects "
+            f"{expected_tokens} x {expected_width}")
+
+
 class ImageEncoder(nn.Module):
     """Frozen DINOv2 (``transformers.Dinov2Model``) turning uint8 RGB images into patch tokens ``[B, N, D]``."""
 

@@ -537,10 +537,46 @@ class VAEKernels:
 
 
 # ---------------------------------------------------------------------------------------------- encoders
+class EncoderWeightCache:
+    """Encoder weights cast to a compute dtype, once per (tensor, dtype): owned by one forecaster, dropped with
+    :meth:`clear` (plan change, release). A tensor changed in place (its version counter moved) is cast again.
+
+    ``casts`` counts the casts made (tests, benchmarks).
+    """
+
+    def __init__(self) -> None:
+        self._items: dict = {}  # (id(tensor), dtype) -> (tensor, version, cast copy); the tensor pins its id
+        self.casts = 0
+
+    def get(self, tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """``tensor`` in ``dtype`` (the tensor itself when it already is; None for None)."""
+        if tensor is None or tensor.dtype == dtype:
+            return cast(tensor, dtype)
+        key = (id(tensor), dtype)
+        entry = self._items.get(key)
+        if entry is not None and entry[0] is tensor and entry[1] == tensor._version:
+            return entry[2]
+        converted = cast(tensor, dtype)
+        self.casts += 1
+        self._items[key] = (tensor, tensor._version, converted)
+        return converted
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class OneDNNLinearMode(TorchFunctionMode):
     """While active, routes every ``F.linear`` of third-party modules (the transformers image and text encoders)
     in CPU inference (float32 / bfloat16, autograd off) through oneDNN; unchanged elsewhere. The mode stack is
-    per thread, so this affects only the thread that entered it."""
+    per thread, so this affects only the thread that entered it. With ``weights`` (the forecaster's
+    :class:`EncoderWeightCache`) each weight is cast to the compute dtype once, not on every call."""
+
+    def __init__(self, weights: Optional[EncoderWeightCache] = None):
+        super().__init__()
+        self.weights = weights
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -551,6 +587,7 @@ class OneDNNLinearMode(TorchFunctionMode):
                     and not torch.compiler.is_compiling()):
                 dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
                 if dtype in KERNEL_DTYPES:
-                    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), cast(bias, dtype),
-                                                              "none", [], "")
+                    to_dtype = self.weights.get if self.weights is not None else cast
+                    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), to_dtype(weight, dtype),
+                                                              to_dtype(bias, dtype), "none", [], "")
         return func(*args, **kwargs)

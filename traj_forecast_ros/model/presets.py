@@ -70,6 +70,18 @@ def libero_config(split: str = "atm") -> ModelConfig:
     )
 
 
+def libero_random_config() -> ModelConfig:
+    """The LIBERO-ATM architecture with random-weight DINOv2-L and CLIP-L text encoders of the real sizes
+    (benchmarks and GPU checks without the weights)."""
+    from traj_forecast_ros.model.encoders import CLIP_L14_TEXT, DINOV2_LARGE
+
+    config = libero_config("atm")
+    config.name = "libero-atm (random weights)"
+    config.image_encoder = ImageEncoderConfig(model_id=None, config=dict(DINOV2_LARGE))
+    config.text_encoder = TextEncoderConfig(model_id=None, config=dict(CLIP_L14_TEXT))
+    return config
+
+
 def tiny_config(text: bool = True, image_size: int = 32, grid: int = 8, num_frames: int = 4,
                 width: int = 64) -> ModelConfig:
     """A tiny random model for tests: same code paths as LIBERO at a fraction of the cost."""

@@ -37,6 +37,11 @@ _WORD = re.compile(r"[a-z0-9]+")
 PathLike = Union[str, Path]
 
 
+def text_encoder_weights(model_dir: PathLike) -> Path:
+    """Path of a model directory's words text encoder weights (``<model_dir>/text_encoder/model.safetensors``)."""
+    return Path(model_dir) / TEXT_ENCODER_DIR / WEIGHTS_FILE
+
+
 def split_words(text: str) -> List[str]:
     """Lower-case alphanumeric words of ``text`` ("Put the can, left!" -> ["put", "the", "can", "left"])."""
     return _WORD.findall(text.lower())
@@ -102,8 +107,9 @@ class WordTextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: TextEncoderConfig, model_dir: Optional[PathLike] = None) -> "WordTextEncoder":
-        """Build from ``cfg.config`` (which must hold ``vocab``); loads ``<model_dir>/text_encoder/`` weights when
-        present (frozen, eval mode), else the weights are random (the flow stage trains them)."""
+        """Build from ``cfg.config`` (which must hold ``vocab``). With ``model_dir`` the weights
+        ``<model_dir>/text_encoder/model.safetensors`` are loaded (frozen, eval mode) and must exist
+        (:class:`CheckpointError` otherwise); without it the weights are random (the flow stage trains them)."""
         fields: Dict[str, Any] = dict(cfg.config or {})
         vocab = fields.pop("vocab", None)
         if not vocab:
@@ -111,10 +117,12 @@ class WordTextEncoder(nn.Module):
                                        "`traj-forecast train flow` builds it from the dataset's instructions")
         encoder = cls(vocab, **fields)
         if model_dir is not None:
-            weights = Path(model_dir) / TEXT_ENCODER_DIR / WEIGHTS_FILE
-            if weights.is_file():
-                encoder.load_weights(weights)
-                encoder.requires_grad_(False).eval()
+            weights = text_encoder_weights(model_dir)
+            if not weights.is_file():
+                raise CheckpointError(f"words text encoder: {weights} is missing (the model directory is incomplete; "
+                                      "its instruction embeddings would be random)")
+            encoder.load_weights(weights)
+            encoder.requires_grad_(False).eval()
         return encoder
 
     @property

@@ -41,17 +41,22 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
         "overhead_p50_ms": _fmt_ms(snapshot["overhead_p50_s"]),
         "overhead_p95_ms": _fmt_ms(snapshot["overhead_p95_s"]),
     }
-    # dropped_total counts every frame that got no forecast; rejected_total (bad input) and failed_total (model or
-    # publishing failed) are the parts of it that are not just "no time for it" (superseded, too_old).
+    # Every frame received is published, dropped or rejected: frames_received = forecasts_published + dropped_total +
+    # rejected_total. dropped_total: good frames not forecast, for lack of time (superseded, too_old, stopped) or by the
+    # node's own failure (model or publishing; failed_total is that part of dropped_total). rejected_total: bad input.
+    # Per reason: dropped.<reason> sum to dropped_total, rejected.<reason> to rejected_total.
     reasons = snapshot["not_forecast"]
     totals = {"dropped_total": 0, "rejected_total": 0, "failed_total": 0}
-    for reason, count in reasons.items():
-        totals["dropped_total"] += count
+    per_reason: Dict[str, str] = {}
+    for reason, count in sorted(reasons.items()):
         category = reason_category(reason)
-        if category != "dropped":
-            totals[f"{category}_total"] += count
+        prefix = "rejected" if category == "rejected" else "dropped"
+        totals[f"{prefix}_total"] += count
+        if category == "failed":
+            totals["failed_total"] += count
+        per_reason[f"{prefix}.{reason}"] = str(count)
     values.update({key: str(count) for key, count in totals.items()})
-    values.update({f"dropped.{reason}": str(count) for reason, count in sorted(reasons.items())})
+    values.update(per_reason)
     values["instruction_ignored"] = str(instruction_ignored).lower()
     values["last_transition_error"] = transition_error
 

@@ -21,6 +21,7 @@ import inspect
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import Clock, ClockType
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
@@ -52,10 +54,6 @@ from traj_forecast_ros.ros.validation import (
     topic_name_problem,
 )
 
-try:  # rclpy >= Galactic
-    from rclpy.executors import ExternalShutdownException
-except ImportError:  # pragma: no cover
-    ExternalShutdownException = KeyboardInterrupt  # type: ignore[misc,assignment]
 
 NODE_NAME = "forecast_node"
 
@@ -71,6 +69,10 @@ WEIGHTS_HINT = ("Set the 'model' parameter to a registry name (models/registry.y
 
 OUTPUT_QOS = qos_from_name("reliable", depth=2)
 WORKER_JOIN_S = 0.5  # a transition waits this long for a cancelled forecast, then releases the model in background
+# A load waits this long for the previous model's background release (its cancelled forecast unwinding, usually one
+# denoiser step). A model still unwinding after it (a forecaster that ignores the cancel flag) fails configure/activate
+# with that reason, rolled back, rather than block the executor or hold two models in accelerator memory at once.
+RELEASE_WAIT_S = 2.0
 
 
 # ------------------------------------------------------------------------------------------------ the node
@@ -316,18 +318,28 @@ class ForecastNode(LifecycleNode):
 
     def stop_worker(self, timeout: float) -> bool:
         """Stop subscriptions and the worker, waiting up to ``timeout`` s; True when the worker has exited."""
-        self._stop_inputs()
-        return self._pipeline.stop(timeout) if self._pipeline is not None else True
+        self._stop_inputs(timeout)
+        return self._pipeline is None or not self._pipeline.running
 
     def _load_model(self) -> bool:
-        """Load and warm up the model named by the parameters; on failure log why (and how to fix it) and keep the
-        reason in ``_load_problem``."""
+        """Load and warm up the model named by the parameters; on failure log why (and how to fix it), keep the
+        reason in ``_load_problem`` and release a model that loaded but failed its warmup. Waits at most
+        ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
         model = str(self.param("model"))
         device, dtype = str(self.param("device")), str(self.param("dtype"))
-        for thread in self._release_threads:  # the previous model's memory first (a cancelled forecast unwinding)
-            thread.join()
-        self._release_threads = []
+        # The previous model's memory first (its cancelled forecast unwinding), waiting a bounded time only.
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        for thread in self._release_threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._release_threads = [thread for thread in self._release_threads if thread.is_alive()]
+        if self._release_threads:
+            self._load_problem = (f"the previous model is still being released after {RELEASE_WAIT_S:.0f} s (its "
+                                  "cancelled forecast has not ended yet: the forecaster does not stop at the cancel "
+                                  "flag); not loading a second one. Trigger the transition again once it has ended")
+            self.get_logger().error(self._load_problem)
+            return False
         self.get_logger().info(f"loading model '{model}' (device {device}, dtype {dtype})")
+        forecaster: Any = None
         try:
             import torch
 
@@ -341,10 +353,14 @@ class ForecastNode(LifecycleNode):
         except FileNotFoundError as exc:  # includes WeightsNotFoundError
             self._load_problem = f"cannot load model '{model}': {exc}"
             self.get_logger().error(f"{self._load_problem}\n{WEIGHTS_HINT}")
+            if forecaster is not None:  # loaded, but warmup failed: free its memory
+                self._release_forecaster(forecaster)
             return False
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
             self._load_problem = f"cannot load model '{model}': {type(exc).__name__}: {exc}"
             self.get_logger().error(self._load_problem)
+            if forecaster is not None:  # loaded, but warmup failed: free its memory
+                self._release_forecaster(forecaster)
             return False
         takes_instruction = model_takes_instruction(forecaster)
         accepts_cancel = "cancel" in inspect.signature(forecaster.forecast).parameters
@@ -362,8 +378,9 @@ class ForecastNode(LifecycleNode):
         self.get_logger().info(f"model ready: {self._model_info}")
         return True
 
-    def _stop_inputs(self) -> None:
-        """Destroy the subscriptions (a failing one stays listed for the next attempt) and stop the worker."""
+    def _stop_inputs(self, timeout: float = WORKER_JOIN_S) -> None:
+        """Destroy the subscriptions (a failing one stays listed for the next attempt) and stop the worker, waiting
+        up to ``timeout`` s for it."""
         try:
             while self._input_subscriptions:
                 self.destroy_subscription(self._input_subscriptions[-1])
@@ -371,9 +388,9 @@ class ForecastNode(LifecycleNode):
         finally:
             if self._pipeline is not None:
                 # Sets the cancel flag: a forecast in progress stops at its next denoiser step (counted as stopped)
-                # and nothing is published afterwards. Waits at most WORKER_JOIN_S, so the executor never stalls.
-                self._pipeline.stop(timeout=WORKER_JOIN_S)
-            self._side_outputs.stop(timeout=WORKER_JOIN_S)  # markers/overlay still waiting are dropped
+                # and nothing is published afterwards. Waits at most `timeout`, so the executor never stalls.
+                self._pipeline.stop(timeout=timeout)
+            self._side_outputs.stop(timeout=timeout)  # markers/overlay still waiting are dropped
 
     def _release_model(self) -> None:
         """Free the model and its accelerator memory (``Forecaster.release``): now when the worker is idle, else in

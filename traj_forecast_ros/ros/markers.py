@@ -3,7 +3,10 @@
 Pixels are lifted onto a plane at a fixed depth in the camera's optical frame (REP-103 optical: x right, y down,
 z forward), either with a pinhole model from ``sensor_msgs/CameraInfo`` or with a plain metres-per-pixel scale.
 The result is a ``MarkerArray``: one ``DELETEALL`` marker (clears the previous forecast), then one ``LINE_LIST``
-per sample whose vertex colours ramp over forecast time.
+per sample whose vertex colours ramp over forecast time. :func:`forecast_markers` builds it as message objects (a
+Python ``Point`` and ``ColorRGBA`` per vertex: about 25 ms to build and serialise at K=8, 64 tracks, 16 frames);
+:func:`serialized_forecast_markers` writes the same message's CDR bytes with numpy (about 1 ms) for
+``Publisher.publish(bytes)``, and :class:`MarkerSerializer` picks it after checking it reads back as the message.
 """
 
 from __future__ import annotations
@@ -130,8 +133,9 @@ def marker_geometry(tracks: np.ndarray, plane: ImagePlane, stride: int = 8, max_
 def _point_table(points_xyz: np.ndarray) -> List[Any]:
     """One ``geometry_msgs/Point`` per row of ``[M, 3]`` metres.
 
-    The cheapest construction the public message API allows on Humble, Jazzy and Kilted (measured: about 20%
-    faster than ``Point(x=.., y=.., z=..)``, whose keyword dict costs more than three attribute sets).
+    ``Point()`` and three attribute sets: the cheapest construction of the public message API on Humble, Jazzy
+    and Kilted (measured on Jazzy: 0.74 against 0.78 us for ``Point(x=.., y=.., z=..)``). Still about 1.5 us per
+    vertex with rclpy's conversion at publish; :func:`serialized_forecast_markers` avoids both.
     """
     from geometry_msgs.msg import Point
 

@@ -145,14 +145,18 @@ class SideOutputs:
                     return
                 job, self._job = self._job, None
                 self._running = True
+            succeeded = False
             try:
                 job()
-                self.done += 1
+                succeeded = True
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the side outputs
-                self.failed += 1
                 self.on_error(exc)
             finally:
-                with self._condition:
+                with self._condition:  # counted and no longer running in one step: counts() always adds up
+                    if succeeded:
+                        self.done += 1
+                    else:
+                        self.failed += 1
                     self._running = False
                     self._condition.notify_all()
 

@@ -97,7 +97,8 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec("max_input_age", 1.0, "Drop frames older than this many seconds (header stamp vs node clock) when the "
               "worker takes them; 0 disables.", 0.0, 3600.0),
     ParamSpec("max_clock_skew", 1.0, "Reject frames stamped more than this many seconds ahead of the node clock "
-              "(counted as future_stamp): a sender clock ahead of ours would otherwise corrupt the latency figures.",
+              "(counted as future_stamp): a sender clock ahead of ours would otherwise corrupt the latency figures. "
+              "0 is strict (any frame stamped ahead is rejected), unlike max_input_age where 0 disables.",
               0.0, 3600.0),
     ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Reject images with more pixels than this.", 1, 2**28),
     ParamSpec("frame_interval", 0.0, "Seconds between forecast frames written to the message (0 = the model "

@@ -51,6 +51,7 @@ class Frame:
 
     message: Any
     stamp_s: float  # header stamp in seconds on the node clock's time base (0 = not stamped: no age check)
+    accounted: bool = False  # set once the frame is counted as published or under a reason
 
 
 class Mailbox(Generic[Item]):
@@ -320,6 +321,10 @@ class ForecastPipeline:
             self._busy.set()
             try:
                 self.process(frame)
+            except Exception as exc:  # noqa: BLE001 - a bug past process()'s own handling must not end the worker
+                if not frame.accounted:
+                    self._count(FORECAST_FAILED, f"unexpected {type(exc).__name__} in the worker: {exc}")
+                self._log_safely("error", f"the worker caught {type(exc).__name__}: {exc} (it keeps running)")
             finally:
                 self._busy.clear()
 
@@ -331,16 +336,16 @@ class ForecastPipeline:
             rgb = self._decode(frame.message)
         except Exception as exc:  # noqa: BLE001 - every decoder failure is bad input, never the node's own failure
             reason = getattr(exc, "reason", INVALID_IMAGE) if isinstance(exc, InvalidImageError) else INVALID_IMAGE
-            self._count(reason, f"{type(exc).__name__}: {exc}")
+            self._count_frame(frame, reason, f"{type(exc).__name__}: {exc}")
             return False
         if frame.stamp_s > 0:
             now = self._clock()
             if self.max_clock_skew_s is not None and frame.stamp_s - now > self.max_clock_skew_s:
-                self._count(FUTURE_STAMP, f"frame is stamped {frame.stamp_s - now:.3f} s ahead of the node clock "
+                self._count_frame(frame, FUTURE_STAMP, f"frame is stamped {frame.stamp_s - now:.3f} s ahead of the node clock "
                                           f"> max_clock_skew {self.max_clock_skew_s} s")
                 return False
             if self.max_input_age_s > 0 and now - frame.stamp_s > self.max_input_age_s:
-                self._count(TOO_OLD, f"frame is {now - frame.stamp_s:.3f} s old > max_input_age "
+                self._count_frame(frame, TOO_OLD, f"frame is {now - frame.stamp_s:.3f} s old > max_input_age "
                                      f"{self.max_input_age_s} s")
                 return False
         try:
@@ -349,25 +354,44 @@ class ForecastPipeline:
             inference_s = time.monotonic() - inference_started
         except Exception as exc:  # noqa: BLE001 - bad input or a failing model must never stop the node
             reason = STOPPED if self._stop.is_set() else classify_error(exc)
-            self._count(reason, f"{type(exc).__name__}: {exc}")
+            self._count_frame(frame, reason, f"{type(exc).__name__}: {exc}")
             return False
         with self._publish_lock:
             if self._stop.is_set():  # stopped during inference: the result is discarded
-                self._count(STOPPED, "the worker was stopped during inference; the result is discarded")
+                self._count_frame(frame, STOPPED, "the worker was stopped during inference; the result is discarded")
                 return False
             try:
                 self._publish(frame, rgb, result)
             except Exception as exc:  # noqa: BLE001
-                self._count(PUBLISH_FAILED, f"{type(exc).__name__}: {exc}")
+                self._count_frame(frame, PUBLISH_FAILED, f"{type(exc).__name__}: {exc}")
                 return False
-        self.stats.published += 1
-        self.stats.consecutive_failures = 0
+            # Counted before stop() can return: received = published + not forecast holds once it has.
+            self.stats.published += 1
+            frame.accounted = True
+            self.stats.consecutive_failures = 0
         self.stats.forecast_rate.tick()
         self.stats.inference.add(inference_s)
         self.stats.overhead.add(time.monotonic() - started - inference_s)
         if frame.stamp_s > 0:
             self.stats.latency.add(self._clock() - frame.stamp_s)
         return True
+
+    def _count_frame(self, frame: Frame, reason: str, detail: str) -> None:
+        frame.accounted = True
+        self._count(reason, detail)
+
+    def _log_safely(self, severity: str, line: str) -> None:
+        """Log ``line``, one call site per severity (an rclpy logger raises ValueError when one call site logs at
+        two severities); a logger that raises anyway loses the line, never a count or the worker."""
+        try:
+            if severity == "error":
+                self._logger.error(line)
+            elif severity == "warning":
+                self._logger.warning(line)
+            else:
+                self._logger.debug(line)
+        except Exception:  # noqa: BLE001 - a failing logger must not lose the count or end the worker
+            pass
 
     def _count(self, reason: str, detail: str) -> None:
         if reason_category(reason) == "failed":
@@ -377,4 +401,4 @@ class ForecastPipeline:
             line = f"{reason_category(reason)} frame ({reason}, {total} so far): {detail}"
             # Superseded frames are the mailbox doing its job (camera faster than the model) and stopped frames
             # are the node shutting down or deactivating on purpose: not a warning.
-            (self._logger.debug if reason in (SUPERSEDED, STOPPED) else self._logger.warning)(line)
+            self._log_safely("debug" if reason in (SUPERSEDED, STOPPED) else "warning", line)

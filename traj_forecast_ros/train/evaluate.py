@@ -66,17 +66,20 @@ def regressor_predictions(directory: PathLike, dataset: TrajectoryDataset, indic
 
 
 def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices: Sequence[int], num_samples: int,
-                           seed: int = 0, steps: int = DEFAULT_STEPS, sample_batch_size: Optional[int] = None,
+                           seed: int = 0, steps: int = DEFAULT_STEPS,
+                           sample_batch_size: Union[int, None, str] = "auto",
                            device: str = "auto", dtype: str = "auto", progress: bool = False,
                            instructions: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
     """``[N, K, T, Hq, Wq, 2]`` pixels from :meth:`Forecaster.forecast` (scene ``i`` with seed ``seed + i``).
 
-    ``instructions``: one per index, given to language-conditioned models (None: the model's default)."""
+    ``instructions``: one per index, given to language-conditioned models (None: the model's default).
+    ``sample_batch_size``: "auto" keeps the sampling plan chosen at load; N: N samples per call; None / 0: all K."""
     from traj_forecast_ros.forecaster import Forecaster
 
     forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype)
     dataset.meta.check_model_geometry(forecaster.config)
-    forecaster.sample_batch_size = sample_batch_size  # None: all K samples in one batch
+    if sample_batch_size != "auto":
+        forecaster.sample_batch_size = sample_batch_size  # None / 0: all K samples in one batch
     loop = range(len(indices))
     if progress:
         from tqdm import tqdm
@@ -124,7 +127,7 @@ def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids
 
 def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Optional[PathLike] = None,
              num_samples: int = DEFAULT_NUM_SAMPLES, max_scenes: Optional[int] = None, seed: int = 0,
-             steps: int = DEFAULT_STEPS, sample_batch_size: Optional[int] = None, device: str = "auto",
+             steps: int = DEFAULT_STEPS, sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
              progress: bool = False, use_instructions: bool = True) -> Dict:
     """Score ``ours`` (when ``model`` is given), ``zero_motion`` and ``regressor`` (when given) on a dataset.
 

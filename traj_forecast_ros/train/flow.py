@@ -33,7 +33,7 @@ from traj_forecast_ros.model.config import LATENT_DRAWS, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
-from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary
+from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary, text_encoder_weights
 from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
 from traj_forecast_ros.train.data import TrackExamples, dataset_fingerprint, encoder_fingerprint, prepare_examples
@@ -181,7 +181,9 @@ def _words_text_encoder(config: ModelConfig, examples: TrackExamples, model_dir:
         log.info("instruction vocabulary: %d words", len(fields["vocab"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = WordTextEncoder.from_config(config.text_encoder, model_dir=model_dir)
+        # a stage-1 run (or a model without trained instruction weights) has none: start from random weights
+        weights_dir = model_dir if model_dir is not None and text_encoder_weights(model_dir).is_file() else None
+        text_encoder = WordTextEncoder.from_config(config.text_encoder, model_dir=weights_dir)
     text_encoder.requires_grad_(True).train()
     return text_encoder, text_encoder.vocabulary.encode_batch(meta.instructions, text_encoder.max_words)
 

@@ -147,18 +147,12 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
 
 def check_encoder_fits(encoder, config: ModelConfig) -> None:
     """``ValueError`` when the frozen image encoder's tokens do not match what the model's VAE and denoiser read."""
-    from traj_forecast_ros.model.config import as_pair
+    from traj_forecast_ros.model.encoders import image_encoder_mismatch
 
-    width = int(encoder.hidden_size)
-    tokens = int(encoder.num_tokens(tuple(config.image_size)))
-    expected_tokens = config.vae.num_frame_tokens
-    if not isinstance(expected_tokens, int):
-        rows, cols = as_pair(expected_tokens)
-        expected_tokens = rows * cols
-    if width != config.vae.frame_features_dim or tokens != expected_tokens:
-        raise ValueError(f"the image encoder gives {tokens} tokens of width {width}, the model config expects "
-                         f"{expected_tokens} of width {config.vae.frame_features_dim}: pretrain the encoder with the "
-                         "same --config")
+    mismatch = image_encoder_mismatch(encoder, config.image_size, config.vae.num_frame_tokens,
+                                      config.vae.frame_features_dim)
+    if mismatch is not None:
+        raise ValueError(f"{mismatch}: pretrain the encoder with the same --config")
 
 
 def load_vae_dir(directory: PathLike):
