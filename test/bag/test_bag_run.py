@@ -39,7 +39,8 @@ def _all_tracks(bag: Path):
 
 def test_every_image_gets_forecast_markers_and_overlay_with_its_stamp(forecast_bag):
     out, summary = forecast_bag
-    assert summary["frames_in"] == 16 and summary["forecasts_out"] == 16 and summary["dropped"] == {}
+    assert summary["frames_in"] == 16 and summary["forecasts_out"] == 16
+    assert summary["dropped"] == {} and summary["rejected"] == {}
     topics = bag_topics(out)
     store = make_typestore()
     for image_topic in ("/agentview/image_raw", "/eye_in_hand/image_raw"):
@@ -113,7 +114,7 @@ def test_bad_images_are_counted_not_skipped_silently(tmp_path, tiny_model_dir, c
             writer.write_message("/cam/image_raw", "sensor_msgs/msg/Image", index * 10**8, image)
     summary = run_bag(bag, tmp_path / "out", model=str(tiny_model_dir), **RUN_ARGS)
     assert summary["frames_in"] == 4 and summary["forecasts_out"] == 2
-    assert summary["dropped"] == {"unsupported_encoding": 1, "empty": 1}
+    assert summary["rejected"] == {"unsupported_encoding": 1, "empty": 1} and summary["dropped"] == {}
     assert "unsupported_encoding" in caplog.text
     assert [s for s, _ in read_forecasts(tmp_path / "out", "/cam/forecast_node/forecast")] == [0, 3 * 10**9]
 

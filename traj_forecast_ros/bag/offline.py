@@ -127,7 +127,7 @@ def run_bag(
     from rclpy.serialization import serialize_message
     from tqdm import tqdm
 
-    from traj_forecast_ros.ros.pipeline import classify_error
+    from traj_forecast_ros.ros.pipeline import classify_error, reason_category
 
     available = bag_topics(in_bag)
     image_topics = select_image_topics(in_bag, topics, available)
@@ -158,7 +158,7 @@ def run_bag(
     total = sum(len(s) for s in stamps.values())
 
     wanted = None if copy_input else image_topics + sorted(set(info_present.values()))
-    dropped: Counter = Counter()
+    not_forecast = {"dropped": Counter(), "rejected": Counter()}  # frames_in = forecasts_out + dropped + rejected
     per_topic: Dict[str, int] = {t: 0 for t in image_topics}
     inference_s: List[float] = []
     latest_info: Dict[str, Any] = {}
@@ -183,7 +183,7 @@ def run_bag(
                                                seed=seed)
             except (InvalidImageError, TrajForecastError) as exc:  # bad input or non-finite output; bugs propagate
                 reason = classify_error(exc)
-                dropped[reason] += 1
+                not_forecast["rejected" if reason_category(reason) == "rejected" else "dropped"][reason] += 1
                 log.warning("%s @ %d: image not forecast (%s): %s", message.topic, message.timestamp, reason, exc)
                 continue
             inference_s.append(float(forecast.timings.get("total", 0.0)))
@@ -208,7 +208,8 @@ def run_bag(
         "frames_in": total,
         "forecasts_out": sum(per_topic.values()),
         "forecasts_by_topic": per_topic,
-        "dropped": dict(dropped),
+        "dropped": dict(not_forecast["dropped"]),
+        "rejected": dict(not_forecast["rejected"]),
         "inference_p50_s": float(np.median(inference_s)) if inference_s else None,
         "output_topics": outputs_by_topic,
     }
