@@ -54,7 +54,6 @@ from traj_forecast_ros.sampling_plan import (
 )
 
 log = logging.getLogger(__name__)
-
 TEXT_CACHE_SIZE = 64
 
 
@@ -64,24 +63,6 @@ class _NonFiniteTracks(TrajForecastError):
     def __init__(self, message: str, seed: Optional[int]):
         super().__init__(message)
         self.seed = seed
-RANDOM_INIT_STD = 0.02  # std given to zero-initialised parameters of random-weight models
-
-
-def randomise_zero_parameters(module: torch.nn.Module, generator: torch.Generator,
-                              std: float = RANDOM_INIT_STD) -> int:
-    """Give every trainable all-zero parameter (adaLN-Zero, gates, output heads, biases) N(0, std) values.
-
-    A freshly initialised DiT/VAE outputs constants (its output layers start at zero), which makes a random-weight
-    model useless for tests and demos: afterwards the output depends on the noise, the image and the text.
-    Returns the number of tensors changed.
-    """
-    changed = 0
-    with torch.no_grad():
-        for parameter in module.parameters():
-            if parameter.requires_grad and not bool(parameter.any()):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-                changed += 1
-    return changed
 
 
 # ---------------------------------------------------------------------------------------------- forecaster
@@ -179,15 +160,15 @@ class Forecaster:
                     dtype: Union[str, torch.dtype] = "auto", seed: int = 0, **kwargs) -> "Forecaster":
         """A forecaster with random weights (deterministic in ``seed``), for tests, demos and benchmarks.
 
-        The encoders are built from ``config.image_encoder.config`` / ``config.text_encoder.config`` when their
-        ``model_id`` is None, else loaded. Zero-initialised output layers get small random values (see
-        :func:`randomise_zero_parameters`) so that outputs depend on the inputs.
-        """
-        from traj_forecast_ros.model.checkpoint import build_modules
+        Encoders are built from ``config.*_encoder.config`` when their ``model_id`` is None, else loaded. Zero-init
+        output layers get small random values (``model.checkpoint.randomise_zero_parameters``: outputs depend on the
+        inputs); what training would measure comes from ``model.presets.untrained_config``."""
+        from traj_forecast_ros.model.checkpoint import build_modules, randomise_zero_parameters
+        from traj_forecast_ros.model.presets import untrained_config
         from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
 
         resolve_dtype(dtype, resolve_device(device))
-        config = cls._untrained_config(config)
+        config = untrained_config(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             denoiser, vae = build_modules(config)
@@ -199,21 +180,6 @@ class Forecaster:
             randomise_zero_parameters(vae, generator)
         return cls(config, denoiser, vae, image_encoder, text_encoder, config.name, device=device, dtype=dtype,
                    **kwargs)
-
-    @staticmethod
-    def _untrained_config(config: ModelConfig) -> ModelConfig:
-        """A copy of ``config`` completed with what training would measure or build, for random weights: a unit
-        latent scale when none was measured, and a words text encoder's vocabulary from the default instruction."""
-        if config.vae is not None and config.latent_scale is None:
-            config = dataclasses.replace(config, latent_scale=[1.0] * config.vae.latent_channels)
-        text = config.text_encoder
-        if text is not None and text.kind == "words" and not (text.config or {}).get("vocab"):
-            from traj_forecast_ros.model.word_encoder import build_vocabulary
-
-            vocab = build_vocabulary([config.default_instruction or ""])
-            config = dataclasses.replace(config, text_encoder=dataclasses.replace(
-                text, config={**(text.config or {}), "vocab": vocab}))
-        return config
 
     @staticmethod
     def _check_compatible(config, denoiser, vae, image_encoder, text_encoder) -> None:
@@ -232,10 +198,9 @@ class Forecaster:
                                   f"{denoiser.text_embed_dim}")
         if vae is None and config.denoiser.latent:
             raise CheckpointError(f"model '{config.name}' is a latent model but has no VAE")
-        if vae is not None and config.latent_scale is None:
+        if vae is not None and config.latent_scale is None:  # (from_config gives random weights a unit scale)
             raise CheckpointError(f"model '{config.name}' has a VAE but no latent_scale in its config (measured by "
-                                  "`traj-forecast train flow`); the latents cannot be scaled for the denoiser. "
-                                  "Forecaster.from_config gives random-weight models a unit scale")
+                                  "`traj-forecast train flow`): its latents cannot be scaled for the denoiser")
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -382,8 +347,7 @@ class Forecaster:
             self._encoder_weights = EncoderWeightCache()
         return OneDNNLinearMode(self._encoder_weights)
 
-    def _sync(self) -> None:
-        """Wait for this forecaster's own stream (other streams and forecasters on the GPU are not waited for)."""
+    def _sync(self) -> None:  # this forecaster's own stream only: other forecasters on the GPU keep running
         if self._stream is not None:
             self._stream.synchronize()
 

@@ -168,10 +168,10 @@ def test_every_option_is_spelled_one_way_across_all_commands():
 
 def test_data_workers_default_to_the_cores_available_not_the_cpu_count(monkeypatch):
     """`data sim-manipulation --workers` unset: the cores this process may use (affinity, cgroup quota)."""
-    from traj_forecast_ros import sampling_plan
+    from traj_forecast_ros import cpu_cores
     from traj_forecast_ros.commands.data import default_workers
 
-    monkeypatch.setattr(sampling_plan, "available_cores", lambda: 3)
+    monkeypatch.setattr(cpu_cores, "available_cores", lambda: 3)
     assert default_workers(None) == 3
     assert default_workers(5) == 5
     with pytest.raises(SystemExit, match="at least 1"):

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from traj_forecast_ros.errors import DeviceError, TrajForecastError
-from traj_forecast_ros.forecaster import Forecaster, randomise_zero_parameters
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.model.checkpoint import randomise_zero_parameters
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.presets import libero_config, tiny_config
 from traj_forecast_ros.sampling_plan import (

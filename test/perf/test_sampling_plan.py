@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from traj_forecast_ros.cpu_cores import available_cores, cgroup_cpu_limit
 from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.presets import libero_config, tiny_config
@@ -20,8 +21,6 @@ from traj_forecast_ros.sampling_plan import (
     ROWS_PER_CALL,
     SamplingPlan,
     choose_sampling_plan,
-    cgroup_cpu_limit,
-    available_cores,
     cpu_size_rule,
     plan_for_model,
     weights_identity,

@@ -61,6 +61,28 @@ def test_stop_drops_the_waiting_job_and_submit_restarts() -> None:
     assert side.stop(30)
 
 
+def test_a_job_submitted_while_a_stopped_thread_still_runs_is_not_lost() -> None:
+    """stop() timed out on a long job (a transition may not wait for it); the next activate's job must still run."""
+    side = SideOutputs()
+    release = threading.Event()
+    started = threading.Event()
+    ran = threading.Event()
+
+    def long_job() -> None:
+        started.set()
+        release.wait(10)
+
+    side.submit(long_job)
+    assert started.wait(5)
+    assert not side.stop(timeout=0.05)  # the long job is still running
+    side.submit(ran.set)
+    release.set()  # the old thread finishes its job and must leave the new one to the new thread
+    assert ran.wait(5), "the job submitted after a timed-out stop never ran"
+    assert side.idle(5)
+    assert side.counts() == {"done": 2, "skipped": 0, "failed": 0, "pending": 0}
+    side.stop(5)
+
+
 def test_counts_account_for_every_submitted_job() -> None:
     side = SideOutputs(on_error=lambda exc: None)
     release, started = threading.Event(), threading.Event()

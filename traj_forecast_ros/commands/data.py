@@ -109,7 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
 def default_workers(requested: Optional[int]) -> int:
     """``--workers``: the value given (at least 1), else the cores available to this process (affinity and cgroup
     CPU quota, not the machine's CPU count)."""
-    from traj_forecast_ros.sampling_plan import available_cores
+    from traj_forecast_ros.cpu_cores import available_cores
 
     if requested is None:
         return available_cores()

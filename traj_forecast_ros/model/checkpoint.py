@@ -58,6 +58,26 @@ def build_modules(config: ModelConfig) -> Tuple[LatteDenoiser, Optional[Trajecto
     return denoiser, vae
 
 
+RANDOM_INIT_STD = 0.02  # std given to zero-initialised parameters of random-weight models
+
+
+def randomise_zero_parameters(module: nn.Module, generator: torch.Generator,
+                              std: float = RANDOM_INIT_STD) -> int:
+    """Give every trainable all-zero parameter (adaLN-Zero, gates, output heads, biases) N(0, std) values.
+
+    A freshly initialised DiT/VAE outputs constants (its output layers start at zero), which makes a random-weight
+    model useless for tests and demos: afterwards the output depends on the noise, the image and the text.
+    Returns the number of tensors changed.
+    """
+    changed = 0
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.requires_grad and not bool(parameter.any()):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+                changed += 1
+    return changed
+
+
 def _listing(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:MAX_LISTED_KEYS])

@@ -70,6 +70,21 @@ def libero_config(split: str = "atm") -> ModelConfig:
     )
 
 
+def untrained_config(config: ModelConfig) -> ModelConfig:
+    """A copy of ``config`` completed with what training would measure or build, for random weights: a unit
+    latent scale when none was measured, and a words text encoder's vocabulary from the default instruction."""
+    if config.vae is not None and config.latent_scale is None:
+        config = dataclasses.replace(config, latent_scale=[1.0] * config.vae.latent_channels)
+    text = config.text_encoder
+    if text is not None and text.kind == "words" and not (text.config or {}).get("vocab"):
+        from traj_forecast_ros.model.word_encoder import build_vocabulary
+
+        vocab = build_vocabulary([config.default_instruction or ""])
+        config = dataclasses.replace(config, text_encoder=dataclasses.replace(
+            text, config={**(text.config or {}), "vocab": vocab}))
+    return config
+
+
 def libero_random_config() -> ModelConfig:
     """The LIBERO-ATM architecture with random-weight DINOv2-L and CLIP-L text encoders of the real sizes
     (benchmarks and GPU checks without the weights)."""

@@ -490,8 +490,10 @@ class ForecastNode(LifecycleNode):
         camera_info, period = self._camera_info, self._stats.forecast_rate.period()
 
         def side_outputs() -> None:  # off the worker: the next frame's forecast starts meanwhile
+            if markers_pub is not self._markers_pub:  # torn down (or reconfigured) since: nothing to publish on
+                return
             if wants_markers:
-                markers_pub.publish(self._outputs.markers(forecast, header, camera_info, period))
+                markers_pub.publish(self._outputs.markers_serialized(forecast, header, camera_info, period))
             if wants_overlay:
                 overlay_pub.publish(self._outputs.overlay(forecast, rgb, header))
 

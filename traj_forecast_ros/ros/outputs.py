@@ -110,7 +110,8 @@ class SideOutputs:
         self._condition = threading.Condition()
         self._job: Optional[Callable[[], None]] = None
         self._stopping = False
-        self._running = False
+        self._running = 0  # jobs being run: 0, or 1 (2 for a moment while a stopped thread finishes its last job)
+        self._generation = 0  # the thread of the current generation is the only one that takes jobs
         self._thread: Optional[threading.Thread] = None
 
     def submit(self, job: Callable[[], None]) -> None:
@@ -119,9 +120,13 @@ class SideOutputs:
             if self._job is not None:
                 self.skipped += 1
             self._job = job
-            if self._thread is None or not self._thread.is_alive():
+            # A thread told to stop may still be finishing its last job (stop() timed out): it must not take this
+            # one, so a new thread of a new generation takes over.
+            if self._stopping or self._thread is None or not self._thread.is_alive():
                 self._stopping = False
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._generation += 1
+                self._thread = threading.Thread(target=self._run, args=(self._generation,), name=self.name,
+                                                daemon=True)
                 self._thread.start()
             self._condition.notify_all()
 
@@ -130,21 +135,22 @@ class SideOutputs:
         ``pending`` (one waiting and/or one running: 0 to 2): every submitted job is in exactly one of them."""
         with self._condition:
             return {"done": self.done, "skipped": self.skipped, "failed": self.failed,
-                    "pending": int(self._job is not None) + int(self._running)}
+                    "pending": int(self._job is not None) + self._running}
 
     def idle(self, timeout: Optional[float] = None) -> bool:
         """Wait until no job is waiting or running; False on timeout."""
         with self._condition:
-            return self._condition.wait_for(lambda: self._job is None and not self._running, timeout)
+            return self._condition.wait_for(lambda: self._job is None and self._running == 0, timeout)
 
-    def _run(self) -> None:
+    def _run(self, generation: int) -> None:
         while True:
             with self._condition:
-                self._condition.wait_for(lambda: self._job is not None or self._stopping)
-                if self._stopping:
+                self._condition.wait_for(lambda: self._job is not None or self._stopping
+                                         or self._generation != generation)
+                if self._stopping or self._generation != generation:
                     return
                 job, self._job = self._job, None
-                self._running = True
+                self._running += 1
             succeeded = False
             try:
                 job()
@@ -157,7 +163,7 @@ class SideOutputs:
                         self.done += 1
                     else:
                         self.failed += 1
-                    self._running = False
+                    self._running -= 1
                     self._condition.notify_all()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
