@@ -242,6 +242,21 @@ def test_bfloat16_encoder_weights_are_cast_once_per_forecaster() -> None:
     assert other._encoder_weights is not weights  # owned per forecaster, not shared through the module
 
 
+def test_bfloat16_encoders_work_for_a_model_built_in_inference_mode() -> None:
+    """Weights created under ``torch.inference_mode()`` are inference tensors without a version counter: the cast
+    cache must cast them (every call) instead of failing every forecast."""
+    import numpy as np
+
+    from traj_forecast_ros.forecaster import Forecaster
+
+    with torch.inference_mode():
+        forecaster = Forecaster.from_config(tiny_config(), dtype="bfloat16", seed=0)
+    height, width = forecaster.config.image_size
+    frame = np.random.default_rng(1).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    forecast = forecaster.forecast(frame, num_samples=2, steps=3, seed=0)
+    assert np.isfinite(forecast.tracks).all() and forecast.tracks.shape[0] == 2
+
+
 def test_shared_context_attention_equals_repeated_context() -> None:
     torch.manual_seed(0)
     attention = randomize_parameters(Attention(16, num_heads=2), seed=4)

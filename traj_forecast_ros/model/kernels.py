@@ -550,8 +550,8 @@ class EncoderWeightCache:
 
     def get(self, tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
         """``tensor`` in ``dtype`` (the tensor itself when it already is; None for None)."""
-        if tensor is None or tensor.dtype == dtype:
-            return cast(tensor, dtype)
+        if tensor is None or tensor.dtype == dtype or tensor.is_inference():
+            return cast(tensor, dtype)  # an inference tensor has no version counter to tell an in-place change
         key = (id(tensor), dtype)
         entry = self._items.get(key)
         if entry is not None and entry[0] is tensor and entry[1] == tensor._version:
