@@ -282,3 +282,58 @@ def test_counts_balance_fails_on_every_kind_of_miscount():
     stats.not_forecast.add("stopped")  # the node counted a frame the status does not show
     stats.received += 1
     assert counts_balance(good, stats) is not None
+
+
+class FakePublisher:
+    """Counts publishes; publishing after it was destroyed raises, as rclpy's InvalidHandle does."""
+
+    def __init__(self) -> None:
+        self.published = 0
+        self.destroyed = False
+
+    def get_subscription_count(self) -> int:
+        return 1
+
+    def publish(self, msg) -> None:
+        if self.destroyed:
+            raise RuntimeError("publish on a destroyed publisher")
+        self.published += 1
+
+
+def test_side_outputs_built_across_a_teardown_are_not_published_on_destroyed_publishers(context, monkeypatch):
+    """A markers/overlay job still building when the publishers are destroyed (a transition cannot wait for it)
+    must neither publish on them nor count as a failure; destroying them must not wait for the build."""
+    import threading
+    from types import SimpleNamespace
+
+    from std_msgs.msg import Header
+
+    node = make_node(context, lambda *a, **options: FakeForecaster())
+    try:
+        publishers = [FakePublisher() for _ in range(3)]
+        node._forecast_pub, node._markers_pub, node._overlay_pub = publishers
+        monkeypatch.setattr(node, "destroy_lifecycle_publisher", lambda pub: setattr(pub, "destroyed", True))
+        building, go = threading.Event(), threading.Event()
+
+        def slow_markers(*args):
+            building.set()
+            assert go.wait(10)
+            return b"markers"
+
+        node._outputs = SimpleNamespace(forecast_msg=lambda forecast, header: "forecast",
+                                        markers_serialized=slow_markers, overlay=lambda *args: "overlay")
+        frame = SimpleNamespace(message=SimpleNamespace(header=Header(frame_id="cam")))
+        node._publish_outputs(frame, np.zeros((4, 4, 3), np.uint8), object())
+        assert building.wait(10)
+        destroyer = threading.Thread(target=node._destroy_publishers)
+        destroyer.start()
+        destroyer.join(5)
+        assert not destroyer.is_alive(), "destroying the publishers waited for a markers build"
+        go.set()
+        assert node._side_outputs.idle(10)
+        assert [p.published for p in publishers] == [1, 0, 0]  # the forecast only: nothing after the teardown
+        assert node._side_outputs.counts()["failed"] == 0
+    finally:
+        go.set()
+        node._side_outputs.stop(5)
+        node.destroy_node()

@@ -138,6 +138,7 @@ class ForecastNode(LifecycleNode):
         self._forecast_pub: Any = None
         self._markers_pub: Any = None
         self._overlay_pub: Any = None
+        self._publishers_lock = threading.Lock()  # side-output publishes vs destroying the publishers
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # Wall-clock (steady) period: with use_sim_time a slowed or paused /clock must not slow the diagnostics.
         self._diagnostics_timer = self.create_timer(1.0, self.publish_diagnostics,
@@ -303,10 +304,11 @@ class ForecastNode(LifecycleNode):
         self._state_label = "unconfigured"
 
     def _destroy_publishers(self) -> None:
-        for publisher in (self._forecast_pub, self._markers_pub, self._overlay_pub):
-            if publisher is not None:
-                self.destroy_lifecycle_publisher(publisher)
-        self._forecast_pub = self._markers_pub = self._overlay_pub = None
+        with self._publishers_lock:  # a side-output job of an old forecast may be about to publish
+            for publisher in (self._forecast_pub, self._markers_pub, self._overlay_pub):
+                if publisher is not None:
+                    self.destroy_lifecycle_publisher(publisher)
+            self._forecast_pub = self._markers_pub = self._overlay_pub = None
 
     def autostart(self) -> bool:
         """Configure then activate; returns True when the node ends up active."""
@@ -490,12 +492,17 @@ class ForecastNode(LifecycleNode):
         camera_info, period = self._camera_info, self._stats.forecast_rate.period()
 
         def side_outputs() -> None:  # off the worker: the next frame's forecast starts meanwhile
-            if markers_pub is not self._markers_pub:  # torn down (or reconfigured) since: nothing to publish on
+            if markers_pub is not self._markers_pub:  # torn down (or reconfigured) since: nothing to build
                 return
-            if wants_markers:
-                markers_pub.publish(self._outputs.markers_serialized(forecast, header, camera_info, period))
-            if wants_overlay:
-                overlay_pub.publish(self._outputs.overlay(forecast, rgb, header))
+            markers = self._outputs.markers_serialized(forecast, header, camera_info, period) if wants_markers else None
+            overlay = self._outputs.overlay(forecast, rgb, header) if wants_overlay else None
+            with self._publishers_lock:  # publish only on publishers that still exist
+                if markers_pub is not self._markers_pub:
+                    return
+                if markers is not None:
+                    markers_pub.publish(markers)
+                if overlay is not None:
+                    overlay_pub.publish(overlay)
 
         self._side_outputs.submit(side_outputs)
 
