@@ -303,11 +303,7 @@ def model_dir_digests(model_dir: PathLike) -> Dict[str, str]:
 def file_stats(model_dir: PathLike, names: Iterable[str]) -> Dict[str, List[int]]:
     """``{relative path: [size, mtime_ns]}`` of the named files of a model directory."""
     model_dir = Path(model_dir)
-    stats = {}
-    for name in names:
-        info = (model_dir / name).stat()
-        stats[name] = [int(info.st_size), int(info.st_mtime_ns)]
-    return stats
+    return {name: _file_stat(model_dir / name) for name in names}
 
 
 def _stat_record(model_dir: PathLike, names: Iterable[str]) -> Dict[str, object]:
@@ -345,14 +341,15 @@ def verify_model_dir(model_dir: PathLike) -> None:
         return
     present = {path.relative_to(model_dir).as_posix(): path for path in sorted(model_dir.rglob("*"))
                if path.is_file() and path.relative_to(model_dir).as_posix() != SOURCE_FILE}
-    changed, rehashed = [], []
+    started_ns = time.time_ns()  # the refreshed record's time: a file modified after this is hashed next time
+    changed: List[str] = []
+    rehashed: Dict[str, Optional[List[int]]] = {}  # name -> stat taken before its hash (None: it moved meanwhile)
     for name, digest in pinned.items():
         path = present.get(name)
         if path is None:
             changed.append(name)
             continue
-        info = path.stat()
-        current = [int(info.st_size), int(info.st_mtime_ns)]
+        current = _file_stat(path)
         known = recorded.get(name)
         if isinstance(known, list) and len(known) == 2:
             if known[0] != current[0]:  # another size: changed, no need to hash
@@ -362,8 +359,8 @@ def verify_model_dir(model_dir: PathLike) -> None:
                 continue  # unchanged since the record, and not racy
         if sha256_of(path) != digest:
             changed.append(name)
-        else:
-            rehashed.append(name)
+        else:  # verified as it was when stat'ed: record that stat only if the file did not change during the hash
+            rehashed[name] = current if _file_stat(path) == current else None
     added = sorted(name for name in present if name not in pinned)
     if changed or added:
         raise CheckpointError(f"{model_dir}: files differ from the sha256 pinned in {SOURCE_FILE} at download "
@@ -371,17 +368,25 @@ def verify_model_dir(model_dir: PathLike) -> None:
                               "refusing to load it. Download it again (`traj-forecast download NAME --force`) if "
                               "the change is intended.")
     if rehashed:
-        _refresh_stat_record(source_path, source, model_dir, pinned)
+        files = {name: stat for name, stat in recorded.items() if name not in rehashed}
+        files.update({name: stat for name, stat in rehashed.items() if stat is not None})
+        _write_stat_record(source_path, source, {"recorded_ns": started_ns, "files": files})
 
 
-def _refresh_stat_record(source_path: Path, source: dict, model_dir: Path, names: Iterable[str]) -> None:
-    """Rewrite ``source.json`` with the current (size, mtime_ns) of files that were just verified by hash."""
+def _file_stat(path: Path) -> List[int]:
+    """``[size, mtime_ns]`` of one file, as recorded in ``source.json``."""
+    info = path.stat()
+    return [int(info.st_size), int(info.st_mtime_ns)]
+
+
+def _write_stat_record(source_path: Path, source: dict, record: Dict[str, object]) -> None:
+    """Rewrite ``source.json`` with a new ``stat`` record (best effort: a read-only cache is hashed again)."""
     try:
-        source["stat"] = _stat_record(model_dir, names)
+        source["stat"] = record
         partial = source_path.with_name(f"{SOURCE_FILE}.{os.getpid()}.partial")
         partial.write_text(json.dumps(source, indent=2) + "\n")
         os.replace(partial, source_path)
-    except OSError as exc:  # a read-only cache: the files are hashed again next time
+    except OSError as exc:
         log.debug("%s: stat record not refreshed (%s)", source_path, exc)
 
 

@@ -272,6 +272,32 @@ def test_resolve_rehashes_only_files_whose_size_or_mtime_changed(fake_hub, cache
     assert registry.resolve("tiny-hub") == path
 
 
+def test_a_file_changed_while_others_are_hashed_is_not_recorded_as_verified(fake_hub, cache_root, monkeypatch):
+    """A pinned file rewritten in place (same size, an older-looking mtime) after its own hash but while later files
+    are still being hashed must be hashed again on the next resolve, and refused."""
+    path = registry.download("tiny-hub")
+    _age_files(path)  # every file is re-hashed on the next resolve
+    order = list(yaml.safe_load((path / "source.json").read_text())["sha256"])  # the order files are hashed in
+    victim = next(name for name in order if name.endswith(".safetensors"))
+    assert order.index(victim) < len(order) - 1  # a file is hashed after it
+    first, last = path / victim, path / order[-1]
+    real_sha256 = registry.sha256_of
+
+    def hash_and_tamper(file, *args, **kwargs):
+        if Path(file) == last:  # the first file was verified a moment ago: rewrite it now
+            data = first.read_bytes()
+            first.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+            past = time.time_ns() - 600 * 10**9
+            os.utime(first, ns=(past, past))
+        return real_sha256(file, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "sha256_of", hash_and_tamper)
+    assert registry.resolve("tiny-hub") == path  # verified as each file was when it was hashed
+    monkeypatch.setattr(registry, "sha256_of", real_sha256)
+    with pytest.raises(CheckpointError, match=victim.replace(".", "\\.")):
+        registry.resolve("tiny-hub")
+
+
 def test_model_choice_falls_back_past_a_corrupt_model_with_the_reason_logged(cache_root, monkeypatch, caplog):
     from traj_forecast_ros.bag import model_choice
 
