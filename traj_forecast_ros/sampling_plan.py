@@ -23,7 +23,6 @@ from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Mapp
 
 import torch
 
-from traj_forecast_ros.cpu_cores import available_cores, resolve_threads  # noqa: F401 (part of this API)
 from traj_forecast_ros.errors import DeviceError
 
 log = logging.getLogger(__name__)

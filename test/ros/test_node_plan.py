@@ -19,7 +19,8 @@ if ros_available() is None:
     from traj_forecast_ros.ros.params import PARAMETER_SPECS
     from traj_forecast_ros.ros.pipeline import PipelineStats
 
-from traj_forecast_ros.sampling_plan import available_cores, choose_sampling_plan, resolve_threads
+from traj_forecast_ros.cpu_cores import available_cores, resolve_threads
+from traj_forecast_ros.sampling_plan import choose_sampling_plan
 
 
 @dataclasses.dataclass

@@ -345,22 +345,18 @@ class ForecastNode(LifecycleNode):
         try:
             import torch
 
-            from traj_forecast_ros.sampling_plan import resolve_threads
+            from traj_forecast_ros.cpu_cores import resolve_threads
 
             torch.set_num_threads(resolve_threads(int(self.param("threads"))))  # the CPU plan is chosen for it
             forecaster = self._forecaster_factory(
                 model, device, dtype, self.param("cache_dir") or None, use_cuda_graphs=self.param("use_cuda_graphs"),
                 compile=self.param("compile"), graph_cache_size=int(self.param("graph_cache_size")))
             forecaster.warmup()
-        except FileNotFoundError as exc:  # includes WeightsNotFoundError
-            self._load_problem = f"cannot load model '{model}': {exc}"
-            self.get_logger().error(f"{self._load_problem}\n{WEIGHTS_HINT}")
-            if forecaster is not None:  # loaded, but warmup failed: free its memory
-                self._release_forecaster(forecaster)
-            return False
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
-            self._load_problem = f"cannot load model '{model}': {type(exc).__name__}: {exc}"
-            self.get_logger().error(self._load_problem)
+            missing = isinstance(exc, FileNotFoundError)  # includes WeightsNotFoundError: say how to get them
+            self._load_problem = f"cannot load model '{model}': " + (str(exc) if missing
+                                                                     else f"{type(exc).__name__}: {exc}")
+            self.get_logger().error(f"{self._load_problem}\n{WEIGHTS_HINT}" if missing else self._load_problem)
             if forecaster is not None:  # loaded, but warmup failed: free its memory
                 self._release_forecaster(forecaster)
             return False
