@@ -293,11 +293,17 @@ def hub_commit_of(path: PathLike) -> Optional[str]:
     return None
 
 
+def model_dir_files(model_dir: PathLike) -> Dict[str, Path]:
+    """``{relative path: path}`` of every file in a model directory except its ``source.json``, sorted."""
+    model_dir = Path(model_dir)
+    files = {path.relative_to(model_dir).as_posix(): path for path in sorted(model_dir.rglob("*")) if path.is_file()}
+    files.pop(SOURCE_FILE, None)
+    return files
+
+
 def model_dir_digests(model_dir: PathLike) -> Dict[str, str]:
     """``{relative path: sha256}`` of every file in a model directory except its ``source.json``."""
-    model_dir = Path(model_dir)
-    return {path.relative_to(model_dir).as_posix(): sha256_of(path) for path in sorted(model_dir.rglob("*"))
-            if path.is_file() and path.relative_to(model_dir).as_posix() != SOURCE_FILE}
+    return {name: sha256_of(path) for name, path in model_dir_files(model_dir).items()}
 
 
 def file_stats(model_dir: PathLike, names: Iterable[str]) -> Dict[str, List[int]]:
@@ -339,8 +345,7 @@ def verify_model_dir(model_dir: PathLike) -> None:
                               "(`traj-forecast download NAME --force`)") from exc
     if pinned is None:
         return
-    present = {path.relative_to(model_dir).as_posix(): path for path in sorted(model_dir.rglob("*"))
-               if path.is_file() and path.relative_to(model_dir).as_posix() != SOURCE_FILE}
+    present = model_dir_files(model_dir)
     started_ns = time.time_ns()  # the refreshed record's time: a file modified after this is hashed next time
     changed: List[str] = []
     rehashed: Dict[str, Optional[List[int]]] = {}  # name -> stat taken before its hash (None: it moved meanwhile)

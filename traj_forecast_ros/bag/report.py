@@ -152,8 +152,9 @@ def truth_topics(topics: Dict[str, object], exclude: Sequence[str] = ()) -> List
     in an input bag these hold recorded ground-truth futures (not the node's own outputs, listed in ``exclude``)."""
     from traj_forecast_ros.bag.typestore import FORECAST_TYPE
 
+    excluded = set(exclude)
     return sorted(t for t, info in topics.items()
-                  if getattr(info, "msgtype", None) == FORECAST_TYPE and t not in set(exclude))
+                  if getattr(info, "msgtype", None) == FORECAST_TYPE and t not in excluded)
 
 
 def choose_truth_topic(topics: Dict[str, object], image_topic: str, exclude: Sequence[str] = ()) -> Optional[str]:

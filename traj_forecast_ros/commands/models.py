@@ -91,8 +91,9 @@ def _cpu_plans(config, model_name: str, model_dir: Optional[Path] = None,
     from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
     from traj_forecast_ros.model.checkpoint import build_modules
     from traj_forecast_ros.model.config import DENOISER_FILE
+    from traj_forecast_ros.cpu_cores import resolve_threads
     from traj_forecast_ros.sampling_plan import (PROBE_MAX_GFLOP, SamplingPlan, cpu_size_rule, denoiser_gflop,
-                                                 plan_for_model, resolve_threads, weights_identity)
+                                                 plan_for_model, weights_identity)
 
     with torch.device("meta"):
         denoiser, _ = build_modules(config)

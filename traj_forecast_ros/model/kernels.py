@@ -26,7 +26,8 @@ from einops import rearrange
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from traj_forecast_ros.model.layers import Attention, LearnableFourierFeatures, timestep_frequencies, unpatchify
+from traj_forecast_ros.model.layers import (Attention, LearnableFourierFeatures, per_sequence, timestep_frequencies,
+                                            unpatchify)
 
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -381,7 +382,7 @@ class DenoiserKernels:
         """``residual + gate * layer(x)`` with per-sample gate rows [b, C]."""
         if self._fold(gate.shape[0]):
             return linear(x, folded(layer, self.options.dtype, output_gate=gate[0]), self.options, residual=residual)
-        return residual + _rows(gate, x) * linear(x, layer, self.options)
+        return residual + per_sequence(gate, x) * linear(x, layer, self.options)
 
     def _block(self, block: DenoiserBlockWeights, x: torch.Tensor, cond_silu: torch.Tensor,
                context_kv: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -410,15 +411,9 @@ def _one_row_if_shared(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return value
 
 
-def _rows(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample rows [b, C] -> [N, 1, C] for x [N, L, C] holding N = b * G sequences (batch-major)."""
-    groups = x.shape[0] // rows.shape[0]
-    return rows.repeat_interleave(groups, dim=0).unsqueeze(1) if groups > 1 else rows.unsqueeze(1)
-
-
 def _modulated(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x * (1 + scale) + shift`` with per-sample rows [b, C] over x [N, L, C]."""
-    return torch.addcmul(_rows(shift, x), x, 1 + _rows(scale, x))  # (N, L, C)
+    return torch.addcmul(per_sequence(shift, x), x, 1 + per_sequence(scale, x))  # (N, L, C)
 
 
 # ---------------------------------------------------------------------------------------------- VAE

@@ -185,7 +185,7 @@ def _words_text_encoder(config: ModelConfig, examples: TrackExamples, model_dir:
         weights_dir = model_dir if model_dir is not None and text_encoder_weights(model_dir).is_file() else None
         text_encoder = WordTextEncoder.from_config(config.text_encoder, model_dir=weights_dir)
     text_encoder.requires_grad_(True).train()
-    return text_encoder, text_encoder.vocabulary.encode_batch(meta.instructions, text_encoder.max_words)
+    return text_encoder, text_encoder.tokenize(meta.instructions)  # (num_instructions, L), on the CPU
 
 
 def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
