@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# README command 1: set up the environment, then replay the bundled sample bag (real LIBERO camera frames)
-# through the forecast node over DDS with the best model available offline. Writes into outputs/:
+# README command 1: set up the environment, then replay the bundled sample bags through the forecast node over DDS
+# with the best model available offline (sim-manipulation when shipped, else demo-blocks):
+#   1. data/sample_bag/sim_heldout: held-out simulated manipulation episodes with the true future of every frame,
+#      so the summary scores every forecast (best-of-K error against what really happened);
+#   2. data/sample_bag/libero_two_views: real LIBERO camera frames (no ground truth: unscored).
+# Writes into outputs/sim/ and outputs/libero/:
 #   forecast_bag/  the node's live outputs (forecasts, markers, overlays, diagnostics), recorded as a rosbag2
-#   overlay.gif    forecast tracks animated over the camera frames
-#   summary.json   frames in, forecasts out, drops by reason, latency p50/p95 (also printed)
-# The bag is played at 0.1x (one frame per second) so a 2-core CPU answers every frame; DEMO_RATE=1 plays it at the
-# recorded 10 Hz, and the node then skips the frames it has no time for (counted as "superseded").
+#   overlay.gif    forecast tracks animated over the camera frames (beside the true future where the bag has it)
+#   summary.json   frames in, forecasts out, drops by reason, latency p50/p95, accuracy (also printed)
+# The bags are played at 0.1x (one frame per second) so a 2-core CPU answers every frame; DEMO_RATE=1 plays them at
+# the recorded 10 Hz, and the node then skips the frames it has no time for (counted as "superseded").
 # Options (environment): DEMO_MODEL=<registry name or model dir>, DEMO_RATE=<playback speed, default 0.1>,
-#   DEMO_TOPIC=<image topic, default /agentview/image_raw>, DEMO_OUT=<folder, default outputs>.
+#   DEMO_TOPIC=<image topic, default /agentview/image_raw>, DEMO_OUT=<folder, default outputs>,
+#   DEMO_BAGS=<which: "sim libero" (default), "sim" or "libero">.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,6 +25,10 @@ if [ -n "${DEMO_MODEL:-}" ]; then
 else  # best model available offline (demo-blocks ships with the repo); untrained only if none is there
   model_args=(--untrained-fallback "$OUT/untrained-tiny")
 fi
-echo "demo: replaying data/sample_bag/libero_two_views through forecast_node (outputs in $OUT/)"
-exec .venv/bin/python -m traj_forecast_ros.cli bag replay data/sample_bag/libero_two_views "$OUT" "${model_args[@]}" \
-  --topic "${DEMO_TOPIC:-/agentview/image_raw}" --rate "${DEMO_RATE:-0.1}"
+declare -A bags=([sim]=data/sample_bag/sim_heldout [libero]=data/sample_bag/libero_two_views)
+for name in ${DEMO_BAGS:-sim libero}; do
+  bag=${bags[$name]:?unknown DEMO_BAGS entry $name (choose sim, libero)}
+  echo "demo: replaying $bag through forecast_node (outputs in $OUT/$name/)"
+  .venv/bin/python -m traj_forecast_ros.cli bag replay "$bag" "$OUT/$name" "${model_args[@]}" \
+    --topic "${DEMO_TOPIC:-/agentview/image_raw}" --rate "${DEMO_RATE:-0.1}"
+done

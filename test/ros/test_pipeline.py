@@ -2,7 +2,7 @@
 
 import threading
 import time
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import pytest
@@ -36,7 +36,7 @@ class FakeForecaster:
         self.fail_with: List[BaseException] = []
         self.started = threading.Event()
 
-    def __call__(self, rgb: np.ndarray) -> int:
+    def __call__(self, rgb: np.ndarray, frame: Optional[Frame] = None) -> int:
         self.calls += 1
         self.started.set()
         if self.fail_with:
@@ -241,7 +241,7 @@ def test_mailbox_close_returns_the_item_nobody_took():
 def test_frames_dropped_by_a_stop_are_counted_so_received_equals_published_plus_dropped():
     inside, release = threading.Event(), threading.Event()
 
-    def gated_forecast(rgb):
+    def gated_forecast(rgb, frame):
         if int(rgb[0, 0, 0]) == 2:  # frame 2 holds the worker until released
             inside.set()
             assert release.wait(5)
@@ -334,7 +334,7 @@ class CancellableForecaster:
         self.steps_done = 0
         self.cancelled_at: List[int] = []  # steps done when the cancel flag was seen
 
-    def __call__(self, rgb: np.ndarray) -> int:
+    def __call__(self, rgb: np.ndarray, frame: Optional[Frame] = None) -> int:
         self.started.set()
         for _ in range(self.steps):
             if self.cancel.is_set():
@@ -403,7 +403,7 @@ def test_a_real_rclpy_logger_at_debug_level_logs_debug_and_warning_drops_and_the
     gate = threading.Event()
     forecaster.delay = 0.0
 
-    def gated_forecast(rgb):
+    def gated_forecast(rgb, frame):
         gate.wait(10)
         return forecaster(rgb)
 

@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tiny_sim_data import INSTRUCTIONS, VIEWS, quick_settings, write_tiny_sim
 from traj_forecast_ros.errors import DatasetError
 from traj_forecast_ros.model.presets import preset_config
+from traj_forecast_ros.train.figure import HEADER_PX
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +162,11 @@ def test_per_view_and_per_kind_evaluation(sim_data, model_run, tmp_path, make_se
     train_regressor(sim_data, tmp_path / "regressor", preset_config("tiny-sim"), make_settings(steps=2),
                     encoder_dir=model_run / "vae")
     report = evaluate(sim_data, model=str(model_run / "flow"), regressor=tmp_path / "regressor", num_samples=2,
-                      max_scenes=8, device="cpu")
+                      max_scenes=8, device="cpu", figure=tmp_path / "figure.png")
     report = json.loads(json.dumps(report))  # JSON-friendly
+    # one row per kind x view (push x 2 views); truth, ours best and worst of K, regressor: 256 px panels + titles
+    assert report["figure"] == str(tmp_path / "figure.png")
+    assert Image.open(report["figure"]).size == (4 * 256 + 3 * 4, 2 * (256 + HEADER_PX) + 4)
     assert report["instructions"] is True
     assert set(report["per_view"]) == set(VIEWS) and set(report["per_kind"]) == {"push"}
     methods = {"ours", "zero_motion", "regressor"}

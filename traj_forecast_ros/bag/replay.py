@@ -155,6 +155,14 @@ def choose_image_topic(bag: PathLike, image_topic: Optional[str], topics: Option
     return image_topic
 
 
+def find_instruction_topic(topics: Dict[str, Any]) -> Optional[str]:
+    """The bag's task-instruction topic: its one ``std_msgs/String`` topic named ``.../instruction`` (None when it
+    has none or several). Replay plays it to the node's ``instruction_topic``."""
+    found = [topic for topic, info in topics.items()
+             if topic.rsplit("/", 1)[-1] == "instruction" and getattr(info, "msgtype", None) == "std_msgs/msg/String"]
+    return found[0] if len(found) == 1 else None
+
+
 def replay_through_node(
     in_bag: PathLike,
     out_dir: PathLike,
@@ -195,6 +203,7 @@ def replay_through_node(
     namespace = camera_namespace(image_topic)
     info_topic = camera_info_topic(image_topic, topics_in_bag)
     has_info = info_topic is not None
+    instruction_topic = find_instruction_topic(topics_in_bag)
     outputs = output_topics(image_topic)
     if truth_topic is None:
         truth_topic = choose_truth_topic(topics_in_bag, image_topic, exclude=list(outputs.values()))
@@ -223,6 +232,8 @@ def replay_through_node(
     }
     if has_info:
         node_params["camera_info_topic"] = "camera_info"
+    if instruction_topic is not None:
+        node_params["instruction_topic"] = instruction_topic
     node_params.update(parse_param_overrides(extra_params))
 
     ensure_dds_profile()
@@ -247,7 +258,7 @@ def replay_through_node(
         recorder.get_logger().set_level(LoggingSeverity.WARN)  # the summary says what was recorded
         player_node = rclpy.create_node("replay_player", context=context)
         _watch_diagnostics(player_node, f"{namespace}/forecast_node", log)
-        played = [image_topic] + ([info_topic] if has_info else [])
+        played = [topic for topic in (image_topic, info_topic, instruction_topic) if topic is not None]
         player = BagPlayer(player_node, in_bag, topics=played, rate=rate, clock_hz=CLOCK_HZ)
         executor.add_node(recorder)
         executor.add_node(player_node)
@@ -276,7 +287,8 @@ def replay_through_node(
     summary = _summarise(in_bag, image_topic, outputs, model, model_note, rate, frames_in, log, forecast_bag,
                          complete, exit_code)
     if summary["forecasts_out"]:
-        gif = write_overlay_gif(forecast_bag, outputs["forecast"], in_bag, image_topic, out_dir / "overlay.gif")
+        gif = write_overlay_gif(forecast_bag, outputs["forecast"], in_bag, image_topic, out_dir / "overlay.gif",
+                                truth_topic=truth_topic)
         summary["outputs"]["overlay_gif"] = str(gif)
     if truth_topic is not None:
         summary["accuracy"] = (score_forecasts(forecast_bag, outputs["forecast"], in_bag, truth_topic)

@@ -76,6 +76,18 @@ def read_images(bag: PathLike, topic: str, stamps: Optional[Iterable[int]] = Non
     return images
 
 
+def _labelled(frame: np.ndarray, text: str) -> np.ndarray:
+    """``frame`` with ``text`` written in its top-left corner (white on a black box)."""
+    from PIL import ImageDraw
+
+    image = PILImage.fromarray(frame)
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.textbbox((4, 2), text)
+    draw.rectangle((left - 2, top - 1, right + 2, bottom + 1), fill=(0, 0, 0))
+    draw.text((4, 2), text, fill=(255, 255, 255))
+    return np.asarray(image)
+
+
 def overlay_animation_frames(
     forecasts: Iterable[Tuple[int, object]],
     images: Dict[int, np.ndarray],
@@ -83,12 +95,23 @@ def overlay_animation_frames(
     stride: Optional[int] = None,
     sample: int = 0,
     steps: int = 6,
+    truths: Optional[Dict[int, object]] = None,
 ) -> List[np.ndarray]:
     """Animation frames: for each forecast, its source image (enlarged ``scale`` x) with sample ``sample``'s
     tracks growing over the forecast horizon, shown at ``steps`` evenly spaced forecast frames (first to last).
 
-    ``stride`` None draws about 16 x 16 tracks whatever the query grid."""
+    ``stride`` None draws about 16 x 16 tracks whatever the query grid. With ``truths`` (stamp -> recorded true
+    future, a ``TrajectoryForecast``), a forecast that has a truth is shown beside it (left: forecast, right: truth,
+    drawn the same way), so every frame of the GIF has the same width only if every forecast has its truth."""
     from traj_forecast_ros.viz import forecast_frames
+
+    def animate(large: np.ndarray, message: object, label: str) -> List[np.ndarray]:
+        tracks = forecast_arrays(message)["tracks"]
+        chosen = tracks[min(sample, tracks.shape[0] - 1)] * scale  # [T, H, W, 2] in enlarged pixels
+        step = stride or max(1, max(chosen.shape[1:3]) // 16)
+        animated = forecast_frames(large, chosen, stride=step, thickness=max(1, scale - 1))
+        shown = np.unique(np.linspace(0, len(animated) - 1, max(2, steps)).round().astype(int))
+        return [_labelled(animated[i], label) if truths is not None else animated[i] for i in shown]
 
     frames: List[np.ndarray] = []
     for stamp, forecast in forecasts:
@@ -97,12 +120,13 @@ def overlay_animation_frames(
         image = images[stamp]
         height, width = image.shape[:2]
         large = np.asarray(PILImage.fromarray(image).resize((width * scale, height * scale), PILImage.BICUBIC))
-        tracks = forecast_arrays(forecast)["tracks"]
-        chosen = tracks[min(sample, tracks.shape[0] - 1)] * scale  # [T, H, W, 2] in enlarged pixels
-        step = stride or max(1, max(chosen.shape[1:3]) // 16)
-        animated = forecast_frames(large, chosen, stride=step, thickness=max(1, scale - 1))
-        shown = np.unique(np.linspace(0, len(animated) - 1, max(2, steps)).round().astype(int))
-        frames.extend(animated[i] for i in shown)
+        shown = animate(large, forecast, "forecast")
+        truth = None if truths is None else truths.get(stamp)
+        if truth is not None:
+            gap = np.full((large.shape[0], 4, 3), 255, dtype=np.uint8)
+            shown = [np.concatenate([left, gap, right], axis=1)
+                     for left, right in zip(shown, animate(large, truth, "truth"))]
+        frames.extend(shown)
     return frames
 
 
@@ -127,16 +151,25 @@ def write_overlay_gif(
     steps: int = 6,
     step_ms: int = 150,
     hold_ms: int = 700,
+    truth_topic: Optional[str] = None,
 ) -> Path:
     """Animated GIF of every forecast in ``forecast_bag`` drawn over its source frame from ``image_bag``: each
-    forecast grows over ``steps`` frames of ``step_ms``, and its full tracks stay ``hold_ms``."""
+    forecast grows over ``steps`` frames of ``step_ms``, and its full tracks stay ``hold_ms``. With
+    ``truth_topic`` (recorded true futures in ``image_bag``), each forecast is shown beside its truth; forecasts
+    without a truth of their stamp are left out then, so the frames keep one size."""
     forecasts = read_forecasts(forecast_bag, forecast_topic)
     if not forecasts:
         raise BagError(f"{forecast_bag} holds no forecast on {forecast_topic}: nothing to animate")
+    truths = None
+    if truth_topic is not None:
+        truths = dict(read_forecasts(image_bag, truth_topic))
+        forecasts = [(stamp, forecast) for stamp, forecast in forecasts if stamp in truths] or forecasts
+        if not any(stamp in truths for stamp, _ in forecasts):
+            truths = None  # no forecast has its truth: plain overlay
     images = read_images(image_bag, image_topic, [stamp for stamp, _ in forecasts])
     from traj_forecast_ros.viz import time_colors
 
-    frames = overlay_animation_frames(forecasts, images, scale=scale, steps=steps)
+    frames = overlay_animation_frames(forecasts, images, scale=scale, steps=steps, truths=truths)
     per_forecast = len(frames) // len(forecasts)
     durations = [hold_ms if (i + 1) % per_forecast == 0 else step_ms for i in range(len(frames))]
     ramp = time_colors(int(forecasts[0][1].num_frames))

@@ -93,6 +93,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
     sample.set_defaults(func=_make_sample)
 
+    sim_sample = bag_commands.add_parser(
+        "make-sim-sample", help="regenerate the scored sample bag from held-out simulated episodes (needs the sim "
+                                "extra: bash scripts/setup_sim.sh)")
+    sim_sample.add_argument("--out", type=Path, default=None, help="bag folder (default: data/sample_bag/sim_heldout)")
+    sim_sample.add_argument("--seed", type=int, default=0, help="held-out stream seed (default 0)")
+    sim_sample.add_argument("--episodes", default="0,2,10",
+                            help="comma-separated stream episode indices (default 0,2,10: lift, pick_place, stack)")
+    sim_sample.add_argument("--frames", type=int, default=12, help="frames per episode, 10 Hz (default 12)")
+    sim_sample.set_defaults(func=_make_sim_sample)
+
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -215,5 +225,20 @@ def _make_sample(args: argparse.Namespace) -> int:
         )
     except BagError as exc:
         return _fail(str(exc))
+    print(f"wrote {path}")
+    return 0
+
+
+def _make_sim_sample(args: argparse.Namespace) -> int:
+    from traj_forecast_ros.bag import sim_sample
+
+    try:
+        episodes = [int(index) for index in args.episodes.split(",") if index.strip()]
+    except ValueError:
+        return _fail(f"--episodes takes comma-separated integers, got '{args.episodes}'")
+    if not episodes or args.frames < 1:
+        return _fail("give at least one episode and --frames >= 1")
+    path = sim_sample.make_sim_sample_bag(out=args.out or sim_sample.SIM_SAMPLE_BAG, seed=args.seed,
+                                          episodes=episodes, frames_per_episode=args.frames)
     print(f"wrote {path}")
     return 0

@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "instruction instead: the forecast without a task)")
     parser.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="write a PNG of one scene per task kind x view: truth beside the predictions")
     parser.set_defaults(func=_evaluate)
 
 
@@ -68,7 +70,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,
                       max_scenes=args.max_scenes, seed=args.seed, steps=args.steps,
                       sample_batch_size=args.sample_batch_size, device=args.device, progress=True,
-                      use_instructions=not args.no_instructions)
+                      use_instructions=not args.no_instructions, figure=args.figure)
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
     for group in ("per_kind", "per_view"):

@@ -284,7 +284,8 @@ class ForecastNode(LifecycleNode):
         if self.param("camera_info_topic"):
             self._input_subscriptions.append(self.create_subscription(
                 CameraInfo, self.param("camera_info_topic"), self._on_camera_info, qos))
-        pipeline = ForecastPipeline(decode, lambda rgb: self._run_forecaster(rgb, pipeline.stopping),
+        pipeline = ForecastPipeline(decode, lambda rgb, frame: self._run_forecaster(rgb, frame.instruction,
+                                                                                   pipeline.stopping),
                                     self._publish_outputs, clock=self._now_s,
                                     max_input_age_s=float(self.param("max_input_age")), stats=self._stats,
                                     logger=self.get_logger(), max_clock_skew_s=float(self.param("max_clock_skew")))
@@ -424,7 +425,7 @@ class ForecastNode(LifecycleNode):
         stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
         pipeline = self._pipeline
         if pipeline is not None:
-            pipeline.submit(Frame(message=msg, stamp_s=stamp))
+            pipeline.submit(Frame(message=msg, stamp_s=stamp, instruction=self._instruction or None))
 
     def _on_instruction(self, msg: String) -> None:
         if msg.data != self._instruction:
@@ -443,14 +444,15 @@ class ForecastNode(LifecycleNode):
     def _decode_compressed(self, msg: CompressedImage) -> np.ndarray:
         return compressed_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")))
 
-    def _run_forecaster(self, rgb: np.ndarray, cancel: Optional[threading.Event] = None) -> Any:
+    def _run_forecaster(self, rgb: np.ndarray, instruction: Optional[str],
+                        cancel: Optional[threading.Event] = None) -> Any:
+        """Forecast ``rgb`` conditioned on ``instruction`` (the one in force when its frame arrived)."""
         seed = int(self.param("seed"))
         with self._model_lock:
             forecaster = self._forecaster
             takes_instruction, accepts_cancel = self._model_takes_instruction, self._model_accepts_cancel
         if forecaster is None:
             raise RuntimeError("no model loaded (node not configured)")
-        instruction = self._instruction or None
         if instruction is not None and not takes_instruction:
             self.get_logger().warning(
                 f"model '{self._model_info.get('model_id', '')}' has no language input: ignoring the instruction "

@@ -51,6 +51,7 @@ class Frame:
 
     message: Any
     stamp_s: float  # header stamp in seconds on the node clock's time base (0 = not stamped: no age check)
+    instruction: Optional[str] = None  # the task instruction in force when the frame arrived (forecast with it)
     accounted: bool = False  # set once the frame is counted as published or under a reason
 
 
@@ -234,7 +235,7 @@ class ForecastPipeline:
     Args:
         decode: message -> uint8 RGB image (raises ``InvalidImageError`` for bad input; any other exception it
             raises is counted as a rejected ``invalid_image`` too).
-        forecast: RGB image -> forecast result (any object; passed on to ``publish``). It may watch
+        forecast: ``(rgb, frame)`` -> forecast result (any object; passed on to ``publish``). It may watch
             :attr:`stopping` and raise ``ForecastCancelled`` once it is set (counted as ``stopped``).
         publish: ``(frame, rgb, result)`` -> None; builds and sends the outputs. Never called after :meth:`stop`
             returned.
@@ -245,7 +246,7 @@ class ForecastPipeline:
         logger: where drops and failures are logged (throttled per reason).
     """
 
-    def __init__(self, decode: Callable[[Any], np.ndarray], forecast: Callable[[np.ndarray], Any],
+    def __init__(self, decode: Callable[[Any], np.ndarray], forecast: Callable[[np.ndarray, Frame], Any],
                  publish: Callable[[Frame, np.ndarray, Any], None], clock: Callable[[], float],
                  max_input_age_s: float = 0.0, stats: Optional[PipelineStats] = None,
                  logger: Optional[Any] = None, name: str = "forecast-worker",
@@ -350,7 +351,7 @@ class ForecastPipeline:
                 return False
         try:
             inference_started = time.monotonic()
-            result = self._forecast(rgb)
+            result = self._forecast(rgb, frame)
             inference_s = time.monotonic() - inference_started
         except Exception as exc:  # noqa: BLE001 - bad input or a failing model must never stop the node
             reason = STOPPED if self._stop.is_set() else classify_error(exc)

@@ -128,14 +128,15 @@ def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids
 def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Optional[PathLike] = None,
              num_samples: int = DEFAULT_NUM_SAMPLES, max_scenes: Optional[int] = None, seed: int = 0,
              steps: int = DEFAULT_STEPS, sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
-             progress: bool = False, use_instructions: bool = True) -> Dict:
+             progress: bool = False, use_instructions: bool = True, figure: Optional[PathLike] = None) -> Dict:
     """Score ``ours`` (when ``model`` is given), ``zero_motion`` and ``regressor`` (when given) on a dataset.
 
     Returns a JSON-friendly dict: settings, ``results[method] -> metrics`` (see
     :func:`traj_forecast_ros.metrics.evaluate_predictions`, plus ``background_mean_displacement``),
     ``per_kind[kind][method]`` and ``per_view[view][method]`` (the same metrics on those scenes; empty when the
     dataset has no kinds / views) and ``seconds[method]``. ``use_instructions``: give a language-conditioned model
-    each sample's instruction (else the model's default instruction).
+    each sample's instruction (else the model's default instruction). ``figure``: also write a PNG of the first
+    scene of every kind x view, truth beside the predictions (:func:`.figure.comparison_figure`).
     """
     dataset = TrajectoryDataset(data_dir)
     count = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
@@ -175,6 +176,14 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         results[name]["background_mean_displacement"] = background_mean_displacement(pred, object_ids)
     per_kind = group_metrics(predictions, gt, object_ids, kinds, kinds) if kinds is not None else {}
     per_view = group_metrics(predictions, gt, object_ids, kinds, views) if views is not None else {}
+    if figure is not None:
+        from traj_forecast_ros.train.figure import comparison_figure, pick_scenes
+
+        chosen = pick_scenes(kinds, views) or [0]
+        labels = [", ".join(str(group[i]) for group in (kinds, views) if group is not None and group[i] is not None)
+                  for i in chosen]
+        shown = {name: pred[chosen] for name, pred in predictions.items() if name != "zero_motion"}
+        figure = comparison_figure(dataset.gather("images", indices[chosen]), gt[chosen, 0], shown, labels, figure)
     return {
         "dataset": str(data_dir),
         "model": None if model is None else str(model),
@@ -189,6 +198,7 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         "per_view": per_view,
         "instructions": instructions is not None,
         "seconds": seconds,
+        "figure": None if figure is None else str(figure),
     }
 
 
