@@ -1,11 +1,21 @@
 """ament_python package traj_forecast_ros (also pip-installable for the ROS-free core)."""
 
 from glob import glob
-from os.path import isfile
+from os.path import isdir, isfile
 
 from setuptools import find_packages, setup
 
 PACKAGE = "traj_forecast_ros"
+SHIPPED_MODELS = ("demo-blocks", "sim-manipulation")  # model directories in models/ (installed when present)
+SAMPLE_BAGS = ("libero_two_views", "sim_heldout")
+
+
+def folder_data_files(root: str) -> list:
+    """``(share/<package>/<folder>, files)`` for ``root`` and each of its subfolders (one level), when present."""
+    entries = [(f"share/{PACKAGE}/{root}", [f for f in sorted(glob(f"{root}/*")) if isfile(f)])]
+    entries += [(f"share/{PACKAGE}/{sub}", sorted(glob(f"{sub}/*"))) for sub in sorted(glob(f"{root}/*")) if isdir(sub)]
+    return [(target, files) for target, files in entries if files]
+
 
 setup(
     name=PACKAGE,
@@ -18,11 +28,9 @@ setup(
         (f"share/{PACKAGE}/config", glob("config/*")),
         (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
         (f"share/{PACKAGE}/models", glob("models/*.yaml")),
-        (f"share/{PACKAGE}/models/demo-blocks", [f for f in glob("models/demo-blocks/*") if isfile(f)]),
-        (f"share/{PACKAGE}/models/demo-blocks/image_encoder", glob("models/demo-blocks/image_encoder/*")),
         (f"share/{PACKAGE}/data/sample_bag", ["data/sample_bag/README.md"]),
-        (f"share/{PACKAGE}/data/sample_bag/libero_two_views", glob("data/sample_bag/libero_two_views/*")),
-    ],
+    ] + [entry for name in SHIPPED_MODELS for entry in folder_data_files(f"models/{name}")]
+      + [entry for name in SAMPLE_BAGS for entry in folder_data_files(f"data/sample_bag/{name}")],
     package_data={PACKAGE: ["py.typed"]},
     install_requires=["setuptools"],
     # No `sim` extra: robosuite 1.5.2 pins mink==0.0.5 (numpy<2), which cannot resolve beside this project's

@@ -26,8 +26,15 @@ else  # best model available offline (demo-blocks ships with the repo); untraine
   model_args=(--untrained-fallback "$OUT/untrained-tiny")
 fi
 declare -A bags=([sim]=data/sample_bag/sim_heldout [libero]=data/sample_bag/libero_two_views)
-for name in ${DEMO_BAGS:-sim libero}; do
-  bag=${bags[$name]:?unknown DEMO_BAGS entry $name (choose sim, libero)}
+read -ra names <<< "${DEMO_BAGS:-sim libero}"
+for name in "${names[@]}"; do
+  if [ -z "${bags[$name]+set}" ]; then
+    echo "demo: unknown DEMO_BAGS entry '$name' (choose from: sim libero)" >&2
+    exit 2
+  fi
+done
+for name in "${names[@]}"; do
+  bag=${bags[$name]}
   echo "demo: replaying $bag through forecast_node (outputs in $OUT/$name/)"
   .venv/bin/python -m traj_forecast_ros.cli bag replay "$bag" "$OUT/$name" "${model_args[@]}" \
     --topic "${DEMO_TOPIC:-/agentview/image_raw}" --rate "${DEMO_RATE:-0.1}"

@@ -3,8 +3,8 @@
 #   data (robosuite) -> image-encoder pretraining (+ the random encoder's probe) -> VAE -> flow -> regressor
 #   -> evaluation on the held-out split -> models/sim-manipulation (< 50 MB, registered in models/registry.yaml).
 #
-#   bash scripts/train_sim.sh                 # about 3.6 h on the 2-core CPU; rerun the same command to resume
-#   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.8 h)
+#   bash scripts/train_sim.sh                 # about 3 h on the 2-core CPU; rerun the same command to resume
+#   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.2 h)
 #
 # Every stage writes its run directory under $RUN and a `.done` marker when it finishes: a rerun skips finished
 # stages and continues an interrupted training stage from its last checkpoint (`--resume`; identical to an
@@ -25,9 +25,9 @@ TRAIN_SHARDS=${TRAIN_SHARDS:-24}
 TEST_SHARDS=${TEST_SHARDS:-3}
 EPISODES_PER_SHARD=${EPISODES_PER_SHARD:-8}
 ENCODER_STEPS=${ENCODER_STEPS:-2500}
-VAE_STEPS=${VAE_STEPS:-2000}
-FLOW_STEPS=${FLOW_STEPS:-6000}
-REGRESSOR_STEPS=${REGRESSOR_STEPS:-600}
+VAE_STEPS=${VAE_STEPS:-1200}
+FLOW_STEPS=${FLOW_STEPS:-4000}
+REGRESSOR_STEPS=${REGRESSOR_STEPS:-400}
 EVAL_SAMPLES=${EVAL_SAMPLES:-8}
 COMPARE_RANDOM=${COMPARE_RANDOM:-0}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-200}
@@ -103,7 +103,7 @@ stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --enc
     --ema-decay 0.995 "${COMMON[@]}"
 
 # 6. evaluation on the held-out split: overall, per task kind and per view (JSON + markdown)
-evaluate evaluate "$RUN/flow" "$RUN/eval.json"
+evaluate evaluate "$RUN/flow" "$RUN/eval.json" --figure "$RUN/heldout_figure.png"
 # the same without instructions: the marginal over tasks, where the samples should spread over the candidate goals
 evaluate evaluate_no_instruction "$RUN/flow" "$RUN/eval_no_instruction.json" --no-instructions
 
@@ -140,6 +140,9 @@ README
     rm -rf "$MODEL_DEST"
     mv "$staging" "$MODEL_DEST"
     cp "$RUN/eval.json" "$RESULTS_DEST"
+    if [[ -f "$RUN/heldout_figure.png" ]]; then
+        mkdir -p docs/figures && cp "$RUN/heldout_figure.png" docs/figures/sim_heldout.png
+    fi
     echo "[ship] $MODEL_DEST ($size_mb MB); Forecaster.from_pretrained('sim-manipulation') now loads it"
 fi
 .venv/bin/python - "$RUN" <<'EOF'

@@ -10,17 +10,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("rclpy")
-pytest.importorskip("traj_forecast_msgs.msg")
+from traj_forecast_ros.bag.io import bag_topics, deserialize, read_messages
+from traj_forecast_ros.bag.replay import find_instruction_topic
+from traj_forecast_ros.bag.report import (choose_truth_topic, forecast_arrays, read_forecasts, score_forecasts,
+                                          write_overlay_gif)
+from traj_forecast_ros.bag.sim_sample import (INSTRUCTION_TOPIC, SIM_SAMPLE_BAG, VIEW_CAMERAS, truth_topic,
+                                              write_episodes)
+from traj_forecast_ros.bag.typestore import make_typestore
+from traj_forecast_ros.data.sim_manipulation import VIEWS, SimConfig, StreamEpisode
 
-from traj_forecast_ros.bag.io import bag_topics, deserialize, read_messages  # noqa: E402
-from traj_forecast_ros.bag.replay import find_instruction_topic  # noqa: E402
-from traj_forecast_ros.bag.report import (choose_truth_topic, forecast_arrays, read_forecasts,  # noqa: E402
-                                          score_forecasts, write_overlay_gif)
-from traj_forecast_ros.bag.sim_sample import (INSTRUCTION_TOPIC, SIM_SAMPLE_BAG, VIEW_CAMERAS,  # noqa: E402
-                                              truth_topic, write_episodes)
-from traj_forecast_ros.bag.typestore import make_typestore  # noqa: E402
-from traj_forecast_ros.data.sim_manipulation import VIEWS, SimConfig, StreamEpisode  # noqa: E402
+
+def _ros_missing() -> str:
+    import importlib.util
+
+    for module in ("rclpy", "traj_forecast_msgs"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not importable (bash scripts/setup.sh builds it)"
+    return ""
+
+
+needs_ros = pytest.mark.skipif(bool(_ros_missing()), reason=_ros_missing() or "available")
 
 T, GRID, SIZE = 4, 3, 16
 
@@ -46,6 +55,7 @@ def grid_points() -> np.ndarray:
         np.float32)
 
 
+@needs_ros
 def test_episodes_become_one_stream_with_truth_camera_info_and_instruction(tmp_path):
     episodes = [episode("reach for the red cube", 2, 0), episode("push the red cube back", 3, 1)]
     start = 10**18
@@ -118,6 +128,7 @@ def test_instruction_topic_is_found_only_when_unambiguous(tmp_path):
     assert find_instruction_topic({"/instructions": Info("std_msgs/msg/String")}) is None
 
 
+@needs_ros
 @pytest.mark.ros
 def test_replay_plays_the_instruction_and_each_forecast_keeps_its_frames_instruction(tmp_path, tiny_text_model_dir):
     """A language-conditioned model replays the sim bag: every forecast carries the instruction that was in force

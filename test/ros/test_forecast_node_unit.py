@@ -155,6 +155,44 @@ def test_model_failures_are_counted_and_turn_diagnostics_to_error(context):
         node.destroy_node()
 
 
+def test_each_frame_is_forecast_with_the_instruction_in_force_when_it_arrived(context):
+    """A frame waiting in the mailbox (or in flight) keeps its instruction when a new one arrives after it: the
+    instruction message that follows a frame belongs to the next frames, not to it."""
+    import threading
+
+    from std_msgs.msg import String
+
+    gate, entered = threading.Event(), threading.Event()
+
+    class HeldForecaster(FakeForecaster):
+        def forecast(self, rgb, instruction=None, num_samples=8, steps=10, seed=None):
+            entered.set()
+            gate.wait(5.0)
+            return super().forecast(rgb, instruction, num_samples, steps, seed)
+
+    fake = HeldForecaster()
+    node = make_node(context, lambda *a, **options: fake, instruction="pick up the can")
+    try:
+        assert node.autostart()
+        published = []
+        node._pipeline._publish = lambda frame, rgb, forecast: published.append(forecast.instruction)
+        frame = np.zeros((24, 32, 3), np.uint8)
+        node._on_image(rgb_to_image_msg(frame))  # in flight with "pick up the can"
+        assert entered.wait(5.0)
+        node._on_instruction(String(data="open the drawer"))
+        node._on_image(rgb_to_image_msg(frame))  # waits in the mailbox with "open the drawer"
+        node._on_instruction(String(data="close the drawer"))  # arrives after both frames
+        gate.set()
+        assert wait_until(lambda: len(published) == 2, 5)
+        assert published == ["pick up the can", "open the drawer"]
+        assert fake.instructions == published
+        assert node.get_parameter("instruction").value == "close the drawer"  # in force for the next frame
+    finally:
+        gate.set()
+        node.stop_worker(timeout=1.0)
+        node.destroy_node()
+
+
 def test_diagnostic_levels_and_values():
     stats = PipelineStats()
     model = {"model_id": "libero-atm", "device": "cuda:0", "dtype": "float16"}
@@ -224,10 +262,17 @@ def test_setup_installs_everything_a_ros_install_needs(monkeypatch):
                  "rviz/forecast.rviz", "models/registry.yaml", "models/demo-blocks/config.yaml",
                  "models/demo-blocks/denoiser.safetensors", "models/demo-blocks/vae.safetensors",
                  "data/sample_bag/libero_two_views/metadata.yaml",
-                 "data/sample_bag/libero_two_views/libero_two_views.mcap"):
+                 "data/sample_bag/libero_two_views/libero_two_views.mcap",
+                 "data/sample_bag/sim_heldout/metadata.yaml", "data/sample_bag/sim_heldout/sim_heldout.mcap"):
         assert f"{share}/{path}" in installed, path
     encoder_files = [p for p in installed if p.startswith(f"{share}/models/demo-blocks/image_encoder/")]
     assert encoder_files, "demo-blocks' image encoder is not installed"
+    # every file of every shipped model directory is installed (the sim model has image and text encoders)
+    for model_dir in (REPO / "models").iterdir():
+        if model_dir.is_dir() and (model_dir / "config.yaml").is_file():
+            for path in model_dir.rglob("*"):
+                if path.is_file():
+                    assert f"{share}/{path.relative_to(REPO)}" in installed, path
     assert "forecast_node = traj_forecast_ros.ros.forecast_node:main" in captured["entry_points"]["console_scripts"]
 
 

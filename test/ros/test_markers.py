@@ -44,10 +44,14 @@ def test_pixel_plane_lifts_centre_and_corners():
 
 
 def test_camera_info_plane_rescales_to_the_image_size():
-    info = SimpleNamespace(k=[500.0, 0, 320.0, 0, 500.0, 240.0, 0, 0, 1], width=640, height=480)
+    # ROS principal point 319.5, 239.5 (pixel centres at integers) = 320, 240 in forecast pixels (centres at + 0.5)
+    info = SimpleNamespace(k=[500.0, 0, 319.5, 0, 500.0, 239.5, 0, 0, 1], width=640, height=480)
     plane = ImagePlane.from_camera_info(info, image_size=(240, 320), depth=1.0)
     assert (plane.fx, plane.cx, plane.cy) == (250.0, 160.0, 120.0)
     np.testing.assert_allclose(plane.lift(np.array([410.0, 120.0])), [1.0, 0.0, 1.0])
+    # the same camera from its pixel size: one convention for both planes
+    same = ImagePlane.from_pixel_size((480, 640), pixel_size=1 / 500.0, depth=1.0)
+    assert (same.cx, same.cy) == (2 * plane.cx, 2 * plane.cy)
     with pytest.raises(ValueError):
         ImagePlane.from_camera_info(SimpleNamespace(k=[0.0] * 9, width=0, height=0), (240, 320), 1.0)
 

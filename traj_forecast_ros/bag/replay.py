@@ -265,7 +265,7 @@ def replay_through_node(
         spin_thread.start()
 
         node_process = NodeProcess(namespace, node_params, out_dir / "node.log")
-        _wait_until_ready(node_process, player, recorder, image_topic, outputs, timeout_s)
+        _wait_until_ready(node_process, player, recorder, played, outputs, timeout_s)
 
         def on_publish(message, wall_ns: int) -> None:
             if message.topic == image_topic:
@@ -317,9 +317,10 @@ def _watch_diagnostics(node, node_fqn: str, log: ReplayLog) -> None:
     node.create_subscription(DiagnosticArray, "/diagnostics", store, 10)
 
 
-def _wait_until_ready(node_process: NodeProcess, player, recorder, image_topic: str, outputs: Dict[str, str],
+def _wait_until_ready(node_process: NodeProcess, player, recorder, played: Sequence[str], outputs: Dict[str, str],
                       timeout_s: float) -> None:
-    """Block until the node subscribes to the camera and the recorder follows the node's outputs."""
+    """Block until the node subscribes to every played topic (camera, camera info, instruction) and the recorder
+    follows the node's outputs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not node_process.alive():
@@ -327,12 +328,12 @@ def _wait_until_ready(node_process: NodeProcess, player, recorder, image_topic: 
                            f"ready:\n{node_process.log_tail()}")
         if any(marker in node_process.log_text() for marker in ("configure failed", "cannot load model")):
             raise BagError(f"the forecast node could not load its model:\n{node_process.log_tail()}")
-        subscribed = not player.wait_for_subscribers([image_topic], 0.0)
+        subscribed = not player.wait_for_subscribers(list(played), 0.0)
         if subscribed and set(outputs.values()) <= set(recorder.subscribed_topics):
             time.sleep(0.5)  # let both ends of every new connection match before the first frame
             return
         time.sleep(0.1)
-    raise BagError(f"the forecast node did not subscribe to {image_topic} within {timeout_s:.0f} s:\n"
+    raise BagError(f"the forecast node did not subscribe to {', '.join(played)} within {timeout_s:.0f} s:\n"
                    f"{node_process.log_tail()}")
 
 

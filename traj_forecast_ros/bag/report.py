@@ -110,8 +110,10 @@ def overlay_animation_frames(
         chosen = tracks[min(sample, tracks.shape[0] - 1)] * scale  # [T, H, W, 2] in enlarged pixels
         step = stride or max(1, max(chosen.shape[1:3]) // 16)
         animated = forecast_frames(large, chosen, stride=step, thickness=max(1, scale - 1))
-        shown = np.unique(np.linspace(0, len(animated) - 1, max(2, steps)).round().astype(int))
-        return [_labelled(animated[i], label) if truths is not None else animated[i] for i in shown]
+        shown = np.linspace(0, len(animated) - 1, max(2, steps)).round().astype(int)
+        if truths is None:
+            return [animated[i] for i in np.unique(shown)]
+        return [_labelled(animated[i], label) for i in shown]  # steps frames a side, whatever each side's T
 
     frames: List[np.ndarray] = []
     for stamp, forecast in forecasts:

@@ -231,6 +231,8 @@ def _make_sample(args: argparse.Namespace) -> int:
 
 def _make_sim_sample(args: argparse.Namespace) -> int:
     from traj_forecast_ros.bag import sim_sample
+    from traj_forecast_ros.commands.data import require_simulator
+    from traj_forecast_ros.errors import BagError
 
     try:
         episodes = [int(index) for index in args.episodes.split(",") if index.strip()]
@@ -238,7 +240,11 @@ def _make_sim_sample(args: argparse.Namespace) -> int:
         return _fail(f"--episodes takes comma-separated integers, got '{args.episodes}'")
     if not episodes or args.frames < 1:
         return _fail("give at least one episode and --frames >= 1")
-    path = sim_sample.make_sim_sample_bag(out=args.out or sim_sample.SIM_SAMPLE_BAG, seed=args.seed,
-                                          episodes=episodes, frames_per_episode=args.frames)
+    require_simulator()
+    try:
+        path = sim_sample.make_sim_sample_bag(out=args.out or sim_sample.SIM_SAMPLE_BAG, seed=args.seed,
+                                              episodes=episodes, frames_per_episode=args.frames)
+    except BagError as exc:
+        return _fail(str(exc))
     print(f"wrote {path}")
     return 0

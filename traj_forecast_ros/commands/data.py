@@ -118,13 +118,18 @@ def default_workers(requested: Optional[int]) -> int:
     return requested
 
 
-def _sim_manipulation(args: argparse.Namespace) -> int:
+def require_simulator() -> None:
+    """Exit with what to install when the sim extra (robosuite, MuJoCo) is missing."""
     import importlib.util
 
     missing = [name for name in ("robosuite", "mujoco") if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"error: {', '.join(missing)} not installed: bash scripts/setup_sim.sh installs "
                          "robosuite==1.5.2, mujoco==3.3.7 and, for CPU rendering, libosmesa6 (docs/sim-manipulation.md)")
+
+
+def _sim_manipulation(args: argparse.Namespace) -> int:
+    require_simulator()
     from traj_forecast_ros.data.sim_manipulation import DEFAULT_SCENES, SimConfig, write_sim_dataset
 
     workers = default_workers(args.workers)

@@ -81,4 +81,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.out}")
+    if report.get("figure"):
+        print(f"wrote {report['figure']}")
     return 0

@@ -454,7 +454,7 @@ def stream_episode(seed: int, index: int, config: SimConfig, envs: Optional[Dict
             break
         episode.images.append({view: s["image"] for view, s in per_view.items()})
         episode.tracks.append({view: s["tracks"] for view, s in per_view.items()})
-        episode.visibility.append({view: s["visibility"] for view, s in per_view.items()})
+        episode.visibility.append({view: s["visibility"].astype(np.uint8) for view, s in per_view.items()})
     return episode
 
 

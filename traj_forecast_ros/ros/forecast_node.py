@@ -271,7 +271,11 @@ class ForecastNode(LifecycleNode):
         transport = self.param("image_transport")
         topic = str(self.param("image_topic"))
         qos = qos_from_name(self.param("qos_reliability"), self.param("qos_depth"))
-        # Each subscription is recorded as soon as it exists, so a failure part-way destroys the ones made.
+        # Each subscription is recorded as soon as it exists, so a failure part-way destroys the ones made. The
+        # instruction comes first: an executor serves ready subscriptions in creation order, so an instruction that
+        # arrived before a frame is applied before that frame is bound to the instruction in force.
+        self._input_subscriptions.append(self.create_subscription(
+            String, self.param("instruction_topic"), self._on_instruction, OUTPUT_QOS))
         if transport == "compressed":
             topic = f"{topic.rstrip('/')}/compressed"
             self._input_subscriptions.append(self.create_subscription(CompressedImage, topic, self._on_image, qos))
@@ -279,8 +283,6 @@ class ForecastNode(LifecycleNode):
         else:
             self._input_subscriptions.append(self.create_subscription(Image, topic, self._on_image, qos))
             decode = self._decode_raw
-        self._input_subscriptions.append(self.create_subscription(
-            String, self.param("instruction_topic"), self._on_instruction, OUTPUT_QOS))
         if self.param("camera_info_topic"):
             self._input_subscriptions.append(self.create_subscription(
                 CameraInfo, self.param("camera_info_topic"), self._on_camera_info, qos))

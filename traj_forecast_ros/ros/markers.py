@@ -42,13 +42,17 @@ class ImagePlane:
 
     @classmethod
     def from_camera_info(cls, camera_info: Any, image_size: Tuple[int, int], depth: float) -> "ImagePlane":
-        """A plane from a ``CameraInfo`` K matrix, rescaled when the calibration size differs from ``image_size``."""
+        """A plane from a ``CameraInfo`` K matrix, rescaled when the calibration size differs from ``image_size``.
+
+        ROS puts pixel centres at integer coordinates; forecasts put them at index + 0.5, so the principal point
+        moves by half a pixel before it is scaled."""
         k = [float(v) for v in camera_info.k]
         if k[0] <= 0 or k[4] <= 0:
             raise ValueError("CameraInfo has no focal length (k[0] or k[4] <= 0)")
         scale_x = image_size[1] / camera_info.width if camera_info.width else 1.0
         scale_y = image_size[0] / camera_info.height if camera_info.height else 1.0
-        return cls(fx=k[0] * scale_x, fy=k[4] * scale_y, cx=k[2] * scale_x, cy=k[5] * scale_y, depth=depth)
+        return cls(fx=k[0] * scale_x, fy=k[4] * scale_y, cx=(k[2] + 0.5) * scale_x, cy=(k[5] + 0.5) * scale_y,
+                   depth=depth)
 
     def lift(self, pixels: np.ndarray) -> np.ndarray:
         """``[..., 2]`` pixel (x, y) -> ``[..., 3]`` metres (x, y, z) on the plane."""
