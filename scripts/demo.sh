@@ -12,7 +12,8 @@
 # the recorded 10 Hz, and the node then skips the frames it has no time for (counted as "superseded").
 # Options (environment): DEMO_MODEL=<registry name or model dir>, DEMO_RATE=<playback speed, default 0.1>,
 #   DEMO_TOPIC=<image topic, default /agentview/image_raw>, DEMO_OUT=<folder, default outputs>,
-#   DEMO_BAGS=<which: "sim libero" (default), "sim" or "libero">.
+#   DEMO_BAGS=<which: "sim libero" (default), "sim" or "libero">,
+#   DEMO_PARAMS=<node parameters, space-separated NAME:=VALUE, e.g. "num_samples:=2 steps:=10">.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -33,9 +34,14 @@ for name in "${names[@]}"; do
     exit 2
   fi
 done
+read -ra node_params <<< "${DEMO_PARAMS:-}"
+param_args=()
+for param in "${node_params[@]}"; do
+  param_args+=(--param "$param")
+done
 for name in "${names[@]}"; do
   bag=${bags[$name]}
   echo "demo: replaying $bag through forecast_node (outputs in $OUT/$name/)"
   .venv/bin/python -m traj_forecast_ros.cli bag replay "$bag" "$OUT/$name" "${model_args[@]}" \
-    --topic "${DEMO_TOPIC:-/agentview/image_raw}" --rate "${DEMO_RATE:-0.1}"
+    --topic "${DEMO_TOPIC:-/agentview/image_raw}" --rate "${DEMO_RATE:-0.1}" ${param_args[@]+"${param_args[@]}"}
 done

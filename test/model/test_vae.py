@@ -115,6 +115,20 @@ def test_loss_terms(vae: TrajectoryVAE) -> None:
     torch.testing.assert_close(default["loss"], recon + vae.cfg.beta * kl)
 
 
+def test_loss_and_gradients_stay_finite_when_the_posterior_std_underflows(vae: TrajectoryVAE) -> None:
+    """std = softplus(logvar / 2) is exactly 0 in float32 for logvar below about -210: the KL term must not become
+    inf (it did, about once in 25 steps late in a sim-manipulation VAE run, and zeroed those steps' gradients)."""
+    tracks, features = inputs(vae.cfg)
+    layer = vae.to_latents
+    with torch.no_grad():
+        layer.bias[layer.bias.shape[0] // 2:] = -400.0  # logvar half of the projection
+        assert float(vae.encode(tracks, features)[1].min()) == 0.0
+    out = vae.loss(tracks, features, beta=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["kl"]) and float(out["kl"]) > 0
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in vae.parameters() if p.grad is not None)
+
+
 def test_training_reduces_loss(tiny: ModelConfig) -> None:
     torch.manual_seed(0)
     vae = TrajectoryVAE(dataclasses.replace(tiny.vae, beta=1e-3))

@@ -228,5 +228,7 @@ class TrajectoryVAE(nn.Module):
         recon_tracks = self.decode(z, frame_features)  # (B, T, 2, H, W)
         recon = F.huber_loss(recon_tracks, tracks_norm, delta=1.0)
         # KL(N(mean, std) || N(0, 1)) per element, averaged over [T, L, Z] then over the batch.
-        kl = (0.5 * (mean.square() + std.square() - 1.0) - torch.log(std)).mean()
+        # std = softplus(logvar / 2) underflows to 0 for very negative logvar: floor it so log(std) stays finite.
+        log_std = torch.log(std.clamp_min(torch.finfo(std.dtype).tiny))
+        kl = (0.5 * (mean.square() + std.square() - 1.0) - log_std).mean()
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
