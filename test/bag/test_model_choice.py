@@ -30,19 +30,22 @@ def _download_libero(cache_root: Path) -> None:
     save_model_dir(registry.model_cache_dir(model_choice.LIBERO_MODEL), config, *build_modules(config))
 
 
-def test_shipped_demo_model_wins_on_a_cpu_even_when_libero_is_downloaded(cache_root, monkeypatch):
-    assert registry.has_weights(registry.load_registry()[model_choice.DEMO_MODEL].local_dir)
+def test_shipped_sim_model_wins_on_a_cpu_even_when_libero_is_downloaded(cache_root, monkeypatch):
+    shipped = registry.load_registry()
+    assert registry.has_weights(shipped[model_choice.SIM_MODEL].local_dir)  # both ship with the package
+    assert registry.has_weights(shipped[model_choice.DEMO_MODEL].local_dir)
     monkeypatch.setattr(model_choice, "_cuda_available", lambda: False)
     name, why = model_choice.best_offline_model()
-    assert name == model_choice.DEMO_MODEL and "traj-forecast download libero-atm" in why
+    assert name == model_choice.SIM_MODEL and "traj-forecast download libero-atm" in why
+    assert "simulated LIBERO-like manipulation" in why
     _download_libero(cache_root)
     name, why = model_choice.best_offline_model()
-    assert name == model_choice.DEMO_MODEL and "without a GPU" in why
+    assert name == model_choice.SIM_MODEL and "without a GPU" in why
 
 
 def test_downloaded_libero_wins_with_a_gpu(cache_root, monkeypatch):
     monkeypatch.setattr(model_choice, "_cuda_available", lambda: True)
-    assert model_choice.best_offline_model()[0] == model_choice.DEMO_MODEL  # GPU, but LIBERO not downloaded
+    assert model_choice.best_offline_model()[0] == model_choice.SIM_MODEL  # GPU, but LIBERO not downloaded
     _download_libero(cache_root)
     assert model_choice.best_offline_model()[0] == model_choice.LIBERO_MODEL
 

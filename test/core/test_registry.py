@@ -308,5 +308,5 @@ def test_model_choice_falls_back_past_a_corrupt_model_with_the_reason_logged(cac
     monkeypatch.setattr(model_choice, "_cuda_available", lambda: True)
     with caplog.at_level("WARNING", logger="traj_forecast_ros.bag.model_choice"):
         name, _why = model_choice.best_offline_model()
-    assert name == model_choice.DEMO_MODEL  # LIBERO with a GPU would win, but its files differ from the pins
+    assert name == model_choice.SIM_MODEL  # LIBERO with a GPU would win, but its files differ from the pins
     assert any("libero-atm" in record.getMessage() and "pinned" in record.getMessage() for record in caplog.records)

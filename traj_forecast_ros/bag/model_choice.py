@@ -55,18 +55,13 @@ def best_offline_model(cache_dir: Optional[str] = None) -> Tuple[str, str]:
         return SIM_MODEL, ("the model shipped with the package, trained on simulated LIBERO-like manipulation "
                            f"clips; {libero_hint}")
     if _available(DEMO_MODEL, cache_dir):
-        reason = "the model shipped with the package, trained on synthetic block scenes"
-        if has_libero:
-            reason += "; LIBERO weights are downloaded, but without a GPU they take tens of seconds per sample"
-        else:
-            reason += f"; for LIBERO-trained forecasts: `traj-forecast download {LIBERO_MODEL}` (GPU recommended)"
-        return DEMO_MODEL, reason
+        return DEMO_MODEL, f"the model shipped with the package, trained on synthetic block scenes; {libero_hint}"
     if has_libero:
         return LIBERO_MODEL, "the only model available offline (slow on a CPU)"
-    tried: List[str] = [DEMO_MODEL, LIBERO_MODEL]
+    tried: List[str] = [SIM_MODEL, DEMO_MODEL, LIBERO_MODEL]
     raise WeightsNotFoundError(
-        f"no forecasting model is available offline (tried {', '.join(tried)}): the shipped '{DEMO_MODEL}' model "
-        f"directory is missing and '{LIBERO_MODEL}' is not downloaded. Run `traj-forecast download {LIBERO_MODEL}` "
+        f"no forecasting model is available offline (tried {', '.join(tried)}): the shipped '{SIM_MODEL}' and "
+        f"'{DEMO_MODEL}' model directories are missing and '{LIBERO_MODEL}' is not downloaded. Run `traj-forecast download {LIBERO_MODEL}` "
         "once with network access, or pass --model DIR with a model directory."
     )
 
