@@ -61,8 +61,8 @@ def best_offline_model(cache_dir: Optional[str] = None) -> Tuple[str, str]:
     tried: List[str] = [SIM_MODEL, DEMO_MODEL, LIBERO_MODEL]
     raise WeightsNotFoundError(
         f"no forecasting model is available offline (tried {', '.join(tried)}): the shipped '{SIM_MODEL}' and "
-        f"'{DEMO_MODEL}' model directories are missing and '{LIBERO_MODEL}' is not downloaded. Run `traj-forecast download {LIBERO_MODEL}` "
-        "once with network access, or pass --model DIR with a model directory."
+        f"'{DEMO_MODEL}' model directories are missing and '{LIBERO_MODEL}' is not downloaded. Run "
+        f"`traj-forecast download {LIBERO_MODEL}` once with network access, or pass --model DIR with a model directory."
     )
 
 

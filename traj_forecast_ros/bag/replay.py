@@ -235,6 +235,8 @@ def replay_through_node(
     if instruction_topic is not None:
         node_params["instruction_topic"] = instruction_topic
     node_params.update(parse_param_overrides(extra_params))
+    if node_params.get("instruction_topic") != instruction_topic:
+        instruction_topic = None  # the caller pointed the node elsewhere: the bag's instruction goes unplayed
 
     ensure_dds_profile()
     log = ReplayLog()
