@@ -53,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "instruction instead: the forecast without a task)")
     parser.add_argument("--out", type=Path, default=None, help="write the full report as JSON here")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--vae-bound", action="store_true",
+                        help="also score the model's VAE reconstructing each true future (what its generator can reach)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="write a PNG of one scene per task kind x view: truth beside the predictions")
     parser.set_defaults(func=_evaluate)
@@ -70,7 +72,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,
                       max_scenes=args.max_scenes, seed=args.seed, steps=args.steps,
                       sample_batch_size=args.sample_batch_size, device=args.device, progress=True,
-                      use_instructions=not args.no_instructions, figure=args.figure)
+                      use_instructions=not args.no_instructions, figure=args.figure, vae_bound=args.vae_bound)
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
     for group in ("per_kind", "per_view"):

@@ -97,6 +97,30 @@ def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices:
     return np.stack(outputs)
 
 
+@torch.no_grad()
+def vae_reconstruction_predictions(model: PathLike, dataset: TrajectoryDataset, indices: Sequence[int],
+                                   num_samples: int, device: str = "auto") -> np.ndarray:
+    """``[N, K, T, Hq, Wq, 2]`` pixels: the model's VAE decoding the posterior mean of each TRUE future (the same
+    for all K). No sampling is involved, so this bounds what the generative stage can reach through this VAE."""
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.geometry import denormalise_points, normalise_points
+
+    forecaster = Forecaster.from_pretrained(model, device=device, dtype="float32")
+    dataset.meta.check_model_geometry(forecaster.config)
+    size = tuple(forecaster.config.image_size)
+    vae = forecaster.vae
+    parameter = next(vae.parameters())
+    outputs = []
+    for index in indices:
+        features = forecaster.encode_image(dataset.gather("images", [index])[0]).to(parameter)
+        truth = torch.from_numpy(dataset.gather("tracks", [index])[0, 0]).to(parameter)[None]  # [1, T, Hq, Wq, 2]
+        mean, _std = vae.encode(normalise_points(truth, size).permute(0, 1, 4, 2, 3), features)
+        decoded = vae.decode(mean, features).permute(0, 1, 3, 4, 2)  # [1, T, Hq, Wq, 2] normalised
+        outputs.append(denormalise_points(decoded, size).float().cpu().numpy())
+    single = np.concatenate(outputs)[:, None]
+    return np.repeat(single, num_samples, axis=1).astype(np.float32)
+
+
 def background_mean_displacement(pred: np.ndarray, object_ids: Optional[np.ndarray]) -> Optional[float]:
     """Mean final displacement ``|x_{T-1} - x_0|`` (pixels) of the points with object id 0 in ``pred [N, K, T, Hq,
     Wq, 2]`` (None without object ids or static points)."""
@@ -128,7 +152,8 @@ def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids
 def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Optional[PathLike] = None,
              num_samples: int = DEFAULT_NUM_SAMPLES, max_scenes: Optional[int] = None, seed: int = 0,
              steps: int = DEFAULT_STEPS, sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
-             progress: bool = False, use_instructions: bool = True, figure: Optional[PathLike] = None) -> Dict:
+             progress: bool = False, use_instructions: bool = True, figure: Optional[PathLike] = None,
+             vae_bound: bool = False) -> Dict:
     """Score ``ours`` (when ``model`` is given), ``zero_motion`` and ``regressor`` (when given) on a dataset.
 
     Returns a JSON-friendly dict: settings, ``results[method] -> metrics`` (see
@@ -136,7 +161,8 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     ``per_kind[kind][method]`` and ``per_view[view][method]`` (the same metrics on those scenes; empty when the
     dataset has no kinds / views) and ``seconds[method]``. ``use_instructions``: give a language-conditioned model
     each sample's instruction (else the model's default instruction). ``figure``: also write a PNG of the first
-    scene of every kind x view, truth beside the predictions (:func:`.figure.comparison_figure`).
+    scene of every kind x view, truth beside the predictions (:func:`.figure.comparison_figure`). ``vae_bound``: also
+    score ``vae_reconstruction``, the model's VAE decoding each true future (:func:`vae_reconstruction_predictions`).
     """
     dataset = TrajectoryDataset(data_dir)
     count = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
@@ -170,6 +196,12 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         start = time.perf_counter()
         predictions["regressor"] = regressor_predictions(regressor, dataset, indices, num_samples)
         seconds["regressor"] = time.perf_counter() - start
+
+    if vae_bound and model is not None:
+        start = time.perf_counter()
+        predictions["vae_reconstruction"] = vae_reconstruction_predictions(model, dataset, indices, num_samples,
+                                                                           device=device)
+        seconds["vae_reconstruction"] = time.perf_counter() - start
 
     results = {name: metrics.evaluate_predictions(pred, gt, object_ids, kinds) for name, pred in predictions.items()}
     for name, pred in predictions.items():
