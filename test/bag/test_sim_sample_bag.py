@@ -144,3 +144,21 @@ def test_replay_plays_the_instruction_and_each_forecast_keeps_its_frames_instruc
     assert forecasts and all(message.instruction == said[stamp] for stamp, message in forecasts)
     assert summary["accuracy"]["truth_topic"] == "/agentview/true_future"  # the tiny grid differs: not scored
     assert summary["accuracy"]["scored"] == 0
+
+
+def test_make_sim_sample_refuses_bad_arguments_before_rendering(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from traj_forecast_ros.cli import main
+
+    out = tmp_path / "bag"
+    assert main(["bag", "make-sim-sample", "--out", str(out), "--episodes", "0,x"]) != 0
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert main(["bag", "make-sim-sample", "--out", str(out), "--frames", "0"]) != 0
+    assert not out.exists()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "robosuite" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit, match="robosuite not installed: bash scripts/setup_sim.sh"):
+        main(["bag", "make-sim-sample", "--out", str(out)])
+    assert not out.exists()
