@@ -32,6 +32,22 @@ _RAMP_ANCHORS = np.array(
 )
 
 
+TRACKS_PER_SIDE = 16  # drawings show about this many tracks per grid side, whatever the query grid
+
+
+def enlarged(image_rgb: np.ndarray, scale: int) -> np.ndarray:
+    """``[H, W, 3]`` uint8 enlarged ``scale`` x (bicubic), for drawing tracks at a readable size."""
+    from PIL import Image
+
+    height, width = image_rgb.shape[:2]
+    return np.asarray(Image.fromarray(image_rgb).resize((width * scale, height * scale), Image.BICUBIC))
+
+
+def readable_stride(grid_shape: Sequence[int]) -> int:
+    """The grid stride that draws about :data:`TRACKS_PER_SIDE` tracks per side of a ``(Hq, Wq)`` query grid."""
+    return max(1, max(int(side) for side in grid_shape) // TRACKS_PER_SIDE)
+
+
 def time_colors(num_frames: int) -> np.ndarray:
     """``[num_frames, 3]`` uint8 RGB colours of the time ramp (frame 0 = blue ... last frame = yellow)."""
     if num_frames < 1:

@@ -103,12 +103,12 @@ def overlay_animation_frames(
     ``stride`` None draws about 16 x 16 tracks whatever the query grid. With ``truths`` (stamp -> recorded true
     future, a ``TrajectoryForecast``), a forecast that has a truth is shown beside it (left: forecast, right: truth,
     drawn the same way), so every frame of the GIF has the same width only if every forecast has its truth."""
-    from traj_forecast_ros.viz import forecast_frames
+    from traj_forecast_ros.viz import enlarged, forecast_frames, readable_stride
 
     def animate(large: np.ndarray, message: object, label: str) -> List[np.ndarray]:
         tracks = forecast_arrays(message)["tracks"]
         chosen = tracks[min(sample, tracks.shape[0] - 1)] * scale  # [T, H, W, 2] in enlarged pixels
-        step = stride or max(1, max(chosen.shape[1:3]) // 16)
+        step = stride or readable_stride(chosen.shape[1:3])
         animated = forecast_frames(large, chosen, stride=step, thickness=max(1, scale - 1))
         shown = np.linspace(0, len(animated) - 1, max(2, steps)).round().astype(int)
         if truths is None:
@@ -119,9 +119,7 @@ def overlay_animation_frames(
     for stamp, forecast in forecasts:
         if stamp not in images:
             raise BagError(f"no source image with stamp {stamp} for a forecast")
-        image = images[stamp]
-        height, width = image.shape[:2]
-        large = np.asarray(PILImage.fromarray(image).resize((width * scale, height * scale), PILImage.BICUBIC))
+        large = enlarged(images[stamp], scale)
         shown = animate(large, forecast, "forecast")
         truth = None if truths is None else truths.get(stamp)
         if truth is not None:
@@ -164,10 +162,10 @@ def write_overlay_gif(
         raise BagError(f"{forecast_bag} holds no forecast on {forecast_topic}: nothing to animate")
     truths = None
     if truth_topic is not None:
-        truths = dict(read_forecasts(image_bag, truth_topic))
-        forecasts = [(stamp, forecast) for stamp, forecast in forecasts if stamp in truths] or forecasts
-        if not any(stamp in truths for stamp, _ in forecasts):
-            truths = None  # no forecast has its truth: plain overlay
+        recorded = dict(read_forecasts(image_bag, truth_topic))
+        paired = [(stamp, forecast) for stamp, forecast in forecasts if stamp in recorded]
+        if paired:  # else no forecast has its truth: plain overlay
+            forecasts, truths = paired, recorded
     images = read_images(image_bag, image_topic, [stamp for stamp, _ in forecasts])
     from traj_forecast_ros.viz import time_colors
 

@@ -101,8 +101,16 @@ def make_sample_bag(
 
 
 def camera_info_message(store, header, width: int, height: int, fovy_deg: float) -> object:
-    """A ``sensor_msgs/CameraInfo`` (rosbags object) for an undistorted pinhole camera."""
+    """A ``sensor_msgs/CameraInfo`` (rosbags object) for an undistorted pinhole with vertical field of view
+    ``fovy_deg``."""
     k = pinhole_intrinsics(width, height, fovy_deg)
+    return pinhole_camera_info(store, header, width, height, k["fx"], k["fy"], k["cx"], k["cy"])
+
+
+def pinhole_camera_info(store, header, width: int, height: int, fx: float, fy: float, cx: float, cy: float
+                        ) -> object:
+    """A ``sensor_msgs/CameraInfo`` (rosbags object) for an undistorted pinhole; ``cx, cy`` in the ROS convention
+    (pixel centres at integer coordinates)."""
     types = store.types
     return types["sensor_msgs/msg/CameraInfo"](
         header=header,
@@ -110,9 +118,9 @@ def camera_info_message(store, header, width: int, height: int, fovy_deg: float)
         width=width,
         distortion_model="plumb_bob",
         d=np.zeros(5, dtype=np.float64),
-        k=np.array([k["fx"], 0, k["cx"], 0, k["fy"], k["cy"], 0, 0, 1], dtype=np.float64),
+        k=np.array([fx, 0, cx, 0, fy, cy, 0, 0, 1], dtype=np.float64),
         r=np.eye(3, dtype=np.float64).reshape(-1),
-        p=np.array([k["fx"], 0, k["cx"], 0, 0, k["fy"], k["cy"], 0, 0, 0, 1, 0], dtype=np.float64),
+        p=np.array([fx, 0, cx, 0, 0, fy, cy, 0, 0, 0, 1, 0], dtype=np.float64),
         binning_x=0,
         binning_y=0,
         roi=types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False),

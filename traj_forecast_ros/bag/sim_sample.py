@@ -23,8 +23,8 @@ from typing import Dict, Iterable, Sequence
 
 import numpy as np
 
-from traj_forecast_ros.bag.io import BagWriter, PathLike
-from traj_forecast_ros.bag.sample import REPO_ROOT, SAMPLE_START_NS, SAMPLE_CAMERAS
+from traj_forecast_ros.bag.io import BagWriter, PathLike, bag_topics
+from traj_forecast_ros.bag.sample import REPO_ROOT, SAMPLE_CAMERAS, SAMPLE_START_NS, pinhole_camera_info
 from traj_forecast_ros.errors import BagError
 
 SIM_SAMPLE_BAG = REPO_ROOT / "data" / "sample_bag" / "sim_heldout"
@@ -40,19 +40,15 @@ def truth_topic(view: str) -> str:
     return f"{VIEW_CAMERAS[view].namespace}/{TRUTH_TOPIC_NAME}"
 
 
-def camera_info_msg(header, intrinsics: np.ndarray, height: int, width: int):
-    """``sensor_msgs/CameraInfo`` of an undistorted pinhole. ``intrinsics`` uses the forecasts' continuous pixel
-    convention (a pixel's centre at index + 0.5); CameraInfo's principal point is half a pixel less (ROS)."""
-    from sensor_msgs.msg import CameraInfo
-
-    fx, fy = float(intrinsics[0, 0]), float(intrinsics[1, 1])
-    cx, cy = float(intrinsics[0, 2]) - 0.5, float(intrinsics[1, 2]) - 0.5
-    info = CameraInfo(header=header, height=int(height), width=int(width), distortion_model="plumb_bob")
-    info.d = [0.0] * 5
-    info.k = [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
-    info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-    info.p = [fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
-    return info
+def camera_info(store, stamp_ns: int, frame_id: str, intrinsics: np.ndarray, height: int, width: int) -> object:
+    """``sensor_msgs/CameraInfo`` (rosbags object) of an undistorted pinhole. ``intrinsics`` uses the forecasts'
+    continuous pixel convention (a pixel's centre at index + 0.5); CameraInfo's principal point is half a pixel less
+    (ROS)."""
+    types = store.types
+    header = types["std_msgs/msg/Header"](
+        stamp=types["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id=frame_id)
+    return pinhole_camera_info(store, header, int(width), int(height), float(intrinsics[0, 0]),
+                               float(intrinsics[1, 1]), float(intrinsics[0, 2]) - 0.5, float(intrinsics[1, 2]) - 0.5)
 
 
 def write_episodes(out: PathLike, episodes: Iterable, query_points: np.ndarray, start_ns: int = SAMPLE_START_NS,
@@ -66,12 +62,11 @@ def write_episodes(out: PathLike, episodes: Iterable, query_points: np.ndarray, 
     from traj_forecast_ros.forecast import Forecast
     from traj_forecast_ros.ros.conversions import forecast_to_msg, rgb_to_image_msg
 
-    counts: Dict[str, int] = {}
     stamp_ns = int(start_ns)
 
     def put(writer: BagWriter, topic: str, msgtype: str, at_ns: int, message) -> None:
+        """Append an rclpy message."""
         writer.write(topic, msgtype, at_ns, serialize_message(message))
-        counts[topic] = counts.get(topic, 0) + 1
 
     with BagWriter(out, "mcap", overwrite=overwrite, compress=True) as writer:
         for episode in episodes:
@@ -85,14 +80,17 @@ def write_episodes(out: PathLike, episodes: Iterable, query_points: np.ndarray, 
                     height, width = images[view].shape[:2]
                     put(writer, f"{camera.namespace}/image_raw", "sensor_msgs/msg/Image", stamp_ns,
                         rgb_to_image_msg(images[view], header))
-                    put(writer, f"{camera.namespace}/camera_info", "sensor_msgs/msg/CameraInfo", stamp_ns,
-                        camera_info_msg(header, episode.intrinsics[view], height, width))
+                    info = camera_info(writer.typestore, stamp_ns, camera.frame_id, episode.intrinsics[view], height,
+                                       width)
+                    writer.write_message(f"{camera.namespace}/camera_info", "sensor_msgs/msg/CameraInfo", stamp_ns,
+                                         info)
                     truth = Forecast(tracks=tracks[view][None].astype(np.float32), query_points=query_points,
                                      image_size=(height, width), model_id=TRUTH_MODEL_ID,
                                      instruction=episode.instruction)
                     put(writer, truth_topic(view), "traj_forecast_msgs/msg/TrajectoryForecast", stamp_ns,
                         forecast_to_msg(truth, header, frame_interval=episode.frame_interval_s))
                 stamp_ns += period_ns
+    counts = {topic: info.count for topic, info in bag_topics(out).items()}
     if not counts:
         raise BagError("no episode frames to write")
     return counts

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from traj_forecast_ros.viz import draw_tracks
+from traj_forecast_ros.viz import draw_tracks, enlarged, readable_stride
 
 PathLike = Union[str, Path]
 HEADER_PX = 14
@@ -34,10 +34,8 @@ def pick_scenes(kinds: Optional[Sequence[Optional[str]]], views: Optional[Sequen
 
 def _panel(image: np.ndarray, tracks: np.ndarray, title: str, scale: int) -> np.ndarray:
     """``image`` enlarged ``scale`` x with ``tracks [T, Hq, Wq, 2]`` drawn on it, under a one-line title."""
-    height, width = image.shape[:2]
-    large = np.asarray(Image.fromarray(image).resize((width * scale, height * scale), Image.BICUBIC))
-    stride = max(1, max(tracks.shape[1:3]) // 16)
-    drawn = draw_tracks(large, tracks * scale, stride=stride, thickness=max(1, scale - 1))
+    drawn = draw_tracks(enlarged(image, scale), tracks * scale, stride=readable_stride(tracks.shape[1:3]),
+                        thickness=max(1, scale - 1))
     canvas = Image.new("RGB", (drawn.shape[1], drawn.shape[0] + HEADER_PX), (255, 255, 255))
     canvas.paste(Image.fromarray(drawn), (0, HEADER_PX))
     ImageDraw.Draw(canvas).text((2, 1), title, fill=(0, 0, 0))
