@@ -26,6 +26,9 @@ TEST_SHARDS=${TEST_SHARDS:-3}
 EPISODES_PER_SHARD=${EPISODES_PER_SHARD:-8}
 ENCODER_STEPS=${ENCODER_STEPS:-2500}
 VAE_STEPS=${VAE_STEPS:-1200}
+DECODER_STEPS=${DECODER_STEPS:-800}      # decoder-only fine-tune of the VAE (latent space unchanged)
+DECODER_DELTA=${DECODER_DELTA:-0.002}    # its Huber delta (normalised units at 128 px: 0.002 = 0.13 px; near L1)
+DECODER_NOISE=${DECODER_NOISE:-0.2}      # its latent noise (units of each channel's latent scale)
 FLOW_STEPS=${FLOW_STEPS:-4000}
 REGRESSOR_STEPS=${REGRESSOR_STEPS:-400}
 EVAL_SAMPLES=${EVAL_SAMPLES:-8}
@@ -89,13 +92,17 @@ stage encoder "$RUN/encoder" "$TF" train encoder --out "$RUN/encoder" "${ENCODER
 stage probe "$RUN/encoder_random_probe" "$TF" train encoder --out "$RUN/encoder_random_probe" --frozen-backbone \
     "${ENCODER_ARGS[@]}"
 
-# 3. stage 1 (VAE) on the frozen pretrained encoder; 4. stage 2 (flow, with the words text encoder)
+# 3. stage 1 (VAE) on the frozen pretrained encoder, then its decoder fine-tuned alone (near-L1 reconstruction on
+#    noisy latents: still points stay still); 4. stage 2 (flow, with the words text encoder) on the same latents
 VAE_ARGS=(--data "$RUN/train" --config "$CONFIG" --steps "$VAE_STEPS" --batch-size 8 --lr 1e-3 --warmup 50
           --schedule cosine --ema-decay 0.995 "${COMMON[@]}")
 FLOW_ARGS=(--data "$RUN/train" --steps "$FLOW_STEPS" --batch-size 16 --lr 8e-4 --warmup 100 --schedule cosine
            --ema-decay 0.999 --latent-draw mean "${COMMON[@]}")
 stage vae "$RUN/vae" "$TF" train vae --out "$RUN/vae" --encoder "$RUN/encoder" "${VAE_ARGS[@]}"
-stage flow "$RUN/flow" "$TF" train flow --out "$RUN/flow" --vae "$RUN/vae" "${FLOW_ARGS[@]}"
+stage vae_decoder "$RUN/vae_decoder" "$TF" train vae --out "$RUN/vae_decoder" --init "$RUN/vae" --decoder-only \
+    --recon-delta "$DECODER_DELTA" --latent-noise "$DECODER_NOISE" --data "$RUN/train" --steps "$DECODER_STEPS" \
+    --batch-size 8 --lr 3e-4 --warmup 50 --schedule cosine --ema-decay 0.995 "${COMMON[@]}"
+stage flow "$RUN/flow" "$TF" train flow --out "$RUN/flow" --vae "$RUN/vae_decoder" "${FLOW_ARGS[@]}"
 
 # 5. the deterministic regressor baseline on the same frozen encoder
 stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --encoder "$RUN/vae" --config "$CONFIG" \
@@ -103,7 +110,7 @@ stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --enc
     --ema-decay 0.995 "${COMMON[@]}"
 
 # 6. evaluation on the held-out split: overall, per task kind and per view (JSON + markdown)
-evaluate evaluate "$RUN/flow" "$RUN/eval.json" --figure "$RUN/heldout_figure.png"
+evaluate evaluate "$RUN/flow" "$RUN/eval.json" --figure "$RUN/heldout_figure.png" --vae-bound
 # the same without instructions: the marginal over tasks, where the samples should spread over the candidate goals
 evaluate evaluate_no_instruction "$RUN/flow" "$RUN/eval_no_instruction.json" --no-instructions
 
@@ -126,7 +133,8 @@ if [[ ! -f "$MODEL_DEST/config.yaml" || "$RUN/flow/.done" -nt "$MODEL_DEST/confi
     cat > "$staging/README.md" <<README
 # sim-manipulation
 
-Trained by \`scripts/train_sim.sh\` (RUN=$RUN, seed $SEED; steps: encoder $ENCODER_STEPS, VAE $VAE_STEPS, flow
+Trained by \`scripts/train_sim.sh\` (RUN=$RUN, seed $SEED; steps: encoder $ENCODER_STEPS, VAE $VAE_STEPS + decoder
+$DECODER_STEPS (Huber delta $DECODER_DELTA, latent noise $DECODER_NOISE), flow
 $FLOW_STEPS, regressor $REGRESSOR_STEPS; data: $TRAIN_SHARDS train + $TEST_SHARDS test shards of
 $EPISODES_PER_SHARD episodes) on simulated LIBERO-like manipulation clips (docs/sim-manipulation.md). Image encoder:
 a small ViT pretrained on the sim frames' depth and segmentation, frozen. Text encoder: word-level, trained with the

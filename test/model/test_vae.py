@@ -193,3 +193,46 @@ def test_invalid_configs_raise(tiny: ModelConfig) -> None:
         TrajectoryVAE(dataclasses.replace(tiny.vae, encoder_depth=3))
     with pytest.raises(ValueError, match="not a square number"):
         TrajectoryVAE(dataclasses.replace(tiny.vae, num_frame_tokens=15))
+
+
+def test_loss_recon_delta_and_latent_noise(vae: TrajectoryVAE) -> None:
+    """``recon_delta`` is the Huber delta; ``latent_noise`` [C] adds per-channel noise to the draw before decoding,
+    from the same generator right after the posterior draw; ``mse`` is the plain squared error."""
+    tracks, features = inputs(vae.cfg)
+    noise_std = torch.linspace(0.1, 0.4, vae.latent_channels)
+    with torch.no_grad():
+        out = vae.loss(tracks, features, generator=torch.Generator().manual_seed(5), recon_delta=0.01,
+                       latent_noise=noise_std)
+        gen = torch.Generator().manual_seed(5)
+        mean, std = vae.encode(tracks, features)
+        z = mean + std * torch.randn(mean.shape, generator=gen)
+        z = z + torch.randn(mean.shape, generator=gen) * noise_std
+        decoded = vae.decode(z, features)
+    torch.testing.assert_close(out["recon"], F.huber_loss(decoded, tracks, delta=0.01))
+    torch.testing.assert_close(out["mse"], (decoded - tracks).square().mean())
+
+
+def test_freeze_all_but_decoder_keeps_the_latent_space(vae: TrajectoryVAE) -> None:
+    """Only from_latents, the decoder blocks and the final layer train: after steps of the loss the posterior of
+    every input is bit-identical, and decoding has changed."""
+    tracks, features = inputs(vae.cfg)
+    vae.freeze_all_but_decoder()
+    trainable = {name.split(".", 1)[0] for name, p in vae.named_parameters() if p.requires_grad}
+    assert trainable == {"from_latents", "decoder_blocks", "final_layer"}
+    assert not vae.frame_proj.weight.requires_grad  # the image context is shared with the encoder
+    with torch.no_grad():
+        mean_before, std_before = vae.encode(tracks, features)
+        decoded_before = vae.decode(mean_before, features)
+    optimizer = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        out = vae.loss(tracks, features, generator=torch.Generator().manual_seed(step), recon_delta=0.05,
+                       latent_noise=torch.full((vae.latent_channels,), 0.1))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    assert all(p.grad is None for p in vae.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        mean_after, std_after = vae.encode(tracks, features)
+        decoded_after = vae.decode(mean_after, features)
+    assert torch.equal(mean_before, mean_after) and torch.equal(std_before, std_after)
+    assert not torch.allclose(decoded_before, decoded_after)

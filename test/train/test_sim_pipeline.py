@@ -1,5 +1,5 @@
 """The sim-manipulation pipeline at test size, without robosuite (a tiny labelled dataset built here):
-encoder pretraining, both stages with the words text encoder, forecasting with an instruction, evaluation."""
+encoder pretraining, both stages (and the decoder-only fine-tune between them) with the words text encoder, forecasting with an instruction, evaluation."""
 
 import json
 
@@ -35,7 +35,10 @@ def model_run(sim_data, encoder_run, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sim")
     train_vae(sim_data, root / "vae", preset_config("tiny-sim"), quick_settings(steps=4), encoder_dir=encoder_run)
-    train_flow(sim_data, root / "flow", quick_settings(steps=4), vae_dir=root / "vae", latent_draw="mean")
+    # as scripts/train_sim.sh: the decoder fine-tuned alone, then the flow on the (unchanged) latents
+    train_vae(sim_data, root / "vae_decoder", preset_config("tiny-sim"), quick_settings(steps=2), init=root / "vae",
+              decoder_only=True, recon_delta=0.01, latent_noise=0.1)
+    train_flow(sim_data, root / "flow", quick_settings(steps=4), vae_dir=root / "vae_decoder", latent_draw="mean")
     return root
 
 

@@ -115,6 +115,37 @@ def test_vae_run_directory_has_latent_scale_and_encoder(tiny_vae_run, read_metri
     assert [int(r["step"]) for r in rows] == list(range(1, 9)) and "recon_rmse_px" in rows[0]
 
 
+def test_decoder_only_fine_tune_keeps_the_latent_space(tiny_data, tiny_vae_run, tmp_path, make_settings,
+                                                      read_metrics):
+    """``decoder_only``: every weight outside the decoder (and the image encoder) is bit-identical to --init's, so
+    the latent scale and a flow trained on the old latents stay valid; the decoder's weights moved."""
+    out = tmp_path / "decoder"
+    train_vae(tiny_data, out, tiny_blocks_config(), make_settings(steps=4), init=tiny_vae_run, decoder_only=True,
+              recon_delta=0.01, latent_noise=0.1)
+    before, after = load_file(str(tiny_vae_run / "vae.safetensors")), load_file(str(out / "vae.safetensors"))
+    decoder = ("from_latents.", "decoder_blocks.", "final_layer.")
+    moved = {key for key in before if not torch.equal(before[key], after[key])}
+    assert moved and all(key.startswith(decoder) for key in moved)
+    assert all(torch.equal(before[key], after[key]) for key in before if not key.startswith(decoder))
+    old, new = ModelConfig.load_yaml(tiny_vae_run / "config.yaml"), ModelConfig.load_yaml(out / "config.yaml")
+    assert new.latent_scale == old.latent_scale
+    for name in ("config.json", "model.safetensors"):
+        assert (out / "image_encoder" / name).read_bytes() == (tiny_vae_run / "image_encoder" / name).read_bytes()
+    rows = read_metrics(out / "metrics.csv")
+    assert len(rows) == 4 and all(r["recon_rmse_px"] > 0 for r in rows)
+
+
+def test_decoder_only_options_are_checked(tiny_data, tiny_vae_run, tmp_path, make_settings):
+    config = tiny_blocks_config()
+    with pytest.raises(ValueError, match="needs --init"):
+        train_vae(tiny_data, tmp_path / "a", config, make_settings(steps=1), decoder_only=True)
+    with pytest.raises(ValueError, match="decoder-only"):
+        train_vae(tiny_data, tmp_path / "b", config, make_settings(steps=1), init=tiny_vae_run, latent_noise=0.1)
+    with pytest.raises(ValueError, match="recon_delta > 0"):
+        train_vae(tiny_data, tmp_path / "c", config, make_settings(steps=1), init=tiny_vae_run, decoder_only=True,
+                  recon_delta=0.0)
+
+
 def test_resume_gives_the_same_next_steps(tiny_data, tiny_vae_run, tmp_path, make_settings, read_metrics):
     straight, split = tmp_path / "straight", tmp_path / "split"
     run = dict(vae_dir=tiny_vae_run)

@@ -81,3 +81,17 @@ def test_train_vae_config_choice_with_init(tmp_path, monkeypatch):
     assert main([*common, "--init", str(init)]) == 0
     assert main(common) == 0
     assert [config.name for config in seen] == ["demo-blocks", "tiny-blocks", "demo-blocks"]
+
+
+def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
+    """--decoder-only, --recon-delta and --latent-noise reach train_vae; their defaults are the official recipe."""
+    import traj_forecast_ros.train.vae as vae_module
+
+    seen = []
+    monkeypatch.setattr(vae_module, "train_vae", lambda data, out, config, settings, **kw: seen.append(kw) or {})
+    common = ["train", "vae", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(common) == 0
+    assert main([*common, "--init", str(tmp_path), "--decoder-only", "--recon-delta", "0.01",
+                 "--latent-noise", "0.1"]) == 0
+    assert [(kw["decoder_only"], kw["recon_delta"], kw["latent_noise"]) for kw in seen] == [
+        (False, 1.0, 0.0), (True, 0.01, 0.1)]

@@ -82,6 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vae.add_argument("--encoder", type=Path, default=None,
                      help="directory whose image_encoder/ to freeze (a `train encoder` run); default: the --init "
                           "directory's, else the config's (random) encoder")
+    vae.add_argument("--decoder-only", action="store_true",
+                     help="fine-tune only the decoder of --init: the latent space (and a flow trained on it) stays "
+                          "as it is")
+    vae.add_argument("--recon-delta", type=float, default=1.0,
+                     help="Huber delta of the reconstruction in normalised units (default 1, the official recipe; "
+                          "a small delta such as 0.002 is close to L1 and keeps still points still)")
+    vae.add_argument("--latent-noise", type=float, default=0.0,
+                     help="with --decoder-only: extra noise on the decoded latents, in units of each channel's "
+                          "latent scale (robustness to the flow's errors)")
     vae.set_defaults(func=_train_vae)
 
     flow = stages.add_parser("flow", help="stage 2: latent denoiser with rectified flow")
@@ -135,7 +144,8 @@ def _train_vae(args: argparse.Namespace) -> int:
     source = args.config or (str(args.init) if init_config is not None and init_config.is_file() else None)
     config = resolve_config(source or "demo-blocks")
     return _report(train_vae(args.data, args.out, config, settings, init=args.init, resume=args.resume,
-                             beta=args.beta, encoder_dir=args.encoder))
+                             beta=args.beta, encoder_dir=args.encoder, decoder_only=args.decoder_only,
+                             recon_delta=args.recon_delta, latent_noise=args.latent_noise))
 
 
 def _train_encoder(args: argparse.Namespace) -> int:

@@ -29,6 +29,9 @@ from traj_forecast_ros.model.layers import (
 )
 
 BLOCK_NORM_EPS = 1e-6
+# Submodules only the decoder uses. Everything else (the track embedding, the encoder blocks, ``to_latents`` and the
+# image-context projection the encoder shares with the decoder) fixes the latent space.
+DECODER_MODULES = ("from_latents", "decoder_blocks", "final_layer")
 
 
 class VAEBlock(nn.Module):
@@ -213,22 +216,41 @@ class TrajectoryVAE(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + std * eps
 
+    def freeze_all_but_decoder(self) -> None:
+        """Make only :data:`DECODER_MODULES` trainable, so training cannot move the latent space.
+
+        A decoder fine-tuned this way decodes the same posteriors, so a latent denoiser trained on this VAE's
+        latents stays valid (the decoder-only fine-tune of Stable Diffusion's VAE, "ft-MSE").
+        """
+        for name, parameter in self.named_parameters():
+            if name.split(".", 1)[0] not in DECODER_MODULES:
+                parameter.requires_grad_(False)
+
     def loss(
         self, tracks_norm: torch.Tensor, frame_features: torch.Tensor, beta: Optional[float] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, recon_delta: float = 1.0,
+        latent_noise: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
-        """beta-VAE objective: Huber(delta=1) reconstruction + beta * KL(q || N(0, I)), each a batch mean.
+        """beta-VAE objective: Huber reconstruction + beta * KL(q || N(0, I)), each a batch mean.
 
-        ``recon`` is averaged over all track elements, ``kl`` over [T, L, C]; ``beta`` defaults to ``cfg.beta``.
-        Returns ``dict(loss, recon, kl)`` of scalars.
+        ``recon`` is Huber(``recon_delta``) averaged over all track elements (delta 1 in normalised units, the
+        official recipe, is the squared error for every realistic error; a small delta is close to L1, whose
+        minimiser is the conditional median and so keeps points that do not move exactly still). ``kl`` is averaged
+        over [T, L, C]; ``beta`` defaults to ``cfg.beta``. ``latent_noise`` [C]: the std of extra Gaussian noise added
+        to the posterior draw per latent channel before decoding (robustness to a generator's latent errors).
+        Returns ``dict(loss, recon, kl, mse)`` of scalars; ``mse`` is the (detached) mean squared error.
         """
         beta = self.cfg.beta if beta is None else beta
         mean, std = self.encode(tracks_norm, frame_features)  # (B, T, L, Z) each
         z = self.sample_posterior(mean, std, generator)  # (B, T, L, Z)
+        if latent_noise is not None:
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = z + noise * latent_noise.to(z)
         recon_tracks = self.decode(z, frame_features)  # (B, T, 2, H, W)
-        recon = F.huber_loss(recon_tracks, tracks_norm, delta=1.0)
+        recon = F.huber_loss(recon_tracks, tracks_norm, delta=recon_delta)
         # KL(N(mean, std) || N(0, 1)) per element, averaged over [T, L, Z] then over the batch.
         # std = softplus(logvar / 2) underflows to 0 for very negative logvar: floor it so log(std) stays finite.
         log_std = torch.log(std.clamp_min(torch.finfo(std.dtype).tiny))
         kl = (0.5 * (mean.square() + std.square() - 1.0) - log_std).mean()
-        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+        mse = (recon_tracks.detach() - tracks_norm).square().mean()
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl, "mse": mse}

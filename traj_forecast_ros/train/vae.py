@@ -37,20 +37,26 @@ PathLike = Union[str, Path]
 
 
 class VAEObjective(nn.Module):
-    """``forward(tracks_norm, features, generator) -> dict(loss, recon, kl, recon_rmse_px)`` of a TrajectoryVAE."""
+    """``forward(tracks_norm, features, generator) -> dict(loss, recon, kl, mse, recon_rmse_px)`` of a TrajectoryVAE.
 
-    def __init__(self, vae: TrajectoryVAE, beta: float, image_size) -> None:
+    ``recon_delta`` and ``latent_noise`` [C] go to :meth:`TrajectoryVAE.loss`.
+    """
+
+    def __init__(self, vae: TrajectoryVAE, beta: float, image_size, recon_delta: float = 1.0,
+                 latent_noise: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.vae = vae
         self.beta = float(beta)
         self.half_size = float(max(image_size)) / 2.0
+        self.recon_delta = float(recon_delta)
+        self.register_buffer("latent_noise", latent_noise, persistent=False)
 
     def forward(self, tracks_norm: torch.Tensor, features: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """tracks_norm [B, T, 2, Hq, Wq], features [B, N, D]."""
-        losses = self.vae.loss(tracks_norm, features, beta=self.beta, generator=generator)
-        # Huber(delta=1) is 0.5 e^2 for small errors: RMS error in pixels ~ sqrt(2 recon) * size / 2.
-        losses["recon_rmse_px"] = torch.sqrt(2.0 * losses["recon"].detach().float()) * self.half_size
+        losses = self.vae.loss(tracks_norm, features, beta=self.beta, generator=generator,
+                               recon_delta=self.recon_delta, latent_noise=self.latent_noise)
+        losses["recon_rmse_px"] = torch.sqrt(losses["mse"].float()) * self.half_size
         return losses
 
 
@@ -107,16 +113,28 @@ def write_vae_dir(out_dir: PathLike, config: ModelConfig, vae: TrajectoryVAE, im
 
 def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settings: TrainSettings,
               init: Optional[PathLike] = None, resume: bool = False, beta: Optional[float] = None,
-              scale_examples: int = 512, encoder_dir: Optional[PathLike] = None) -> Dict[str, float]:
+              scale_examples: int = 512, encoder_dir: Optional[PathLike] = None, decoder_only: bool = False,
+              recon_delta: float = 1.0, latent_noise: float = 0.0) -> Dict[str, float]:
     """Train the VAE of ``config`` on a dataset and write the stage-1 run directory; returns the last logged values.
 
     ``init``: fine-tune from a model/run directory or a VAE checkpoint file (its image encoder is reused when the
     directory ships one). ``resume``: continue ``out_dir``'s own checkpoint (same encoder, same features).
     ``encoder_dir``: a directory whose ``image_encoder/`` to freeze and use (e.g. a ``train encoder`` run; it takes
     precedence over ``init``'s); without it and ``init`` the encoder is the config's (random unless it names weights).
+
+    ``decoder_only``: fine-tune only the decoder of ``init`` (:meth:`TrajectoryVAE.freeze_all_but_decoder`); the
+    posteriors, hence the latent scale and any flow trained on them, stay exactly as they were. ``recon_delta``: the
+    Huber delta of the reconstruction (normalised units; 1 is the official recipe). ``latent_noise``: extra noise
+    added to the posterior draws before decoding, in units of each latent channel's scale (decoder-only runs).
     """
     if config.vae is None:
         raise ValueError(f"model '{config.name}' has no VAE (raw model): nothing to train in stage 1")
+    if decoder_only and init is None:
+        raise ValueError("a decoder-only fine-tune needs --init (the VAE whose latent space to keep)")
+    if latent_noise and not decoder_only:
+        raise ValueError("latent noise is for decoder-only fine-tunes (it would also shape the encoder's latents)")
+    if recon_delta <= 0 or latent_noise < 0:
+        raise ValueError(f"need recon_delta > 0 and latent_noise >= 0, got {recon_delta} and {latent_noise}")
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
         # the encoder (from out_dir on resume, else init's) is saved into out_dir before training
@@ -129,8 +147,14 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
         vae = TrajectoryVAE(config.vae)
         if init is not None:
             load_vae_weights(vae, init)
+        noise_std = None
+        if decoder_only:
+            vae.freeze_all_but_decoder()
+            if latent_noise:
+                scale = measure_latent_scale(vae, examples, scale_examples, device=info.device, seed=settings.seed)
+                noise_std = latent_noise * torch.tensor(scale, dtype=torch.float32)
         beta = config.vae.beta if beta is None else beta
-        objective = VAEObjective(vae, beta, config.image_size)
+        objective = VAEObjective(vae, beta, config.image_size, recon_delta, noise_std)
 
         trainer = Trainer(objective, vae, examples.batch, len(examples), settings, out_dir, info, stage="vae")
         last = trainer.fit(resume=resume)
