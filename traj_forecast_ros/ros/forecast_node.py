@@ -534,8 +534,13 @@ def main(args: Optional[List[str]] = None) -> NoReturn:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:  # noqa: BLE001 - invalid parameters at startup: say why and exit non-zero
-        print(f"forecast_node: {type(exc).__name__}: {exc}", file=sys.stderr)
-        exit_code = 1
+        if node is not None and not rclpy.ok():
+            # A signal shut ROS down while the executor was building its wait set, and rcl raised "the given
+            # context is not valid": that is the stop that was asked for, not a failure.
+            pass
+        else:
+            print(f"forecast_node: {type(exc).__name__}: {exc}", file=sys.stderr)
+            exit_code = 1
     finally:
         if node is not None:
             node.stop_worker(timeout=WORKER_JOIN_S)  # cancels a forecast in progress; never waits for a long one
