@@ -132,7 +132,12 @@ def test_instruction_topic_is_found_only_when_unambiguous(tmp_path):
 @pytest.mark.ros
 def test_replay_plays_the_instruction_and_each_forecast_keeps_its_frames_instruction(tmp_path, tiny_text_model_dir):
     """A language-conditioned model replays the sim bag: every forecast carries the instruction that was in force
-    when its frame arrived (the instruction is recorded half a period ahead of each frame)."""
+    when its frame arrived (the instruction is recorded half a period ahead of each frame), never a later one.
+
+    Two topics have no delivery order in ROS: where the instruction changes (the first frame, a new episode), a frame
+    may be served before its new instruction (and keep the one before it, "" at the start), and the last frame before
+    a change may be served after the next instruction when the node's executor lags half a period. Those two frames
+    may carry either instruction; every other frame must carry exactly its own."""
     from traj_forecast_ros.bag.replay import replay_through_node
 
     summary = replay_through_node(SIM_SAMPLE_BAG, tmp_path / "replay", model=str(tiny_text_model_dir),
@@ -141,7 +146,13 @@ def test_replay_plays_the_instruction_and_each_forecast_keeps_its_frames_instruc
     assert summary["frames_unaccounted"] == 0 and summary["forecasts_out"] >= 1
     said = {stamp: message.instruction for stamp, message in read_forecasts(SIM_SAMPLE_BAG, "/agentview/true_future")}
     forecasts = read_forecasts(tmp_path / "replay" / "forecast_bag", "/agentview/forecast_node/forecast")
-    assert forecasts and all(message.instruction == said[stamp] for stamp, message in forecasts)
+    in_order = [""] + [said[stamp] for stamp in sorted(said)] + [""]  # the node's default before the first frame
+    allowed = {stamp: set(in_order[i:i + 3]) - ({""} if i else set()) for i, stamp in enumerate(sorted(said))}
+    wrong = [(stamp, message.instruction, said[stamp]) for stamp, message in forecasts
+             if message.instruction not in allowed[stamp]]
+    assert forecasts and not wrong, wrong
+    strict = sum(1 for stamp, _ in forecasts if allowed[stamp] == {said[stamp]})  # held to their own exactly
+    assert strict >= len(forecasts) // 2 and len({said[stamp] for stamp, _ in forecasts}) >= 2
     assert summary["accuracy"]["truth_topic"] == "/agentview/true_future"  # the tiny grid differs: not scored
     assert summary["accuracy"]["scored"] == 0
 
