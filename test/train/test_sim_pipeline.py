@@ -1,5 +1,6 @@
 """The sim-manipulation pipeline at test size, without robosuite (a tiny labelled dataset built here):
-encoder pretraining, both stages (and the decoder-only fine-tune between them) with the words text encoder, forecasting with an instruction, evaluation."""
+encoder pretraining, both stages (and the decoder-only fine-tune between them) with the words text encoder,
+forecasting with an instruction, evaluation."""
 
 import json
 
