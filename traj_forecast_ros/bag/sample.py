@@ -85,11 +85,10 @@ def make_sample_bag(
     with BagWriter(out, storage, store, overwrite=overwrite, compress=(storage == "mcap")) as writer:
         for index in range(count):
             stamp_ns = SAMPLE_START_NS + index * period_ns
-            stamp = types["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
             for camera in cameras:
                 pixels = np.asarray(PILImage.open(frames[camera][index]).convert("RGB"), dtype=np.uint8)
                 height, width = pixels.shape[:2]
-                header = types["std_msgs/msg/Header"](stamp=stamp, frame_id=camera.frame_id)
+                header = rosbags_header(store, stamp_ns, camera.frame_id)
                 image = types["sensor_msgs/msg/Image"](
                     header=header, height=height, width=width, encoding="rgb8", is_bigendian=0,
                     step=width * 3, data=np.ascontiguousarray(pixels).reshape(-1),
@@ -98,6 +97,13 @@ def make_sample_bag(
                 info = camera_info_message(store, header, width, height, camera.fovy_deg)
                 writer.write_message(f"{camera.namespace}/camera_info", "sensor_msgs/msg/CameraInfo", stamp_ns, info)
     return Path(out)
+
+
+def rosbags_header(store, stamp_ns: int, frame_id: str) -> object:
+    """A ``std_msgs/Header`` (rosbags object) stamped ``stamp_ns`` nanoseconds."""
+    types = store.types
+    stamp = types["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
+    return types["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
 
 
 def camera_info_message(store, header, width: int, height: int, fovy_deg: float) -> object:

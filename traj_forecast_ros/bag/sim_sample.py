@@ -24,7 +24,7 @@ from typing import Dict, Iterable, Sequence
 import numpy as np
 
 from traj_forecast_ros.bag.io import BagWriter, PathLike, bag_topics
-from traj_forecast_ros.bag.sample import REPO_ROOT, SAMPLE_CAMERAS, SAMPLE_START_NS, pinhole_camera_info
+from traj_forecast_ros.bag.sample import REPO_ROOT, SAMPLE_CAMERAS, SAMPLE_START_NS, pinhole_camera_info, rosbags_header
 from traj_forecast_ros.errors import BagError
 
 SIM_SAMPLE_BAG = REPO_ROOT / "data" / "sample_bag" / "sim_heldout"
@@ -44,9 +44,7 @@ def camera_info(store, stamp_ns: int, frame_id: str, intrinsics: np.ndarray, hei
     """``sensor_msgs/CameraInfo`` (rosbags object) of an undistorted pinhole. ``intrinsics`` uses the forecasts'
     continuous pixel convention (a pixel's centre at index + 0.5); CameraInfo's principal point is half a pixel less
     (ROS)."""
-    types = store.types
-    header = types["std_msgs/msg/Header"](
-        stamp=types["builtin_interfaces/msg/Time"](sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id=frame_id)
+    header = rosbags_header(store, stamp_ns, frame_id)
     return pinhole_camera_info(store, header, int(width), int(height), float(intrinsics[0, 0]),
                                float(intrinsics[1, 1]), float(intrinsics[0, 2]) - 0.5, float(intrinsics[1, 2]) - 0.5)
 

@@ -110,10 +110,12 @@ def vae_reconstruction_predictions(model: PathLike, dataset: TrajectoryDataset, 
     size = tuple(forecaster.config.image_size)
     vae = forecaster.vae
     parameter = next(vae.parameters())
+    images = dataset.gather("images", indices)
+    truths = dataset.gather("tracks", indices)[:, 0]  # [N, T, Hq, Wq, 2], the first rollout
     outputs = []
-    for index in indices:
-        features = forecaster.encode_image(dataset.gather("images", [index])[0]).to(parameter)
-        truth = torch.from_numpy(dataset.gather("tracks", [index])[0, 0]).to(parameter)[None]  # [1, T, Hq, Wq, 2]
+    for image, truth_px in zip(images, truths):
+        features = forecaster.encode_image(image).to(parameter)
+        truth = torch.from_numpy(truth_px).to(parameter)[None]  # [1, T, Hq, Wq, 2]
         mean, _std = vae.encode(normalise_points(truth, size).permute(0, 1, 4, 2, 3), features)
         decoded = vae.decode(mean, features).permute(0, 1, 3, 4, 2)  # [1, T, Hq, Wq, 2] normalised
         outputs.append(denormalise_points(decoded, size).float().cpu().numpy())

@@ -148,10 +148,11 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
         if init is not None:
             load_vae_weights(vae, init)
         noise_std = None
+        scale: Optional[List[float]] = None  # a decoder-only run cannot change it: measured once, before training
         if decoder_only:
             vae.freeze_all_but_decoder()
+            scale = measure_latent_scale(vae, examples, scale_examples, device=info.device, seed=settings.seed)
             if latent_noise:
-                scale = measure_latent_scale(vae, examples, scale_examples, device=info.device, seed=settings.seed)
                 noise_std = latent_noise * torch.tensor(scale, dtype=torch.float32)
         beta = config.vae.beta if beta is None else beta
         objective = VAEObjective(vae, beta, config.image_size, recon_delta, noise_std)
@@ -161,7 +162,8 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
 
         vae.load_state_dict(trainer.averaged_model_state())
         if info.is_main:
-            scale = measure_latent_scale(vae, examples, scale_examples, device=info.device, seed=settings.seed)
+            if scale is None:
+                scale = measure_latent_scale(vae, examples, scale_examples, device=info.device, seed=settings.seed)
             final = dataclasses.replace(config, latent_scale=scale, vae=dataclasses.replace(config.vae, beta=beta))
             write_vae_dir(out_dir, final, vae.cpu())
             last["latent_scale_mean"] = float(np.mean(scale))
