@@ -17,7 +17,8 @@ from traj_forecast_ros.bag.report import (choose_truth_topic, forecast_arrays, r
 from traj_forecast_ros.bag.sim_sample import (INSTRUCTION_TOPIC, SIM_SAMPLE_BAG, VIEW_CAMERAS, truth_topic,
                                               write_episodes)
 from traj_forecast_ros.bag.typestore import make_typestore
-from traj_forecast_ros.data.sim_manipulation import VIEWS, SimConfig, StreamEpisode
+from traj_forecast_ros.data.sim_manipulation import VIEWS, SimConfig
+from traj_forecast_ros.data.sim_streams import StreamEpisode
 
 
 def _ros_missing() -> str:

@@ -243,15 +243,45 @@ def test_parallel_generation_writes_the_same_shards_as_a_serial_run(generated):
 
 
 @needs_sim
+def test_branches_from_one_saved_state_share_frame_zero_and_differ_in_future(tmp_path):
+    """Three distinct goals rolled out from the reset state and from a moving state of the first goal's episode: each
+    branch group holds one view's identical frame-0 images under different instructions with different futures."""
+    result = _generate(tmp_path / "br", "--test-shards", "0", "--episodes-per-shard", "3", "--goals-per-scene", "3",
+                       "--branch-frames", "0,8", "--scenes", "stack")
+    assert result.returncode == 0, result.stderr[-3000:]
+    dataset = TrajectoryDataset(tmp_path / "br" / "train")
+    groups, images = dataset.load("branch_groups"), dataset.load("images")
+    tracks, instructions = dataset.load("tracks")[:, 0], dataset.load("instructions")
+    views, ids = dataset.load("views"), dataset.load("object_ids")
+    assert (groups >= 0).sum() * 2 >= len(dataset)  # at least half of the clips come in branch groups
+    record = json.loads((tmp_path / "br" / "train" / "shard-00000.done.json").read_text())
+    assert record["branched_samples"] == int((groups >= 0).sum())
+    assert {episode.get("branch_of_frame") for episode in record["episodes"]} == {None, 0, 8}
+    ids_found = np.unique(groups[groups >= 0])
+    assert len(ids_found) == 2 * 2  # two branch points x two views
+    for group in ids_found:
+        members = np.flatnonzero(groups == group)
+        assert len(members) == 3
+        assert len(set(views[members].tolist())) == 1
+        assert all(np.array_equal(images[m], images[members[0]]) for m in members)
+        assert len(set(instructions[members].tolist())) == 3
+        for a in members:
+            for b in members[members > a]:
+                moving = (ids[a] > 0) | (ids[b] > 0)
+                assert np.abs(tracks[a][-1, moving] - tracks[b][-1, moving]).max() > 5.0  # different futures
+
+
+@needs_sim
 def test_stream_episode_reproduces_the_bundled_scored_bag():
     """The held-out camera stream behind data/sample_bag/sim_heldout: frame i carries the exact future from frame i,
     and regenerating episode 0 gives the bag's frames and truths again."""
     from traj_forecast_ros.bag.report import forecast_arrays, read_forecasts, read_images
     from traj_forecast_ros.bag.sim_sample import SIM_SAMPLE_BAG
+    from traj_forecast_ros.data.sim_streams import stream_episode
 
     sm.ensure_offscreen_gl()
     config = sm.SimConfig()
-    episode = sm.stream_episode(0, 0, config, max_frames=3)
+    episode = stream_episode(0, 0, config, max_frames=3)
     assert len(episode.images) == len(episode.tracks) == 3 and episode.instruction
     grid = config.query_points()
     for tracks in episode.tracks:

@@ -1,7 +1,7 @@
 """The scored sample bag: held-out simulated manipulation episodes with the true future of every frame.
 
 ``traj-forecast bag make-sim-sample`` renders episodes of the held-out stream
-(:func:`traj_forecast_ros.data.sim_manipulation.stream_episode`, needs the sim extra) and writes, per frame at the
+(:func:`traj_forecast_ros.data.sim_streams.stream_episode`, needs the sim extra) and writes, per frame at the
 clip rate (10 Hz):
 
 * ``/agentview/image_raw`` and ``/eye_in_hand/image_raw`` (``sensor_msgs/Image``, rgb8 128 x 128) with their
@@ -51,7 +51,7 @@ def camera_info(store, stamp_ns: int, frame_id: str, intrinsics: np.ndarray, hei
 
 def write_episodes(out: PathLike, episodes: Iterable, query_points: np.ndarray, start_ns: int = SAMPLE_START_NS,
                    overwrite: bool = True) -> Dict[str, int]:
-    """Write :class:`~traj_forecast_ros.data.sim_manipulation.StreamEpisode` s back to back as one camera stream
+    """Write :class:`~traj_forecast_ros.data.sim_streams.StreamEpisode` s back to back as one camera stream
     (stamps continue across episodes at the clip rate). Returns messages written per topic."""
     from builtin_interfaces.msg import Time
     from rclpy.serialization import serialize_message
@@ -99,11 +99,12 @@ def make_sim_sample_bag(out: PathLike = SIM_SAMPLE_BAG, seed: int = 0, episodes:
     """Render held-out stream episodes ``episodes`` of ``seed`` (``frames_per_episode`` frames each) and write the
     scored sample bag. Needs the sim extra (``bash scripts/setup_sim.sh``)."""
     from traj_forecast_ros.data import sim_manipulation as sim
+    from traj_forecast_ros.data.sim_streams import stream_episode
 
     sim.ensure_offscreen_gl()
     config = sim.SimConfig()
     envs: Dict[str, object] = {}
-    rendered = [sim.stream_episode(seed, index, config, envs=envs, max_frames=frames_per_episode)
+    rendered = [stream_episode(seed, index, config, envs=envs, max_frames=frames_per_episode)
                 for index in episodes]
     write_episodes(out, rendered, config.query_points().astype(np.float32), overwrite=overwrite)
     return Path(out)

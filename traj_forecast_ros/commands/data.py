@@ -63,9 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--seed", type=int, default=0, help="stream seed (train and test streams never overlap)")
     sim.add_argument("--episodes-per-shard", type=int, default=8)
     sim.add_argument("--goals-per-scene", type=int, default=2,
-                     help="episodes with different goals from one reset state (same frame-0 image)")
-    sim.add_argument("--scenes", default=None, help="comma-separated: lift, stack, pick_place, door "
-                                                    "(default lift,stack,pick_place)")
+                     help="distinct goals rolled out from each branch point (or, without --branch-frames, from the "
+                          "reset state); they share the frame-0 image")
+    sim.add_argument("--branch-frames", default="",
+                     help="comma-separated clip-start frames of the first goal's episode from which every other goal "
+                          "is rolled out for one clip (0 = at rest, 8, 16 = while moving); those clips form branch "
+                          "groups (the paired-instruction test). Empty: whole episodes per goal from the reset state")
+    sim.add_argument("--scenes", default=None, help="comma-separated: lift, stack, pick_place, pick_place_single, "
+                                                    "nut_assembly, door (default lift,stack,pick_place)")
     sim.add_argument("--grid", type=int, choices=(32, 64), default=32,
                      help="query grid side on the 128 px image, first point at pixel centre 1.5 (64 = LIBERO's "
                           "stride 2; 32 = stride 4, CPU-sized)")
@@ -136,10 +141,11 @@ def _sim_manipulation(args: argparse.Namespace) -> int:
     scenes = tuple(s.strip() for s in args.scenes.split(",")) if args.scenes else DEFAULT_SCENES
     stride = 128 // args.grid
     try:
+        branch_frames = tuple(int(f) for f in args.branch_frames.split(",") if f.strip())
         config = SimConfig(query_grid=(args.grid, args.grid), query_stride=float(stride),
                            query_offset=1.5, frame_stride=args.frame_stride, scenes=scenes,
                            episodes_per_shard=args.episodes_per_shard, goals_per_scene=args.goals_per_scene,
-                           dense_labels=not args.no_dense_labels)
+                           branch_frames=branch_frames, dense_labels=not args.no_dense_labels)
         for split, shards in (("train", args.train_shards), ("test", args.test_shards)):
             if shards > 0:
                 index = write_sim_dataset(args.out / split, split, shards, args.seed, config, workers=workers)

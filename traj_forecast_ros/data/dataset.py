@@ -12,7 +12,10 @@ Layout of a dataset directory::
       shard-00000.visibility.npy     [N, R, T, Hq, Wq] uint8 optional (version 2); 1 = the point is seen in that frame
       shard-00000.views.npy          [N] int16            optional (version 2); index into index.json "views"
       shard-00000.instructions.npy   [N] int16            optional (version 2); index into index.json "instructions"
-      shard-00000.scene_ids.npy      [N] int32            optional (version 2); samples with one id share frame 0
+      shard-00000.scene_ids.npy      [N] int32            optional (version 2); samples of one simulated reset state
+      shard-00000.branch_groups.npy  [N] int32            optional (version 2); -1, or a group id: samples with one id
+                                                          share the frame-0 image and view, and differ in instruction
+                                                          and true future (branches rolled out from one saved state)
       shard-00000.depth.npy          [N, H, W] float16    optional (version 2); metric depth of the image (metres)
       shard-00000.segmentation.npy   [N, H, W] uint8      optional (version 2); per-pixel class, index into
                                                           index.json "segmentation_classes"
@@ -58,12 +61,13 @@ FORMAT_NAME = "traj-forecast-dataset"
 FORMAT_VERSION = 2  # the newest version this reader understands (version 1 = without the V2_FIELDS)
 INDEX_FILE = "index.json"
 REQUIRED_FIELDS = ("images", "tracks")
-OPTIONAL_FIELDS = ("object_ids", "kinds", "frames", "visibility", "views", "instructions", "scene_ids", "depth",
-                   "segmentation")
-V2_FIELDS = ("visibility", "views", "instructions", "scene_ids", "depth", "segmentation")
+OPTIONAL_FIELDS = ("object_ids", "kinds", "frames", "visibility", "views", "instructions", "scene_ids",
+                   "branch_groups", "depth", "segmentation")
+V2_FIELDS = ("visibility", "views", "instructions", "scene_ids", "branch_groups", "depth", "segmentation")
+NO_BRANCH_GROUP = -1  # the branch_groups value of a sample that has no sibling branches
 FIELD_DTYPES = {"images": np.uint8, "tracks": np.float32, "object_ids": np.int16, "kinds": np.int16,
                 "frames": np.uint8, "visibility": np.uint8, "views": np.int16, "instructions": np.int16,
-                "scene_ids": np.int32, "depth": np.float16, "segmentation": np.uint8}
+                "scene_ids": np.int32, "branch_groups": np.int32, "depth": np.float16, "segmentation": np.uint8}
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Shard:
     views: Optional[np.ndarray] = None  # [n] int16
     instructions: Optional[np.ndarray] = None  # [n] int16
     scene_ids: Optional[np.ndarray] = None  # [n] int32
+    branch_groups: Optional[np.ndarray] = None  # [n] int32, NO_BRANCH_GROUP where a sample has no branches
     depth: Optional[np.ndarray] = None  # [n, H, W] float16 metres
     segmentation: Optional[np.ndarray] = None  # [n, H, W] uint8 class ids
 
@@ -138,6 +143,7 @@ class Sample:
     view: Optional[str] = None
     instruction: Optional[str] = None
     scene_id: Optional[int] = None
+    branch_group: Optional[int] = None
     depth: Optional[np.ndarray] = None  # [H, W] float32 metres
     segmentation: Optional[np.ndarray] = None  # [H, W] uint8 class ids
 
@@ -176,11 +182,14 @@ class DatasetWriter:
     def add(self, image: np.ndarray, tracks: np.ndarray, object_ids: Optional[np.ndarray] = None,
             kind: Optional[str] = None, frames: Optional[np.ndarray] = None, visibility: Optional[np.ndarray] = None,
             view: Optional[str] = None, instruction: Optional[str] = None, scene_id: Optional[int] = None,
-            depth: Optional[np.ndarray] = None, segmentation: Optional[np.ndarray] = None) -> None:
+            depth: Optional[np.ndarray] = None, segmentation: Optional[np.ndarray] = None,
+            branch_group: Optional[int] = None) -> None:
         """Add one sample; ``tracks`` is ``[T, Hq, Wq, 2]`` or ``[R, T, Hq, Wq, 2]`` pixels. Validates everything.
 
         Optional (version 2): ``visibility`` bool ``[T, Hq, Wq]`` / ``[R, T, Hq, Wq]``; ``view`` and ``instruction``
-        must be in ``meta.views`` / ``meta.instructions``; ``scene_id`` >= 0 groups samples that share frame 0;
+        must be in ``meta.views`` / ``meta.instructions``; ``scene_id`` >= 0 groups samples of one reset state;
+        ``branch_group`` (>= 0, or :data:`NO_BRANCH_GROUP`) groups samples with one frame-0 image and view whose
+        instructions and futures differ;
         ``depth`` ``[H, W]`` metres (finite, >= 0) and ``segmentation`` ``[H, W]`` integer class ids (below
         ``len(meta.segmentation_classes)``) label the image.
         """
@@ -234,6 +243,10 @@ class DatasetWriter:
             if int(scene_id) < 0 or int(scene_id) > np.iinfo(np.int32).max:
                 raise DatasetError(f"{where}: scene_id must be in [0, 2^31), got {scene_id}")
             values["scene_ids"] = np.int32(scene_id)
+        if branch_group is not None:
+            if int(branch_group) < NO_BRANCH_GROUP or int(branch_group) > np.iinfo(np.int32).max:
+                raise DatasetError(f"{where}: branch_group must be -1 or in [0, 2^31), got {branch_group}")
+            values["branch_groups"] = np.int32(branch_group)
         values.update(_dense_labels(where, meta, depth, segmentation))
         fields = tuple(name for name in (*REQUIRED_FIELDS, *OPTIONAL_FIELDS) if name in values)
         if self._fields is None:
@@ -426,6 +439,7 @@ class TrajectoryDataset:
             instruction=(None if shard.instructions is None or not self.meta.instructions
                          else self.meta.instructions[int(shard.instructions[row])]),
             scene_id=None if shard.scene_ids is None else int(shard.scene_ids[row]),
+            branch_group=None if shard.branch_groups is None else int(shard.branch_groups[row]),
             depth=None if shard.depth is None else np.asarray(shard.depth[row], dtype=np.float32),
             segmentation=None if shard.segmentation is None else np.asarray(shard.segmentation[row]),
         )

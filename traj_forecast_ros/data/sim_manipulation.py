@@ -42,15 +42,27 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from traj_forecast_ros.data import sim_tracks
-from traj_forecast_ros.data.sim_tasks import ScriptedPolicy, all_instructions, eef_position, plan_episode
+from traj_forecast_ros.data.dataset import NO_BRANCH_GROUP
+from traj_forecast_ros.data.sim_tasks import (
+    EpisodePlan,
+    ScriptedPolicy,
+    all_instructions,
+    draw_distinct_goals,
+    eef_position,
+    goal_waypoints,
+    plan_episode,
+)
 
-SCENES: Tuple[str, ...] = ("lift", "stack", "pick_place", "door")
+SCENES: Tuple[str, ...] = ("lift", "stack", "pick_place", "door", "pick_place_single", "nut_assembly")
 # door is opt-in: robosuite's Door scene puts the door where agentview sees mostly the robot's base, not the door
 DEFAULT_SCENES: Tuple[str, ...] = ("lift", "stack", "pick_place")
+# the v2 training mix (scripts/train_sim.sh): the default scenes, PickPlace with one object, and both nuts
+WIDE_SCENES: Tuple[str, ...] = ("lift", "stack", "pick_place", "pick_place_single", "nut_assembly")
 TASK_KINDS: Tuple[str, ...] = ("reach", "pick_lift", "pick_place", "push", "door")
 VIEWS: Tuple[str, ...] = ("agentview", "robot0_eye_in_hand")
 SPLITS: Dict[str, int] = {"train": 0, "test": 1}
-ENV_NAMES = {"lift": "Lift", "stack": "Stack", "pick_place": "PickPlace", "door": "Door"}
+ENV_NAMES = {"lift": "Lift", "stack": "Stack", "pick_place": "PickPlace", "door": "Door",
+             "pick_place_single": "PickPlaceSingle", "nut_assembly": "NutAssembly"}
 HIDDEN_GEOM_GROUP = 5  # a geom group no renderer draws (robosuite shows groups 1 and 2)
 # Per-pixel classes of the frame-0 "segmentation" label (encoder pretraining): nothing drawn, geometry welded to the
 # world (table, bins, arena, door frame), the robot (arm and gripper), then each movable object of the scene in body
@@ -75,7 +87,11 @@ class SimConfig:
     query_stride: float = 4.0
     query_offset: float = 1.5
     episodes_per_shard: int = 4
-    goals_per_scene: int = 2  # episodes from the same reset state with different goals (same frame-0 image)
+    goals_per_scene: int = 2  # distinct goals rolled out from each branch point (same frame-0 image)
+    # Rendered frames of the first goal's episode (clip starts) from which every other goal is rolled out for one
+    # clip: 0 branches at rest, later frames while the arm is already moving. Empty: whole episodes from the reset
+    # state per goal (the v1 layout, where only clip 0 is shared).
+    branch_frames: Tuple[int, ...] = ()
     scenes: Tuple[str, ...] = DEFAULT_SCENES
     max_episode_steps: int = 180
     camera_jitter_m: float = 0.03  # agentview position jitter (std per axis, metres)
@@ -93,6 +109,10 @@ class SimConfig:
             raise ValueError("num_frames >= 2, frame_stride >= 1, clip_hop >= 1, episodes_per_shard >= 1 required")
         if self.goals_per_scene < 1:
             raise ValueError("goals_per_scene must be >= 1")
+        self.branch_frames = tuple(sorted({int(f) for f in self.branch_frames}))
+        if any(f < 0 or f % self.clip_hop for f in self.branch_frames):
+            raise ValueError(f"branch_frames must be clip starts (multiples of clip_hop={self.clip_hop}), got "
+                             f"{list(self.branch_frames)}")
         self.query_grid = (int(self.query_grid[0]), int(self.query_grid[1]))
         self.scenes = tuple(self.scenes)
 
@@ -208,9 +228,11 @@ def render_frame(env, config: SimConfig, with_rgb: bool) -> FrameState:
     return state
 
 
-def run_episode(env, policy: ScriptedPolicy, config: SimConfig) -> List[FrameState]:
+def run_episode(env, policy: ScriptedPolicy, config: SimConfig,
+                snapshots: Optional[Dict[int, Any]] = None) -> List[FrameState]:
     """Step the scripted policy; render every ``frame_stride`` steps (RGB at clip starts). Stops a few frames after
-    the script ends, but always renders at least one full clip."""
+    the script ends, but always renders at least one full clip. Keys of ``snapshots`` are rendered frame indices:
+    each gets the simulator state (``env.sim.get_state()``) at that frame."""
     frames: List[FrameState] = []
     steps_per_clip = (config.num_frames - 1) * config.frame_stride
     step = 0
@@ -218,6 +240,8 @@ def run_episode(env, policy: ScriptedPolicy, config: SimConfig) -> List[FrameSta
     while True:
         if step % config.frame_stride == 0:
             index = step // config.frame_stride
+            if snapshots is not None and index in snapshots:
+                snapshots[index] = env.sim.get_state()
             frames.append(render_frame(env, config, with_rgb=index % config.clip_hop == 0))
             finished = done_at is not None and step - done_at >= 4 * config.frame_stride
             if step >= steps_per_clip and (finished or step >= config.max_episode_steps):
@@ -228,6 +252,25 @@ def run_episode(env, policy: ScriptedPolicy, config: SimConfig) -> List[FrameSta
         if policy.done and done_at is None:
             done_at = step
         step += 1
+
+
+def run_branch(env, state: Any, first_frame: FrameState, plan: EpisodePlan, config: SimConfig) -> List[FrameState]:
+    """Roll ``plan``'s goal out for one clip (``num_frames`` frames) from ``state``, the simulator state saved at the
+    rendered frame ``first_frame`` of another episode, which becomes the branch's frame 0.
+
+    Reusing that frame keeps the frames' convention exact: robosuite renders right after ``mj_step``, whose kinematics
+    (body poses) are those of the state before the step's integration, so re-rendering the restored state after
+    ``forward`` would differ by one physics substep. ``forward`` only serves the policy's first end-effector reading.
+    """
+    env.sim.set_state(state)
+    env.sim.forward()
+    policy = ScriptedPolicy(goal_waypoints(plan, env), plan.speed)
+    frames = [first_frame]
+    while len(frames) < config.num_frames:
+        for _ in range(config.frame_stride):
+            env.step(policy.act(eef_position(env)))
+        frames.append(render_frame(env, config, with_rgb=False))
+    return frames
 
 
 def compact_object_ids(body_ids: np.ndarray, body_weld: np.ndarray, moving_bodies: Sequence[int]) -> np.ndarray:
@@ -266,9 +309,10 @@ def segmentation_classes(body_map: np.ndarray, lookup: np.ndarray) -> np.ndarray
 
 def clip_samples(frames: List[FrameState], intrinsics: Dict[str, np.ndarray], config: SimConfig,
                  moving_bodies: Sequence[int], body_weld: np.ndarray, sky_depth: float,
-                 class_lookup: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
+                 class_lookup: Optional[np.ndarray] = None, first_frame: int = 0) -> List[Dict[str, Any]]:
     """Every clip window x view of an episode as dataset sample fields (image, tracks, visibility, object_ids and,
-    with ``class_lookup`` (:func:`segmentation_lookup`), frame-0 ``depth`` and ``segmentation``)."""
+    with ``class_lookup`` (:func:`segmentation_lookup`), frame-0 ``depth`` and ``segmentation``). ``start_frame``
+    counts from ``first_frame``, the episode frame that ``frames[0]`` is (a branch starts mid-episode)."""
     query = config.query_points().astype(np.float64)
     rows, cols = config.query_grid
     samples = []
@@ -289,12 +333,20 @@ def clip_samples(frames: List[FrameState], intrinsics: Dict[str, np.ndarray], co
                 "visibility": clip.visible.reshape(config.num_frames, rows, cols),
                 "object_ids": compact_object_ids(clip.body_ids, body_weld, moving_bodies).reshape(rows, cols),
                 "view": view,
-                "start_frame": start,
+                "start_frame": start + first_frame,
                 "depth": None if class_lookup is None else window[0].depth[view].astype(np.float32),
                 "segmentation": (None if class_lookup is None
                                  else segmentation_classes(window[0].bodies[view], class_lookup)),
             })
     return samples
+
+
+def camera_intrinsics(env, config: SimConfig) -> Dict[str, np.ndarray]:
+    """view -> ``[3, 3]`` pinhole intrinsics of the scene's cameras at the rendered size."""
+    model = env.sim.model
+    size = config.image_size
+    return {view: sim_tracks.intrinsic_matrix(float(model.cam_fovy[model.camera_name2id(view)]), size, size)
+            for view in VIEWS}
 
 
 def moving_body_list(env) -> List[int]:
@@ -341,6 +393,81 @@ def simulator_versions() -> Dict[str, str]:
     return found
 
 
+class ClipWriter:
+    """Writes an episode's clips of one shard, per view, with the scene's camera geometry and labels."""
+
+    def __init__(self, writer, config: SimConfig) -> None:
+        self.writer = writer
+        self.config = config
+        self.count = 0  # samples written
+        self.grouped = 0  # samples written with a branch group
+        self.scene_id = -1
+        self._geometry: Tuple[Any, ...] = ()
+
+    def start_scene(self, env, scene_id: int) -> None:
+        """Take the geometry of ``env`` (intrinsics, moving bodies, labels) for the clips of scene ``scene_id``."""
+        model = env.sim.model
+        intrinsics = camera_intrinsics(env, self.config)
+        moving = moving_body_list(env)
+        weld = np.asarray(model.body_weldid)
+        names = [model.body_id2name(b) or "" for b in range(len(weld))]
+        lookup = segmentation_lookup(names, weld, moving) if self.config.dense_labels else None
+        self._geometry = (intrinsics, self.config, moving, weld, sim_tracks.clip_planes(model)[1], lookup)
+        self.scene_id = int(scene_id)
+
+    def branch_group(self, branch_index: int, view: str) -> int:
+        """The dataset-wide id of the branch group of (this scene, branch point ``branch_index``, ``view``)."""
+        points = len(self.config.branch_frames)
+        return (self.scene_id * points + branch_index) * len(VIEWS) + VIEWS.index(view)
+
+    def write(self, frames: List[FrameState], plan: EpisodePlan, first_frame: int = 0,
+              groups: Optional[Dict[int, int]] = None) -> int:
+        """Write every clip of ``frames`` (episode frames from ``first_frame`` on) under ``plan``'s instruction.
+        ``groups`` maps a clip's start frame to its branch point index (in branch mode every clip gets a
+        ``branch_group``, -1 when it has no branches). Returns the number of clips skipped for non-finite tracks."""
+        skipped = 0
+        for sample in clip_samples(frames, *self._geometry, first_frame=first_frame):
+            if not np.isfinite(sample["tracks"]).all():  # a point exactly in the camera plane: no pixel
+                skipped += 1
+                continue
+            group = None
+            if groups is not None:
+                index = groups.get(sample["start_frame"])
+                group = NO_BRANCH_GROUP if index is None else self.branch_group(index, sample["view"])
+                self.grouped += int(index is not None)
+            self.writer.add(sample["image"], sample["tracks"], object_ids=sample["object_ids"], kind=plan.kind,
+                            visibility=sample["visibility"], view=sample["view"], instruction=plan.instruction,
+                            scene_id=self.scene_id, depth=sample["depth"], segmentation=sample["segmentation"],
+                            branch_group=group)
+            self.count += 1
+        return skipped
+
+
+def branched_scene(env, rng: np.random.Generator, scene: str, reset_seed: int, config: SimConfig,
+                   clips: ClipWriter) -> List[Dict[str, Any]]:
+    """One reset state, ``goals_per_scene`` distinct goals: the first goal's whole episode, and from each of its
+    ``branch_frames`` every other goal rolled out for one clip. The clips that start at a branch frame (the first
+    goal's and the branches') share their frame-0 image and form a branch group per view. Returns the episode
+    records."""
+    drawn = reset_episode(env, np.random.default_rng(reset_seed), config)
+    goals = draw_distinct_goals(rng, scene, env, config.goals_per_scene)
+    snapshots: Dict[int, Any] = {frame: None for frame in config.branch_frames}
+    lead = goals[0]
+    frames = run_episode(env, ScriptedPolicy(goal_waypoints(lead, env), lead.speed), config, snapshots)
+    # a branch point needs the lead's own clip there, and a sibling goal
+    points = {frame: index for index, frame in enumerate(config.branch_frames)
+              if len(goals) > 1 and snapshots[frame] is not None and frame + config.num_frames <= len(frames)}
+    records = [{**asdict(lead), "scene_id": clips.scene_id, "frames": len(frames), "branch_frames": sorted(points),
+                "skipped_nonfinite": clips.write(frames, lead, groups=points), **drawn}]
+    for frame, index in points.items():
+        for plan in goals[1:]:
+            branch = run_branch(env, snapshots[frame], frames[frame], plan, config)
+            skipped = clips.write(branch, plan, first_frame=frame, groups={frame: index})
+            records.append({**asdict(plan), "scene_id": clips.scene_id, "frames": len(branch),
+                            "branch_of_frame": frame, "skipped_nonfinite": skipped})
+    return records
+
+
 def generate_shard(root: Path, split: str, shard: int, seed: int, config: SimConfig,
                    envs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Generate shard ``shard`` of ``split`` into ``root`` (atomically); returns its ``done.json`` record."""
@@ -352,8 +479,8 @@ def generate_shard(root: Path, split: str, shard: int, seed: int, config: SimCon
     staging = root / f".{shard_name(shard)}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     episodes: List[Dict[str, Any]] = []
-    count = 0
     with DatasetWriter(staging, meta, shard_size=1 << 30) as writer:
+        clips = ClipWriter(writer, config)
         scene_count = max(1, config.episodes_per_shard // config.goals_per_scene)
         for scene_index in range(scene_count):
             rng = episode_rng(seed, split, shard, scene_index)
@@ -362,100 +489,30 @@ def generate_shard(root: Path, split: str, shard: int, seed: int, config: SimCon
                 envs[scene] = make_env(scene, config)
             env = envs[scene]
             reset_seed = int(rng.integers(2**63))
-            scene_id = shard * scene_count + scene_index
-            moving = moving_body_list(env)
-            weld = np.asarray(env.sim.model.body_weldid)
-            names = [env.sim.model.body_id2name(b) or "" for b in range(len(weld))]
-            lookup = segmentation_lookup(names, weld, moving) if config.dense_labels else None
+            clips.start_scene(env, scene_id=shard * scene_count + scene_index)
+            if config.branch_frames:
+                episodes += branched_scene(env, rng, scene, reset_seed, config, clips)
+                continue
             for goal in range(config.goals_per_scene):
                 drawn = reset_episode(env, np.random.default_rng(reset_seed), config)  # the same state per goal
                 plan, waypoints = plan_episode(rng, scene, env)
                 frames = run_episode(env, ScriptedPolicy(waypoints, plan.speed), config)
-                model = env.sim.model
-                intrinsics = {view: sim_tracks.intrinsic_matrix(float(model.cam_fovy[model.camera_name2id(view)]),
-                                                                config.image_size, config.image_size)
-                              for view in VIEWS}
-                sky = sim_tracks.clip_planes(model)[1]
-                skipped = 0
-                for sample in clip_samples(frames, intrinsics, config, moving, weld, sky, lookup):
-                    if not np.isfinite(sample["tracks"]).all():  # a point exactly in the camera plane: no pixel
-                        skipped += 1
-                        continue
-                    writer.add(sample["image"], sample["tracks"], object_ids=sample["object_ids"], kind=plan.kind,
-                               visibility=sample["visibility"], view=sample["view"], instruction=plan.instruction,
-                               scene_id=scene_id, depth=sample["depth"], segmentation=sample["segmentation"])
-                    count += 1
-                episodes.append({**asdict(plan), "scene_id": scene_id, "frames": len(frames),
+                skipped = clips.write(frames, plan)
+                episodes.append({**asdict(plan), "scene_id": clips.scene_id, "frames": len(frames),
                                  "skipped_nonfinite": skipped, **drawn})
+    count = clips.count
     fields = json.loads((staging / "index.json").read_text())["fields"]
     name = shard_name(shard)
     for path in sorted(staging.glob("shard-00000.*.npy")):
         os.replace(path, root / path.name.replace("shard-00000", name))
     shutil.rmtree(staging, ignore_errors=True)
-    record = {"name": name, "num_samples": count, "fields": fields, "episodes": episodes,
+    record = {"name": name, "num_samples": count, "branched_samples": clips.grouped, "fields": fields,
+              "episodes": episodes,
               "seconds": round(time.monotonic() - started, 2)}
     done = root / f"{name}.done.json"
     done.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     os.replace(done.with_suffix(".tmp"), done)
     return record
-
-
-# ------------------------------------------------------------------------------------------------ camera streams
-STREAM_SHARD_BASE = 100_000  # stream episodes draw from test-split shards far above any dataset's shard count
-
-
-@dataclass
-class StreamEpisode:
-    """One scripted episode rendered at every frame (a camera stream), with each frame's true future.
-
-    ``images[i][view]`` is frame i (``[H, W, 3]`` uint8); ``tracks[i][view]`` (``[T, Hq, Wq, 2]`` float32) and
-    ``visibility[i][view]`` (``[T, Hq, Wq]`` uint8) are the exact tracks of the query grid from frame i over the next
-    ``num_frames - 1`` frames (the dataset's clip geometry, so a model trained on it can be scored against them)."""
-
-    scene: str
-    kind: str
-    instruction: str
-    frame_interval_s: float
-    intrinsics: Dict[str, np.ndarray]  # view -> [3, 3]
-    images: List[Dict[str, np.ndarray]] = field(default_factory=list)
-    tracks: List[Dict[str, np.ndarray]] = field(default_factory=list)
-    visibility: List[Dict[str, np.ndarray]] = field(default_factory=list)
-
-
-def stream_episode(seed: int, index: int, config: SimConfig, envs: Optional[Dict[str, Any]] = None,
-                   max_frames: Optional[int] = None) -> StreamEpisode:
-    """Episode ``index`` of the held-out stream of ``seed`` rendered at every frame (``clip_hop`` 1).
-
-    The episode's random stream is test-split shard ``STREAM_SHARD_BASE + index``, which no generated split uses, so
-    its placements, lighting and camera jitter are unseen in training. The stream ends at the last frame that still
-    has a full future (or after ``max_frames``), or before the first frame whose tracks are not finite."""
-    config = SimConfig(**{**asdict(config), "clip_hop": 1, "dense_labels": False})
-    envs = {} if envs is None else envs
-    rng = episode_rng(seed, "test", STREAM_SHARD_BASE + int(index), 0)
-    scene = config.scenes[int(rng.integers(len(config.scenes)))]
-    if scene not in envs:
-        envs[scene] = make_env(scene, config)
-    env = envs[scene]
-    reset_episode(env, np.random.default_rng(int(rng.integers(2**63))), config)
-    plan, waypoints = plan_episode(rng, scene, env)
-    frames = run_episode(env, ScriptedPolicy(waypoints, plan.speed), config)
-    if max_frames is not None:
-        frames = frames[:int(max_frames) + config.num_frames - 1]
-    model = env.sim.model
-    intrinsics = {view: sim_tracks.intrinsic_matrix(float(model.cam_fovy[model.camera_name2id(view)]),
-                                                    config.image_size, config.image_size) for view in VIEWS}
-    episode = StreamEpisode(scene=scene, kind=plan.kind, instruction=plan.instruction,
-                            frame_interval_s=config.frame_interval_s, intrinsics=intrinsics)
-    samples = clip_samples(frames, intrinsics, config, moving_body_list(env), np.asarray(model.body_weldid),
-                           sim_tracks.clip_planes(model)[1])
-    for start in range(len(samples) // len(VIEWS)):
-        per_view = {s["view"]: s for s in samples[start * len(VIEWS):(start + 1) * len(VIEWS)]}
-        if not all(np.isfinite(s["tracks"]).all() for s in per_view.values()):
-            break
-        episode.images.append({view: s["image"] for view, s in per_view.items()})
-        episode.tracks.append({view: s["tracks"] for view, s in per_view.items()})
-        episode.visibility.append({view: s["visibility"].astype(np.uint8) for view, s in per_view.items()})
-    return episode
 
 
 _WORKER_ENVS: Dict[str, Any] = {}  # per worker process: robosuite envs by scene, built once (about 5 s each)
