@@ -11,6 +11,19 @@ DEFAULT_NUM_SAMPLES = 8  # K, sampled futures per image: the one default of the 
 DEFAULT_STEPS = 10  # Euler time points per forecast (9 denoiser evaluations), as the paper
 
 
+def anchor_to_query_points(tracks: np.ndarray, query_points: np.ndarray) -> np.ndarray:
+    """Move each sampled trajectory so that its frame 0 is exactly its query point, keeping its displacements.
+
+    ``tracks [K, T, *points, 2]`` and ``query_points [*points, 2]`` -> ``tracks - tracks[:, :1] + query_points``,
+    computed in float64 and returned in ``tracks``' dtype (frame 0 then equals ``query_points`` cast to it
+    exactly; ``tracks[:, t] - tracks[:, 0]`` is kept up to that cast's rounding).
+    """
+    tracks = np.asarray(tracks)
+    wide = tracks.astype(np.float64)
+    anchored = wide - wide[:, :1] + np.asarray(query_points, dtype=np.float64)  # frame 0: 0 + q, exactly q
+    return anchored.astype(tracks.dtype)
+
+
 @dataclass
 class Forecast:
     """K sampled futures of a grid of query points.
@@ -18,7 +31,10 @@ class Forecast:
     Attributes:
         tracks: ``[K, T, Hq, Wq, 2]`` float32, (x, y) positions in the pixel coordinates of the INPUT image
             (x = column, y = row, pixel centres at integer + 0.5 is NOT assumed: a pixel's centre is at
-            ``index + 0.5``). Frame 0 is (up to VAE error) the query grid. Values are not clamped to the image.
+            ``index + 0.5``). Frame 0 is exactly the query grid: each sampled trajectory is re-anchored there
+            with its decoded displacements kept (:func:`anchor_to_query_points`; ``Forecaster.forecast(...,
+            anchor=False)`` returns the raw decoder output instead, whose frame 0 is the query grid up to VAE
+            error). Values are not clamped to the image.
         query_points: ``[Hq, Wq, 2]`` float32, the query grid in input-image pixels (x, y).
         image_size: ``(height, width)`` of the input image.
         model_id: name of the model that produced the forecast.

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from traj_forecast_ros.errors import CheckpointError, TrajForecastError, WeightsNotFoundError
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS, Forecast
+from traj_forecast_ros.errors import TrajForecastError, WeightsNotFoundError
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS, Forecast, anchor_to_query_points
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
+from traj_forecast_ros.model.compatibility import check_modules_compatible
 from traj_forecast_ros.model.config import ModelConfig
 from traj_forecast_ros.sampling_plan import (
     CudaGraphDenoiser,
@@ -108,7 +109,7 @@ class Forecaster:
         self._config = config
         self._model_id = model_id
         self._lock = threading.Lock()
-        self._check_compatible(config, denoiser, vae, image_encoder, text_encoder)
+        check_modules_compatible(config, denoiser, vae, image_encoder, text_encoder)
         self.denoiser = denoiser.to(self._device).eval().requires_grad_(False)
         self.vae = vae.to(self._device).eval().requires_grad_(False) if vae is not None else None
         self.image_encoder = image_encoder.to(self._device).eval()
@@ -180,27 +181,6 @@ class Forecaster:
             randomise_zero_parameters(vae, generator)
         return cls(config, denoiser, vae, image_encoder, text_encoder, config.name, device=device, dtype=dtype,
                    **kwargs)
-
-    @staticmethod
-    def _check_compatible(config, denoiser, vae, image_encoder, text_encoder) -> None:
-        """Encoders and config must produce the shapes the denoiser and VAE were built for."""
-        from traj_forecast_ros.model.encoders import image_encoder_mismatch
-
-        mismatch = image_encoder_mismatch(image_encoder, config.image_size, denoiser.num_frame_tokens,
-                                          denoiser.frame_features_dim)
-        if mismatch is not None:
-            raise CheckpointError(f"model '{config.name}': {mismatch}: the image encoder does not belong to this model")
-        if (text_encoder is None) != (denoiser.text_embed_dim is None):
-            raise CheckpointError(f"model '{config.name}': denoiser text_embed_dim={denoiser.text_embed_dim} but the "
-                                  f"text encoder is {'missing' if text_encoder is None else 'present'}")
-        if text_encoder is not None and text_encoder.embed_dim != denoiser.text_embed_dim:
-            raise CheckpointError(f"text encoder gives {text_encoder.embed_dim}-d embeddings, the denoiser expects "
-                                  f"{denoiser.text_embed_dim}")
-        if vae is None and config.denoiser.latent:
-            raise CheckpointError(f"model '{config.name}' is a latent model but has no VAE")
-        if vae is not None and config.latent_scale is None:  # (from_config gives random weights a unit scale)
-            raise CheckpointError(f"model '{config.name}' has a VAE but no latent_scale in its config (measured by "
-                                  "`traj-forecast train flow`): its latents cannot be scaled for the denoiser")
 
     # ------------------------------------------------------------------------------------------ properties
     @property
@@ -462,7 +442,7 @@ class Forecaster:
     def forecast(self, image, instruction: Optional[str] = None, num_samples: int = DEFAULT_NUM_SAMPLES,
                  steps: int = DEFAULT_STEPS, seed: Optional[int] = None, initial_noise=None,
                  color_order: Optional[str] = None,
-                 cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None) -> Forecast:
+                 cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None, anchor: bool = True) -> Forecast:
         """Sample ``num_samples`` futures of the query grid for one image.
 
         Args:
@@ -479,6 +459,8 @@ class Forecaster:
             color_order: channel order of ``image`` (see :func:`traj_forecast_ros.geometry.to_rgb`).
             cancel: optional ``threading.Event`` (or ``() -> bool``) checked between denoiser steps; once set the
                 forecast stops with :class:`~traj_forecast_ros.errors.ForecastCancelled`. Unset, it changes nothing.
+            anchor: re-anchor every sampled trajectory so frame 0 is exactly its query point, displacements kept
+                (default); False: the raw decoder output (frame 0 = query grid up to VAE error), as the official code.
 
         Returns:
             :class:`Forecast` with ``tracks [K, T, Hq, Wq, 2]`` float32 in input-image pixels.
@@ -501,14 +483,14 @@ class Forecaster:
                 started = time.perf_counter()
                 try:
                     return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order,
-                                          should_stop)
+                                          should_stop, anchor)
                 except _NonFiniteTracks as exc:
                     if self._dtype == torch.float32:
                         raise
                     self._count_fp32_fallback(exc)
                     with self._precision(torch.float32):
                         result = self._forecast(image, instruction, num_samples, steps, exc.seed, initial_noise,
-                                                color_order, should_stop)
+                                                color_order, should_stop, anchor)
                     result.timings["fp32_rerun"] = result.timings["total"]
                     result.timings["total"] = time.perf_counter() - started  # both runs: what the caller waited
                     return result
@@ -518,7 +500,7 @@ class Forecaster:
                 raise
 
     def _forecast(self, image, instruction, num_samples, steps, seed, initial_noise, color_order,
-                  should_stop=None) -> Forecast:
+                  should_stop=None, anchor: bool = True) -> Forecast:
         from traj_forecast_ros.model.flow import euler_sample
 
         timings: Dict[str, float] = {}
@@ -566,10 +548,11 @@ class Forecaster:
         tracks_model = denormalise_points(rearrange(tracks_norm, "k t c h w -> k t h w c"),
                                           tuple(self._config.image_size))  # [K, T, Hq, Wq, 2] model pixels
         tracks = transform.to_input(tracks_model.cpu().numpy().astype(np.float64)).astype(np.float32)
+        query_points = transform.to_input(self._query_grid_model.astype(np.float64)).astype(np.float32)
         timings["total"] = time.perf_counter() - start
         return Forecast(
-            tracks=tracks,
-            query_points=transform.to_input(self._query_grid_model.astype(np.float64)).astype(np.float32),
+            tracks=anchor_to_query_points(tracks, query_points) if anchor else tracks,
+            query_points=query_points,
             image_size=tuple(int(v) for v in transform.input_size),
             model_id=self._model_id,
             instruction=instruction,

@@ -53,9 +53,25 @@ def test_predict_writes_tracks_and_a_still(tiny_model_dir, shared_images, tmp_pa
     image = np.asarray(Image.open(image_path).convert("RGB"))
     expected = api.forecast(image, "push the cart", num_samples=3, steps=4, seed=7).tracks
     np.testing.assert_array_equal(saved["tracks"], expected)
+    for sample in range(3):  # frame 0 exactly at the query points
+        np.testing.assert_array_equal(saved["tracks"][sample, 0], saved["query_points"])
     drawn = np.asarray(Image.open(viz).convert("RGB"))
     assert drawn.shape == image.shape
     assert np.any(drawn != image)  # tracks painted over the image
+
+
+def test_predict_raw_writes_the_decoder_output(tiny_model_dir, shared_images, tmp_path):
+    """``--raw``: the tracks as decoded (frame 0 only near the query points), the same as ``anchor=False``."""
+    image_path = shared_images / "physics101_1.jpg"
+    out = tmp_path / "raw.npz"
+    assert main(["predict", str(image_path), "--model", str(tiny_model_dir), "--samples", "2", "--steps", "3",
+                 "--seed", "4", "--device", "cpu", "--raw", "--out", str(out)]) == 0
+    saved = read_npz(out)
+    api = Forecaster.from_pretrained(tiny_model_dir, device="cpu")
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    raw = api.forecast(image, num_samples=2, steps=3, seed=4, anchor=False)
+    np.testing.assert_array_equal(saved["tracks"], raw.tracks)
+    assert np.abs(saved["tracks"][:, 0] - saved["query_points"]).max() > 1e-3
 
 
 def test_predict_gif_and_mono_input(tiny_model_dir, tmp_path):

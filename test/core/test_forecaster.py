@@ -55,7 +55,7 @@ def test_query_points_and_tracks_in_input_pixels(shared_images, name, size):
     with torch.no_grad():  # every point decodes to (x, y) = (-0.5, 0.25) normalised -> model px (8, 20)
         head.weight.zero_()
         head.bias.copy_(torch.tensor([-0.5, 0.25]).repeat(head.bias.numel() // 2))
-    result = model.forecast(image, instruction="push", num_samples=2, seed=0)
+    result = model.forecast(image, instruction="push", num_samples=2, seed=0, anchor=False)  # the raw decoder output
     transform = ImageTransform.centre_crop(size, (32, 32))
     side = min(size)
     x0, y0 = (size[1] - side) // 2, (size[0] - side) // 2
@@ -70,6 +70,42 @@ def test_query_points_and_tracks_in_input_pixels(shared_images, name, size):
     cfg = model.config
     assert xs[0, 0] == pytest.approx(x0 + cfg.query_offset * scale, abs=1e-3)
     assert ys[-1, 0] == pytest.approx(y0 + (cfg.query_offset + cfg.query_stride * 7) * scale, abs=1e-3)
+    # Re-anchored (the default): no decoded displacement, so every frame is exactly the query grid.
+    anchored = model.forecast(image, instruction="push", num_samples=2, seed=0)
+    np.testing.assert_array_equal(anchored.tracks, np.broadcast_to(anchored.query_points, anchored.tracks.shape))
+
+
+@pytest.mark.parametrize("name", ["physics101_0.jpg", "libero_agent_0.jpg"])
+def test_frame_zero_is_exactly_the_query_points(forecaster, shared_images, name):
+    """Every sampled trajectory starts exactly at its query point and keeps the decoder's displacements; the raw
+    output (anchor=False) starts only near them. The summaries measure the anchored displacements."""
+    image = _load(shared_images, name)
+    result = forecaster.forecast(image, instruction="push", num_samples=3, steps=3, seed=2)
+    raw = forecaster.forecast(image, instruction="push", num_samples=3, steps=3, seed=2, anchor=False)
+    assert result.tracks.dtype == np.float32 and result.tracks.shape == raw.tracks.shape
+    for sample in range(3):
+        np.testing.assert_array_equal(result.tracks[sample, 0], result.query_points)
+    np.testing.assert_array_equal(raw.query_points, result.query_points)
+    assert np.abs(raw.tracks[:, 0] - raw.query_points).max() > 1e-3  # a random VAE misses the grid
+    np.testing.assert_allclose(result.tracks - result.tracks[:, :1], raw.tracks - raw.tracks[:, :1], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result.mean_displacement(), (result.tracks[:, -1] - result.query_points).mean(0),
+                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result.mean_displacement(), raw.mean_displacement(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result.displacement(), raw.displacement(), rtol=0, atol=1e-4)
+
+
+def test_anchor_to_query_points_on_hand_made_tracks():
+    from traj_forecast_ros.forecast import anchor_to_query_points
+
+    query = np.array([[[0.5, 0.5], [10.25, 3.0]]], np.float32)  # [1, 2, 2]
+    tracks = np.zeros((2, 3, 1, 2, 2), np.float32)  # K=2, T=3
+    tracks[0] = [[[[1.0, 1.0], [11.0, 2.0]]], [[[2.0, 1.0], [11.0, 4.0]]], [[[4.0, 1.0], [11.0, 6.0]]]]
+    tracks[1] = tracks[0] - 0.75
+    anchored = anchor_to_query_points(tracks, query)
+    assert anchored.dtype == np.float32
+    np.testing.assert_array_equal(anchored[:, 0], np.broadcast_to(query, (2, 1, 2, 2)))
+    np.testing.assert_array_equal(anchored[0, 2], [[[3.5, 0.5], [10.25, 7.0]]])  # displacement (3, 0) and (0, 4)
+    np.testing.assert_array_equal(anchored[1], anchored[0])  # a shifted copy lands on the same anchored tracks
 
 
 def test_colour_orders_give_the_same_forecast(forecaster, shared_images):

@@ -208,3 +208,24 @@ def test_compressed_fixture_bytes_are_a_real_jpeg(shared_images):
     rgb = np.asarray(PILImage.open(shared_images / "libero_gripper_0.jpg").convert("RGB"))
     msg = rgb_to_compressed_msg(rgb)
     assert PILImage.open(io.BytesIO(bytes(msg.data))).format == "JPEG"
+
+
+def test_forecaster_output_starts_exactly_at_the_query_points_through_the_message(shared_images):
+    """A real (tiny, random) forecast of a non-square frame: after serialisation every sample's frame 0 is exactly
+    the query grid, and the message's mean displacement is measured from it."""
+    from rclpy.serialization import deserialize_message, serialize_message
+    from traj_forecast_msgs.msg import TrajectoryForecast
+
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.model.presets import tiny_config
+
+    rgb = np.asarray(PILImage.open(shared_images / "physics101_0.jpg").convert("RGB"))  # 256 x 464
+    forecast = Forecaster.from_config(tiny_config(), seed=0).forecast(rgb, "push", num_samples=2, steps=3, seed=1)
+    received = deserialize_message(serialize_message(forecast_to_msg(forecast, Header())), TrajectoryForecast)
+    arrays = msg_to_arrays(received)
+    for sample in range(2):
+        np.testing.assert_array_equal(arrays["tracks"][sample, 0], arrays["query_points"])
+    np.testing.assert_allclose(arrays["mean_displacement"], (arrays["tracks"][:, -1] - arrays["query_points"]).mean(0),
+                               rtol=0, atol=1e-4)
+    back = msg_to_forecast(received)
+    np.testing.assert_array_equal(back.tracks[:, 0], np.broadcast_to(back.query_points, back.tracks[:, 0].shape))

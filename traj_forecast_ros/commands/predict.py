@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict", help="forecast point trajectories for one image",
         description="Samples K futures of the model's query grid for IMAGE and writes them to an .npz file "
-                    "(tracks [K, T, Hq, Wq, 2] in IMAGE pixels, query_points, metadata); optionally draws them.")
+                    "(tracks [K, T, Hq, Wq, 2] in IMAGE pixels, frame 0 exactly at query_points unless --raw; "
+                    "query_points, metadata); optionally draws them.")
     parser.add_argument("image", type=Path, help="image file (any format Pillow reads; mono, RGB or RGBA)")
     parser.add_argument("--model", default=None,
                         help="registry name or model directory (default: the registry default, libero-atm)")
@@ -30,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="float32, bfloat16, float16 (CUDA only) or auto "
                              "(default: bfloat16 on GPUs with native bfloat16, else float16; float32 on CPU)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache root (default: $TRAJ_FORECAST_HOME)")
+    parser.add_argument("--raw", action="store_true",
+                        help="save the raw decoder output (frame 0 is the query grid only up to VAE error) instead "
+                             "of tracks re-anchored so frame 0 is exactly each query point")
     parser.add_argument("--out", type=Path, required=True, help="output .npz file")
     parser.add_argument("--viz", type=Path, default=None,
                         help="also draw the tracks: .png (still, trails over the image) or .gif (animation)")
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         model = args.model or default_model_name()
         forecaster = Forecaster.from_pretrained(model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
         forecast = forecaster.forecast(image, instruction=args.instruction, num_samples=args.samples,
-                                       steps=args.steps, seed=args.seed)
+                                       steps=args.steps, seed=args.seed, anchor=not args.raw)
     except (TrajForecastError, ValueError, TypeError) as exc:
         return _fail(str(exc))
     save_forecast_npz(forecast, args.out)
