@@ -30,11 +30,29 @@ flattened); predictions carry ``K`` samples, datasets ``N`` scenes (``[N, K, T, 
   move it should be near zero.
 * **One forecast against its recorded truth** (:func:`forecast_errors`, the replay demo's score): best-of-K MSE
   and the best sample's mean point distance (ADE), final distance (FDE) and distance per forecast frame, pixels.
+* **Moving region** (:func:`moving_region_metrics`, :class:`MovingRegionTally`): a point *moves* when its TRUE
+  track's peak displacement from frame 0, ``max_t |g_t - g_0|`` over the whole horizon, exceeds
+  ``MOVING_THRESHOLD_PX`` = 5 px (strictly; per ground-truth rollout). Per (scene, rollout) with moving points:
+  each sample's MSE over the moving points only (all T frames, both coordinates), its minimum over samples
+  (best-of-K) and mean (mean-of-K), and the best sample's ADE (mean distance over all T frames and the moving
+  points) and FDE (at the last frame); each averaged over the (scene, rollout) pairs that have moving points.
+* **Motion calibration**: for every moving point, ``|f_{t*} - f_0| / |g_{t*} - g_0|`` at the frame ``t*`` where
+  its true displacement peaks (the last frame for motion that does not come back; the denominator is > 5 px by
+  definition), for ``f`` = the best sample (the best-of-K sample above) and ``f`` = the mean of the K samples
+  (their average track, used as one forecast); the median over all moving points of all scenes. 0 = the forecast
+  stands still, 1 = it moves the points as far as they really go, 0.5 = half as far.
+* **Paired instructions** (:func:`paired_instruction_metrics`): for samples sharing a branch group (the same
+  frame-0 image and view, other instructions and true futures), each ordered pair (i, j) with different
+  instructions is one case: sample i's image forecast under its own instruction (matched) and under j's
+  (crossed), with the same noise, both scored against i's truth by best-of-K MSE over the points that move in
+  i's or j's true future (the region whose motion the instruction decides). Reported: the mean matched and crossed
+  errors, their ratio (matched / crossed) and the share of cases where matched < crossed (the right instruction
+  wins).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,6 +62,7 @@ FVMD_ANGLE_BINS = 8
 FVMD_MAGNITUDE_CAP = 255.0
 FVMD_EPS = 1e-5
 LRTL_RANK = 5
+MOVING_THRESHOLD_PX = 5.0  # a point moves when its true track gets farther than this from frame 0
 
 
 def _flat_points(tracks: np.ndarray, lead: int) -> np.ndarray:
@@ -251,7 +270,8 @@ def evaluate_predictions(pred: np.ndarray, gt: np.ndarray, object_ids: Optional[
     """Every metric for ``pred [N, K, T, Hq, Wq, 2]`` against ``gt [N, R, T, Hq, Wq, 2]``.
 
     Keys: ``best_of_k_mse``, ``mean_of_k_mse``, ``fvmd`` (all N*K samples vs all N*R rollouts), ``lrtl`` (needs
-    ``object_ids``), ``diversity``, ``mean_displacement``, ``gt_mean_displacement`` and, when ``kinds`` marks
+    ``object_ids``), ``diversity``, ``mean_displacement``, ``gt_mean_displacement``, the moving-region and
+    calibration keys of :func:`moving_region_metrics` and, when ``kinds`` marks
     scenes of a kind in ``static_kinds``, on them: ``static_mean_displacement``, ``static_median_displacement``,
     ``static_max_displacement`` (final displacement ``|x_{T-1} - x_0|`` of every point of every sample, pixels) and
     ``static_moving_share`` (share of those points that move more than ``moving_threshold_px``).
@@ -272,6 +292,7 @@ def evaluate_predictions(pred: np.ndarray, gt: np.ndarray, object_ids: Optional[
         "mean_displacement": mean_displacement(pred),
         "gt_mean_displacement": mean_displacement(gt),
     }
+    results.update(moving_region_metrics(pred, gt, rollouts=True))
     if object_ids is not None:
         results["lrtl"] = lrtl(pred, object_ids)
         results["gt_lrtl"] = lrtl(gt, object_ids)
@@ -319,4 +340,150 @@ def forecast_errors(pred: np.ndarray, truth: np.ndarray) -> Dict[str, object]:
         "best_of_k_ade_px": float(distance.mean()),
         "best_of_k_fde_px": float(distance[:, -1].mean()),
         "best_of_k_error_px_by_frame": [float(v) for v in distance.mean(axis=(0, 2))],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ moving region
+def peak_displacement(tracks: np.ndarray, leading_axes: int = 0) -> np.ndarray:
+    """``max_t |x_t - x_0|`` (pixels) of ``tracks [*lead, T, *points, 2]`` -> ``[*lead, *points]``."""
+    tracks = np.asarray(tracks, dtype=np.float64)
+    offsets = tracks - np.take(tracks, [0], axis=leading_axes)
+    return np.sqrt((offsets**2).sum(axis=-1)).max(axis=leading_axes)
+
+
+def moving_mask(truth: np.ndarray, threshold_px: float = MOVING_THRESHOLD_PX, leading_axes: int = 0) -> np.ndarray:
+    """``[*lead, *points]`` bool: the points of ``truth [*lead, T, *points, 2]`` whose peak displacement from
+    frame 0 exceeds ``threshold_px`` (the moving region)."""
+    return peak_displacement(truth, leading_axes) > threshold_px
+
+
+class MovingRegionTally:
+    """Moving-region errors and motion calibration, accumulated forecast by forecast (see the module docstring).
+
+    >>> tally = MovingRegionTally()
+    >>> for pred, truth in scenes:  # pred [K, T, *points, 2], truth [R, T, *points, 2] or [T, *points, 2]
+    ...     tally.add(pred, truth)
+    >>> tally.result()["calibration_best_sample"]
+    """
+
+    def __init__(self, threshold_px: float = MOVING_THRESHOLD_PX) -> None:
+        self.threshold_px = float(threshold_px)
+        self._points = 0
+        self._scores: List[Tuple[float, float, float, float]] = []  # per (scene, rollout): best, mean, ADE, FDE
+        self._true: List[np.ndarray] = []  # per (scene, rollout): true peak displacement of each moving point
+        self._best: List[np.ndarray] = []  # the best sample's displacement at the true peak frame
+        self._average: List[np.ndarray] = []  # the sample mean's displacement there
+
+    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        """Score one forecast ``pred [K, T, *points, 2]`` against ``truth [R, T, *points, 2]`` or
+        ``[T, *points, 2]`` (each of the R true futures with its own moving region)."""
+        pred, truth = np.asarray(pred), np.asarray(truth, dtype=np.float64)
+        truth = _flat_points(truth[None] if truth.ndim == pred.ndim - 1 else truth, 1)  # [R, T, P, 2]
+        pred = _flat_points(pred, 1)  # [K, T, P, 2]
+        if pred.shape[1:] != truth.shape[1:]:
+            raise ValueError(f"forecast {pred.shape[1:]} and truth {truth.shape[1:]} differ in frames or points")
+        for future in truth:
+            self._points += future.shape[1]
+            offsets = np.linalg.norm(future - future[:1], axis=-1)  # [T, P]
+            moving = offsets.max(axis=0) > self.threshold_px  # [P]
+            if not moving.any():
+                continue
+            guess, target = pred[:, :, moving], future[:, moving]  # [K, T, M, 2], [T, M, 2]
+            errors = ((guess - target) ** 2).mean(axis=(1, 2, 3))  # [K]
+            best = int(errors.argmin())
+            distance = np.linalg.norm(guess[best] - target, axis=-1)  # [T, M]
+            self._scores.append((float(errors[best]), float(errors.mean()), float(distance.mean()),
+                                 float(distance[-1].mean())))
+            peak = offsets[:, moving].argmax(axis=0)  # [M] frame of each point's largest true displacement
+            columns = np.arange(peak.size)
+            self._true.append(offsets[:, moving][peak, columns])
+            self._best.append(np.linalg.norm(guess[best][peak, columns] - guess[best, 0], axis=-1))
+            average = guess.mean(axis=0)  # [T, M, 2]
+            self._average.append(np.linalg.norm(average[peak, columns] - average[0], axis=-1))
+
+    def result(self) -> Dict[str, float]:
+        """``moving_threshold_px``, ``moving_points`` (moving points over all scenes and rollouts),
+        ``moving_share`` (of all points), ``moving_best_of_k_mse`` / ``moving_mean_of_k_mse`` (px^2),
+        ``moving_best_of_k_ade_px`` / ``moving_best_of_k_fde_px``, ``moving_true_displacement_px`` /
+        ``moving_best_sample_displacement_px`` / ``moving_sample_mean_displacement_px`` (means over the moving
+        points at their true peak frame), ``calibration_best_sample`` and ``calibration_sample_mean`` (medians of
+        the ratios). NaN where no point moves."""
+        nan = float("nan")
+        moving = int(sum(values.size for values in self._true))
+        result = {"moving_threshold_px": self.threshold_px, "moving_points": float(moving),
+                  "moving_share": moving / self._points if self._points else nan}
+        scores = np.asarray(self._scores, dtype=np.float64).reshape(-1, 4)
+        names = ("moving_best_of_k_mse", "moving_mean_of_k_mse", "moving_best_of_k_ade_px", "moving_best_of_k_fde_px")
+        for column, name in enumerate(names):
+            result[name] = float(scores[:, column].mean()) if moving else nan
+        true = np.concatenate(self._true) if moving else np.zeros(0)
+        for name, parts in (("best_sample", self._best), ("sample_mean", self._average)):
+            shifted = np.concatenate(parts) if moving else np.zeros(0)
+            result[f"moving_{name}_displacement_px"] = float(shifted.mean()) if moving else nan
+            result[f"calibration_{name}"] = float(np.median(shifted / true)) if moving else nan
+        result["moving_true_displacement_px"] = float(true.mean()) if moving else nan
+        return result
+
+
+def moving_region_metrics(pred: np.ndarray, gt: np.ndarray, rollouts: bool = False,
+                          threshold_px: float = MOVING_THRESHOLD_PX) -> Dict[str, float]:
+    """:meth:`MovingRegionTally.result` of ``pred [N, K, T, *points, 2]`` against ``gt [N, T, *points, 2]``
+    (``rollouts=True``: ``[N, R, T, *points, 2]``)."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape[0] != gt.shape[0]:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} hold different numbers of scenes")
+    tally = MovingRegionTally(threshold_px)
+    for scene_pred, scene_gt in zip(pred, gt):
+        tally.add(scene_pred, scene_gt if rollouts else scene_gt[None])
+    return tally.result()
+
+
+# ------------------------------------------------------------------------------------------------ paired instructions
+def branch_pairs(branch_groups: Sequence[int], instruction_ids: Sequence[int]) -> List[Tuple[int, int]]:
+    """Ordered pairs ``(i, j)``, ``i != j``, of positions whose branch group is the same value >= 0 and whose
+    instructions differ: the paired-instruction cases (case (i, j): sample i forecast under j's instruction)."""
+    members: Dict[int, List[int]] = {}
+    for position, group in enumerate(branch_groups):
+        if int(group) >= 0:
+            members.setdefault(int(group), []).append(position)
+    return [(i, j) for group in members.values() for i in group for j in group
+            if i != j and int(instruction_ids[i]) != int(instruction_ids[j])]
+
+
+def paired_instruction_metrics(matched: np.ndarray, crossed: np.ndarray, truth: np.ndarray,
+                               partner_truth: np.ndarray, threshold_px: float = MOVING_THRESHOLD_PX
+                               ) -> Dict[str, float]:
+    """Paired-instruction test over C cases (see the module docstring).
+
+    ``matched`` / ``crossed`` ``[C, K, T, *points, 2]``: case c's image forecast under its own / its partner's
+    instruction (same noise); ``truth`` / ``partner_truth`` ``[C, T, *points, 2]``: the two true futures. Cases
+    where neither future moves are left out. Returns ``paired_cases``, ``paired_matched_moving_mse`` and
+    ``paired_crossed_moving_mse`` (means over cases, px^2), ``paired_matched_crossed_ratio`` (the ratio of those
+    means; < 1: the instruction helps) and ``paired_right_instruction_wins`` (share of cases with matched < crossed).
+    NaN without cases.
+    """
+    matched, crossed = _flat_points(matched, 2), _flat_points(crossed, 2)  # [C, K, T, P, 2]
+    truth, partner_truth = _flat_points(truth, 1), _flat_points(partner_truth, 1)  # [C, T, P, 2]
+    if not (matched.shape == crossed.shape and truth.shape == partner_truth.shape
+            and matched.shape[:1] + matched.shape[2:] == truth.shape):
+        raise ValueError(f"need matched and crossed [C, K, T, P, 2] and truths [C, T, P, 2]; got {matched.shape}, "
+                         f"{crossed.shape}, {truth.shape}, {partner_truth.shape}")
+    region = moving_mask(truth, threshold_px, 1) | moving_mask(partner_truth, threshold_px, 1)  # [C, P]
+    errors = []
+    for case in np.nonzero(region.any(axis=1))[0]:
+        target = truth[case][:, region[case]]  # [T, M, 2]
+        errors.append([float(((forecast[case][:, :, region[case]] - target) ** 2).mean(axis=(1, 2, 3)).min())
+                       for forecast in (matched, crossed)])
+    if not errors:
+        nan = float("nan")
+        return {"paired_cases": 0.0, "paired_matched_moving_mse": nan, "paired_crossed_moving_mse": nan,
+                "paired_matched_crossed_ratio": nan, "paired_right_instruction_wins": nan}
+    pairs = np.asarray(errors)  # [cases, 2]
+    matched_mean, crossed_mean = float(pairs[:, 0].mean()), float(pairs[:, 1].mean())
+    return {
+        "paired_cases": float(len(pairs)),
+        "paired_matched_moving_mse": matched_mean,
+        "paired_crossed_moving_mse": crossed_mean,
+        "paired_matched_crossed_ratio": matched_mean / crossed_mean if crossed_mean > 0 else float("nan"),
+        "paired_right_instruction_wins": float((pairs[:, 0] < pairs[:, 1]).mean()),
     }

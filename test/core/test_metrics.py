@@ -166,3 +166,129 @@ def test_one_pass_best_and_mean_equal_the_separate_functions():
     results = metrics.evaluate_predictions(pred, gt)
     assert results["best_of_k_mse"] == metrics.best_of_k_mse(pred, gt, rollouts=True)
     assert results["mean_of_k_mse"] == metrics.mean_of_k_mse(pred, gt, rollouts=True)
+
+
+# ------------------------------------------------------------------------------------------------ moving region
+def half_moving_truth(frames: int = 5, step: float = 3.0, rows: int = 2, cols: int = 4) -> np.ndarray:
+    """[T, rows, cols, 2]: the first half of the rows slides +x by ``step`` px per frame (12 px at the end for
+    T = 5), the other half stays."""
+    truth = grid_tracks(frames=frames, rows=rows, cols=cols)
+    truth[:, : rows // 2, :, 0] += step * np.arange(frames)[:, None, None]
+    return truth
+
+
+def test_moving_mask_uses_the_peak_true_displacement_strictly_above_the_threshold():
+    truth = grid_tracks(frames=4, rows=1, cols=4)  # [T, 1, 4, 2]
+    truth[:, 0, 1, 0] += [0.0, 2.0, 4.0, 5.0]  # 5 px exactly: not moving (strictly more than 5)
+    truth[:, 0, 2, 1] += [0.0, 6.0, 3.0, 0.0]  # out 6 px and back: moving (the peak counts, not the last frame)
+    truth[:, 0, 3] += [[0.0, 0.0], [3.0, 4.0], [3.0, 4.0], [4.2, 3.0]]  # 5.0, then 5.16 px: moving
+    np.testing.assert_allclose(metrics.peak_displacement(truth)[0], [0.0, 5.0, 6.0, np.hypot(4.2, 3.0)])
+    np.testing.assert_array_equal(metrics.moving_mask(truth), [[False, False, True, True]])
+    assert metrics.moving_mask(truth, threshold_px=4.0)[0, 1]
+    stacked = np.stack([truth, grid_tracks(frames=4, rows=1, cols=4)])  # a leading scene axis
+    np.testing.assert_array_equal(metrics.moving_mask(stacked, leading_axes=1),
+                                  [[[False, False, True, True]], [[False, False, False, False]]])
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5, 1.0, 1.5])
+def test_motion_calibration_of_scaled_truths(factor):
+    """A forecast that moves every point ``factor`` times as far as the truth calibrates to exactly ``factor``
+    (zero motion 0, the truth 1, a 0.5x shrink 0.5), for the best sample and for the mean of the samples."""
+    truth = half_moving_truth()
+    scaled = truth[:1] + factor * (truth - truth[:1])
+    pred = np.stack([scaled, scaled])[None]  # [N=1, K=2, T, 2, 4, 2]
+    result = metrics.moving_region_metrics(pred, truth[None])
+    assert result["calibration_best_sample"] == pytest.approx(factor)
+    assert result["calibration_sample_mean"] == pytest.approx(factor)
+    assert result["moving_points"] == 4 and result["moving_share"] == pytest.approx(0.5)
+    assert result["moving_true_displacement_px"] == pytest.approx(12.0)
+    assert result["moving_best_sample_displacement_px"] == pytest.approx(12.0 * factor)
+    # Moving-region errors: the moving row misses by (1 - factor) * 3 t px at frame t = 0..4.
+    miss = abs(1.0 - factor) * 3.0 * np.arange(5)
+    assert result["moving_best_of_k_mse"] == pytest.approx((miss**2).mean() / 2)  # x only: half the coordinates
+    assert result["moving_mean_of_k_mse"] == pytest.approx((miss**2).mean() / 2)
+    assert result["moving_best_of_k_ade_px"] == pytest.approx(miss.mean())
+    assert result["moving_best_of_k_fde_px"] == pytest.approx(miss[-1])
+
+
+def test_zero_motion_moving_region_errors_are_the_true_displacements():
+    truth = half_moving_truth()
+    still = np.broadcast_to(truth[:1], truth.shape)
+    result = metrics.moving_region_metrics(np.stack([still])[None], truth[None])
+    assert result["moving_best_of_k_mse"] == pytest.approx(27.0)  # mean_t (3t)^2 / 2 over t = 0..4
+    assert result["moving_best_of_k_ade_px"] == pytest.approx(6.0) and result["moving_best_of_k_fde_px"] == 12.0
+    assert result["calibration_best_sample"] == 0.0 and result["calibration_sample_mean"] == 0.0
+
+
+def test_calibration_of_the_best_sample_and_of_the_sample_mean_differ():
+    """Samples going both ways: the best one moves the points as far as the truth (1), their average not at all."""
+    truth = half_moving_truth()
+    mirrored = truth.copy()
+    mirrored[..., 0] = 2 * truth[:1, ..., 0] - truth[..., 0]  # -x instead of +x
+    result = metrics.moving_region_metrics(np.stack([mirrored, truth])[None], truth[None])
+    assert result["calibration_best_sample"] == pytest.approx(1.0)
+    assert result["calibration_sample_mean"] == pytest.approx(0.0)
+    assert result["moving_best_of_k_mse"] == 0.0
+    assert result["moving_mean_of_k_mse"] == pytest.approx(((6.0 * np.arange(5)) ** 2).mean() / 2 / 2)
+
+
+def test_moving_region_uses_each_rollout_and_skips_still_scenes():
+    truth = half_moving_truth()
+    still = np.broadcast_to(truth[:1], truth.shape)
+    gt = np.stack([np.stack([truth, still]), np.stack([still, still])])  # [N=2, R=2, ...]: one future moves
+    pred = np.stack([np.stack([truth]), np.stack([still])])  # [N=2, K=1, ...]
+    result = metrics.moving_region_metrics(pred, gt, rollouts=True)
+    assert result["moving_points"] == 4 and result["moving_share"] == pytest.approx(4 / 32)
+    assert result["moving_best_of_k_mse"] == 0.0 and result["calibration_best_sample"] == pytest.approx(1.0)
+    nothing = metrics.moving_region_metrics(pred[1:], gt[1:], rollouts=True)
+    assert nothing["moving_points"] == 0 and np.isnan(nothing["moving_best_of_k_mse"])
+    assert np.isnan(nothing["calibration_best_sample"])
+    tally = metrics.MovingRegionTally()  # the same numbers forecast by forecast, one truth [T, ...] at a time
+    tally.add(pred[0], truth)
+    assert tally.result()["moving_points"] == 4 and tally.result()["moving_share"] == pytest.approx(0.5)
+
+
+def test_evaluate_predictions_reports_the_moving_region():
+    truth = half_moving_truth(frames=8, rows=10, cols=10)
+    gt = truth[None, None]  # [N=1, R=1, ...]
+    pred = np.stack([truth[:1] + 0.5 * (truth - truth[:1])])[None]  # [N=1, K=1, ...]
+    result = metrics.evaluate_predictions(pred, gt)
+    assert result["calibration_best_sample"] == pytest.approx(0.5)
+    assert result["moving_threshold_px"] == metrics.MOVING_THRESHOLD_PX == 5.0
+    assert result["moving_best_of_k_mse"] > result["best_of_k_mse"]  # the still half dilutes the whole grid
+
+
+# ------------------------------------------------------------------------------------------------ paired instructions
+def test_branch_pairs_are_ordered_pairs_with_different_instructions_in_one_group():
+    groups = [0, 0, -1, 1, 1, 1, 2]
+    instructions = [0, 1, 0, 0, 1, 1, 3]
+    assert metrics.branch_pairs(groups, instructions) == [(0, 1), (1, 0), (3, 4), (3, 5), (4, 3), (5, 3)]
+    assert metrics.branch_pairs([-1, -1], [0, 1]) == []
+
+
+def test_paired_instruction_metrics_hand_made():
+    right = half_moving_truth()  # row 0 moves +x
+    up = grid_tracks(frames=5, rows=2, cols=4)
+    up[:, 1, :, 1] += 2.0 * np.arange(5)[:, None]  # row 1 moves +y (8 px)
+    still = np.broadcast_to(right[:1], right.shape)
+    # case 0: the instruction-following forecaster: matched = own truth, crossed = the partner's truth
+    # case 1: a still truth whose partner moves: matched stays (0 error), crossed moves the partner's row
+    # case 2: an instruction-blind forecaster: matched == crossed (a tie is not a win)
+    # case 3: neither future moves: left out
+    matched = np.stack([right[None], still[None], up[None], still[None]])  # [C, K=1, ...]
+    crossed = np.stack([up[None], up[None], up[None], still[None]])
+    truth = np.stack([right, still, right, still])
+    partner = np.stack([up, up, up, still])
+    result = metrics.paired_instruction_metrics(matched, crossed, truth, partner)
+    assert result["paired_cases"] == 3
+    assert result["paired_right_instruction_wins"] == pytest.approx(2 / 3)
+    # region of cases 0 and 2: both rows (8 points); case 1: row 1 (4 points)
+    err_right_vs_up = (((3.0 * np.arange(5)) ** 2).mean() + ((2.0 * np.arange(5)) ** 2).mean()) / 2 / 2
+    err_up_row = ((2.0 * np.arange(5)) ** 2).mean() / 2
+    expected_matched = (0.0 + 0.0 + err_right_vs_up) / 3
+    expected_crossed = (err_right_vs_up + err_up_row + err_right_vs_up) / 3
+    assert result["paired_matched_moving_mse"] == pytest.approx(expected_matched)
+    assert result["paired_crossed_moving_mse"] == pytest.approx(expected_crossed)
+    assert result["paired_matched_crossed_ratio"] == pytest.approx(expected_matched / expected_crossed)
+    empty = metrics.paired_instruction_metrics(matched[3:], crossed[3:], truth[3:], partner[3:])
+    assert empty["paired_cases"] == 0 and np.isnan(empty["paired_matched_crossed_ratio"])
