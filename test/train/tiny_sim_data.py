@@ -48,8 +48,9 @@ def tiny_sim_scene(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np
     return image, depth, segmentation, (x0, y0, side)
 
 
-def write_tiny_sim(root: Path, scenes: int = 6, seed: int = 0) -> Path:
-    """Write ``2 * scenes`` samples (every image with both instructions); returns ``root``."""
+def write_tiny_sim(root: Path, scenes: int = 6, seed: int = 0, branch_groups: bool = False) -> Path:
+    """Write ``2 * scenes`` samples (every image with both instructions; ``branch_groups``: the two are stored as
+    one branch group, numbered by scene); returns ``root``."""
     meta = tiny_sim_meta()
     rng = np.random.default_rng(seed)
     grid = meta.query_points()  # [Hq, Wq, 2]
@@ -64,7 +65,8 @@ def write_tiny_sim(root: Path, scenes: int = 6, seed: int = 0) -> Path:
                 tracks[:, inside, 0] += direction * STEP_PX * steps
                 writer.add(image, tracks, object_ids=inside.astype(np.int16), kind="push",
                            visibility=np.ones(tracks.shape[:-1], bool), view=VIEWS[scene % 2],
-                           instruction=instruction, scene_id=scene, depth=depth, segmentation=segmentation)
+                           instruction=instruction, scene_id=scene, depth=depth, segmentation=segmentation,
+                           branch_group=scene if branch_groups else None)
     return root
 
 

@@ -1,7 +1,9 @@
 """``traj-forecast evaluate``: score a model against zero motion (and the regressor baseline) on a dataset.
 
-Prints the results table (best-of-K and mean-of-K MSE in px^2, FVMD, LRTL, diversity, motion predicted on resting
-scenes) and writes every number to JSON::
+Prints the results table (where the motion is: best-of-K MSE, ADE and FDE over the points whose true track moves
+more than 5 px, and motion calibration; then over the whole grid: best-of-K and mean-of-K MSE in px^2, FVMD, LRTL,
+diversity, motion predicted on resting scenes), the paired-instruction test on datasets with branch groups, and
+writes every number to JSON::
 
     traj-forecast evaluate --model models/demo-blocks --data runs/test --regressor runs/regressor \
         --samples 8 --out results.json
@@ -61,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.train.evaluate import evaluate, format_kind_table, format_table
+    from traj_forecast_ros.train.evaluate import evaluate, format_kind_table, format_paired, format_table
 
     if args.samples < 1:
         raise SystemExit("error: --samples must be >= 1")
@@ -75,6 +77,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                       use_instructions=not args.no_instructions, figure=args.figure, vae_bound=args.vae_bound)
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
+    if report.get("paired_instructions"):
+        print(format_paired(report))
     for group in ("per_kind", "per_view"):
         if report.get(group):
             print()

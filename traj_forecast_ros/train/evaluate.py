@@ -9,6 +9,11 @@ Besides the overall metrics, the report breaks every method down by task kind (`
 (``per_view``) with the same metrics (best-of-K and mean-of-K MSE, FVMD, LRTL when object ids are stored,
 diversity) plus ``background_mean_displacement``: the mean final displacement of the points on static geometry
 (object id 0), which an ideal forecaster keeps at 0.
+
+Every method is also scored where the motion is (:func:`traj_forecast_ros.metrics.moving_region_metrics`: the
+points whose true track moves more than 5 px; best-of-K / mean-of-K MSE, ADE, FDE and motion calibration there).
+On datasets with branch groups (samples with the same frame 0 but other instructions and futures) ``ours`` also
+takes the paired-instruction test (:func:`paired_instruction_results`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 TABLE_COLUMNS = (
+    ("moving_best_of_k_mse", "moving best-of-K MSE (px^2)"),
+    ("moving_best_of_k_ade_px", "moving ADE (px)"),
+    ("moving_best_of_k_fde_px", "moving FDE (px)"),
+    ("calibration_best_sample", "calibration, best sample"),
+    ("calibration_sample_mean", "calibration, sample mean"),
     ("best_of_k_mse", "best-of-K MSE (px^2)"),
     ("mean_of_k_mse", "mean-of-K MSE (px^2)"),
     ("fvmd", "FVMD"),
@@ -97,6 +107,31 @@ def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices:
     return np.stack(outputs)
 
 
+def paired_instruction_results(model: PathLike, dataset: TrajectoryDataset, indices: np.ndarray, matched: np.ndarray,
+                               gt: np.ndarray, instructions: Sequence[Optional[str]],
+                               num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0, steps: int = DEFAULT_STEPS,
+                               sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
+                               progress: bool = False) -> Optional[Dict[str, float]]:
+    """The paired-instruction test (:func:`traj_forecast_ros.metrics.paired_instruction_metrics`) of a model.
+
+    ``matched [N, K, T, Hq, Wq, 2]``: the model's forecasts of the scenes ``indices`` under their own
+    ``instructions`` (scene ``indices[i]`` with seed ``seed + indices[i]``). Every case (i, j) of
+    :func:`~traj_forecast_ros.metrics.branch_pairs` reuses forecast i and adds one K-sample forecast of scene i
+    under j's instruction with i's seed (the same noise: only the instruction differs); both are scored against
+    i's first true rollout over the points moving in i's or j's. None when these scenes hold no pair.
+    """
+    groups = dataset.gather("branch_groups", indices)
+    pairs = metrics.branch_pairs(groups, dataset.gather("instructions", indices))
+    if not pairs:
+        return None
+    own, partner = (np.asarray(side) for side in zip(*pairs))
+    crossed = forecaster_predictions(model, dataset, indices[own], num_samples, seed, steps, sample_batch_size,
+                                     device=device, progress=progress, instructions=[instructions[j] for j in partner])
+    result = metrics.paired_instruction_metrics(matched[own], crossed, gt[own, 0], gt[partner, 0])
+    result["paired_groups"] = float(len({int(groups[i]) for i in own}))
+    return result
+
+
 @torch.no_grad()
 def vae_reconstruction_predictions(model: PathLike, dataset: TrajectoryDataset, indices: Sequence[int],
                                    num_samples: int, device: str = "auto") -> np.ndarray:
@@ -161,8 +196,10 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     Returns a JSON-friendly dict: settings, ``results[method] -> metrics`` (see
     :func:`traj_forecast_ros.metrics.evaluate_predictions`, plus ``background_mean_displacement``),
     ``per_kind[kind][method]`` and ``per_view[view][method]`` (the same metrics on those scenes; empty when the
-    dataset has no kinds / views) and ``seconds[method]``. ``use_instructions``: give a language-conditioned model
-    each sample's instruction (else the model's default instruction). ``figure``: also write a PNG of the first
+    dataset has no kinds / views), ``paired_instructions`` (:func:`paired_instruction_results` of ``ours``; None
+    without branch groups, instructions or a model) and ``seconds[method]`` (``ours_crossed_instructions``: the
+    paired test's extra forecasts). ``use_instructions``: give a language-conditioned model each sample's
+    instruction (else the model's default instruction). ``figure``: also write a PNG of the first
     scene of every kind x view, truth beside the predictions (:func:`.figure.comparison_figure`). ``vae_bound``: also
     score ``vae_reconstruction``, the model's VAE decoding each true future (:func:`vae_reconstruction_predictions`).
     """
@@ -210,6 +247,12 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         results[name]["background_mean_displacement"] = background_mean_displacement(pred, object_ids)
     per_kind = group_metrics(predictions, gt, object_ids, kinds, kinds) if kinds is not None else {}
     per_view = group_metrics(predictions, gt, object_ids, kinds, views) if views is not None else {}
+    paired = None
+    if "ours" in predictions and instructions is not None and dataset.has("branch_groups"):
+        start = time.perf_counter()
+        paired = paired_instruction_results(model, dataset, indices, predictions["ours"], gt, instructions,
+                                            num_samples, seed, steps, sample_batch_size, device, progress)
+        seconds["ours_crossed_instructions"] = time.perf_counter() - start
     if figure is not None:
         from traj_forecast_ros.train.figure import comparison_figure, pick_scenes
 
@@ -230,6 +273,7 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         "results": results,
         "per_kind": per_kind,
         "per_view": per_view,
+        "paired_instructions": paired,
         "instructions": instructions is not None,
         "seconds": seconds,
         "figure": None if figure is None else str(figure),
@@ -252,11 +296,25 @@ def format_table(report: Dict, markdown: bool = True) -> str:
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows)
 
 
-GROUP_COLUMNS = (("best_of_k_mse", "best-of-K"), ("fvmd", "FVMD"), ("lrtl", "LRTL"), ("diversity", "diversity"))
+GROUP_COLUMNS = (("moving_best_of_k_mse", "moving best-of-K"), ("calibration_best_sample", "calibration"),
+                 ("best_of_k_mse", "best-of-K"), ("fvmd", "FVMD"), ("lrtl", "LRTL"), ("diversity", "diversity"))
+
+
+def format_paired(report: Dict) -> str:
+    """One line on the paired-instruction test ("" when it did not run)."""
+    paired = report.get("paired_instructions")
+    if not paired:
+        return ""
+    if not paired["paired_cases"]:
+        return "paired instructions: no pair of the branch groups has a moving point"
+    return (f"paired instructions ({int(paired['paired_cases'])} cases in {int(paired['paired_groups'])} branch "
+            f"groups): matched / crossed moving-region error {_fmt(paired['paired_matched_crossed_ratio'])} "
+            f"({_fmt(paired['paired_matched_moving_mse'])} / {_fmt(paired['paired_crossed_moving_mse'])} px^2), "
+            f"the right instruction wins {paired['paired_right_instruction_wins']:.0%}")
 
 
 def format_kind_table(report: Dict, group: str = "per_kind") -> str:
-    """Best-of-K MSE, FVMD, LRTL and diversity per task kind (``group="per_kind"``) or view (``"per_view"``) and
+    """Moving-region best-of-K MSE and calibration, best-of-K MSE, FVMD, LRTL and diversity per task kind (``group="per_kind"``) or view (``"per_view"``) and
     method (markdown)."""
     groups = report.get(group) or {}
     if not groups:
