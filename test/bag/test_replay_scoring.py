@@ -128,6 +128,29 @@ def test_truth_bag_fed_as_forecast_bag_scores_zero(tmp_path):
     assert "best-of-K MSE 0.00" in format_accuracy(accuracy)
 
 
+def test_bag_scoring_leads_with_the_moving_points(tmp_path):
+    """Half the points move 10 px per frame, the rest stay; forecasts move them half as far: calibration 0.5,
+    and the summary line starts with the moving points before the whole-grid figures."""
+    truths = {}
+    for stamp in (1, 2):
+        truth = np.repeat(future(0)[:, :1], T, axis=1)  # [1, T, H, W, 2], still
+        truth[:, :, 0, :, 0] += 10.0 * stamp * np.arange(T)[:, None]  # row 0 moves (10 or 20 px per frame)
+        truths[stamp] = truth
+    write_bag(tmp_path / "truth", "/cam/truth", list(truths.items()))
+    halved = [(stamp, truth[:, :1] + 0.5 * (truth - truth[:, :1])) for stamp, truth in truths.items()]
+    write_bag(tmp_path / "forecasts", "/cam/forecast", halved)
+    accuracy = score_forecasts(tmp_path / "forecasts", "/cam/forecast", tmp_path / "truth", "/cam/truth")
+    assert accuracy["moving_points"] == 2 * W and accuracy["moving_share"] == pytest.approx(0.5)
+    assert accuracy["calibration_best_sample"] == pytest.approx(0.5)
+    assert accuracy["calibration_sample_mean"] == pytest.approx(0.5)
+    assert accuracy["moving_true_displacement_px"] == pytest.approx((30.0 + 60.0) / 2)
+    assert accuracy["moving_best_of_k_fde_px"] == pytest.approx((15.0 + 30.0) / 2)
+    line = format_accuracy(accuracy)
+    assert line.startswith("moving points (6, 50% of all, true motion > 5 px): they travel 45.0 px, the best sample "
+                           "moves them 22.5 px"), line
+    assert "calibration best sample 0.50" in line and line.index("moving points") < line.index("whole grid")
+
+
 def test_truth_topic_choice(tmp_path):
     write_bag(tmp_path / "one", "/agentview/truth", [(1, future(1))])
     topics = bag_topics(tmp_path / "one")

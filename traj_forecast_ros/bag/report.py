@@ -212,12 +212,15 @@ def score_forecasts(forecast_bag: PathLike, forecast_topic: str, truth_bag: Path
     when a truth with its stamp exists and both start from the same query points and have the same number of
     frames; otherwise it is counted under ``unscored`` by reason. Returns the means over scored forecasts
     (:func:`traj_forecast_ros.metrics.forecast_errors`: ``best_of_k_mse``, ``best_of_k_ade_px``,
-    ``best_of_k_fde_px``, ``best_of_k_error_px_by_frame``) and ``per_forecast`` (stamp and errors of each).
+    ``best_of_k_fde_px``, ``best_of_k_error_px_by_frame``), the moving-region figures over all scored forecasts
+    (:class:`traj_forecast_ros.metrics.MovingRegionTally`: ``moving_best_of_k_ade_px``, ``calibration_best_sample``,
+    ... over the points whose true track moves more than 5 px) and ``per_forecast`` (stamp and errors of each).
     """
-    from traj_forecast_ros.metrics import forecast_errors
+    from traj_forecast_ros.metrics import MovingRegionTally, forecast_errors
 
     truths = {stamp: forecast_arrays(message) for stamp, message in read_forecasts(truth_bag, truth_topic)}
     per_forecast: List[Dict[str, object]] = []
+    moving = MovingRegionTally()
     unscored: Dict[str, int] = {}
     for stamp, message in read_forecasts(forecast_bag, forecast_topic):
         truth = truths.get(stamp)
@@ -233,6 +236,7 @@ def score_forecasts(forecast_bag: PathLike, forecast_topic: str, truth_bag: Path
             unscored[reason] = unscored.get(reason, 0) + 1
             continue
         per_forecast.append({"stamp_ns": stamp, **forecast_errors(arrays["tracks"], truth["tracks"])})
+        moving.add(arrays["tracks"], truth["tracks"])
     result: Dict[str, object] = {"truth_topic": truth_topic, "truths": len(truths), "scored": len(per_forecast),
                                  "unscored": unscored}
     if per_forecast:
@@ -240,6 +244,7 @@ def score_forecasts(forecast_bag: PathLike, forecast_topic: str, truth_bag: Path
             result[key] = float(np.mean([entry[key] for entry in per_forecast]))
         result["best_of_k_error_px_by_frame"] = [
             float(v) for v in np.mean([entry["best_of_k_error_px_by_frame"] for entry in per_forecast], axis=0)]
+        result.update(moving.result())
     result["per_forecast"] = per_forecast
     return result
 
@@ -249,7 +254,19 @@ def format_accuracy(accuracy: Dict[str, object]) -> str:
     unscored = ", ".join(f"{reason} {count}" for reason, count in sorted(accuracy.get("unscored", {}).items()))
     if not accuracy.get("scored"):
         return f"no forecast scored against {accuracy['truth_topic']}" + (f" ({unscored})" if unscored else "")
-    text = (f"best-of-K MSE {accuracy['best_of_k_mse']:.2f} px^2, ADE {accuracy['best_of_k_ade_px']:.2f} px, "
-            f"FDE {accuracy['best_of_k_fde_px']:.2f} px over {accuracy['scored']} forecasts "
+    text = (f"whole grid: best-of-K MSE {accuracy['best_of_k_mse']:.2f} px^2, ADE {accuracy['best_of_k_ade_px']:.2f} "
+            f"px, FDE {accuracy['best_of_k_fde_px']:.2f} px over {accuracy['scored']} forecasts "
             f"(truth: {accuracy['truth_topic']})")
+    if accuracy.get("moving_points"):
+        text = (f"moving points ({int(accuracy['moving_points'])}, {accuracy['moving_share']:.0%} of all, true "
+                f"motion > {accuracy['moving_threshold_px']:g} px): they travel "
+                f"{accuracy['moving_true_displacement_px']:.1f} px, the best sample moves them "
+                f"{accuracy['moving_best_sample_displacement_px']:.1f} px and the mean of the samples "
+                f"{accuracy['moving_sample_mean_displacement_px']:.1f} px; calibration best sample "
+                f"{accuracy['calibration_best_sample']:.2f}, sample mean {accuracy['calibration_sample_mean']:.2f}; "
+                f"best-of-K ADE {accuracy['moving_best_of_k_ade_px']:.2f} px, FDE "
+                f"{accuracy['moving_best_of_k_fde_px']:.2f} px, MSE {accuracy['moving_best_of_k_mse']:.1f} px^2. "
+                + text)
+    elif "moving_points" in accuracy:
+        text = f"no point of the true futures moves more than {accuracy['moving_threshold_px']:g} px. " + text
     return text + (f"; unscored: {unscored}" if unscored else "")
