@@ -59,6 +59,26 @@ def test_writer_rejects_bad_samples(tmp_path):
         writer.add(image, tracks)  # same dataset, different fields
 
 
+def test_branch_groups_round_trip_and_are_checked(tmp_path):
+    """The optional branch group: -1 = none, >= 0 groups samples with one frame 0 and other futures (version 2)."""
+    with DatasetWriter(tmp_path / "ds", META) as writer:
+        for i, group in enumerate([0, 0, -1]):
+            writer.add(*make_sample(i), branch_group=group)
+    ds = TrajectoryDataset(tmp_path / "ds")
+    assert ds.has("branch_groups") and [ds[i].branch_group for i in range(3)] == [0, 0, -1]
+    np.testing.assert_array_equal(ds.load("branch_groups"), [0, 0, -1])
+    assert json.loads((tmp_path / "ds" / "index.json").read_text())["version"] == 2
+    assert TrajectoryDataset(_plain(tmp_path))[0].branch_group is None
+    with pytest.raises(DatasetError, match="branch_group"):
+        DatasetWriter(tmp_path / "bad", META).add(*make_sample(0), branch_group=-2)
+
+
+def _plain(tmp_path):
+    with DatasetWriter(tmp_path / "plain", META) as writer:
+        writer.add(*make_sample(0))
+    return tmp_path / "plain"
+
+
 def test_reader_errors_are_clear(tmp_path):
     with pytest.raises(DatasetError, match="no index.json"):
         TrajectoryDataset(tmp_path)
