@@ -44,6 +44,7 @@ class Forecast:
         timings: seconds per stage (``preprocess``, ``image_encoder``, ``text_encoder``, ``vae_encode``,
             ``denoise``, ``vae_decode``, ``total``).
         seed: the seed used for the noise, if any.
+        guidance_scale: the classifier-free guidance the samples were drawn with (1 = none).
     """
 
     tracks: np.ndarray
@@ -55,6 +56,7 @@ class Forecast:
     dtype: str = "float32"
     timings: Dict[str, float] = field(default_factory=dict)
     seed: Optional[int] = None
+    guidance_scale: float = 1.0
 
     @property
     def num_samples(self) -> int:

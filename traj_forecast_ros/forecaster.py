@@ -40,7 +40,7 @@ from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS, Forec
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.compatibility import check_modules_compatible
-from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.config import ModelConfig, check_guidance_scale
 from traj_forecast_ros.sampling_plan import (
     CudaGraphDenoiser,
     LRUCache,
@@ -359,6 +359,14 @@ class Forecaster:
             self._text_cache.put(instruction, embedding)
         return embedding
 
+    def _resolve_guidance(self, scale: Optional[float]) -> float:
+        """The guidance scale to use (None: the model's default); refused where the model has no null embedding."""
+        scale = self._config.guidance_scale if scale is None else check_guidance_scale(scale)
+        if scale != 1.0 and not self._config.supports_guidance:
+            raise ValueError(f"model '{self._model_id}' was not trained with instruction dropout (no "
+                             "null_instruction in its config): classifier-free guidance needs guidance_scale=1")
+        return scale
+
     def _resolve_instruction(self, instruction: Optional[str]) -> Optional[str]:
         if self.text_encoder is None:
             if instruction:
@@ -442,7 +450,8 @@ class Forecaster:
     def forecast(self, image, instruction: Optional[str] = None, num_samples: int = DEFAULT_NUM_SAMPLES,
                  steps: int = DEFAULT_STEPS, seed: Optional[int] = None, initial_noise=None,
                  color_order: Optional[str] = None,
-                 cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None, anchor: bool = True) -> Forecast:
+                 cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None, anchor: bool = True,
+                 guidance_scale: Optional[float] = None) -> Forecast:
         """Sample ``num_samples`` futures of the query grid for one image.
 
         Args:
@@ -461,6 +470,8 @@ class Forecaster:
                 forecast stops with :class:`~traj_forecast_ros.errors.ForecastCancelled`. Unset, it changes nothing.
             anchor: re-anchor every sampled trajectory so frame 0 is exactly its query point, displacements kept
                 (default); False: the raw decoder output (frame 0 = query grid up to VAE error), as the official code.
+            guidance_scale: classifier-free guidance (None: the model's ``guidance_scale``; 1 = none). Other values
+                need a model trained with instruction dropout (``config.null_instruction``).
 
         Returns:
             :class:`Forecast` with ``tracks [K, T, Hq, Wq, 2]`` float32 in input-image pixels.
@@ -475,6 +486,7 @@ class Forecaster:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         if not isinstance(steps, int) or steps < 2:
             raise ValueError(f"steps counts Euler time points including t=0 and t=1: need >= 2, got {steps!r}")
+        guidance_scale = self._resolve_guidance(guidance_scale)
         with self._lock, torch.inference_mode(), bound_to_device(self._device, self._stream):
             if self.denoiser is None:
                 raise TrajForecastError("this forecaster was released; create a new one")
@@ -483,14 +495,14 @@ class Forecaster:
                 started = time.perf_counter()
                 try:
                     return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order,
-                                          should_stop, anchor)
+                                          should_stop, anchor, guidance_scale)
                 except _NonFiniteTracks as exc:
                     if self._dtype == torch.float32:
                         raise
                     self._count_fp32_fallback(exc)
                     with self._precision(torch.float32):
                         result = self._forecast(image, instruction, num_samples, steps, exc.seed, initial_noise,
-                                                color_order, should_stop, anchor)
+                                                color_order, should_stop, anchor, guidance_scale)
                     result.timings["fp32_rerun"] = result.timings["total"]
                     result.timings["total"] = time.perf_counter() - started  # both runs: what the caller waited
                     return result
@@ -500,7 +512,7 @@ class Forecaster:
                 raise
 
     def _forecast(self, image, instruction, num_samples, steps, seed, initial_noise, color_order,
-                  should_stop=None, anchor: bool = True) -> Forecast:
+                  should_stop=None, anchor: bool = True, guidance_scale: float = 1.0) -> Forecast:
         from traj_forecast_ros.model.flow import euler_sample
 
         timings: Dict[str, float] = {}
@@ -519,6 +531,8 @@ class Forecaster:
             features = self.encode_image(model_image)  # [1, N, D]
         with self._timed(timings, "text_encoder"):
             text = self.embed_instruction(instruction) if instruction is not None else None  # [1, E]
+            null_text = (self.embed_instruction(self._config.null_instruction)  # [1, E]
+                         if guidance_scale != 1.0 else None)
         with self._timed(timings, "vae_encode"):
             mean, std = self.condition_posterior(features)  # [1, 1, C, h, w] each
             noise = noise.to(self._device)
@@ -536,6 +550,7 @@ class Forecaster:
                 final_state = euler_sample(
                     self._denoise_fn if self._compute_dtype == self._dtype else self.denoiser,  # fp32 rerun: eager
                     cond[part], flow_noise[part], features, text, steps=steps, cancel=should_stop,
+                    guidance_scale=guidance_scale, null_text_embeds=null_text,
                 )  # [b, T, C, h, w]
             with self._timed(timings, "vae_decode"):
                 tracks_norm.append(self._decode(final_state.float(), features))  # [b, T, 2, Hq, Wq]
@@ -560,6 +575,7 @@ class Forecaster:
             dtype=dtype_name(self._compute_dtype),
             timings=timings,
             seed=seed,
+            guidance_scale=guidance_scale,
         )
 
     def warmup(self) -> Dict[str, float]:

@@ -9,6 +9,7 @@ Named configurations (the paper's LIBERO models, the demo model, tiny test model
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -104,6 +105,17 @@ class TextEncoderConfig:
 
 
 LATENT_DRAWS = ("sample", "mean")
+MAX_GUIDANCE_SCALE = 20.0
+
+
+def check_guidance_scale(scale: Any) -> float:
+    """``scale`` as a float in [0, MAX_GUIDANCE_SCALE] (1 = plain conditional sampling, 0 = unconditional);
+    ``ValueError`` otherwise."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {scale!r}")
+    if not 0.0 <= scale <= MAX_GUIDANCE_SCALE:
+        raise ValueError(f"guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], got {scale}")
+    return float(scale)
 
 
 @dataclass
@@ -126,10 +138,22 @@ class ModelConfig:
     # What stage 2 generates and conditions on: "sample" = posterior draws mean + std * eps (the official recipe),
     # "mean" = posterior means (a deterministic conditioning frame; for small VAEs whose posterior noise is large).
     latent_draw: str = "sample"
+    # Classifier-free guidance: the instruction whose embedding is the unconditional one ("" for models trained with
+    # instruction dropout), None for models trained without it (the LIBERO checkpoints: no guidance).
+    null_instruction: Optional[str] = None
+    guidance_scale: float = 1.0  # the model's default guidance (1 = none), chosen by measurement
 
     def __post_init__(self) -> None:
         if self.latent_draw not in LATENT_DRAWS:
             raise ValueError(f"latent_draw must be one of {list(LATENT_DRAWS)}, got {self.latent_draw!r}")
+        check_guidance_scale(self.guidance_scale)
+        if self.guidance_scale != 1.0 and self.null_instruction is None:
+            raise ValueError("guidance_scale != 1 needs null_instruction (a model trained with instruction dropout)")
+
+    @property
+    def supports_guidance(self) -> bool:
+        """Whether the model has an unconditional instruction embedding for classifier-free guidance."""
+        return self.null_instruction is not None and self.text_encoder is not None
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> Dict[str, Any]:

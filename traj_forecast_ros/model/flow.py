@@ -50,6 +50,8 @@ def euler_sample(
     text_embeds: Optional[torch.Tensor] = None,
     steps: int = 10,
     cancel: Optional[Callable[[], bool]] = None,
+    guidance_scale: float = 1.0,
+    null_text_embeds: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Integrate the velocity field from noise (t=0) to data (t=1) with explicit Euler.
 
@@ -66,6 +68,10 @@ def euler_sample(
         frame_features: [B, N, D] image tokens, or [1, N, D] shared by all B samples.
         text_embeds: [B or 1, E] pooled instruction embedding, or None for models without language conditioning.
         cancel: optional ``() -> bool`` polled before every denoiser evaluation; True stops the integration.
+        guidance_scale: classifier-free guidance ``s``: the velocity is ``v(null) + s * (v(text) - v(null))``, with
+            the conditional and unconditional rows in one denoiser call of batch 2B. 1 (the default) is plain
+            conditional sampling, computed exactly as without guidance.
+        null_text_embeds: [1, E] the unconditional instruction embedding; required when ``guidance_scale != 1``.
     Returns:
         [B, T, C, h, w] final state, frame 0 equal to ``cond_latent``.
     Raises:
@@ -80,17 +86,37 @@ def euler_sample(
                          f"got {tuple(noise.shape)}")
     batch = cond_latent.shape[0]
     x = torch.cat([cond_latent, noise.to(cond_latent.dtype)], dim=1)  # (B, T, C, h, w)
-    velocity_at = _bind(denoiser, frame_features, text_embeds, batch)  # per-image work, once
+    velocity_at = _guided(denoiser, frame_features, text_embeds, batch, guidance_scale, null_text_embeds)
     times = torch.linspace(0.0, 1.0, steps, device=x.device)  # (steps,) float32 whatever the state dtype
     step_sizes = (times[1:] - times[:-1]).tolist()  # (steps - 1,) Python floats: no per-step tensor maths
     for k in range(steps - 1):
         if cancel is not None and cancel():
             raise ForecastCancelled(f"cancelled before denoiser step {k + 1} of {steps - 1}")
         x[:, :1] = cond_latent  # re-impose the conditioning frame
-        velocity = velocity_at(x, times[k].expand(batch))  # (B, T, C, h, w)
+        velocity = velocity_at(x, times[k])  # (B, T, C, h, w)
         x[:, 1:] += step_sizes[k] * velocity[:, 1:].to(x.dtype)  # frame 0's velocity is masked out
     x[:, :1] = cond_latent
     return x
+
+
+def _guided(denoiser: Callable[..., torch.Tensor], frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor],
+            batch: int, guidance_scale: float,
+            null_text_embeds: Optional[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x [B, ...], t scalar) -> velocity``: the conditional field, or with ``guidance_scale != 1`` the guided one
+    from a single call on the conditional and unconditional rows stacked (batch 2B)."""
+    if guidance_scale == 1.0:
+        velocity_at = _bind(denoiser, frame_features, text_embeds, batch)
+        return lambda x, t: velocity_at(x, t.expand(batch))
+    if text_embeds is None or null_text_embeds is None:
+        raise ValueError("classifier-free guidance (guidance_scale != 1) needs text_embeds and null_text_embeds")
+    both = torch.cat([text_embeds.expand(batch, -1), null_text_embeds.to(text_embeds).expand(batch, -1)])  # (2B, E)
+    velocity_at = _bind(denoiser, frame_features, both, 2 * batch)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        conditional, unconditional = velocity_at(torch.cat([x, x]), t.expand(2 * batch)).chunk(2)  # (B, ...) each
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    return guided
 
 
 def _bind(denoiser: Callable[..., torch.Tensor], frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor],
