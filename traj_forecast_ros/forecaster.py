@@ -36,7 +36,7 @@ import torch
 from einops import rearrange
 
 from traj_forecast_ros.errors import TrajForecastError, WeightsNotFoundError
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS, Forecast, anchor_to_query_points
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, Forecast, anchor_to_query_points
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.compatibility import check_modules_compatible
@@ -448,7 +448,7 @@ class Forecaster:
 
     # ------------------------------------------------------------------------------------------ public API
     def forecast(self, image, instruction: Optional[str] = None, num_samples: int = DEFAULT_NUM_SAMPLES,
-                 steps: int = DEFAULT_STEPS, seed: Optional[int] = None, initial_noise=None,
+                 steps: Optional[int] = None, seed: Optional[int] = None, initial_noise=None,
                  color_order: Optional[str] = None,
                  cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None, anchor: bool = True,
                  guidance_scale: Optional[float] = None) -> Forecast:
@@ -459,7 +459,8 @@ class Forecaster:
                 ("rgba"/"bgra"); any size (centre-cropped and resized, see :mod:`traj_forecast_ros.geometry`).
             instruction: task text for language-conditioned models (None: the config's default instruction).
             num_samples: K.
-            steps: time points of the Euler grid (10 = 9 denoiser evaluations, the official setting).
+            steps: time points of the Euler grid (None: the model's ``default_steps``; 10 = 9 denoiser evaluations,
+                the official setting).
             seed: seed of the noise (None: a fresh random seed, reported in the result).
             initial_noise: optional standard-normal tensor ``[K, T-1, C, h, w]`` (flow state of frames 1..T-1; the
                 conditioning latent is then the posterior mean) or ``[K, T, C, h, w]`` (frame 0 = eps of the
@@ -484,6 +485,7 @@ class Forecaster:
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        steps = self._config.default_steps if steps is None else steps
         if not isinstance(steps, int) or steps < 2:
             raise ValueError(f"steps counts Euler time points including t=0 and t=1: need >= 2, got {steps!r}")
         guidance_scale = self._resolve_guidance(guidance_scale)

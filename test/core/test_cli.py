@@ -162,7 +162,7 @@ def _commands(parser, path=()):
 def test_every_option_is_spelled_one_way_across_all_commands():
     """One spelling per option (no aliases), one option per meaning: K is ``--samples`` everywhere."""
     from traj_forecast_ros.cli import build_parser
-    from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+    from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 
     spellings = {}  # dest -> option strings seen
     commands = dict(_commands(build_parser()))
@@ -179,7 +179,9 @@ def test_every_option_is_spelled_one_way_across_all_commands():
         options = {a.dest: a for a in commands[path]._actions}
         assert options["samples"].option_strings == ["--samples"] and options["steps"].option_strings == ["--steps"]
     assert {a.dest: a.default for a in commands[("predict",)]._actions}["samples"] == DEFAULT_NUM_SAMPLES
-    assert {a.dest: a.default for a in commands[("evaluate",)]._actions}["steps"] == DEFAULT_STEPS
+    for path in (("predict",), ("evaluate",)):  # steps and guidance default to the model's own settings
+        defaults = {a.dest: a.default for a in commands[path]._actions}
+        assert defaults["steps"] is None and defaults["guidance_scale"] is None
 
 
 def test_data_workers_default_to_the_cores_available_not_the_cpu_count(monkeypatch):

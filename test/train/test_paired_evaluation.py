@@ -36,7 +36,7 @@ def oracle_predictions(follows_instruction: bool):
     with the requested instruction (``follows_instruction``) or always the scene's own (instruction-blind)."""
 
     def predict(model, dataset, indices, num_samples, seed=0, steps=10, sample_batch_size="auto", device="auto",
-                dtype="auto", progress=False, instructions=None):
+                dtype="auto", progress=False, instructions=None, guidance_scale=None):
         scene_ids = dataset.load("scene_ids")
         names = [dataset.meta.instructions[int(i)] for i in dataset.load("instructions")]
         out = []
@@ -56,6 +56,7 @@ def test_paired_test_of_hand_made_forecasters(branch_data, monkeypatch, follows,
     """An oracle that follows the instruction: matched error 0, crossed error the other push, so the ratio is 0 and
     the right instruction always wins. One that ignores it: crossed is its own truth (error 0), matched too."""
     monkeypatch.setattr(evaluate_module, "forecaster_predictions", oracle_predictions(follows))
+    monkeypatch.setattr(evaluate_module, "sampling_defaults", lambda model, steps, guidance: (10, 1.0))
     report = json.loads(json.dumps(evaluate_module.evaluate(branch_data, model="oracle", num_samples=2)))
     paired = report["paired_instructions"]
     assert paired["paired_cases"] == 6 and paired["paired_groups"] == 3  # (left, right) and (right, left) x 3

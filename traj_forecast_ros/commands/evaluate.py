@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Union
 
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 
 
 def sample_batch_size_arg(text: str) -> Union[int, str]:
@@ -41,8 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--regressor", type=Path, default=None, help="regressor run directory (optional)")
     parser.add_argument("--samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="K",
                         help=f"sampled futures per image (default {DEFAULT_NUM_SAMPLES})")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
-                        help=f"Euler time points, N-1 denoiser evaluations (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="Euler time points, N-1 denoiser evaluations (default: the model's default_steps)")
+    parser.add_argument("--guidance-scale", type=float, default=None, metavar="S",
+                        help="classifier-free guidance (default: the model's guidance_scale; 1 = none)")
     parser.add_argument("--max-scenes", type=int, default=None, help="only the first N scenes")
     parser.add_argument("--seed", type=int, default=0, help="scene i is sampled with seed + i")
     parser.add_argument("--sample-batch-size", type=sample_batch_size_arg, default="auto",
@@ -74,7 +76,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,
                       max_scenes=args.max_scenes, seed=args.seed, steps=args.steps,
                       sample_batch_size=args.sample_batch_size, device=args.device, progress=True,
-                      use_instructions=not args.no_instructions, figure=args.figure, vae_bound=args.vae_bound)
+                      use_instructions=not args.no_instructions, figure=args.figure, vae_bound=args.vae_bound,
+                      guidance_scale=args.guidance_scale)
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
     if report.get("paired_instructions"):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,8 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--instruction", default=None, help="task instruction for language-conditioned models")
     parser.add_argument("--samples", type=int, default=DEFAULT_NUM_SAMPLES, metavar="K",
                         help=f"sampled futures per image (default {DEFAULT_NUM_SAMPLES})")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N",
-                        help=f"Euler time points, N-1 denoiser evaluations (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="Euler time points, N-1 denoiser evaluations (default: the model's default_steps)")
+    parser.add_argument("--guidance-scale", type=float, default=None, metavar="S",
+                        help="classifier-free guidance (default: the model's guidance_scale; 1 = none)")
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: random, saved in the output)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto",
@@ -67,7 +69,8 @@ def save_forecast_npz(forecast, path: Path) -> Path:
     import numpy as np
 
     metadata = {"model_id": forecast.model_id, "instruction": forecast.instruction, "device": forecast.device,
-                "dtype": forecast.dtype, "seed": forecast.seed, "timings": forecast.timings}
+                "dtype": forecast.dtype, "seed": forecast.seed, "guidance_scale": forecast.guidance_scale,
+                "timings": forecast.timings}
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as stream:  # a file object keeps numpy from appending .npz to other suffixes
         np.savez(stream, tracks=forecast.tracks, query_points=forecast.query_points,
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         model = args.model or default_model_name()
         forecaster = Forecaster.from_pretrained(model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
         forecast = forecaster.forecast(image, instruction=args.instruction, num_samples=args.samples,
-                                       steps=args.steps, seed=args.seed, anchor=not args.raw)
+                                       steps=args.steps, seed=args.seed, anchor=not args.raw,
+                                       guidance_scale=args.guidance_scale)
     except (TrajForecastError, ValueError, TypeError) as exc:
         return _fail(str(exc))
     save_forecast_npz(forecast, args.out)

@@ -142,11 +142,14 @@ class ModelConfig:
     # instruction dropout), None for models trained without it (the LIBERO checkpoints: no guidance).
     null_instruction: Optional[str] = None
     guidance_scale: float = 1.0  # the model's default guidance (1 = none), chosen by measurement
+    default_steps: int = 10  # Euler time points when the caller gives none (10: the official LIBERO setting)
 
     def __post_init__(self) -> None:
         if self.latent_draw not in LATENT_DRAWS:
             raise ValueError(f"latent_draw must be one of {list(LATENT_DRAWS)}, got {self.latent_draw!r}")
         check_guidance_scale(self.guidance_scale)
+        if isinstance(self.default_steps, bool) or not isinstance(self.default_steps, int) or self.default_steps < 2:
+            raise ValueError(f"default_steps counts Euler time points (>= 2), got {self.default_steps!r}")
         if self.guidance_scale != 1.0 and self.null_instruction is None:
             raise ValueError("guidance_scale != 1 needs null_instruction (a model trained with instruction dropout)")
 

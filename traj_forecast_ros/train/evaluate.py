@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from traj_forecast_ros import metrics
 from traj_forecast_ros.data.dataset import TrajectoryDataset
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,15 @@ def regressor_predictions(directory: PathLike, dataset: TrajectoryDataset, indic
 
 
 def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices: Sequence[int], num_samples: int,
-                           seed: int = 0, steps: int = DEFAULT_STEPS,
+                           seed: int = 0, steps: Optional[int] = None,
                            sample_batch_size: Union[int, None, str] = "auto",
                            device: str = "auto", dtype: str = "auto", progress: bool = False,
-                           instructions: Optional[Sequence[Optional[str]]] = None) -> np.ndarray:
+                           instructions: Optional[Sequence[Optional[str]]] = None,
+                           guidance_scale: Optional[float] = None) -> np.ndarray:
     """``[N, K, T, Hq, Wq, 2]`` pixels from :meth:`Forecaster.forecast` (scene ``i`` with seed ``seed + i``).
 
     ``instructions``: one per index, given to language-conditioned models (None: the model's default).
+    ``steps`` / ``guidance_scale``: None for the model's defaults.
     ``sample_batch_size``: "auto" keeps the sampling plan chosen at load; N: N samples per call; None / 0: all K."""
     from traj_forecast_ros.forecaster import Forecaster
 
@@ -102,16 +104,17 @@ def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices:
         if instructions is not None and forecaster.text_encoder is not None:
             instruction = instructions[i]
         forecast = forecaster.forecast(image, instruction=instruction, num_samples=num_samples, steps=steps,
-                                       seed=seed + int(indices[i]))
+                                       seed=seed + int(indices[i]), guidance_scale=guidance_scale)
         outputs.append(forecast.tracks)
     return np.stack(outputs)
 
 
 def paired_instruction_results(model: PathLike, dataset: TrajectoryDataset, indices: np.ndarray, matched: np.ndarray,
                                gt: np.ndarray, instructions: Sequence[Optional[str]],
-                               num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0, steps: int = DEFAULT_STEPS,
+                               num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0, steps: Optional[int] = None,
                                sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
-                               progress: bool = False) -> Optional[Dict[str, float]]:
+                               progress: bool = False,
+                               guidance_scale: Optional[float] = None) -> Optional[Dict[str, float]]:
     """The paired-instruction test (:func:`traj_forecast_ros.metrics.paired_instruction_metrics`) of a model.
 
     ``matched [N, K, T, Hq, Wq, 2]``: the model's forecasts of the scenes ``indices`` under their own
@@ -126,7 +129,8 @@ def paired_instruction_results(model: PathLike, dataset: TrajectoryDataset, indi
         return None
     own, partner = (np.asarray(side) for side in zip(*pairs))
     crossed = forecaster_predictions(model, dataset, indices[own], num_samples, seed, steps, sample_batch_size,
-                                     device=device, progress=progress, instructions=[instructions[j] for j in partner])
+                                     device=device, progress=progress, instructions=[instructions[j] for j in partner],
+                                     guidance_scale=guidance_scale)
     result = metrics.paired_instruction_metrics(matched[own], crossed, gt[own, 0], gt[partner, 0])
     result["paired_groups"] = float(len({int(groups[i]) for i in own}))
     return result
@@ -186,11 +190,22 @@ def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids
     return groups
 
 
+def sampling_defaults(model: PathLike, steps: Optional[int],
+                      guidance_scale: Optional[float]) -> Tuple[int, float]:
+    """``(steps, guidance_scale)``: the values given, or the model's ``default_steps`` / ``guidance_scale``."""
+    from traj_forecast_ros.model.checkpoint import load_model_config
+    from traj_forecast_ros.registry import resolve
+
+    config = load_model_config(resolve(model))
+    return (config.default_steps if steps is None else int(steps),
+            config.guidance_scale if guidance_scale is None else float(guidance_scale))
+
+
 def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Optional[PathLike] = None,
              num_samples: int = DEFAULT_NUM_SAMPLES, max_scenes: Optional[int] = None, seed: int = 0,
-             steps: int = DEFAULT_STEPS, sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
+             steps: Optional[int] = None, sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
              progress: bool = False, use_instructions: bool = True, figure: Optional[PathLike] = None,
-             vae_bound: bool = False) -> Dict:
+             vae_bound: bool = False, guidance_scale: Optional[float] = None) -> Dict:
     """Score ``ours`` (when ``model`` is given), ``zero_motion`` and ``regressor`` (when given) on a dataset.
 
     Returns a JSON-friendly dict: settings, ``results[method] -> metrics`` (see
@@ -202,7 +217,10 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     instruction (else the model's default instruction). ``figure``: also write a PNG of the first
     scene of every kind x view, truth beside the predictions (:func:`.figure.comparison_figure`). ``vae_bound``: also
     score ``vae_reconstruction``, the model's VAE decoding each true future (:func:`vae_reconstruction_predictions`).
+    ``steps`` / ``guidance_scale``: None for the model's defaults (the report records the values used).
     """
+    if model is not None:
+        steps, guidance_scale = sampling_defaults(model, steps, guidance_scale)
     dataset = TrajectoryDataset(data_dir)
     count = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
     indices = np.arange(count)
@@ -226,7 +244,7 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         start = time.perf_counter()
         predictions["ours"] = forecaster_predictions(model, dataset, indices, num_samples, seed, steps,
                                                      sample_batch_size, device=device, progress=progress,
-                                                     instructions=instructions)
+                                                     instructions=instructions, guidance_scale=guidance_scale)
         seconds["ours"] = time.perf_counter() - start
     start = time.perf_counter()
     predictions["zero_motion"] = zero_motion_predictions(dataset, indices, num_samples)
@@ -251,7 +269,8 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     if "ours" in predictions and instructions is not None and dataset.has("branch_groups"):
         start = time.perf_counter()
         paired = paired_instruction_results(model, dataset, indices, predictions["ours"], gt, instructions,
-                                            num_samples, seed, steps, sample_batch_size, device, progress)
+                                            num_samples, seed, steps, sample_batch_size, device, progress,
+                                            guidance_scale)
         seconds["ours_crossed_instructions"] = time.perf_counter() - start
     if figure is not None:
         from traj_forecast_ros.train.figure import comparison_figure, pick_scenes
@@ -269,6 +288,7 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         "rollouts": dataset.meta.num_rollouts,
         "samples": num_samples,
         "steps": steps,
+        "guidance_scale": guidance_scale,
         "seed": seed,
         "results": results,
         "per_kind": per_kind,
