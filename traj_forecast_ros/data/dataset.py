@@ -382,7 +382,8 @@ class TrajectoryDataset:
         self.shard_sizes = [int(s["num_samples"]) for s in index["shards"]]
         for name, size in zip(self.shard_names, self.shard_sizes):
             if not isinstance(name, str) or not name or any(mark in name for mark in ("/", "\\", "\0")):
-                raise DatasetError(f"{self.root}: shard name {name!r} is not a plain file name inside the dataset folder")
+                raise DatasetError(f"{self.root}: shard name {name!r} is not a plain file name inside the dataset "
+                                   "folder")
             if size < 0:
                 raise DatasetError(f"{self.root}: shard {name} has {size} samples")
         self._offsets = np.cumsum([0] + self.shard_sizes)

@@ -326,9 +326,9 @@ class ForecastNode(LifecycleNode):
         return self._pipeline is None or not self._pipeline.running
 
     def _load_model(self) -> bool:
-        """Load and warm up the model named by the parameters read at configure; on failure log why (and how to fix it), keep the
-        reason in ``_load_problem`` and release a model that loaded but failed its warmup. Waits at most
-        ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
+        """Load and warm up the model named by the load parameters read at configure; on failure log why (and how
+        to fix it), keep the reason in ``_load_problem`` and release a model that loaded but failed its warmup. Waits
+        at most ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
         settings = self._load_settings or {name: self.param(name) for name in LOAD_PARAMETERS}  # read at configure
         model, device, dtype = str(settings["model"]), str(settings["device"]), str(settings["dtype"])
         # The previous model's memory first (its cancelled forecast unwinding), waiting a bounded time only.
