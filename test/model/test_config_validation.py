@@ -87,8 +87,9 @@ def test_absurd_sizes_are_refused_by_range_before_anything_is_built(saved_model,
     (lambda data: data.update(image_size=[32, "wide"]), r"image_size\[1\] must be an integer"),
     (lambda data: data.update(query_stride=float("nan")), "query_stride must be a finite number"),
     (lambda data: data["denoiser"].update(latent="yes"), "denoiser.latent must be true or false"),
+    (lambda data: data["denoiser"].update(input_size=8192, patch_size=1), "sin-cos table of 67108864 x 64"),
 ], ids=["nested-list-scale", "zero-scale", "short-scale", "float-frames", "dict-instruction", "zero-heads",
-        "patch-size", "string-size", "nan-stride", "string-bool"])
+        "patch-size", "string-size", "nan-stride", "string-bool", "huge-token-grid"])
 def test_wrong_types_and_values_are_a_clear_checkpoint_error_at_load(saved_model, tmp_path, edit, message):
     directory = edited_copy(saved_model, tmp_path, edit)
     with pytest.raises(CheckpointError, match=message):

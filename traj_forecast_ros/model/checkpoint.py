@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
 from traj_forecast_ros.model.config import (  # the model-directory file names are also imported from here
@@ -283,11 +284,31 @@ def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {exc}") from exc
 
 
+class _ShapesOnly(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: meta tensors hold no values, so the weight initialisers' in-place ops
+    (``normal_``, ``copy_``, ...) on them are skipped, ``randn``/``rand`` give empty meta tensors, and ``arange``
+    (the fixed sin-cos tables, bounded in size by :func:`~traj_forecast_ros.model.config.config_problems`) runs on the
+    CPU. On meta tensors these would go through torch's Python reference kernels, whose first use imports torch's
+    compiler (about 2 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name, target = getattr(func, "__name__", ""), args[0] if args else kwargs.get("tensor")  # nn.init: tensor=
+        in_place = name.endswith("_") and not name.endswith("__")  # normal_, copy_, zero_; not __bool__
+        if in_place and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        if func is torch.arange and kwargs.get("device") is None:
+            kwargs = dict(kwargs, device="cpu")
+        elif func in (torch.randn, torch.rand) and kwargs.get("device") is None:
+            return torch.empty(*args, dtype=kwargs.get("dtype"), device="meta")  # random values: none needed
+        return func(*args, **kwargs)
+
+
 def expected_shapes(config: ModelConfig) -> Tuple[Dict[str, Tuple[int, ...]], Optional[Dict[str, Tuple[int, ...]]]]:
     """State-dict shapes (denoiser, vae or None) that ``config`` implies, from modules built on the meta device
     (no memory is allocated, whatever sizes the config names)."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _ShapesOnly():
             denoiser, vae = build_modules(config)
     except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as exc:
         raise CheckpointError(f"model '{config.name}': the config does not describe a buildable model: "

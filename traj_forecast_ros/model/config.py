@@ -204,6 +204,7 @@ MAX_WIDTH = 65536  # hidden sizes, channels, feature and embedding widths
 MAX_DEPTH = 256  # transformer blocks
 MAX_SIDE = 8192  # image sides, grid sides, token counts
 MAX_FRAMES = 1024
+MAX_TABLE = 2**24  # entries of one fixed sin-cos table (tokens or frames x hidden_size); LIBERO's largest: 2**21
 _DEPTH_FIELDS = frozenset({"depth", "encoder_depth", "decoder_depth"})
 _FRAME_FIELDS = frozenset({"num_frames"})
 _SIDE_FIELDS = frozenset({"input_size", "image_size", "query_grid", "num_frame_tokens", "patch_size", "max_length"})
@@ -301,6 +302,12 @@ def config_problems(config: "ModelConfig") -> List[str]:
         if rows % section.patch_size or cols % section.patch_size:
             problems.append(f"{name}.input_size {section.input_size} is not a multiple of patch_size "
                             f"{section.patch_size}")
+        frame_rows, frame_cols = (section.num_frame_tokens, 1) if isinstance(section.num_frame_tokens, int) \
+            else section.num_frame_tokens
+        longest = max(rows * cols // section.patch_size**2, frame_rows * frame_cols, section.num_frames)
+        if longest * section.hidden_size > MAX_TABLE:
+            problems.append(f"{name}: a fixed sin-cos table of {longest} x {section.hidden_size} entries is above "
+                            f"{MAX_TABLE} (tokens, frames or hidden_size too large)")
     if config.latent_scale is not None:
         if any(scale <= 0 for scale in config.latent_scale):
             problems.append(f"latent_scale entries must be > 0, got {config.latent_scale}")
