@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 DEFAULT_NUM_SAMPLES = 8  # K, sampled futures per image: the one default of the API, the CLI and the node
 DEFAULT_STEPS = 10  # Euler time points per forecast (9 denoiser evaluations), as the paper
+FRESH_SEED = -1  # seed meaning "fresh noise for every forecast" (same as None) in the API, the CLI and the node
+MAX_SEED = 2**63 - 1
+
+
+def whole_number(value: Any, name: str, minimum: int) -> int:
+    """``value`` as a Python int (numpy integers accepted; bools, floats and strings refused with ValueError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def noise_seed(seed: Any) -> Optional[int]:
+    """A forecast's seed: None or ``FRESH_SEED`` (-1) = fresh noise (None returned), else an int in
+    ``[0, MAX_SEED]`` (the same noise every time)."""
+    if seed is None:
+        return None
+    seed = whole_number(seed, "seed", FRESH_SEED)
+    if seed > MAX_SEED:
+        raise ValueError(f"seed must be <= {MAX_SEED}, got {seed}")
+    return None if seed == FRESH_SEED else seed
 
 
 def anchor_to_query_points(tracks: np.ndarray, query_points: np.ndarray) -> np.ndarray:

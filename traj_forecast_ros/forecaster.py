@@ -36,7 +36,7 @@ import torch
 from einops import rearrange
 
 from traj_forecast_ros.errors import TrajForecastError, WeightsNotFoundError
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, Forecast, anchor_to_query_points
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, Forecast, anchor_to_query_points, noise_seed, whole_number
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.compatibility import check_modules_compatible
@@ -461,7 +461,7 @@ class Forecaster:
             num_samples: K.
             steps: time points of the Euler grid (None: the model's ``default_steps``; 10 = 9 denoiser evaluations,
                 the official setting).
-            seed: seed of the noise (None: a fresh random seed, reported in the result).
+            seed: seed of the noise, 0 .. 2**63-1 (None or -1: a fresh random seed, reported in the result).
             initial_noise: optional standard-normal tensor ``[K, T-1, C, h, w]`` (flow state of frames 1..T-1; the
                 conditioning latent is then the posterior mean) or ``[K, T, C, h, w]`` (frame 0 = eps of the
                 conditioning draw; ignored by ``latent_draw: mean`` models). When given nothing random is drawn
@@ -483,11 +483,9 @@ class Forecaster:
             torch.cuda.OutOfMemoryError: out of GPU memory (the CUDA caching allocator is emptied before it
             propagates).
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        steps = self._config.default_steps if steps is None else steps
-        if not isinstance(steps, int) or steps < 2:
-            raise ValueError(f"steps counts Euler time points including t=0 and t=1: need >= 2, got {steps!r}")
+        num_samples, seed = whole_number(num_samples, "num_samples", 1), noise_seed(seed)
+        steps = whole_number(self._config.default_steps if steps is None else steps,
+                             "steps (Euler time points including t=0 and t=1)", 2)
         guidance_scale = self._resolve_guidance(guidance_scale)
         with self._lock, torch.inference_mode(), bound_to_device(self._device, self._stream):
             if self.denoiser is None:

@@ -41,7 +41,8 @@ def to_rgb(image, color_order: Optional[str] = None, max_pixels: int = DEFAULT_M
     """Validate a camera image and return it as a contiguous ``[H, W, 3]`` uint8 RGB array.
 
     Args:
-        image: uint8 numpy array ``HxW`` (mono), ``HxWx1``, ``HxWx3`` or ``HxWx4`` (a Pillow image is accepted too).
+        image: uint8 numpy array ``HxW`` (mono), ``HxWx1``, ``HxWx3`` or ``HxWx4`` (a Pillow image or a uint8
+            torch tensor of those shapes, on any device, is accepted too).
         color_order: ``"rgb"``, ``"bgr"``, ``"rgba"``, ``"bgra"``, ``"mono"``; ``None`` = rgb / rgba / mono by the
             number of channels.
         max_pixels: refuse images with more pixels than this.
@@ -49,6 +50,8 @@ def to_rgb(image, color_order: Optional[str] = None, max_pixels: int = DEFAULT_M
     Raises:
         InvalidImageError: the reason (empty, dtype, NaN, shape, channels vs colour order, too large).
     """
+    if hasattr(image, "detach") and hasattr(image, "numpy") and not isinstance(image, np.ndarray):  # torch.Tensor
+        image = image.detach().cpu().numpy()  # then checked like any array (uint8 HxWxC)
     if hasattr(image, "mode") and hasattr(image, "convert") and not isinstance(image, np.ndarray):  # PIL.Image
         image = np.asarray(image.convert("RGB"))
         color_order = "rgb"

@@ -132,14 +132,14 @@ def test_formats_other_than_jpeg_png_webp_are_rejected_unread(fmt, monkeypatch):
 
 
 def test_a_foreign_format_behind_an_allowed_signature_is_not_decoded_as_that_format(monkeypatch):
+    from PIL import EpsImagePlugin
+
     eps = b"\x89PNG\r\n\x1a\n" + encode(np.zeros((8, 8, 3), np.uint8), "EPS")
-    seen = []
-    real_open = PILImage.open
-    monkeypatch.setattr(PILImage, "open", lambda fp, mode="r", formats=None: seen.append(formats)
-                        or real_open(fp, mode, formats))
+    eps_opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: eps_opened.append(self))
     with pytest.raises(ImageMessageError) as info:
         compressed_msg_to_rgb(message(eps, "png"))
-    assert info.value.reason == "corrupt_compressed" and seen == [["PNG"]]
+    assert info.value.reason == "corrupt_compressed" and eps_opened == []  # only the PNG decoder saw it
 
 
 def test_webp_decodes():

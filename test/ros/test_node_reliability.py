@@ -8,6 +8,7 @@ own counters.
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 import time
 from typing import Any, List, Optional
@@ -537,8 +538,13 @@ def test_main_exit_code_when_spin_raises(monkeypatch, capsys, signal_shutdown, e
         raise SystemExit(code)
 
     monkeypatch.setattr(forecast_node.os, "_exit", leave)
-    with pytest.raises(SystemExit) as exited:
-        forecast_node.main([])
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}  # main() sets them
+    try:
+        with pytest.raises(SystemExit) as exited:
+            forecast_node.main([])
+    finally:
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
     assert exited.value.code == expected
     assert nodes[0].stopped and nodes[0].destroyed
     assert ("context is not valid" in capsys.readouterr().err) == (expected == 1)

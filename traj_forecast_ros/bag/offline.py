@@ -16,8 +16,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from traj_forecast_ros.bag.io import IMAGE_TYPES, BagWriter, PathLike, bag_topics, read_messages
+from pathlib import Path
+
+from traj_forecast_ros.bag.io import IMAGE_TYPES, BagWriter, PathLike, bag_topics, read_messages, remove_bag
 from traj_forecast_ros.errors import BagError, InvalidImageError, TrajForecastError
+from traj_forecast_ros.forecast import noise_seed, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +59,57 @@ def frame_period_s(stamps_ns: Sequence[int]) -> Optional[float]:
     return float(np.median(np.diff(np.asarray(stamps_ns, dtype=np.int64)))) / 1e9
 
 
+def _deserialize(data: bytes, message_class: Any) -> Any:
+    """CDR bytes -> rclpy message; bytes the installed definition cannot read (a bag recorded with another
+    definition of the type, or damaged data) raise ``ImageMessageError`` with reason ``undecodable``."""
+    from rclpy.serialization import deserialize_message
+
+    from traj_forecast_ros.ros.conversions import ImageMessageError
+
+    try:
+        return deserialize_message(data, message_class)
+    except Exception as exc:  # noqa: BLE001 - rclpy raises RMWError, RuntimeError, ... for bytes it cannot read
+        raise ImageMessageError("undecodable", f"not a readable {message_class.__name__} for the installed message "
+                                               f"definition (recorded with another one?): {exc}") from exc
+
+
 def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
     """CDR bytes -> (rclpy message, uint8 RGB)."""
-    from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import CompressedImage, Image
 
     from traj_forecast_ros.ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
 
     if msgtype == IMAGE_MSG:
-        message = deserialize_message(data, Image)
+        message = _deserialize(data, Image)
         return message, image_msg_to_rgb(message, max_pixels=max_pixels)
-    message = deserialize_message(data, CompressedImage)
+    message = _deserialize(data, CompressedImage)
     return message, compressed_msg_to_rgb(message, max_pixels=max_pixels)
+
+
+def _discard(writer: BagWriter) -> None:
+    """Close and delete the bag of a run that did not finish."""
+    try:
+        writer.close()
+    except Exception:  # noqa: BLE001 - the bag is deleted anyway
+        pass
+    if writer.path.exists():
+        remove_bag(writer.path)
+
+
+def _check_arguments(out_bag: PathLike, overwrite: bool, num_samples: Optional[int], steps: Optional[int],
+                     seed: int) -> None:
+    """Refuse bad arguments before anything is loaded (``BagError``)."""
+    try:
+        if num_samples is not None:
+            whole_number(num_samples, "the number of samples (--samples)", 1)
+        if steps is not None:
+            whole_number(steps, "the number of Euler time points (--steps)", 2)
+        if noise_seed(seed) is None:
+            raise ValueError(f"bag run uses one fixed seed for every image: give --seed >= 0, got {seed}")
+    except ValueError as exc:
+        raise BagError(str(exc)) from exc
+    if Path(out_bag).exists() and not overwrite:
+        raise BagError(f"{out_bag} exists already (pass overwrite / --overwrite to replace it)")
 
 
 def camera_info_topic(image_topic: str, available: Dict[str, Any]) -> Optional[str]:
@@ -120,6 +162,9 @@ def run_bag(
     """Forecast every image of ``in_bag`` into ``out_bag``; returns a summary (counts, drops, timings, topics).
 
     Deterministic: every image is forecast with the same ``seed``, so the output depends only on the image.
+    Arguments are checked before the model is loaded; a run that fails (or is interrupted) removes its partial
+    output, so it can simply be run again. An image the installed message definition cannot read is counted as
+    rejected (``undecodable``).
     ``num_samples``, ``steps`` and the output settings default to the node's parameters (``params`` overrides). Images
     that cannot be forecast are counted by reason in the summary (and logged), never silently skipped. Pass a
     ready ``forecaster`` or a ``model`` (registry name or directory; default: the best model available offline).
@@ -129,6 +174,7 @@ def run_bag(
 
     from traj_forecast_ros.ros.pipeline import classify_error, reason_category
 
+    _check_arguments(out_bag, overwrite, num_samples, steps, seed)
     available = bag_topics(in_bag)
     image_topics = select_image_topics(in_bag, topics, available)
     info_present = {t: info for t in image_topics if (info := camera_info_topic(t, available)) is not None}
@@ -164,15 +210,19 @@ def run_bag(
     latest_info: Dict[str, Any] = {}
     max_pixels = int(settings["max_pixels"])
     bar = tqdm(total=total, unit="img", desc="forecasting", disable=not progress or not sys.stderr.isatty())
-    with BagWriter(out_bag, storage, overwrite=overwrite) as writer:
+    writer = BagWriter(out_bag, storage, overwrite=overwrite)
+    try:
+        writer.open()
         for message in read_messages(in_bag, wanted):
             if copy_input:
                 writer.write(message.topic, message.msgtype, message.timestamp, message.data)
             if message.msgtype == CAMERA_INFO_MSG:
-                from rclpy.serialization import deserialize_message
                 from sensor_msgs.msg import CameraInfo
 
-                latest_info[message.topic] = deserialize_message(message.data, CameraInfo)
+                try:
+                    latest_info[message.topic] = _deserialize(message.data, CameraInfo)
+                except InvalidImageError as exc:
+                    log.warning("%s @ %d: CameraInfo ignored: %s", message.topic, message.timestamp, exc)
                 continue
             if message.topic not in per_topic:
                 continue
@@ -197,7 +247,12 @@ def run_bag(
             writer.write(outputs["overlay"], IMAGE_MSG, message.timestamp,
                          serialize_message(builder.overlay(forecast, rgb, header)))
             per_topic[message.topic] += 1
-    bar.close()
+        writer.close()
+    except BaseException:  # a failure or Ctrl-C leaves no partial bag (a rerun would refuse it as existing)
+        _discard(writer)
+        raise
+    finally:
+        bar.close()
     summary: Dict[str, Any] = {
         "in_bag": str(in_bag),
         "out_bag": str(out_bag),

@@ -9,6 +9,7 @@ publisher (like ``ros2 bag record``); messages are stored as received (CDR bytes
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -134,7 +135,13 @@ class BagRecorder(Node):
 def record_bag(output: str, topics: Optional[Sequence[str]] = None, storage: str = "mcap", overwrite: bool = False,
                duration_s: float = 0.0) -> Dict[str, int]:
     """Record live topics into a new bag until ``duration_s`` passes (0: until Ctrl-C) (``traj-forecast bag
-    record``): rclpy is initialised and shut down here. Returns the messages recorded per topic."""
+    record``): rclpy is initialised and shut down here. Returns the messages recorded per topic.
+
+    Raises:
+        BagError: ``duration_s`` is negative or not finite (it would record forever), or the bag cannot be written.
+    """
+    if not math.isfinite(duration_s) or duration_s < 0:
+        raise BagError(f"the duration must be a finite number of seconds >= 0 (0: until Ctrl-C), got {duration_s}")
     rclpy.init()
     try:
         recorder = BagRecorder(output=output, topics=topics, storage=storage, overwrite=overwrite)

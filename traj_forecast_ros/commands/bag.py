@@ -197,6 +197,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     except TrajForecastError as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; the partial {args.out_bag} was removed")
     print(json.dumps(result, indent=2))
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Union
 
@@ -65,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from traj_forecast_ros.errors import TrajForecastError
     from traj_forecast_ros.train.evaluate import evaluate, format_kind_table, format_paired, format_table
 
     if args.samples < 1:
@@ -73,11 +75,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,
-                      max_scenes=args.max_scenes, seed=args.seed, steps=args.steps,
-                      sample_batch_size=args.sample_batch_size, device=args.device, progress=True,
-                      use_instructions=not args.no_instructions, figure=args.figure, vae_bound=args.vae_bound,
-                      guidance_scale=args.guidance_scale)
+    try:
+        report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,
+                          max_scenes=args.max_scenes, seed=args.seed, steps=args.steps,
+                          sample_batch_size=args.sample_batch_size, device=args.device, progress=True,
+                          use_instructions=not args.no_instructions, figure=args.figure, vae_bound=args.vae_bound,
+                          guidance_scale=args.guidance_scale)
+    except (TrajForecastError, ValueError) as exc:  # a broken dataset or model, bad options: one line
+        print(f"traj-forecast evaluate: {exc}", file=sys.stderr)
+        return 2
     print(f"{report['scenes']} scenes x {report['rollouts']} ground-truth rollouts, K = {report['samples']} samples")
     print(format_table(report, markdown=args.markdown))
     if report.get("paired_instructions"):

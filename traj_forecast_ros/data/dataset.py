@@ -359,7 +359,19 @@ class TrajectoryDataset:
         if int(index.get("version", -1)) > FORMAT_VERSION:
             raise DatasetError(f"{index_path}: format version {index['version']} is newer than this reader "
                                f"({FORMAT_VERSION}); update traj_forecast_ros")
+        if not isinstance(index, dict):
+            raise DatasetError(f"{index_path}: not a dataset index (expected a JSON object)")
         self.index = index
+        try:
+            self._read_index(index)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, DatasetError):
+                raise
+            raise DatasetError(f"{index_path}: malformed ({type(exc).__name__}: {exc})") from exc
+        self._maps: Dict[Tuple[int, str], np.ndarray] = {}
+
+    def _read_index(self, index: Dict[str, Any]) -> None:
+        """Geometry, fields and shards from ``index.json``; shard names must name files inside the dataset folder."""
         self.meta = DatasetMeta(
             image_size=tuple(index["image_size"]),
             query_grid=tuple(index["query_grid"]),
@@ -375,10 +387,22 @@ class TrajectoryDataset:
             segmentation_classes=index.get("segmentation_classes"),
         )
         self.fields: Tuple[str, ...] = tuple(index["fields"])
+        unknown = set(self.fields) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS)
+        if unknown or not set(REQUIRED_FIELDS) <= set(self.fields):
+            raise DatasetError(f"{self.root}: fields {list(self.fields)} must include {list(REQUIRED_FIELDS)} and only "
+                               f"known optional fields")
         self.shard_names = [s["name"] for s in index["shards"]]
         self.shard_sizes = [int(s["num_samples"]) for s in index["shards"]]
+        for name, size in zip(self.shard_names, self.shard_sizes):
+            if not isinstance(name, str) or not name or any(mark in name for mark in ("/", "\\", "\0")):
+                raise DatasetError(f"{self.root}: shard name {name!r} is not a plain file name inside the dataset "
+                                   "folder")
+            if size < 0:
+                raise DatasetError(f"{self.root}: shard {name} has {size} samples")
         self._offsets = np.cumsum([0] + self.shard_sizes)
-        self._maps: Dict[Tuple[int, str], np.ndarray] = {}
+        if int(index.get("num_samples", self._offsets[-1])) != int(self._offsets[-1]):
+            raise DatasetError(f"{self.root}: index.json says {index['num_samples']} samples, its shards hold "
+                               f"{int(self._offsets[-1])}")
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -398,10 +422,24 @@ class TrajectoryDataset:
             array = np.load(path, mmap_mode="r")
         except ValueError as exc:
             raise DatasetError(f"{path}: unreadable ({exc})") from exc
-        if array.shape[0] != self.shard_sizes[shard]:
-            raise DatasetError(f"{path}: holds {array.shape[0]} samples, index.json says {self.shard_sizes[shard]}")
+        if array.ndim == 0 or array.shape[0] != self.shard_sizes[shard]:
+            held = array.shape[0] if array.ndim else "no"
+            raise DatasetError(f"{path}: holds {held} samples, index.json says {self.shard_sizes[shard]}")
+        self._check_values(path, field_name, array)
         self._maps[key] = array  # memory maps are lazy: keeping them open costs no memory
         return array
+
+    def _check_values(self, path: Path, field_name: str, array: np.ndarray) -> None:
+        """Truth tracks must be finite and name indices must index their list (checked once per shard and field)."""
+        if field_name == "tracks":
+            for first in range(0, len(array), 16):  # a few rows at a time: a shard is never all in memory
+                if not np.isfinite(array[first:first + 16]).all():
+                    raise DatasetError(f"{path}: tracks hold NaN/Inf (every point needs a position in every frame)")
+        names = {"kinds": self.meta.kinds, "views": self.meta.views,
+                 "instructions": self.meta.instructions}.get(field_name)
+        if names and array.size and (int(array.min()) < 0 or int(array.max()) >= len(names)):
+            raise DatasetError(f"{path}: {field_name} indices {int(array.min())}..{int(array.max())} do not all "
+                               f"index the {len(names)} {field_name} of index.json")
 
     def shard(self, shard: int) -> Shard:
         """The arrays of shard number ``shard``."""
@@ -470,7 +508,7 @@ class TrajectoryDataset:
                 out = np.empty((len(indices), *values.shape[1:]), dtype=values.dtype)
             out[where[order]] = values
         if out is None:
-            raise DatasetError("gather needs at least one index")
+            raise DatasetError(f"{self.root}: no samples to read (gather got no index; the dataset holds {len(self)})")
         return out
 
     def kind_names(self) -> List[Optional[str]]:

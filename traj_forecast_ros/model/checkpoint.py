@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
 from traj_forecast_ros.model.config import (  # the model-directory file names are also imported from here
@@ -272,10 +273,89 @@ def load_model_config(directory: PathLike) -> ModelConfig:
         raise CheckpointError(f"{config_path}: not a valid model config: {exc}") from exc
 
 
+def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header only (no tensor is read)."""
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {exc}") from exc
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: meta tensors hold no values, so the weight initialisers' in-place ops
+    (``normal_``, ``copy_``, ...) on them are skipped, ``randn``/``rand`` give empty meta tensors, and ``arange``
+    (the fixed sin-cos tables, bounded in size by :func:`~traj_forecast_ros.model.config.config_problems`) runs on the
+    CPU. On meta tensors these would go through torch's Python reference kernels, whose first use imports torch's
+    compiler (about 2 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name, target = getattr(func, "__name__", ""), args[0] if args else kwargs.get("tensor")  # nn.init: tensor=
+        in_place = name.endswith("_") and not name.endswith("__")  # normal_, copy_, zero_; not __bool__
+        if in_place and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        if func is torch.arange and kwargs.get("device") is None:
+            kwargs = dict(kwargs, device="cpu")
+        elif func in (torch.randn, torch.rand) and kwargs.get("device") is None:
+            return torch.empty(*args, dtype=kwargs.get("dtype"), device="meta")  # random values: none needed
+        return func(*args, **kwargs)
+
+
+def expected_shapes(config: ModelConfig) -> Tuple[Dict[str, Tuple[int, ...]], Optional[Dict[str, Tuple[int, ...]]]]:
+    """State-dict shapes (denoiser, vae or None) that ``config`` implies, from modules built on the meta device
+    (no memory is allocated, whatever sizes the config names)."""
+    try:
+        with torch.device("meta"), _ShapesOnly():
+            denoiser, vae = build_modules(config)
+    except (ValueError, TypeError, ZeroDivisionError, RuntimeError) as exc:
+        raise CheckpointError(f"model '{config.name}': the config does not describe a buildable model: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    shapes = ({key: tuple(value.shape) for key, value in module.state_dict().items()} if module is not None else None
+              for module in (denoiser, vae))
+    return tuple(shapes)  # type: ignore[return-value]
+
+
+def _check_header(path: Path, expected: Mapping[str, Tuple[int, ...]], what: str) -> None:
+    """Compare a weights file's header (names and shapes, wrapper prefixes removed) with the config's modules."""
+    found = strip_prefixes(safetensors_shapes(path))
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    mismatched = [f"{key}: file {list(found[key])} vs config {list(expected[key])}"
+                  for key in sorted(set(expected) & set(found)) if tuple(found[key]) != tuple(expected[key])]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {len(mismatched)}: {'; '.join(mismatched[:MAX_LISTED_KEYS])}")
+    if problems:
+        kind = _guess_kind(found)
+        hint = f" The file looks like a {kind} checkpoint." if kind and kind != what else ""
+        raise CheckpointError(f"{path}: does not match the {what} architecture of the config "
+                              f"({'; '.join(problems)}).{hint} Check that the config (sizes, grid, frames, text "
+                              "conditioning) belongs to this checkpoint.")
+
+
+def check_model_dir_shapes(directory: PathLike, config: ModelConfig) -> None:
+    """Refuse a model directory whose weight files (headers only) disagree with its config, before any module is
+    built with memory: a config that names a huge model fails here in milliseconds."""
+    directory = Path(directory)
+    denoiser_shapes, vae_shapes = expected_shapes(config)
+    _check_header(directory / DENOISER_FILE, denoiser_shapes, "denoiser")
+    if vae_shapes is not None:
+        _check_header(directory / VAE_FILE, vae_shapes, "trajectory VAE")
+
+
 def load_model_dir(directory: PathLike) -> Tuple[ModelConfig, LatteDenoiser, Optional[TrajectoryVAE]]:
-    """Read a directory written by :func:`save_model_dir`: (config, denoiser, vae or None), eval mode, CPU."""
+    """Read a directory written by :func:`save_model_dir`: (config, denoiser, vae or None), eval mode, CPU.
+    The config is validated and the weights' shapes compared with it (headers only) before anything is built."""
     directory = Path(directory)
     config = load_model_config(directory)
+    check_model_dir_shapes(directory, config)
     denoiser, vae = build_modules(config)
     denoiser_path = directory / DENOISER_FILE
     load_state_dict_into(denoiser, read_safetensors(denoiser_path), denoiser_path, "denoiser")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -192,9 +193,15 @@ class ModelConfig:
                         fields[size_key] = tuple(fields[size_key])
                 data[key] = sub_cls(**fields)
         for key in ("image_size", "query_grid"):
-            if key in data:
-                data[key] = as_pair(data[key])
-        return cls(**data)
+            if isinstance(data.get(key), int) and not isinstance(data[key], bool):
+                data[key] = (data[key], data[key])
+            elif isinstance(data.get(key), list):
+                data[key] = tuple(data[key])  # entries and length checked by config_problems
+        config = cls(**data)
+        problems = config_problems(config)
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+        return config
 
     def save_yaml(self, path: Union[str, Path]) -> None:
         """Write this config as YAML."""
@@ -214,3 +221,123 @@ class ModelConfig:
         if self.latent_scale is None:
             return None
         return [1.0 / s for s in self.latent_scale]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+# Upper bounds that keep a hostile config from asking for absurd allocations before its weights are compared
+# (model.checkpoint compares the weights' shapes with the config before any module gets memory).
+MAX_WIDTH = 65536  # hidden sizes, channels, feature and embedding widths
+MAX_DEPTH = 256  # transformer blocks
+MAX_SIDE = 8192  # image sides, grid sides, token counts
+MAX_FRAMES = 1024
+MAX_TABLE = 2**24  # entries of one fixed sin-cos table (tokens or frames x hidden_size); LIBERO's largest: 2**21
+_DEPTH_FIELDS = frozenset({"depth", "encoder_depth", "decoder_depth"})
+_FRAME_FIELDS = frozenset({"num_frames"})
+_SIDE_FIELDS = frozenset({"input_size", "image_size", "query_grid", "num_frame_tokens", "patch_size", "max_length"})
+_POSITIVE_FLOATS = frozenset({"query_stride", "mlp_ratio", "frame_interval_s"})
+
+
+def _int_problem(where: str, value: Any, name: str) -> Optional[str]:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{where} must be an integer, got {type(value).__name__} {value!r}"
+    if name in _DEPTH_FIELDS:
+        high = MAX_DEPTH
+    elif name in _FRAME_FIELDS:
+        high = MAX_FRAMES
+    elif name in _SIDE_FIELDS:
+        high = MAX_SIDE * MAX_SIDE if name == "num_frame_tokens" else MAX_SIDE
+    else:
+        high = MAX_WIDTH
+    if not 1 <= value <= high:
+        return f"{where} must be in [1, {high}], got {value}"
+    return None
+
+
+def _float_problem(where: str, value: Any, name: str) -> Optional[str]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{where} must be a finite number, got {type(value).__name__} {value!r}"
+    if name in _POSITIVE_FLOATS and value <= 0:
+        return f"{where} must be > 0, got {value}"
+    if name == "beta" and value < 0:
+        return f"{where} must be >= 0, got {value}"
+    return None
+
+
+def _value_problem(where: str, value: Any, hint: Any, name: str) -> Optional[str]:
+    """Why ``value`` does not fit the type ``hint`` (and the range of field ``name``), or None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        options = [arg for arg in args if arg is not type(None)]
+        problems = [_value_problem(where, value, arg, name) for arg in options]
+        return None if any(problem is None for problem in problems) else problems[-1]
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return f"{where} must be a list, got {type(value).__name__} {value!r}"
+        if origin is tuple and len(value) != len(args):
+            return f"{where} must have {len(args)} entries, got {len(value)}"
+        item_hints = args if origin is tuple else args * len(value)
+        for index, (item, item_hint) in enumerate(zip(value, item_hints)):
+            problem = _value_problem(f"{where}[{index}]", item, item_hint, name)
+            if problem:
+                return problem
+        return None
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else f"{where} must be a mapping, got {type(value).__name__}"
+    if hint is int:
+        return _int_problem(where, value, name)
+    if hint is float:
+        return _float_problem(where, value, name)
+    if hint is bool:
+        return None if isinstance(value, bool) else f"{where} must be true or false, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"{where} must be a string, got {type(value).__name__} {value!r}"
+    return None
+
+
+def _fields_problems(section: Any, prefix: str) -> List[str]:
+    hints = typing.get_type_hints(type(section))
+    problems = []
+    for spec in dataclasses.fields(section):
+        if dataclasses.is_dataclass(getattr(section, spec.name)):
+            continue  # sub-configs are checked on their own
+        problem = _value_problem(f"{prefix}{spec.name}", getattr(section, spec.name), hints[spec.name], spec.name)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def config_problems(config: "ModelConfig") -> List[str]:
+    """Every type, range and consistency problem of ``config`` (empty when it can be built). Cheap: no module is
+    built, so a hostile config is refused before it can ask for memory."""
+    problems = _fields_problems(config, "")
+    for name in ("vae", "denoiser", "image_encoder", "text_encoder"):
+        section = getattr(config, name)
+        if section is not None:
+            problems += _fields_problems(section, f"{name}.")
+    if problems:
+        return problems  # the checks below assume the types are right
+    for name, section in (("vae", config.vae), ("denoiser", config.denoiser)):
+        if section is None:
+            continue
+        if section.hidden_size % section.num_heads:
+            problems.append(f"{name}.hidden_size {section.hidden_size} is not a multiple of num_heads "
+                            f"{section.num_heads}")
+        rows, cols = as_pair(section.input_size)
+        if rows % section.patch_size or cols % section.patch_size:
+            problems.append(f"{name}.input_size {section.input_size} is not a multiple of patch_size "
+                            f"{section.patch_size}")
+        frame_rows, frame_cols = (section.num_frame_tokens, 1) if isinstance(section.num_frame_tokens, int) \
+            else section.num_frame_tokens
+        longest = max(rows * cols // section.patch_size**2, frame_rows * frame_cols, section.num_frames)
+        if longest * section.hidden_size > MAX_TABLE:
+            problems.append(f"{name}: a fixed sin-cos table of {longest} x {section.hidden_size} entries is above "
+                            f"{MAX_TABLE} (tokens, frames or hidden_size too large)")
+    if config.latent_scale is not None:
+        if any(scale <= 0 for scale in config.latent_scale):
+            problems.append(f"latent_scale entries must be > 0, got {config.latent_scale}")
+        if config.vae is not None and len(config.latent_scale) != config.vae.latent_channels:
+            problems.append(f"latent_scale has {len(config.latent_scale)} entries, vae.latent_channels is "
+                            f"{config.vae.latent_channels}")
+    return problems

@@ -112,13 +112,31 @@ def compressed_format(data: bytes) -> Optional[str]:
     return None
 
 
+_DECODERS = {"JPEG": ("JpegImagePlugin", "JpegImageFile"), "PNG": ("PngImagePlugin", "PngImageFile"),
+             "WEBP": ("WebPImagePlugin", "WebPImageFile")}
+
+
+def _open_compressed(data: bytes, image_format: str) -> Any:
+    """Open ``data`` with the Pillow decoder of ``image_format`` only (its header is read, not its pixels).
+
+    Not ``PIL.Image.open``: that applies Pillow's own decompression-bomb limit (a process-wide setting, 89 MP warns
+    and 179 MP fails), while the caller's ``max_pixels`` is the one limit here, checked before any pixel is decoded.
+    """
+    import importlib
+
+    module_name, class_name = _DECODERS[image_format]
+    decoder = getattr(importlib.import_module(f"PIL.{module_name}"), class_name)
+    return decoder(io.BytesIO(data))
+
+
 def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG or WebP: what ``image_transport`` produces) to
     ``[H, W, 3]`` RGB.
 
-    Only those three formats are opened (checked by signature, and Pillow is told to try no other decoder): other
+    Only those three formats are opened (checked by signature, and only that format's Pillow decoder is used): other
     formats, some of which run external programs (EPS runs Ghostscript), are rejected unread. The size is checked from
-    the file header before the pixels are decoded. 16-bit PNGs are scaled like raw mono16 (maximum -> 255), not
+    the file header against ``max_pixels`` (the one limit: Pillow's own decompression-bomb limit is not applied)
+    before the pixels are decoded. 16-bit PNGs are scaled like raw mono16 (maximum -> 255), not
     clipped. Any decoder failure, whatever Pillow raises, is an ``ImageMessageError``.
 
     Raises:
@@ -134,7 +152,7 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
         raise ImageMessageError("unsupported_format", f"format {str(msg.format)[:40]!r}, data starting {data[:8]!r}: "
                                                       f"not {', '.join(COMPRESSED_FORMATS)}")
     try:
-        with PILImage.open(io.BytesIO(data), formats=[image_format]) as image:
+        with _open_compressed(data, image_format) as image:
             width, height = image.size
             _check_size(height, width, max_pixels)
             if image.mode in _WIDE_MONO_MODES:  # 16-bit grayscale PNG
@@ -143,6 +161,8 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
             rgb = np.asarray(image.convert("RGB"))  # [H, W, 3]
     except ImageMessageError:
         raise
+    except PILImage.DecompressionBombError as exc:  # WebP only: its decoder checks Pillow's limit before ours
+        raise ImageMessageError("too_large", f"{image_format} image: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - bad data makes Pillow raise anything (OSError, TypeError, ...)
         raise ImageMessageError("corrupt_compressed",
                                 f"cannot decode {image_format} image: {type(exc).__name__}: {exc}") from exc

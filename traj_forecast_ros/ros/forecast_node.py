@@ -4,7 +4,8 @@
 
 Lifecycle: ``configure`` loads the model and warms it up; ``activate`` subscribes to the camera and starts the
 worker; ``deactivate`` unsubscribes, stops inference and releases the model with its accelerator memory (the next
-``activate`` loads it again); ``cleanup`` drops the model and the publishers. With ``autostart`` (default) the node
+``activate`` loads the same model again: ``model``, ``device``, ``dtype``, ``threads`` and the other load parameters
+are read at configure only); ``cleanup`` drops the model and the publishers. With ``autostart`` (default) the node
 configures and activates itself at startup. Parameters: :mod:`traj_forecast_ros.ros.params`.
 
 Topics (relative names, so namespaces and remappings apply):
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import sys
 import threading
 import time
@@ -43,6 +45,13 @@ from traj_forecast_ros.ros.conversions import (
     image_msg_to_rgb,
 )
 from traj_forecast_ros.ros.diagnostics import diagnostic_status
+from traj_forecast_ros.ros.model_loading import (  # noqa: F401 - load_forecaster is the default factory (bench too)
+    LOAD_PARAMETERS,
+    WEIGHTS_HINT,
+    ForecasterFactory,
+    load_forecaster,
+    model_takes_instruction,
+)
 from traj_forecast_ros.ros.params import PARAMETER_SPECS, PARAMETERS
 from traj_forecast_ros.ros.pipeline import ForecastPipeline, Frame, PipelineStats
 from traj_forecast_ros.ros.outputs import OutputBuilder, SideOutputs
@@ -62,11 +71,6 @@ class TransitionFailed(Exception):
     """A lifecycle transition cannot complete; the message says why (logged and shown in /diagnostics)."""
 
 
-WEIGHTS_HINT = ("Set the 'model' parameter to a registry name (models/registry.yaml; `traj-forecast download NAME` "
-                "fetches it once with network access) or to a model directory (config.yaml + denoiser.safetensors "
-                "+ vae.safetensors), then trigger configure again.")
-
-
 OUTPUT_QOS = qos_from_name("reliable", depth=2)
 WORKER_JOIN_S = 0.5  # a transition waits this long for a cancelled forecast, then releases the model in background
 # A load waits this long for the previous model's background release (its cancelled forecast unwinding, usually one
@@ -76,27 +80,6 @@ RELEASE_WAIT_S = 2.0
 
 
 # ------------------------------------------------------------------------------------------------ the node
-ForecasterFactory = Callable[..., Any]  # (model, device, dtype, cache_dir, **accelerator_options) -> forecaster
-
-
-def model_takes_instruction(forecaster: Any) -> bool:
-    """False when the loaded model has no language input (a Forecaster without a text encoder)."""
-    if hasattr(forecaster, "text_encoder"):
-        return forecaster.text_encoder is not None
-    config = getattr(forecaster, "config", None)
-    return getattr(config, "text_encoder", True) is not None
-
-
-def load_forecaster(model: str, device: str, dtype: str, cache_dir: Optional[str], use_cuda_graphs: bool = False,
-                    compile: bool = False, graph_cache_size: int = 4) -> Any:
-    """Default factory: ``Forecaster.from_pretrained`` (a registry name or a model directory)."""
-    from traj_forecast_ros.forecaster import Forecaster
-
-    return Forecaster.from_pretrained(model, device=device, dtype=dtype, cache_dir=cache_dir,
-                                      use_cuda_graph=use_cuda_graphs, use_compile=compile,
-                                      graph_cache_size=graph_cache_size)
-
-
 class ForecastNode(LifecycleNode):
     """Lifecycle node: camera frames in, trajectory forecasts, markers, overlays and diagnostics out.
 
@@ -127,6 +110,7 @@ class ForecastNode(LifecycleNode):
         self._model_takes_instruction = True  # False for models without language input (D4: instruction ignored)
         self._model_accepts_cancel = False  # forecast(..., cancel=Event) supported: deactivate stops it mid-way
         self._load_problem = ""  # why the last model load failed
+        self._load_settings: Dict[str, Any] = {}  # the LOAD_PARAMETERS read at configure (activate reloads with them)
         self._release_threads: List[threading.Thread] = []  # models released after a cancelled forecast ends
         self._transition_error = ""  # why the last lifecycle transition failed ('' = it succeeded)
         self._instruction = str(self.get_parameter("instruction").value)
@@ -165,7 +149,17 @@ class ForecastNode(LifecycleNode):
         for parameter in parameters:
             if parameter.name == "instruction":
                 self._set_instruction(str(parameter.value))
+        self._apply_frame_limits(parameters)
         return SetParametersResult(successful=True)
+
+    def _apply_frame_limits(self, parameters: Sequence[Parameter]) -> None:
+        """``max_input_age`` and ``max_clock_skew`` apply to the next frame the worker takes, not the next activate."""
+        pipeline = getattr(self, "_pipeline", None)  # None while declaring the parameters and while inactive
+        for parameter in parameters if pipeline is not None else ():
+            if parameter.name == "max_input_age":
+                pipeline.max_input_age_s = float(parameter.value)
+            elif parameter.name == "max_clock_skew":
+                pipeline.max_clock_skew_s = float(parameter.value)
 
     def _check_machine_value(self, name: str, value: Any) -> Optional[str]:
         """Checks beyond the parameter table: topic names (always), and, for changes after startup, that ``model``
@@ -258,6 +252,7 @@ class ForecastNode(LifecycleNode):
 
     def _configure(self, state: LifecycleState) -> None:
         self._destroy_publishers()  # never two sets of outputs, whatever happened before
+        self._load_settings = {name: self.param(name) for name in LOAD_PARAMETERS}
         if not self._load_model():
             raise TransitionFailed(self._load_problem)
         self._stats = PipelineStats(window=self.param("stats_window"))
@@ -266,6 +261,10 @@ class ForecastNode(LifecycleNode):
         self._overlay_pub = self.create_lifecycle_publisher(Image, "~/overlay", OUTPUT_QOS)
 
     def _activate(self, state: LifecycleState) -> None:
+        changed = [name for name in LOAD_PARAMETERS if self.param(name) != self._load_settings.get(name)]
+        if changed:
+            self.get_logger().info(f"{', '.join(changed)} changed since configure: applies at the next configure "
+                                   "(cleanup, then configure); activating with the configured model")
         if self._forecaster is None and not self._load_model():  # released by an earlier deactivate
             raise TransitionFailed(self._load_problem)
         transport = self.param("image_transport")
@@ -327,11 +326,11 @@ class ForecastNode(LifecycleNode):
         return self._pipeline is None or not self._pipeline.running
 
     def _load_model(self) -> bool:
-        """Load and warm up the model named by the parameters; on failure log why (and how to fix it), keep the
-        reason in ``_load_problem`` and release a model that loaded but failed its warmup. Waits at most
-        ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
-        model = str(self.param("model"))
-        device, dtype = str(self.param("device")), str(self.param("dtype"))
+        """Load and warm up the model named by the load parameters read at configure; on failure log why (and how
+        to fix it), keep the reason in ``_load_problem`` and release a model that loaded but failed its warmup. Waits
+        at most ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
+        settings = self._load_settings or {name: self.param(name) for name in LOAD_PARAMETERS}  # read at configure
+        model, device, dtype = str(settings["model"]), str(settings["device"]), str(settings["dtype"])
         # The previous model's memory first (its cancelled forecast unwinding), waiting a bounded time only.
         deadline = time.monotonic() + RELEASE_WAIT_S
         for thread in self._release_threads:
@@ -350,10 +349,10 @@ class ForecastNode(LifecycleNode):
 
             from traj_forecast_ros.cpu_cores import resolve_threads
 
-            torch.set_num_threads(resolve_threads(int(self.param("threads"))))  # the CPU plan is chosen for it
+            torch.set_num_threads(resolve_threads(int(settings["threads"])))  # the CPU plan is chosen for it
             forecaster = self._forecaster_factory(
-                model, device, dtype, self.param("cache_dir") or None, use_cuda_graphs=self.param("use_cuda_graphs"),
-                compile=self.param("compile"), graph_cache_size=int(self.param("graph_cache_size")))
+                model, device, dtype, settings["cache_dir"] or None, use_cuda_graphs=settings["use_cuda_graphs"],
+                compile=settings["compile"], graph_cache_size=int(settings["graph_cache_size"]))
             forecaster.warmup()
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
             missing = isinstance(exc, FileNotFoundError)  # includes WeightsNotFoundError: say how to get them
@@ -455,6 +454,8 @@ class ForecastNode(LifecycleNode):
             takes_instruction, accepts_cancel = self._model_takes_instruction, self._model_accepts_cancel
         if forecaster is None:
             raise RuntimeError("no model loaded (node not configured)")
+        if hasattr(forecaster, "max_pixels"):  # one limit, the node's: the one the frame was decoded against
+            forecaster.max_pixels = int(self.param("max_pixels"))
         if instruction is not None and not takes_instruction:
             self.get_logger().warning(
                 f"model '{self._model_info.get('model_id', '')}' has no language input: ignoring the instruction "
@@ -519,10 +520,25 @@ class ForecastNode(LifecycleNode):
         self._diagnostics_pub.publish(array_msg)
 
 
+def _stop_like_sigint(signum: int, frame: Any) -> NoReturn:
+    """SIGTERM handler: stop at once, as SIGINT does, even in the middle of a model load or a transition."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _ignore_stop_signals() -> None:
+    """Once the node is stopping, a further SIGINT/SIGTERM must not interrupt the shutdown (a KeyboardInterrupt
+    inside it would end the interpreter with the worker still in native code: an abort, exit -6)."""
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
 def main(args: Optional[List[str]] = None) -> NoReturn:
     """Entry point of ``forecast_node`` (console script and ``python -m traj_forecast_ros.ros.forecast_node``); ends
     the process with exit code 0, or 1 when the node could not start."""
-    # SIGINT and SIGTERM both end the spin (rclpy's handlers), so `kill <pid>` and systemd stop the node cleanly.
+    # SIGINT and SIGTERM both end the spin (rclpy's handlers shut ROS down, then call the Python handler: SIGINT's
+    # raises KeyboardInterrupt, and so does SIGTERM's, installed here first), so `kill <pid>` and systemd stop the
+    # node cleanly and promptly, during a model load too.
+    signal.signal(signal.SIGTERM, _stop_like_sigint)
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.ALL)
     node: Optional[ForecastNode] = None
     exit_code = 0
@@ -542,10 +558,15 @@ def main(args: Optional[List[str]] = None) -> NoReturn:
             print(f"forecast_node: {type(exc).__name__}: {exc}", file=sys.stderr)
             exit_code = 1
     finally:
-        if node is not None:
-            node.stop_worker(timeout=WORKER_JOIN_S)  # cancels a forecast in progress; never waits for a long one
-            node.destroy_node()
-        rclpy.try_shutdown()
+        _ignore_stop_signals()
+        try:
+            if node is not None:
+                node.stop_worker(timeout=WORKER_JOIN_S)  # cancels a forecast in progress; never waits for a long one
+                node.destroy_node()
+            rclpy.try_shutdown()
+        except KeyboardInterrupt:  # a second signal that landed before it was ignored: the stop was asked for anyway
+            pass
+        _ignore_stop_signals()  # rclpy's shutdown puts the previous handlers back
     # ROS is shut down and nothing is left to publish. Leave without finalising the interpreter: after torch and DDS
     # that takes about 2 s (so a SIGTERM/SIGINT stop would miss its deadline), and a worker still inside native
     # torch code (a forecaster that ignores the cancel flag) can abort it ("terminate called without an active

@@ -11,6 +11,7 @@ Python ``Point`` and ``ColorRGBA`` per vertex: about 25 ms to build and serialis
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -47,6 +48,8 @@ class ImagePlane:
         ROS puts pixel centres at integer coordinates; forecasts put them at index + 0.5, so the principal point
         moves by half a pixel before it is scaled."""
         k = [float(v) for v in camera_info.k]
+        if not all(math.isfinite(k[i]) for i in (0, 2, 4, 5)):
+            raise ValueError(f"CameraInfo intrinsics are not finite (fx {k[0]}, fy {k[4]}, cx {k[2]}, cy {k[5]})")
         if k[0] <= 0 or k[4] <= 0:
             raise ValueError("CameraInfo has no focal length (k[0] or k[4] <= 0)")
         scale_x = image_size[1] / camera_info.width if camera_info.width else 1.0
@@ -328,7 +331,8 @@ class MarkerSerializer:
         """Serialised ``MarkerArray``: the arguments of :func:`forecast_markers`."""
         from rclpy.serialization import serialize_message
 
-        if self.fast is None:
+        plane_finite = all(math.isfinite(value) for value in (plane.fx, plane.fy, plane.cx, plane.cy, plane.depth))
+        if self.fast is None and plane_finite:  # NaN never compares equal: it would turn the direct path off for good
             self.fast = self._check(tracks, header, plane, options)
         if self.fast:
             try:

@@ -60,7 +60,8 @@ class ParamSpec:
 
 PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec("autostart", True, "Configure and activate at startup (otherwise wait for lifecycle transitions)."),
-    ParamSpec("model", "libero-atm", "Registry name (models/registry.yaml) or model directory. Applies at configure."),
+    ParamSpec("model", "libero-atm", "Registry name (models/registry.yaml) or model directory. Applies at configure "
+              "(an activate after a deactivate reloads the configured model; a new one needs cleanup + configure)."),
     ParamSpec("device", "auto", "Compute device: auto (GPU when available), cpu, cuda or cuda:N. "
               "Applies at configure.", pattern=r"auto|cpu|cuda(:\d+)?"),
     ParamSpec("dtype", "auto", "Compute dtype: auto (bfloat16 on GPUs with native bfloat16, else float16; float32 "
@@ -78,7 +79,8 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               "configure; the CPU sampling plan is chosen for this count.", 0, 1024),
     ParamSpec("num_samples", DEFAULT_NUM_SAMPLES, "K, sampled futures per frame.", 1, 64),
     ParamSpec("steps", DEFAULT_STEPS, "Flow-matching Euler time points per forecast (10 = 9 denoiser evaluations).", 2, 200),
-    ParamSpec("seed", -1, "Noise seed: -1 = fresh noise for every frame, >= 0 = the same noise every frame.",
+    ParamSpec("seed", -1, "Noise seed: -1 = fresh noise for every frame (as seed=-1 or None in the Python API), "
+              ">= 0 = the same noise every frame.",
               -1, 2**31 - 1),
     ParamSpec("instruction", "", "Task instruction for language-conditioned models ('' = the model's default). "
               "Also set by the instruction topic."),
@@ -95,12 +97,14 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               choices=("best_effort", "reliable")),
     ParamSpec("qos_depth", 5, "Camera subscription queue depth. Applies at activate.", 1, 100),
     ParamSpec("max_input_age", 1.0, "Drop frames older than this many seconds (header stamp vs node clock) when the "
-              "worker takes them; 0 disables.", 0.0, 3600.0),
+              "worker takes them; 0 disables. Applies to the next frame.", 0.0, 3600.0),
     ParamSpec("max_clock_skew", 1.0, "Reject frames stamped more than this many seconds ahead of the node clock "
               "(counted as future_stamp): a sender clock ahead of ours would otherwise corrupt the latency figures. "
-              "0 is strict (any frame stamped ahead is rejected), unlike max_input_age where 0 disables.",
+              "0 is strict (any frame stamped ahead is rejected), unlike max_input_age where 0 disables. Applies to "
+              "the next frame.",
               0.0, 3600.0),
-    ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Reject images with more pixels than this.", 1, 2**28),
+    ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Reject images with more pixels than this (rejected.too_large): the "
+              "one size limit, for raw and compressed frames and the forecaster alike.", 1, 2**28),
     ParamSpec("frame_interval", 0.0, "Seconds between forecast frames written to the message (0 = the model "
               "config's frame_interval_s, else unknown).", 0.0, 60.0),
     ParamSpec("moving_threshold", 2.0, "Pixels a point must move (in a sample) to count in moving_fraction.",
