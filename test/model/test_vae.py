@@ -212,6 +212,28 @@ def test_loss_recon_delta_and_latent_noise(vae: TrajectoryVAE) -> None:
     torch.testing.assert_close(out["mse"], (decoded - tracks).square().mean())
 
 
+def test_loss_moving_weight_matches_a_hand_computation(vae: TrajectoryVAE) -> None:
+    """With ``moving_weight`` w, each point whose true track peaks more than ``moving_threshold`` from frame 0 weighs
+    1 + w in the reconstruction mean (normalised by the mean weight); w = 0 is the plain mean, bit for bit."""
+    tracks, features = inputs(vae.cfg)
+    tracks[:, :, :, :2] = tracks[:, :1, :, :2]  # the first two rows of points stay still
+    generator = lambda: torch.Generator().manual_seed(3)  # noqa: E731 - the same posterior draw each call
+    with torch.no_grad():
+        plain = vae.loss(tracks, features, generator=generator())
+        zero = vae.loss(tracks, features, generator=generator(), moving_weight=0.0, moving_threshold=0.1)
+        weighted = vae.loss(tracks, features, generator=generator(), moving_weight=4.0, moving_threshold=0.1)
+        mean, std = vae.encode(tracks, features)
+        decoded = vae.decode(mean + std * torch.randn(mean.shape, generator=generator()), features)
+    assert torch.equal(plain["recon"], zero["recon"])
+    peak = (tracks - tracks[:, :1]).norm(dim=2).amax(dim=1)  # (B, H, W)
+    moving = peak > 0.1
+    assert moving[:, 2:].any() and not moving[:, :2].any()
+    error = F.huber_loss(decoded, tracks, reduction="none").mean(dim=(1, 2))  # (B, H, W) per point
+    weight = 1.0 + 4.0 * moving.float()
+    torch.testing.assert_close(weighted["recon"], (error * weight).sum() / weight.sum())
+    assert not torch.allclose(weighted["recon"], plain["recon"])
+
+
 def test_freeze_all_but_decoder_keeps_the_latent_space(vae: TrajectoryVAE) -> None:
     """Only from_latents, the decoder blocks and the final layer train: after steps of the loss the posterior of
     every input is bit-identical, and decoding has changed."""

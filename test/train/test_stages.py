@@ -144,6 +144,8 @@ def test_decoder_only_options_are_checked(tiny_data, tiny_vae_run, tmp_path, mak
     with pytest.raises(ValueError, match="recon_delta > 0"):
         train_vae(tiny_data, tmp_path / "c", config, make_settings(steps=1), init=tiny_vae_run, decoder_only=True,
                   recon_delta=0.0)
+    with pytest.raises(ValueError, match="moving_weight >= 0"):
+        train_vae(tiny_data, tmp_path / "d", config, make_settings(steps=1), moving_weight=-1.0)
 
 
 def test_resume_gives_the_same_next_steps(tiny_data, tiny_vae_run, tmp_path, make_settings, read_metrics):

@@ -91,6 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vae.add_argument("--latent-noise", type=float, default=0.0,
                      help="with --decoder-only: extra noise on the decoded latents, in units of each channel's "
                           "latent scale (robustness to the flow's errors)")
+    vae.add_argument("--moving-weight", type=float, default=0.0,
+                     help="extra weight w of the reconstruction of points whose true track moves more than 5 px "
+                          "(each weighs 1 + w; default 0: every point the same)")
     vae.set_defaults(func=_train_vae)
 
     flow = stages.add_parser("flow", help="stage 2: latent denoiser with rectified flow")
@@ -145,7 +148,8 @@ def _train_vae(args: argparse.Namespace) -> int:
     config = resolve_config(source or "demo-blocks")
     return _report(train_vae(args.data, args.out, config, settings, init=args.init, resume=args.resume,
                              beta=args.beta, encoder_dir=args.encoder, decoder_only=args.decoder_only,
-                             recon_delta=args.recon_delta, latent_noise=args.latent_noise))
+                             recon_delta=args.recon_delta, latent_noise=args.latent_noise,
+                             moving_weight=args.moving_weight))
 
 
 def _train_encoder(args: argparse.Namespace) -> int:

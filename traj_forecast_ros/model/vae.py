@@ -229,7 +229,7 @@ class TrajectoryVAE(nn.Module):
     def loss(
         self, tracks_norm: torch.Tensor, frame_features: torch.Tensor, beta: Optional[float] = None,
         generator: Optional[torch.Generator] = None, recon_delta: float = 1.0,
-        latent_noise: Optional[torch.Tensor] = None,
+        latent_noise: Optional[torch.Tensor] = None, moving_weight: float = 0.0, moving_threshold: float = 0.0,
     ) -> Dict[str, torch.Tensor]:
         """beta-VAE objective: Huber reconstruction + beta * KL(q || N(0, I)), each a batch mean.
 
@@ -238,6 +238,10 @@ class TrajectoryVAE(nn.Module):
         minimiser is the conditional median and so keeps points that do not move exactly still). ``kl`` is averaged
         over [T, L, C]; ``beta`` defaults to ``cfg.beta``. ``latent_noise`` [C]: the std of extra Gaussian noise added
         to the posterior draw per latent channel before decoding (robustness to a generator's latent errors).
+        ``moving_weight`` w: the reconstruction error of a point whose true track moves more than
+        ``moving_threshold`` (normalised units, peak distance from frame 0) weighs 1 + w, normalised by the batch's
+        mean weight (w = 0: the plain mean). Moving points are a small share of a scene, and an unweighted mean lets a
+        small VAE shrink their motion to fit the still background.
         Returns ``dict(loss, recon, kl, mse)`` of scalars; ``mse`` is the (detached) mean squared error.
         """
         beta = self.cfg.beta if beta is None else beta
@@ -247,7 +251,13 @@ class TrajectoryVAE(nn.Module):
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = z + noise * latent_noise.to(z)
         recon_tracks = self.decode(z, frame_features)  # (B, T, 2, H, W)
-        recon = F.huber_loss(recon_tracks, tracks_norm, delta=recon_delta)
+        if moving_weight:
+            peak = (tracks_norm - tracks_norm[:, :1]).norm(dim=2).amax(dim=1)  # (B, H, W)
+            weight = 1.0 + moving_weight * (peak > moving_threshold).to(recon_tracks.dtype)  # (B, H, W)
+            error = F.huber_loss(recon_tracks, tracks_norm, delta=recon_delta, reduction="none")  # (B, T, 2, H, W)
+            recon = (error * weight[:, None, None]).mean() / weight.mean()
+        else:
+            recon = F.huber_loss(recon_tracks, tracks_norm, delta=recon_delta)
         # KL(N(mean, std) || N(0, 1)) per element, averaged over [T, L, Z] then over the batch.
         # std = softplus(logvar / 2) underflows to 0 for very negative logvar: floor it so log(std) stays finite.
         log_std = torch.log(std.clamp_min(torch.finfo(std.dtype).tiny))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from traj_forecast_ros.errors import CheckpointError
+from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX
 from traj_forecast_ros.model.checkpoint import (
     CONFIG_FILE,
     IMAGE_ENCODER_DIR,
@@ -39,23 +40,27 @@ PathLike = Union[str, Path]
 class VAEObjective(nn.Module):
     """``forward(tracks_norm, features, generator) -> dict(loss, recon, kl, mse, recon_rmse_px)`` of a TrajectoryVAE.
 
-    ``recon_delta`` and ``latent_noise`` [C] go to :meth:`TrajectoryVAE.loss`.
+    ``recon_delta``, ``latent_noise`` [C] and ``moving_weight`` go to :meth:`TrajectoryVAE.loss`; a point counts as
+    moving past :data:`~traj_forecast_ros.metrics.MOVING_THRESHOLD_PX`, the evaluation's threshold.
     """
 
     def __init__(self, vae: TrajectoryVAE, beta: float, image_size, recon_delta: float = 1.0,
-                 latent_noise: Optional[torch.Tensor] = None) -> None:
+                 latent_noise: Optional[torch.Tensor] = None, moving_weight: float = 0.0) -> None:
         super().__init__()
         self.vae = vae
         self.beta = float(beta)
         self.half_size = float(max(image_size)) / 2.0
         self.recon_delta = float(recon_delta)
+        self.moving_weight = float(moving_weight)
+        self.moving_threshold = MOVING_THRESHOLD_PX / self.half_size  # normalised units
         self.register_buffer("latent_noise", latent_noise, persistent=False)
 
     def forward(self, tracks_norm: torch.Tensor, features: torch.Tensor,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """tracks_norm [B, T, 2, Hq, Wq], features [B, N, D]."""
         losses = self.vae.loss(tracks_norm, features, beta=self.beta, generator=generator,
-                               recon_delta=self.recon_delta, latent_noise=self.latent_noise)
+                               recon_delta=self.recon_delta, latent_noise=self.latent_noise,
+                               moving_weight=self.moving_weight, moving_threshold=self.moving_threshold)
         losses["recon_rmse_px"] = torch.sqrt(losses["mse"].float()) * self.half_size
         return losses
 
@@ -114,7 +119,7 @@ def write_vae_dir(out_dir: PathLike, config: ModelConfig, vae: TrajectoryVAE, im
 def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settings: TrainSettings,
               init: Optional[PathLike] = None, resume: bool = False, beta: Optional[float] = None,
               scale_examples: int = 512, encoder_dir: Optional[PathLike] = None, decoder_only: bool = False,
-              recon_delta: float = 1.0, latent_noise: float = 0.0) -> Dict[str, float]:
+              recon_delta: float = 1.0, latent_noise: float = 0.0, moving_weight: float = 0.0) -> Dict[str, float]:
     """Train the VAE of ``config`` on a dataset and write the stage-1 run directory; returns the last logged values.
 
     ``init``: fine-tune from a model/run directory or a VAE checkpoint file (its image encoder is reused when the
@@ -126,6 +131,7 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
     posteriors, hence the latent scale and any flow trained on them, stay exactly as they were. ``recon_delta``: the
     Huber delta of the reconstruction (normalised units; 1 is the official recipe). ``latent_noise``: extra noise
     added to the posterior draws before decoding, in units of each latent channel's scale (decoder-only runs).
+    ``moving_weight``: extra weight of the reconstruction of points whose true track moves (:class:`VAEObjective`).
     """
     if config.vae is None:
         raise ValueError(f"model '{config.name}' has no VAE (raw model): nothing to train in stage 1")
@@ -133,8 +139,9 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
         raise ValueError("a decoder-only fine-tune needs --init (the VAE whose latent space to keep)")
     if latent_noise and not decoder_only:
         raise ValueError("latent noise is for decoder-only fine-tunes (it would also shape the encoder's latents)")
-    if recon_delta <= 0 or latent_noise < 0:
-        raise ValueError(f"need recon_delta > 0 and latent_noise >= 0, got {recon_delta} and {latent_noise}")
+    if recon_delta <= 0 or latent_noise < 0 or moving_weight < 0:
+        raise ValueError(f"need recon_delta > 0, latent_noise >= 0 and moving_weight >= 0, got {recon_delta}, "
+                         f"{latent_noise} and {moving_weight}")
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
         # the encoder (from out_dir on resume, else init's) is saved into out_dir before training
@@ -155,7 +162,7 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
             if latent_noise:
                 noise_std = latent_noise * torch.tensor(scale, dtype=torch.float32)
         beta = config.vae.beta if beta is None else beta
-        objective = VAEObjective(vae, beta, config.image_size, recon_delta, noise_std)
+        objective = VAEObjective(vae, beta, config.image_size, recon_delta, noise_std, moving_weight)
 
         trainer = Trainer(objective, vae, examples.batch, len(examples), settings, out_dir, info, stage="vae")
         last = trainer.fit(resume=resume)
