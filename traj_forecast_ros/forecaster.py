@@ -570,8 +570,8 @@ class Forecaster:
         return Forecast(
             tracks=tracks,
             query_points=transform.to_input(self._query_grid_model.astype(np.float64)).astype(np.float32),
-            image_size=tuple(int(v) for v in transform.input_size),
-            model_id=self._model_id,
+            image_size=tuple(int(v) for v in transform.input_size), crop_box=transform.crop_box,
+            model_id=self._model_id, frame_interval=float(self._config.frame_interval_s or 0.0),
             instruction=instruction,
             device=str(self._device),
             dtype=dtype_name(self._compute_dtype),

@@ -75,8 +75,7 @@ def test_planner_example_reads_a_forecast_message():
     forecast = Forecast(tracks=tracks, query_points=grid, image_size=(24, 32), model_id="test")
     msg = forecast_to_msg(forecast, header, frame_interval=0.1, moving_threshold=2.0)
 
-    arrays = example.forecast_arrays(msg)
-    np.testing.assert_array_equal(arrays["tracks"], tracks)
     summary = example.summarise(msg)
-    assert summary == pytest.approx({"stamp": 12.5, "moving_points": 1, "grid_points": 12,
+    # The point passes 2 px at frame 1 (2.5 px): it starts moving 0.1 s after the frame.
+    assert summary == pytest.approx({"stamp": 12.5, "moving_points": 1, "grid_points": 12, "first_move_s": 0.1,
                                      "max_mean_displacement_px": 10.0, "median_spread_px": 0.0, "horizon_s": 0.4})

@@ -37,6 +37,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
+from traj_forecast_ros.geometry import MIN_IMAGE_SIDE
 from traj_forecast_ros.ros.qos import qos_from_name
 from traj_forecast_ros.ros.conversions import (
     compressed_msg_to_rgb,
@@ -441,10 +442,10 @@ class ForecastNode(LifecycleNode):
 
     # ---------------------------------------------------------------- worker thread
     def _decode_raw(self, msg: Image) -> np.ndarray:
-        return image_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")))
+        return image_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")), min_side=MIN_IMAGE_SIDE)
 
     def _decode_compressed(self, msg: CompressedImage) -> np.ndarray:
-        return compressed_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")))
+        return compressed_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")), min_side=MIN_IMAGE_SIDE)
 
     def _run_forecaster(self, rgb: np.ndarray, instruction: Optional[str],
                         cancel: Optional[threading.Event] = None) -> Any:
@@ -483,13 +484,14 @@ class ForecastNode(LifecycleNode):
 
     def _publish_outputs(self, frame: Frame, rgb: np.ndarray, forecast: Any) -> None:
         header = self._output_header(frame.message.header)
-        self._forecast_pub.publish(self._outputs.forecast_msg(forecast, header))
+        camera_info = self._camera_info
+        self._forecast_pub.publish(self._outputs.forecast_msg(forecast, header, camera_info))
         markers_pub, overlay_pub = self._markers_pub, self._overlay_pub
         wants_markers = markers_pub.get_subscription_count() > 0
         wants_overlay = overlay_pub.get_subscription_count() > 0
         if not (wants_markers or wants_overlay):
             return
-        camera_info, period = self._camera_info, self._stats.forecast_rate.period()
+        period = self._stats.forecast_rate.period()
 
         def side_outputs() -> None:  # off the worker: the next frame's forecast starts meanwhile
             if markers_pub is not self._markers_pub:  # torn down (or reconfigured) since: nothing to build
