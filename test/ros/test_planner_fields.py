@@ -134,3 +134,62 @@ def test_the_unpacking_helper_has_no_copies():
         REPO / "traj_forecast_ros/bag/report.py").read_text()
     assert "traj_forecast_ros.ros.conversions.msg_to_arrays" in (
         REPO / "msgs/traj_forecast_msgs/msg/TrajectoryForecast.msg").read_text()
+
+
+class StraightForecaster:
+    """A fake model: every point of a 4 x 4 grid moves 2 px right per frame in every sample."""
+
+    model_id, device, dtype = "fake", "cpu", "float32"
+
+    def warmup(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def forecast(self, rgb, instruction=None, num_samples=8, steps=10, seed=None):
+        height, width = rgb.shape[:2]
+        ys, xs = np.meshgrid(np.linspace(0, height, 4), np.linspace(0, width, 4), indexing="ij")
+        query = np.stack([xs, ys], -1).astype(np.float32)
+        tracks = query + np.arange(4, dtype=np.float32)[None, :, None, None, None] * [2.0, 0.0]
+        return Forecast(tracks=np.repeat(tracks, num_samples, axis=0).astype(np.float32), query_points=query,
+                        image_size=(height, width), model_id="fake", timings={"total": 0.01})
+
+
+def test_the_node_fills_the_geometry_and_rejects_a_3_x_3_frame_as_too_small(context):
+    from rclpy.parameter import Parameter
+
+    from ros_helpers import wait_until
+    from traj_forecast_ros.ros.diagnostics import diagnostic_status
+    from traj_forecast_ros.ros.forecast_node import ForecastNode
+
+    node = ForecastNode(forecaster_factory=lambda *a, **options: StraightForecaster(), context=context,
+                        parameter_overrides=[Parameter("frame_interval", value=0.05)])
+    try:
+        assert node.autostart()
+        sent = []
+        node._forecast_pub = SimpleNamespace(publish=sent.append)
+        node._markers_pub = node._overlay_pub = SimpleNamespace(get_subscription_count=lambda: 0)
+        node._on_image(rgb_to_image_msg(np.zeros((100, 140, 3), np.uint8)))  # no CameraInfo yet
+        assert wait_until(lambda: len(sent) == 1, 5)
+        node._on_camera_info(camera_info())
+        node._on_image(rgb_to_image_msg(np.zeros((100, 140, 3), np.uint8)))
+        assert wait_until(lambda: len(sent) == 2, 5)
+        without, with_info = sent
+        assert not without.intrinsics_known and with_info.intrinsics_known
+        np.testing.assert_allclose(with_info.k, camera_info().k)
+        for msg in sent:
+            np.testing.assert_allclose(msg.crop_box, [0, 0, 140, 100])  # a fake without a crop: the whole image
+            assert msg.frame_interval == pytest.approx(0.05)
+            # 2 px per frame: more than moving_threshold (2 px) from frame 2 on
+            np.testing.assert_array_equal(msg_to_arrays(msg)["first_move_frame"], np.full((4, 4), 2.0))
+
+        node._on_image(rgb_to_image_msg(np.zeros((3, 3, 3), np.uint8)))
+        assert wait_until(lambda: node._stats.not_forecast.counts().get("too_small") == 1, 5)
+        status = diagnostic_status("n", "active", node._stats.snapshot(), node._model_info, 0)
+        values = {kv.key: kv.value for kv in status.values}
+        assert values["rejected.too_small"] == "1" and values["rejected_total"] == "1"
+        assert values["frames_received"] == "3" and values["forecasts_published"] == "2" and len(sent) == 2
+    finally:
+        node.stop_worker(timeout=1.0)
+        node.destroy_node()
