@@ -34,14 +34,18 @@ def test_parameter_table_matches_the_node():
 
 
 def test_what_zero_means_is_documented_alike_in_the_table_and_the_node():
-    """0 disables max_input_age but makes max_clock_skew strict: both the README table and the parameter
-    descriptions must say so."""
+    """0 disables max_input_age but makes max_clock_skew strict, and frame_interval 0 takes the model's value: the
+    README table, the parameter descriptions and config/forecast.yaml must say so."""
     node_params = pytest.importorskip("traj_forecast_ros.ros.params")
     section = README.split("## Parameters", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)` \| `[^`]*` \| (.*) \|$", section, flags=re.MULTILINE))
-    for name, meaning in (("max_input_age", "0 disables"), ("max_clock_skew", "0 is strict")):
+    for name, meaning in (("max_input_age", "0 disables"), ("max_clock_skew", "0 is strict"),
+                          ("frame_interval", "0 = the model's own value")):
         assert meaning in node_params.PARAMETER_SPECS[name].description, name
         assert meaning in rows[name], name
+    yaml_line = next(line for line in (REPO / "config/forecast.yaml").read_text().splitlines()
+                     if line.strip().startswith("frame_interval:"))
+    assert "0 = the model's own value" in yaml_line
 
 
 def test_documented_cli_commands_exist():
