@@ -367,7 +367,7 @@ def test_side_outputs_built_across_a_teardown_are_not_published_on_destroyed_pub
             assert go.wait(10)
             return b"markers"
 
-        node._outputs = SimpleNamespace(forecast_msg=lambda forecast, header: "forecast",
+        node._outputs = SimpleNamespace(forecast_msg=lambda forecast, header, camera_info=None: "forecast",
                                         markers_serialized=slow_markers, overlay=lambda *args: "overlay")
         frame = SimpleNamespace(message=SimpleNamespace(header=Header(frame_id="cam")))
         node._publish_outputs(frame, np.zeros((4, 4, 3), np.uint8), object())

@@ -72,7 +72,8 @@ def test_the_helper_round_trips_every_array_field_of_the_message():
 
 def test_without_usable_camera_info_the_message_says_the_intrinsics_are_unknown():
     forecast = a_forecast()
-    for info in (None, camera_info(width=640, height=480), SimpleNamespace(**{**vars_of(camera_info()), "k": [0.0] * 9})):
+    uncalibrated = SimpleNamespace(**{**vars_of(camera_info()), "k": [0.0] * 9})
+    for info in (None, camera_info(width=640, height=480), uncalibrated):
         msg = forecast_to_msg(forecast, Header(), camera_info=info)
         assert not msg.intrinsics_known
         assert list(msg.k) == [0.0] * 9 and msg.distortion_model == "" and len(msg.d) == 0
@@ -117,7 +118,8 @@ def test_a_3_x_3_frame_is_rejected_as_too_small_at_the_node_limit():
 def test_the_unpacking_helper_has_no_copies():
     """One helper: no other module, script or example reshapes a TrajectoryForecast's flat arrays itself."""
     copies = []
-    pattern = re.compile(r"def forecast_arrays|\b(msg|message)\.(tracks|query_points|spread|moving_fraction)\b.*reshape")
+    fields = "tracks|query_points|spread|moving_fraction"
+    pattern = re.compile(rf"def forecast_arrays|\b(msg|message)\.({fields})\b.*reshape")
     for path in REPO.rglob("*.py"):
         relative = path.relative_to(REPO)
         if relative.parts[0] in (".venv", "build", "install", "log") or relative.parts[0].startswith("."):

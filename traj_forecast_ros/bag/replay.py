@@ -273,7 +273,7 @@ def replay_through_node(
         if planner:
             from traj_forecast_ros.ros.example_planner import ExamplePlanner
 
-            executor.add_node(ExamplePlanner(context=context, namespace=namespace))  # <namespace>/forecast_node/forecast
+            executor.add_node(ExamplePlanner(context=context, namespace=namespace))  # reads the node's forecasts
         spin_thread.start()
 
         node_process = NodeProcess(namespace, node_params, out_dir / "node.log")

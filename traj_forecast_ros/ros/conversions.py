@@ -122,8 +122,8 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS, min_si
 
     Only those three formats are opened (checked by signature, and Pillow is told to try no other decoder): other
     formats, some of which run external programs (EPS runs Ghostscript), are rejected unread. The size is checked from
-    the file header before the pixels are decoded (``min_side`` as for raw images). 16-bit PNGs are scaled like raw mono16 (maximum -> 255), not
-    clipped. Any decoder failure, whatever Pillow raises, is an ``ImageMessageError``.
+    the file header before the pixels are decoded (``min_side`` as for raw images). 16-bit PNGs are scaled like raw
+    mono16 (maximum -> 255), not clipped. Any decoder failure, whatever Pillow raises, is an ``ImageMessageError``.
 
     Raises:
         ImageMessageError: reason ``empty``, ``unsupported_format``, ``too_small``, ``too_large`` or

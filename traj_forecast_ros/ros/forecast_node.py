@@ -51,6 +51,7 @@ from traj_forecast_ros.ros.validation import (
     TOPIC_PARAMETERS,
     device_problem,
     loggable_text,
+    missing_model_message,
     model_problem,
     topic_name_problem,
 )
@@ -61,11 +62,6 @@ NODE_NAME = "forecast_node"
 
 class TransitionFailed(Exception):
     """A lifecycle transition cannot complete; the message says why (logged and shown in /diagnostics)."""
-
-
-WEIGHTS_HINT = ("Set the 'model' parameter to a registry name (models/registry.yaml; `traj-forecast download NAME` "
-                "fetches it once with network access) or to a model directory (config.yaml + denoiser.safetensors "
-                "+ vae.safetensors), then trigger configure again.")
 
 
 OUTPUT_QOS = qos_from_name("reliable", depth=2)
@@ -317,9 +313,7 @@ class ForecastNode(LifecycleNode):
     def autostart(self) -> bool:
         """Configure then activate; returns True when the node ends up active."""
         if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            self.get_logger().error("autostart: configure failed; the node stays unconfigured (fix the parameters, "
-                                    "then trigger configure again)")
-            return False
+            return False  # why is logged once, by the failed transition, and shown in /diagnostics
         return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
 
     def stop_worker(self, timeout: float) -> bool:
@@ -328,9 +322,10 @@ class ForecastNode(LifecycleNode):
         return self._pipeline is None or not self._pipeline.running
 
     def _load_model(self) -> bool:
-        """Load and warm up the model named by the parameters; on failure log why (and how to fix it), keep the
-        reason in ``_load_problem`` and release a model that loaded but failed its warmup. Waits at most
-        ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
+        """Load and warm up the model named by the parameters; on failure keep why (and how to fix it) in
+        ``_load_problem`` for the failed transition to log once, and release a model that loaded but failed its
+        warmup. Waits at most ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is
+        still running."""
         model = str(self.param("model"))
         device, dtype = str(self.param("device")), str(self.param("dtype"))
         # The previous model's memory first (its cancelled forecast unwinding), waiting a bounded time only.
@@ -342,7 +337,6 @@ class ForecastNode(LifecycleNode):
             self._load_problem = (f"the previous model is still being released after {RELEASE_WAIT_S:.0f} s (its "
                                   "cancelled forecast has not ended yet: the forecaster does not stop at the cancel "
                                   "flag); not loading a second one. Trigger the transition again once it has ended")
-            self.get_logger().error(self._load_problem)
             return False
         self.get_logger().info(f"loading model '{model}' (device {device}, dtype {dtype})")
         forecaster: Any = None
@@ -357,10 +351,10 @@ class ForecastNode(LifecycleNode):
                 compile=self.param("compile"), graph_cache_size=int(self.param("graph_cache_size")))
             forecaster.warmup()
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
-            missing = isinstance(exc, FileNotFoundError)  # includes WeightsNotFoundError: say how to get them
-            self._load_problem = f"cannot load model '{model}': " + (str(exc) if missing
-                                                                     else f"{type(exc).__name__}: {exc}")
-            self.get_logger().error(f"{self._load_problem}\n{WEIGHTS_HINT}" if missing else self._load_problem)
+            if isinstance(exc, FileNotFoundError):  # includes WeightsNotFoundError: one error saying how to get them
+                self._load_problem = missing_model_message(model, str(exc))
+            else:
+                self._load_problem = f"cannot load model '{model}': {type(exc).__name__}: {exc}"
             if forecaster is not None:  # loaded, but warmup failed: free its memory
                 self._release_forecaster(forecaster)
             return False
