@@ -136,6 +136,9 @@ def test_the_unpacking_helper_has_no_copies():
         REPO / "traj_forecast_ros/bag/report.py").read_text()
     assert "traj_forecast_ros.ros.conversions.msg_to_arrays" in (
         REPO / "msgs/traj_forecast_msgs/msg/TrajectoryForecast.msg").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert "from traj_forecast_ros.ros.conversions import msg_to_arrays" in readme  # the README's example
+    assert "## Consuming forecasts: the example planner" in readme
 
 
 class StraightForecaster:
