@@ -198,3 +198,18 @@ def test_the_node_fills_the_geometry_and_rejects_a_3_x_3_frame_as_too_small(cont
     finally:
         node.stop_worker(timeout=1.0)
         node.destroy_node()
+
+
+@pytest.mark.parametrize("info", [None, camera_info(), camera_info(width=0, height=0)], ids=["none", "full", "no_size"])
+def test_rclpy_bytes_read_back_with_rosbags_with_and_without_distortion(info):
+    """rclpy (Fast CDR) and rosbags must agree on the layout, also with an empty d (no CameraInfo): bags recorded
+    live are read back by the bag tools."""
+    from traj_forecast_ros.bag.typestore import FORECAST_TYPE, make_typestore
+
+    if info is not None and info.width == 0:
+        info.d = []  # a CameraInfo without distortion coefficients
+    msg = forecast_to_msg(a_forecast(), Header(frame_id="cam"), camera_info=info)
+    decoded = make_typestore().deserialize_cdr(serialize_message(msg), FORECAST_TYPE)
+    for name, values in msg_to_arrays(msg).items():
+        np.testing.assert_array_equal(msg_to_arrays(decoded)[name], values, err_msg=name)
+    assert decoded.intrinsics_known == msg.intrinsics_known
