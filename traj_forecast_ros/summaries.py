@@ -3,7 +3,7 @@
 The K samples of a forecast are independent draws from the model and equally likely, so every probability here is
 a share of samples. All displacements are measured from each sample's frame 0 (``tracks[:, 0]``, the query point).
 :func:`planner_summaries` shares its intermediate arrays between the summaries; at K = 8, T = 16 and a 64 x 64
-grid it costs about 2 ms on a CPU core (``bench/summaries_bench.py``).
+grid they cost about 1.2 ms on this project's CPU (``bench/summaries_bench.py``).
 """
 
 from __future__ import annotations
