@@ -48,6 +48,7 @@ setup(
             "traj-forecast = traj_forecast_ros.cli:main",
             "forecast_node = traj_forecast_ros.ros.forecast_node:main",
             "forecast_recorder = traj_forecast_ros.bag.recorder:main",
+            "example_planner = traj_forecast_ros.ros.example_planner:main",
         ],
     },
 )

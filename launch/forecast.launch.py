@@ -1,7 +1,7 @@
 """Launch the trajectory forecasting node (a lifecycle node that configures and activates itself).
 
     ros2 launch traj_forecast_ros forecast.launch.py image_topic:=/camera/image_raw camera_frame:=camera_optical \
-        model:=libero-atm namespace:=arm autostart:=true rviz:=true
+        model:=libero-atm namespace:=arm autostart:=true rviz:=true planner:=true
 
 Arguments left empty keep the value from ``params_file`` (default: the package's config/forecast.yaml). The Fast DDS
 large-data profile shipped in config/ is used unless FASTDDS_DEFAULT_PROFILES_FILE is already set.
@@ -58,6 +58,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("autostart", default_value="true",
                               description="Configure and activate the lifecycle node at startup."),
         DeclareLaunchArgument("rviz", default_value="false", description="Also start RViz with rviz/forecast.rviz."),
+        DeclareLaunchArgument("planner", default_value="false",
+                              description="Also start example_planner (motion-probability and keep-out images)."),
     ]
     return LaunchDescription(arguments + [
         SetEnvironmentVariable(
@@ -71,6 +73,15 @@ def generate_launch_description() -> LaunchDescription:
             executable="rviz2",
             arguments=["-d", os.path.join(share, "rviz", "forecast.rviz")],
             condition=IfCondition(LaunchConfiguration("rviz")),
+            output="screen",
+        ),
+        # The example planner reads <namespace>/forecast_node/forecast (its relative default) in the same namespace.
+        Node(
+            package=PACKAGE,
+            executable="example_planner",
+            name="example_planner",
+            namespace=LaunchConfiguration("namespace"),
+            condition=IfCondition(LaunchConfiguration("planner")),
             output="screen",
         ),
         OpaqueFunction(function=_forecast_node),

@@ -8,8 +8,9 @@
 #   forecast_bag/  the node's live outputs (forecasts, markers, overlays, diagnostics), recorded as a rosbag2
 #   overlay.gif    forecast tracks animated over the camera frames (beside the true future where the bag has it)
 #   summary.json   frames in, forecasts out, drops by reason, latency p50/p95, accuracy (also printed)
-# The bags are played at 0.1x (one frame per second) so a 2-core CPU answers every frame; DEMO_RATE=1 plays them at
-# the recorded 10 Hz, and the node then skips the frames it has no time for (counted as "superseded").
+# The bags are played at 0.1x (one frame per second: about a forecast's time on an idle 2-core CPU; on a busy one the
+# node skips some frames, counted as "superseded"); DEMO_RATE=1 plays them at the recorded 10 Hz, and the node then
+# skips most frames.
 # Options (environment): DEMO_MODEL=<registry name or model dir>, DEMO_RATE=<playback speed, default 0.1>,
 #   DEMO_TOPIC=<image topic, default /agentview/image_raw>, DEMO_OUT=<folder, default outputs>,
 #   DEMO_BAGS=<which: "sim libero" (default), "sim" or "libero">,

@@ -568,8 +568,8 @@ class Forecaster:
         return Forecast(
             tracks=anchor_to_query_points(tracks, query_points) if anchor else tracks,
             query_points=query_points,
-            image_size=tuple(int(v) for v in transform.input_size),
-            model_id=self._model_id,
+            image_size=tuple(int(v) for v in transform.input_size), crop_box=transform.crop_box,
+            model_id=self._model_id, frame_interval=float(self._config.frame_interval_s or 0.0),
             instruction=instruction,
             device=str(self._device),
             dtype=dtype_name(self._compute_dtype),

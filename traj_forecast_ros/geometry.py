@@ -31,6 +31,9 @@ from traj_forecast_ros.errors import InvalidImageError
 # The one image-size limit (Forecaster, ROS conversions and the node's max_pixels parameter): 4096 x 4096 = 16.8 MP.
 # Larger frames are almost certainly a mistake, and a 50 MP RGB frame would already take 150 MB before resizing.
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# The smallest image side the node accepts (smaller frames are rejected as too_small): below it the centre crop
+# would be enlarged more than 8x to the 128 px model input and the query grid would be denser than the pixels.
+MIN_IMAGE_SIDE = 16
 
 # Channel count each colour order expects.
 COLOR_ORDERS = {"mono": 1, "rgb": 3, "bgr": 3, "rgba": 4, "bgra": 4}
@@ -120,6 +123,12 @@ class ImageTransform:
             crop_h = min(in_h, max(1, int(round(in_w * model_h / model_w))))
         offset = ((in_w - crop_w) // 2, (in_h - crop_h) // 2)
         return cls((in_h, in_w), (model_h, model_w), offset, (crop_h, crop_w))
+
+    @property
+    def crop_box(self) -> Tuple[float, float, float, float]:
+        """``(x_min, y_min, x_max, y_max)`` of the crop in input pixels: the region the model (and its grid) sees."""
+        (x0, y0), (crop_h, crop_w) = self.crop_offset, self.crop_size
+        return (float(x0), float(y0), float(x0 + crop_w), float(y0 + crop_h))
 
     @property
     def scale(self) -> Tuple[float, float]:

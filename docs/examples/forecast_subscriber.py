@@ -2,40 +2,35 @@
 
     python docs/examples/forecast_subscriber.py --ros-args -p topic:=/forecast_node/forecast
 
-Needs only rclpy, numpy and the traj_forecast_msgs interface package (not traj_forecast_ros itself).
+Needs rclpy, numpy, the traj_forecast_msgs interface package and traj_forecast_ros (for its one unpacking helper,
+``traj_forecast_ros.ros.conversions.msg_to_arrays``). Exits 0 on Ctrl-C (SIGINT) and on SIGTERM.
 """
 
-from typing import Dict
+import sys
+from typing import Dict, List, Optional
 
 import numpy as np
 import rclpy
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from traj_forecast_msgs.msg import TrajectoryForecast
 
-
-def forecast_arrays(msg: TrajectoryForecast) -> Dict[str, np.ndarray]:
-    """The message's flat float32 arrays reshaped (row-major, as documented in TrajectoryForecast.msg)."""
-    k, t, h, w = msg.num_samples, msg.num_frames, msg.grid_rows, msg.grid_cols
-    return {
-        "tracks": np.asarray(msg.tracks, dtype=np.float32).reshape(k, t, h, w, 2),  # (x, y) source pixels
-        "query_points": np.asarray(msg.query_points, dtype=np.float32).reshape(h, w, 2),
-        "mean_displacement": np.asarray(msg.mean_displacement, dtype=np.float32).reshape(h, w, 2),
-        "spread": np.asarray(msg.spread, dtype=np.float32).reshape(h, w),
-        "moving_fraction": np.asarray(msg.moving_fraction, dtype=np.float32).reshape(h, w),
-    }
+from traj_forecast_ros.ros.conversions import msg_to_arrays
 
 
 def summarise(msg: TrajectoryForecast, moving_probability: float = 0.5) -> Dict[str, float]:
-    """What a planner might ask: which image regions will move, how far, and how sure the model is."""
-    arrays = forecast_arrays(msg)
-    will_move = arrays["moving_fraction"] >= moving_probability  # [H, W] bool
+    """What a planner might ask: which image regions will move, when, how far, and how sure the model is."""
+    arrays = msg_to_arrays(msg)  # every array of the message, reshaped (numpy views, no copy)
+    will_move = arrays["moving_fraction"] >= moving_probability  # [H, W] bool: P(moves) over the samples
+    starts = arrays["first_move_frame"][will_move]  # frames; -1 = not expected to move
     displacement = np.linalg.norm(arrays["mean_displacement"], axis=-1)  # [H, W] px
     return {
         "stamp": msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9,
         "moving_points": int(will_move.sum()),
         "grid_points": int(will_move.size),
+        "first_move_s": float(starts.min() * msg.frame_interval) if starts.size else -1.0,
         "max_mean_displacement_px": float(displacement.max()),
-        "median_spread_px": float(np.median(arrays["spread"])),
+        "median_spread_px": float(np.median(arrays["spread"])),  # at the last frame; per frame: spread_per_frame
         "horizon_s": msg.frame_interval * (msg.num_frames - 1),  # 0 when the model's frame rate is unknown
     }
 
@@ -52,21 +47,23 @@ class ForecastListener(Node):
         summary = summarise(msg)
         self.get_logger().info(
             f"{msg.header.frame_id} @ {summary['stamp']:.3f}: {summary['moving_points']}/{summary['grid_points']} "
-            f"points will move, up to {summary['max_mean_displacement_px']:.1f} px "
-            f"(median spread {summary['median_spread_px']:.1f} px)")
+            f"points will move (first after {summary['first_move_s']:.2f} s), up to "
+            f"{summary['max_mean_displacement_px']:.1f} px (median spread {summary['median_spread_px']:.1f} px)")
 
 
-def main() -> None:
-    rclpy.init()
+def main(args: Optional[List[str]] = None) -> int:
+    """Spin until Ctrl-C or SIGTERM (both end with exit code 0)."""
+    rclpy.init(args=args)
     node = ForecastListener()
     try:
         rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass  # Ctrl-C, or ROS shut down from outside (SIGTERM): a normal stop
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -38,7 +38,10 @@ def _forecast(store, seq: int):
         num_frames=t, frame_interval=0.1, grid_rows=h, grid_cols=w,
         query_points=np.zeros(h * w * 2, np.float32), tracks=tracks,
         mean_displacement=np.ones(h * w * 2, np.float32), spread=np.full(h * w, 0.5, np.float32),
-        moving_threshold=2.0, moving_fraction=np.zeros(h * w, np.float32), inference_time=0.25,
+        moving_threshold=2.0, moving_fraction=np.zeros(h * w, np.float32),
+        sample_weights=np.full(k, 1 / k, np.float32), first_move_frame=np.full(h * w, -1, np.float32),
+        spread_per_frame=np.zeros(t * h * w, np.float32), crop_box=np.array([0, 0, 5, 6], np.float32),
+        intrinsics_known=False, k=np.zeros(9), distortion_model="", d=np.zeros(0), inference_time=0.25,
         device="cpu", dtype="float32",
     )
 

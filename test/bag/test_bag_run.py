@@ -12,7 +12,8 @@ pytest.importorskip("traj_forecast_msgs.msg")
 
 from traj_forecast_ros.bag.io import BagWriter, bag_topics, deserialize, read_messages  # noqa: E402
 from traj_forecast_ros.bag.offline import camera_namespace, output_topics, run_bag  # noqa: E402
-from traj_forecast_ros.bag.report import forecast_arrays, read_forecasts, stamp_ns  # noqa: E402
+from traj_forecast_ros.bag.report import read_forecasts, stamp_ns  # noqa: E402
+from traj_forecast_ros.ros.conversions import msg_to_arrays  # noqa: E402
 from traj_forecast_ros.bag.sample import SAMPLE_BAG  # noqa: E402
 from traj_forecast_ros.bag.typestore import make_typestore  # noqa: E402
 from traj_forecast_ros.errors import BagError  # noqa: E402
@@ -33,7 +34,7 @@ def _all_tracks(bag: Path):
     result = {}
     for image_topic in ("/agentview/image_raw", "/eye_in_hand/image_raw"):
         forecasts = read_forecasts(bag, output_topics(image_topic)["forecast"])
-        result[image_topic] = ([s for s, _ in forecasts], np.stack([forecast_arrays(f)["tracks"] for _, f in forecasts]))
+        result[image_topic] = ([s for s, _ in forecasts], np.stack([msg_to_arrays(f)["tracks"] for _, f in forecasts]))
     return result
 
 
@@ -97,7 +98,7 @@ def test_runs_are_deterministic(forecast_bag, tiny_model_dir, tmp_path):
     assert list(bag_topics(tmp_path / "again")) == sorted(output_topics("/agentview/image_raw").values())
     first = _all_tracks(out)["/agentview/image_raw"]
     again = read_forecasts(tmp_path / "again", output_topics("/agentview/image_raw")["forecast"])
-    np.testing.assert_array_equal(np.stack([forecast_arrays(f)["tracks"] for _, f in again]), first[1])
+    np.testing.assert_array_equal(np.stack([msg_to_arrays(f)["tracks"] for _, f in again]), first[1])
 
 
 def test_bad_images_are_counted_not_skipped_silently(tmp_path, tiny_model_dir, caplog):

@@ -34,14 +34,18 @@ def test_parameter_table_matches_the_node():
 
 
 def test_what_zero_means_is_documented_alike_in_the_table_and_the_node():
-    """0 disables max_input_age but makes max_clock_skew strict: both the README table and the parameter
-    descriptions must say so."""
+    """0 disables max_input_age but makes max_clock_skew strict, and frame_interval 0 takes the model's value: the
+    README table, the parameter descriptions and config/forecast.yaml must say so."""
     node_params = pytest.importorskip("traj_forecast_ros.ros.params")
     section = README.split("## Parameters", 1)[1].split("\n## ", 1)[0]
     rows = dict(re.findall(r"^\| `(\w+)` \| `[^`]*` \| (.*) \|$", section, flags=re.MULTILINE))
-    for name, meaning in (("max_input_age", "0 disables"), ("max_clock_skew", "0 is strict")):
+    for name, meaning in (("max_input_age", "0 disables"), ("max_clock_skew", "0 is strict"),
+                          ("frame_interval", "0 = the model's own value")):
         assert meaning in node_params.PARAMETER_SPECS[name].description, name
         assert meaning in rows[name], name
+    yaml_line = next(line for line in (REPO / "config/forecast.yaml").read_text().splitlines()
+                     if line.strip().startswith("frame_interval:"))
+    assert "0 = the model's own value" in yaml_line
 
 
 def test_documented_cli_commands_exist():
@@ -75,8 +79,7 @@ def test_planner_example_reads_a_forecast_message():
     forecast = Forecast(tracks=tracks, query_points=grid, image_size=(24, 32), model_id="test")
     msg = forecast_to_msg(forecast, header, frame_interval=0.1, moving_threshold=2.0)
 
-    arrays = example.forecast_arrays(msg)
-    np.testing.assert_array_equal(arrays["tracks"], tracks)
     summary = example.summarise(msg)
-    assert summary == pytest.approx({"stamp": 12.5, "moving_points": 1, "grid_points": 12,
+    # The point passes 2 px at frame 1 (2.5 px): it starts moving 0.1 s after the frame.
+    assert summary == pytest.approx({"stamp": 12.5, "moving_points": 1, "grid_points": 12, "first_move_s": 0.1,
                                      "max_mean_displacement_px": 10.0, "median_spread_px": 0.0, "horizon_s": 0.4})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from traj_forecast_ros.bag.sample import SAMPLE_BAG  # noqa: E402
 from traj_forecast_ros.errors import BagError  # noqa: E402
 
 pytestmark = pytest.mark.ros
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = {name: f"/agentview/forecast_node/{name}" for name in ("forecast", "markers", "overlay")}
 
 
@@ -128,3 +130,62 @@ def test_live_outputs_equal_the_offline_run_with_the_same_seed(replay, tiny_mode
         expected = offline_markers[stamp_ns(markers.markers[0].header)]
         assert [len(m.points) for m in markers.markers] == [len(m.points) for m in expected.markers]
         assert [m.type for m in markers.markers] == [m.type for m in expected.markers]
+
+
+# --------------------------------------------------------------------------------- the example planner, sim time
+SIM_MODEL = REPO_ROOT / "models" / "sim-manipulation"
+
+
+@pytest.fixture(scope="module")
+def planner_replay(tmp_path_factory):
+    """The scored sim bag at half speed (use_sim_time: the node's clock runs at 0.5x the wall clock) through the
+    shipped sim-manipulation model, with the example planner on its forecasts."""
+    if not (SIM_MODEL / "denoiser.safetensors").is_file():
+        pytest.skip("models/sim-manipulation is not in this checkout")
+    from traj_forecast_ros.bag.sim_sample import SIM_SAMPLE_BAG
+
+    out = tmp_path_factory.mktemp("planner_replay")
+    summary = replay_through_node(SIM_SAMPLE_BAG, out, model=str(SIM_MODEL), rate=0.5, planner=True,
+                                  extra_params=["num_samples:=4", "steps:=4"], timeout_s=180, print_summary=False)
+    return out, summary, SIM_SAMPLE_BAG
+
+
+def test_the_example_planner_marks_where_the_true_future_moves(planner_replay):
+    import numpy as np
+
+    from traj_forecast_ros.ros.conversions import msg_to_arrays
+
+    out, summary, sim_bag = planner_replay
+    assert summary["forecasts_out"] >= 3 and summary["frames_unaccounted"] == 0
+    truths = dict(read_forecasts(sim_bag, "/agentview/true_future"))
+    images = {}
+    for message in read_messages(out / "forecast_bag", ["/agentview/example_planner/motion_probability"]):
+        image = deserialize(message)
+        assert image.encoding == "mono8" and (image.height, image.width) == (128, 128)
+        images[stamp_ns(image.header)] = np.frombuffer(bytes(image.data), np.uint8).reshape(128, 128)
+    forecast_stamps = {stamp for stamp, _ in read_forecasts(out / "forecast_bag", OUTPUTS["forecast"])}
+    assert set(images) == forecast_stamps  # one map per forecast, with the forecast's (the frame's) stamp
+    assert summary["outputs_recorded"]["/agentview/example_planner/keep_out"] == len(images)
+    covered = moving_total = 0
+    for stamp, pixels in images.items():
+        truth = msg_to_arrays(truths[stamp])
+        moving = truth["query_points"][truth["moving_fraction"] > 0]  # (x, y) of the points that truly move
+        if not len(moving):
+            continue
+        values = pixels[moving[:, 1].astype(int), moving[:, 0].astype(int)]
+        assert (values > 0).any(), f"frame {stamp}: the map is empty where the truth moves"
+        covered, moving_total = covered + int((values > 0).sum()), moving_total + len(moving)
+        assert (pixels > 0).mean() < 0.5  # a map of where things move, not of everything
+    assert moving_total and covered / moving_total >= 0.5
+
+
+def test_diagnostics_name_their_clocks_and_agree_with_the_replay_under_sim_time(planner_replay):
+    _, summary, _ = planner_replay
+    node = summary["node_diagnostics"]
+    wall_p50 = summary["latency_ms"]["p50"]  # measured here: image published -> forecast received, wall clock
+    processing_p50 = float(node["processing_latency_p50_ms"])  # the node: frame received -> published, wall clock
+    assert processing_p50 == pytest.approx(wall_p50, rel=0.2)
+    # The stamp age runs on the node's clock: simulated time at 0.5x, about half the wall-clock figure.
+    assert float(node["stamp_age_p50_ms"]) < 0.8 * processing_p50
+    # Rates share one clock and window: no more forecasts than frames per second.
+    assert float(node["forecast_rate_hz"]) <= float(node["input_rate_hz"]) + 1e-9

@@ -82,7 +82,10 @@ def forecast_message(store, stamp_s: int, tracks: np.ndarray, query: np.ndarray 
         num_frames=t, frame_interval=0.1, grid_rows=h, grid_cols=w,
         query_points=np.asarray(query, np.float32).reshape(-1), tracks=np.asarray(tracks, np.float32).reshape(-1),
         mean_displacement=np.zeros(h * w * 2, np.float32), spread=zeros, moving_threshold=2.0,
-        moving_fraction=zeros, inference_time=0.0, device="cpu", dtype="float32")
+        moving_fraction=zeros, sample_weights=np.full(k, 1 / k, np.float32), first_move_frame=zeros - 1,
+        spread_per_frame=np.zeros(t * h * w, np.float32), crop_box=np.array([0, 0, 24, 16], np.float32),
+        intrinsics_known=False, k=np.zeros(9), distortion_model="", d=np.zeros(0), inference_time=0.0,
+        device="cpu", dtype="float32")
 
 
 def write_bag(path, topic: str, messages) -> None:

@@ -12,13 +12,14 @@ from PIL import Image
 
 from traj_forecast_ros.bag.io import bag_topics, deserialize, read_messages
 from traj_forecast_ros.bag.replay import find_instruction_topic
-from traj_forecast_ros.bag.report import (choose_truth_topic, forecast_arrays, read_forecasts, score_forecasts,
+from traj_forecast_ros.bag.report import (choose_truth_topic, read_forecasts, score_forecasts,
                                           write_overlay_gif)
 from traj_forecast_ros.bag.sim_sample import (INSTRUCTION_TOPIC, SIM_SAMPLE_BAG, VIEW_CAMERAS, truth_topic,
                                               write_episodes)
 from traj_forecast_ros.bag.typestore import make_typestore
 from traj_forecast_ros.data.sim_manipulation import VIEWS, SimConfig
 from traj_forecast_ros.data.sim_streams import StreamEpisode
+from traj_forecast_ros.ros.conversions import msg_to_arrays
 
 
 def _ros_missing() -> str:
@@ -78,7 +79,7 @@ def test_episodes_become_one_stream_with_truth_camera_info_and_instruction(tmp_p
     truths = read_forecasts(tmp_path / "bag", truth_topic("robot0_eye_in_hand"))
     flat = [e.tracks[i]["robot0_eye_in_hand"] for e in episodes for i in range(len(e.tracks))]
     for (stamp, message), expected, image in zip(truths, flat, images):
-        arrays = forecast_arrays(message)
+        arrays = msg_to_arrays(message)
         assert stamp == image.timestamp and message.num_samples == 1 and message.model_id == "ground_truth"
         np.testing.assert_array_equal(arrays["tracks"][0], expected)
         np.testing.assert_array_equal(arrays["query_points"], grid_points())
@@ -108,7 +109,7 @@ def test_the_bundled_sim_bag_holds_a_scorable_stream():
     instructions = set()
     moving_frames = 0
     for stamp, message in read_forecasts(SIM_SAMPLE_BAG, "/agentview/true_future"):
-        tracks = forecast_arrays(message)["tracks"]
+        tracks = msg_to_arrays(message)["tracks"]
         assert tracks.shape == (1, config.num_frames, *config.query_grid, 2)
         np.testing.assert_allclose(tracks[0, 0], grid, atol=1e-3)  # every truth starts at the query grid
         assert np.isfinite(tracks).all()

@@ -41,7 +41,9 @@ def test_predict_writes_tracks_and_a_still(tiny_model_dir, shared_images, tmp_pa
     assert "tiny: 3 samples" in capsys.readouterr().out
     saved = read_npz(out)
     metadata = saved["metadata"]
-    assert set(saved) == {"tracks", "query_points", "image_size", "metadata"}
+    assert set(saved) == {"tracks", "query_points", "image_size", "frame_interval", "crop_box", "metadata"}
+    assert float(saved["frame_interval"]) == 0.0  # the tiny preset states no frame interval (0 = unknown)
+    np.testing.assert_array_equal(saved["crop_box"], [104, 0, 360, 256])  # the centre square of a 464 x 256 image
     assert saved["tracks"].shape == (3, 4, 8, 8, 2) and saved["tracks"].dtype == np.float32
     assert saved["query_points"].shape == (8, 8, 2)
     assert tuple(saved["image_size"]) == (256, 464) and metadata["seed"] == 7

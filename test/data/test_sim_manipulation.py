@@ -275,7 +275,8 @@ def test_branches_from_one_saved_state_share_frame_zero_and_differ_in_future(tmp
 def test_stream_episode_reproduces_the_bundled_scored_bag():
     """The held-out camera stream behind data/sample_bag/sim_heldout: frame i carries the exact future from frame i,
     and regenerating episode 0 gives the bag's frames and truths again."""
-    from traj_forecast_ros.bag.report import forecast_arrays, read_forecasts, read_images
+    from traj_forecast_ros.bag.report import read_forecasts, read_images
+    from traj_forecast_ros.ros.conversions import msg_to_arrays
     from traj_forecast_ros.bag.sim_sample import SIM_SAMPLE_BAG
     from traj_forecast_ros.data.sim_streams import stream_episode
 
@@ -294,5 +295,5 @@ def test_stream_episode_reproduces_the_bundled_scored_bag():
     images = read_images(SIM_SAMPLE_BAG, "/agentview/image_raw", [stamp for stamp, _ in truths])
     for i, (stamp, message) in enumerate(truths):
         assert message.instruction == episode.instruction
-        np.testing.assert_allclose(forecast_arrays(message)["tracks"][0], episode.tracks[i]["agentview"], atol=1e-2)
+        np.testing.assert_allclose(msg_to_arrays(message)["tracks"][0], episode.tracks[i]["agentview"], atol=1e-2)
         assert np.abs(images[stamp].astype(float) - episode.images[i]["agentview"]).mean() < 2.0

@@ -75,3 +75,17 @@ def test_resolve_config_takes_a_preset_a_yaml_or_a_model_directory(tmp_path) -> 
         resolve_config(tmp_path / "missing.yaml")
     with pytest.raises(ValueError, match="neither a preset"):
         resolve_config("tiny_blocks")
+
+
+def test_every_preset_states_its_frame_interval_or_why_it_is_unknown():
+    from traj_forecast_ros.model.presets import FRAME_INTERVALS, PRESETS, preset_config
+
+    assert set(FRAME_INTERVALS) == set(PRESETS)
+    for name, (seconds, source) in FRAME_INTERVALS.items():
+        assert preset_config(name).frame_interval_s == seconds, name
+        assert source, name
+        if seconds is None:
+            assert source.startswith("unknown: "), name
+        else:
+            assert 0 < seconds < 1, name
+    assert "20 Hz" in FRAME_INTERVALS["libero-atm"][1]  # the LIBERO data rate it starts from

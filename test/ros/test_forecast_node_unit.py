@@ -201,14 +201,16 @@ def test_diagnostic_levels_and_values():
     status = diagnostic_status("x", "active", stats.snapshot(), model, 0)
     assert status.level == DiagnosticStatus.WARN and "no images" in status.message
     for value in (0.10, 0.12, 0.30):
-        stats.latency.add(value)
+        stats.stamp_age.add(value)
+        stats.processing.add(value * 10)
     stats.received, stats.published = 10, 3
     stats.not_forecast.add("superseded")
     stats.not_forecast.add("truncated")
     status = diagnostic_status("x", "active", stats.snapshot(), model, 0)
     values = {kv.key: kv.value for kv in status.values}
     assert status.hardware_id == "cuda:0" and status.level == DiagnosticStatus.OK
-    assert values["latency_p50_ms"] == "120.0" and float(values["latency_p95_ms"]) > 250
+    assert values["stamp_age_p50_ms"] == "120.0" and float(values["stamp_age_p95_ms"]) > 250
+    assert values["processing_latency_p50_ms"] == "1200.0"
     # received 10 = published 3 + dropped_total + rejected_total: the two totals are disjoint.
     assert values["dropped.superseded"] == "1" and values["rejected.truncated"] == "1"
     assert "dropped.truncated" not in values and "rejected.superseded" not in values
@@ -365,7 +367,7 @@ def test_side_outputs_built_across_a_teardown_are_not_published_on_destroyed_pub
             assert go.wait(10)
             return b"markers"
 
-        node._outputs = SimpleNamespace(forecast_msg=lambda forecast, header: "forecast",
+        node._outputs = SimpleNamespace(forecast_msg=lambda forecast, header, camera_info=None: "forecast",
                                         markers_serialized=slow_markers, overlay=lambda *args: "overlay")
         frame = SimpleNamespace(message=SimpleNamespace(header=Header(frame_id="cam")))
         node._publish_outputs(frame, np.zeros((4, 4, 3), np.uint8), object())

@@ -10,7 +10,8 @@ import pytest
 from ros_helpers import REPO
 
 LAUNCH_FILE = REPO / "launch" / "forecast.launch.py"
-REQUIRED_ARGUMENTS = {"params_file", "image_topic", "camera_frame", "model", "namespace", "autostart", "rviz"}
+REQUIRED_ARGUMENTS = {"params_file", "image_topic", "camera_frame", "model", "namespace", "autostart", "rviz",
+                      "planner"}
 
 
 def declared_arguments(tree: ast.AST) -> set:
@@ -30,6 +31,7 @@ def test_launch_file_parses_and_declares_the_arguments():
     source = LAUNCH_FILE.read_text()
     assert 'executable="forecast_node"' in source and "LifecycleNode" in source
     assert "fastdds_large_data.xml" in source and "forecast.yaml" in source
+    assert 'executable="example_planner"' in source and 'IfCondition(LaunchConfiguration("planner"))' in source
 
 
 def test_rviz_comes_before_the_forecast_node():
@@ -42,7 +44,7 @@ def test_rviz_comes_before_the_forecast_node():
         if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("Node", "OpaqueFunction"):
             order.append((call.lineno, call.func.id))
     names = [name for _, name in sorted(order)]
-    assert names == ["Node", "OpaqueFunction"], names
+    assert names == ["Node", "Node", "OpaqueFunction"], names  # rviz2, then example_planner, then the forecast node
     assert "KillSignal=SIGINT" in LAUNCH_FILE.read_text()
 
 

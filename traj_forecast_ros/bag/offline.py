@@ -241,7 +241,7 @@ def run_bag(
             outputs = outputs_by_topic[message.topic]
             camera_info = latest_info.get(info_present.get(message.topic, ""))
             writer.write(outputs["forecast"], FORECAST_MSG, message.timestamp,
-                         serialize_message(builder.forecast_msg(forecast, header)))
+                         serialize_message(builder.forecast_msg(forecast, header, camera_info)))
             writer.write(outputs["markers"], MARKERS_MSG, message.timestamp,
                          serialize_message(builder.markers(forecast, header, camera_info, periods[message.topic])))
             writer.write(outputs["overlay"], IMAGE_MSG, message.timestamp,

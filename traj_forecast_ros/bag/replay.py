@@ -175,6 +175,7 @@ def replay_through_node(
     print_summary: bool = True,
     untrained_fallback_dir: Optional[PathLike] = None,
     truth_topic: Optional[str] = None,
+    planner: bool = False,
 ) -> Dict[str, Any]:
     """Play ``in_bag``'s camera to a forecast node process, record its outputs, and summarise into ``out_dir``.
 
@@ -185,6 +186,8 @@ def replay_through_node(
     When the bag holds recorded true futures (a ``TrajectoryForecast`` topic: ``truth_topic``, or found with
     :func:`~traj_forecast_ros.bag.report.choose_truth_topic`), ``summary["accuracy"]`` scores every forecast
     against them (:func:`~traj_forecast_ros.bag.report.score_forecasts`: best-of-K MSE, ADE, FDE, per frame).
+    ``planner``: also run :class:`~traj_forecast_ros.ros.example_planner.ExamplePlanner` on the node's forecasts (in
+    this process) and record its images (``<namespace>/example_planner/{motion_probability,keep_out}``).
 
     Raises:
         BagError: bad arguments, or the node never came up (its log tail is in the message).
@@ -205,6 +208,9 @@ def replay_through_node(
     has_info = info_topic is not None
     instruction_topic = find_instruction_topic(topics_in_bag)
     outputs = output_topics(image_topic)
+    recorded = dict(outputs)
+    if planner:
+        recorded.update({name: f"{namespace}/example_planner/{name}" for name in ("motion_probability", "keep_out")})
     if truth_topic is None:
         truth_topic = choose_truth_topic(topics_in_bag, image_topic, exclude=list(outputs.values()))
     elif truth_topic not in truth_topics(topics_in_bag):
@@ -254,7 +260,7 @@ def replay_through_node(
                 if topic == outputs["forecast"]:
                     log.forecast_received_ns.setdefault(header_stamp_ns(data), receive_ns)
 
-        recorder = BagRecorder(output=str(forecast_bag), topics=list(outputs.values()) + ["/diagnostics"],
+        recorder = BagRecorder(output=str(forecast_bag), topics=list(recorded.values()) + ["/diagnostics"],
                                storage="mcap", overwrite=True, node_name="replay_recorder",
                                on_message=on_output, context=context)
         recorder.get_logger().set_level(LoggingSeverity.WARN)  # the summary says what was recorded
@@ -264,10 +270,14 @@ def replay_through_node(
         player = BagPlayer(player_node, in_bag, topics=played, rate=rate, clock_hz=CLOCK_HZ)
         executor.add_node(recorder)
         executor.add_node(player_node)
+        if planner:
+            from traj_forecast_ros.ros.example_planner import ExamplePlanner
+
+            executor.add_node(ExamplePlanner(context=context, namespace=namespace))  # reads the node's forecasts
         spin_thread.start()
 
         node_process = NodeProcess(namespace, node_params, out_dir / "node.log")
-        _wait_until_ready(node_process, player, recorder, played, outputs, timeout_s)
+        _wait_until_ready(node_process, player, recorder, played, recorded, timeout_s)
 
         def on_publish(message, wall_ns: int) -> None:
             if message.topic == image_topic:
@@ -276,7 +286,8 @@ def replay_through_node(
 
         stats = player.play(on_publish=on_publish, keep_clock=True)
         frames_in = stats.published[image_topic]
-        complete = _wait_until_accounted(log, frames_in, outputs["forecast"], node_process, timeout_s, settle_s)
+        complete = _wait_until_accounted(log, frames_in, outputs["forecast"], node_process, timeout_s, settle_s,
+                                         followers=[topic for name, topic in recorded.items() if name not in outputs])
     finally:
         exit_code = node_process.stop() if node_process is not None else None
         if player is not None:
@@ -340,8 +351,9 @@ def _wait_until_ready(node_process: NodeProcess, player, recorder, played: Seque
 
 
 def _wait_until_accounted(log: ReplayLog, frames_in: int, forecast_topic: str, node_process: NodeProcess,
-                          timeout_s: float, settle_s: float) -> bool:
-    """Wait until the node has answered or dropped every frame it received and the recorder has every forecast.
+                          timeout_s: float, settle_s: float, followers: Sequence[str] = ()) -> bool:
+    """Wait until the node has answered or dropped every frame it received and the recorder has every forecast
+    (and as many messages on each of ``followers``, topics published once per forecast).
 
     Frames the node never received (lost in transport) cannot be waited for: once the counts have not changed
     for ``settle_s`` seconds, the wait ends. Returns True when every published frame is accounted for.
@@ -354,7 +366,8 @@ def _wait_until_accounted(log: ReplayLog, frames_in: int, forecast_topic: str, n
         dropped = log.diagnostic_int("dropped_total") + log.diagnostic_int("rejected_total")
         with log.lock:
             recorded = log.output_counts.get(forecast_topic, 0)
-        settled = published + dropped == received and recorded >= published
+            following = min([log.output_counts.get(topic, 0) for topic in followers], default=recorded)
+        settled = published + dropped == received and recorded >= published and following >= recorded
         if settled and received >= frames_in:
             return True
         counts = (received, published, dropped, recorded)
@@ -428,6 +441,15 @@ def _summarise(in_bag: Path, image_topic: str, outputs: Dict[str, str], model: s
     }
 
 
+def node_latency_line(diagnostics: Dict[str, str]) -> str:
+    """The node's own latency figures from its /diagnostics, each with its clock."""
+    if diagnostics.get("processing_latency_p50_ms", "n/a") == "n/a":
+        return "no latency reported"
+    return (f"processing p50 {diagnostics['processing_latency_p50_ms']} ms (wall clock: frame received -> forecast "
+            f"published), stamp age p50 {diagnostics.get('stamp_age_p50_ms', 'n/a')} ms (node clock, simulated time "
+            "in a replay)")
+
+
 def format_summary(summary: Dict[str, Any]) -> str:
     """The summary as a few human-readable lines."""
     latency = summary["latency_ms"]
@@ -441,8 +463,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
         f"  dropped:       {dropped}",
         f"  rejected:      {rejected}",
         f"  unaccounted:   {summary['frames_unaccounted']}",
-        "  latency:       " + (f"p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms (image published -> "
-                              "forecast received)" if latency["count"] else "n/a (no forecasts)"),
+        "  latency:       " + (f"p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms (wall clock: image published "
+                              "-> forecast received)" if latency["count"] else "n/a (no forecasts)"),
+        "  node:          " + node_latency_line(summary.get("node_diagnostics", {})),
         f"  stamps:        {'every output carries a source frame stamp' if summary['stamps']['ok'] else summary['stamps']}",
     ]
     if "accuracy" in summary:

@@ -12,6 +12,7 @@ from PIL import Image as PILImage
 from traj_forecast_ros.bag.io import PathLike, deserialize, read_messages
 from traj_forecast_ros.bag.typestore import make_typestore
 from traj_forecast_ros.errors import BagError
+from traj_forecast_ros.ros.conversions import msg_to_arrays
 
 CDR_LITTLE_ENDIAN = b"\x00\x01"
 
@@ -41,14 +42,6 @@ def percentiles_ms(values_s: Sequence[float]) -> Dict[str, Optional[float]]:
     values = np.asarray(values_s, dtype=np.float64) * 1000.0
     return {"p50": round(float(np.percentile(values, 50)), 2), "p95": round(float(np.percentile(values, 95)), 2),
             "max": round(float(values.max()), 2), "count": int(values.size)}
-
-
-def forecast_arrays(message: object) -> Dict[str, np.ndarray]:
-    """Arrays of a decoded ``TrajectoryForecast`` (rosbags or rclpy object): ``tracks [K,T,H,W,2]``,
-    ``query_points`` and the per-point summaries (:func:`traj_forecast_ros.ros.conversions.msg_to_arrays`)."""
-    from traj_forecast_ros.ros.conversions import msg_to_arrays
-
-    return msg_to_arrays(message)
 
 
 def read_forecasts(bag: PathLike, topic: str) -> List[Tuple[int, object]]:
@@ -106,7 +99,7 @@ def overlay_animation_frames(
     from traj_forecast_ros.viz import enlarged, forecast_frames, readable_stride
 
     def animate(large: np.ndarray, message: object, label: str) -> List[np.ndarray]:
-        tracks = forecast_arrays(message)["tracks"]
+        tracks = msg_to_arrays(message)["tracks"]
         chosen = tracks[min(sample, tracks.shape[0] - 1)] * scale  # [T, H, W, 2] in enlarged pixels
         step = stride or readable_stride(chosen.shape[1:3])
         animated = forecast_frames(large, chosen, stride=step, thickness=max(1, scale - 1))
@@ -218,13 +211,13 @@ def score_forecasts(forecast_bag: PathLike, forecast_topic: str, truth_bag: Path
     """
     from traj_forecast_ros.metrics import MovingRegionTally, forecast_errors
 
-    truths = {stamp: forecast_arrays(message) for stamp, message in read_forecasts(truth_bag, truth_topic)}
+    truths = {stamp: msg_to_arrays(message) for stamp, message in read_forecasts(truth_bag, truth_topic)}
     per_forecast: List[Dict[str, object]] = []
     moving = MovingRegionTally()
     unscored: Dict[str, int] = {}
     for stamp, message in read_forecasts(forecast_bag, forecast_topic):
         truth = truths.get(stamp)
-        arrays = forecast_arrays(message)
+        arrays = msg_to_arrays(message)
         reason = None
         if truth is None:
             reason = "no_truth_for_stamp"

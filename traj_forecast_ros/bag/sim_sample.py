@@ -86,7 +86,8 @@ def write_episodes(out: PathLike, episodes: Iterable, query_points: np.ndarray, 
                                      image_size=(height, width), model_id=TRUTH_MODEL_ID,
                                      instruction=episode.instruction)
                     put(writer, truth_topic(view), "traj_forecast_msgs/msg/TrajectoryForecast", stamp_ns,
-                        forecast_to_msg(truth, header, frame_interval=episode.frame_interval_s))
+                        forecast_to_msg(truth, header, frame_interval=episode.frame_interval_s,
+                                        camera_info=info))
                 stamp_ns += period_ns
     counts = {topic: info.count for topic, info in bag_topics(out).items()}
     if not counts:

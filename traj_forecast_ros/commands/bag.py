@@ -83,6 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("--untrained-fallback", type=Path, default=None, metavar="DIR",
                         help="if no trained model is available offline, write an untrained tiny model into DIR and "
                              "use it (shows the pipeline working; its forecasts are meaningless)")
+    replay.add_argument("--planner", action="store_true",
+                        help="also run example_planner on the forecasts and record its images")
     replay.set_defaults(func=_replay)
 
     sample = bag_commands.add_parser("make-sample", help="regenerate the bundled sample bag from the LIBERO frames")
@@ -210,7 +212,7 @@ def _replay(args: argparse.Namespace) -> int:
     try:
         summary = replay_through_node(args.in_bag, args.out_dir, model=args.model, image_topic=args.topic,
                                       rate=args.rate, extra_params=args.param, timeout_s=args.timeout,
-                                      untrained_fallback_dir=args.untrained_fallback)
+                                      untrained_fallback_dir=args.untrained_fallback, planner=args.planner)
     except TrajForecastError as exc:
         return _fail(str(exc))
     return 0 if summary["frames_unaccounted"] == 0 else 1

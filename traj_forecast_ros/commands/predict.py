@@ -65,7 +65,9 @@ def load_image(path: Path):
 
 
 def save_forecast_npz(forecast, path: Path) -> Path:
-    """Write a :class:`Forecast` to ``.npz``: arrays ``tracks``, ``query_points``, ``image_size`` and JSON metadata."""
+    """Write a :class:`Forecast` to ``.npz``: arrays ``tracks``, ``query_points``, ``image_size``, ``frame_interval``
+    (seconds between forecast frames, 0 = unknown), ``crop_box`` (x_min, y_min, x_max, y_max: the image region the
+    query grid covers) and JSON metadata."""
     import numpy as np
 
     metadata = {"model_id": forecast.model_id, "instruction": forecast.instruction, "device": forecast.device,
@@ -74,7 +76,9 @@ def save_forecast_npz(forecast, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as stream:  # a file object keeps numpy from appending .npz to other suffixes
         np.savez(stream, tracks=forecast.tracks, query_points=forecast.query_points,
-                 image_size=np.asarray(forecast.image_size, dtype=np.int64), metadata=np.asarray(json.dumps(metadata)))
+                 image_size=np.asarray(forecast.image_size, dtype=np.int64),
+                 frame_interval=np.asarray(forecast.frame_interval, dtype=np.float64),
+                 crop_box=np.asarray(forecast.grid_region(), dtype=np.float64), metadata=np.asarray(json.dumps(metadata)))
     return path
 
 

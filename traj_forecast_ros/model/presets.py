@@ -26,7 +26,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from traj_forecast_ros.model.config import (
     CONFIG_FILE,
@@ -41,6 +41,25 @@ from traj_forecast_ros.model.config import (
 LIBERO_ATM_LATENT_SCALE = [1.213627, 2.053186, 1.9926697, 1.3819386, 2.1739495, 1.0036867, 0.41319662, 0.67743313]
 LIBERO_TRAMOE_LATENT_SCALE = [1.2902071, 1.9394214, 1.9453552, 1.562121, 2.2335691, 1.0033306, 0.8569633, 0.73737895]
 LIBERO_LATENT_SCALES: Dict[str, List[float]] = {"atm": LIBERO_ATM_LATENT_SCALE, "tramoe": LIBERO_TRAMOE_LATENT_SCALE}
+
+# Seconds between forecast frames (ModelConfig.frame_interval_s) of every preset, with where the value comes from;
+# None = unknown, with the reason. The node writes it into TrajectoryForecast.frame_interval (0 = unknown).
+LIBERO_FRAME_INTERVAL_UNKNOWN = (
+    "unknown: LIBERO's demonstrations are recorded once per control step at 20 Hz (robosuite's control_freq) and "
+    "ATM's preprocessing (scripts/preprocess_libero.py of Large-Trajectory-Model/ATM) tracks every recorded frame, "
+    "but neither the paper nor the official checkpoints state the frame stride of the 16-frame training clips, so "
+    "the interval is 0.05 s times an unknown stride; set the node's frame_interval parameter if you know it")
+FRAME_INTERVALS: Dict[str, Tuple[Optional[float], str]] = {
+    "libero-atm": (None, LIBERO_FRAME_INTERVAL_UNKNOWN),
+    "libero-tramoe": (None, LIBERO_FRAME_INTERVAL_UNKNOWN),
+    "demo-blocks": (0.06, "the synthetic generator's simulated seconds between frames (data/scenes.py, "
+                          "SceneConfig.frame_interval_s)"),
+    "tiny-blocks": (0.06, "the synthetic generator's, as demo-blocks"),
+    "tiny": (None, "unknown: a random-weight test model trained on no data"),
+    "sim-manipulation": (0.1, "the simulated clips: frame_stride / control_freq (data/sim_manipulation.py, "
+                              "SimConfig.frame_interval_s)"),
+    "tiny-sim": (0.1, "the simulated clips', as sim-manipulation"),
+}
 
 # Denoiser sizes of the official get_model(): name -> (depth, hidden, heads)
 DENOISER_SIZES: Dict[str, Tuple[int, int, int]] = {"XS": (8, 192, 3), "S": (12, 384, 6), "B": (12, 384, 6),
@@ -67,6 +86,7 @@ def libero_config(split: str = "atm") -> ModelConfig:
         denoiser=denoiser_config("B"),
         image_encoder=ImageEncoderConfig(),
         text_encoder=TextEncoderConfig(),
+        frame_interval_s=FRAME_INTERVALS[f"libero-{split}"][0],
     )
 
 
@@ -132,6 +152,7 @@ def tiny_config(text: bool = True, image_size: int = 32, grid: int = 8, num_fram
             config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, projection_dim=32, max_position_embeddings=77),
         ) if text else None,
+        frame_interval_s=FRAME_INTERVALS["tiny"][0],
     )
 
 
@@ -204,7 +225,7 @@ def blocks_config_from(name: str, sizes: BlocksSizes) -> ModelConfig:
             image_size=image, hidden_size=features, num_hidden_layers=sizes.dino_layers,
             num_attention_heads=sizes.dino_heads, mlp_ratio=2, patch_size=sizes.dino_patch)),
         text_encoder=None,
-        frame_interval_s=0.06,
+        frame_interval_s=FRAME_INTERVALS["demo-blocks"][0],  # the synthetic generator's, for the whole family
     )
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import array
 import io
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.forecast import Forecast
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, to_rgb
+from traj_forecast_ros.summaries import planner_summaries
 
 # encoding -> (channels, numpy dtype of one channel, channel order); mono images are replicated to RGB.
 _ENCODINGS = {
@@ -47,9 +48,11 @@ def _as_bytes_view(data: Any) -> np.ndarray:
     return np.asarray(data, dtype=np.uint8).reshape(-1)
 
 
-def _check_size(height: int, width: int, max_pixels: int) -> None:
+def _check_size(height: int, width: int, max_pixels: int, min_side: int = 1) -> None:
     if height <= 0 or width <= 0:
         raise ImageMessageError("empty", f"image is {height}x{width}")
+    if height < min_side or width < min_side:
+        raise ImageMessageError("too_small", f"image is {width}x{height}; both sides must be at least {min_side} px")
     if height * width > max_pixels:
         raise ImageMessageError("too_large", f"image is {width}x{height} = {height * width} pixels "
                                              f"> max_pixels {max_pixels}")
@@ -62,14 +65,15 @@ def scale_to_uint8(mono: np.ndarray) -> np.ndarray:
     return (wide * 255 // peak).astype(np.uint8) if peak else np.zeros(mono.shape, np.uint8)  # [H, W]
 
 
-def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> np.ndarray:
     """Decode a ``sensor_msgs/Image`` to a contiguous ``[H, W, 3]`` uint8 RGB array.
 
     Supports rgb8, bgr8, rgba8, bgra8 (alpha dropped), mono8 and mono16 (scaled so the frame's maximum maps to 255,
-    which suits 10/12/16-bit sensors alike). Honours ``step`` (row padding) and ``is_bigendian``.
+    which suits 10/12/16-bit sensors alike). Honours ``step`` (row padding) and ``is_bigendian``. Images with a side
+    under ``min_side`` pixels are rejected (the node passes ``geometry.MIN_IMAGE_SIDE``).
 
     Raises:
-        ImageMessageError: reason ``unsupported_encoding``, ``empty``, ``too_large``, ``step_mismatch``,
+        ImageMessageError: reason ``unsupported_encoding``, ``empty``, ``too_small``, ``too_large``, ``step_mismatch``,
             ``truncated`` or ``size_mismatch``.
     """
     encoding = str(msg.encoding).lower()
@@ -78,7 +82,7 @@ def image_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
                                 f"encoding '{msg.encoding}' (supported: {', '.join(SUPPORTED_ENCODINGS)})")
     channels, channel_dtype, order = _ENCODINGS[encoding]
     height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    _check_size(height, width, max_pixels)
+    _check_size(height, width, max_pixels, min_side)
     pixel_bytes = channels * np.dtype(channel_dtype).itemsize
     row_bytes = width * pixel_bytes
     if step < row_bytes:
@@ -129,18 +133,19 @@ def _open_compressed(data: bytes, image_format: str) -> Any:
     return decoder(io.BytesIO(data))
 
 
-def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG or WebP: what ``image_transport`` produces) to
     ``[H, W, 3]`` RGB.
 
     Only those three formats are opened (checked by signature, and only that format's Pillow decoder is used): other
     formats, some of which run external programs (EPS runs Ghostscript), are rejected unread. The size is checked from
     the file header against ``max_pixels`` (the one limit: Pillow's own decompression-bomb limit is not applied)
-    before the pixels are decoded. 16-bit PNGs are scaled like raw mono16 (maximum -> 255), not
-    clipped. Any decoder failure, whatever Pillow raises, is an ``ImageMessageError``.
+    before the pixels are decoded (``min_side`` as for raw images). 16-bit PNGs are scaled like raw mono16
+    (maximum -> 255), not clipped. Any decoder failure, whatever Pillow raises, is an ``ImageMessageError``.
 
     Raises:
-        ImageMessageError: reason ``empty``, ``unsupported_format``, ``too_large`` or ``corrupt_compressed``.
+        ImageMessageError: reason ``empty``, ``unsupported_format``, ``too_small``, ``too_large`` or
+            ``corrupt_compressed``.
     """
     from PIL import Image as PILImage
 
@@ -154,7 +159,7 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     try:
         with _open_compressed(data, image_format) as image:
             width, height = image.size
-            _check_size(height, width, max_pixels)
+            _check_size(height, width, max_pixels, min_side)
             if image.mode in _WIDE_MONO_MODES:  # 16-bit grayscale PNG
                 mono = np.asarray(image)  # [H, W] uint16 or int32
                 return np.ascontiguousarray(to_rgb(scale_to_uint8(mono), "mono", max_pixels=max_pixels))
@@ -216,13 +221,15 @@ def _float32_array(values: np.ndarray) -> array.array:
     return flat
 
 
-def forecast_to_msg(forecast: Forecast, header: Any, frame_interval: float = 0.0,
-                    moving_threshold: float = 2.0) -> Any:
+def forecast_to_msg(forecast: Forecast, header: Any, frame_interval: Optional[float] = None,
+                    moving_threshold: float = 2.0, camera_info: Any = None) -> Any:
     """Pack a :class:`Forecast` into a ``traj_forecast_msgs/TrajectoryForecast`` carrying ``header`` (the source
-    image's), with the per-point summaries computed here.
+    image's), with the planner summaries (:func:`~traj_forecast_ros.summaries.planner_summaries`) computed here once.
 
-    ``frame_interval``: seconds between forecast frames (0 = unknown); ``moving_threshold``: pixels, for
-    ``moving_fraction``.
+    ``frame_interval``: seconds between forecast frames (None = the forecast's own, 0 = unknown);
+    ``moving_threshold``: pixels, for ``moving_fraction`` and ``first_move_frame``; ``camera_info``: the source
+    camera's ``sensor_msgs/CameraInfo`` (rclpy or rosbags object), copied into the intrinsics fields when it is usable
+    for this image (:func:`camera_intrinsics`).
     """
     from traj_forecast_msgs.msg import TrajectoryForecast
 
@@ -230,44 +237,85 @@ def forecast_to_msg(forecast: Forecast, header: Any, frame_interval: float = 0.0
     if tracks.ndim != 5 or tracks.shape[-1] != 2:
         raise ValueError(f"forecast tracks must be [K, T, H, W, 2], got {tracks.shape}")
     num_samples, num_frames, rows, cols, _ = tracks.shape
+    summaries = planner_summaries(tracks, moving_threshold)
     msg = TrajectoryForecast()
     msg.header = header
     msg.image_height, msg.image_width = int(forecast.image_size[0]), int(forecast.image_size[1])
     msg.model_id = str(forecast.model_id)
     msg.instruction = forecast.instruction or ""
     msg.num_samples, msg.num_frames = int(num_samples), int(num_frames)
-    msg.frame_interval = float(frame_interval)
+    msg.frame_interval = float(forecast.frame_interval if frame_interval is None else frame_interval)
     msg.grid_rows, msg.grid_cols = int(rows), int(cols)
     msg.query_points = _float32_array(forecast.query_points)
     msg.tracks = _float32_array(tracks)
-    msg.mean_displacement = _float32_array(forecast.mean_displacement())
-    msg.spread = _float32_array(forecast.spread())
+    msg.mean_displacement = _float32_array(summaries.mean_displacement)
+    msg.spread = _float32_array(summaries.spread)
     msg.moving_threshold = float(moving_threshold)
-    msg.moving_fraction = _float32_array(forecast.moving_fraction(moving_threshold))
+    msg.moving_fraction = _float32_array(summaries.motion_probability)
+    msg.sample_weights = _float32_array(summaries.sample_weights)
+    msg.first_move_frame = _float32_array(summaries.first_move_frame)
+    msg.spread_per_frame = _float32_array(summaries.spread_per_frame)
+    msg.crop_box = [float(v) for v in forecast.grid_region()]
+    intrinsics = camera_intrinsics(camera_info, forecast.image_size)
+    msg.intrinsics_known = intrinsics is not None
+    if intrinsics is not None:
+        msg.k = [float(v) for v in intrinsics[0]]
+        msg.distortion_model = intrinsics[1]
+        msg.d = [float(v) for v in intrinsics[2]]
     msg.inference_time = float(forecast.timings.get("total", 0.0))
     msg.device = str(forecast.device)
     msg.dtype = str(forecast.dtype)
     return msg
 
 
+def camera_intrinsics(camera_info: Any, image_size: Tuple[int, int]
+                      ) -> Optional[Tuple[List[float], str, List[float]]]:
+    """``(k, distortion_model, d)`` of a ``sensor_msgs/CameraInfo`` that describes an image of ``image_size``
+    ``(height, width)``: its size matches (0 x 0 = not stated) and ``k`` is a finite pinhole with positive focal
+    lengths. None otherwise (no CameraInfo, another resolution, or an uncalibrated all-zero ``k``)."""
+    if camera_info is None:
+        return None
+    k = [float(v) for v in camera_info.k]
+    size = (int(camera_info.height), int(camera_info.width))
+    if len(k) != 9 or size not in ((0, 0), (int(image_size[0]), int(image_size[1]))):
+        return None
+    if not all(np.isfinite(k)) or k[0] <= 0 or k[4] <= 0:
+        return None
+    return k, str(camera_info.distortion_model), [float(v) for v in camera_info.d]
+
+
+# Fields of a TrajectoryForecast that msg_to_arrays unpacks, with their shapes in terms of (K, T, H, W).
+ARRAY_SHAPES: Dict[str, Callable[[int, int, int, int], Tuple[int, ...]]] = {
+    "query_points": lambda k, t, h, w: (h, w, 2),
+    "tracks": lambda k, t, h, w: (k, t, h, w, 2),
+    "mean_displacement": lambda k, t, h, w: (h, w, 2),
+    "spread": lambda k, t, h, w: (h, w),
+    "moving_fraction": lambda k, t, h, w: (h, w),
+    "sample_weights": lambda k, t, h, w: (k,),
+    "first_move_frame": lambda k, t, h, w: (h, w),
+    "spread_per_frame": lambda k, t, h, w: (t, h, w),
+}
+
+
 def msg_to_arrays(msg: Any) -> Dict[str, np.ndarray]:
-    """Unpack the arrays of a ``TrajectoryForecast`` as float32 numpy views (no copy; they share the message's
-    memory): ``query_points [H,W,2]``, ``tracks [K,T,H,W,2]``, ``mean_displacement [H,W,2]``, ``spread [H,W]``,
-    ``moving_fraction [H,W]``.
+    """Unpack every array of a ``TrajectoryForecast`` (the one public helper for it): float32 numpy views of the
+    message's memory where it allows (no copy), reshaped as documented in ``TrajectoryForecast.msg``.
+
+    Keys: ``query_points [H,W,2]``, ``tracks [K,T,H,W,2]``, ``mean_displacement [H,W,2]``, ``spread [H,W]``,
+    ``moving_fraction [H,W]``, ``sample_weights [K]``, ``first_move_frame [H,W]``, ``spread_per_frame [T,H,W]``,
+    ``crop_box [4]`` (x_min, y_min, x_max, y_max), and ``k [3,3]`` and ``d`` (float64; only when
+    ``intrinsics_known``). Works
+    on rclpy and rosbags messages; a message recorded before a field existed simply lacks that key.
 
     Raises:
         ValueError: an array's length does not match the sizes in the message.
     """
     k, t, h, w = int(msg.num_samples), int(msg.num_frames), int(msg.grid_rows), int(msg.grid_cols)
-    shapes = {
-        "query_points": (h, w, 2),
-        "tracks": (k, t, h, w, 2),
-        "mean_displacement": (h, w, 2),
-        "spread": (h, w),
-        "moving_fraction": (h, w),
-    }
     arrays = {}
-    for name, shape in shapes.items():
+    for name, shape_of in ARRAY_SHAPES.items():
+        if not hasattr(msg, name):
+            continue
+        shape = shape_of(k, t, h, w)
         values = getattr(msg, name)
         flat = (np.frombuffer(values, dtype=np.float32) if isinstance(values, array.array)
                 else np.asarray(values, dtype=np.float32))
@@ -275,6 +323,11 @@ def msg_to_arrays(msg: Any) -> Dict[str, np.ndarray]:
             raise ValueError(f"TrajectoryForecast.{name} has {flat.size} values, expected {shape} "
                              f"= {int(np.prod(shape))} from num_samples/num_frames/grid_rows/grid_cols")
         arrays[name] = flat.reshape(shape)
+    if hasattr(msg, "crop_box"):
+        arrays["crop_box"] = np.asarray(msg.crop_box, dtype=np.float32).reshape(4)
+    if getattr(msg, "intrinsics_known", False):
+        arrays["k"] = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+        arrays["d"] = np.asarray(msg.d, dtype=np.float64)
     return arrays
 
 
@@ -290,4 +343,6 @@ def msg_to_forecast(msg: Any) -> Forecast:
         device=msg.device,
         dtype=msg.dtype,
         timings={"total": float(msg.inference_time)},
+        frame_interval=float(msg.frame_interval),
+        crop_box=tuple(float(v) for v in msg.crop_box) if hasattr(msg, "crop_box") else None,
     )

@@ -21,6 +21,8 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
     ``fp32_fallbacks``: forecasts of the loaded model rerun in float32 after a non-finite half-precision result.
     ``transition_error``: why the last lifecycle transition failed ('' = it succeeded); the level is then ERROR.
     ``instruction_ignored``: an instruction is set but the model has no language input (WARN while active).
+    Rates and ``processing_latency`` use the wall clock; ``stamp_age`` the node clock (simulated time under
+    ``use_sim_time``).
     """
     values = {
         "state": state,
@@ -34,8 +36,12 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
         "forecasts_published": str(snapshot["published"]),
         "input_rate_hz": f"{snapshot['input_rate_hz']:.2f}",
         "forecast_rate_hz": f"{snapshot['forecast_rate_hz']:.2f}",
-        "latency_p50_ms": _fmt_ms(snapshot["latency_p50_s"]),
-        "latency_p95_ms": _fmt_ms(snapshot["latency_p95_s"]),
+        # Two clocks, named: processing = frame received -> forecast published on the wall clock (what the node
+        # costs); stamp_age = header stamp -> published on the node clock (simulated time under use_sim_time).
+        "processing_latency_p50_ms": _fmt_ms(snapshot["processing_p50_s"]),
+        "processing_latency_p95_ms": _fmt_ms(snapshot["processing_p95_s"]),
+        "stamp_age_p50_ms": _fmt_ms(snapshot["stamp_age_p50_s"]),
+        "stamp_age_p95_ms": _fmt_ms(snapshot["stamp_age_p95_s"]),
         "inference_p50_ms": _fmt_ms(snapshot["inference_p50_s"]),
         "inference_p95_ms": _fmt_ms(snapshot["inference_p95_s"]),
         "overhead_p50_ms": _fmt_ms(snapshot["overhead_p50_s"]),

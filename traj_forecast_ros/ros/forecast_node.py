@@ -39,6 +39,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
+from traj_forecast_ros.geometry import MIN_IMAGE_SIDE
 from traj_forecast_ros.ros.qos import qos_from_name
 from traj_forecast_ros.ros.conversions import (
     compressed_msg_to_rgb,
@@ -59,6 +60,7 @@ from traj_forecast_ros.ros.validation import (
     TOPIC_PARAMETERS,
     device_problem,
     loggable_text,
+    missing_model_message,
     model_problem,
     topic_name_problem,
 )
@@ -315,9 +317,7 @@ class ForecastNode(LifecycleNode):
     def autostart(self) -> bool:
         """Configure then activate; returns True when the node ends up active."""
         if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            self.get_logger().error("autostart: configure failed; the node stays unconfigured (fix the parameters, "
-                                    "then trigger configure again)")
-            return False
+            return False  # why is logged once, by the failed transition, and shown in /diagnostics
         return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
 
     def stop_worker(self, timeout: float) -> bool:
@@ -326,9 +326,10 @@ class ForecastNode(LifecycleNode):
         return self._pipeline is None or not self._pipeline.running
 
     def _load_model(self) -> bool:
-        """Load and warm up the model named by the load parameters read at configure; on failure log why (and how
-        to fix it), keep the reason in ``_load_problem`` and release a model that loaded but failed its warmup. Waits
-        at most ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
+        """Load and warm up the model named by the load parameters read at configure; on failure keep why (and how
+        to fix it) in ``_load_problem`` for the failed transition to log once, and release a model that loaded but
+        failed its warmup. Waits at most ``RELEASE_WAIT_S`` for the previous model's background release, and fails
+        while it is still running."""
         settings = self._load_settings or {name: self.param(name) for name in LOAD_PARAMETERS}  # read at configure
         model, device, dtype = str(settings["model"]), str(settings["device"]), str(settings["dtype"])
         # The previous model's memory first (its cancelled forecast unwinding), waiting a bounded time only.
@@ -340,7 +341,6 @@ class ForecastNode(LifecycleNode):
             self._load_problem = (f"the previous model is still being released after {RELEASE_WAIT_S:.0f} s (its "
                                   "cancelled forecast has not ended yet: the forecaster does not stop at the cancel "
                                   "flag); not loading a second one. Trigger the transition again once it has ended")
-            self.get_logger().error(self._load_problem)
             return False
         self.get_logger().info(f"loading model '{model}' (device {device}, dtype {dtype})")
         forecaster: Any = None
@@ -355,10 +355,10 @@ class ForecastNode(LifecycleNode):
                 compile=settings["compile"], graph_cache_size=int(settings["graph_cache_size"]))
             forecaster.warmup()
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
-            missing = isinstance(exc, FileNotFoundError)  # includes WeightsNotFoundError: say how to get them
-            self._load_problem = f"cannot load model '{model}': " + (str(exc) if missing
-                                                                     else f"{type(exc).__name__}: {exc}")
-            self.get_logger().error(f"{self._load_problem}\n{WEIGHTS_HINT}" if missing else self._load_problem)
+            if isinstance(exc, FileNotFoundError):  # includes WeightsNotFoundError: one error saying how to get them
+                self._load_problem = missing_model_message(model, str(exc))
+            else:
+                self._load_problem = f"cannot load model '{model}': {type(exc).__name__}: {exc}"
             if forecaster is not None:  # loaded, but warmup failed: free its memory
                 self._release_forecaster(forecaster)
             return False
@@ -440,10 +440,10 @@ class ForecastNode(LifecycleNode):
 
     # ---------------------------------------------------------------- worker thread
     def _decode_raw(self, msg: Image) -> np.ndarray:
-        return image_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")))
+        return image_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")), min_side=MIN_IMAGE_SIDE)
 
     def _decode_compressed(self, msg: CompressedImage) -> np.ndarray:
-        return compressed_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")))
+        return compressed_msg_to_rgb(msg, max_pixels=int(self.param("max_pixels")), min_side=MIN_IMAGE_SIDE)
 
     def _run_forecaster(self, rgb: np.ndarray, instruction: Optional[str],
                         cancel: Optional[threading.Event] = None) -> Any:
@@ -484,13 +484,14 @@ class ForecastNode(LifecycleNode):
 
     def _publish_outputs(self, frame: Frame, rgb: np.ndarray, forecast: Any) -> None:
         header = self._output_header(frame.message.header)
-        self._forecast_pub.publish(self._outputs.forecast_msg(forecast, header))
+        camera_info = self._camera_info
+        self._forecast_pub.publish(self._outputs.forecast_msg(forecast, header, camera_info))
         markers_pub, overlay_pub = self._markers_pub, self._overlay_pub
         wants_markers = markers_pub.get_subscription_count() > 0
         wants_overlay = overlay_pub.get_subscription_count() > 0
         if not (wants_markers or wants_overlay):
             return
-        camera_info, period = self._camera_info, self._stats.forecast_rate.period()
+        period = self._stats.forecast_rate.period()
 
         def side_outputs() -> None:  # off the worker: the next frame's forecast starts meanwhile
             if markers_pub is not self._markers_pub:  # torn down (or reconfigured) since: nothing to build

@@ -39,13 +39,15 @@ class OutputBuilder:
         self._serialize_markers = MarkerSerializer(warn=self.warn)
 
     def frame_interval(self) -> float:
-        """Seconds between forecast frames: the parameter, else the model's own value, else 0 (unknown)."""
+        """Seconds between forecast frames: the parameter, else the model's own value (its config's
+        ``frame_interval_s``), else 0 (unknown)."""
         return float(self.param("frame_interval")) or self.model_frame_interval
 
-    def forecast_msg(self, forecast: Any, header: Any) -> Any:
-        """``TrajectoryForecast`` carrying the source header."""
+    def forecast_msg(self, forecast: Any, header: Any, camera_info: Any = None) -> Any:
+        """``TrajectoryForecast`` carrying the source header, the planner summaries and, from ``camera_info`` when
+        it describes this image, the intrinsics."""
         return forecast_to_msg(forecast, header, frame_interval=self.frame_interval(),
-                               moving_threshold=float(self.param("moving_threshold")))
+                               moving_threshold=float(self.param("moving_threshold")), camera_info=camera_info)
 
     def markers(self, forecast: Any, header: Any, camera_info: Any, period_s: Optional[float]) -> Any:
         """``MarkerArray`` on the image plane (pinhole from ``camera_info`` when given, else the pixel scale)."""

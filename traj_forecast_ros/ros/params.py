@@ -105,10 +105,10 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               0.0, 3600.0),
     ParamSpec("max_pixels", DEFAULT_MAX_PIXELS, "Reject images with more pixels than this (rejected.too_large): the "
               "one size limit, for raw and compressed frames and the forecaster alike.", 1, 2**28),
-    ParamSpec("frame_interval", 0.0, "Seconds between forecast frames written to the message (0 = the model "
-              "config's frame_interval_s, else unknown).", 0.0, 60.0),
-    ParamSpec("moving_threshold", 2.0, "Pixels a point must move (in a sample) to count in moving_fraction.",
-              0.0, 10000.0),
+    ParamSpec("frame_interval", 0.0, "Seconds between forecast frames written to the message (0 = the model's own "
+              "value, its config's frame_interval_s; a model that states none publishes 0 = unknown).", 0.0, 60.0),
+    ParamSpec("moving_threshold", 2.0, "Pixels a point must move from frame 0 (in a sample) to count as moving: "
+              "moving_fraction and first_move_frame; carried in the message.", 0.0, 10000.0),
     ParamSpec("camera_frame", "", "frame_id used when an image header has none ('' = keep the header as is)."),
     ParamSpec("marker_stride", 8, "Markers: draw every Nth query point in each grid direction.", 1, 256),
     ParamSpec("marker_max_frames", 0, "Markers: draw at most this many forecast frames per track, evenly spaced, "

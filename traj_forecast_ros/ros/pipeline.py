@@ -52,6 +52,7 @@ class Frame:
     message: Any
     stamp_s: float  # header stamp in seconds on the node clock's time base (0 = not stamped: no age check)
     instruction: Optional[str] = None  # the task instruction in force when the frame arrived (forecast with it)
+    received_s: float = field(default_factory=time.monotonic)  # wall (monotonic) clock when the node received it
     accounted: bool = False  # set once the frame is counted as published or under a reason
 
 
@@ -95,27 +96,32 @@ class Mailbox(Generic[Item]):
 
 
 class RateMeter:
-    """Events per second over the last ``window_s`` seconds (timestamps kept in a bounded deque)."""
+    """Events per second over the last ``window_s`` seconds of the wall (monotonic) clock: the events in the window
+    divided by its length (shorter while the meter is younger than the window). Meters that share ``started`` and
+    ``window_s`` divide by the same span, so their rates compare as their counts do (timestamps kept in a bounded
+    deque). ``started`` None: the first event starts the meter."""
 
-    def __init__(self, window_s: float = 5.0, max_events: int = 1000) -> None:
+    def __init__(self, window_s: float = 5.0, max_events: int = 1000, started: Optional[float] = None) -> None:
         self.window_s = window_s
+        self.started = started
         self._times: Deque[float] = collections.deque(maxlen=max_events)
         self._lock = threading.Lock()
 
     def tick(self, now: Optional[float] = None) -> None:
         """Record one event."""
         with self._lock:
-            self._times.append(time.monotonic() if now is None else now)
+            now = time.monotonic() if now is None else now
+            if self.started is None:
+                self.started = now
+            self._times.append(now)
 
     def rate(self, now: Optional[float] = None) -> float:
-        """Events per second in the window ending at ``now`` (0 when fewer than 2 events)."""
+        """Events per second in the window ending at ``now`` (0 before the first event)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            recent = [t for t in self._times if now - t <= self.window_s]
-        if len(recent) < 2:
-            return 0.0
-        span = max(now - recent[0], recent[-1] - recent[0])
-        return (len(recent) - 1) / span if span > 0 else 0.0
+            recent = sum(1 for t in self._times if now - t < self.window_s)
+            span = min(self.window_s, now - self.started) if self.started is not None else 0.0
+        return recent / span if recent and span > 0 else 0.0
 
     def period(self) -> Optional[float]:
         """Median time between the recorded events (None with fewer than 2)."""
@@ -185,9 +191,12 @@ class PipelineStats:
     """Everything the diagnostics report, bounded in memory."""
 
     window: int = 200
-    input_rate: RateMeter = field(default_factory=RateMeter)
-    forecast_rate: RateMeter = field(default_factory=RateMeter)
-    latency: Window = field(init=False)  # seconds, image stamp -> outputs published
+    started: float = field(default_factory=time.monotonic)  # both rates count from here, over the same window
+    input_rate: RateMeter = field(init=False)
+    forecast_rate: RateMeter = field(init=False)
+    processing: Window = field(init=False)  # seconds on the wall (monotonic) clock, frame received -> published
+    stamp_age: Window = field(init=False)  # seconds on the node clock (simulated under use_sim_time), header
+    # stamp -> published: transport and camera delay included; a bag replayed at rate r scales it by r
     inference: Window = field(init=False)  # seconds spent in the forecaster
     overhead: Window = field(init=False)  # seconds in the worker beyond the forecaster (decode, pack, publish)
     not_forecast: ReasonCounter = field(default_factory=ReasonCounter)  # frames not forecast, by reason
@@ -196,19 +205,25 @@ class PipelineStats:
     consecutive_failures: int = 0  # "failed" frames (model or publishing) since the last published forecast
 
     def __post_init__(self) -> None:
-        self.latency = Window(self.window)
+        self.input_rate = RateMeter(started=self.started)
+        self.forecast_rate = RateMeter(started=self.started)
+        self.processing = Window(self.window)
+        self.stamp_age = Window(self.window)
         self.inference = Window(self.window)
         self.overhead = Window(self.window)
 
     def snapshot(self) -> Dict[str, Any]:
-        """Plain values for diagnostics: rates (Hz), latencies (s), counts."""
+        """Plain values for diagnostics: rates (Hz, wall clock), latencies (s: ``processing`` on the wall clock,
+        ``stamp_age`` on the node clock), counts."""
         return {
             "received": self.received,
             "published": self.published,
             "input_rate_hz": self.input_rate.rate(),
             "forecast_rate_hz": self.forecast_rate.rate(),
-            "latency_p50_s": self.latency.percentile(50),
-            "latency_p95_s": self.latency.percentile(95),
+            "processing_p50_s": self.processing.percentile(50),
+            "processing_p95_s": self.processing.percentile(95),
+            "stamp_age_p50_s": self.stamp_age.percentile(50),
+            "stamp_age_p95_s": self.stamp_age.percentile(95),
             "inference_p50_s": self.inference.percentile(50),
             "inference_p95_s": self.inference.percentile(95),
             "overhead_p50_s": self.overhead.percentile(50),
@@ -372,9 +387,11 @@ class ForecastPipeline:
             self.stats.consecutive_failures = 0
         self.stats.forecast_rate.tick()
         self.stats.inference.add(inference_s)
-        self.stats.overhead.add(time.monotonic() - started - inference_s)
+        published = time.monotonic()
+        self.stats.overhead.add(published - started - inference_s)
+        self.stats.processing.add(published - frame.received_s)
         if frame.stamp_s > 0:
-            self.stats.latency.add(self._clock() - frame.stamp_s)
+            self.stats.stamp_age.add(self._clock() - frame.stamp_s)
         return True
 
     def _count_frame(self, frame: Frame, reason: str, detail: str) -> None:

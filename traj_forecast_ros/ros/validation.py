@@ -66,3 +66,29 @@ def device_problem(device: str) -> Optional[str]:
     if index >= count:
         return f"'device': {device} does not exist here ({count} CUDA device(s) visible)"
     return None
+
+
+OFFLINE_MODEL = "sim-manipulation"  # shipped in models/: what the node can run without network or downloads
+
+
+def missing_model_message(model: str, detail: str) -> str:
+    """One error for a model whose weights are not on this machine: what is missing, how to download it, and the
+    shipped model that works offline. ``detail``: the loader's message (only its first line is kept; the
+    hand-install steps are what ``traj-forecast download`` prints)."""
+    from traj_forecast_ros import registry
+
+    try:
+        is_registry_name = model in registry.load_registry()
+    except Exception:  # noqa: BLE001 - an unreadable registry changes only the advice
+        is_registry_name = False
+    first_line = (detail.strip().splitlines() or ["not found"])[0][:300]
+    lines = [f"cannot load model '{model}': {first_line}"]
+    if is_registry_name:
+        lines.append(f"  Its weights are not on this machine. Download them once, with network access: "
+                     f"traj-forecast download {model}")
+    else:
+        lines.append("  Set 'model' to a model directory (config.yaml + weights) or a registry name "
+                     "(`traj-forecast download NAME` fetches one once, with network access).")
+    lines.append(f"  Or run offline with the model shipped in the package: model:={OFFLINE_MODEL} "
+                 "(trained on simulated LIBERO-like scenes), then trigger configure again.")
+    return "\n".join(lines)

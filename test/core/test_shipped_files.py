@@ -1,0 +1,34 @@
+"""Shipped files hold no absolute path of a developer's machine (results, model cards, docs, code)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MACHINE_PATH = re.compile(r"(?<![\w.~$/-])/(work|home|Users|root|mnt)/[\w.-]+")
+
+
+def shipped_files():
+    try:
+        listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the shipped file list is unknown")
+    return [REPO / name for name in listed.splitlines()]
+
+
+def test_no_absolute_machine_paths_in_shipped_files():
+    found = []
+    for path in shipped_files():
+        if not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:4096]:  # binary: weights, bags, figures
+            continue
+        for number, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+            if MACHINE_PATH.search(line):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:120]}")
+    assert not found, "absolute machine paths in shipped files:\n" + "\n".join(found)
