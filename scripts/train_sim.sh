@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole sim-manipulation pipeline, resumable and deterministic (docs/sim-manipulation.md, docs/results.md):
-#   data (robosuite) -> image-encoder pretraining (+ the random encoder's probe) -> VAE -> flow -> regressor
-#   -> evaluation on the held-out split -> models/sim-manipulation (< 50 MB, registered in models/registry.yaml).
+#   data (robosuite; branch groups: several goals from one saved state) -> image encoder (pretrained here, or reused
+#   from ENCODER_FROM) -> VAE (moving points weighted) -> [decoder fine-tune] -> flow (instruction dropout: guidance)
+#   -> regressor -> evaluation on the held-out split -> models/sim-manipulation (< 50 MB, models/registry.yaml).
 #
-#   bash scripts/train_sim.sh                 # about 3 h on the 2-core CPU; rerun the same command to resume
+#   bash scripts/train_sim.sh                 # about 2.5 h on the 2-core CPU; rerun the same command to resume
 #   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.2 h)
+#   ENCODER_FROM= PROBE=1 bash scripts/train_sim.sh  # pretrain the image encoder here (+ the random encoder's probe)
 #
 # Every stage writes its run directory under $RUN and a `.done` marker when it finishes: a rerun skips finished
 # stages and continues an interrupted training stage from its last checkpoint (`--resume`; identical to an
@@ -14,23 +16,33 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_sim.sh  # the venv, robosuite and libOSMesa (idempotent)
 
-RUN=${RUN:-runs/sim}
+RUN=${RUN:-runs/sim2}
 CONFIG=${CONFIG:-sim-manipulation}
 MODEL_DEST=${MODEL_DEST:-models/sim-manipulation}
 RESULTS_DEST=${RESULTS_DEST:-docs/sim-manipulation-results.json}  # the evaluation JSON (docs/results.md quotes it)
 SEED=${SEED:-0}
 THREADS=${THREADS:-2}
 WORKERS=${WORKERS:-2}
-TRAIN_SHARDS=${TRAIN_SHARDS:-24}
-TEST_SHARDS=${TEST_SHARDS:-3}
-EPISODES_PER_SHARD=${EPISODES_PER_SHARD:-8}
+TRAIN_SHARDS=${TRAIN_SHARDS:-40}
+TEST_SHARDS=${TEST_SHARDS:-6}
+EPISODES_PER_SHARD=${EPISODES_PER_SHARD:-12}
+SCENES=${SCENES:-lift,stack,pick_place,pick_place_single,nut_assembly}
+GOALS_PER_SCENE=${GOALS_PER_SCENE:-3}    # distinct goals per branch point
+BRANCH_FRAMES=${BRANCH_FRAMES:-0,8,16}   # at rest, and twice while the first goal's arm moves
+# The image encoder: reused from this model directory (v2 reuses v1's, pretrained on the same kind of frames), or
+# pretrained here when empty.
+ENCODER_FROM=${ENCODER_FROM-models/sim-manipulation}
+PROBE=${PROBE:-0}                         # 1: also the random frozen encoder's probe (a comparison in docs)
 ENCODER_STEPS=${ENCODER_STEPS:-2500}
 VAE_STEPS=${VAE_STEPS:-1200}
-DECODER_STEPS=${DECODER_STEPS:-800}      # decoder-only fine-tune of the VAE (latent space unchanged)
+MOVING_WEIGHT=${MOVING_WEIGHT:-8}         # VAE: extra weight of points whose true track moves > 5 px
+DECODER_STEPS=${DECODER_STEPS:-0}        # decoder-only fine-tune of the VAE (latent space unchanged); 0 = none
 DECODER_DELTA=${DECODER_DELTA:-0.002}    # its Huber delta (normalised units at 128 px: 0.002 = 0.13 px; near L1)
 DECODER_NOISE=${DECODER_NOISE:-0.2}      # its latent noise (units of each channel's latent scale)
 FLOW_STEPS=${FLOW_STEPS:-4000}
 REGRESSOR_STEPS=${REGRESSOR_STEPS:-400}
+SAMPLE_STEPS=${SAMPLE_STEPS:-10}          # the shipped model's default Euler steps (chosen from the steps curve)
+GUIDANCE_SCALE=${GUIDANCE_SCALE:-1.0}     # the shipped model's default guidance (chosen by measurement)
 EVAL_SAMPLES=${EVAL_SAMPLES:-8}
 COMPARE_RANDOM=${COMPARE_RANDOM:-0}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-200}
@@ -81,16 +93,25 @@ if [[ ! -f "$RUN/data.done" ]]; then
     echo "[data] generating into $RUN (resumes: finished shards are kept)"
     start=$SECONDS
     "$TF" data sim-manipulation --out "$RUN" --train-shards "$TRAIN_SHARDS" --test-shards "$TEST_SHARDS" \
-        --episodes-per-shard "$EPISODES_PER_SHARD" --seed "$SEED" --workers "$WORKERS"
+        --episodes-per-shard "$EPISODES_PER_SHARD" --goals-per-scene "$GOALS_PER_SCENE" \
+        --branch-frames "$BRANCH_FRAMES" --scenes "$SCENES" --seed "$SEED" --workers "$WORKERS"
     echo "$((SECONDS - start)) s" > "$RUN/data.done"
 fi
 
 # 2. image encoder pretrained on depth + segmentation, and the same heads on the frozen random encoder (its probe)
 ENCODER_ARGS=(--data "$RUN/train" --config "$CONFIG" --eval-data "$RUN/test" --steps "$ENCODER_STEPS"
               --batch-size 32 --lr 5e-4 --warmup 100 --schedule cosine --ema-decay 0.999 "${COMMON[@]}")
-stage encoder "$RUN/encoder" "$TF" train encoder --out "$RUN/encoder" "${ENCODER_ARGS[@]}"
-stage probe "$RUN/encoder_random_probe" "$TF" train encoder --out "$RUN/encoder_random_probe" --frozen-backbone \
-    "${ENCODER_ARGS[@]}"
+if [[ -n "$ENCODER_FROM" ]]; then
+    ENCODER_DIR=$ENCODER_FROM
+    echo "[encoder] reusing the image encoder of $ENCODER_FROM"
+else
+    ENCODER_DIR=$RUN/encoder
+    stage encoder "$RUN/encoder" "$TF" train encoder --out "$RUN/encoder" "${ENCODER_ARGS[@]}"
+fi
+if [[ "$PROBE" == 1 ]]; then
+    stage probe "$RUN/encoder_random_probe" "$TF" train encoder --out "$RUN/encoder_random_probe" --frozen-backbone \
+        "${ENCODER_ARGS[@]}"
+fi
 
 # 3. stage 1 (VAE) on the frozen pretrained encoder, then its decoder fine-tuned alone (near-L1 reconstruction on
 #    noisy latents: still points stay still); 4. stage 2 (flow, with the words text encoder) on the same latents
@@ -98,11 +119,17 @@ VAE_ARGS=(--data "$RUN/train" --config "$CONFIG" --steps "$VAE_STEPS" --batch-si
           --schedule cosine --ema-decay 0.995 "${COMMON[@]}")
 FLOW_ARGS=(--data "$RUN/train" --steps "$FLOW_STEPS" --batch-size 16 --lr 8e-4 --warmup 100 --schedule cosine
            --ema-decay 0.999 --latent-draw mean "${COMMON[@]}")
-stage vae "$RUN/vae" "$TF" train vae --out "$RUN/vae" --encoder "$RUN/encoder" "${VAE_ARGS[@]}"
-stage vae_decoder "$RUN/vae_decoder" "$TF" train vae --out "$RUN/vae_decoder" --init "$RUN/vae" --decoder-only \
-    --recon-delta "$DECODER_DELTA" --latent-noise "$DECODER_NOISE" --data "$RUN/train" --steps "$DECODER_STEPS" \
-    --batch-size 8 --lr 3e-4 --warmup 50 --schedule cosine --ema-decay 0.995 "${COMMON[@]}"
-stage flow "$RUN/flow" "$TF" train flow --out "$RUN/flow" --vae "$RUN/vae_decoder" "${FLOW_ARGS[@]}"
+stage vae "$RUN/vae" "$TF" train vae --out "$RUN/vae" --encoder "$ENCODER_DIR" --moving-weight "$MOVING_WEIGHT" \
+    "${VAE_ARGS[@]}"
+FLOW_VAE=$RUN/vae
+if (( DECODER_STEPS > 0 )); then
+    stage vae_decoder "$RUN/vae_decoder" "$TF" train vae --out "$RUN/vae_decoder" --init "$RUN/vae" --decoder-only \
+        --recon-delta "$DECODER_DELTA" --latent-noise "$DECODER_NOISE" --moving-weight "$MOVING_WEIGHT" \
+        --data "$RUN/train" --steps "$DECODER_STEPS" --batch-size 8 --lr 3e-4 --warmup 50 --schedule cosine \
+        --ema-decay 0.995 "${COMMON[@]}"
+    FLOW_VAE=$RUN/vae_decoder
+fi
+stage flow "$RUN/flow" "$TF" train flow --out "$RUN/flow" --vae "$FLOW_VAE" "${FLOW_ARGS[@]}"
 
 # 5. the deterministic regressor baseline on the same frozen encoder
 stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --encoder "$RUN/vae" --config "$CONFIG" \
@@ -129,16 +156,28 @@ if [[ ! -f "$MODEL_DEST/config.yaml" || "$RUN/flow/.done" -nt "$MODEL_DEST/confi
     mkdir -p "$staging"
     cp -r "$RUN/flow/config.yaml" "$RUN/flow/denoiser.safetensors" "$RUN/flow/vae.safetensors" \
         "$RUN/flow/image_encoder" "$RUN/flow/text_encoder" "$staging/"
+    # the sampling defaults chosen from the held-out measurements (docs/results.md: steps curve, guidance)
+    .venv/bin/python - "$staging/config.yaml" "$SAMPLE_STEPS" "$GUIDANCE_SCALE" <<'PY'
+import sys
+from traj_forecast_ros.model.config import ModelConfig
+path, steps, guidance = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+config = ModelConfig.load_yaml(path)
+config.default_steps, config.guidance_scale = steps, guidance
+config.save_yaml(path)
+PY
     cp "$RUN/eval.json" "$staging/eval.json"
     cat > "$staging/README.md" <<README
 # sim-manipulation
 
-Trained by \`scripts/train_sim.sh\` (RUN=$RUN, seed $SEED; steps: encoder $ENCODER_STEPS, VAE $VAE_STEPS + decoder
-$DECODER_STEPS (Huber delta $DECODER_DELTA, latent noise $DECODER_NOISE), flow
-$FLOW_STEPS, regressor $REGRESSOR_STEPS; data: $TRAIN_SHARDS train + $TEST_SHARDS test shards of
-$EPISODES_PER_SHARD episodes) on simulated LIBERO-like manipulation clips (docs/sim-manipulation.md). Image encoder:
-a small ViT pretrained on the sim frames' depth and segmentation, frozen. Text encoder: word-level, trained with the
-denoiser on the closed instruction set (vocabulary in config.yaml). Held-out results: eval.json, docs/results.md.
+Trained by \`scripts/train_sim.sh\` (RUN=$RUN, seed $SEED; steps: VAE $VAE_STEPS (moving weight $MOVING_WEIGHT) +
+decoder $DECODER_STEPS, flow $FLOW_STEPS, regressor $REGRESSOR_STEPS; image encoder: ${ENCODER_FROM:-pretrained here,
+$ENCODER_STEPS steps}) on simulated LIBERO-like manipulation clips (docs/sim-manipulation.md). Data:
+$TRAIN_SHARDS train + $TEST_SHARDS test shards, $EPISODES_PER_SHARD episodes each, scenes $SCENES, $GOALS_PER_SCENE
+distinct goals rolled out from each branch point (frames $BRANCH_FRAMES of the first goal's episode).
+Image encoder: a small ViT pretrained on the sim frames' depth and segmentation, frozen. Text encoder: word-level,
+trained with the denoiser on the closed instruction set (vocabulary in config.yaml), 10 % of instructions dropped
+(the empty one is the unconditional embedding of classifier-free guidance). Sampling defaults: $SAMPLE_STEPS Euler
+steps, guidance $GUIDANCE_SCALE. Held-out results: eval.json, docs/results.md.
 README
     size_mb=$(du -sm "$staging" | cut -f1)
     if (( size_mb >= 50 )); then

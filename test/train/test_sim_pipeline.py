@@ -147,6 +147,12 @@ def test_text_encoder_is_trained_with_the_denoiser(model_run):
     trained = load_file(str(model_run / "flow" / "text_encoder" / "model.safetensors"))
     assert set(trained) == set(initial)
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    # trained with instruction dropout: the empty instruction is the unconditional one, so guidance is available
+    assert config.null_instruction == "" and config.supports_guidance
+    encoder = WordTextEncoder.from_config(config.text_encoder, model_dir=model_run / "flow")
+    with torch.no_grad():
+        push, pick, empty = encoder(["push the red cube to the left", "pick up the red cube", ""])
+    assert (push - pick).norm() > 1e-3 * push.norm() and (push - empty).norm() > 1e-3 * push.norm()
 
 
 def test_flow_with_words_encoder_needs_instructions(tiny_data, tmp_path, make_settings):

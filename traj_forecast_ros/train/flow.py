@@ -246,6 +246,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         if config.text_encoder is not None and config.text_encoder.kind == "words":
             text_encoder, text_ids_table = _words_text_encoder(config, examples, encoder_dir, settings.seed)
             text = None
+            if TEXT_DROPOUT > 0:  # the empty instruction is trained as the unconditional one: guidance works
+                config.null_instruction = ""
             trained = nn.ModuleDict({"denoiser": denoiser, "text_encoder": text_encoder})
         else:
             # built once: the encoder the denoiser is conditioned with is the one saved with the model
