@@ -50,6 +50,7 @@ from traj_forecast_ros.ros.model_loading import (  # noqa: F401 - load_forecaste
     LOAD_PARAMETERS,
     WEIGHTS_HINT,
     ForecasterFactory,
+    guidance_problem,
     load_forecaster,
     model_takes_instruction,
 )
@@ -174,6 +175,8 @@ class ForecastNode(LifecycleNode):
             return model_problem(str(value))
         if name == "device":
             return device_problem(str(value))
+        if name == "guidance_scale":
+            return guidance_problem(self._forecaster, float(value))
         return None
 
     def _set_instruction(self, instruction: str) -> None:
@@ -362,6 +365,11 @@ class ForecastNode(LifecycleNode):
             if forecaster is not None:  # loaded, but warmup failed: free its memory
                 self._release_forecaster(forecaster)
             return False
+        problem = guidance_problem(forecaster, float(self.param("guidance_scale")))
+        if problem:
+            self._load_problem = problem
+            self._release_forecaster(forecaster)
+            return False
         takes_instruction = model_takes_instruction(forecaster)
         accepts_cancel = "cancel" in inspect.signature(forecaster.forecast).parameters
         with self._model_lock:
@@ -463,8 +471,11 @@ class ForecastNode(LifecycleNode):
             instruction = None
         options: Dict[str, Any] = {"cancel": cancel} if accepts_cancel and cancel is not None else {}
         # Failures are classified and counted (consecutive_failures included) by ForecastPipeline.process.
+        steps, guidance = int(self.param("steps")), float(self.param("guidance_scale"))
+        if guidance >= 0:  # -1: the model's own (a model without guidance fails configure for other values)
+            options["guidance_scale"] = guidance
         return forecaster.forecast(rgb, instruction=instruction, num_samples=int(self.param("num_samples")),
-                                   steps=int(self.param("steps")), seed=None if seed < 0 else seed, **options)
+                                   steps=steps or None, seed=None if seed < 0 else seed, **options)
 
     @property
     def _instruction_ignored(self) -> bool:

@@ -26,6 +26,16 @@ def model_takes_instruction(forecaster: Any) -> bool:
     return getattr(config, "text_encoder", True) is not None
 
 
+def guidance_problem(forecaster: Any, guidance_scale: float) -> Optional[str]:
+    """Why ``guidance_scale`` (the node parameter: -1 = the model's own) cannot be used with the loaded
+    ``forecaster``, or None (also when no model is loaded yet: it is checked again at configure)."""
+    config = getattr(forecaster, "config", None)
+    if guidance_scale in (-1.0, 1.0) or config is None or getattr(config, "supports_guidance", True):
+        return None
+    return (f"guidance_scale {guidance_scale:g} needs a model trained with instruction dropout; model "
+            f"'{getattr(config, 'name', '?')}' has no unconditional embedding (set guidance_scale to 1 or -1)")
+
+
 def load_forecaster(model: str, device: str, dtype: str, cache_dir: Optional[str], use_cuda_graphs: bool = False,
                     compile: bool = False, graph_cache_size: int = 4) -> Any:
     """Default factory: ``Forecaster.from_pretrained`` (a registry name or a model directory)."""

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS
 
 
@@ -28,6 +28,7 @@ class ParamSpec:
     high: Optional[float] = None
     choices: Optional[Tuple[str, ...]] = None
     pattern: Optional[str] = None  # regular expression a string value must match in full
+    model_default: Optional[Any] = None  # a value outside [low, high] meaning "the model's own setting"
 
     def descriptor(self) -> ParameterDescriptor:
         """The ROS descriptor (description, range, constraints) shown by ``ros2 param describe``."""
@@ -40,10 +41,11 @@ class ParamSpec:
                                          additional_constraints=constraints)
         if self.low is not None and isinstance(self.default, bool):
             raise TypeError(f"{self.name}: a bool parameter has no range")
+        low = self.low if self.model_default is None else min(self.low, self.model_default)
         if self.low is not None and isinstance(self.default, int):
-            descriptor.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
+            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(self.high), step=1)]
         elif self.low is not None:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(self.low),
+            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low),
                                                                   to_value=float(self.high), step=0.0)]
         return descriptor
 
@@ -53,8 +55,11 @@ class ParamSpec:
             return f"'{self.name}' must be one of {list(self.choices)}, got '{value}'"
         if self.pattern and not re.fullmatch(self.pattern, str(value)):
             return f"'{self.name}' must match {self.pattern}, got '{value}'"
+        if self.model_default is not None and value == self.model_default:
+            return None
         if self.low is not None and not (self.low <= value <= self.high):
-            return f"'{self.name}' must be in [{self.low}, {self.high}], got {value}"
+            alternative = "" if self.model_default is None else f" (or {self.model_default}: the model's own)"
+            return f"'{self.name}' must be in [{self.low}, {self.high}]{alternative}, got {value}"
         return None
 
 
@@ -78,7 +83,11 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec("threads", 0, "Torch intra-op CPU threads (0 = the cores available to the process). Applies at "
               "configure; the CPU sampling plan is chosen for this count.", 0, 1024),
     ParamSpec("num_samples", DEFAULT_NUM_SAMPLES, "K, sampled futures per frame.", 1, 64),
-    ParamSpec("steps", DEFAULT_STEPS, "Flow-matching Euler time points per forecast (10 = 9 denoiser evaluations).", 2, 200),
+    ParamSpec("steps", 0, "Flow-matching Euler time points per forecast (10 = 9 denoiser evaluations); 0 = the "
+              "model's default_steps (10 for LIBERO, the official setting).", 2, 200, model_default=0),
+    ParamSpec("guidance_scale", -1.0, "Classifier-free guidance of the instruction (1 = none; -1 = the model's "
+              "guidance_scale). Values other than 1 need a model trained with instruction dropout (not LIBERO): "
+              "refused for other models. Applies to the next frame.", 0.0, 20.0, model_default=-1.0),
     ParamSpec("seed", -1, "Noise seed: -1 = fresh noise for every frame (as seed=-1 or None in the Python API), "
               ">= 0 = the same noise every frame.",
               -1, 2**31 - 1),
