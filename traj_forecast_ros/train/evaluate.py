@@ -29,6 +29,7 @@ import torch
 from traj_forecast_ros import metrics
 from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
+from traj_forecast_ros.train.data import usable_samples
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +218,16 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     instruction (else the model's default instruction). ``figure``: also write a PNG of the first
     scene of every kind x view, truth beside the predictions (:func:`.figure.comparison_figure`). ``vae_bound``: also
     score ``vae_reconstruction``, the model's VAE decoding each true future (:func:`vae_reconstruction_predictions`).
-    ``steps`` / ``guidance_scale``: None for the model's defaults (the report records the values used).
+    ``steps`` / ``guidance_scale``: None for the model's defaults (the report records the values used). Samples
+    whose truth leaves the image by more than an image size are not scored (:func:`~.data.usable_samples`;
+    ``excluded_offscreen`` counts them).
     """
     if model is not None:
         steps, guidance_scale = sampling_defaults(model, steps, guidance_scale)
     dataset = TrajectoryDataset(data_dir)
     count = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
-    indices = np.arange(count)
+    usable = usable_samples(dataset)
+    indices = usable[usable < count]  # the first ``count`` samples, less those no forecast can be judged on
     gt = dataset.gather("tracks", indices)  # [N, R, T, Hq, Wq, 2]
     object_ids = dataset.gather("object_ids", indices) if dataset.has("object_ids") else None
     if dataset.has("kinds"):
@@ -284,7 +288,8 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
         "dataset": str(data_dir),
         "model": None if model is None else str(model),
         "regressor": None if regressor is None else str(regressor),
-        "scenes": count,
+        "scenes": int(len(indices)),
+        "excluded_offscreen": int(count - len(indices)),
         "rollouts": dataset.meta.num_rollouts,
         "samples": num_samples,
         "steps": steps,

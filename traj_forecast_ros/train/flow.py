@@ -92,8 +92,9 @@ class FlowObjective(nn.Module):
 @torch.no_grad()
 def encode_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelConfig, device: torch.device,
                    progress: bool = False) -> Dict[str, np.ndarray]:
-    """Posteriors of every example (``mean``, ``std`` ``[E, T, L, C]``) and of every scene's static grid at frame 0
-    (``cond_mean``, ``cond_std`` ``[N, 1, L, C]``), float32."""
+    """Posteriors of every example (``mean``, ``std`` ``[E, T, L, C]``) and of every dataset sample's static grid at
+    frame 0 (``cond_mean``, ``cond_std`` ``[len(dataset), 1, L, C]``, indexed by :meth:`TrackExamples.scenes`),
+    float32."""
     vae = vae.to(device).eval()
     parts: Dict[str, list] = {"mean": [], "std": [], "cond_mean": [], "cond_std": []}
     batches = range(0, len(examples), ENCODE_BATCH)
@@ -106,8 +107,8 @@ def encode_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelCon
         mean, std = vae.encode(examples.tracks_norm(chosen).to(device), examples.features(chosen).to(device))
         parts["mean"].append(mean.float().cpu().numpy())
         parts["std"].append(std.float().cpu().numpy())
-    for start in range(0, examples.num_scenes, ENCODE_BATCH):
-        scenes = np.arange(start, min(start + ENCODE_BATCH, examples.num_scenes))
+    for start in range(0, len(examples.features_all), ENCODE_BATCH):  # every dataset sample: indexed by scene
+        scenes = np.arange(start, min(start + ENCODE_BATCH, len(examples.features_all)))
         features = torch.from_numpy(np.ascontiguousarray(examples.features_all[scenes])).to(device)
         static = static_tracks_norm(config, len(scenes)).to(device)
         mean, std = vae.encode(static, features)  # (b, T, L, C)
