@@ -10,7 +10,6 @@ import numpy as np
 from traj_forecast_ros.summaries import PlannerSummaries, planner_summaries
 
 DEFAULT_NUM_SAMPLES = 8  # K, sampled futures per image: the one default of the API, the CLI and the node
-DEFAULT_STEPS = 10  # Euler time points per forecast (9 denoiser evaluations), as the paper
 FRESH_SEED = -1  # seed meaning "fresh noise for every forecast" (same as None) in the API, the CLI and the node
 MAX_SEED = 2**63 - 1
 

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, DEFAULT_STEPS
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -114,8 +114,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, metavar="K",
                         help=f"sampled futures per image (default: the node's num_samples, {DEFAULT_NUM_SAMPLES})")
     parser.add_argument("--steps", type=int, default=None, metavar="N",
-                        help=f"Euler time points, N-1 denoiser evaluations (default: the node's steps, "
-                             f"{DEFAULT_STEPS})")
+                        help="Euler time points, N-1 denoiser evaluations (default: the node's steps, 0 = the "
+                             "model's default_steps)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed, the same for every image (default 0)")
     parser.add_argument("--instruction", default=None, help="task instruction for language-conditioned models")
     parser.add_argument("--threads", type=int, default=None,

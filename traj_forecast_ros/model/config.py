@@ -107,6 +107,7 @@ class TextEncoderConfig:
 
 LATENT_DRAWS = ("sample", "mean")
 MAX_GUIDANCE_SCALE = 20.0
+OFFICIAL_STEPS = 10  # the paper's Euler time points (9 denoiser evaluations): every model's default unless set
 
 
 def check_guidance_scale(scale: Any) -> float:
@@ -143,7 +144,7 @@ class ModelConfig:
     # instruction dropout), None for models trained without it (the LIBERO checkpoints: no guidance).
     null_instruction: Optional[str] = None
     guidance_scale: float = 1.0  # the model's default guidance (1 = none), chosen by measurement
-    default_steps: int = 10  # Euler time points when the caller gives none (10: the official LIBERO setting)
+    default_steps: int = OFFICIAL_STEPS  # Euler time points when the caller gives none
 
     def __post_init__(self) -> None:
         if self.latent_draw not in LATENT_DRAWS:
