@@ -227,8 +227,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024.0
 
 
-def run_once(forecaster: Forecaster, image: np.ndarray, samples: int, steps: int) -> Dict[str, Any]:
-    """One timed forecast (cold text cache); stage timings, every denoiser evaluation, peak memory, the tracks."""
+def run_once(forecaster: Forecaster, image: np.ndarray, samples: int, steps: int,
+             guidance_scale: float = 1.0) -> Dict[str, Any]:
+    """One timed forecast (cold text cache); stage timings, every denoiser evaluation, peak memory, the tracks.
+    ``guidance_scale`` != 1: classifier-free guidance (each evaluation is one batched call on 2K rows)."""
     forecaster.text_cache.clear()
     device = forecaster.device
     if device.type == "cuda":
@@ -237,7 +239,8 @@ def run_once(forecaster: Forecaster, image: np.ndarray, samples: int, steps: int
     timer = EvalTimer(forecaster)
     try:
         instruction = INSTRUCTION if forecaster.text_encoder is not None else None
-        result = forecaster.forecast(image, instruction, num_samples=samples, steps=steps, seed=0)
+        result = forecaster.forecast(image, instruction, num_samples=samples, steps=steps, seed=0,
+                                     guidance_scale=guidance_scale)
     finally:
         timer.remove()
     record = {"timings": result.timings, "denoiser_evals": timer.durations, "peak_rss_mb": peak_rss_mb(),
@@ -432,6 +435,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", default="1,8", help="comma-separated K values (default 1,8)")
     parser.add_argument("--steps", type=int, default=10, help="Euler time points (default 10 = 9 evaluations)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance (default 1 = none; needs a model trained with instruction "
+                             "dropout)")
     parser.add_argument("--evals", type=int, default=None,
                         help="denoiser evaluations to measure per sample (default: all steps-1); the others are "
                              "extrapolated from the median, and reported as such")
@@ -530,7 +536,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 warm = forecaster.warmup()
                 print(f"[{name}] warm-up (K=1, 1 evaluation): {warm['total']:.2f} s")
             for samples in sample_counts:
-                runs = [run_once(forecaster, image, samples, measured_steps) for _ in range(max(1, args.repeat))]
+                runs = [run_once(forecaster, image, samples, measured_steps, args.guidance_scale)
+                        for _ in range(max(1, args.repeat))]
                 record = min(runs, key=lambda run: run["timings"]["total"])
                 tracks[(name, samples)] = record["tracks"]
                 row = print_run(name, samples, args.steps, measured_steps, forecaster.sample_batch_size, record,
