@@ -51,8 +51,6 @@ def planner_summaries(tracks: np.ndarray, moving_threshold: float) -> PlannerSum
     if tracks.ndim != 5 or tracks.shape[-1] != 2 or 0 in tracks.shape:
         raise ValueError(f"tracks must be a non-empty [K, T, H, W, 2] array, got {tracks.shape}")
     num_samples, num_frames, rows, cols = tracks.shape[:4]
-    if num_samples > 255:
-        raise ValueError(f"at most 255 samples, got {num_samples}")
     offsets = tracks - tracks[:, :1]  # [K, T, H, W, 2] displacement from frame 0
     offsets *= offsets
     moved = (offsets[..., 0] + offsets[..., 1]) > np.float32(moving_threshold) ** 2  # [K, T, H, W]
@@ -63,11 +61,12 @@ def planner_summaries(tracks: np.ndarray, moving_threshold: float) -> PlannerSum
     half = (num_samples + 1) // 2
     moved_flat = moved.view(np.uint8).reshape(num_samples, num_frames, rows * cols)  # [K, T, H*W] 0/1
     moved_by = np.zeros((num_samples, rows * cols), dtype=np.uint8)  # [K, H*W]
-    count = np.empty(rows * cols, dtype=np.uint8)  # [H*W] samples moved by this frame (K <= 255)
+    counter = np.uint8 if num_samples <= 255 else np.uint32  # bytes are fastest; wider only for a large K
+    count = np.empty(rows * cols, dtype=counter)  # [H*W] samples moved by this frame
     first_move_frame = np.full(rows * cols, NOT_EXPECTED_TO_MOVE, dtype=np.float32)  # [H*W]
     for frame in range(1, num_frames):
         np.bitwise_or(moved_by, moved_flat[:, frame], out=moved_by)
-        np.add.reduce(moved_by, axis=0, out=count)
+        np.add.reduce(moved_by, axis=0, out=count, dtype=counter)
         first_move_frame[(first_move_frame < 0) & (count >= half)] = frame
     motion_probability = moved_by.sum(axis=0, dtype=np.float32).reshape(rows, cols) / np.float32(num_samples)
 

@@ -120,6 +120,26 @@ def test_bad_images_are_counted_not_skipped_silently(tmp_path, tiny_model_dir, c
     assert [s for s, _ in read_forecasts(tmp_path / "out", "/cam/forecast_node/forecast")] == [0, 3 * 10**9]
 
 
+def test_default_steps_are_the_models_and_tiny_frames_are_rejected_as_by_the_node(tmp_path, tiny_model_dir):
+    """Without --steps, bag run forecasts with the model's default_steps (the node's steps: 0), and a frame below the
+    node's minimum side is rejected as too_small, as the node does."""
+    store = make_typestore()
+    types = store.types
+    bag = tmp_path / "small"
+    with BagWriter(bag, "mcap", store) as writer:
+        for index, side in enumerate([16, 3]):
+            header = types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=index, nanosec=0),
+                                                  frame_id="cam")
+            image = types["sensor_msgs/msg/Image"](header=header, height=side, width=side, encoding="rgb8",
+                                                   is_bigendian=0, step=3 * side,
+                                                   data=np.full(3 * side * side, 90, np.uint8))
+            writer.write_message("/cam/image_raw", "sensor_msgs/msg/Image", index * 10**8, image)
+    summary = run_bag(bag, tmp_path / "out", model=str(tiny_model_dir), num_samples=2, seed=0, device="cpu",
+                      dtype="float32", progress=False)
+    assert summary["steps"] == 10  # the tiny model's default_steps (the official setting)
+    assert summary["frames_in"] == 2 and summary["forecasts_out"] == 1 and summary["rejected"] == {"too_small": 1}
+
+
 def test_bad_arguments(tmp_path, tiny_model_dir):
     with pytest.raises(BagError, match="not an image type"):
         run_bag(SAMPLE_BAG, tmp_path / "x", model=str(tiny_model_dir), topics=["/agentview/camera_info"], **RUN_ARGS)

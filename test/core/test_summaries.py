@@ -89,3 +89,12 @@ def test_summaries_bench_runs(capsys):
     assert bench.main(["--samples", "2", "--frames", "4", "--grid", "8", "--repeat", "3"]) == 0
     printed = capsys.readouterr().out
     assert "ratio summaries / reference" in printed and "target: summaries <= 2 ms" in printed
+
+
+def test_more_than_255_samples_are_counted_without_overflow():
+    """The per-point sample counter widens past one byte: 300 samples, 200 of which move from frame 1 on."""
+    tracks = np.zeros((300, 4, 2, 2, 2), np.float32)
+    tracks[:200, 1:, :, :, 0] = 10.0
+    found = planner_summaries(tracks, 2.0)
+    np.testing.assert_allclose(found.motion_probability, 200 / 300)
+    assert (found.first_move_frame == 1).all()  # 200 of 300: more than half moved by frame 1

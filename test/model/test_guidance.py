@@ -90,6 +90,8 @@ def test_guidance_scale_is_checked(bad):
 def test_config_refuses_default_guidance_without_a_null_instruction():
     with pytest.raises(ValueError, match="null_instruction"):
         ModelConfig(guidance_scale=2.0)
+    with pytest.raises(ValueError, match="text encoder"):  # nothing to embed the null instruction with
+        ModelConfig(guidance_scale=2.0, null_instruction="", text_encoder=None)
     assert not ModelConfig().supports_guidance  # the LIBERO default: no null embedding, guidance off
     restored = ModelConfig.from_dict({**tiny_config().to_dict(), "null_instruction": "", "guidance_scale": 2.5})
     assert restored.supports_guidance and restored.guidance_scale == 2.5

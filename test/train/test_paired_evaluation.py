@@ -56,7 +56,7 @@ def test_paired_test_of_hand_made_forecasters(branch_data, monkeypatch, follows,
     """An oracle that follows the instruction: matched error 0, crossed error the other push, so the ratio is 0 and
     the right instruction always wins. One that ignores it: crossed is its own truth (error 0), matched too."""
     monkeypatch.setattr(evaluate_module, "forecaster_predictions", oracle_predictions(follows))
-    monkeypatch.setattr(evaluate_module, "sampling_defaults", lambda model, steps, guidance: (10, 1.0))
+    monkeypatch.setattr(evaluate_module, "sampling_defaults", lambda model, steps, guidance: (10, 1.0, True))
     report = json.loads(json.dumps(evaluate_module.evaluate(branch_data, model="oracle", num_samples=2)))
     paired = report["paired_instructions"]
     assert paired["paired_cases"] == 6 and paired["paired_groups"] == 3  # (left, right) and (right, left) x 3

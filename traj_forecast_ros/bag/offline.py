@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from pathlib import Path
-
 from traj_forecast_ros.bag.io import IMAGE_TYPES, BagWriter, PathLike, bag_topics, read_messages, remove_bag
 from traj_forecast_ros.errors import BagError, InvalidImageError, TrajForecastError
 from traj_forecast_ros.forecast import noise_seed, whole_number
+from traj_forecast_ros.geometry import MIN_IMAGE_SIDE
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +74,16 @@ def _deserialize(data: bytes, message_class: Any) -> Any:
 
 
 def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
-    """CDR bytes -> (rclpy message, uint8 RGB)."""
+    """CDR bytes -> (rclpy message, uint8 RGB), with the node's limits (``max_pixels``, ``MIN_IMAGE_SIDE``)."""
     from sensor_msgs.msg import CompressedImage, Image
 
     from traj_forecast_ros.ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
 
     if msgtype == IMAGE_MSG:
         message = _deserialize(data, Image)
-        return message, image_msg_to_rgb(message, max_pixels=max_pixels)
+        return message, image_msg_to_rgb(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
     message = _deserialize(data, CompressedImage)
-    return message, compressed_msg_to_rgb(message, max_pixels=max_pixels)
+    return message, compressed_msg_to_rgb(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
 
 
 def _discard(writer: BagWriter) -> None:
@@ -102,7 +102,7 @@ def _check_arguments(out_bag: PathLike, overwrite: bool, num_samples: Optional[i
     try:
         if num_samples is not None:
             whole_number(num_samples, "the number of samples (--samples)", 1)
-        if steps is not None:
+        if steps is not None and steps != 0:  # 0: the model's default_steps, as the node's parameter
             whole_number(steps, "the number of Euler time points (--steps)", 2)
         if noise_seed(seed) is None:
             raise ValueError(f"bag run uses one fixed seed for every image: give --seed >= 0, got {seed}")
@@ -182,7 +182,8 @@ def run_bag(
     settings = node_defaults()
     settings.update(params or {})
     num_samples = int(settings["num_samples"]) if num_samples is None else num_samples
-    steps = int(settings["steps"]) if steps is None else steps
+    steps = (int(settings["steps"]) if steps is None else int(steps)) or None  # None: the model's default_steps
+    guidance = float(settings["guidance_scale"])  # -1: the model's own
     model_note = None
     if forecaster is None:
         from traj_forecast_ros.forecaster import Forecaster
@@ -209,6 +210,9 @@ def run_bag(
     inference_s: List[float] = []
     latest_info: Dict[str, Any] = {}
     max_pixels = int(settings["max_pixels"])
+    if hasattr(forecaster, "max_pixels"):
+        forecaster.max_pixels = max_pixels  # one limit, the one the frames are decoded against (as the node)
+    steps = steps or int(getattr(config, "default_steps", 0)) or None  # the summary records the number used
     bar = tqdm(total=total, unit="img", desc="forecasting", disable=not progress or not sys.stderr.isatty())
     writer = BagWriter(out_bag, storage, overwrite=overwrite)
     try:
@@ -230,7 +234,7 @@ def run_bag(
             try:
                 source, rgb = _decode_image(message.msgtype, message.data, max_pixels)
                 forecast = forecaster.forecast(rgb, instruction=instruction, num_samples=num_samples, steps=steps,
-                                               seed=seed)
+                                               seed=seed, **({} if guidance < 0 else {"guidance_scale": guidance}))
             except (InvalidImageError, TrajForecastError) as exc:  # bad input or non-finite output; bugs propagate
                 reason = classify_error(exc)
                 not_forecast["rejected" if reason_category(reason) == "rejected" else "dropped"][reason] += 1

@@ -152,8 +152,9 @@ class ModelConfig:
         check_guidance_scale(self.guidance_scale)
         if isinstance(self.default_steps, bool) or not isinstance(self.default_steps, int) or self.default_steps < 2:
             raise ValueError(f"default_steps counts Euler time points (>= 2), got {self.default_steps!r}")
-        if self.guidance_scale != 1.0 and self.null_instruction is None:
-            raise ValueError("guidance_scale != 1 needs null_instruction (a model trained with instruction dropout)")
+        if self.guidance_scale != 1.0 and not self.supports_guidance:
+            raise ValueError("guidance_scale != 1 needs null_instruction and a text encoder (a model trained with "
+                             "instruction dropout)")
 
     @property
     def supports_guidance(self) -> bool:

@@ -29,6 +29,8 @@ import torch
 from traj_forecast_ros import metrics
 from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
+from traj_forecast_ros.model.checkpoint import load_model_config
+from traj_forecast_ros.registry import resolve
 from traj_forecast_ros.train.data import usable_samples
 
 log = logging.getLogger(__name__)
@@ -192,14 +194,13 @@ def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids
 
 
 def sampling_defaults(model: PathLike, steps: Optional[int],
-                      guidance_scale: Optional[float]) -> Tuple[int, float]:
-    """``(steps, guidance_scale)``: the values given, or the model's ``default_steps`` / ``guidance_scale``."""
-    from traj_forecast_ros.model.checkpoint import load_model_config
-    from traj_forecast_ros.registry import resolve
-
+                      guidance_scale: Optional[float]) -> Tuple[int, float, bool]:
+    """``(steps, guidance_scale, takes_instruction)``: the values given, or the model's ``default_steps`` /
+    ``guidance_scale``, and whether the model has language input."""
     config = load_model_config(resolve(model))
     return (config.default_steps if steps is None else int(steps),
-            config.guidance_scale if guidance_scale is None else float(guidance_scale))
+            config.guidance_scale if guidance_scale is None else float(guidance_scale),
+            config.text_encoder is not None)
 
 
 def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Optional[PathLike] = None,
@@ -222,8 +223,9 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     whose truth leaves the image by more than an image size are not scored (:func:`~.data.usable_samples`;
     ``excluded_offscreen`` counts them).
     """
+    takes_instruction = False
     if model is not None:
-        steps, guidance_scale = sampling_defaults(model, steps, guidance_scale)
+        steps, guidance_scale, takes_instruction = sampling_defaults(model, steps, guidance_scale)
     dataset = TrajectoryDataset(data_dir)
     count = len(dataset) if max_scenes is None else min(max_scenes, len(dataset))
     usable = usable_samples(dataset)
@@ -270,7 +272,7 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
     per_kind = group_metrics(predictions, gt, object_ids, kinds, kinds) if kinds is not None else {}
     per_view = group_metrics(predictions, gt, object_ids, kinds, views) if views is not None else {}
     paired = None
-    if "ours" in predictions and instructions is not None and dataset.has("branch_groups"):
+    if "ours" in predictions and takes_instruction and instructions is not None and dataset.has("branch_groups"):
         start = time.perf_counter()
         paired = paired_instruction_results(model, dataset, indices, predictions["ours"], gt, instructions,
                                             num_samples, seed, steps, sample_batch_size, device, progress,

@@ -247,8 +247,6 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         if config.text_encoder is not None and config.text_encoder.kind == "words":
             text_encoder, text_ids_table = _words_text_encoder(config, examples, encoder_dir, settings.seed)
             text = None
-            if TEXT_DROPOUT > 0:  # the empty instruction is trained as the unconditional one: guidance works
-                config.null_instruction = ""
             trained = nn.ModuleDict({"denoiser": denoiser, "text_encoder": text_encoder})
         else:
             # built once: the encoder the denoiser is conditioned with is the one saved with the model
@@ -257,6 +255,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
 
         objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw,
                                   text_encoder=text_encoder if text_ids_table is not None else None)
+        if objective.text_encoder is not None and objective.text_dropout > 0:
+            config.null_instruction = ""  # the empty instruction is trained as the unconditional one: guidance
         instruction_index = (examples.dataset.load("instructions").astype(np.int64)
                              if text_ids_table is not None else None)
 
