@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from traj_forecast_ros.summaries import PlannerSummaries, planner_summaries
+from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX, PlannerSummaries, planner_summaries
 
 DEFAULT_NUM_SAMPLES = 8  # K, sampled futures per image: the one default of the API, the CLI and the node
 FRESH_SEED = -1  # seed meaning "fresh noise for every forecast" (same as None) in the API, the CLI and the node
@@ -111,7 +111,7 @@ class Forecast:
         """``[K, Hq, Wq]`` distance in pixels between each point's last and first position."""
         return np.linalg.norm(self.tracks[:, -1] - self.tracks[:, 0], axis=-1)
 
-    def summaries(self, moving_threshold: float = 2.0) -> "PlannerSummaries":
+    def summaries(self, moving_threshold: float = DEFAULT_MOVING_THRESHOLD_PX) -> "PlannerSummaries":
         """The planner summaries (motion probability, first-move frame, per-frame spread, ...) of these tracks."""
         return planner_summaries(self.tracks, moving_threshold)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 NOT_EXPECTED_TO_MOVE = -1  # first_move_frame of a point that fewer than half of the samples move
+DEFAULT_MOVING_THRESHOLD_PX = 2.0  # pixels from frame 0 that count as moving: the API's, the message's, the node's
 
 
 @dataclass

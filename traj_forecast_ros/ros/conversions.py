@@ -16,7 +16,7 @@ import numpy as np
 from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.forecast import Forecast
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, to_rgb
-from traj_forecast_ros.summaries import planner_summaries
+from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX, planner_summaries
 
 # encoding -> (channels, numpy dtype of one channel, channel order); mono images are replicated to RGB.
 _ENCODINGS = {
@@ -222,7 +222,7 @@ def _float32_array(values: np.ndarray) -> array.array:
 
 
 def forecast_to_msg(forecast: Forecast, header: Any, frame_interval: Optional[float] = None,
-                    moving_threshold: float = 2.0, camera_info: Any = None) -> Any:
+                    moving_threshold: float = DEFAULT_MOVING_THRESHOLD_PX, camera_info: Any = None) -> Any:
     """Pack a :class:`Forecast` into a ``traj_forecast_msgs/TrajectoryForecast`` carrying ``header`` (the source
     image's), with the planner summaries (:func:`~traj_forecast_ros.summaries.planner_summaries`) computed here once.
 

@@ -48,7 +48,6 @@ from traj_forecast_ros.ros.conversions import (
 from traj_forecast_ros.ros.diagnostics import diagnostic_status
 from traj_forecast_ros.ros.model_loading import (  # noqa: F401 - load_forecaster is the default factory (bench too)
     LOAD_PARAMETERS,
-    WEIGHTS_HINT,
     ForecasterFactory,
     guidance_problem,
     load_forecaster,

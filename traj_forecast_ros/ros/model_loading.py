@@ -13,11 +13,6 @@ ForecasterFactory = Callable[..., Any]  # (model, device, dtype, cache_dir, **ac
 # (the same model, never one the parameters name since: that needs cleanup, then configure).
 LOAD_PARAMETERS = ("model", "device", "dtype", "threads", "cache_dir", "use_cuda_graphs", "compile", "graph_cache_size")
 
-WEIGHTS_HINT = ("Set the 'model' parameter to a registry name (models/registry.yaml; `traj-forecast download NAME` "
-                "fetches it once with network access) or to a model directory (config.yaml + denoiser.safetensors "
-                "+ vae.safetensors), then trigger configure again.")
-
-
 def model_takes_instruction(forecaster: Any) -> bool:
     """False when the loaded model has no language input (a Forecaster without a text encoder)."""
     if hasattr(forecaster, "text_encoder"):

@@ -15,6 +15,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS
+from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               "one size limit, for raw and compressed frames and the forecaster alike.", 1, 2**28),
     ParamSpec("frame_interval", 0.0, "Seconds between forecast frames written to the message (0 = the model's own "
               "value, its config's frame_interval_s; a model that states none publishes 0 = unknown).", 0.0, 60.0),
-    ParamSpec("moving_threshold", 2.0, "Pixels a point must move from frame 0 (in a sample) to count as moving: "
+    ParamSpec("moving_threshold", DEFAULT_MOVING_THRESHOLD_PX, "Pixels a point must move from frame 0 (in a sample) to count as moving: "
               "moving_fraction and first_move_frame; carried in the message.", 0.0, 10000.0),
     ParamSpec("camera_frame", "", "frame_id used when an image header has none ('' = keep the header as is)."),
     ParamSpec("marker_stride", 8, "Markers: draw every Nth query point in each grid direction.", 1, 256),

@@ -10,6 +10,8 @@ from rclpy.exceptions import InvalidTopicNameException
 from rclpy.expand_topic_name import expand_topic_name
 from rclpy.validate_full_topic_name import validate_full_topic_name
 
+from traj_forecast_ros.bag.model_choice import SIM_MODEL  # the model shipped in models/: runs offline
+
 TOPIC_PARAMETERS = ("image_topic", "instruction_topic", "camera_info_topic")  # validated as ROS names on every set
 OPTIONAL_TOPIC_PARAMETERS = frozenset({"camera_info_topic"})  # '' = not used
 INSTRUCTION_LOG_CHARS = 120  # instructions are logged escaped and cut to this length
@@ -68,7 +70,6 @@ def device_problem(device: str) -> Optional[str]:
     return None
 
 
-OFFLINE_MODEL = "sim-manipulation"  # shipped in models/: what the node can run without network or downloads
 
 
 def missing_model_message(model: str, detail: str) -> str:
@@ -89,6 +90,6 @@ def missing_model_message(model: str, detail: str) -> str:
     else:
         lines.append("  Set 'model' to a model directory (config.yaml + weights) or a registry name "
                      "(`traj-forecast download NAME` fetches one once, with network access).")
-    lines.append(f"  Or run offline with the model shipped in the package: model:={OFFLINE_MODEL} "
+    lines.append(f"  Or run offline with the model shipped in the package: model:={SIM_MODEL} "
                  "(trained on simulated LIBERO-like scenes), then trigger configure again.")
     return "\n".join(lines)
