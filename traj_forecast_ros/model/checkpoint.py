@@ -98,14 +98,18 @@ def _guess_kind(keys: Iterable[str]) -> Optional[str]:
 
 def _architecture_problems(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> List[str]:
     """Missing / unexpected keys and shape mismatches of ``state_dict`` against ``module``."""
-    expected = module.state_dict()
-    missing = set(expected) - set(state_dict)
-    unexpected = set(state_dict) - set(expected)
-    mismatched = [
-        f"{key}: file {list(state_dict[key].shape)} vs model {list(expected[key].shape)}"
-        for key in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
-    ]
+    return _shape_problems({key: tuple(value.shape) for key, value in module.state_dict().items()},
+                           {key: tuple(value.shape) for key, value in state_dict.items()}, "model")
+
+
+def _shape_problems(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str, Tuple[int, ...]],
+                    expected_from: str) -> List[str]:
+    """Missing / unexpected keys and shape mismatches of a file's ``found`` shapes against ``expected`` (named by
+    ``expected_from``: "model", "config")."""
+    missing = set(expected) - set(found)
+    unexpected = set(found) - set(expected)
+    mismatched = [f"{key}: file {list(found[key])} vs {expected_from} {list(expected[key])}"
+                  for key in sorted(set(expected) & set(found)) if tuple(found[key]) != tuple(expected[key])]
     problems = []
     if missing:
         problems.append(f"missing keys {_listing(missing)}")
@@ -321,17 +325,7 @@ def expected_shapes(config: ModelConfig) -> Tuple[Dict[str, Tuple[int, ...]], Op
 def _check_header(path: Path, expected: Mapping[str, Tuple[int, ...]], what: str) -> None:
     """Compare a weights file's header (names and shapes, wrapper prefixes removed) with the config's modules."""
     found = strip_prefixes(safetensors_shapes(path))
-    missing = set(expected) - set(found)
-    unexpected = set(found) - set(expected)
-    mismatched = [f"{key}: file {list(found[key])} vs config {list(expected[key])}"
-                  for key in sorted(set(expected) & set(found)) if tuple(found[key]) != tuple(expected[key])]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_listing(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches {len(mismatched)}: {'; '.join(mismatched[:MAX_LISTED_KEYS])}")
+    problems = _shape_problems(expected, found, "config")
     if problems:
         kind = _guess_kind(found)
         hint = f" The file looks like a {kind} checkpoint." if kind and kind != what else ""
