@@ -39,10 +39,12 @@ MOVING_WEIGHT=${MOVING_WEIGHT:-8}         # VAE: extra weight of points whose tr
 DECODER_STEPS=${DECODER_STEPS:-0}        # decoder-only fine-tune of the VAE (latent space unchanged); 0 = none
 DECODER_DELTA=${DECODER_DELTA:-0.002}    # its Huber delta (normalised units at 128 px: 0.002 = 0.13 px; near L1)
 DECODER_NOISE=${DECODER_NOISE:-0.2}      # its latent noise (units of each channel's latent scale)
-FLOW_STEPS=${FLOW_STEPS:-4000}
+FLOW_STEPS=${FLOW_STEPS:-3000}
 REGRESSOR_STEPS=${REGRESSOR_STEPS:-400}
 SAMPLE_STEPS=${SAMPLE_STEPS:-10}          # the shipped model's default Euler steps (chosen from the steps curve)
 GUIDANCE_SCALE=${GUIDANCE_SCALE:-1.0}     # the shipped model's default guidance (chosen by measurement)
+EVAL_NO_INSTRUCTION=${EVAL_NO_INSTRUCTION:-1}  # 1: also evaluate without instructions (the marginal over tasks)
+STOP_AFTER_FLOW=${STOP_AFTER_FLOW:-0}     # 1: stop once the flow is trained (to measure the sampling defaults)
 EVAL_SAMPLES=${EVAL_SAMPLES:-8}
 COMPARE_RANDOM=${COMPARE_RANDOM:-0}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-200}
@@ -83,7 +85,8 @@ evaluate() {  # evaluate NAME MODEL_DIR OUT_JSON [ARGS...]: the model, zero moti
     fi
     echo "[$name] evaluating $model on $RUN/test"
     "$TF" evaluate --model "$model" --data "$RUN/test" --regressor "$RUN/regressor" --samples "$EVAL_SAMPLES" \
-        --seed "$SEED" --threads "$THREADS" --device cpu --markdown --out "$out.partial.json" "$@" \
+        --steps "$SAMPLE_STEPS" --guidance-scale "$GUIDANCE_SCALE" --seed "$SEED" --threads "$THREADS" --device cpu \
+        --markdown --out "$out.partial.json" "$@" \
         | tee "${out%.json}.md"
     mv "$out.partial.json" "$out"
 }
@@ -130,6 +133,11 @@ if (( DECODER_STEPS > 0 )); then
     FLOW_VAE=$RUN/vae_decoder
 fi
 stage flow "$RUN/flow" "$TF" train flow --out "$RUN/flow" --vae "$FLOW_VAE" "${FLOW_ARGS[@]}"
+if [[ "$STOP_AFTER_FLOW" == 1 ]]; then
+    echo "[flow] done; stopping before the evaluation (STOP_AFTER_FLOW=1): measure the sampling defaults with"
+    echo "       bench/motion_diagnosis.py --model $RUN/flow, then rerun with SAMPLE_STEPS and GUIDANCE_SCALE"
+    exit 0
+fi
 
 # 5. the deterministic regressor baseline on the same frozen encoder
 stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --encoder "$RUN/vae" --config "$CONFIG" \
@@ -139,7 +147,9 @@ stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --enc
 # 6. evaluation on the held-out split: overall, per task kind and per view (JSON + markdown)
 evaluate evaluate "$RUN/flow" "$RUN/eval.json" --figure "$RUN/heldout_figure.png" --vae-bound
 # the same without instructions: the marginal over tasks, where the samples should spread over the candidate goals
-evaluate evaluate_no_instruction "$RUN/flow" "$RUN/eval_no_instruction.json" --no-instructions
+if [[ "$EVAL_NO_INSTRUCTION" == 1 ]]; then
+    evaluate evaluate_no_instruction "$RUN/flow" "$RUN/eval_no_instruction.json" --no-instructions
+fi
 
 # optional: the same VAE + flow budget on the random frozen encoder (no --encoder), evaluated the same way
 if [[ "$COMPARE_RANDOM" == 1 ]]; then
