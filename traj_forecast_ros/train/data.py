@@ -110,7 +110,7 @@ def usable_samples(dataset: TrajectoryDataset, margin: float = OFFSCREEN_MARGIN)
         tracks = np.asarray(shard.tracks)  # [n, R, T, Hq, Wq, 2]
         inside = ((tracks >= low) & (tracks <= high)).reshape(len(tracks), -1).all(axis=1)
         keep.append(offset + np.flatnonzero(inside))
-    return np.concatenate(keep).astype(np.int64)
+    return np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
 
 
 class TrackExamples:
