@@ -58,7 +58,8 @@ class SlowFakeForecaster:
     def release(self) -> None:
         self.released.set()
 
-    def forecast(self, rgb, instruction=None, num_samples=8, steps=10, seed=None, cancel=None):
+    def forecast(self, rgb, instruction=None, num_samples=8, steps=None, seed=None, cancel=None):
+        steps = 10 if steps is None else steps  # None: the model's default_steps, as Forecaster.forecast
         if instruction and self.text_encoder is None:  # what Forecaster does for a model without language input
             raise ValueError(f"model '{self.model_id}' has no language conditioning; got instruction {instruction!r}")
         self.instructions.append(instruction)
