@@ -55,3 +55,18 @@ def private_cache_home(tmp_path_factory) -> Path:
         os.environ.pop("TRAJ_FORECAST_HOME", None)
     else:
         os.environ["TRAJ_FORECAST_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A model directory with a tiny random text-conditioned model (written once per session)."""
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.model.checkpoint import save_model_dir
+    from traj_forecast_ros.model.presets import tiny_config
+
+    config = tiny_config(text=True)
+    forecaster = Forecaster.from_config(config, device="cpu")
+    directory = tmp_path_factory.mktemp("models") / "tiny"
+    save_model_dir(directory, config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
+                   forecaster.text_encoder)
+    return directory

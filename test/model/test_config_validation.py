@@ -12,19 +12,14 @@ import yaml
 from traj_forecast_ros.errors import CheckpointError
 from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.model import checkpoint
-from traj_forecast_ros.model.checkpoint import load_model_dir, save_model_dir
+from traj_forecast_ros.model.checkpoint import load_model_dir
 from traj_forecast_ros.model.config import CONFIG_FILE
-from traj_forecast_ros.model.presets import tiny_config
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory) -> Path:
-    config = tiny_config(text=True)
-    forecaster = Forecaster.from_config(config, device="cpu")
-    directory = tmp_path_factory.mktemp("valid") / "tiny"
-    save_model_dir(directory, config, forecaster.denoiser, forecaster.vae, forecaster.image_encoder,
-                   forecaster.text_encoder)
-    return directory
+@pytest.fixture
+def saved_model(tiny_model_dir: Path) -> Path:
+    """The session's tiny text-conditioned model directory (test/conftest.py); tests edit copies of it."""
+    return tiny_model_dir
 
 
 def edited_copy(saved_model: Path, tmp_path: Path, edit) -> Path:
