@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
+from PIL import Image
 
 from traj_forecast_ros.errors import InvalidImageError
 
@@ -37,8 +38,6 @@ TRACKS_PER_SIDE = 16  # drawings show about this many tracks per grid side, what
 
 def enlarged(image_rgb: np.ndarray, scale: int) -> np.ndarray:
     """``[H, W, 3]`` uint8 enlarged ``scale`` x (bicubic), for drawing tracks at a readable size."""
-    from PIL import Image
-
     height, width = image_rgb.shape[:2]
     return np.asarray(Image.fromarray(image_rgb).resize((width * scale, height * scale), Image.BICUBIC))
 
@@ -260,8 +259,6 @@ def save_animation(frames: Union[np.ndarray, Sequence[np.ndarray]], path: Union[
 
     Returns the path written.
     """
-    from PIL import Image  # local import: Pillow is only needed when saving
-
     path = Path(path)
     frames = list(frames) if not isinstance(frames, np.ndarray) or frames.ndim == 4 else [frames]
     if not frames:
@@ -287,8 +284,6 @@ def write_gif(frames: Sequence[np.ndarray], path: Union[str, Path], durations_ms
     (and dither noise) per frame. ``exact_colors`` (``[N, 3]`` uint8, N < 128) go into the palette as they are (e.g.
     the track colour ramp); the rest of the palette is fitted to the frames.
     """
-    from PIL import Image  # local import: Pillow is only needed when saving
-
     if len(frames) == 0:
         raise ValueError("write_gif needs at least one frame")
     path = Path(path)

@@ -1,6 +1,10 @@
 """CLI: predict end to end on a tiny model directory, info, export-official, offline download."""
 
+import argparse
+import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from traj_forecast_ros.cli import main
+from traj_forecast_ros.cli import build_parser, main
+from traj_forecast_ros.commands import COMMANDS
 from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.model.presets import tiny_config
 
@@ -196,3 +201,51 @@ def test_data_workers_default_to_the_cores_available_not_the_cpu_count(monkeypat
     assert default_workers(5) == 5
     with pytest.raises(SystemExit, match="at least 1"):
         default_workers(0)
+
+
+_MODULES_LOADED = """
+import json, sys
+from traj_forecast_ros.cli import main
+
+report = {}
+for argv in (["--help"], ["data", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    report[" ".join(argv)] = {"code": code, "loaded": sorted(
+        name for name in sys.modules if name.startswith("traj_forecast_ros.commands.") or name in ("torch", "rclpy"))}
+print(json.dumps(report))
+"""
+
+
+def test_help_lists_every_command_and_imports_only_the_command_being_run():
+    """``traj-forecast --help`` loads no command module (no torch, no rclpy); ``data --help`` loads ``data`` only."""
+    result = subprocess.run([sys.executable, "-c", _MODULES_LOADED], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    *help_lines, last = result.stdout.strip().splitlines()
+    report = json.loads(last)
+    assert report["--help"] == {"code": 0, "loaded": []}
+    top_help = " ".join(" ".join(help_lines).split())
+    for command in COMMANDS:
+        assert f"{command.name} {command.help}" in top_help, command.name
+    assert report["data --help"]["code"] == 0
+    assert [name for name in report["data --help"]["loaded"] if name.startswith("traj_forecast_ros")] == [
+        "traj_forecast_ros.commands.data"]
+    assert "rclpy" not in report["data --help"]["loaded"]
+
+
+def test_the_registry_names_each_modules_commands_with_their_help():
+    """Each command module's ``register`` adds exactly the commands ``COMMANDS`` gives it, with the table's help; the
+    full parser of one command is the same whether it is built alone or with all the others."""
+    for module_name in dict.fromkeys(command.module for command in COMMANDS):
+        subparsers = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module_name).register(subparsers)
+        assert list(subparsers.choices) == [c.name for c in COMMANDS if c.module == module_name], module_name
+        helps = {action.dest: action.help for action in subparsers._choices_actions}
+        assert helps == {c.name: c.help for c in COMMANDS if c.module == module_name}
+    everything = dict(_commands(build_parser()))
+    alone = dict(_commands(build_parser(["evaluate"])))
+    assert [path for path in everything if len(path) == 1] == [(c.name,) for c in COMMANDS]
+    assert [a.dest for a in alone[("evaluate",)]._actions] == [a.dest for a in everything[("evaluate",)]._actions]
+    assert [a.dest for a in alone[("predict",)]._actions] == ["help"]  # listed, not loaded

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from traj_forecast_ros.data.dataset import DatasetMeta, DatasetWriter, TrajectoryDataset, import_arrays, tracks_to_grid
+from traj_forecast_ros.data.dataset import DatasetMeta, TrajectoryDataset
+from traj_forecast_ros.data.dataset_writer import DatasetWriter, import_arrays, tracks_to_grid
 from traj_forecast_ros.data.scenes import GeneratorConfig
 from traj_forecast_ros.data.synthetic import write_dataset
 from traj_forecast_ros.errors import DatasetError

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from traj_forecast_ros.cli import main as cli_main
-from traj_forecast_ros.data.dataset import INDEX_FILE, DatasetMeta, DatasetWriter, TrajectoryDataset
+from traj_forecast_ros.data.dataset import INDEX_FILE, DatasetMeta, TrajectoryDataset
+from traj_forecast_ros.data.dataset_writer import DatasetWriter
 from traj_forecast_ros.errors import DatasetError
 
 META = DatasetMeta(image_size=(24, 24), query_grid=(6, 6), query_stride=4.0, query_offset=1.5, num_frames=5,

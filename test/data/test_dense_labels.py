@@ -5,14 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from traj_forecast_ros.data.dataset import DatasetMeta, DatasetWriter, TrajectoryDataset
-from traj_forecast_ros.data.sim_manipulation import (
-    SEGMENTATION_CLASSES,
-    SimConfig,
-    dataset_meta,
-    segmentation_classes,
-    segmentation_lookup,
-)
+from traj_forecast_ros.data.dataset import DatasetMeta, TrajectoryDataset
+from traj_forecast_ros.data.dataset_writer import DatasetWriter
+from traj_forecast_ros.data.sim_clips import segmentation_classes, segmentation_lookup
+from traj_forecast_ros.data.sim_config import SEGMENTATION_CLASSES, SimConfig
+from traj_forecast_ros.data.sim_manipulation import dataset_meta
 from traj_forecast_ros.data.sim_tracks import NO_BODY
 from traj_forecast_ros.errors import DatasetError
 

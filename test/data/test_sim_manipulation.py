@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from traj_forecast_ros.data import sim_manipulation as sm
-from traj_forecast_ros.data import sim_tasks, sim_tracks
-from traj_forecast_ros.data.dataset import DatasetWriter, TrajectoryDataset
+from traj_forecast_ros.data import sim_clips, sim_config, sim_episodes, sim_tasks, sim_tracks
+from traj_forecast_ros.data.dataset import TrajectoryDataset, write_index
+from traj_forecast_ros.data.dataset_writer import DatasetWriter
 from traj_forecast_ros.errors import DatasetError
 
 
@@ -66,24 +67,57 @@ def test_scripted_policy_gives_up_on_unreachable_waypoints():
 
 def test_object_ids_are_compact_and_static_is_zero():
     weld = np.array([0, 0, 2, 3, 0, 5])  # bodies 1 and 4 welded to the world
-    ids = sm.compact_object_ids(np.array([0, 1, 2, 3, 5, sim_tracks.NO_BODY, 4]), weld, moving_bodies=[2, 3, 5])
+    body_ids = np.array([0, 1, 2, 3, 5, sim_tracks.NO_BODY, 4])
+    ids = sim_clips.compact_object_ids(body_ids, weld, moving_bodies=[2, 3, 5])
     assert ids.tolist() == [0, 0, 1, 2, 3, 0, 0] and ids.dtype == np.int16
+
+
+_WITHOUT_THE_SIM_EXTRA = """
+import importlib, json, pathlib, pkgutil, sys
+sys.modules["robosuite"] = sys.modules["mujoco"] = None  # an import of either now raises ImportError
+import traj_forecast_ros.data as data
+loaded = [importlib.import_module(f"traj_forecast_ros.data.{module.name}").__name__
+          for module in pkgutil.iter_modules(data.__path__)]
+from traj_forecast_ros.data import sim_config, sim_manipulation
+config = sim_config.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5)
+meta = sim_manipulation.dataset_meta(config, seed=0, split="train")
+try:
+    sim_manipulation.generate_shard(pathlib.Path(sys.argv[1]), "train", 0, 0, config)
+    failure = None
+except ImportError as exc:
+    failure = str(exc)
+print(json.dumps({"loaded": loaded, "simulator": meta.source["simulator"], "failure": failure}))
+"""
+
+
+def test_the_data_package_imports_and_plans_without_the_sim_extra(tmp_path):
+    """With robosuite and MuJoCo unimportable, every data module imports, settings and dataset metadata work, and
+    only generating a shard fails, on the missing simulator."""
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_THE_SIM_EXTRA, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"traj_forecast_ros.data.sim_episodes", "traj_forecast_ros.data.sim_manipulation",
+            "traj_forecast_ros.data.sim_streams", "traj_forecast_ros.data.dataset"} <= set(report["loaded"])
+    assert set(report["simulator"]) == {"robosuite", "mujoco"}
+    assert report["failure"] is not None and "robosuite" in report["failure"]
 
 
 def test_config_is_checked():
     with pytest.raises(ValueError, match="unknown scenes"):
-        sm.SimConfig(scenes=("kitchen",))
+        sim_config.SimConfig(scenes=("kitchen",))
     with pytest.raises(ValueError):
-        sm.SimConfig(num_frames=1)
-    config = sm.SimConfig(frame_stride=3)
+        sim_config.SimConfig(num_frames=1)
+    config = sim_config.SimConfig(frame_stride=3)
     assert config.frame_interval_s == pytest.approx(0.15)
-    assert config.query_points()[0, 0].tolist() == [1.5, 1.5] and config.query_points()[-1, -1].tolist() == [125.5, 125.5]
+    query = config.query_points()
+    assert query[0, 0].tolist() == [1.5, 1.5] and query[-1, -1].tolist() == [125.5, 125.5]
     with pytest.raises(ValueError, match="split"):
         sm.write_sim_dataset("/nonexistent", "val", 1, 0, config)
 
 
 def test_dataset_version_2_fields_round_trip_and_are_validated(tmp_path):
-    config = sm.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5, num_frames=3)
+    config = sim_config.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5, num_frames=3)
     meta = sm.dataset_meta(config, seed=7, split="test")
     image = np.zeros((128, 128, 3), np.uint8)
     tracks = np.broadcast_to(config.query_points(), (3, 4, 4, 2)).astype(np.float32)
@@ -105,24 +139,22 @@ def test_dataset_version_2_fields_round_trip_and_are_validated(tmp_path):
     assert sample.view == "robot0_eye_in_hand" and sample.instruction == instruction and sample.scene_id == 12
     assert sample.visibility.dtype == bool and sample.visibility.shape == (1, 3, 4, 4)
     assert not sample.visibility[0, 2, 0, 0] and sample.visibility.sum() == 47
-    assert dataset.meta.views == list(sm.VIEWS) and dataset.meta.instructions == sim_tasks.all_instructions()
+    assert dataset.meta.views == list(sim_config.VIEWS) and dataset.meta.instructions == sim_tasks.all_instructions()
 
 
 def test_index_writer_refuses_unknown_or_missing_fields(tmp_path):
-    from traj_forecast_ros.data.dataset import write_index
-
-    meta = sm.dataset_meta(sm.SimConfig(), seed=0, split="train")
+    meta = sm.dataset_meta(sim_config.SimConfig(), seed=0, split="train")
     with pytest.raises(DatasetError):
         write_index(tmp_path, meta, ["images", "tracks", "surface_normals"], [])
     with pytest.raises(DatasetError):
         write_index(tmp_path, meta, ["images", "visibility"], [])
     path = write_index(tmp_path, meta, ["images", "tracks", "views"], [{"name": "shard-00000", "num_samples": 3}])
     index = json.loads(path.read_text())
-    assert index["version"] == 2 and index["num_samples"] == 3 and index["views"] == list(sm.VIEWS)
+    assert index["version"] == 2 and index["num_samples"] == 3 and index["views"] == list(sim_config.VIEWS)
 
 
 def test_old_style_datasets_stay_version_1(tmp_path):
-    config = sm.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5, num_frames=3)
+    config = sim_config.SimConfig(query_grid=(4, 4), query_stride=32.0, query_offset=15.5, num_frames=3)
     meta = sm.dataset_meta(config, seed=7, split="test")
     tracks = np.broadcast_to(config.query_points(), (3, 4, 4, 2)).astype(np.float32)
     with DatasetWriter(tmp_path / "d", meta) as writer:
@@ -175,7 +207,7 @@ def test_generator_writes_valid_shards_with_exact_frame_zero(generated):
         tracks = dataset.load("tracks")[:, 0]  # [N, T, 32, 32, 2]
         visibility = dataset.load("visibility")[:, 0]
         views = [meta.views[v] for v in dataset.load("views")]
-        assert set(views) == set(sm.VIEWS)
+        assert set(views) == set(sim_config.VIEWS)
         assert np.array_equal(tracks[:, 0], np.broadcast_to(meta.query_points(), tracks[:, 0].shape))
         assert visibility[:, 0].all()  # every query point is seen in its own frame
         ids = dataset.load("object_ids")
@@ -195,11 +227,11 @@ def test_generator_writes_valid_shards_with_exact_frame_zero(generated):
 def test_generator_writes_dense_labels_that_agree_with_the_object_ids(generated):
     root, _ = generated
     dataset = TrajectoryDataset(root / "a" / "train")
-    assert dataset.meta.segmentation_classes == list(sm.SEGMENTATION_CLASSES)
+    assert dataset.meta.segmentation_classes == list(sim_config.SEGMENTATION_CLASSES)
     segmentation, depth = dataset.load("segmentation"), dataset.load("depth").astype(np.float32)
     assert segmentation.shape == depth.shape == (len(dataset), 128, 128)
-    robot = sm.SEGMENTATION_CLASSES.index("robot")
-    cube = sm.SEGMENTATION_CLASSES.index("object 1")  # lift: the cube is the only object
+    robot = sim_config.SEGMENTATION_CLASSES.index("robot")
+    cube = sim_config.SEGMENTATION_CLASSES.index("object 1")  # lift: the cube is the only object
     assert set(np.unique(segmentation)) <= {0, 1, robot, cube} and (segmentation == robot).any()
     assert np.isfinite(depth).all() and (depth[segmentation > 0] > 0).all()
     pixels = dataset.meta.query_points().astype(int)  # [32, 32, 2] pixel (column, row) of each query point
@@ -280,13 +312,13 @@ def test_stream_episode_reproduces_the_bundled_scored_bag():
     from traj_forecast_ros.bag.sim_sample import SIM_SAMPLE_BAG
     from traj_forecast_ros.data.sim_streams import stream_episode
 
-    sm.ensure_offscreen_gl()
-    config = sm.SimConfig()
+    sim_episodes.ensure_offscreen_gl()
+    config = sim_config.SimConfig()
     episode = stream_episode(0, 0, config, max_frames=3)
     assert len(episode.images) == len(episode.tracks) == 3 and episode.instruction
     grid = config.query_points()
     for tracks in episode.tracks:
-        for view in sm.VIEWS:
+        for view in sim_config.VIEWS:
             assert tracks[view].shape == (config.num_frames, *config.query_grid, 2)
             np.testing.assert_array_equal(tracks[view][0], grid)
     # consecutive frames: the camera stream moves on by one frame (the robot moves in the agent view)

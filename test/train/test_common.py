@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from traj_forecast_ros.errors import DeviceError
+from traj_forecast_ros.errors import CheckpointError, DeviceError
 from traj_forecast_ros.train import common
+from traj_forecast_ros.train import trainer as training
 
 
 def test_ema_follows_the_documented_decay_schedule():
@@ -104,11 +105,11 @@ def test_step_generator_depends_only_on_seed_step_rank():
 
 
 def test_metrics_csv_appends_across_loggers(tmp_path, read_metrics):
-    logger = common.MetricsLogger(tmp_path, tensorboard=False)
+    logger = training.MetricsLogger(tmp_path, tensorboard=False)
     logger.log(1, {"loss": 2.0, "lr": 0.1})
-    logger = common.MetricsLogger(tmp_path, tensorboard=False)  # a resumed run keeps the header
+    logger = training.MetricsLogger(tmp_path, tensorboard=False)  # a resumed run keeps the header
     logger.log(2, {"loss": 1.5, "lr": 0.1})
-    rows = read_metrics(tmp_path / common.METRICS_FILE)
+    rows = read_metrics(tmp_path / training.METRICS_FILE)
     assert rows == [{"step": 1.0, "loss": 2.0, "lr": 0.1}, {"step": 2.0, "loss": 1.5, "lr": 0.1}]
 
 
@@ -171,8 +172,8 @@ def test_a_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
     marker = tmp_path / "payload_ran"
     crafted = tmp_path / "last.pt"
     torch.save({"stage": "flow", "step": 1, "model": {}, "evil": _Payload(marker)}, crafted)
-    with pytest.raises(common.CheckpointError, match="refused"):
-        common.load_checkpoint(crafted)
+    with pytest.raises(CheckpointError, match="refused"):
+        training.load_checkpoint(crafted)
     assert not marker.exists(), "torch.load ran the pickled payload"
 
 
@@ -189,13 +190,13 @@ def test_a_trainer_checkpoint_round_trips_with_weights_only(tmp_path):
 
     settings = common.TrainSettings(steps=2, batch_size=2, device="cpu", progress=False, ema_decay=0.9,
                                     log_every=1, checkpoint_every=1)
-    trainer = common.Trainer(Objective(), model, lambda idx: {"x": torch.randn(len(idx), 3)}, 8, settings,
+    trainer = training.Trainer(Objective(), model, lambda idx: {"x": torch.randn(len(idx), 3)}, 8, settings,
                              tmp_path, common.DistInfo(), "test")
     np.random.seed(123)
     path = trainer.save(tmp_path / "last.pt")
     expected = np.random.rand(3)
-    state = common.load_checkpoint(path)  # weights_only=True: must accept what Trainer writes
+    state = training.load_checkpoint(path)  # weights_only=True: must accept what Trainer writes
     assert state["stage"] == "test" and set(state["model"]) == {"weight", "bias"}
     np.random.seed(0)
-    common.set_rng_state(state["rng"])
+    training.set_rng_state(state["rng"])
     np.testing.assert_array_equal(np.random.rand(3), expected)

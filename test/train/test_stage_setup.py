@@ -12,6 +12,7 @@ from traj_forecast_ros.data.scenes import GeneratorConfig
 from traj_forecast_ros.data.synthetic import write_dataset
 from traj_forecast_ros.model.config import ModelConfig, TextEncoderConfig
 from traj_forecast_ros.train import common, flow
+from traj_forecast_ros.train import trainer as training
 from traj_forecast_ros.train.data import (TrackExamples, build_image_encoder, build_text_encoder, image_features,
                                           prepare_examples)
 from traj_forecast_ros.model.presets import tiny_blocks_config
@@ -44,7 +45,7 @@ def test_flow_saves_the_text_encoder_it_trained_with(tiny_data, tiny_vae_run, tm
     config.save_yaml(vae_dir / "config.yaml")
     batches = []
 
-    class RecordingTrainer(common.Trainer):
+    class RecordingTrainer(training.Trainer):
         def __init__(self, objective, model, make_batch, *args, **kwargs):
             batches.append(make_batch(np.arange(2)))
             super().__init__(objective, model, make_batch, *args, **kwargs)

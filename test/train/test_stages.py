@@ -16,6 +16,7 @@ from traj_forecast_ros.model.config import ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.train import common
+from traj_forecast_ros.train import trainer as training
 from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
 from traj_forecast_ros.train.flow import FlowObjective, cached_latents, train_flow
 from traj_forecast_ros.model.presets import tiny_blocks_config
@@ -39,7 +40,7 @@ def fixed_loss(objective, batch):
 def run_steps(objective, model, make_batch, count, tmp_path, steps, lr=3e-3):
     train_settings = common.TrainSettings(steps=steps, batch_size=4, lr=lr, warmup_steps=0, log_every=1, seed=0,
                                           device="cpu", progress=False)
-    trainer = common.Trainer(objective, model, make_batch, count, train_settings, tmp_path,
+    trainer = training.Trainer(objective, model, make_batch, count, train_settings, tmp_path,
                              common.DistInfo(), stage="test")
     trainer.fit()
     return trainer

@@ -68,14 +68,14 @@ def test_import_tracker_output(tmp_path, capsys):
 def test_train_vae_config_choice_with_init(tmp_path, monkeypatch):
     """An explicit --config wins over --init DIR's config.yaml (even when it names the default preset); without
     --config the init directory's config is used, and without either the demo-blocks preset."""
-    import traj_forecast_ros.train.vae as vae_module
+    import traj_forecast_ros.commands.train as train_command  # the train_vae the command calls
     from traj_forecast_ros.model.presets import tiny_blocks_config
 
     init = tmp_path / "init"
     init.mkdir()
     tiny_blocks_config().save_yaml(init / "config.yaml")
     seen = []
-    monkeypatch.setattr(vae_module, "train_vae", lambda data, out, config, settings, **kw: seen.append(config) or {})
+    monkeypatch.setattr(train_command, "train_vae", lambda data, out, config, settings, **kw: seen.append(config) or {})
     common = ["train", "vae", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
     assert main([*common, "--config", "demo-blocks", "--init", str(init)]) == 0
     assert main([*common, "--init", str(init)]) == 0
@@ -86,10 +86,10 @@ def test_train_vae_config_choice_with_init(tmp_path, monkeypatch):
 def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
     """--decoder-only, --recon-delta, --latent-noise and --moving-weight reach train_vae; their defaults are the
     official recipe."""
-    import traj_forecast_ros.train.vae as vae_module
+    import traj_forecast_ros.commands.train as train_command  # the train_vae the command calls
 
     seen = []
-    monkeypatch.setattr(vae_module, "train_vae", lambda data, out, config, settings, **kw: seen.append(kw) or {})
+    monkeypatch.setattr(train_command, "train_vae", lambda data, out, config, settings, **kw: seen.append(kw) or {})
     common = ["train", "vae", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(common) == 0
     assert main([*common, "--init", str(tmp_path), "--decoder-only", "--recon-delta", "0.01",

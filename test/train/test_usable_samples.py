@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 from tiny_sim_data import tiny_sim_meta, tiny_sim_scene
 
-from traj_forecast_ros.data.dataset import DatasetWriter, TrajectoryDataset
+from traj_forecast_ros.data.dataset import TrajectoryDataset
+from traj_forecast_ros.data.dataset_writer import DatasetWriter
 from traj_forecast_ros.model.presets import preset_config
 from traj_forecast_ros.train.data import TrackExamples, usable_samples
 from traj_forecast_ros.train.evaluate import evaluate

@@ -12,7 +12,8 @@ from typing import Tuple
 
 import numpy as np
 
-from traj_forecast_ros.data.dataset import DatasetMeta, DatasetWriter
+from traj_forecast_ros.data.dataset import DatasetMeta
+from traj_forecast_ros.data.dataset_writer import DatasetWriter
 from traj_forecast_ros.model.presets import preset_config
 from traj_forecast_ros.train.common import TrainSettings
 

@@ -10,12 +10,23 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from traj_forecast_ros.bag import sample, sim_sample
+from traj_forecast_ros.bag.io import bag_summary
+from traj_forecast_ros.bag.offline import run_bag
+from traj_forecast_ros.bag.player import play_bag
+from traj_forecast_ros.bag.recorder import record_bag
+from traj_forecast_ros.bag.replay import replay_through_node
+from traj_forecast_ros.commands import command_help
+from traj_forecast_ros.commands.data import require_simulator
+from traj_forecast_ros.errors import BagError, TrajForecastError
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bag`` command and its subcommands."""
-    parser = subparsers.add_parser("bag", help="rosbag2 tools: info, play, record, run, replay, make-sample",
+    parser = subparsers.add_parser("bag", help=command_help("bag"),
                                    description=__doc__)
     bag_commands = parser.add_subparsers(dest="bag_command", metavar="SUBCOMMAND")
     bag_commands.required = True
@@ -128,9 +139,6 @@ def _fail(message: str) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.bag.io import bag_summary
-    from traj_forecast_ros.errors import BagError
-
     try:
         summary = bag_summary(args.bag)
     except BagError as exc:
@@ -148,9 +156,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _play(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.bag.player import play_bag
-    from traj_forecast_ros.errors import BagError
-
     try:
         stats, waiting, acked = play_bag(args.bag, topics=args.topics, rate=args.rate, loop=args.loop, qos=args.qos,
                                          clock_hz=args.clock, wait_for_subscribers_s=args.wait_for_subscribers)
@@ -167,9 +172,6 @@ def _play(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.bag.recorder import record_bag
-    from traj_forecast_ros.errors import BagError
-
     try:
         counts = record_bag(str(args.out_bag), topics=args.topics, storage=args.storage, overwrite=args.overwrite,
                             duration_s=args.duration)
@@ -180,13 +182,9 @@ def _record(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.bag.offline import run_bag
-    from traj_forecast_ros.errors import TrajForecastError
-
     if args.threads is not None:
         if args.threads < 1:
             return _fail(f"--threads must be >= 1, got {args.threads}")
-        import torch
 
         torch.set_num_threads(args.threads)
 
@@ -206,9 +204,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.bag.replay import replay_through_node
-    from traj_forecast_ros.errors import TrajForecastError
-
     try:
         summary = replay_through_node(args.in_bag, args.out_dir, model=args.model, image_topic=args.topic,
                                       rate=args.rate, extra_params=args.param, timeout_s=args.timeout,
@@ -219,9 +214,6 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _make_sample(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.bag import sample
-    from traj_forecast_ros.errors import BagError
-
     try:
         path = sample.make_sample_bag(
             out=args.out or sample.SAMPLE_BAG, images_dir=args.images or sample.SHARED_IMAGES,
@@ -234,10 +226,6 @@ def _make_sample(args: argparse.Namespace) -> int:
 
 
 def _make_sim_sample(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.bag import sim_sample
-    from traj_forecast_ros.commands.data import require_simulator
-    from traj_forecast_ros.errors import BagError
-
     try:
         episodes = [int(index) for index in args.episodes.split(",") if index.strip()]
     except ValueError:

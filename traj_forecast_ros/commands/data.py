@@ -11,14 +11,28 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
+
+from traj_forecast_ros import cpu_cores
+from traj_forecast_ros.commands import command_help
+from traj_forecast_ros.data.dataset import DatasetMeta, TrajectoryDataset
+from traj_forecast_ros.data.dataset_writer import import_arrays
+from traj_forecast_ros.data.scenes import SCENE_KINDS, GeneratorConfig
+from traj_forecast_ros.data.sim_config import DEFAULT_SCENES, SimConfig
+from traj_forecast_ros.data.sim_manipulation import write_sim_dataset
+from traj_forecast_ros.data.synthetic import write_dataset
+from traj_forecast_ros.model.presets import resolve_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command and its subcommands."""
-    parser = subparsers.add_parser("data", help="synthetic datasets and user data import", description=__doc__,
+    parser = subparsers.add_parser("data", help=command_help("data"), description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     commands.required = True
@@ -88,10 +102,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.data.scenes import SCENE_KINDS, GeneratorConfig
-    from traj_forecast_ros.data.synthetic import write_dataset
-    from traj_forecast_ros.model.presets import resolve_config
-
     model = resolve_config(args.config)
     if tuple(model.image_size) != (128, 128):
         raise SystemExit(f"error: the generator renders 128x128 images; config '{args.config}' wants "
@@ -114,10 +124,8 @@ def _generate(args: argparse.Namespace) -> int:
 def default_workers(requested: Optional[int]) -> int:
     """``--workers``: the value given (at least 1), else the cores available to this process (affinity and cgroup
     CPU quota, not the machine's CPU count)."""
-    from traj_forecast_ros.cpu_cores import available_cores
-
     if requested is None:
-        return available_cores()
+        return cpu_cores.available_cores()
     if requested < 1:
         raise SystemExit(f"error: --workers must be at least 1, got {requested}")
     return requested
@@ -125,8 +133,6 @@ def default_workers(requested: Optional[int]) -> int:
 
 def require_simulator() -> None:
     """Exit with what to install when the sim extra (robosuite, MuJoCo) is missing."""
-    import importlib.util
-
     missing = [name for name in ("robosuite", "mujoco") if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(f"error: {', '.join(missing)} not installed: bash scripts/setup_sim.sh installs "
@@ -135,7 +141,6 @@ def require_simulator() -> None:
 
 def _sim_manipulation(args: argparse.Namespace) -> int:
     require_simulator()
-    from traj_forecast_ros.data.sim_manipulation import DEFAULT_SCENES, SimConfig, write_sim_dataset
 
     workers = default_workers(args.workers)
     scenes = tuple(s.strip() for s in args.scenes.split(",")) if args.scenes else DEFAULT_SCENES
@@ -156,11 +161,6 @@ def _sim_manipulation(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from traj_forecast_ros.data.dataset import DatasetMeta, import_arrays
-    from traj_forecast_ros.model.presets import resolve_config
-
     model = resolve_config(args.config)
     meta = DatasetMeta(image_size=tuple(model.image_size), query_grid=tuple(model.query_grid),
                        query_stride=model.query_stride, query_offset=model.query_offset,
@@ -174,10 +174,6 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from collections import Counter
-
-    from traj_forecast_ros.data.dataset import TrajectoryDataset
-
     dataset = TrajectoryDataset(args.dataset)
     if args.json:
         print(json.dumps(dataset.index, indent=1))

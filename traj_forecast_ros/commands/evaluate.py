@@ -17,7 +17,12 @@ import sys
 from pathlib import Path
 from typing import Union
 
+import torch
+
+from traj_forecast_ros.commands import command_help
+from traj_forecast_ros.errors import TrajForecastError
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
+from traj_forecast_ros.train.evaluate import evaluate, format_kind_table, format_paired, format_table
 
 
 def sample_batch_size_arg(text: str) -> Union[int, str]:
@@ -35,7 +40,7 @@ def sample_batch_size_arg(text: str) -> Union[int, str]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` command."""
-    parser = subparsers.add_parser("evaluate", help="metrics of a model vs baselines on a dataset",
+    parser = subparsers.add_parser("evaluate", help=command_help("evaluate"),
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory or registry name (omit: baselines only)")
     parser.add_argument("--data", type=Path, required=True, help="dataset directory (held-out scenes)")
@@ -66,14 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.errors import TrajForecastError
-    from traj_forecast_ros.train.evaluate import evaluate, format_kind_table, format_paired, format_table
-
     if args.samples < 1:
         raise SystemExit("error: --samples must be >= 1")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         report = evaluate(args.data, model=args.model, regressor=args.regressor, num_samples=args.samples,

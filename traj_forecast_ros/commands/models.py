@@ -6,13 +6,35 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Dict, Optional
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import load_file
+
+from traj_forecast_ros import registry
+from traj_forecast_ros.commands import command_help
+from traj_forecast_ros.cpu_cores import resolve_threads
+from traj_forecast_ros.errors import TrajForecastError
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
+from traj_forecast_ros.model.checkpoint import build_modules, export_official, load_model_config
+from traj_forecast_ros.model.config import CONFIG_FILE, DENOISER_FILE, IMAGE_ENCODER_DIR, TEXT_ENCODER_DIR, ModelConfig
+from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder, resolve_source
+from traj_forecast_ros.sampling_plan import (
+    PROBE_MAX_GFLOP,
+    SamplingPlan,
+    cpu_size_rule,
+    denoiser_gflop,
+    plan_for_model,
+    weights_identity,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``download``, ``info`` and ``export-official`` commands."""
     download = subparsers.add_parser(
-        "download", help="download a registry model and convert it into a model directory",
+        "download", help=command_help("download"),
         description="Fetches the checkpoints and encoders of a registry model (models/registry.yaml) from the "
                     "Hugging Face hub and converts them into $TRAJ_FORECAST_HOME/models/NAME. Offline it fails "
                     "at once and prints what to download by hand.")
@@ -22,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     download.add_argument("--force", action="store_true", help="download and convert again even if present")
     download.set_defaults(func=_download)
 
-    info = subparsers.add_parser("info", help="describe a model: config, parameters, files, weights present",
+    info = subparsers.add_parser("info", help=command_help("info"),
                                  description="Without NAME, lists the registry with each model's status.")
     info.add_argument("name", nargs="?", default=None, help="registry name or model directory")
     info.add_argument("--cache-dir", type=Path, default=None, help="cache root (default: $TRAJ_FORECAST_HOME)")
@@ -30,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
 
     export = subparsers.add_parser(
-        "export-official", help="convert official .pth checkpoints into a model directory",
+        "export-official", help=command_help("export-official"),
         description="Strictly loads the official denoiser (and VAE) .pth files into the architecture of a preset "
                     "(or a config YAML) and writes config.yaml + safetensors (+ encoders when given).")
     export.add_argument("--denoiser", type=Path, required=True, help="official denoiser checkpoint (.pth)")
@@ -54,11 +76,8 @@ def _fail(command: str, message: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- download
 def _download(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.errors import TrajForecastError
-    from traj_forecast_ros.registry import download
-
     try:
-        path = download(args.name, cache_dir=args.cache_dir, force=args.force)
+        path = registry.download(args.name, cache_dir=args.cache_dir, force=args.force)
     except TrajForecastError as exc:
         return _fail("download", str(exc))
     print(f"model '{args.name}' ready in {path}")
@@ -69,10 +88,6 @@ def _download(args: argparse.Namespace) -> int:
 def _parameter_counts(config) -> Dict[str, int]:
     """Parameter numbers of the denoiser and VAE (fixed tables that are Parameters included, buffers not), built
     on the meta device (no memory, no weights)."""
-    import torch
-
-    from traj_forecast_ros.model.checkpoint import build_modules
-
     with torch.device("meta"):
         denoiser, vae = build_modules(config)
     counts = {"denoiser": sum(p.numel() for p in denoiser.parameters())}
@@ -86,15 +101,6 @@ def _cpu_plans(config, model_name: str, model_dir: Optional[Path] = None,
     """The CPU sampling plan per dtype for the default K and the node's default thread count (the cores
     available): a cached probe decision where one exists (``<cache_dir>/plans``, keyed by the weights in
     ``model_dir``), else the size rule. Nothing is timed here."""
-    import torch
-
-    from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
-    from traj_forecast_ros.model.checkpoint import build_modules
-    from traj_forecast_ros.model.config import DENOISER_FILE
-    from traj_forecast_ros.cpu_cores import resolve_threads
-    from traj_forecast_ros.sampling_plan import (PROBE_MAX_GFLOP, SamplingPlan, cpu_size_rule, denoiser_gflop,
-                                                 plan_for_model, weights_identity)
-
     with torch.device("meta"):
         denoiser, _ = build_modules(config)
     threads = resolve_threads(0)
@@ -103,7 +109,6 @@ def _cpu_plans(config, model_name: str, model_dir: Optional[Path] = None,
     batch = cpu_size_rule(denoiser, torch.float32)["sample_batch_size"]
     if (weights is not None and weights.is_file()
             and denoiser_gflop(denoiser, min(DEFAULT_NUM_SAMPLES, batch)) <= PROBE_MAX_GFLOP):  # probed models only
-        from safetensors.torch import load_file
 
         weights_id = weights_identity(load_file(str(weights)))
     plans_dir = Path(cache_dir).expanduser() / "plans" if cache_dir is not None else None
@@ -116,8 +121,6 @@ def _cpu_plans(config, model_name: str, model_dir: Optional[Path] = None,
 
 
 def _encoder_status(model_dir: Optional[Path], sub_dir: str, model_id: Optional[str], has_config: bool) -> str:
-    from traj_forecast_ros.model.encoders import resolve_source
-
     source = resolve_source(model_id, model_dir, sub_dir)  # the order the encoders load in
     if source is None:
         return "random weights from config" if has_config else "not configured"
@@ -125,7 +128,6 @@ def _encoder_status(model_dir: Optional[Path], sub_dir: str, model_id: Optional[
         return f"shipped in {sub_dir}/"
     if Path(source).is_dir():
         return f"local directory {model_id}"
-    from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(model_id, "config.json")
     return f"hub {model_id} ({'in the Hugging Face cache' if isinstance(cached, str) else 'NOT downloaded'})"
@@ -152,10 +154,6 @@ def _config_summary(config) -> Dict[str, Any]:
 
 def describe_model(name_or_dir: str, cache_dir: Optional[Path] = None) -> Dict[str, Any]:
     """Everything ``info`` prints about a registry name or a model directory, as a dict."""
-    from traj_forecast_ros import registry
-    from traj_forecast_ros.model.checkpoint import load_model_config
-    from traj_forecast_ros.model.config import CONFIG_FILE, IMAGE_ENCODER_DIR, TEXT_ENCODER_DIR
-
     description: Dict[str, Any] = {"model": name_or_dir}
     entry = registry.load_registry().get(name_or_dir)
     candidate = Path(name_or_dir).expanduser()
@@ -212,9 +210,6 @@ def _print_description(description: Dict[str, Any]) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from traj_forecast_ros import registry
-    from traj_forecast_ros.errors import TrajForecastError
-
     if args.name is None:
         entries = registry.load_registry()
         default = registry.default_model_name()
@@ -244,11 +239,6 @@ def _info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- export
 def _export(args: argparse.Namespace) -> int:
-    from traj_forecast_ros import registry
-    from traj_forecast_ros.errors import TrajForecastError
-    from traj_forecast_ros.model.checkpoint import export_official, load_model_config
-    from traj_forecast_ros.model.config import ModelConfig
-
     try:
         if args.preset is not None:
             entry = registry.get_entry(args.preset)
@@ -259,10 +249,6 @@ def _export(args: argparse.Namespace) -> int:
             config = ModelConfig.load_yaml(args.config)
         image_encoder = text_encoder = None
         if args.image_encoder is not None or args.text_encoder is not None:
-            from dataclasses import replace
-
-            from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
-
             if args.image_encoder is not None:
                 image_encoder = ImageEncoder.from_config(replace(config.image_encoder,
                                                                  model_id=str(args.image_encoder)))

@@ -7,13 +7,22 @@ import json
 import sys
 from pathlib import Path
 
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from traj_forecast_ros.commands import command_help
+from traj_forecast_ros.errors import TrajForecastError
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, Forecast
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.geometry import to_rgb
+from traj_forecast_ros.registry import default_model_name
+from traj_forecast_ros.viz import draw_forecast, forecast_frames, save_animation
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` command."""
     parser = subparsers.add_parser(
-        "predict", help="forecast point trajectories for one image",
+        "predict", help=command_help("predict"),
         description="Samples K futures of the model's query grid for IMAGE and writes them to an .npz file "
                     "(tracks [K, T, Hq, Wq, 2] in IMAGE pixels, frame 0 exactly at query_points unless --raw; "
                     "query_points, metadata); optionally draws them.")
@@ -51,9 +60,6 @@ def _fail(message: str) -> int:
 
 def load_image(path: Path):
     """Read an image file as a uint8 numpy array (mono stays HxW, RGBA keeps alpha, everything else RGB)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -64,12 +70,10 @@ def load_image(path: Path):
         raise ValueError(f"cannot read image {path}: {exc}") from exc
 
 
-def save_forecast_npz(forecast, path: Path) -> Path:
+def save_forecast_npz(forecast: Forecast, path: Path) -> Path:
     """Write a :class:`Forecast` to ``.npz``: arrays ``tracks``, ``query_points``, ``image_size``, ``frame_interval``
     (seconds between forecast frames, 0 = unknown), ``crop_box`` (x_min, y_min, x_max, y_max: the image region the
     query grid covers) and JSON metadata."""
-    import numpy as np
-
     metadata = {"model_id": forecast.model_id, "instruction": forecast.instruction, "device": forecast.device,
                 "dtype": forecast.dtype, "seed": forecast.seed, "guidance_scale": forecast.guidance_scale,
                 "timings": forecast.timings}
@@ -84,12 +88,6 @@ def save_forecast_npz(forecast, path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``traj-forecast predict``."""
-    from traj_forecast_ros.errors import TrajForecastError
-    from traj_forecast_ros.forecaster import Forecaster
-    from traj_forecast_ros.geometry import to_rgb
-    from traj_forecast_ros.registry import default_model_name
-    from traj_forecast_ros.viz import draw_forecast, forecast_frames, save_animation
-
     if args.viz is not None and args.viz.suffix.lower() not in (".png", ".gif", ".jpg", ".jpeg"):
         return _fail(f"--viz must end in .png, .jpg or .gif, got {args.viz}")
     try:

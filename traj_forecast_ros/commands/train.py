@@ -28,6 +28,16 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
+from traj_forecast_ros.commands import command_help
+from traj_forecast_ros.model.presets import resolve_config
+from traj_forecast_ros.train.common import TrainSettings
+from traj_forecast_ros.train.encoder import evaluate_dense, train_encoder
+from traj_forecast_ros.train.flow import train_flow
+from traj_forecast_ros.train.regressor import train_regressor
+from traj_forecast_ros.train.vae import train_vae
+
 
 def _add_common(parser: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
     parser.add_argument("--data", type=Path, required=True, help="training dataset directory")
@@ -55,7 +65,7 @@ def _add_common(parser: argparse.ArgumentParser, steps: int, lr: float, batch: i
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` command and its stages."""
-    parser = subparsers.add_parser("train", help="train the VAE, the latent flow model or the regressor baseline",
+    parser = subparsers.add_parser("train", help=command_help("train"),
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = parser.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True
@@ -117,12 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     regressor.set_defaults(func=_train_regressor)
 
 
-def _settings(args: argparse.Namespace):
-    from traj_forecast_ros.train.common import TrainSettings
-
+def _settings(args: argparse.Namespace) -> TrainSettings:
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return TrainSettings(
@@ -139,9 +145,6 @@ def _report(last: dict) -> int:
 
 
 def _train_vae(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.model.presets import resolve_config
-    from traj_forecast_ros.train.vae import train_vae
-
     settings = _settings(args)
     init_config = args.init / "config.yaml" if args.init is not None and args.init.is_dir() else None
     source = args.config or (str(args.init) if init_config is not None and init_config.is_file() else None)
@@ -153,9 +156,6 @@ def _train_vae(args: argparse.Namespace) -> int:
 
 
 def _train_encoder(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.model.presets import resolve_config
-    from traj_forecast_ros.train.encoder import evaluate_dense, train_encoder
-
     settings = _settings(args)
     last = train_encoder(args.data, args.out, resolve_config(args.config), settings, resume=args.resume,
                          frozen_backbone=args.frozen_backbone, depth_weight=args.depth_weight)
@@ -167,9 +167,6 @@ def _train_encoder(args: argparse.Namespace) -> int:
 
 
 def _train_flow(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.train.flow import train_flow
-    from traj_forecast_ros.model.presets import resolve_config
-
     settings = _settings(args)
     official_config = resolve_config(args.config) if args.config else None
     official = args.init is not None and args.init.is_file()
@@ -180,9 +177,6 @@ def _train_flow(args: argparse.Namespace) -> int:
 
 
 def _train_regressor(args: argparse.Namespace) -> int:
-    from traj_forecast_ros.model.presets import resolve_config
-    from traj_forecast_ros.train.regressor import train_regressor
-
     settings = _settings(args)
     source = args.config or (str(args.encoder) if args.encoder else None)
     if source is None:

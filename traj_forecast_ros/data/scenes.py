@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from traj_forecast_ros.geometry import query_grid
+
 SCENE_KINDS: Tuple[str, ...] = ("fall", "stack", "topple", "ramp", "slide", "rest")
 DEFAULT_KIND_WEIGHTS: Dict[str, float] = {
     "fall": 0.22, "stack": 0.16, "topple": 0.12, "ramp": 0.16, "slide": 0.14, "rest": 0.20,
@@ -65,8 +67,6 @@ class GeneratorConfig:
 
     def query_points(self) -> np.ndarray:
         """``[Hq, Wq, 2]`` float32 query grid (x, y): ``offset + stride * index``."""
-        from traj_forecast_ros.geometry import query_grid
-
         return query_grid(self)
 
 

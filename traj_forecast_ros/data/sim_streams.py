@@ -1,7 +1,7 @@
 """Held-out camera streams of the simulated manipulation scenes: one scripted episode rendered at every frame, with
 each frame's true future (``traj-forecast bag make-sim-sample`` plays them as a scored sample bag).
 
-Needs the sim extra, like :mod:`traj_forecast_ros.data.sim_manipulation`.
+Needs the sim extra to run, like :mod:`traj_forecast_ros.data.sim_manipulation` (both import without it).
 """
 
 from __future__ import annotations
@@ -12,17 +12,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from traj_forecast_ros.data import sim_tracks
-from traj_forecast_ros.data.sim_manipulation import (
-    VIEWS,
-    SimConfig,
-    camera_intrinsics,
-    clip_samples,
-    episode_rng,
-    make_env,
-    moving_body_list,
-    reset_episode,
-    run_episode,
-)
+from traj_forecast_ros.data.sim_clips import camera_intrinsics, clip_samples, moving_body_list
+from traj_forecast_ros.data.sim_config import VIEWS, SimConfig
+from traj_forecast_ros.data.sim_episodes import make_env, reset_episode, run_episode
+from traj_forecast_ros.data.sim_manipulation import episode_rng
 from traj_forecast_ros.data.sim_tasks import ScriptedPolicy, plan_episode
 
 STREAM_SHARD_BASE = 100_000  # stream episodes draw from test-split shards far above any dataset's shard count

@@ -5,17 +5,20 @@ image (:mod:`.render`) and its query grid is tracked exactly: the ground truth f
 at frame 0 (static background and ramps: id 0, the point stays); a body point follows its body's rigid transform,
 ``p_t = c_t + R(theta_t) R(theta_0)^T (p_0 - c_0)``, so body points move exactly rigidly. One image has
 ``config.rollouts`` possible futures (one hidden state each). Generation is deterministic per ``(seed, index)``;
-:func:`write_dataset` writes a stream of scenes as a sharded dataset (:mod:`.dataset`).
+:func:`write_dataset` writes a stream of scenes as a sharded dataset (:mod:`.dataset_writer`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import pymunk
+from tqdm import tqdm
 
+from traj_forecast_ros.data.dataset import DatasetMeta
+from traj_forecast_ros.data.dataset_writer import DatasetWriter
 from traj_forecast_ros.data.render import render
 from traj_forecast_ros.data.scenes import (
     SCENE_KINDS,
@@ -159,10 +162,6 @@ def write_dataset(root, num_scenes: int, seed: int, config: GeneratorConfig, sha
 
     ``kinds`` (optional) cycles through the given scene kinds instead of drawing them. Returns the index path.
     """
-    from dataclasses import asdict
-
-    from traj_forecast_ros.data.dataset import DatasetMeta, DatasetWriter
-
     if num_scenes < 1:
         raise ValueError(f"num_scenes must be >= 1, got {num_scenes}")
     meta = DatasetMeta(
@@ -179,8 +178,6 @@ def write_dataset(root, num_scenes: int, seed: int, config: GeneratorConfig, sha
     )
     indices = range(num_scenes)
     if progress:
-        from tqdm import tqdm
-
         indices = tqdm(indices, desc="scenes", unit="scene")
     with DatasetWriter(root, meta, shard_size=shard_size, overwrite=overwrite) as writer:
         for index in indices:

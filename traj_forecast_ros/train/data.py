@@ -18,11 +18,13 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.geometry import normalise_points
 from traj_forecast_ros.model.checkpoint import IMAGE_ENCODER_DIR
 from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,6 @@ def image_features(dataset: TrajectoryDataset, encoder: torch.nn.Module, fallbac
     chunks = []
     shards = dataset.iter_shards()
     if progress:
-        from tqdm import tqdm
-
         shards = tqdm(shards, total=len(dataset.shard_names), desc="image features", unit="shard")
     with torch.inference_mode():
         for shard in shards:
@@ -161,8 +161,6 @@ class TrackExamples:
 
 def build_image_encoder(config: ModelConfig, model_dir: Optional[Union[str, Path]] = None, seed: int = 0):
     """The frozen image encoder of ``config``: from ``model_dir``/hub, or random (deterministic in ``seed``)."""
-    from traj_forecast_ros.model.encoders import ImageEncoder
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ImageEncoder.from_config(config.image_encoder, model_dir=model_dir)
@@ -173,8 +171,6 @@ def build_text_encoder(config: ModelConfig, model_dir: Optional[Union[str, Path]
     in ``seed``, so the encoder a run embeds with is the one it saves)."""
     if config.text_encoder is None:
         return None
-    from traj_forecast_ros.model.encoders import TextEncoder
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TextEncoder.from_config(config.text_encoder, model_dir=model_dir)

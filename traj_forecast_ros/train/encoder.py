@@ -36,10 +36,18 @@ from torch import nn
 
 from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.errors import DatasetError
-from traj_forecast_ros.model.checkpoint import CONFIG_FILE, IMAGE_ENCODER_DIR, save_tensors
+from traj_forecast_ros.model.checkpoint import (
+    CONFIG_FILE,
+    IMAGE_ENCODER_DIR,
+    load_model_config,
+    load_state_dict_into,
+    read_safetensors,
+    save_tensors,
+)
 from traj_forecast_ros.model.config import ModelConfig
-from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
+from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.train.data import build_image_encoder
+from traj_forecast_ros.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +204,6 @@ def write_encoder_dir(out_dir: Path, config: ModelConfig, objective: EncoderPret
 
 def load_pretraining(directory: PathLike) -> EncoderPretraining:
     """The encoder and heads of a run written by :func:`train_encoder` (CPU, eval mode, frozen)."""
-    from traj_forecast_ros.model.checkpoint import load_model_config, load_state_dict_into, read_safetensors
-
     directory = Path(directory)
     config = load_model_config(directory)
     summary = json.loads((directory / SUMMARY_FILE).read_text())

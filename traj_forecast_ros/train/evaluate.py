@@ -25,13 +25,18 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from traj_forecast_ros import metrics
 from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.geometry import denormalise_points, normalise_points
 from traj_forecast_ros.model.checkpoint import load_model_config
 from traj_forecast_ros.registry import resolve
 from traj_forecast_ros.train.data import usable_samples
+from traj_forecast_ros.train.figure import comparison_figure, pick_scenes
+from traj_forecast_ros.train.regressor import load_regressor
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +68,6 @@ def zero_motion_predictions(dataset: TrajectoryDataset, indices: Sequence[int], 
 def regressor_predictions(directory: PathLike, dataset: TrajectoryDataset, indices: Sequence[int],
                           num_samples: int, batch: int = 16) -> np.ndarray:
     """``[N, K, T, Hq, Wq, 2]`` pixels: the regressor's one prediction per image, repeated K times."""
-    from traj_forecast_ros.geometry import denormalise_points
-    from traj_forecast_ros.train.regressor import load_regressor
-
     regressor, encoder = load_regressor(directory)
     dataset.meta.check_model_geometry(regressor.config)
     outputs = []
@@ -89,16 +91,12 @@ def forecaster_predictions(model: PathLike, dataset: TrajectoryDataset, indices:
     ``instructions``: one per index, given to language-conditioned models (None: the model's default).
     ``steps`` / ``guidance_scale``: None for the model's defaults.
     ``sample_batch_size``: "auto" keeps the sampling plan chosen at load; N: N samples per call; None / 0: all K."""
-    from traj_forecast_ros.forecaster import Forecaster
-
     forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype)
     dataset.meta.check_model_geometry(forecaster.config)
     if sample_batch_size != "auto":
         forecaster.sample_batch_size = sample_batch_size  # None / 0: all K samples in one batch
     loop = range(len(indices))
     if progress:
-        from tqdm import tqdm
-
         loop = tqdm(loop, desc="forecast", unit="scene")
     outputs = []
     for i in loop:
@@ -144,9 +142,6 @@ def vae_reconstruction_predictions(model: PathLike, dataset: TrajectoryDataset, 
                                    num_samples: int, device: str = "auto") -> np.ndarray:
     """``[N, K, T, Hq, Wq, 2]`` pixels: the model's VAE decoding the posterior mean of each TRUE future (the same
     for all K). No sampling is involved, so this bounds what the generative stage can reach through this VAE."""
-    from traj_forecast_ros.forecaster import Forecaster
-    from traj_forecast_ros.geometry import denormalise_points, normalise_points
-
     forecaster = Forecaster.from_pretrained(model, device=device, dtype="float32")
     dataset.meta.check_model_geometry(forecaster.config)
     size = tuple(forecaster.config.image_size)
@@ -279,8 +274,6 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
                                             guidance_scale)
         seconds["ours_crossed_instructions"] = time.perf_counter() - start
     if figure is not None:
-        from traj_forecast_ros.train.figure import comparison_figure, pick_scenes
-
         chosen = pick_scenes(kinds, views) or [0]
         labels = [", ".join(str(group[i]) for group in (kinds, views) if group is not None and group[i] is not None)
                   for i in chosen]

@@ -28,15 +28,26 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from traj_forecast_ros.model.checkpoint import load_model_dir, load_official, save_model_dir
 from traj_forecast_ros.model.config import LATENT_DRAWS, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary, text_encoder_weights
-from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
+from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
-from traj_forecast_ros.train.data import TrackExamples, dataset_fingerprint, encoder_fingerprint, prepare_examples
+from traj_forecast_ros.train.data import (
+    TrackExamples,
+    build_image_encoder,
+    build_text_encoder,
+    dataset_fingerprint,
+    encoder_fingerprint,
+    prepare_examples,
+)
+from traj_forecast_ros.train.trainer import Trainer
+from traj_forecast_ros.train.vae import load_vae_dir, load_vae_weights
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +110,6 @@ def encode_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelCon
     parts: Dict[str, list] = {"mean": [], "std": [], "cond_mean": [], "cond_std": []}
     batches = range(0, len(examples), ENCODE_BATCH)
     if progress:
-        from tqdm import tqdm
-
         batches = tqdm(batches, desc="encode latents", unit="batch")
     for start in batches:
         chosen = np.arange(start, min(start + ENCODE_BATCH, len(examples)))
@@ -202,10 +211,6 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     stage-1 run ``vae_dir``. ``latent_draw`` ("sample" or "mean", see :class:`FlowObjective`) overrides the
     config's; it is saved with the model so the sampler conditions the same way.
     """
-    from traj_forecast_ros.model.checkpoint import load_model_dir, load_official, save_model_dir
-    from traj_forecast_ros.train.data import build_image_encoder, build_text_encoder
-    from traj_forecast_ros.train.vae import load_vae_dir, load_vae_weights
-
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
         encoder_dir: Optional[PathLike] = vae_dir

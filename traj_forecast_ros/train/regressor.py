@@ -24,12 +24,13 @@ import yaml
 from torch import nn
 
 from traj_forecast_ros.errors import CheckpointError
-from traj_forecast_ros.model.checkpoint import IMAGE_ENCODER_DIR, read_safetensors, save_tensors
+from traj_forecast_ros.model.checkpoint import IMAGE_ENCODER_DIR, load_state_dict_into, read_safetensors, save_tensors
 from traj_forecast_ros.model.config import DenoiserConfig, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
-from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
+from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
 from traj_forecast_ros.train.data import build_image_encoder, prepare_examples
+from traj_forecast_ros.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ def save_regressor(out_dir: PathLike, regressor: TrackRegressor, image_encoder=N
 
 def load_regressor(directory: PathLike) -> Tuple[TrackRegressor, object]:
     """``(regressor, image_encoder)`` from a directory written by :func:`save_regressor` (eval mode, CPU)."""
-    from traj_forecast_ros.model.checkpoint import load_state_dict_into
-
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():

@@ -24,13 +24,18 @@ from traj_forecast_ros.model.checkpoint import (
     CONFIG_FILE,
     IMAGE_ENCODER_DIR,
     VAE_FILE,
+    load_model_config,
+    load_state_dict_into,
     read_safetensors,
+    read_torch_checkpoint,
     save_tensors,
 )
 from traj_forecast_ros.model.config import ModelConfig
+from traj_forecast_ros.model.encoders import image_encoder_mismatch
 from traj_forecast_ros.model.vae import TrajectoryVAE
-from traj_forecast_ros.train.common import Trainer, TrainSettings, distributed
+from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, prepare_examples
+from traj_forecast_ros.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +72,6 @@ class VAEObjective(nn.Module):
 
 def load_vae_weights(vae: TrajectoryVAE, source: PathLike) -> None:
     """Load VAE weights from a model/run directory (``vae.safetensors``), a ``.safetensors`` or an official ``.pth``."""
-    from traj_forecast_ros.model.checkpoint import load_state_dict_into, read_torch_checkpoint
-
     path = Path(source)
     if path.is_dir():
         path = path / VAE_FILE
@@ -180,8 +183,6 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
 
 def check_encoder_fits(encoder, config: ModelConfig) -> None:
     """``ValueError`` when the frozen image encoder's tokens do not match what the model's VAE and denoiser read."""
-    from traj_forecast_ros.model.encoders import image_encoder_mismatch
-
     mismatch = image_encoder_mismatch(encoder, config.image_size, config.vae.num_frame_tokens,
                                       config.vae.frame_features_dim)
     if mismatch is not None:
@@ -190,8 +191,6 @@ def check_encoder_fits(encoder, config: ModelConfig) -> None:
 
 def load_vae_dir(directory: PathLike):
     """``(config, vae, image_encoder)`` of a stage-1 run directory (or any model directory with a VAE)."""
-    from traj_forecast_ros.model.checkpoint import load_model_config
-
     directory = Path(directory)
     config = load_model_config(directory)
     if config.vae is None:
