@@ -185,9 +185,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             return _fail(f"--threads must be >= 1, got {args.threads}")
-
         torch.set_num_threads(args.threads)
-
     try:
         result = run_bag(
             args.in_bag, args.out_bag, model=args.model, topics=args.topics, device=args.device, dtype=args.dtype,

@@ -141,7 +141,6 @@ def require_simulator() -> None:
 
 def _sim_manipulation(args: argparse.Namespace) -> int:
     require_simulator()
-
     workers = default_workers(args.workers)
     scenes = tuple(s.strip() for s in args.scenes.split(",")) if args.scenes else DEFAULT_SCENES
     stride = 128 // args.grid

@@ -109,7 +109,6 @@ def _cpu_plans(config, model_name: str, model_dir: Optional[Path] = None,
     batch = cpu_size_rule(denoiser, torch.float32)["sample_batch_size"]
     if (weights is not None and weights.is_file()
             and denoiser_gflop(denoiser, min(DEFAULT_NUM_SAMPLES, batch)) <= PROBE_MAX_GFLOP):  # probed models only
-
         weights_id = weights_identity(load_file(str(weights)))
     plans_dir = Path(cache_dir).expanduser() / "plans" if cache_dir is not None else None
     plans = {}
@@ -128,7 +127,6 @@ def _encoder_status(model_dir: Optional[Path], sub_dir: str, model_id: Optional[
         return f"shipped in {sub_dir}/"
     if Path(source).is_dir():
         return f"local directory {model_id}"
-
     cached = try_to_load_from_cache(model_id, "config.json")
     return f"hub {model_id} ({'in the Hugging Face cache' if isinstance(cached, str) else 'NOT downloaded'})"
 
