@@ -135,7 +135,7 @@ class Harness:
         before = stats.received
         self.image_pub.publish(msg)
         pipeline = lambda: self.node.node.pipeline  # noqa: E731
-        assert wait_until(lambda: stats.received > before and len(pipeline()._mailbox) == 0
+        assert wait_until(lambda: stats.received > before and pipeline().waiting == 0
                           and not pipeline().busy, timeout), "the node never took the frame"
 
     def forecasts(self) -> List[Any]:

@@ -38,7 +38,7 @@ def send_and_wait(harness: Harness, publisher: Any, msg: Any, timeout: float = 3
     before = stats.received
     publisher.publish(msg)
     pipeline = lambda: harness.node.node.pipeline  # noqa: E731
-    assert wait_until(lambda: stats.received > before and len(pipeline()._mailbox) == 0 and not pipeline().busy,
+    assert wait_until(lambda: stats.received > before and pipeline().waiting == 0 and not pipeline().busy,
                       timeout), "the node never took the frame"
 
 

@@ -22,7 +22,6 @@ from traj_forecast_ros.errors import BagError
 
 PathLike = Union[str, Path]
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 # rosbag2 metadata version 8 (Jazzy); readable by every rosbag2 from Humble on.
 BAG_VERSION = 8
 WRITE_QUEUE_SIZE = 1000  # messages a BackgroundBagWriter holds before it drops new ones (bounds its memory)
@@ -98,11 +97,6 @@ def bag_summary(path: PathLike) -> Dict[str, object]:
         }
     finally:
         reader.close()
-
-
-def image_topics(path: PathLike) -> List[str]:
-    """Topics of a bag that carry ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage``, sorted."""
-    return sorted(name for name, info in bag_topics(path).items() if info.msgtype in IMAGE_TYPES)
 
 
 def read_messages(path: PathLike, topics: Optional[Iterable[str]] = None) -> Iterator[BagMessage]:

@@ -3,7 +3,7 @@ node and (with several cameras) for each camera under ``<camera>/<key>``."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
@@ -48,7 +48,8 @@ def camera_values(camera: str, snapshot: Dict[str, Any]) -> Dict[str, str]:
 def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Dict[str, str],
                       consecutive_failures: int, fp32_fallbacks: int = 0, transition_error: str = "",
                       instruction_ignored: bool = False,
-                      cameras: Optional[Dict[str, Dict[str, Any]]] = None) -> DiagnosticStatus:
+                      cameras: Optional[Dict[str, Dict[str, Any]]] = None, models_loaded: int = 0,
+                      batch_sizes: Sequence[int] = ()) -> DiagnosticStatus:
     """One ``DiagnosticStatus`` summarising the node: level, message and key/values from a stats snapshot.
 
     ``fp32_fallbacks``: forecasts of the loaded model rerun in float32 after a non-finite half-precision result.
@@ -57,6 +58,8 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
     ``cameras``: camera name -> its own snapshot; each adds ``<camera>/frames_received``, ``<camera>/
     forecasts_published``, ``<camera>/dropped_total``, ``<camera>/rejected_total``, ``<camera>/failed_total``, its
     ``<camera>/dropped.<reason>`` and ``<camera>/rejected.<reason>`` (summing like the node's) and its rates.
+    ``models_loaded``: models loaded since the node started (one per configure/activate, whatever the number of
+    cameras); ``batch_sizes``: frames per forecaster call, the recent ones (``batch_size_max``: cameras batched).
     Rates and ``processing_latency`` use the wall clock; ``stamp_age`` the node clock (simulated time under
     ``use_sim_time``).
     """
@@ -81,6 +84,8 @@ def diagnostic_status(name: str, state: str, snapshot: Dict[str, Any], model: Di
         "overhead_p50_ms": _fmt_ms(snapshot["overhead_p50_s"]),
         "overhead_p95_ms": _fmt_ms(snapshot["overhead_p95_s"]),
     }
+    values["models_loaded"] = str(models_loaded)
+    values["batch_size_max"] = str(max(batch_sizes, default=0))
     values.update(frame_counts(snapshot))
     for camera, camera_snapshot in (cameras or {}).items():
         values.update(camera_values(camera, camera_snapshot))

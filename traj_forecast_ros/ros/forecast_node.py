@@ -369,7 +369,9 @@ class ForecastNode(LifecycleNode):
                                    stats.total.snapshot(), model.info if model else {}, stats.consecutive_failures,
                                    fp32_fallbacks=int(getattr(self.models.forecaster, "fp32_fallbacks", 0) or 0),
                                    transition_error=self._transition_error,
-                                   instruction_ignored=self.instruction_ignored, cameras=per_camera)
+                                   instruction_ignored=self.instruction_ignored, cameras=per_camera,
+                                   models_loaded=self.models.loads,
+                                   batch_sizes=self.pipeline.batch_sizes if self.pipeline else ())
         array_msg = DiagnosticArray(status=[status])
         array_msg.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics_pub.publish(array_msg)
