@@ -29,18 +29,20 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from einops import rearrange
 
 from traj_forecast_ros.errors import TrajForecastError, WeightsNotFoundError
-from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES, Forecast, anchor_to_query_points, noise_seed, whole_number
-from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
+from traj_forecast_ros.forecast import (DEFAULT_NUM_SAMPLES, Forecast, ForecastRequest, anchor_to_query_points,
+                                        noise_seed, whole_number)
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, ImageTransform, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.compatibility import check_modules_compatible
 from traj_forecast_ros.model.config import ModelConfig, check_guidance_scale
+from traj_forecast_ros.model.flow import euler_sample, grid_to_latents, latents_to_grid
 from traj_forecast_ros.sampling_plan import (
     CudaGraphDenoiser,
     LRUCache,
@@ -58,12 +60,31 @@ log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 64
 
 
-class _NonFiniteTracks(TrajForecastError):
-    """A forecast came out with NaN/Inf; ``seed`` is the seed its noise was drawn from (None: noise was given)."""
+@dataclasses.dataclass
+class _PreparedRequest:
+    """One request after validation: the model-size image, its transform, instruction, seed and noise."""
 
-    def __init__(self, message: str, seed: Optional[int]):
-        super().__init__(message)
-        self.seed = seed
+    model_image: np.ndarray  # [h, w, 3] uint8
+    transform: ImageTransform
+    instruction: Optional[str]
+    seed: Optional[int]  # None: the noise was given
+    noise: torch.Tensor  # [K, T or T-1, C, h, w] float32
+
+
+def _rows_of(per_request: List[Optional[torch.Tensor]], rows: range, num_samples: int) -> Optional[torch.Tensor]:
+    """The ``[1 or b, ...]`` per-row tensor of sample ``rows`` (request ``i`` owns rows ``i*K .. i*K+K-1``): the
+    request's own ``[1, ...]`` row where the rows belong to one request (shared, as in a single forecast), else each
+    row's request's row stacked ``[b, ...]``. None for a model without that input."""
+    first, last = rows.start // num_samples, (rows.stop - 1) // num_samples
+    if per_request[first] is None:
+        return None
+    if first == last:
+        return per_request[first]
+    parts = []
+    for index in range(first, last + 1):
+        count = min(rows.stop, (index + 1) * num_samples) - max(rows.start, index * num_samples)
+        parts.append(per_request[index].expand(count, *per_request[index].shape[1:]))
+    return torch.cat(parts)  # [b, ...]
 
 
 # ---------------------------------------------------------------------------------------------- forecaster
@@ -79,7 +100,7 @@ class Forecaster:
             replaces ``plan``. ``"auto"`` at construction: all K on GPU; on CPU chosen per model
             (:func:`~traj_forecast_ros.sampling_plan.plan_for_model`: small models batch all K, LIBERO size one
             sample per call), by a timed probe cached per machine when ``plan_probe`` (``from_pretrained``).
-        max_pixels: input images with more pixels are refused.
+        num_samples: the K the CPU plan is chosen for (``plan_for_model``'s probe and its cache key).
 
     ``plan`` given at construction overrides ``device``, ``dtype``, ``sample_batch_size``, ``use_compile`` and
     ``use_cuda_graph``.
@@ -91,14 +112,14 @@ class Forecaster:
                  sample_batch_size: Union[int, None, str] = "auto", text_cache_size: int = TEXT_CACHE_SIZE,
                  plan: Optional[SamplingPlan] = None, use_compile: bool = False, use_cuda_graph: bool = False,
                  graph_cache_size: int = SamplingPlan.graph_cache_size, plan_probe: bool = False,
-                 plan_cache_dir: Optional[Union[str, Path]] = None):
+                 plan_cache_dir: Optional[Union[str, Path]] = None, num_samples: int = DEFAULT_NUM_SAMPLES):
         self._plan_cache_dir = plan_cache_dir
         if plan is None:
             plan = dataclasses.replace(choose_sampling_plan(device, dtype, sample_batch_size, use_compile=use_compile,
                                                             use_cuda_graph=use_cuda_graph),
                                        graph_cache_size=graph_cache_size)
             if sample_batch_size == "auto":  # CPU: per model, by the size rule or a cached timed probe
-                plan = plan_for_model(plan, denoiser, DEFAULT_NUM_SAMPLES, probe=plan_probe, cache_dir=plan_cache_dir,
+                plan = plan_for_model(plan, denoiser, whole_number(num_samples, "num_samples", 1), probe=plan_probe, cache_dir=plan_cache_dir,
                                       model_name=model_id)
         self._device = resolve_device(plan.device)
         self._dtype = resolve_dtype(plan.dtype, self._device)
@@ -116,7 +137,6 @@ class Forecaster:
         self.text_encoder = text_encoder.to(self._device).eval() if text_encoder is not None else None
         self._encoder_weights = None  # model.kernels.EncoderWeightCache while the plan runs the CPU kernels
         self._apply_plan(plan)  # validates; sets _plan, _query_tokens and _denoise_fn
-        self.max_pixels = DEFAULT_MAX_PIXELS
         self._text_cache = LRUCache(text_cache_size)
         self._warned_default_instruction = False
         self._query_grid_model = query_grid(config)  # [Hq, Wq, 2] model pixels
@@ -130,8 +150,10 @@ class Forecaster:
     @classmethod
     def from_pretrained(cls, name_or_dir: Union[str, Path], device: Union[str, torch.device] = "auto",
                         dtype: Union[str, torch.dtype] = "auto", cache_dir: Optional[Union[str, Path]] = None,
-                        download: bool = True, **kwargs) -> "Forecaster":
-        """Load a registry model (downloading it on first use when ``download`` and online) or a model directory."""
+                        download: bool = True, num_samples: int = DEFAULT_NUM_SAMPLES, **kwargs) -> "Forecaster":
+        """Load a registry model (downloading it on first use when ``download`` and online) or a model directory.
+
+        ``num_samples``: the K the forecasts will use, which the CPU plan is probed and cached for."""
         from traj_forecast_ros import registry
         from traj_forecast_ros.model.checkpoint import load_model_dir
         from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
@@ -154,7 +176,8 @@ class Forecaster:
         kwargs.setdefault("plan_probe", True)  # a real model: time the CPU plan candidates once (cached)
         if cache_dir is not None:  # probe decisions live beside the models of that cache
             kwargs.setdefault("plan_cache_dir", Path(cache_dir).expanduser() / "plans")
-        return cls(config, denoiser, vae, image_encoder, text_encoder, model_id, device=device, dtype=dtype, **kwargs)
+        return cls(config, denoiser, vae, image_encoder, text_encoder, model_id, device=device, dtype=dtype,
+                   num_samples=num_samples, **kwargs)
 
     @classmethod
     def from_config(cls, config: ModelConfig, device: Union[str, torch.device] = "cpu",
@@ -280,15 +303,15 @@ class Forecaster:
         """Forecasts whose half-precision result was non-finite and that were rerun in float32."""
         return self._fp32_fallbacks
 
-    def _count_fp32_fallback(self, exc: _NonFiniteTracks) -> None:
+    def _count_fp32_fallback(self, message: str) -> None:
         """Count a float32 rerun; warn on the first one (later ones only at debug level)."""
         self._fp32_fallbacks += 1
         if self._fp32_fallbacks == 1:
             log.warning("%s. Rerunning this and any later non-finite forecast in float32 (counted as "
                         "fp32_fallbacks; warned once). Frequent fallbacks cost a second forecast each: set "
-                        "dtype='float32', or 'bfloat16' where the GPU supports it.", exc)
+                        "dtype='float32', or 'bfloat16' where the GPU supports it.", message)
         else:
-            log.debug("%s (fp32 fallback %d)", exc, self._fp32_fallbacks)
+            log.debug("%s (fp32 fallback %d)", message, self._fp32_fallbacks)
 
     @property
     def text_cache(self) -> LRUCache:
@@ -391,8 +414,6 @@ class Forecaster:
         if self.vae is None:
             grid = self._static_tracks[:, :1].float()  # [1, 1, 2, Hq, Wq]
             return grid, torch.zeros_like(grid)
-        from traj_forecast_ros.model.flow import latents_to_grid
-
         with torch.inference_mode():
             tokens = self.query_tokens()  # [1, T, L, C]
             with self._autocast():
@@ -440,8 +461,6 @@ class Forecaster:
         """Sampler output ``[B, T, C, h, w]`` -> normalised tracks ``[B, T, 2, Hq, Wq]``."""
         if self.vae is None:
             return final_state
-        from traj_forecast_ros.model.flow import grid_to_latents
-
         latents = grid_to_latents(final_state / self._latent_scale)  # [B, T, L, C]
         with self._autocast():
             return self._vae().decode(latents, features.expand(latents.shape[0], -1, -1)).float()  # [B, T, 2, Hq, Wq]
@@ -451,8 +470,8 @@ class Forecaster:
                  steps: Optional[int] = None, seed: Optional[int] = None, initial_noise=None,
                  color_order: Optional[str] = None,
                  cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None, anchor: bool = True,
-                 guidance_scale: Optional[float] = None) -> Forecast:
-        """Sample ``num_samples`` futures of the query grid for one image.
+                 guidance_scale: Optional[float] = None, max_pixels: Optional[int] = None) -> Forecast:
+        """Sample ``num_samples`` futures of the query grid for one image (``forecast_batch`` of one request).
 
         Args:
             image: uint8 ``HxW`` (mono), ``HxWx3`` (``color_order`` "rgb" default, or "bgr"), ``HxWx4``
@@ -473,6 +492,7 @@ class Forecaster:
                 (default); False: the raw decoder output (frame 0 = query grid up to VAE error), as the official code.
             guidance_scale: classifier-free guidance (None: the model's ``guidance_scale``; 1 = none). Other values
                 need a model trained with instruction dropout (``config.null_instruction``).
+            max_pixels: images with more pixels are refused (None: ``geometry.DEFAULT_MAX_PIXELS``).
 
         Returns:
             :class:`Forecast` with ``tracks [K, T, Hq, Wq, 2]`` float32 in input-image pixels.
@@ -483,98 +503,160 @@ class Forecaster:
             torch.cuda.OutOfMemoryError: out of GPU memory (the CUDA caching allocator is emptied before it
             propagates).
         """
-        num_samples, seed = whole_number(num_samples, "num_samples", 1), noise_seed(seed)
+        request = ForecastRequest(image, instruction=instruction, seed=seed, color_order=color_order)
+        return self._forecast_requests([request], num_samples, steps, cancel, anchor, guidance_scale, max_pixels,
+                                       initial_noise)[0]
+
+    def forecast_batch(self, requests: Sequence[ForecastRequest], num_samples: int = DEFAULT_NUM_SAMPLES,
+                       steps: Optional[int] = None,
+                       cancel: Optional[Union[threading.Event, Callable[[], bool]]] = None, anchor: bool = True,
+                       guidance_scale: Optional[float] = None, max_pixels: Optional[int] = None) -> List[Forecast]:
+        """Forecast several images at once: all requests' K samples go through one denoiser call per Euler step
+        and one VAE decode (chunked only by ``plan.sample_batch_size``), each row with its own image features,
+        conditioning and instruction. ``forecast_batch([a, b])`` equals ``[forecast(a), forecast(b)]`` with the
+        same seeds (to within the fast plan's tolerance; exactly where no chunk mixes requests).
+
+        Every request is validated before anything runs: one unusable image refuses the whole batch
+        (InvalidImageError). Each result's ``timings`` are the batch's. Arguments and errors as :meth:`forecast`.
+        """
+        return self._forecast_requests(list(requests), num_samples, steps, cancel, anchor, guidance_scale,
+                                       max_pixels)
+
+    def _forecast_requests(self, requests: List[ForecastRequest], num_samples, steps, cancel, anchor: bool,
+                           guidance_scale, max_pixels, initial_noise=None) -> List[Forecast]:
+        """Validate the arguments, then sample under the forecast lock (float32 rerun of non-finite requests)."""
+        if not requests:
+            return []
+        if not all(isinstance(request, ForecastRequest) for request in requests):
+            raise TypeError("forecast_batch takes a sequence of ForecastRequest")
+        num_samples = whole_number(num_samples, "num_samples", 1)
         steps = whole_number(self._config.default_steps if steps is None else steps,
                              "steps (Euler time points including t=0 and t=1)", 2)
         guidance_scale = self._resolve_guidance(guidance_scale)
+        max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else whole_number(max_pixels, "max_pixels", 1)
+        should_stop = getattr(cancel, "is_set", cancel)  # an Event or a callable (None: never)
         with self._lock, torch.inference_mode(), bound_to_device(self._device, self._stream):
             if self.denoiser is None:
                 raise TrajForecastError("this forecaster was released; create a new one")
             try:
-                should_stop = getattr(cancel, "is_set", cancel)  # an Event or a callable (None: never)
                 started = time.perf_counter()
-                try:
-                    return self._forecast(image, instruction, num_samples, steps, seed, initial_noise, color_order,
-                                          should_stop, anchor, guidance_scale)
-                except _NonFiniteTracks as exc:
-                    if self._dtype == torch.float32:
-                        raise
-                    self._count_fp32_fallback(exc)
-                    with self._precision(torch.float32):
-                        result = self._forecast(image, instruction, num_samples, steps, exc.seed, initial_noise,
-                                                color_order, should_stop, anchor, guidance_scale)
-                    result.timings["fp32_rerun"] = result.timings["total"]
-                    result.timings["total"] = time.perf_counter() - started  # both runs: what the caller waited
-                    return result
+                timings: Dict[str, float] = {}
+                with self._timed(timings, "preprocess"):
+                    prepared = [self._prepare(request, num_samples, max_pixels, initial_noise) for request in requests]
+                results = self._sample(prepared, num_samples, steps, should_stop, anchor, guidance_scale, timings,
+                                       started)
+                failed = [index for index, result in enumerate(results) if result is None]
+                if failed:
+                    self._rerun_in_fp32(prepared, results, failed, num_samples, steps, should_stop, anchor,
+                                        guidance_scale, started)
+                return results
             except torch.cuda.OutOfMemoryError:
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()  # return the cached blocks to the driver; the caller may retry smaller
                 raise
 
-    def _forecast(self, image, instruction, num_samples, steps, seed, initial_noise, color_order,
-                  should_stop=None, anchor: bool = True, guidance_scale: float = 1.0) -> Forecast:
-        from traj_forecast_ros.model.flow import euler_sample
+    def _rerun_in_fp32(self, prepared: List["_PreparedRequest"], results: List[Optional[Forecast]],
+                       failed: List[int], num_samples, steps, should_stop, anchor, guidance_scale,
+                       started: float) -> None:
+        """Replace the non-finite results (``failed`` indices) by float32 reruns of the same noise; raise
+        TrajForecastError where the plan is float32 already or the rerun is non-finite too."""
+        message = (f"model '{self._model_id}' produced NaN/Inf tracks (dtype {dtype_name(self._compute_dtype)})"
+                   f"{'' if len(prepared) == 1 else f' for requests {failed} of the batch'}")
+        if self._dtype == torch.float32:
+            raise TrajForecastError(f"{message}; even in float32: the weights may be corrupt")
+        for _ in failed:
+            self._count_fp32_fallback(f"{message}; rerunning in float32")
+        with self._precision(torch.float32):
+            timings: Dict[str, float] = {}
+            rerun = self._sample([prepared[index] for index in failed], num_samples, steps, should_stop, anchor,
+                                 guidance_scale, timings, time.perf_counter())
+        if any(result is None for result in rerun):
+            raise TrajForecastError(f"{message}; even in float32: the weights may be corrupt")
+        for index, result in zip(failed, rerun):
+            result.timings["fp32_rerun"] = result.timings["total"]
+            result.timings["total"] = time.perf_counter() - started  # both runs: what the caller waited
+            results[index] = result
 
-        timings: Dict[str, float] = {}
-        start = time.perf_counter()
-        with self._timed(timings, "preprocess"):
-            model_image, transform = prepare_image(image, tuple(self._config.image_size), color_order,
-                                                   self.max_pixels)
-            instruction = self._resolve_instruction(instruction)
-            if initial_noise is not None:
-                noise = self._check_initial_noise(initial_noise, num_samples)
-                seed = None
-            else:
-                seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
-                noise = self._draw_noise(num_samples, seed)
+    def _prepare(self, request: ForecastRequest, num_samples: int, max_pixels: int,
+                 initial_noise=None) -> "_PreparedRequest":
+        """Validate and resize one request's image, resolve its instruction and draw (or check) its noise."""
+        model_image, transform = prepare_image(request.image, tuple(self._config.image_size), request.color_order,
+                                               max_pixels)
+        instruction = self._resolve_instruction(request.instruction)
+        if initial_noise is not None:
+            return _PreparedRequest(model_image, transform, instruction, None,
+                                    self._check_initial_noise(initial_noise, num_samples))
+        seed = noise_seed(request.seed)
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        return _PreparedRequest(model_image, transform, instruction, seed, self._draw_noise(num_samples, seed))
+
+    def _conditioning(self, noise: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      num_samples: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One request's (conditioning frame ``[K, 1, C, h, w]``, flow noise ``[K, T-1, C, h, w]``)."""
+        noise = noise.to(self._device)
+        if noise.shape[1] == self.latent_shape[0] and self._config.latent_draw == "sample":  # frame 0: cond eps
+            return mean + std * noise[:, :1], noise[:, 1:]
+        # no conditioning eps given, or a model trained on posterior means
+        flow_noise = noise[:, 1:] if noise.shape[1] == self.latent_shape[0] else noise
+        return mean.expand(num_samples, -1, -1, -1, -1), flow_noise
+
+    def _sample(self, prepared: List["_PreparedRequest"], num_samples: int, steps: int, should_stop, anchor: bool,
+                guidance_scale: float, timings: Dict[str, float], started: float) -> List[Optional[Forecast]]:
+        """Encode every request, sample all ``R * K`` rows in chunks of the plan's sample batch and decode them;
+        one Forecast per request (None where its tracks came out non-finite)."""
         with self._timed(timings, "image_encoder"):
-            features = self.encode_image(model_image)  # [1, N, D]
+            features = [self.encode_image(request.model_image) for request in prepared]  # [1, N, D] each
         with self._timed(timings, "text_encoder"):
-            text = self.embed_instruction(instruction) if instruction is not None else None  # [1, E]
+            texts = [self.embed_instruction(request.instruction) if request.instruction is not None else None
+                     for request in prepared]  # [1, E] each, or None
             null_text = (self.embed_instruction(self._config.null_instruction)  # [1, E]
                          if guidance_scale != 1.0 else None)
         with self._timed(timings, "vae_encode"):
-            mean, std = self.condition_posterior(features)  # [1, 1, C, h, w] each
-            noise = noise.to(self._device)
-            if noise.shape[1] == self.latent_shape[0] and self._config.latent_draw == "sample":  # frame 0: cond eps
-                cond_eps, flow_noise = noise[:, :1], noise[:, 1:]
-                cond = mean + std * cond_eps  # [K, 1, C, h, w]
-            else:  # no conditioning eps given, or a model trained on posterior means
-                flow_noise = noise[:, 1:] if noise.shape[1] == self.latent_shape[0] else noise
-                cond = mean.expand(num_samples, -1, -1, -1, -1)  # [K, 1, C, h, w]
-        chunk = self.sample_batch_size or num_samples
+            conditioning = [self._conditioning(request.noise, *self.condition_posterior(feature), num_samples)
+                            for request, feature in zip(prepared, features)]
+            cond = torch.cat([pair[0] for pair in conditioning])  # [R*K, 1, C, h, w]
+            flow_noise = torch.cat([pair[1] for pair in conditioning])  # [R*K, T-1, C, h, w]
+        rows = cond.shape[0]
+        chunk = self.sample_batch_size or rows
         tracks_norm = []
-        for first in range(0, num_samples, chunk):
-            part = slice(first, min(first + chunk, num_samples))
+        for first in range(0, rows, chunk):
+            part = range(first, min(first + chunk, rows))
+            part_features = _rows_of(features, part, num_samples)  # [1 or b, N, D]
             with self._timed(timings, "denoise"), self._autocast():
                 final_state = euler_sample(
                     self._denoise_fn if self._compute_dtype == self._dtype else self.denoiser,  # fp32 rerun: eager
-                    cond[part], flow_noise[part], features, text, steps=steps, cancel=should_stop,
+                    cond[first:part.stop], flow_noise[first:part.stop], part_features,
+                    _rows_of(texts, part, num_samples), steps=steps, cancel=should_stop,
                     guidance_scale=guidance_scale, null_text_embeds=null_text,
                 )  # [b, T, C, h, w]
             with self._timed(timings, "vae_decode"):
-                tracks_norm.append(self._decode(final_state.float(), features))  # [b, T, 2, Hq, Wq]
-        tracks_norm = torch.cat(tracks_norm)  # [K, T, 2, Hq, Wq]
-        if not bool(torch.isfinite(tracks_norm).all()):
-            hint = ("even in float32: the weights may be corrupt" if self._compute_dtype == torch.float32 else
-                    "rerunning in float32")
-            raise _NonFiniteTracks(f"model '{self._model_id}' produced NaN/Inf tracks (dtype "
-                                   f"{dtype_name(self._compute_dtype)}); {hint}", seed)
+                tracks_norm.append(self._decode(final_state.float(), part_features))  # [b, T, 2, Hq, Wq]
+        tracks_norm = torch.cat(tracks_norm)  # [R*K, T, 2, Hq, Wq]
         tracks_model = denormalise_points(rearrange(tracks_norm, "k t c h w -> k t h w c"),
-                                          tuple(self._config.image_size))  # [K, T, Hq, Wq, 2] model pixels
-        tracks = transform.to_input(tracks_model.cpu().numpy().astype(np.float64)).astype(np.float32)
+                                          tuple(self._config.image_size)).cpu().numpy()  # [R*K, T, Hq, Wq, 2]
+        timings["total"] = time.perf_counter() - started
+        return [self._to_forecast(request, tracks_model[index * num_samples:(index + 1) * num_samples], anchor,
+                                  guidance_scale, dict(timings))
+                for index, request in enumerate(prepared)]
+
+    def _to_forecast(self, request: "_PreparedRequest", tracks_model: np.ndarray, anchor: bool,
+                     guidance_scale: float, timings: Dict[str, float]) -> Optional[Forecast]:
+        """One request's ``[K, T, Hq, Wq, 2]`` model-pixel tracks -> its Forecast (None when non-finite)."""
+        if not np.isfinite(tracks_model).all():
+            return None
+        transform = request.transform
+        tracks = transform.to_input(tracks_model.astype(np.float64)).astype(np.float32)
         query_points = transform.to_input(self._query_grid_model.astype(np.float64)).astype(np.float32)
-        timings["total"] = time.perf_counter() - start
         return Forecast(
             tracks=anchor_to_query_points(tracks, query_points) if anchor else tracks,
             query_points=query_points,
             image_size=tuple(int(v) for v in transform.input_size), crop_box=transform.crop_box,
             model_id=self._model_id, frame_interval=float(self._config.frame_interval_s or 0.0),
-            instruction=instruction,
+            instruction=request.instruction,
             device=str(self._device),
             dtype=dtype_name(self._compute_dtype),
             timings=timings,
-            seed=seed,
+            seed=request.seed,
             guidance_scale=guidance_scale,
         )
 

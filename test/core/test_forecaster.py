@@ -205,12 +205,8 @@ def test_bad_arguments_and_too_large_images(forecaster, agent_image):
         forecaster.forecast(agent_image, "x", num_samples=0)
     with pytest.raises(ValueError, match="steps"):
         forecaster.forecast(agent_image, "x", steps=1)
-    forecaster.max_pixels = 1000
-    try:
-        with pytest.raises(InvalidImageError, match="max_pixels"):
-            forecaster.forecast(agent_image, "x", num_samples=1)
-    finally:
-        forecaster.max_pixels = 50_000_000
+    with pytest.raises(InvalidImageError, match="max_pixels"):
+        forecaster.forecast(agent_image, "x", num_samples=1, max_pixels=1000)
 
 
 def test_device_and_dtype_policy(agent_image):
@@ -296,7 +292,7 @@ def test_out_of_memory_propagates_and_forecaster_stays_usable(agent_image, monke
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(model, "_forecast", out_of_memory)
+    monkeypatch.setattr(model, "_sample", out_of_memory)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
         model.forecast(agent_image, "x", num_samples=1)
     assert emptied == []  # a CPU forecaster has no CUDA cache to empty
