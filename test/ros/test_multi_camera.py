@@ -148,7 +148,7 @@ def test_frames_of_two_cameras_waiting_together_are_forecast_in_one_call_each_wi
         assert wait_until(lambda: node.node.node.stats.total.received == 3, 10)
         fake.gate.set()  # ... and go into ONE forecaster call
         assert wait_until(lambda: len(node.forecasts("left")) == 2 and len(node.forecasts("right")) == 1, 10)
-        assert fake.calls == [1, 2]
+        assert fake.calls == [1, 2], (fake.calls, node.forecasts("left"), node.node.node.stats.total.snapshot())
         right_out = node.forecasts("right")[0]
         left_out = node.forecasts("left")[1]
         assert (right_out.header.stamp, right_out.header.frame_id) == (right.header.stamp, "right_from_camera")

@@ -563,3 +563,20 @@ def test_frames_with_different_call_options_are_forecast_in_separate_calls_with_
                                   frame(2, camera="b", num_samples=4, seed=7)])
     assert published == 2 and forecaster.batches == [1, 1]
     assert [(o["num_samples"], o["max_pixels"]) for o in forecaster.options] == [(2, 5000), (4, SETTINGS["max_pixels"])]
+
+
+def test_mailboxes_hand_out_every_waiting_camera_round_robin():
+    box: CameraMailboxes[str] = CameraMailboxes(["a", "b", "c"])
+    for camera in ("a", "b", "c"):
+        box.put(camera, camera)
+    assert box.take(timeout=0) == ["a", "b", "c"]  # no limit: every camera waiting, in one take
+    for camera in ("a", "b"):
+        box.put(camera, camera + "2")
+    assert box.take(timeout=0) == ["a2", "b2"]  # whatever camera was served last
+    for camera in ("a", "b", "c"):
+        box.put(camera, camera)
+    assert box.take(timeout=0, limit=1) == ["c"]  # after b: c first
+    assert box.take(timeout=0, limit=1) == ["a"]
+    box.put("c", "c again")  # c is back before b was served: b still comes first
+    assert box.take(timeout=0, limit=1) == ["b"]
+    assert box.take(timeout=0, limit=1) == ["c again"]

@@ -48,9 +48,9 @@ class CameraMailboxes(Generic[Item]):
             if self._closed:
                 return []
             taken: List[Item] = []
-            count = len(self._order)
+            count, start = len(self._order), self._next
             for offset in range(count):
-                index = (self._next + offset) % count
+                index = (start + offset) % count
                 item = self._slots[self._order[index]]
                 if item is None:
                     continue
