@@ -26,7 +26,7 @@ from traj_forecast_ros.bag import model_choice
 from traj_forecast_ros.bag.io import PathLike, bag_topics
 from traj_forecast_ros.bag.offline import camera_info_topic, camera_namespace, output_topics
 from traj_forecast_ros.bag.replay_summary import (  # noqa: F401 - format_summary is part of this module's API
-    ReplayLog, View, format_summary, node_latency_line, summarise)
+    ReplayLog, View, format_summary, summarise)
 from traj_forecast_ros.bag.report import (choose_truth_topic, header_stamp_ns, score_forecasts, truth_topics,
                                           write_overlay_gif)
 from traj_forecast_ros.errors import BagError

@@ -40,22 +40,20 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import String
 
-from traj_forecast_ros.ros.cameras import (CAMERA_FIELDS, CAMERAS_PARAMETER, TOPIC_FIELDS, CameraConfig,
-                                           camera_configs, camera_field_default, camera_names_problem,
-                                           camera_parameter, duplicate_topics_problem, split_camera_parameter)
+from traj_forecast_ros.ros.cameras import (CAMERA_FIELDS, CAMERAS_PARAMETER, CameraConfig, camera_configs,
+                                           camera_field_default, camera_parameter, duplicate_topics_problem,
+                                           split_camera_parameter)
 from traj_forecast_ros.ros.diagnostics import diagnostic_status
 from traj_forecast_ros.ros.inputs import CameraInputs
 from traj_forecast_ros.ros.io_tables import output_topic
-from traj_forecast_ros.ros.model_loading import (LOAD_PARAMETERS, ForecasterFactory, ModelHolder, guidance_problem,
-                                                 load_forecaster)
+from traj_forecast_ros.ros.model_loading import LOAD_PARAMETERS, ForecasterFactory, ModelHolder, load_forecaster
 from traj_forecast_ros.ros.outputs import OutputBuilder, SideOutputs
 from traj_forecast_ros.ros.params import PARAMETER_SPECS, PARAMETERS, ParamSpec
 from traj_forecast_ros.ros.pipeline import ForecastPipeline, Frame, StatsBook
 from traj_forecast_ros.ros.publishing import CameraPublishers
 from traj_forecast_ros.ros.qos import qos_from_name
 from traj_forecast_ros.ros.settings import Settings
-from traj_forecast_ros.ros.validation import (OPTIONAL_CAMERA_TOPICS, TOPIC_PARAMETERS, device_problem,
-                                              loggable_text, model_problem, topic_name_problem)
+from traj_forecast_ros.ros.validation import loggable_text, parameter_problem
 
 NODE_NAME = "forecast_node"
 WORKER_JOIN_S = 0.5  # a transition waits this long for a cancelled forecast, then releases the model in background
@@ -149,7 +147,10 @@ class ForecastNode(LifecycleNode):
                 continue
             spec = self._spec_for(parameter.name)
             problem = spec.check(parameter.value) if spec is not None else None
-            problem = problem or self._check_machine_value(parameter.name, parameter.value)
+            problem = problem or parameter_problem(
+                parameter.name, parameter.value, cameras=self._camera_names, node_name=self.get_name(),
+                namespace=self.get_namespace(), state=self._state_label if self._declared else "",
+                forecaster=self.models.forecaster if self._declared else None)
             if problem:
                 problems.append(problem)
         if problems:
@@ -163,31 +164,6 @@ class ForecastNode(LifecycleNode):
                                    throttle_duration_sec=1.0)
         self._settings = self._settings.updated(changes)
         return SetParametersResult(successful=True)
-
-    def _check_machine_value(self, name: str, value: Any) -> Optional[str]:
-        """Checks beyond the parameter tables: topic names and camera names (always), and, for changes after startup,
-        that ``model`` names a registry model or a model directory, that ``device`` exists here, and that
-        ``cameras`` changes only while unconfigured. None when acceptable."""
-        if name in TOPIC_PARAMETERS:
-            return topic_name_problem(name, str(value), self.get_name(), self.get_namespace())
-        if name.rpartition(".")[2] in TOPIC_FIELDS and split_camera_parameter(name, self._camera_names):
-            return topic_name_problem(name, str(value), self.get_name(), self.get_namespace(),
-                                      optional=OPTIONAL_CAMERA_TOPICS)
-        if name == CAMERAS_PARAMETER:
-            if self._declared and self._state_label != "unconfigured":
-                return (f"'cameras' can change only while the node is unconfigured (it is {self._state_label}): "
-                        "deactivate and clean up first; it applies at the next configure")
-            return camera_names_problem(list(value), lambda camera: topic_name_problem(
-                "camera output", f"~/{camera}/forecast", self.get_name(), self.get_namespace()))
-        if not self._declared:  # startup values: a bad model fails configure with the download instructions
-            return None
-        if name == "model":
-            return model_problem(str(value))
-        if name == "device":
-            return device_problem(str(value))
-        if name == "guidance_scale":
-            return guidance_problem(self.models.forecaster, float(value))
-        return None
 
     # ---------------------------------------------------------------- lifecycle
     # configure and activate either complete or are rolled back to the state they started from (FAILURE): they never

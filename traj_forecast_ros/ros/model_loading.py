@@ -15,7 +15,7 @@ import torch
 
 from traj_forecast_ros.cpu_cores import resolve_threads
 from traj_forecast_ros.forecaster import Forecaster
-from traj_forecast_ros.ros.validation import missing_model_message
+from traj_forecast_ros.ros.validation import guidance_problem, missing_model_message
 
 ForecasterFactory = Callable[..., Any]  # (model, device, dtype, cache_dir, **accelerator_options) -> forecaster
 
@@ -34,16 +34,6 @@ def model_takes_instruction(forecaster: Any) -> bool:
         return forecaster.text_encoder is not None
     config = getattr(forecaster, "config", None)
     return getattr(config, "text_encoder", True) is not None
-
-
-def guidance_problem(forecaster: Any, guidance_scale: float) -> Optional[str]:
-    """Why ``guidance_scale`` (the node parameter: -1 = the model's own) cannot be used with the loaded
-    ``forecaster``, or None (also when no model is loaded yet: it is checked again at configure)."""
-    config = getattr(forecaster, "config", None)
-    if guidance_scale in (-1.0, 1.0) or config is None or getattr(config, "supports_guidance", True):
-        return None
-    return (f"guidance_scale {guidance_scale:g} needs a model trained with instruction dropout; model "
-            f"'{getattr(config, 'name', '?')}' has no unconditional embedding (set guidance_scale to 1 or -1)")
 
 
 def load_forecaster(model: str, device: str, dtype: str, cache_dir: Optional[str], use_cuda_graphs: bool = False,

@@ -4,7 +4,7 @@ and the escaping used for any user text written to the log."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from rclpy.exceptions import InvalidTopicNameException
@@ -14,6 +14,8 @@ from rclpy.validate_full_topic_name import validate_full_topic_name
 from traj_forecast_ros import registry
 from traj_forecast_ros.bag.model_choice import SIM_MODEL  # the model shipped in models/: runs offline
 from traj_forecast_ros.model.config import CONFIG_FILE
+from traj_forecast_ros.ros.cameras import (CAMERAS_PARAMETER, TOPIC_FIELDS, camera_names_problem,
+                                           split_camera_parameter)
 
 TOPIC_PARAMETERS = ("image_topic", "instruction_topic", "camera_info_topic")  # validated as ROS names on every set
 OPTIONAL_TOPIC_PARAMETERS = frozenset({"camera_info_topic"})  # '' = not used
@@ -74,6 +76,16 @@ def device_problem(device: str) -> Optional[str]:
 
 
 
+def guidance_problem(forecaster: Any, guidance_scale: float) -> Optional[str]:
+    """Why ``guidance_scale`` (the node parameter: -1 = the model's own) cannot be used with the loaded
+    ``forecaster``, or None (also when no model is loaded yet: it is checked again at configure)."""
+    config = getattr(forecaster, "config", None)
+    if guidance_scale in (-1.0, 1.0) or config is None or getattr(config, "supports_guidance", True):
+        return None
+    return (f"guidance_scale {guidance_scale:g} needs a model trained with instruction dropout; model "
+            f"'{getattr(config, 'name', '?')}' has no unconditional embedding (set guidance_scale to 1 or -1)")
+
+
 def missing_model_message(model: str, detail: str) -> str:
     """One error for a model whose weights are not on this machine: what is missing, how to download it, and the
     shipped model that works offline. ``detail``: the loader's message (only its first line is kept; the
@@ -93,3 +105,30 @@ def missing_model_message(model: str, detail: str) -> str:
     lines.append(f"  Or run offline with the model shipped in the package: model:={SIM_MODEL} "
                  "(trained on simulated LIBERO-like scenes), then trigger configure again.")
     return "\n".join(lines)
+
+
+def parameter_problem(name: str, value: Any, cameras: Sequence[str], node_name: str, namespace: str, state: str,
+                      forecaster: Any = None) -> Optional[str]:
+    """Checks beyond the parameter tables, None when ``value`` is acceptable: topic names and camera names (always),
+    and once the node is up (``state`` non-empty: its lifecycle state) that ``model`` names a registry model or a
+    model directory, that ``device`` exists here, that ``guidance_scale`` suits the loaded ``forecaster`` and that
+    ``cameras`` changes only while unconfigured."""
+    if name in TOPIC_PARAMETERS:
+        return topic_name_problem(name, str(value), node_name, namespace)
+    if name.rpartition(".")[2] in TOPIC_FIELDS and split_camera_parameter(name, cameras):
+        return topic_name_problem(name, str(value), node_name, namespace, optional=OPTIONAL_CAMERA_TOPICS)
+    if name == CAMERAS_PARAMETER:
+        if state and state != "unconfigured":
+            return (f"'cameras' can change only while the node is unconfigured (it is {state}): deactivate and "
+                    "clean up first; it applies at the next configure")
+        return camera_names_problem(list(value), lambda camera: topic_name_problem(
+            "camera output", f"~/{camera}/forecast", node_name, namespace))
+    if not state:  # startup values: a bad model fails configure with the download instructions
+        return None
+    if name == "model":
+        return model_problem(str(value))
+    if name == "device":
+        return device_problem(str(value))
+    if name == "guidance_scale":
+        return guidance_problem(forecaster, float(value))
+    return None
