@@ -255,3 +255,34 @@ def test_cameras_change_only_while_unconfigured_and_apply_at_configure(context):
     finally:
         node.stop_worker(timeout=1.0)
         node.destroy_node()
+
+
+def _tiny_node(context, **params):
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.model.presets import tiny_config
+
+    overrides = [Parameter(name, value=value) for name, value in dict(num_samples=1, steps=2, **params).items()]
+    return ForecastNode(forecaster_factory=lambda *a, **k: Forecaster.from_config(tiny_config(text=False),
+                                                                                  device="cpu"),
+                        context=context, parameter_overrides=overrides)
+
+
+def test_a_4100_x_4100_frame_is_forecast_with_max_pixels_raised_and_rejected_once_with_the_default(context):
+    """The node's max_pixels is the one limit: the frame is decoded against it and the real Forecaster is given it
+    (before, the forecaster kept its own 4096 x 4096 limit and refused what the node had accepted)."""
+    big = rgb_to_image_msg(np.full((4100, 4100, 3), 60, np.uint8))
+    node = _tiny_node(context, max_pixels=4100 * 4100)
+    try:
+        assert node.autostart()
+        node._on_image(node.cameras[0], big)
+        assert wait_until(lambda: node.stats.total.published == 1 or node.stats.total.not_forecast.total(), 120)
+        assert node.stats.total.snapshot()["not_forecast"] == {} and node.stats.total.published == 1
+        assert node.set_parameters([Parameter("max_pixels", value=4096 * 4096)])[0].successful  # the default
+        node._on_image(node.cameras[0], big)
+        assert wait_until(lambda: node.stats.total.not_forecast.total() == 1 and not node.pipeline.busy, 60)
+        snapshot = node.stats.total.snapshot()
+        assert snapshot["not_forecast"] == {"too_large": 1}  # counted once, as bad input
+        assert (snapshot["received"], snapshot["published"]) == (2, 1)
+    finally:
+        node.stop_worker(timeout=1.0)
+        node.destroy_node()
