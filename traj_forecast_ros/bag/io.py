@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import shutil
 import threading
 import time
@@ -234,8 +235,6 @@ class BackgroundBagWriter:
 
     def __init__(self, path: PathLike, storage: str = "mcap", overwrite: bool = False,
                  max_queue: int = WRITE_QUEUE_SIZE, warn_interval_s: float = 5.0) -> None:
-        import queue
-
         self.path = Path(path)
         self.storage = storage
         self.overwrite = overwrite
@@ -258,8 +257,6 @@ class BackgroundBagWriter:
 
     def put(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> bool:
         """Queue one CDR message for writing (never blocks); False when the queue was full and it was dropped."""
-        import queue
-
         try:
             self._queue.put_nowait((topic, msgtype, timestamp_ns, data))
             return True

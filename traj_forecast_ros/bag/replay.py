@@ -22,9 +22,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.logging import LoggingSeverity
+
 from traj_forecast_ros.bag import model_choice
 from traj_forecast_ros.bag.io import PathLike, bag_topics
 from traj_forecast_ros.bag.offline import camera_info_topic, camera_namespace, output_topics
+from traj_forecast_ros.bag.player import BagPlayer
+from traj_forecast_ros.bag.recorder import BagRecorder
 from traj_forecast_ros.bag.replay_summary import (  # noqa: F401 - format_summary is part of this module's API
     ReplayLog, View, format_summary, summarise)
 from traj_forecast_ros.bag.report import (choose_truth_topic, header_stamp_ns, score_forecasts, truth_topics,
@@ -32,6 +39,7 @@ from traj_forecast_ros.bag.report import (choose_truth_topic, header_stamp_ns, s
 from traj_forecast_ros.errors import BagError
 from traj_forecast_ros.registry import package_file_candidates
 from traj_forecast_ros.ros.cameras import CAMERA_NAME, LIBERO_CAMERAS, camera_overrides
+from traj_forecast_ros.ros.example_planner import ExamplePlanner
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the traj_forecast_ros package
 CLOCK_HZ = 50.0
@@ -208,14 +216,6 @@ def replay_through_node(
     Raises:
         BagError: bad arguments, or the node never came up (its log tail is in the message).
     """
-    import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.logging import LoggingSeverity
-
-    from traj_forecast_ros.bag.player import BagPlayer
-    from traj_forecast_ros.bag.recorder import BagRecorder
-    from traj_forecast_ros.ros.example_planner import ExamplePlanner
-
     started = time.monotonic()
     in_bag, out_dir = Path(in_bag), Path(out_dir)
     topics_in_bag = bag_topics(in_bag)
@@ -344,8 +344,6 @@ def replay_through_node(
 
 def _watch_diagnostics(node, node_fqn: str, log: ReplayLog) -> None:
     """Keep the latest key/values of the node's ``/diagnostics`` status in ``log``."""
-    from diagnostic_msgs.msg import DiagnosticArray  # rclpy side: imported with the graph (offline tool)
-
     prefix = f"{node_fqn}:"
 
     def store(message: DiagnosticArray) -> None:
