@@ -15,7 +15,8 @@ from traj_forecast_ros.bag.offline import camera_namespace
 from traj_forecast_ros.bag.typestore import FORECAST_TYPE, make_typestore
 from traj_forecast_ros.errors import BagError
 from traj_forecast_ros.metrics import MovingRegionTally, forecast_errors
-from traj_forecast_ros.ros.conversions import image_msg_to_rgb, msg_to_arrays
+from traj_forecast_ros.ros.conversions import image_msg_to_rgb
+from traj_forecast_ros.ros.conversions import msg_to_arrays  # the README's example reads forecasts the same way
 from traj_forecast_ros.viz import enlarged, forecast_frames, readable_stride, time_colors, write_gif
 
 CDR_LITTLE_ENDIAN = b"\x00\x01"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 import rclpy
@@ -132,8 +133,9 @@ class ForecastNode(LifecycleNode):
             if camera in self._declared_cameras:
                 continue
             for spec in CAMERA_FIELDS:
-                self.declare_parameter(camera_parameter(camera, spec.name), camera_field_default(camera, spec.name),
-                                       spec.descriptor())
+                name = camera_parameter(camera, spec.name)
+                self.declare_parameter(name, camera_field_default(camera, spec.name),
+                                       replace(spec, name=name).descriptor())
             self._declared_cameras.add(camera)
 
     def _spec_for(self, name: str) -> Optional[ParamSpec]:
