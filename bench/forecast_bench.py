@@ -102,9 +102,9 @@ class EvalTimer:
     def __init__(self, forecaster: Forecaster):
         self.forecaster = forecaster
         self.device = forecaster.device
-        self.inner = forecaster._denoise_fn
+        self.inner = forecaster.runtime.denoise_fn
         self.durations: List[float] = []
-        forecaster._denoise_fn = self
+        forecaster.runtime.denoise_fn = self
 
     def _timed(self, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         _sync(self.device)
@@ -122,7 +122,7 @@ class EvalTimer:
                                         text.expand(x.shape[0], -1) if text is not None else None)
 
     def remove(self) -> None:
-        self.forecaster._denoise_fn = self.inner
+        self.forecaster.runtime.denoise_fn = self.inner
 
 
 def _sync(device: torch.device) -> None:
@@ -275,7 +275,7 @@ def official_style_stages(forecaster: Forecaster, image: np.ndarray, evals: int)
         features = forecaster.encode_image(model_image)  # [1, N, D] float32
         text = forecaster.embed_instruction(INSTRUCTION) if forecaster.text_encoder is not None else None
         forecaster.text_cache.clear()
-    tracks = forecaster._static_tracks  # [1, T, 2, Hq, Wq] normalised query grid
+    tracks = forecaster.conditioner.static_tracks  # [1, T, 2, Hq, Wq] normalised query grid
     frames, channels, rows, cols = forecaster.latent_shape
     state = torch.randn((1, frames, channels, rows, cols), generator=torch.Generator().manual_seed(0)).to(device)
     t = torch.full((1,), 0.5, device=device)
