@@ -197,7 +197,7 @@ class Sampler:
         return mean.expand(num_samples, -1, -1, -1, -1), noise[:, 1:] if full_frames else noise
 
     def decode(self, final_state: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Sampler output ``[B, T, C, h, w]`` -> normalised tracks ``[B, T, 2, Hq, Wq]`` (features ``[1 or B, N, D]``)."""
+        """Sampler output ``[B, T, C, h, w]`` -> normalised tracks ``[B, T, 2, Hq, Wq]``."""
         if not self._conditioner.uses_latents:
             return final_state
         latents = grid_to_latents(final_state / self._conditioner.latent_scale)  # [B, T, L, C]
