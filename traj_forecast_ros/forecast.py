@@ -1,4 +1,4 @@
-"""The result type of the forecasting API: K sampled futures of a query grid, in input-image pixels."""
+"""The forecasting API's value types: a request (`ForecastRequest`) and its result, K futures of a query grid."""
 
 from __future__ import annotations
 
