@@ -27,7 +27,7 @@ from traj_forecast_ros.errors import BagError, InvalidImageError, TrajForecastEr
 from traj_forecast_ros.forecast import noise_seed, whole_number
 from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.ros.batching import CallOptions, forecast_requests, request_for
-from traj_forecast_ros.ros.conversions import ImageMessageError
+from traj_forecast_ros.ros.conversions import ImageMessageError, decode_image
 from traj_forecast_ros.ros.io_tables import CAMERA_INFO_MSGTYPE, INPUT_BY_MSGTYPE, OUTPUTS, output_topic
 from traj_forecast_ros.ros.outputs import OutputBuilder, OutputJob
 from traj_forecast_ros.ros.params import default_settings
@@ -86,7 +86,7 @@ def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
     """CDR bytes -> (rclpy message, uint8 RGB) by the node's input table, with its limits (``max_pixels``)."""
     spec = INPUT_BY_MSGTYPE[msgtype]
     message = _deserialize(data, message_class(spec.msgtype))
-    return message, spec.decode(message, max_pixels)
+    return message, decode_image(spec.transport, message, max_pixels)
 
 
 def _discard(writer: BagWriter) -> None:

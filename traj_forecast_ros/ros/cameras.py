@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from traj_forecast_ros.ros.io_tables import INPUTS, TRANSPORTS
-from traj_forecast_ros.ros.params import ParamSpec
-from traj_forecast_ros.ros.settings import Settings
+from traj_forecast_ros.ros.settings import ParamSpec, Settings
 
 CAMERAS_PARAMETER = "cameras"
 SINGLE_CAMERA = ""  # the name of the one implicit camera of the image_topic setup

@@ -19,7 +19,8 @@ from traj_forecast_msgs.msg import TrajectoryForecast
 
 from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.forecast import Forecast
-from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, to_rgb
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, to_rgb
+from traj_forecast_ros.ros.io_tables import INPUTS
 from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX, planner_summaries
 
 # encoding -> (channels, numpy dtype of one channel, channel order); mono images are replicated to RGB.
@@ -174,6 +175,13 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS, min_si
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[:2] != (height, width):
         raise ImageMessageError("corrupt_compressed", f"{image_format} decoded to {rgb.shape} {rgb.dtype}")
     return np.ascontiguousarray(rgb)
+
+
+def decode_image(transport: str, message: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image message of ``transport`` -> ``[H, W, 3]`` uint8 RGB, by the input table's decoder for it, with the
+    node's limits (``max_pixels``, ``geometry.MIN_IMAGE_SIDE``). Raises ``ImageMessageError`` for bad input."""
+    decoder = globals()[INPUTS[transport].decoder]
+    return decoder(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
 
 
 def rgb_to_image_msg(rgb: np.ndarray, header: Optional[Any] = None, encoding: str = "rgb8") -> Any:

@@ -1,30 +1,29 @@
 """The node's one input table and one output table, shared by the live node, ``bag run``, the recorder and the
 launch file.
 
-- :data:`INPUTS`: image transport -> message type, topic suffix and decoder (message, max_pixels) -> uint8 RGB.
+- :data:`INPUTS`: image transport -> message type, topic suffix and decoder (the
+  :mod:`~traj_forecast_ros.ros.conversions` function of that name: (message, max_pixels, min_side) -> uint8 RGB;
+  :func:`~traj_forecast_ros.ros.conversions.decode_image` applies it).
 - :data:`OUTPUTS`: per-camera output name -> message type, QoS and builder (the :class:`OutputBuilder` method of
   that name).
 
 Adding an input transport touches ``conversions.py`` (its decoder) and this table; adding an output touches
 ``outputs.py`` (its builder method) and this table. Everything else (subscriptions, publishers, the ``transport``
 parameter's choices, ``bag run``'s topics and writer, the recorder's default topics, the launch file's help) reads
-the tables.
+the tables. Light on purpose (no decoder, builder or model import): the recorder and the launch file read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
-import numpy as np
 from rclpy.qos import QoSProfile
 
-from traj_forecast_ros.geometry import MIN_IMAGE_SIDE
-from traj_forecast_ros.ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
-from traj_forecast_ros.ros.outputs import OutputBuilder, OutputJob
 from traj_forecast_ros.ros.qos import qos_from_name
 
-Decoder = Callable[[Any, int], np.ndarray]  # (message, max_pixels) -> [H, W, 3] uint8 RGB; raises InvalidImageError
+if TYPE_CHECKING:
+    from traj_forecast_ros.ros.outputs import OutputBuilder, OutputJob
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class InputSpec:
     transport: str
     msgtype: str  # package/msg/Name, as bags and ``ros2 topic`` write it
     topic_suffix: str
-    decode: Decoder
+    decoder: str  # the conversions function: (message, max_pixels=, min_side=) -> [H, W, 3] uint8 RGB
 
 
 @dataclass(frozen=True)
@@ -46,22 +45,14 @@ class OutputSpec:
     qos: QoSProfile
     on_demand: bool  # built only while someone subscribes (off the forecast worker's thread)
 
-    def build(self, builder: OutputBuilder, job: OutputJob) -> Any:
+    def build(self, builder: "OutputBuilder", job: "OutputJob") -> Any:
         """This output of ``job``, built by ``builder``."""
         return getattr(builder, self.name)(job)
 
 
-def _decode_raw(message: Any, max_pixels: int) -> np.ndarray:
-    return image_msg_to_rgb(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
-
-
-def _decode_compressed(message: Any, max_pixels: int) -> np.ndarray:
-    return compressed_msg_to_rgb(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
-
-
 INPUTS: Dict[str, InputSpec] = {spec.transport: spec for spec in (
-    InputSpec("raw", "sensor_msgs/msg/Image", "", _decode_raw),
-    InputSpec("compressed", "sensor_msgs/msg/CompressedImage", "/compressed", _decode_compressed),
+    InputSpec("raw", "sensor_msgs/msg/Image", "", "image_msg_to_rgb"),
+    InputSpec("compressed", "sensor_msgs/msg/CompressedImage", "/compressed", "compressed_msg_to_rgb"),
 )}
 TRANSPORTS: Tuple[str, ...] = tuple(INPUTS)
 INPUT_BY_MSGTYPE: Dict[str, InputSpec] = {spec.msgtype: spec for spec in INPUTS.values()}

@@ -7,63 +7,13 @@ sets exactly these parameters. No rclpy import here except the descriptor messag
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
-
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from typing import Dict, Tuple
 
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS
 from traj_forecast_ros.ros.io_tables import TRANSPORTS
-from traj_forecast_ros.ros.settings import Settings
+from traj_forecast_ros.ros.settings import ParamSpec, Settings  # noqa: F401 - ParamSpec: this table's row type
 from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One node parameter: default, description, and the allowed range or choices (checked on every set)."""
-
-    name: str
-    default: Any
-    description: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    choices: Optional[Tuple[str, ...]] = None
-    pattern: Optional[str] = None  # regular expression a string value must match in full
-    model_default: Optional[Any] = None  # a value outside [low, high] meaning "the model's own setting"
-
-    def descriptor(self) -> ParameterDescriptor:
-        """The ROS descriptor (description, range, constraints) shown by ``ros2 param describe``."""
-        constraints = ""
-        if self.choices:
-            constraints = "one of: " + ", ".join(self.choices)
-        elif self.pattern:
-            constraints = f"matches: {self.pattern}"
-        descriptor = ParameterDescriptor(name=self.name, description=self.description,
-                                         additional_constraints=constraints)
-        if self.low is not None and isinstance(self.default, bool):
-            raise TypeError(f"{self.name}: a bool parameter has no range")
-        low = self.low if self.model_default is None else min(self.low, self.model_default)
-        if self.low is not None and isinstance(self.default, int):
-            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(self.high), step=1)]
-        elif self.low is not None:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low),
-                                                                  to_value=float(self.high), step=0.0)]
-        return descriptor
-
-    def check(self, value: Any) -> Optional[str]:
-        """Why ``value`` is not allowed, or None when it is."""
-        if self.choices and value not in self.choices:
-            return f"'{self.name}' must be one of {list(self.choices)}, got '{value}'"
-        if self.pattern and not re.fullmatch(self.pattern, str(value)):
-            return f"'{self.name}' must match {self.pattern}, got '{value}'"
-        if self.model_default is not None and value == self.model_default:
-            return None
-        if self.low is not None and not (self.low <= value <= self.high):
-            alternative = "" if self.model_default is None else f" (or {self.model_default}: the model's own)"
-            return f"'{self.name}' must be in [{self.low}, {self.high}]{alternative}, got {value}"
-        return None
 
 
 PARAMETERS: Tuple[ParamSpec, ...] = (

@@ -14,13 +14,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.ros.batching import CallOptions, forecast_requests, request_for
-from traj_forecast_ros.ros.io_tables import INPUTS, Decoder
+from traj_forecast_ros.ros.conversions import decode_image
+from traj_forecast_ros.ros.io_tables import INPUTS
 from traj_forecast_ros.ros.scheduler import CameraMailboxes
 from traj_forecast_ros.ros.settings import Settings
 from traj_forecast_ros.ros.stats import (  # noqa: F401 - the reasons and counters are part of this module's API
@@ -28,6 +30,7 @@ from traj_forecast_ros.ros.stats import (  # noqa: F401 - the reasons and counte
     STOPPED, SUPERSEDED, TOO_OLD, PipelineStats, StatsBook, classify_error, reason_category)
 
 Publish = Callable[["Frame", Any, Settings], None]
+Decoder = Callable[[Any, int], np.ndarray]  # (message, max_pixels) -> [H, W, 3] uint8 RGB; raises InvalidImageError
 
 
 @dataclass
@@ -73,7 +76,7 @@ class ForecastPipeline:
         self._publish = publish
         self._clock = clock
         self._decoders: Dict[str, Decoder] = dict(decoders) if decoders is not None else {
-            transport: spec.decode for transport, spec in INPUTS.items()}
+            transport: partial(decode_image, transport) for transport in INPUTS}
         self.takes_instruction = takes_instruction
         self.max_batch = max_batch
         self.stats = stats or StatsBook(cameras)
