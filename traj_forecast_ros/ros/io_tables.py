@@ -64,7 +64,6 @@ OUTPUTS: Tuple[OutputSpec, ...] = (
     OutputSpec("overlay", "sensor_msgs/msg/Image", OUTPUT_QOS, on_demand=True),
 )
 CAMERA_INFO_MSGTYPE = "sensor_msgs/msg/CameraInfo"
-INSTRUCTION_MSGTYPE = "std_msgs/msg/String"
 
 
 def output_topic(camera: str, output: str, node_prefix: str = "~") -> str:
