@@ -400,7 +400,7 @@ def time_one(base: Forecaster, image: np.ndarray, name: str, mode: str, samples:
     }
     if device.type == "cuda":
         row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    denoise = getattr(forecaster, "_denoise_fn", None)
+    denoise = forecaster.runtime.denoise_fn
     if hasattr(denoise, "captures"):
         row["graphs_captured"] = denoise.captures
     if mode != "plain":

@@ -75,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     forecaster = base.sibling(dtype=args.dtype, plan_probe=True)
     image = load_image(args.image)
     recorded: Dict[str, tuple] = {}
-    denoise = forecaster._denoise_fn
+    denoise = forecaster.runtime.denoise_fn
 
     class Recorder:
         """Stands in for the forecaster's denoise function and keeps the bound step and one call's inputs."""
@@ -94,16 +94,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             return recording
 
-    forecaster._denoise_fn = Recorder()
+    forecaster.runtime.denoise_fn = Recorder()
     forecaster.forecast(image, num_samples=args.samples, steps=2, seed=0)  # one evaluation; also warms the caches
-    forecaster._denoise_fn = denoise
+    forecaster.runtime.denoise_fn = denoise
     step, x, t, features, text = recorded["call"]
     batch = x.shape[0]
     dtype = forecaster.dtype
     peak = matmul_reference(dtype, forecaster.device, args.matmul_seconds)["best"]
     flops = measure_flops(lambda: forecaster.denoiser(x, t, features.expand(batch, -1, -1),
                                                       text.expand(batch, -1) if text is not None else None))
-    with torch.inference_mode(), forecaster._autocast():
+    with torch.inference_mode(), forecaster.runtime.autocast():
         for _ in range(2):
             step(x, t)
         started = time.perf_counter()

@@ -3,6 +3,12 @@
     ros2 launch traj_forecast_ros forecast.launch.py image_topic:=/camera/image_raw camera_frame:=camera_optical \
         model:=libero-atm namespace:=arm autostart:=true rviz:=true planner:=true
 
+LIBERO's two views in one node (one model in memory, the views' frames batched), cameras ``agentview``
+(/agentview/image_raw) and ``robot0_eye_in_hand`` (/eye_in_hand/image_raw), outputs
+``forecast_node/<camera>/{forecast,markers,overlay}``:
+
+    ros2 launch traj_forecast_ros forecast.launch.py libero_two_views:=true
+
 Arguments left empty keep the value from ``params_file`` (default: the package's config/forecast.yaml). The Fast DDS
 large-data profile shipped in config/ is used unless FASTDDS_DEFAULT_PROFILES_FILE is already set.
 
@@ -19,16 +25,22 @@ from launch.conditions import IfCondition
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
 
+from traj_forecast_ros.ros.cameras import LIBERO_CAMERAS, camera_overrides
+from traj_forecast_ros.ros.io_tables import OUTPUTS, TRANSPORTS
+
 PACKAGE = "traj_forecast_ros"
+TRUE_VALUES = ("true", "1", "yes")
 
 
 def _forecast_node(context, *args, **kwargs):
     """Build the node with only the overrides that were actually given on the command line."""
-    overrides = {"autostart": LaunchConfiguration("autostart").perform(context).lower() in ("true", "1", "yes")}
+    overrides = {"autostart": LaunchConfiguration("autostart").perform(context).lower() in TRUE_VALUES}
     for name in ("image_topic", "camera_frame", "model"):
         value = LaunchConfiguration(name).perform(context)
         if value:
             overrides[name] = value
+    if LaunchConfiguration("libero_two_views").perform(context).lower() in TRUE_VALUES:
+        overrides.update(camera_overrides(LIBERO_CAMERAS))  # cameras + <camera>.image_topic, ...
     return [
         LifecycleNode(
             package=PACKAGE,
@@ -48,8 +60,13 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "forecast.yaml"),
                               description="Node parameter file."),
         DeclareLaunchArgument("image_topic", default_value="",
-                              description="Camera topic (sensor_msgs/Image; <topic>/compressed with the compressed "
-                                          "transport). Empty: the params file's value."),
+                              description=f"Camera topic of the single-camera setup (transports: {', '.join(TRANSPORTS)}"
+                                          "; compressed subscribes to <topic>/compressed). Empty: the params file's."),
+        DeclareLaunchArgument("libero_two_views", default_value="false",
+                              description="One node, two cameras: LIBERO's " + " and ".join(
+                                  f"{name} ({fields['image_topic']})" for name, fields in LIBERO_CAMERAS.items())
+                              + "; outputs forecast_node/<camera>/{" + ",".join(spec.name for spec in OUTPUTS)
+                              + "}. Replaces image_topic."),
         DeclareLaunchArgument("camera_frame", default_value="",
                               description="frame_id for images whose header has none. Empty: the params file's."),
         DeclareLaunchArgument("model", default_value="",
@@ -75,7 +92,8 @@ def generate_launch_description() -> LaunchDescription:
             condition=IfCondition(LaunchConfiguration("rviz")),
             output="screen",
         ),
-        # The example planner reads <namespace>/forecast_node/forecast (its relative default) in the same namespace.
+        # The example planner reads <namespace>/forecast_node/forecast (its relative default) in the same namespace:
+        # the single-camera setup's forecast (with libero_two_views, remap it to a camera's forecast).
         Node(
             package=PACKAGE,
             executable="example_planner",

@@ -1,4 +1,4 @@
-"""The result type of the forecasting API: K sampled futures of a query grid, in input-image pixels."""
+"""The forecasting API's value types: a request (`ForecastRequest`) and its result, K futures of a query grid."""
 
 from __future__ import annotations
 
@@ -45,6 +45,23 @@ def anchor_to_query_points(tracks: np.ndarray, query_points: np.ndarray) -> np.n
     wide = tracks.astype(np.float64)
     anchored = wide - wide[:, :1] + np.asarray(query_points, dtype=np.float64)  # frame 0: 0 + q, exactly q
     return anchored.astype(tracks.dtype)
+
+
+@dataclass(frozen=True)
+class ForecastRequest:
+    """One image to forecast in a batch (``Forecaster.forecast_batch``).
+
+    Attributes:
+        image: what ``Forecaster.forecast`` accepts: uint8 ``HxW``, ``HxWx3`` or ``HxWx4``.
+        instruction: task text for language-conditioned models (None: the model's default instruction).
+        seed: seed of this request's noise (None or -1: fresh, reported in the result).
+        color_order: channel order of ``image`` (see :func:`traj_forecast_ros.geometry.to_rgb`).
+    """
+
+    image: Any
+    instruction: Optional[str] = None
+    seed: Optional[int] = None
+    color_order: Optional[str] = None
 
 
 @dataclass

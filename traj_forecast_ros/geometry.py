@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
+from PIL import Image
 
 from traj_forecast_ros.errors import InvalidImageError
 
@@ -163,8 +165,6 @@ class ImageTransform:
         crop = image_rgb[y0 : y0 + crop_h, x0 : x0 + crop_w]
         if (crop_h, crop_w) == tuple(self.model_size):
             return np.ascontiguousarray(crop)
-        from PIL import Image
-
         resized = Image.fromarray(np.ascontiguousarray(crop)).resize(
             (self.model_size[1], self.model_size[0]), resample=Image.Resampling.BILINEAR
         )
@@ -201,8 +201,6 @@ def query_grid(config) -> np.ndarray:
 def static_tracks_norm(config, batch: int = 1):
     """``[B, T, 2, Hq, Wq]`` torch float32: the normalised query grid repeated over all frames (a motionless
     trajectory; the conditioning frame both training and sampling encode)."""
-    import torch
-
     grid = normalise_points(torch.from_numpy(query_grid(config)), tuple(config.image_size))  # [Hq, Wq, 2]
     return grid.permute(2, 0, 1)[None, None].expand(batch, config.num_frames, -1, -1, -1).contiguous()
 
@@ -226,6 +224,4 @@ def _xy_factor(like, fx: float, fy: float):
     """A per-axis (x, y) factor broadcastable against ``like [..., 2]`` (numpy or torch)."""
     if isinstance(like, np.ndarray):
         return np.asarray([fx, fy], dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float64)
-    import torch
-
     return torch.tensor([fx, fy], dtype=like.dtype, device=like.device)

@@ -1,9 +1,10 @@
-"""How a forecast runs on a device: device and dtype policy, :class:`SamplingPlan`, CUDA graphs, small caches.
+"""What a forecast runs with: device and dtype policy, :class:`SamplingPlan`, its per-model CPU choice, an LRU map.
 
 :func:`resolve_device` is the project's one device resolver (``auto``, ``cpu``, ``cuda``, ``cuda:N``) and
 :func:`resolve_dtype` its dtype policy. :func:`choose_sampling_plan` picks the plan that
 :class:`traj_forecast_ros.forecaster.Forecaster` runs per device, and :func:`plan_for_model` its CPU fields per
-model (size rule, or a timed probe cached as JSON). No ROS imports here.
+model (size rule, or a timed probe for the K it will serve, cached as JSON). How a plan is run (kernels, CUDA
+graphs, compile, autocast) is :mod:`traj_forecast_ros.plan_runtime`. No ROS imports here.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import json
 import logging
 import os
 import platform
-import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Union
 
 import torch
 
 from traj_forecast_ros.errors import DeviceError
+from traj_forecast_ros.fast_cpu_path import probe_step
+from traj_forecast_ros.registry import cache_home
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,6 @@ def probe_cpu_plan(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: i
     Against a loaded machine: the candidates are timed round-robin ``repeats`` times (a burst of load hits every
     candidate, not one) and each keeps its fastest run (load only ever adds time).
     """
-    from traj_forecast_ros.model.kernels import DenoiserKernels, KernelOptions
-
     batch = min(num_samples, plan.sample_batch_size or num_samples)
     other_attention = "sdpa" if plan.attention == "explicit" else "explicit"
     candidates = [(batch, plan.fold_modulation, plan.attention), (batch, plan.fold_modulation, other_attention),
@@ -311,11 +310,9 @@ def probe_cpu_plan(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: i
     runs = []  # (step function, x, t) per candidate
     with torch.inference_mode():
         for samples, fold, attention in candidates:
-            kernels = DenoiserKernels(denoiser, KernelOptions(dtype=plan.dtype, fold_modulation=fold,
-                                                              attention=attention))
             x = torch.randn(samples, denoiser.num_frames, denoiser.in_channels, *denoiser.input_size,
                             generator=generator)  # [b, T, C, h, w]
-            step = kernels.bind(features, text)
+            step = probe_step(denoiser, plan.dtype, fold, attention, features, text)
             t = torch.full((samples,), 0.5)  # [b]
             step(x, t)  # warm-up: allocations, oneDNN primitive creation
             runs.append((step, x, t))
@@ -341,8 +338,6 @@ def _plan_cache_path(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples:
                      cache_dir: Optional[Union[str, "os.PathLike[str]"]], model_name: str,
                      weights_id: Optional[str]) -> Path:
     if cache_dir is None:
-        from traj_forecast_ros.registry import cache_home
-
         cache_dir = cache_home() / "plans"
     identity = {"version": PLAN_CACHE_VERSION, "denoiser": dataclasses.asdict(denoiser.cfg), "weights": weights_id,
                 "device": str(plan.device), "dtype": dtype_name(plan.dtype), "threads": plan.threads,
@@ -433,123 +428,3 @@ class LRUCache:
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
-
-
-@dataclasses.dataclass
-class CapturedGraph:
-    """One captured denoiser evaluation: the graph and the static buffers it reads and writes."""
-
-    graph: Any  # torch.cuda.CUDAGraph
-    static_inputs: list  # [x, t, features, text | None], replay reads these
-    static_output: torch.Tensor  # replay writes this
-
-
-class CudaGraphDenoiser:
-    """Replays a captured denoiser evaluation per (batch shape, dtype) from static input and output buffers.
-
-    Bound to one CUDA device: capture, warm-up and replay run under ``torch.cuda.device(device)`` on a capture
-    stream created for that device, so a caller on any thread, whatever its current device, gets the graph of
-    this forecaster's GPU; replay runs on the caller's current stream of ``device`` (the forecaster's own stream).
-    The graphs live in a bounded LRU cache (``cache_size`` entries; an evicted graph frees its memory pool).
-    The inputs of every call are copied into the captured buffers and the output buffer is cloned, so callers see
-    ordinary tensors. Only for a fixed model (weights must not change after capture). One call at a time.
-    """
-
-    def __init__(self, denoiser: Callable[..., torch.Tensor], autocast_dtype: Optional[torch.dtype],
-                 device: Union[str, torch.device], cache_size: int = 4):
-        self.denoiser = denoiser
-        self.autocast_dtype = autocast_dtype
-        self.device = torch.device(device)
-        self.cache = LRUCache(cache_size, on_evict=self._release)
-        self.captures = 0
-        self._capture_stream: Optional[Any] = None
-        self._lock = threading.Lock()
-
-    # Seams: the CPU tests replace these three to check the bookkeeping without CUDA.
-    def _bound(self) -> ContextManager:
-        """Make this device current for the calling thread (stream left to the caller)."""
-        return torch.cuda.device(self.device)
-
-    def _capture(self, x: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
-                 text: Optional[torch.Tensor]) -> CapturedGraph:
-        if self._capture_stream is None:  # torch.cuda.graph's shared default stream belongs to whichever device
-            self._capture_stream = torch.cuda.Stream(device=self.device)  # was current first: never use it
-        side = self._capture_stream
-        static_inputs = [x.clone(), t.clone(), features.clone(), None if text is None else text.clone()]
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), self._autocast():
-            for _ in range(2):  # warm-up outside the graph (allocator, kernel selection, lazy init)
-                self.denoiser(*static_inputs)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work of other threads (another forecaster on another GPU) neither breaks this capture
-        # nor is broken by it.
-        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"), self._autocast():
-            static_output = self.denoiser(*static_inputs)
-        return CapturedGraph(graph, static_inputs, static_output)
-
-    @staticmethod
-    def _replay(entry: CapturedGraph) -> None:
-        entry.graph.replay()
-
-    @staticmethod
-    def _release(key: Hashable, entry: CapturedGraph) -> None:
-        entry.graph = entry.static_inputs = entry.static_output = None  # the graph's private pool goes with them
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
-
-    @staticmethod
-    def key(x: torch.Tensor, features: torch.Tensor, text: Optional[torch.Tensor],
-            autocast_dtype: Optional[torch.dtype]) -> tuple:
-        """Cache key: everything a captured graph is specialised on."""
-        return (tuple(x.shape), x.dtype, tuple(features.shape), None if text is None else tuple(text.shape),
-                autocast_dtype)
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
-                 text: Optional[torch.Tensor]) -> torch.Tensor:
-        key = self.key(x, features, text, self.autocast_dtype)
-        with self._lock, self._bound():
-            entry = self.cache.get(key)
-            if entry is None:
-                entry = self._capture(x, t, features, text)
-                self.captures += 1
-                self.cache.put(key, entry)
-            for buffer, value in zip(entry.static_inputs, (x, t, features, text)):
-                if buffer is not None:
-                    buffer.copy_(value)
-            self._replay(entry)
-            return entry.static_output.clone()
-
-    def clear(self) -> None:
-        """Drop every captured graph."""
-        with self._lock:
-            self.cache.clear()
-
-
-def compiled_denoiser(denoiser: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` of the denoiser whose compiled variants stay bounded whatever the K.
-
-    With ``dynamic=None`` (torch's automatic dynamic shapes) the first batch shape compiles static and the first
-    different one recompiles with a symbolic batch size that serves later K, where ``dynamic=False`` would compile
-    one more variant per distinct K. Measured on CPU (tiny model, K = 1, 2, 3, 5, 8 in turn): 3 variants, the last
-    two K compiled nothing. torch itself caps the variants per function (``torch._dynamo.config.recompile_limit``)
-    and runs eagerly beyond it.
-    """
-    return torch.compile(denoiser, dynamic=None)
-
-
-@contextmanager
-def bound_to_device(device: torch.device, stream: Optional[Any] = None) -> Iterator[None]:
-    """``torch.cuda.device(device)`` (+ ``torch.cuda.stream(stream)``) for CUDA devices; a no-op elsewhere.
-
-    Both are per-thread settings in PyTorch, so this binds the calling thread, whichever it is, for the block.
-    """
-    if device.type != "cuda":
-        yield
-        return
-    bind_device = torch.cuda.device(device) if device.index is not None else nullcontext()  # "cuda": current
-    with bind_device, (torch.cuda.stream(stream) if stream is not None else nullcontext()):
-        yield

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from traj_forecast_ros.bag.io import (
-    BagWriter, bag_summary, bag_topics, deserialize, image_topics, read_messages, storage_of,
+    BagWriter, bag_summary, bag_topics, deserialize, read_messages, storage_of,
 )
+from traj_forecast_ros.bag.offline import image_topics
 from traj_forecast_ros.bag.typestore import FORECAST_TYPE, find_msg_file, load_installed_types, make_typestore
 from traj_forecast_ros.errors import BagError
 

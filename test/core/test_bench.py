@@ -27,6 +27,21 @@ def test_forecast_bench_quick_run(tmp_path, capsys):
         assert run["flops"]["denoise"] == run["samples"] * 2 * report["flops_per_call"]["denoiser_eval"]
 
 
+def test_forecast_bench_times_a_batch_of_cameras(tmp_path, capsys):
+    """--cameras 2: forecast_batch of two images is timed against one camera's forecast, per K."""
+    spec = importlib.util.spec_from_file_location("forecast_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--dtype", "float32", "--no-official", "--cameras", "2", "--json", str(out)]) == 0
+    assert "2 cameras in one forecast_batch" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["samples"] for run in runs] == [1, 2]
+    for run in runs:
+        assert run["cameras"] == 2 and run["batch_s"] > 0
+        assert run["batch_ratio"] == run["batch_s"] / run["timings"]["total"]
+
+
 def test_denoiser_profile_quick_run(capsys, monkeypatch):
     """bench/profile_denoiser.py (the efficiency bound's breakdown) runs on the tiny model and accounts for its time."""
     monkeypatch.syspath_prepend(str(BENCH.parent))

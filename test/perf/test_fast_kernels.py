@@ -219,7 +219,7 @@ def test_bfloat16_encoder_weights_are_cast_once_per_forecaster() -> None:
     height, width = forecaster.config.image_size
     frame = np.random.default_rng(0).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
     first = forecaster.encode_image(frame)
-    weights = forecaster._encoder_weights
+    weights = forecaster.runtime.encoder_weights
     casts = weights.casts
     linears = [m for m in forecaster.image_encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert casts >= len(linears) > 0  # every linear weight (and bias) cast once
@@ -236,10 +236,10 @@ def test_bfloat16_encoder_weights_are_cast_once_per_forecaster() -> None:
     forecaster.encode_image(frame)
     assert len(weights) > 0
     forecaster.release()
-    assert len(weights) == 0 and forecaster._encoder_weights is None
+    assert len(weights) == 0 and forecaster.runtime.encoder_weights is None
     other = Forecaster.from_config(tiny_config(), dtype="bfloat16", seed=0)
     other.encode_image(frame)
-    assert other._encoder_weights is not weights  # owned per forecaster, not shared through the module
+    assert other.runtime.encoder_weights is not weights  # owned per forecaster, not shared through the module
 
 
 def test_bfloat16_encoders_work_for_a_model_built_in_inference_mode() -> None:

@@ -29,15 +29,8 @@ from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.model.checkpoint import randomise_zero_parameters
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.presets import libero_config, tiny_config
-from traj_forecast_ros.sampling_plan import (
-    CapturedGraph,
-    CudaGraphDenoiser,
-    LRUCache,
-    SamplingPlan,
-    bound_to_device,
-    choose_sampling_plan,
-    resolve_dtype,
-)
+from traj_forecast_ros.plan_runtime import CapturedGraph, CudaGraphDenoiser, bound_to_device
+from traj_forecast_ros.sampling_plan import LRUCache, SamplingPlan, choose_sampling_plan, resolve_dtype
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_CHECK = REPO / "bench" / "gpu_check.py"
@@ -130,7 +123,7 @@ def test_forecaster_half_precision_tracks_match_fp32(modules, image, dtype) -> N
     """The forecaster's whole path (encoders, VAE, sampler, decode) in half precision vs float32, same noise."""
     reference = sibling(modules, "float32").forecast(image, "push", num_samples=3, steps=4, seed=7).tracks
     low = sibling(modules, "bfloat16")
-    with low._precision(dtype):  # float16 is refused on CPU for speed only: emulate the CUDA path's dtype
+    with low.runtime.precision(dtype):  # float16 is refused on CPU for speed only: emulate the CUDA path's dtype
         result = low.forecast(image, "push", num_samples=3, steps=4, seed=7)
     assert result.dtype == str(dtype).replace("torch.", "") and low.fp32_fallbacks == 0
     difference = np.abs(result.tracks - reference)
@@ -189,7 +182,7 @@ def test_real_fp16_overflow_falls_back_and_fp32_failure_still_raises(image) -> N
         for block in base.denoiser.blocks:
             block.mlp.fc2.weight.mul_(3e5)
     low = sibling(base, "bfloat16")
-    with low._precision(torch.float16):  # the CUDA float16 path, emulated
+    with low.runtime.precision(torch.float16):  # the CUDA float16 path, emulated
         result = low.forecast(image, "push", num_samples=2, steps=3, seed=0)
     assert low.fp32_fallbacks == 1 and result.dtype == "float32" and np.isfinite(result.tracks).all()
     with torch.no_grad():
@@ -324,8 +317,8 @@ def test_every_forecast_runs_bound_to_the_forecasters_device_and_stream(modules,
                               name="node-worker")
     worker.start()
     worker.join()
-    assert bound == [("node-worker", forecaster.device, forecaster._stream)]
-    assert forecaster._stream is None  # CPU: no stream; on CUDA a torch.cuda.Stream of forecaster.device
+    assert bound == [("node-worker", forecaster.device, forecaster.runtime.stream)]
+    assert forecaster.runtime.stream is None  # CPU: no stream; on CUDA a torch.cuda.Stream of forecaster.device
 
 
 # ---------------------------------------------------------------------------------------------- gpu_check.py

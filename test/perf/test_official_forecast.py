@@ -20,12 +20,12 @@ def official_forecast(reference, forecaster: Forecaster, image: np.ndarray, inst
     """``[K, T, Hq, Wq, 2]`` input pixels: encode the static grid, draw the conditioning latent, Euler-integrate the
     official denoiser forward from the same noise, decode, map back to the input image."""
     model_image, transform = prepare_image(image, tuple(forecaster.config.image_size))
-    vae, scale = forecaster.vae, forecaster._latent_scale
+    vae, scale = forecaster.vae, forecaster.conditioner.latent_scale
     with torch.inference_mode():
         features = forecaster.encode_image(model_image)  # [1, N, D]
         text = forecaster.embed_instruction(instruction).expand(num_samples, -1)
-        noise = forecaster._draw_noise(num_samples, seed)  # [K, T, C, h, w]: frame 0 = eps of the conditioning draw
-        mean, std = reference.official_vae_encode(vae, forecaster._static_tracks, features)  # [1, T, L, Z]
+        noise = forecaster.sampler.draw_noise(num_samples, seed)  # [K, T, C, h, w]: frame 0 = eps of the conditioning draw
+        mean, std = reference.official_vae_encode(vae, forecaster.conditioner.static_tracks, features)  # [1, T, L, Z]
         cond = (latents_to_grid(mean[:, :1], vae.latent_grid) * scale
                 + latents_to_grid(std[:, :1], vae.latent_grid) * scale * noise[:, :1])  # [K, 1, C, h, w]
         state = torch.cat([cond, noise[:, 1:]], dim=1)

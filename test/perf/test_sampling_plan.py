@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from traj_forecast_ros.cpu_cores import available_cores, cgroup_cpu_limit
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.presets import libero_config, tiny_config
@@ -150,7 +151,7 @@ def test_work_per_forecaster_image_and_sample(forecaster, image, monkeypatch) ->
     original_decode = VAEKernels.decode
     monkeypatch.setattr(VAEKernels, "decode", lambda self, z, f: decodes.append(z.shape[0]) or original_decode(
         self, z, f))
-    images = count_calls(monkeypatch, forecaster, "encode_image")
+    images = count_calls(monkeypatch, forecaster.conditioner, "encode_image")
     binds, steps = [], []
     original_bind = DenoiserKernels.bind
 
@@ -175,10 +176,10 @@ def test_cached_query_tokens_give_the_full_encode(forecaster) -> None:
     features = torch.randn(1, forecaster.denoiser.num_frame_tokens, forecaster.denoiser.frame_features_dim)
     with torch.inference_mode():
         mean, std = forecaster.condition_posterior(features)  # [1, 1, C, h, w]
-        full_mean, full_std = forecaster.vae.encode(forecaster._static_tracks, features)  # [1, T, L, C]
+        full_mean, full_std = forecaster.vae.encode(forecaster.conditioner.static_tracks, features)  # [1, T, L, C]
     from traj_forecast_ros.model.flow import latents_to_grid
 
-    scale = forecaster._latent_scale
+    scale = forecaster.conditioner.latent_scale
     torch.testing.assert_close(mean, latents_to_grid(full_mean[:, :1], forecaster.vae.latent_grid) * scale)
     torch.testing.assert_close(std, latents_to_grid(full_std[:, :1], forecaster.vae.latent_grid) * scale)
 
@@ -266,13 +267,13 @@ def _check_concurrent_forecasters(forecaster: Forecaster, image: np.ndarray) -> 
 def test_plan_setters_take_the_forecast_lock(forecaster) -> None:
     """Switching the plan waits for a running forecast: both setters apply it under the forecaster's lock."""
     held = []
-    apply_plan = forecaster._apply_plan
+    apply_plan = forecaster.runtime.apply
 
     def recording(plan):
         held.append(forecaster._lock.locked())
         apply_plan(plan)
 
-    forecaster._apply_plan = recording
+    forecaster.runtime.apply = recording
     forecaster.sample_batch_size = 3
     forecaster.plan = dataclasses.replace(forecaster.plan, sample_batch_size=2)
     assert held == [True, True] and forecaster.sample_batch_size == 2
@@ -354,3 +355,28 @@ def test_cgroup_cpu_quota_caps_the_available_cores(tmp_path) -> None:
     garbage = _cgroup(tmp_path / "bad", {"cpu.max": "lots 0"})
     assert cgroup_cpu_limit(garbage) is None and cgroup_cpu_limit(tmp_path / "none") is None
     assert available_cores(tmp_path / "none") >= 1
+
+
+def test_cpu_plan_probe_is_keyed_on_the_k_it_will_serve(tmp_path, monkeypatch) -> None:
+    """The forecaster probes for its configured K (num_samples), and the cached decision is per K: another K
+    probes again into its own file, the same K reads the cache."""
+    import traj_forecast_ros.sampling_plan as sampling_plan
+
+    probed = []
+    probe = sampling_plan.probe_cpu_plan
+
+    def recording(plan, denoiser, num_samples, repeats=3):
+        probed.append(num_samples)
+        return probe(plan, denoiser, num_samples, repeats=1)
+
+    monkeypatch.setattr(sampling_plan, "probe_cpu_plan", recording)
+    options = dict(device="cpu", dtype="float32", plan_probe=True, plan_cache_dir=tmp_path)
+    two = Forecaster.from_config(tiny_config(), num_samples=2, **options)
+    assert two.plan.chosen_by == "probe" and probed == [2]
+    assert Forecaster.from_config(tiny_config(), num_samples=2, **options).plan.chosen_by == "cache"
+    eight = Forecaster.from_config(tiny_config(), **options)  # the default K
+    assert eight.plan.chosen_by == "probe" and probed == [2, DEFAULT_NUM_SAMPLES]
+    assert Forecaster.from_config(tiny_config(), num_samples=DEFAULT_NUM_SAMPLES, **options).plan.chosen_by == "cache"
+    assert len(list(tmp_path.glob("*.json"))) == 2 and probed == [2, DEFAULT_NUM_SAMPLES]
+    with pytest.raises(ValueError, match="num_samples"):
+        Forecaster.from_config(tiny_config(), num_samples=0, **options)

@@ -23,7 +23,8 @@ if ros_available() is None:
     from traj_forecast_ros.ros.diagnostics import diagnostic_status
     from traj_forecast_ros.ros.forecast_node import ForecastNode
     from traj_forecast_ros.ros.params import PARAMETERS
-    from traj_forecast_ros.ros.pipeline import PipelineStats
+    from traj_forecast_ros.ros.outputs import OutputBuilder
+    from traj_forecast_ros.ros.pipeline import Frame, PipelineStats
 
 
 class FakeForecaster:
@@ -93,11 +94,11 @@ def test_lifecycle_releases_the_model_and_reloads_it(context):
         assert created == [("some-model", "cpu", "auto", None,
                             {"use_cuda_graphs": False, "compile": False, "graph_cache_size": 4})]
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        first = node._forecaster
+        first = node.models.forecaster
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
-        assert first.released and node._forecaster is None  # accelerator memory freed
+        assert first.released and node.models.forecaster is None  # accelerator memory freed
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
-        assert len(created) == 2 and not node._forecaster.released
+        assert len(created) == 2 and not node.models.forecaster.released
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
         assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     finally:
@@ -111,7 +112,7 @@ def test_configure_failure_leaves_the_node_unconfigured_and_says_how_to_fix_it(c
     node = make_node(context, missing, model="/no/such/dir", autostart=False)
     try:
         assert node.autostart() is False
-        assert node._state_label == "unconfigured" and node._forecaster is None
+        assert node._state_label == "unconfigured" and node.models.forecaster is None
         log = capfd.readouterr().err
         assert "cannot load model '/no/such/dir': model directory not found" in log
         assert "traj-forecast download" in log
@@ -131,25 +132,24 @@ def test_model_failures_are_counted_and_turn_diagnostics_to_error(context):
     try:
         assert node.autostart()
         published = []
-        node._publish_outputs = lambda frame, rgb, forecast: published.append(forecast)
-        node._pipeline._publish = node._publish_outputs
+        node.pipeline._publish = lambda frame, forecast, settings: published.append(forecast)
         for _ in range(3):
-            node._on_image(rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8)))
-            assert wait_until(lambda: len(node._pipeline._mailbox) == 0 and not node._pipeline.busy, 5)
+            node._on_image(node.cameras[0], rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8)))
+            assert wait_until(lambda: node.pipeline.waiting == 0 and not node.pipeline.busy, 5)
             time.sleep(0.02)
-        assert wait_until(lambda: node._stats.not_forecast.total() == 3, 5)
-        status = diagnostic_status("n", "active", node._stats.snapshot(), node._model_info,
-                                   node._consecutive_failures)
+        assert wait_until(lambda: node.stats.total.not_forecast.total() == 3, 5)
+        status = diagnostic_status("n", "active", node.stats.total.snapshot(), node.models.model.info,
+                                   node.stats.consecutive_failures)
         assert status.level == DiagnosticStatus.ERROR
         values = {kv.key: kv.value for kv in status.values}
         assert values["dropped.out_of_memory"] == "2" and values["dropped.forecast_failed"] == "1"
         # Failed forecasts are dropped frames (failed_total is a part of dropped_total), never rejected ones.
         assert values["dropped_total"] == values["failed_total"] == "3" and values["rejected_total"] == "0"
         assert not any(key.startswith("rejected.") for key in values)
-        node._on_image(rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8)))
+        node._on_image(node.cameras[0], rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8)))
         assert wait_until(lambda: published, 5)  # recovers on the next frame
         assert fake.instructions == ["stack the blocks"]
-        assert node._consecutive_failures == 0
+        assert node.stats.consecutive_failures == 0
     finally:
         node.stop_worker(timeout=1.0)
         node.destroy_node()
@@ -175,12 +175,12 @@ def test_each_frame_is_forecast_with_the_instruction_in_force_when_it_arrived(co
     try:
         assert node.autostart()
         published = []
-        node._pipeline._publish = lambda frame, rgb, forecast: published.append(forecast.instruction)
+        node.pipeline._publish = lambda frame, forecast, settings: published.append(forecast.instruction)
         frame = np.zeros((24, 32, 3), np.uint8)
-        node._on_image(rgb_to_image_msg(frame))  # in flight with "pick up the can"
+        node._on_image(node.cameras[0], rgb_to_image_msg(frame))  # in flight with "pick up the can"
         assert entered.wait(5.0)
         node._on_instruction(String(data="open the drawer"))
-        node._on_image(rgb_to_image_msg(frame))  # waits in the mailbox with "open the drawer"
+        node._on_image(node.cameras[0], rgb_to_image_msg(frame))  # waits in the mailbox with "open the drawer"
         node._on_instruction(String(data="close the drawer"))  # arrives after both frames
         gate.set()
         assert wait_until(lambda: len(published) == 2, 5)
@@ -300,7 +300,7 @@ def test_a_model_whose_warmup_fails_is_released(context, error):
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
         assert len(loaded) == 1 and loaded[0].released, "the model that failed its warmup was not released"
-        assert node._forecaster is None and str(error) in node._transition_error
+        assert node.models.forecaster is None and str(error) in node._transition_error
     finally:
         node.destroy_node()
 
@@ -358,29 +358,38 @@ def test_side_outputs_built_across_a_teardown_are_not_published_on_destroyed_pub
     node = make_node(context, lambda *a, **options: FakeForecaster())
     try:
         publishers = [FakePublisher() for _ in range(3)]
-        node._forecast_pub, node._markers_pub, node._overlay_pub = publishers
+        monkeypatch.setattr(node, "create_lifecycle_publisher", lambda *args: publishers.pop(0))
+        node.outputs.create([""])
+        publishers = [node.outputs.publisher("", name) for name in ("forecast", "markers", "overlay")]
         monkeypatch.setattr(node, "destroy_lifecycle_publisher", lambda pub: setattr(pub, "destroyed", True))
         building, go = threading.Event(), threading.Event()
 
-        def slow_markers(*args):
-            building.set()
-            assert go.wait(10)
-            return b"markers"
+        class SlowMarkers(OutputBuilder):
+            def forecast(self, job):
+                return "forecast"
 
-        node._outputs = SimpleNamespace(forecast_msg=lambda forecast, header, camera_info=None: "forecast",
-                                        markers_serialized=slow_markers, overlay=lambda *args: "overlay")
-        frame = SimpleNamespace(message=SimpleNamespace(header=Header(frame_id="cam")))
-        node._publish_outputs(frame, np.zeros((4, 4, 3), np.uint8), object())
+            def markers(self, job):
+                building.set()
+                assert go.wait(10)
+                return b"markers"
+
+            def overlay(self, job):
+                return "overlay"
+
+        node.outputs.builder = SlowMarkers()
+        frame = Frame(message=SimpleNamespace(header=Header(frame_id="cam")), stamp_s=0.0, settings=node.settings,
+                      rgb=np.zeros((4, 4, 3), np.uint8))
+        node.outputs.publish(frame, object(), node.settings)
         assert building.wait(10)
-        destroyer = threading.Thread(target=node._destroy_publishers)
+        destroyer = threading.Thread(target=node.outputs.destroy)
         destroyer.start()
         destroyer.join(5)
         assert not destroyer.is_alive(), "destroying the publishers waited for a markers build"
         go.set()
-        assert node._side_outputs.idle(10)
+        assert node.outputs.side_outputs.idle(10)
         assert [p.published for p in publishers] == [1, 0, 0]  # the forecast only: nothing after the teardown
-        assert node._side_outputs.counts()["failed"] == 0
+        assert node.outputs.side_outputs.counts()["failed"] == 0
     finally:
         go.set()
-        node._side_outputs.stop(5)
+        node.outputs.side_outputs.stop(5)
         node.destroy_node()

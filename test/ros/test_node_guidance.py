@@ -76,21 +76,21 @@ def test_defaults_reach_the_forecaster_as_the_models_own_and_live_changes_apply_
     try:
         assert node.autostart()
         published = []
-        node._pipeline._publish = lambda frame, rgb, forecast: published.append(forecast)
+        node.pipeline._publish = lambda frame, forecast, settings: published.append(forecast)
         frame = rgb_to_image_msg(np.zeros((24, 32, 3), np.uint8))
-        node._on_image(frame)
+        node._on_image(node.cameras[0], frame)
         assert wait_until(lambda: len(published) == 1, 5)
         assert fake.calls[-1] == {"steps": None, "guidance_scale": None}  # the model's default_steps and guidance
         fake.gate.clear()
         fake.entered.clear()
-        node._on_image(frame)
+        node._on_image(node.cameras[0], frame)
         assert fake.entered.wait(5.0)  # in flight while the parameters change
         result = node.set_parameters([Parameter("guidance_scale", value=3.0), Parameter("steps", value=6)])
         assert all(r.successful for r in result)
         fake.gate.set()
         assert wait_until(lambda: len(published) == 2, 5)
         assert fake.calls[1] == {"steps": None, "guidance_scale": None}  # the frame in flight keeps its settings
-        node._on_image(frame)
+        node._on_image(node.cameras[0], frame)
         assert wait_until(lambda: len(published) == 3, 5)
         assert fake.calls[2] == {"steps": 6, "guidance_scale": 3.0}
     finally:
@@ -118,7 +118,7 @@ def test_configure_with_guidance_for_a_model_without_it_fails_and_releases_the_m
     node = make_node(context, fake, autostart=False, guidance_scale=2.5)
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
-        assert node._state_label == "unconfigured" and node._forecaster is None and fake.released
+        assert node._state_label == "unconfigured" and node.models.forecaster is None and fake.released
         assert "instruction dropout" in capfd.readouterr().err
     finally:
         node.destroy_node()

@@ -72,10 +72,10 @@ def test_threads_are_applied_before_loading_and_the_plan_is_reported(context, re
                  Parameter("autostart", value=False)]
     node = ForecastNode(forecaster_factory=factory, context=context, parameter_overrides=overrides)
     try:
-        assert node._load_model()
+        assert node.models.load(node.settings, guidance_scale=-1.0)
         assert loaded.threads_seen == (expected or available_cores())
         values = {kv.key: kv.value for kv in diagnostic_status("x", "inactive", PipelineStats().snapshot(),
-                                                                node._model_info, 0).values}
+                                                                node.models.model.info, 0).values}
         assert values["threads"] == str(loaded.threads_seen)
         assert values["sampling_plan"] == loaded.plan.summary() and "sample batch" in values["sampling_plan"]
     finally:

@@ -108,7 +108,7 @@ class Harness:
 
     def balanced(self, timeout: float = 20.0):
         """The first fresh /diagnostics status that balances and matches the node's own counters."""
-        return wait_balanced(self.probe, self.name, timeout, stats=lambda: self.node.node._stats)
+        return wait_balanced(self.probe, self.name, timeout, stats=lambda: self.node.node.stats.total)
 
     def state(self) -> str:
         return self.probe.call(GetState, f"{self.name}/get_state", GetState.Request()).current_state.label
@@ -131,11 +131,11 @@ class Harness:
 
     def send(self, msg: Any, timeout: float = 10.0) -> None:
         """Publish a frame and wait until the node has received it and its worker is idle again."""
-        stats = self.node.node._stats
+        stats = self.node.node.stats.total
         before = stats.received
         self.image_pub.publish(msg)
-        pipeline = lambda: self.node.node._pipeline  # noqa: E731
-        assert wait_until(lambda: stats.received > before and len(pipeline()._mailbox) == 0
+        pipeline = lambda: self.node.node.pipeline  # noqa: E731
+        assert wait_until(lambda: stats.received > before and pipeline().waiting == 0
                           and not pipeline().busy, timeout), "the node never took the frame"
 
     def forecasts(self) -> List[Any]:
@@ -237,7 +237,7 @@ def test_failed_configure_rolls_back_and_reconfigure_has_one_set_of_outputs(harn
     assert not harness.transition(Transition.TRANSITION_CONFIGURE)
     assert harness.state() == "unconfigured"
     assert harness.publishers() == baseline, "publishers leaked from the failed configure"
-    assert harness.node.node._forecaster is None, "the model stayed loaded after the failed configure"
+    assert harness.node.node.models.forecaster is None, "the model stayed loaded after the failed configure"
     values = harness.diagnostics()
     assert values["_level"] == str(ERROR) and "configure failed" in values["_message"]
     monkeypatch.setattr(harness.node.node, "create_lifecycle_publisher", real_create)
@@ -306,7 +306,7 @@ def test_instruction_to_a_model_without_language_input_is_ignored_with_a_warning
     instruction_pub = harness.probe.publisher(String, f"{harness.namespace}/instruction")
     assert wait_until(lambda: instruction_pub.get_subscription_count() > 0, 20)
     instruction_pub.publish(String(data="open the drawer"))
-    assert wait_until(lambda: harness.node.node._instruction == "open the drawer", 10)
+    assert wait_until(lambda: harness.node.node.param("instruction") == "open the drawer", 10)
     for count in range(1, 4):
         harness.image_pub.publish(harness.frame())
         assert wait_until(lambda: len(harness.forecasts()) == count, 10), "the instruction stopped forecasting"
@@ -388,7 +388,7 @@ def test_stopped_frames_keep_the_counters_balanced(harness_factory):
     harness.image_pub.publish(harness.frame())
     assert fake.started.wait(20)
     harness.image_pub.publish(harness.frame())  # waits in the mailbox: stopped too
-    assert wait_until(lambda: harness.node.node._stats.received == 2, 20), "the node never received frame 2"
+    assert wait_until(lambda: harness.node.node.stats.total.received == 2, 20), "the node never received frame 2"
     assert harness.transition(Transition.TRANSITION_DEACTIVATE)
     values = harness.balanced()
     assert values["dropped.stopped"] == "2" and values["forecasts_published"] == "0", values
@@ -439,7 +439,7 @@ def test_activate_while_the_old_model_is_still_releasing_fails_cleanly_instead_o
         assert harness.state() == "inactive" and len(fakes) == 1
         values = harness.diagnostics()
         assert values["_level"] == str(ERROR) and "still being released" in values["_message"], values
-        assert harness.node.node._input_subscriptions == [] and harness.node.node._pipeline.stopping.is_set()
+        assert harness.node.node.inputs.subscriptions == [] and harness.node.node.pipeline.stopping.is_set()
         proceed.set()
         assert fakes[0].released.wait(20)
         assert harness.transition(Transition.TRANSITION_ACTIVATE)
@@ -471,7 +471,7 @@ def test_debug_level_logging_of_rejected_superseded_and_stopped_frames_keeps_the
     assert fake.started.wait(20), "the worker stopped after the rejected frame"
     harness.image_pub.publish(harness.frame())  # waits in the mailbox ...
     harness.image_pub.publish(harness.frame())  # ... and is superseded by this one
-    assert wait_until(lambda: harness.node.node._stats.received == 4, 20), "the node stopped receiving"
+    assert wait_until(lambda: harness.node.node.stats.total.received == 4, 20), "the node stopped receiving"
     assert harness.transition(Transition.TRANSITION_DEACTIVATE)  # the executor still answers
     values = harness.balanced()
     assert values["rejected_total"] == "1" and values["dropped.superseded"] == "1", values

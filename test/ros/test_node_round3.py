@@ -34,11 +34,11 @@ def compressed_png(height: int, width: int, stamp_from: Any) -> Any:
 
 def send_and_wait(harness: Harness, publisher: Any, msg: Any, timeout: float = 30.0) -> None:
     """Publish ``msg`` and wait until the node received it and its worker is idle again."""
-    stats = harness.node.node._stats
+    stats = harness.node.node.stats.total
     before = stats.received
     publisher.publish(msg)
-    pipeline = lambda: harness.node.node._pipeline  # noqa: E731
-    assert wait_until(lambda: stats.received > before and len(pipeline()._mailbox) == 0 and not pipeline().busy,
+    pipeline = lambda: harness.node.node.pipeline  # noqa: E731
+    assert wait_until(lambda: stats.received > before and pipeline().waiting == 0 and not pipeline().busy,
                       timeout), "the node never took the frame"
 
 
@@ -110,15 +110,17 @@ def test_non_finite_camera_info_is_ignored_and_a_later_good_one_keeps_the_fast_m
     node = harness.node.node
     markers_topic = f"{harness.name}/markers"
     harness.probe.subscribe(MarkerArray, markers_topic)
-    assert wait_until(lambda: node._markers_pub.get_subscription_count() > 0, 20)
+    assert wait_until(lambda: node.outputs.publisher("", "markers").get_subscription_count() > 0, 20)
     info_pub = harness.probe.publisher(CameraInfo, f"{harness.namespace}/camera_info")
     assert wait_until(lambda: info_pub.get_subscription_count() > 0, 20)
 
     def points_after(info: Any) -> np.ndarray:
         info_pub.publish(info)
-        assert wait_until(lambda: node._camera_info is not None and list(node._camera_info.k) == list(info.k)
-                          or (math.isnan(info.k[0]) and node._camera_info is not None
-                              and math.isnan(node._camera_info.k[0])), 10)
+        def stored() -> Any:
+            return node.inputs.camera_info.get("")
+
+        assert wait_until(lambda: stored() is not None and list(stored().k) == list(info.k)
+                          or (math.isnan(info.k[0]) and stored() is not None and math.isnan(stored().k[0])), 10)
         before = len(harness.probe.messages(markers_topic))
         harness.send(harness.frame())
         assert wait_until(lambda: len(harness.probe.messages(markers_topic)) > before, 10), "no markers"
@@ -127,10 +129,10 @@ def test_non_finite_camera_info_is_ignored_and_a_later_good_one_keeps_the_fast_m
 
     fallback = points_after(camera_info(math.nan, math.nan, math.nan, math.nan))
     assert fallback.size and np.isfinite(fallback).all(), "NaN intrinsics reached the markers"
-    assert node._outputs.direct_markers is True, "a bad first CameraInfo turned the direct marker path off"
+    assert node.outputs.builder.direct_markers is True, "a bad first CameraInfo turned the direct marker path off"
     pinhole = points_after(camera_info(20.0, 20.0, 15.5, 11.5))
     assert np.isfinite(pinhole).all() and not np.allclose(pinhole, fallback), "the good CameraInfo was not used"
-    assert node._outputs.direct_markers is True
+    assert node.outputs.builder.direct_markers is True
     assert np.isfinite(points_after(camera_info(math.inf, 20.0, 15.5, 11.5))).all()
     harness.balanced()
 

@@ -20,7 +20,7 @@ def test_default_model_without_weights_logs_one_error_with_the_download_and_the_
     node = ForecastNode(context=context)  # the real loader, the default parameters
     try:
         assert node.autostart() is False
-        assert node._state_label == "unconfigured" and node._forecaster is None
+        assert node._state_label == "unconfigured" and node.models.forecaster is None
         log = capfd.readouterr().err
         errors = [line for line in log.splitlines() if "[ERROR]" in line]
         assert len(errors) == 1, log

@@ -1,13 +1,14 @@
-"""Mailbox, worker and statistics of the node, with a fake forecaster (no ROS, no DDS)."""
+"""Mailboxes, worker and statistics of the node, with a fake forecaster (no ROS, no DDS)."""
 
 import threading
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import pytest
 
 from traj_forecast_ros.errors import ForecastCancelled, InvalidImageError
+from traj_forecast_ros.ros.params import default_settings
 from traj_forecast_ros.ros.pipeline import (
     FORECAST_FAILED,
     FUTURE_STAMP,
@@ -18,31 +19,38 @@ from traj_forecast_ros.ros.pipeline import (
     TOO_OLD,
     ForecastPipeline,
     Frame,
-    Mailbox,
-    RateMeter,
-    ReasonCounter,
-    Window,
+    StatsBook,
     classify_error,
     reason_category,
 )
+from traj_forecast_ros.ros.scheduler import CameraMailboxes
+from traj_forecast_ros.ros.stats import RateMeter, ReasonCounter, Window
 
 
 class FakeForecaster:
-    """Returns the frame's first pixel after ``delay`` s; raises whatever is queued in ``fail_with``."""
+    """``forecast_batch``: each image's first pixel after ``delay`` s per call; raises whatever is queued in
+    ``fail_with``. ``one``: an optional per-image function instead (it may block or raise)."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, one: Optional[Callable[[np.ndarray], int]] = None) -> None:
         self.delay = delay
+        self.one = one
         self.calls = 0
+        self.batches: List[int] = []  # images per call
+        self.options: List[dict] = []
         self.fail_with: List[BaseException] = []
         self.started = threading.Event()
 
-    def __call__(self, rgb: np.ndarray, frame: Optional[Frame] = None) -> int:
+    def forecast_batch(self, requests, num_samples=8, steps=None, cancel=None, max_pixels=None, **options):
         self.calls += 1
+        self.batches.append(len(requests))
+        self.options.append(dict(options, num_samples=num_samples, steps=steps, max_pixels=max_pixels))
         self.started.set()
         if self.fail_with:
             raise self.fail_with.pop(0)
         time.sleep(self.delay)
-        return int(rgb[0, 0, 0])
+        if self.one is not None:
+            return [self.one(request.image) for request in requests]
+        return [int(request.image[0, 0, 0]) for request in requests]
 
 
 class Recorder:
@@ -50,12 +58,12 @@ class Recorder:
         self.published: List[tuple] = []
         self.event = threading.Event()
 
-    def __call__(self, frame: Frame, rgb: np.ndarray, result: int) -> None:
+    def __call__(self, frame: Frame, result: int, settings) -> None:
         self.published.append((frame.message, result))
         self.event.set()
 
 
-def decode(message: int) -> np.ndarray:
+def decode(message: int, max_pixels: int) -> np.ndarray:
     if message < 0:
         err = InvalidImageError("negative frame")
         err.reason = "truncated"
@@ -63,12 +71,15 @@ def decode(message: int) -> np.ndarray:
     return np.full((2, 2, 3), message % 256, np.uint8)
 
 
-def frame(value: int, stamp: float = 0.0) -> Frame:
-    return Frame(message=value, stamp_s=stamp)
+SETTINGS = default_settings().updated({"max_input_age": 0.0, "max_clock_skew": 3600.0})
 
 
-def make_pipeline(forecaster, recorder, clock=time.time, max_age=0.0):
-    return ForecastPipeline(decode, forecaster, recorder, clock=clock, max_input_age_s=max_age)
+def frame(value: int, stamp: float = 0.0, camera: str = "", **changes) -> Frame:
+    return Frame(message=value, stamp_s=stamp, settings=SETTINGS.updated(changes), camera=camera)
+
+
+def make_pipeline(forecaster, recorder, clock=time.time, cameras=("",), **options):
+    return ForecastPipeline(forecaster, recorder, clock=clock, cameras=cameras, decoders={"raw": decode}, **options)
 
 
 def wait_until(predicate, timeout=5.0):
@@ -81,32 +92,32 @@ def wait_until(predicate, timeout=5.0):
 
 
 def test_mailbox_keeps_only_the_newest_item():
-    box: Mailbox[int] = Mailbox()
-    assert box.put(1) is False
-    assert box.put(2) is True  # 1 superseded
+    box: CameraMailboxes[int] = CameraMailboxes()
+    assert box.put("", 1) is False
+    assert box.put("", 2) is True  # 1 superseded
     assert len(box) == 1
-    assert box.take(timeout=0) == 2
-    assert box.take(timeout=0.01) is None
-    box.put(3)
+    assert box.take(timeout=0) == [2]
+    assert box.take(timeout=0.01) == []
+    box.put("", 3)
     box.close()
-    assert box.take(timeout=1) is None
+    assert box.take(timeout=1) == []
 
 
 def test_mailbox_take_wakes_on_put_and_close():
-    box: Mailbox[int] = Mailbox()
+    box: CameraMailboxes[int] = CameraMailboxes()
     got = []
     taker = threading.Thread(target=lambda: got.append(box.take(timeout=5)))
     taker.start()
     time.sleep(0.05)
-    box.put(7)
+    box.put("", 7)
     taker.join(1)
-    assert got == [7]
+    assert got == [[7]]
     taker = threading.Thread(target=lambda: got.append(box.take(timeout=5)))
     taker.start()
     started = time.monotonic()
     box.close()
     taker.join(1)
-    assert got == [7, None] and time.monotonic() - started < 1
+    assert got == [[7], []] and time.monotonic() - started < 1
 
 
 def test_worker_serves_the_newest_frame_and_counts_superseded():
@@ -121,7 +132,7 @@ def test_worker_serves_the_newest_frame_and_counts_superseded():
     assert pipeline.stop(timeout=2)
     assert [m for m, _ in recorder.published] == [1, 11]
     assert recorder.published[1][1] == 11  # the forecaster saw the decoded newest frame
-    stats = pipeline.stats.snapshot()
+    stats = pipeline.stats.total.snapshot()
     assert stats["not_forecast"] == {SUPERSEDED: 9}
     assert stats["received"] == 11 and stats["published"] == 2
     assert stats["inference_p50_s"] == pytest.approx(0.2, abs=0.1)
@@ -130,15 +141,14 @@ def test_worker_serves_the_newest_frame_and_counts_superseded():
 def test_old_frames_are_dropped_by_stamp():
     now = [100.0]
     forecaster, recorder = FakeForecaster(), Recorder()
-    pipeline = make_pipeline(forecaster, recorder, clock=lambda: now[0], max_age=0.5)
-    assert pipeline.process(frame(1, stamp=99.0)) is False
-    assert pipeline.process(frame(2, stamp=99.8)) is True
-    assert pipeline.process(frame(3, stamp=0.0)) is True  # unstamped: age unknown, not dropped
-    pipeline.max_input_age_s = 0.0  # 0 disables the check
-    assert pipeline.process(frame(4, stamp=10.0)) is True
-    assert pipeline.stats.not_forecast.counts() == {TOO_OLD: 1}
+    pipeline = make_pipeline(forecaster, recorder, clock=lambda: now[0])
+    assert pipeline.process([frame(1, stamp=99.0, max_input_age=0.5)]) == 0
+    assert pipeline.process([frame(2, stamp=99.8, max_input_age=0.5)]) == 1
+    assert pipeline.process([frame(3, stamp=0.0, max_input_age=0.5)]) == 1  # unstamped: age unknown, not dropped
+    assert pipeline.process([frame(4, stamp=10.0, max_input_age=0.0)]) == 1  # 0 disables the check
+    assert pipeline.stats.total.not_forecast.counts() == {TOO_OLD: 1}
     assert forecaster.calls == 3
-    assert pipeline.stats.stamp_age.percentile(50) == pytest.approx((0.2 + 90.0) / 2)
+    assert pipeline.stats.total.stamp_age.percentile(50) == pytest.approx((0.2 + 90.0) / 2)
 
 
 def test_failures_are_counted_by_reason_and_the_worker_goes_on():
@@ -152,10 +162,10 @@ def test_failures_are_counted_by_reason_and_the_worker_goes_on():
     pipeline.start()
     for value in (-1, 1, 2, 3, 4):  # bad image, OOM, MemoryError, RuntimeError, then a good frame
         pipeline.submit(frame(value))
-        assert wait_until(lambda: len(pipeline._mailbox) == 0 and not pipeline.busy)
+        assert wait_until(lambda: pipeline.waiting == 0 and not pipeline.busy)
     assert wait_until(lambda: len(recorder.published) == 1)
     assert recorder.published == [(4, 4)]
-    assert pipeline.stats.not_forecast.counts() == {"truncated": 1, OUT_OF_MEMORY: 2, FORECAST_FAILED: 1}
+    assert pipeline.stats.total.not_forecast.counts() == {"truncated": 1, OUT_OF_MEMORY: 2, FORECAST_FAILED: 1}
     assert pipeline.stop(timeout=2)
 
 
@@ -163,10 +173,10 @@ def test_publish_failure_is_counted():
     def broken_publish(*_):
         raise RuntimeError("context shut down")
 
-    pipeline = ForecastPipeline(decode, FakeForecaster(), broken_publish, clock=time.time)
-    assert pipeline.process(frame(1)) is False
-    assert pipeline.stats.not_forecast.counts() == {PUBLISH_FAILED: 1}
-    assert pipeline.stats.published == 0
+    pipeline = make_pipeline(FakeForecaster(), broken_publish)
+    assert pipeline.process([frame(1)]) == 0
+    assert pipeline.stats.total.not_forecast.counts() == {PUBLISH_FAILED: 1}
+    assert pipeline.stats.total.published == 0
 
 
 def test_stop_during_inference_returns_quickly_and_discards_the_result():
@@ -229,29 +239,30 @@ def test_reasons_fall_into_dropped_rejected_and_failed():
     assert reason_category("truncated") == reason_category("corrupt_compressed") == "rejected"
 
 
-def test_mailbox_close_returns_the_item_nobody_took():
-    box: Mailbox[int] = Mailbox()
-    assert box.close() is None
-    box = Mailbox()
-    box.put(5)
-    assert box.close() == 5
-    assert box.close() is None and len(box) == 0
+def test_mailbox_close_returns_the_items_nobody_took():
+    box: CameraMailboxes[int] = CameraMailboxes(["a", "b"])
+    assert box.close() == []
+    box = CameraMailboxes(["a", "b"])
+    box.put("a", 5)
+    box.put("b", 6)
+    assert sorted(box.close()) == [5, 6]
+    assert box.close() == [] and len(box) == 0
 
 
 def test_frames_dropped_by_a_stop_are_counted_so_received_equals_published_plus_dropped():
     inside, release = threading.Event(), threading.Event()
 
-    def gated_forecast(rgb, frame):
+    def gated_forecast(rgb):
         if int(rgb[0, 0, 0]) == 2:  # frame 2 holds the worker until released
             inside.set()
             assert release.wait(5)
         return int(rgb[0, 0, 0])
 
     recorder = Recorder()
-    pipeline = make_pipeline(gated_forecast, recorder)
+    pipeline = make_pipeline(FakeForecaster(one=gated_forecast), recorder)
     pipeline.start()
     pipeline.submit(frame(1))
-    assert wait_until(lambda: pipeline.stats.published == 1)
+    assert wait_until(lambda: pipeline.stats.total.published == 1)
     pipeline.submit(frame(2))
     assert inside.wait(2)  # the worker is inside the forecast of frame 2
     pipeline.submit(frame(3))  # waits in the mailbox
@@ -259,7 +270,7 @@ def test_frames_dropped_by_a_stop_are_counted_so_received_equals_published_plus_
     pipeline.submit(frame(4))  # ... frame 4 arrives after the stop ...
     release.set()  # ... and frame 2's forecast ends after it: the result is discarded
     assert wait_until(lambda: not pipeline.running)
-    stats = pipeline.stats.snapshot()
+    stats = pipeline.stats.total.snapshot()
     assert [m for m, _ in recorder.published] == [1]
     assert stats["not_forecast"] == {STOPPED: 3}
     assert stats["received"] == 4 == stats["published"] + sum(stats["not_forecast"].values())
@@ -270,36 +281,36 @@ def test_consecutive_failures_count_model_and_publish_failures_and_reset_on_succ
     forecaster, recorder = FakeForecaster(), Recorder()
     forecaster.fail_with = [RuntimeError("boom"), MemoryError()]
     pipeline = make_pipeline(forecaster, recorder)
-    assert pipeline.process(frame(1)) is False and pipeline.stats.consecutive_failures == 1
-    assert pipeline.process(frame(-1)) is False and pipeline.stats.consecutive_failures == 1  # bad input: no change
-    assert pipeline.process(frame(2)) is False and pipeline.stats.consecutive_failures == 2
-    assert pipeline.process(frame(3)) is True and pipeline.stats.consecutive_failures == 0
+    assert pipeline.process([frame(1)]) == 0 and pipeline.stats.consecutive_failures == 1
+    assert pipeline.process([frame(-1)]) == 0 and pipeline.stats.consecutive_failures == 1  # bad input: no change
+    assert pipeline.process([frame(2)]) == 0 and pipeline.stats.consecutive_failures == 2
+    assert pipeline.process([frame(3)]) == 1 and pipeline.stats.consecutive_failures == 0
 
 
 # ------------------------------------------------------------------------------------------------ issue 11
 def balanced(pipeline: ForecastPipeline) -> bool:
-    stats = pipeline.stats
+    stats = pipeline.stats.total
     return stats.received == stats.published + stats.not_forecast.total()
 
 
 def settle(pipeline: ForecastPipeline) -> None:
-    assert wait_until(lambda: len(pipeline._mailbox) == 0 and not pipeline.busy and balanced(pipeline))
+    assert wait_until(lambda: pipeline.waiting == 0 and not pipeline.busy and balanced(pipeline))
 
 
 @pytest.mark.parametrize("error", [TypeError("bad header"), AttributeError("no palette"),
                                    NotImplementedError("unknown pixel format"), KeyError("mode")])
 def test_any_decoder_exception_is_a_rejected_input_not_a_node_failure(error):
     """D3: whatever the decoder raises, the frame is counted as rejected bad input; diagnostics never turn ERROR."""
-    def fragile_decode(message: int) -> np.ndarray:
+    def fragile_decode(message: int, max_pixels: int) -> np.ndarray:
         if message < 0:
             raise error
-        return decode(message)
+        return decode(message, max_pixels)
 
     recorder = Recorder()
-    pipeline = ForecastPipeline(fragile_decode, FakeForecaster(), recorder, clock=time.time)
+    pipeline = ForecastPipeline(FakeForecaster(), recorder, clock=time.time, decoders={"raw": fragile_decode})
     for _ in range(4):
-        pipeline.process(frame(-1))
-    assert pipeline.stats.not_forecast.counts() == {"invalid_image": 4}
+        pipeline.process([frame(-1)])
+    assert pipeline.stats.total.not_forecast.counts() == {"invalid_image": 4}
     assert reason_category("invalid_image") == "rejected"
     assert pipeline.stats.consecutive_failures == 0
 
@@ -307,21 +318,20 @@ def test_any_decoder_exception_is_a_rejected_input_not_a_node_failure(error):
 def test_frames_are_validated_before_the_stamp_checks():
     """D7: an invalid frame is rejected as invalid even when it is also too old."""
     recorder = Recorder()
-    pipeline = make_pipeline(FakeForecaster(), recorder, clock=lambda: 100.0, max_age=0.5)
-    assert not pipeline.process(frame(-1, stamp=10.0))  # bad and 90 s old
-    assert pipeline.stats.not_forecast.counts() == {"truncated": 1}
+    pipeline = make_pipeline(FakeForecaster(), recorder, clock=lambda: 100.0)
+    assert pipeline.process([frame(-1, stamp=10.0, max_input_age=0.5)]) == 0  # bad and 90 s old
+    assert pipeline.stats.total.not_forecast.counts() == {"truncated": 1}
 
 
 def test_future_stamps_are_rejected_and_never_reach_the_latency():
     """D6: a frame stamped beyond max_clock_skew ahead of the clock is counted as future_stamp."""
     recorder = Recorder()
-    pipeline = ForecastPipeline(decode, FakeForecaster(), recorder, clock=lambda: 100.0, max_input_age_s=1.0,
-                                max_clock_skew_s=0.5)
-    assert not pipeline.process(frame(1, stamp=100.0 + 3600.0))
-    assert pipeline.process(frame(2, stamp=100.3))  # within the skew: served
-    assert pipeline.stats.not_forecast.counts() == {FUTURE_STAMP: 1}
+    pipeline = make_pipeline(FakeForecaster(), recorder, clock=lambda: 100.0)
+    assert pipeline.process([frame(1, stamp=100.0 + 3600.0, max_input_age=1.0, max_clock_skew=0.5)]) == 0
+    assert pipeline.process([frame(2, stamp=100.3, max_input_age=1.0, max_clock_skew=0.5)]) == 1  # within the skew
+    assert pipeline.stats.total.not_forecast.counts() == {FUTURE_STAMP: 1}
     assert reason_category(FUTURE_STAMP) == "rejected"
-    assert pipeline.stats.stamp_age.percentile(50) >= -0.5
+    assert pipeline.stats.total.stamp_age.percentile(50) >= -0.5
 
 
 class CancellableForecaster:
@@ -334,15 +344,16 @@ class CancellableForecaster:
         self.steps_done = 0
         self.cancelled_at: List[int] = []  # steps done when the cancel flag was seen
 
-    def __call__(self, rgb: np.ndarray, frame: Optional[Frame] = None) -> int:
+    def forecast_batch(self, requests, cancel=None, **options) -> List[int]:
         self.started.set()
+        assert cancel is self.cancel, "the pipeline's stop flag is the forecast's cancel flag"
         for _ in range(self.steps):
             if self.cancel.is_set():
                 self.cancelled_at.append(self.steps_done)
                 raise ForecastCancelled("cancelled")
             time.sleep(self.step_s)
             self.steps_done += 1
-        return 1
+        return [1] * len(requests)
 
 
 def test_stop_cancels_a_forecast_and_counts_it_stopped():
@@ -360,7 +371,7 @@ def test_stop_cancels_a_forecast_and_counts_it_stopped():
     assert len(forecaster.cancelled_at) == 1, "the forecast never saw the cancel flag"
     assert forecaster.cancelled_at[0] - steps_at_stop <= 1, "the forecast ran on after the cancel flag was set"
     assert forecaster.steps_done < forecaster.steps
-    assert pipeline.stats.not_forecast.counts() == {STOPPED: 1} and balanced(pipeline)
+    assert pipeline.stats.total.not_forecast.counts() == {STOPPED: 1} and balanced(pipeline)
     assert recorder.published == []
 
 
@@ -369,12 +380,12 @@ def test_nothing_is_published_after_stop_returns():
     entered, release = threading.Event(), threading.Event()
     published = []
 
-    def slow_publish(frame_, rgb, result):
+    def slow_publish(frame_, result, settings):
         entered.set()
         release.wait(5)
         published.append(result)
 
-    pipeline = ForecastPipeline(decode, FakeForecaster(), slow_publish, clock=time.time)
+    pipeline = make_pipeline(FakeForecaster(), slow_publish)
     pipeline.start()
     pipeline.submit(frame(7))
     assert entered.wait(5)
@@ -385,10 +396,10 @@ def test_nothing_is_published_after_stop_returns():
     release.set()
     stopper.join(5)
     count = len(published)
-    assert count == 1 and pipeline.stats.published == 1
-    pipeline.stats.received += 1  # what submit() counts, for a frame the worker had taken before the stop
-    assert pipeline.process(frame(8)) is False and len(published) == count
-    assert pipeline.stats.not_forecast.counts() == {STOPPED: 1} and balanced(pipeline)
+    assert count == 1 and pipeline.stats.total.published == 1
+    pipeline.stats.received("")  # what submit() counts, for a frame the worker had taken before the stop
+    assert pipeline.process([frame(8)]) == 0 and len(published) == count
+    assert pipeline.stats.total.not_forecast.counts() == {STOPPED: 1} and balanced(pipeline)
 
 
 def test_a_real_rclpy_logger_at_debug_level_logs_debug_and_warning_drops_and_the_worker_survives():
@@ -399,29 +410,28 @@ def test_a_real_rclpy_logger_at_debug_level_logs_debug_and_warning_drops_and_the
 
     logger = get_logger(f"pipeline_logger_test_{time.monotonic_ns()}")
     logger.set_level(LoggingSeverity.DEBUG)
-    forecaster, recorder = FakeForecaster(), Recorder()
+    recorder = Recorder()
     gate = threading.Event()
-    forecaster.delay = 0.0
 
-    def gated_forecast(rgb, frame):
+    def gated_forecast(rgb):
         gate.wait(10)
-        return forecaster(rgb)
+        return int(rgb[0, 0, 0])
 
-    pipeline = ForecastPipeline(decode, gated_forecast, recorder, clock=time.time, logger=logger)
+    pipeline = make_pipeline(FakeForecaster(one=gated_forecast), recorder, logger=logger)
     pipeline.start()
     try:
         pipeline.submit(frame(1))  # taken, waits at the gate
-        assert wait_until(lambda: len(pipeline._mailbox) == 0 and pipeline.busy)
+        assert wait_until(lambda: pipeline.waiting == 0 and pipeline.busy)
         pipeline.submit(frame(-1))  # bad input, waits in the mailbox ...
         pipeline.submit(frame(-2))  # ... superseded (debug), then rejected (warning) once taken
         gate.set()
-        assert wait_until(lambda: pipeline.stats.not_forecast.total() == 2 and not pipeline.busy)
+        assert wait_until(lambda: pipeline.stats.total.not_forecast.total() == 2 and not pipeline.busy)
         pipeline.submit(frame(-3))  # rejected again (warning), then superseded (debug) logs from the same code
-        assert wait_until(lambda: pipeline.stats.not_forecast.total() == 3 and not pipeline.busy)
+        assert wait_until(lambda: pipeline.stats.total.not_forecast.total() == 3 and not pipeline.busy)
         pipeline.submit(frame(5))
-        assert wait_until(lambda: pipeline.stats.published == 2), "the worker died on a log call"
+        assert wait_until(lambda: pipeline.stats.total.published == 2), "the worker died on a log call"
         assert pipeline.running
-        assert pipeline.stats.not_forecast.counts() == {SUPERSEDED: 1, "truncated": 2} and balanced(pipeline)
+        assert pipeline.stats.total.not_forecast.counts() == {SUPERSEDED: 1, "truncated": 2} and balanced(pipeline)
     finally:
         gate.set()
         pipeline.stop(timeout=5.0)
@@ -439,15 +449,15 @@ def test_an_unexpected_exception_in_process_is_counted_and_the_worker_keeps_runn
         return time.time()
 
     recorder = Recorder()
-    pipeline = ForecastPipeline(decode, FakeForecaster(), recorder, clock=flaky_clock)
+    pipeline = make_pipeline(FakeForecaster(), recorder, clock=flaky_clock)
     pipeline.start()
     try:
         pipeline.submit(frame(1, stamp=time.time()))
-        assert wait_until(lambda: pipeline.stats.not_forecast.total() == 1 and not pipeline.busy)
-        assert pipeline.stats.not_forecast.counts() == {FORECAST_FAILED: 1} and pipeline.running
+        assert wait_until(lambda: pipeline.stats.total.not_forecast.total() == 1 and not pipeline.busy)
+        assert pipeline.stats.total.not_forecast.counts() == {FORECAST_FAILED: 1} and pipeline.running
         assert pipeline.stats.consecutive_failures == 1
         pipeline.submit(frame(2, stamp=time.time()))
-        assert wait_until(lambda: pipeline.stats.published == 1), "the worker stopped after the exception"
+        assert wait_until(lambda: pipeline.stats.total.published == 1), "the worker stopped after the exception"
         assert balanced(pipeline) and pipeline.stats.consecutive_failures == 0
     finally:
         pipeline.stop(timeout=5.0)
@@ -469,13 +479,104 @@ def test_published_is_counted_before_stop_can_return():
             super().__setattr__(name, value)
 
     recorder = Recorder()
-    pipeline = ForecastPipeline(decode, FakeForecaster(), recorder, clock=time.time, stats=WatchedStats())
+    book = StatsBook()
+    book.total = WatchedStats()
+    pipeline = make_pipeline(FakeForecaster(), recorder, stats=book)
     holder.append(pipeline)
     pipeline.start()
     try:
         pipeline.submit(frame(3))
-        assert wait_until(lambda: pipeline.stats.published == 1 and not pipeline.busy)
+        assert wait_until(lambda: pipeline.stats.total.published == 1 and not pipeline.busy)
         assert under_lock == [True, True], under_lock
         assert balanced(pipeline)
     finally:
         pipeline.stop(timeout=5.0)
+
+
+# ------------------------------------------------------------------------------------------------ several cameras
+def test_frames_of_cameras_waiting_together_go_into_one_call_with_per_camera_accounting():
+    gate = threading.Event()
+
+    def gated(rgb):
+        if int(rgb[0, 0, 0]) == 1:
+            assert gate.wait(5)
+        return int(rgb[0, 0, 0])
+
+    forecaster, recorder = FakeForecaster(one=gated), Recorder()
+    pipeline = make_pipeline(forecaster, recorder, cameras=("a", "b", "c"))
+    pipeline.start()
+    try:
+        pipeline.submit(frame(1, camera="a"))  # holds the worker
+        assert forecaster.started.wait(5)
+        for value in (10, 11, 12):  # a floods while busy: only its newest survives
+            pipeline.submit(frame(value, camera="a"))
+        pipeline.submit(frame(20, camera="b"))
+        gate.set()  # c sends nothing: a quiet camera is never waited for
+        assert wait_until(lambda: pipeline.stats.total.published == 3 and not pipeline.busy)
+    finally:
+        pipeline.stop(timeout=5)
+    assert forecaster.batches == [1, 2]  # a's newest and b's frame in ONE forecaster call
+    assert sorted(m for m, _ in recorder.published) == [1, 12, 20]
+    cameras = {name: stats.snapshot() for name, stats in pipeline.stats.cameras.items()}
+    assert (cameras["a"]["received"], cameras["a"]["published"], cameras["a"]["not_forecast"]) == (4, 2, {SUPERSEDED: 2})
+    assert (cameras["b"]["received"], cameras["b"]["published"], cameras["b"]["not_forecast"]) == (1, 1, {})
+    assert (cameras["c"]["received"], cameras["c"]["published"]) == (0, 0)
+    total = pipeline.stats.total.snapshot()
+    assert total["received"] == 5 == total["published"] + sum(total["not_forecast"].values())
+
+
+def test_a_flooding_camera_cannot_starve_another_even_one_camera_per_call():
+    """max_batch=1: the worker alternates between the cameras with frames waiting (round-robin), so a camera that
+    always has a fresh frame does not keep the other out."""
+    forecaster, recorder = FakeForecaster(delay=0.01), Recorder()
+    pipeline = make_pipeline(forecaster, recorder, cameras=("flood", "slow"), max_batch=1)
+    pipeline.start()
+    stop_flood = threading.Event()
+
+    def flood():
+        value = 100
+        while not stop_flood.is_set():
+            pipeline.submit(frame(value % 200 + 100, camera="flood"))
+            value += 1
+            time.sleep(0.001)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        for value in range(5):
+            pipeline.submit(frame(value, camera="slow"))
+            assert wait_until(lambda: any(m == value for m, _ in recorder.published), 5), f"slow frame {value} starved"
+    finally:
+        stop_flood.set()
+        flooder.join(5)
+        pipeline.stop(timeout=5)
+    assert set(forecaster.batches) == {1}
+    slow = pipeline.stats.cameras["slow"].snapshot()
+    assert slow["received"] == slow["published"] == 5 and slow["not_forecast"] == {}
+    assert pipeline.stats.cameras["flood"].snapshot()["published"] >= 5
+
+
+def test_frames_with_different_call_options_are_forecast_in_separate_calls_with_their_limits():
+    forecaster, recorder = FakeForecaster(), Recorder()
+    pipeline = make_pipeline(forecaster, recorder, cameras=("a", "b"))
+    published = pipeline.process([frame(1, camera="a", num_samples=2, max_pixels=5000),
+                                  frame(2, camera="b", num_samples=4, seed=7)])
+    assert published == 2 and forecaster.batches == [1, 1]
+    assert [(o["num_samples"], o["max_pixels"]) for o in forecaster.options] == [(2, 5000), (4, SETTINGS["max_pixels"])]
+
+
+def test_mailboxes_hand_out_every_waiting_camera_round_robin():
+    box: CameraMailboxes[str] = CameraMailboxes(["a", "b", "c"])
+    for camera in ("a", "b", "c"):
+        box.put(camera, camera)
+    assert box.take(timeout=0) == ["a", "b", "c"]  # no limit: every camera waiting, in one take
+    for camera in ("a", "b"):
+        box.put(camera, camera + "2")
+    assert box.take(timeout=0) == ["a2", "b2"]  # whatever camera was served last
+    for camera in ("a", "b", "c"):
+        box.put(camera, camera)
+    assert box.take(timeout=0, limit=1) == ["c"]  # after b: c first
+    assert box.take(timeout=0, limit=1) == ["a"]
+    box.put("c", "c again")  # c is back before b was served: b still comes first
+    assert box.take(timeout=0, limit=1) == ["b"]
+    assert box.take(timeout=0, limit=1) == ["c again"]

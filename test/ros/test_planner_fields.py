@@ -173,12 +173,13 @@ def test_the_node_fills_the_geometry_and_rejects_a_3_x_3_frame_as_too_small(cont
     try:
         assert node.autostart()
         sent = []
-        node._forecast_pub = SimpleNamespace(publish=sent.append)
-        node._markers_pub = node._overlay_pub = SimpleNamespace(get_subscription_count=lambda: 0)
-        node._on_image(rgb_to_image_msg(np.zeros((100, 140, 3), np.uint8)))  # no CameraInfo yet
+        node.outputs._publishers[""] = {"forecast": SimpleNamespace(publish=sent.append),
+                                        "markers": SimpleNamespace(get_subscription_count=lambda: 0),
+                                        "overlay": SimpleNamespace(get_subscription_count=lambda: 0)}
+        node._on_image(node.cameras[0], rgb_to_image_msg(np.zeros((100, 140, 3), np.uint8)))  # no CameraInfo yet
         assert wait_until(lambda: len(sent) == 1, 5)
-        node._on_camera_info(camera_info())
-        node._on_image(rgb_to_image_msg(np.zeros((100, 140, 3), np.uint8)))
+        node.inputs.camera_info[""] = camera_info()  # what the camera_info subscription stores
+        node._on_image(node.cameras[0], rgb_to_image_msg(np.zeros((100, 140, 3), np.uint8)))
         assert wait_until(lambda: len(sent) == 2, 5)
         without, with_info = sent
         assert not without.intrinsics_known and with_info.intrinsics_known
@@ -189,9 +190,9 @@ def test_the_node_fills_the_geometry_and_rejects_a_3_x_3_frame_as_too_small(cont
             # 2 px per frame: more than moving_threshold (2 px) from frame 2 on
             np.testing.assert_array_equal(msg_to_arrays(msg)["first_move_frame"], np.full((4, 4), 2.0))
 
-        node._on_image(rgb_to_image_msg(np.zeros((3, 3, 3), np.uint8)))
-        assert wait_until(lambda: node._stats.not_forecast.counts().get("too_small") == 1, 5)
-        status = diagnostic_status("n", "active", node._stats.snapshot(), node._model_info, 0)
+        node._on_image(node.cameras[0], rgb_to_image_msg(np.zeros((3, 3, 3), np.uint8)))
+        assert wait_until(lambda: node.stats.total.not_forecast.counts().get("too_small") == 1, 5)
+        status = diagnostic_status("n", "active", node.stats.total.snapshot(), node.models.model.info, 0)
         values = {kv.key: kv.value for kv in status.values}
         assert values["rejected.too_small"] == "1" and values["rejected_total"] == "1"
         assert values["frames_received"] == "3" and values["forecasts_published"] == "2" and len(sent) == 2

@@ -102,16 +102,37 @@ def test_counts_account_for_every_submitted_job() -> None:
     assert side.stop(30)
 
 
+def test_jobs_of_different_cameras_are_never_replaced_by_each_other() -> None:
+    """One waiting job per key (camera): a newer job of camera b does not drop camera a's; a newer one of a does."""
+    side = SideOutputs()
+    release, started = threading.Event(), threading.Event()
+    ran = []
+    side.submit(lambda: (started.set(), release.wait(30)), key="a")
+    assert started.wait(30)
+    side.submit(lambda: ran.append("a old"), key="a")
+    side.submit(lambda: ran.append("b"), key="b")
+    side.submit(lambda: ran.append("a new"), key="a")
+    release.set()
+    assert side.idle(30)
+    assert ran == ["b", "a new"] and side.skipped == 1
+    assert side.stop(30)
+
+
 # ------------------------------------------------------------------------------------------------ OutputBuilder
 def _builder(**overrides):
     pytest.importorskip("visualization_msgs", reason="needs the ROS 2 message wheels (requirements-ros.txt)")
     from traj_forecast_ros.ros.outputs import OutputBuilder
-    from traj_forecast_ros.ros.params import PARAMETER_SPECS
+    from traj_forecast_ros.ros.params import default_settings
 
-    values = {name: spec.default for name, spec in PARAMETER_SPECS.items()}
-    values.update(overrides)
     warnings = []
-    return OutputBuilder(values.__getitem__, warn=warnings.append), warnings
+    return OutputBuilder(warn=warnings.append), default_settings().updated(overrides), warnings
+
+
+def _job(forecast, header, settings, camera_info=None, rgb=None, period_s=0.1):
+    from traj_forecast_ros.ros.outputs import OutputJob
+
+    rgb = np.zeros((120, 160, 3), np.uint8) if rgb is None else rgb
+    return OutputJob(forecast, rgb, header, settings, camera_info=camera_info, period_s=period_s)
 
 
 def _forecast(k=3, t=6, grid=16, size=(120, 160), seed=0):
@@ -140,12 +161,13 @@ def test_serialised_markers_are_the_markers_message() -> None:
     from sensor_msgs.msg import CameraInfo
     from visualization_msgs.msg import MarkerArray
 
-    builder, warnings = _builder(marker_stride=4, marker_max_frames=4, marker_samples=2)
+    builder, settings, warnings = _builder(marker_stride=4, marker_max_frames=4, marker_samples=2)
     forecast, header = _forecast(), _header()
     info = CameraInfo(width=320, height=240, k=[300.0, 0.0, 160.0, 0.0, 300.0, 120.0, 0.0, 0.0, 1.0])
     for camera_info in (None, info):
-        message = builder.markers(forecast, header, camera_info, period_s=0.1)
-        data = builder.markers_serialized(forecast, header, camera_info, period_s=0.1)
+        job = _job(forecast, header, settings, camera_info)
+        message = builder.markers_message(job)
+        data = builder.markers(job)
         assert isinstance(data, bytes)
         assert deserialize_message(data, MarkerArray) == deserialize_message(serialize_message(message), MarkerArray)
         lines = message.markers[1:]
@@ -155,10 +177,10 @@ def test_serialised_markers_are_the_markers_message() -> None:
 
 
 def test_overlay_carries_the_source_header_and_draws_the_chosen_sample() -> None:
-    builder, _ = _builder(overlay_sample=7, overlay_stride=2)  # clamped to the last sample
+    builder, settings, _ = _builder(overlay_sample=7, overlay_stride=2)  # clamped to the last sample
     forecast, header = _forecast(), _header("cam")
     rgb = np.zeros((120, 160, 3), np.uint8)
-    message = builder.overlay(forecast, rgb, header)
+    message = builder.overlay(_job(forecast, header, settings, rgb=rgb))
     assert message.header == header and (message.height, message.width, message.encoding) == (120, 160, "rgb8")
     from traj_forecast_ros.viz import draw_tracks
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Union
 
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.interfaces import Connection, Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
@@ -22,7 +23,6 @@ from traj_forecast_ros.errors import BagError
 
 PathLike = Union[str, Path]
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 # rosbag2 metadata version 8 (Jazzy); readable by every rosbag2 from Humble on.
 BAG_VERSION = 8
 WRITE_QUEUE_SIZE = 1000  # messages a BackgroundBagWriter holds before it drops new ones (bounds its memory)
@@ -98,11 +98,6 @@ def bag_summary(path: PathLike) -> Dict[str, object]:
         }
     finally:
         reader.close()
-
-
-def image_topics(path: PathLike) -> List[str]:
-    """Topics of a bag that carry ``sensor_msgs/Image`` or ``sensor_msgs/CompressedImage``, sorted."""
-    return sorted(name for name, info in bag_topics(path).items() if info.msgtype in IMAGE_TYPES)
 
 
 def read_messages(path: PathLike, topics: Optional[Iterable[str]] = None) -> Iterator[BagMessage]:
@@ -240,8 +235,6 @@ class BackgroundBagWriter:
 
     def __init__(self, path: PathLike, storage: str = "mcap", overwrite: bool = False,
                  max_queue: int = WRITE_QUEUE_SIZE, warn_interval_s: float = 5.0) -> None:
-        import queue
-
         self.path = Path(path)
         self.storage = storage
         self.overwrite = overwrite
@@ -264,8 +257,6 @@ class BackgroundBagWriter:
 
     def put(self, topic: str, msgtype: str, timestamp_ns: int, data: bytes) -> bool:
         """Queue one CDR message for writing (never blocks); False when the queue was full and it was dropped."""
-        import queue
-
         try:
             self._queue.put_nowait((topic, msgtype, timestamp_ns, data))
             return True

@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 from typing import List, Optional, Tuple
 
+import torch
+
+from traj_forecast_ros import registry
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.model.checkpoint import save_model_dir
+from traj_forecast_ros.model.presets import tiny_config
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +23,6 @@ LIBERO_MODEL = "libero-atm"
 def _available(name: str, cache_dir: Optional[str] = None) -> bool:
     """True when ``name`` resolves offline; a present but corrupt or changed model (:class:`CheckpointError`) is
     unavailable too, with the reason logged, so the choice falls back to the next model."""
-    from traj_forecast_ros import registry
-
     try:
         registry.resolve(name, cache_dir)
     except (WeightsNotFoundError, FileNotFoundError):
@@ -30,10 +34,6 @@ def _available(name: str, cache_dir: Optional[str] = None) -> bool:
 
 
 def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
     return bool(torch.cuda.is_available())
 
 
@@ -78,10 +78,6 @@ def untrained_fallback(directory: str) -> Tuple[str, str]:
 
 def write_untrained_model(directory: str, seed: int = 0) -> str:
     """Write a tiny model directory with random weights (no training): only shows the pipeline working."""
-    from traj_forecast_ros.forecaster import Forecaster
-    from traj_forecast_ros.model.checkpoint import save_model_dir
-    from traj_forecast_ros.model.presets import tiny_config
-
     config = tiny_config(text=False)
     config.name = "untrained-tiny"
     forecaster = Forecaster.from_config(config, device="cpu", seed=seed)

@@ -1,10 +1,10 @@
 """``traj-forecast bag run``: forecast every image of a bag offline into a new bag (the regression-test mode).
 
-No ROS graph is involved: images are read from the bag, forecast one by one with a fixed seed, and the same
-outputs the live node publishes (``TrajectoryForecast``, ``MarkerArray``, overlay ``Image``, built with the
-node's default parameters) are written with the source image's header and bag timestamp. For an image topic
-``<ns>/<name>`` the outputs go to ``<ns>/forecast_node/{forecast,markers,overlay}``: the topics the node
-publishes when it runs in the camera's namespace.
+No ROS graph is involved: images are read from the bag, decoded by the node's input table, forecast one by one with
+a fixed seed, and the outputs of the node's output table (``TrajectoryForecast``, ``MarkerArray``, overlay
+``Image``, built by the node's own :class:`~traj_forecast_ros.ros.outputs.OutputBuilder` with the node's default
+parameters) are written with the source image's header and bag timestamp. For an image topic ``<ns>/<name>`` the
+outputs go to ``<ns>/forecast_node/<output>``: the topics the node publishes when it runs in the camera's namespace.
 """
 
 from __future__ import annotations
@@ -17,18 +17,27 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from traj_forecast_ros.bag.io import IMAGE_TYPES, BagWriter, PathLike, bag_topics, read_messages, remove_bag
+from rclpy.serialization import deserialize_message, serialize_message
+from sensor_msgs.msg import CameraInfo
+from tqdm import tqdm
+
+from traj_forecast_ros.bag.io import BagWriter, PathLike, bag_topics, read_messages, remove_bag
+from traj_forecast_ros.bag.model_choice import best_offline_model
 from traj_forecast_ros.errors import BagError, InvalidImageError, TrajForecastError
 from traj_forecast_ros.forecast import noise_seed, whole_number
-from traj_forecast_ros.geometry import MIN_IMAGE_SIDE
+from traj_forecast_ros.forecaster import Forecaster
+from traj_forecast_ros.ros.batching import CallOptions, forecast_requests, request_for
+from traj_forecast_ros.ros.conversions import ImageMessageError, decode_image
+from traj_forecast_ros.ros.io_tables import CAMERA_INFO_MSGTYPE, INPUT_BY_MSGTYPE, OUTPUTS, output_topic
+from traj_forecast_ros.ros.outputs import OutputBuilder, OutputJob
+from traj_forecast_ros.ros.params import default_settings
+from traj_forecast_ros.ros.qos import message_class
+from traj_forecast_ros.ros.stats import classify_error, reason_category
 
 log = logging.getLogger(__name__)
 
-FORECAST_MSG = "traj_forecast_msgs/msg/TrajectoryForecast"
-MARKERS_MSG = "visualization_msgs/msg/MarkerArray"
-IMAGE_MSG = "sensor_msgs/msg/Image"
-CAMERA_INFO_MSG = "sensor_msgs/msg/CameraInfo"
 NODE_NAME = "forecast_node"
+IMAGE_TYPES = tuple(INPUT_BY_MSGTYPE)  # what the node's input table decodes
 
 
 def camera_namespace(image_topic: str) -> str:
@@ -39,17 +48,21 @@ def camera_namespace(image_topic: str) -> str:
     return topic.rsplit("/", 1)[0]
 
 
-def output_topics(image_topic: str) -> Dict[str, str]:
-    """The node's output topics for a camera: ``{"forecast": ..., "markers": ..., "overlay": ...}``."""
-    base = f"{camera_namespace(image_topic)}/{NODE_NAME}"
-    return {name: f"{base}/{name}" for name in ("forecast", "markers", "overlay")}
+def output_topics(image_topic: str, camera: str = "") -> Dict[str, str]:
+    """The node's output topics for a camera, one per row of the output table (``{"forecast": ..., ...}``): the
+    node in the image topic's namespace, with ``camera`` its name among several (``""``: the single camera)."""
+    prefix = f"{camera_namespace(image_topic)}/{NODE_NAME}"
+    return {spec.name: output_topic(camera, spec.name, node_prefix=prefix) for spec in OUTPUTS}
 
 
 def node_defaults() -> Dict[str, Any]:
     """The forecast node's parameter defaults (so offline outputs match what the live node publishes)."""
-    from traj_forecast_ros.ros.params import PARAMETERS
+    return dict(default_settings().values)
 
-    return {spec.name: spec.default for spec in PARAMETERS}
+
+def as_cdr(message: Any) -> bytes:
+    """An output as the bag stores it: builders return a message object or, for the markers, its CDR already."""
+    return message if isinstance(message, bytes) else serialize_message(message)
 
 
 def frame_period_s(stamps_ns: Sequence[int]) -> Optional[float]:
@@ -62,10 +75,6 @@ def frame_period_s(stamps_ns: Sequence[int]) -> Optional[float]:
 def _deserialize(data: bytes, message_class: Any) -> Any:
     """CDR bytes -> rclpy message; bytes the installed definition cannot read (a bag recorded with another
     definition of the type, or damaged data) raise ``ImageMessageError`` with reason ``undecodable``."""
-    from rclpy.serialization import deserialize_message
-
-    from traj_forecast_ros.ros.conversions import ImageMessageError
-
     try:
         return deserialize_message(data, message_class)
     except Exception as exc:  # noqa: BLE001 - rclpy raises RMWError, RuntimeError, ... for bytes it cannot read
@@ -74,16 +83,10 @@ def _deserialize(data: bytes, message_class: Any) -> Any:
 
 
 def _decode_image(msgtype: str, data: bytes, max_pixels: int) -> tuple:
-    """CDR bytes -> (rclpy message, uint8 RGB), with the node's limits (``max_pixels``, ``MIN_IMAGE_SIDE``)."""
-    from sensor_msgs.msg import CompressedImage, Image
-
-    from traj_forecast_ros.ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
-
-    if msgtype == IMAGE_MSG:
-        message = _deserialize(data, Image)
-        return message, image_msg_to_rgb(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
-    message = _deserialize(data, CompressedImage)
-    return message, compressed_msg_to_rgb(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
+    """CDR bytes -> (rclpy message, uint8 RGB) by the node's input table, with its limits (``max_pixels``)."""
+    spec = INPUT_BY_MSGTYPE[msgtype]
+    message = _deserialize(data, message_class(spec.msgtype))
+    return message, decode_image(spec.transport, message, max_pixels)
 
 
 def _discard(writer: BagWriter) -> None:
@@ -117,7 +120,12 @@ def camera_info_topic(image_topic: str, available: Dict[str, Any]) -> Optional[s
     topic table ``available`` (:func:`~traj_forecast_ros.bag.io.bag_topics`) has it with that type, else None."""
     topic = f"{camera_namespace(image_topic)}/camera_info"
     info = available.get(topic)
-    return topic if info is not None and info.msgtype == CAMERA_INFO_MSG else None
+    return topic if info is not None and info.msgtype == CAMERA_INFO_MSGTYPE else None
+
+
+def image_topics(path: PathLike) -> List[str]:
+    """The bag's topics of an image type the node decodes (its input table), sorted."""
+    return sorted(name for name, info in bag_topics(path).items() if info.msgtype in IMAGE_TYPES)
 
 
 def select_image_topics(in_bag: PathLike, topics: Optional[Iterable[str]],
@@ -169,34 +177,25 @@ def run_bag(
     that cannot be forecast are counted by reason in the summary (and logged), never silently skipped. Pass a
     ready ``forecaster`` or a ``model`` (registry name or directory; default: the best model available offline).
     """
-    from rclpy.serialization import serialize_message
-    from tqdm import tqdm
-
-    from traj_forecast_ros.ros.pipeline import classify_error, reason_category
-
     _check_arguments(out_bag, overwrite, num_samples, steps, seed)
     available = bag_topics(in_bag)
     image_topics = select_image_topics(in_bag, topics, available)
     info_present = {t: info for t in image_topics if (info := camera_info_topic(t, available)) is not None}
     outputs_by_topic = {t: output_topics(t) for t in image_topics}
-    settings = node_defaults()
-    settings.update(params or {})
-    num_samples = int(settings["num_samples"]) if num_samples is None else num_samples
-    steps = (int(settings["steps"]) if steps is None else int(steps)) or None  # None: the model's default_steps
-    guidance = float(settings["guidance_scale"])  # -1: the model's own
     model_note = None
     if forecaster is None:
-        from traj_forecast_ros.forecaster import Forecaster
-
         if model is None:
-            from traj_forecast_ros.bag.model_choice import best_offline_model
-
             model, model_note = best_offline_model()
         forecaster = Forecaster.from_pretrained(model, device=device, dtype=dtype, download=False)
     config = getattr(forecaster, "config", None)
-    from traj_forecast_ros.ros.outputs import OutputBuilder
-
-    builder = OutputBuilder(settings.__getitem__, getattr(config, "frame_interval_s", None) or 0.0)
+    settings = default_settings().updated(params or {})
+    steps = (int(settings["steps"]) if steps is None else int(steps)) or None  # None: the model's default_steps
+    steps = steps or int(getattr(config, "default_steps", 0)) or None  # the summary records the number used
+    settings = settings.updated({"seed": seed, "steps": steps or 0,
+                                 "num_samples": int(settings["num_samples"]) if num_samples is None else num_samples})
+    options = CallOptions.from_settings(settings)  # one limit: max_pixels decodes the frames and goes to the model
+    builder = OutputBuilder()
+    model_frame_interval = float(getattr(config, "frame_interval_s", None) or 0.0)
 
     stamps: Dict[str, List[int]] = {t: [] for t in image_topics}
     for message in read_messages(in_bag, image_topics):
@@ -209,10 +208,6 @@ def run_bag(
     per_topic: Dict[str, int] = {t: 0 for t in image_topics}
     inference_s: List[float] = []
     latest_info: Dict[str, Any] = {}
-    max_pixels = int(settings["max_pixels"])
-    if hasattr(forecaster, "max_pixels"):
-        forecaster.max_pixels = max_pixels  # one limit, the one the frames are decoded against (as the node)
-    steps = steps or int(getattr(config, "default_steps", 0)) or None  # the summary records the number used
     bar = tqdm(total=total, unit="img", desc="forecasting", disable=not progress or not sys.stderr.isatty())
     writer = BagWriter(out_bag, storage, overwrite=overwrite)
     try:
@@ -220,9 +215,7 @@ def run_bag(
         for message in read_messages(in_bag, wanted):
             if copy_input:
                 writer.write(message.topic, message.msgtype, message.timestamp, message.data)
-            if message.msgtype == CAMERA_INFO_MSG:
-                from sensor_msgs.msg import CameraInfo
-
+            if message.msgtype == CAMERA_INFO_MSGTYPE:
                 try:
                     latest_info[message.topic] = _deserialize(message.data, CameraInfo)
                 except InvalidImageError as exc:
@@ -232,24 +225,20 @@ def run_bag(
                 continue
             bar.update(1)
             try:
-                source, rgb = _decode_image(message.msgtype, message.data, max_pixels)
-                forecast = forecaster.forecast(rgb, instruction=instruction, num_samples=num_samples, steps=steps,
-                                               seed=seed, **({} if guidance < 0 else {"guidance_scale": guidance}))
+                source, rgb = _decode_image(message.msgtype, message.data, options.max_pixels)
+                [forecast] = forecast_requests(forecaster, [request_for(rgb, instruction, settings)], options)
             except (InvalidImageError, TrajForecastError) as exc:  # bad input or non-finite output; bugs propagate
                 reason = classify_error(exc)
                 not_forecast["rejected" if reason_category(reason) == "rejected" else "dropped"][reason] += 1
                 log.warning("%s @ %d: image not forecast (%s): %s", message.topic, message.timestamp, reason, exc)
                 continue
             inference_s.append(float(forecast.timings.get("total", 0.0)))
-            header = source.header
-            outputs = outputs_by_topic[message.topic]
-            camera_info = latest_info.get(info_present.get(message.topic, ""))
-            writer.write(outputs["forecast"], FORECAST_MSG, message.timestamp,
-                         serialize_message(builder.forecast_msg(forecast, header, camera_info)))
-            writer.write(outputs["markers"], MARKERS_MSG, message.timestamp,
-                         serialize_message(builder.markers(forecast, header, camera_info, periods[message.topic])))
-            writer.write(outputs["overlay"], IMAGE_MSG, message.timestamp,
-                         serialize_message(builder.overlay(forecast, rgb, header)))
+            job = OutputJob(forecast, rgb, source.header, settings,
+                            camera_info=latest_info.get(info_present.get(message.topic, "")),
+                            period_s=periods[message.topic], model_frame_interval=model_frame_interval)
+            for spec in OUTPUTS:  # the node's output table, built by the node's builder
+                writer.write(outputs_by_topic[message.topic][spec.name], spec.msgtype, message.timestamp,
+                             as_cdr(spec.build(builder, job)))
             per_topic[message.topic] += 1
         writer.close()
     except BaseException:  # a failure or Ctrl-C leaves no partial bag (a rerun would refuse it as existing)
@@ -262,7 +251,7 @@ def run_bag(
         "out_bag": str(out_bag),
         "model": str(getattr(forecaster, "model_id", model)),
         "seed": seed,
-        "num_samples": num_samples,
+        "num_samples": options.num_samples,
         "steps": steps,
         "frames_in": total,
         "forecasts_out": sum(per_topic.values()),

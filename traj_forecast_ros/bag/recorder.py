@@ -23,10 +23,12 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from traj_forecast_ros.bag.io import BackgroundBagWriter
-from traj_forecast_ros.ros.qos import message_class, qos_matching_publishers
 from traj_forecast_ros.errors import BagError
+from traj_forecast_ros.ros.io_tables import OUTPUTS, output_topic
+from traj_forecast_ros.ros.qos import message_class, qos_matching_publishers
 
-DEFAULT_TOPICS = ["/forecast_node/forecast", "/forecast_node/markers", "/forecast_node/overlay", "/diagnostics"]
+# The single-camera node's outputs (the output table) and /diagnostics.
+DEFAULT_TOPICS = [output_topic("", spec.name, node_prefix="/forecast_node") for spec in OUTPUTS] + ["/diagnostics"]
 
 MessageCallback = Callable[[str, int, bytes], None]  # (topic, receive time ns, CDR bytes)
 

@@ -1,11 +1,13 @@
 """Replay a bag through the forecast node over DDS and account for every frame (the demo and the replay test).
 
-The node runs as its own process (``python -m traj_forecast_ros.ros.forecast_node``) in the camera's namespace with
-``use_sim_time``; this process plays the bag (publishing ``/clock`` from the bag's time), records the node's
-outputs into a bag, and watches ``/diagnostics``. When every published frame is either answered by a forecast
-or counted as dropped by the node (by reason), the node is stopped and a summary is written:
-``forecast_bag/`` (the recording), ``overlay.gif`` (tracks animated over the frames), ``summary.json``,
-``node.log``. Latency is measured end to end on the wall clock: image published -> forecast received.
+The node runs as its own process (``python -m traj_forecast_ros.ros.forecast_node``) with ``use_sim_time``: for one
+image topic in the camera's namespace (the single-camera setup), for several (e.g. both LIBERO views) as ONE node
+whose ``cameras`` are the views (one model, their frames batched). This process plays the bag (publishing ``/clock``
+from the bag's time), records the node's outputs into a bag, and watches ``/diagnostics``. When every published
+frame is either answered by a forecast or counted as dropped by the node (by reason), the node is stopped and a
+summary is written: ``forecast_bag/`` (the recording), ``overlay.gif`` (tracks animated over the frames; one
+``overlay_<camera>.gif`` per view with several), ``summary.json``, ``node.log``. Latency is measured end to end on
+the wall clock: image published -> forecast received.
 """
 
 from __future__ import annotations
@@ -17,15 +19,27 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
-from traj_forecast_ros.bag.io import PathLike, bag_topics, read_messages
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.logging import LoggingSeverity
+
+from traj_forecast_ros.bag import model_choice
+from traj_forecast_ros.bag.io import PathLike, bag_topics
 from traj_forecast_ros.bag.offline import camera_info_topic, camera_namespace, output_topics
-from traj_forecast_ros.bag.report import (choose_truth_topic, format_accuracy, header_stamp_ns, percentiles_ms,
-                                          score_forecasts, stamp_ns, truth_topics, write_overlay_gif)
+from traj_forecast_ros.bag.player import BagPlayer
+from traj_forecast_ros.bag.recorder import BagRecorder
+from traj_forecast_ros.bag.replay_summary import (  # noqa: F401 - format_summary is part of this module's API
+    ReplayLog, View, format_summary, summarise)
+from traj_forecast_ros.bag.report import (choose_truth_topic, header_stamp_ns, score_forecasts, truth_topics,
+                                          write_overlay_gif)
 from traj_forecast_ros.errors import BagError
+from traj_forecast_ros.registry import package_file_candidates
+from traj_forecast_ros.ros.cameras import CAMERA_NAME, LIBERO_CAMERAS, camera_overrides
+from traj_forecast_ros.ros.example_planner import ExamplePlanner
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the traj_forecast_ros package
 CLOCK_HZ = 50.0
@@ -34,8 +48,6 @@ NODE_STOP_TIMEOUT_S = 10.0
 
 def package_config_file(name: str) -> Optional[Path]:
     """``config/<name>`` from the source checkout or the installed share directory (None when absent)."""
-    from traj_forecast_ros.registry import package_file_candidates
-
     return next((path for path in package_file_candidates("config", name) if path.is_file()), None)
 
 
@@ -45,30 +57,6 @@ def ensure_dds_profile() -> None:
         profile = package_config_file("fastdds_large_data.xml")
         if profile is not None:
             os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
-
-
-@dataclass
-class ReplayLog:
-    """What happened during a replay, filled from the player, recorder and diagnostics callbacks."""
-
-    published_ns: Dict[int, int] = field(default_factory=dict)  # image stamp -> wall time published
-    forecast_received_ns: Dict[int, int] = field(default_factory=dict)  # forecast stamp -> wall time received
-    output_counts: Dict[str, int] = field(default_factory=dict)
-    diagnostics: Dict[str, str] = field(default_factory=dict)  # the node's latest key/values
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def diagnostic_int(self, key: str) -> int:
-        """An integer key of the node's latest diagnostics (0 when not reported yet)."""
-        with self.lock:
-            return int(self.diagnostics.get(key, "0") or 0)
-
-    def counts_by_reason(self, category: str) -> Dict[str, int]:
-        """The node's ``dropped`` (good frames not forecast, failures included) or ``rejected`` (bad input)
-        counters by reason."""
-        prefix = f"{category}."
-        with self.lock:
-            return {key[len(prefix):]: int(value) for key, value in self.diagnostics.items()
-                    if key.startswith(prefix)}
 
 
 class NodeProcess:
@@ -163,11 +151,44 @@ def find_instruction_topic(topics: Dict[str, Any]) -> Optional[str]:
     return found[0] if len(found) == 1 else None
 
 
+def camera_views(image_topics: Sequence[str], topics_in_bag: Dict[str, Any]) -> List[View]:
+    """The views to replay: one image topic is the single-camera setup (the node in the camera's namespace, outputs
+    ``<ns>/forecast_node/<output>``); several are the cameras of one node in the root namespace, named as in
+    :data:`~traj_forecast_ros.ros.cameras.LIBERO_CAMERAS` when the topic is one of LIBERO's, else after the topic's
+    namespace (outputs ``/forecast_node/<camera>/<output>``)."""
+    if len(image_topics) == 1:
+        topic = image_topics[0]
+        return [View(topic, "", output_topics(topic), camera_info_topic(topic, topics_in_bag))]
+    libero = {fields["image_topic"]: name for name, fields in LIBERO_CAMERAS.items()}
+    views, names = [], set()
+    for topic in image_topics:
+        name = libero.get(topic) or camera_namespace(topic).strip("/").replace("/", "_") or "camera"
+        if not CAMERA_NAME.fullmatch(name) or name in names:
+            name = f"camera{len(views)}"
+        names.add(name)
+        views.append(View(topic, name, output_topics(f"/{topic.rsplit('/', 1)[1]}", camera=name),
+                          camera_info_topic(topic, topics_in_bag)))
+    return views
+
+
+def view_parameters(views: Sequence[View]) -> Dict[str, Any]:
+    """The node parameters that subscribe it to ``views``: relative names in the camera's namespace for one view,
+    the ``cameras`` scheme with absolute topics for several."""
+    if len(views) == 1:
+        params: Dict[str, Any] = {"image_topic": views[0].image_topic.rsplit("/", 1)[1]}
+        if views[0].info_topic is not None:
+            params["camera_info_topic"] = "camera_info"
+        return params
+    cameras = {view.camera: {"image_topic": view.image_topic, "camera_info_topic": view.info_topic or ""}
+               for view in views}
+    return camera_overrides(cameras)
+
+
 def replay_through_node(
     in_bag: PathLike,
     out_dir: PathLike,
     model: Optional[str] = None,
-    image_topic: Optional[str] = None,
+    image_topic: Union[None, str, Sequence[str]] = None,
     rate: float = 1.0,
     extra_params: Sequence[str] = (),
     timeout_s: float = 300.0,
@@ -177,50 +198,49 @@ def replay_through_node(
     truth_topic: Optional[str] = None,
     planner: bool = False,
 ) -> Dict[str, Any]:
-    """Play ``in_bag``'s camera to a forecast node process, record its outputs, and summarise into ``out_dir``.
+    """Play ``in_bag``'s camera(s) to a forecast node process, record its outputs, and summarise into ``out_dir``.
 
-    Returns the summary (also written to ``out_dir/summary.json``). ``frames_unaccounted`` is the number of
-    frames the node received but neither answered nor counted as dropped: 0 when everything works.
+    ``image_topic``: one image topic (default: the bag's first), or several: the views are then the cameras of ONE
+    node (one model in memory, frames that wait together forecast in one batch). Returns the summary (also written
+    to ``out_dir/summary.json``). ``frames_unaccounted`` is the number of frames the node received but neither
+    answered nor counted as dropped: 0 when everything works.
     ``model`` None picks the best model available offline; if there is none, an untrained tiny model is written
     into ``untrained_fallback_dir`` when given (and the summary says so), else ``WeightsNotFoundError``.
     When the bag holds recorded true futures (a ``TrajectoryForecast`` topic: ``truth_topic``, or found with
-    :func:`~traj_forecast_ros.bag.report.choose_truth_topic`), ``summary["accuracy"]`` scores every forecast
-    against them (:func:`~traj_forecast_ros.bag.report.score_forecasts`: best-of-K MSE, ADE, FDE, per frame).
+    :func:`~traj_forecast_ros.bag.report.choose_truth_topic`), ``summary["accuracy"]`` scores every forecast of the
+    first view against them (:func:`~traj_forecast_ros.bag.report.score_forecasts`: best-of-K MSE, ADE, FDE).
     ``planner``: also run :class:`~traj_forecast_ros.ros.example_planner.ExamplePlanner` on the node's forecasts (in
-    this process) and record its images (``<namespace>/example_planner/{motion_probability,keep_out}``).
+    this process, single view only) and record its images (``<namespace>/example_planner/{motion_probability,
+    keep_out}``).
 
     Raises:
         BagError: bad arguments, or the node never came up (its log tail is in the message).
     """
-    import rclpy
-    from rclpy.executors import MultiThreadedExecutor
-    from rclpy.logging import LoggingSeverity
-
-    from traj_forecast_ros.bag.player import BagPlayer
-    from traj_forecast_ros.bag.recorder import BagRecorder
-
     started = time.monotonic()
     in_bag, out_dir = Path(in_bag), Path(out_dir)
     topics_in_bag = bag_topics(in_bag)
-    image_topic = choose_image_topic(in_bag, image_topic, topics_in_bag)
-    namespace = camera_namespace(image_topic)
-    info_topic = camera_info_topic(image_topic, topics_in_bag)
-    has_info = info_topic is not None
+    requested = [image_topic] if image_topic is None or isinstance(image_topic, str) else list(image_topic)
+    if not requested:
+        raise BagError("give at least one image topic (or none: the bag's first)")
+    views = camera_views([choose_image_topic(in_bag, topic, topics_in_bag) for topic in requested], topics_in_bag)
+    if len({view.image_topic for view in views}) != len(views):
+        raise BagError(f"an image topic is given twice: {requested}")
+    if planner and len(views) > 1:
+        raise BagError("--planner follows one camera: give one image topic")
+    namespace = camera_namespace(views[0].image_topic) if len(views) == 1 else ""
     instruction_topic = find_instruction_topic(topics_in_bag)
-    outputs = output_topics(image_topic)
-    recorded = dict(outputs)
+    node_outputs = [topic for view in views for topic in view.outputs.values()]
+    recorded = list(node_outputs)
     if planner:
-        recorded.update({name: f"{namespace}/example_planner/{name}" for name in ("motion_probability", "keep_out")})
+        recorded += [f"{namespace}/example_planner/{name}" for name in ("motion_probability", "keep_out")]
     if truth_topic is None:
-        truth_topic = choose_truth_topic(topics_in_bag, image_topic, exclude=list(outputs.values()))
+        truth_topic = choose_truth_topic(topics_in_bag, views[0].image_topic, exclude=node_outputs)
     elif truth_topic not in truth_topics(topics_in_bag):
         raise BagError(f"bag {in_bag} has no TrajectoryForecast topic {truth_topic}: "
                        f"{truth_topics(topics_in_bag) or 'none'}")
     model_note = None
     out_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
-        from traj_forecast_ros.bag import model_choice
-
         if untrained_fallback_dir is None:
             model, model_note = model_choice.best_offline_model()
         else:
@@ -229,20 +249,19 @@ def replay_through_node(
 
     node_params: Dict[str, Any] = {
         "model": model,
-        "image_topic": image_topic.rsplit("/", 1)[1],
         "use_sim_time": True,
         "seed": 0,
         # The player publishes reliably; a reliable subscription also gets the frames sent while the two ends
         # were still matching (best effort, the camera default, loses them on a loaded machine).
         "qos_reliability": "reliable",
+        **view_parameters(views),
     }
-    if has_info:
-        node_params["camera_info_topic"] = "camera_info"
     if instruction_topic is not None:
         node_params["instruction_topic"] = instruction_topic
     node_params.update(parse_param_overrides(extra_params))
     if node_params.get("instruction_topic") != instruction_topic:
         instruction_topic = None  # the caller pointed the node elsewhere: the bag's instruction goes unplayed
+    forecast_topics = {view.outputs["forecast"] for view in views}
 
     ensure_dds_profile()
     log = ReplayLog()
@@ -252,27 +271,27 @@ def replay_through_node(
     node_process: Optional[NodeProcess] = None
     recorder: Optional[BagRecorder] = None
     player: Optional[BagPlayer] = None
+    frames_in: Dict[str, int] = {view.image_topic: 0 for view in views}
     spin_thread = threading.Thread(target=executor.spin, daemon=True)
     try:
         def on_output(topic: str, receive_ns: int, data: bytes) -> None:
             with log.lock:
                 log.output_counts[topic] = log.output_counts.get(topic, 0) + 1
-                if topic == outputs["forecast"]:
-                    log.forecast_received_ns.setdefault(header_stamp_ns(data), receive_ns)
+                if topic in forecast_topics:
+                    log.forecast_received_ns.setdefault((topic, header_stamp_ns(data)), receive_ns)
 
-        recorder = BagRecorder(output=str(forecast_bag), topics=list(recorded.values()) + ["/diagnostics"],
+        recorder = BagRecorder(output=str(forecast_bag), topics=recorded + ["/diagnostics"],
                                storage="mcap", overwrite=True, node_name="replay_recorder",
                                on_message=on_output, context=context)
         recorder.get_logger().set_level(LoggingSeverity.WARN)  # the summary says what was recorded
         player_node = rclpy.create_node("replay_player", context=context)
         _watch_diagnostics(player_node, f"{namespace}/forecast_node", log)
-        played = [topic for topic in (image_topic, info_topic, instruction_topic) if topic is not None]
+        played = [topic for view in views for topic in (view.image_topic, view.info_topic) if topic is not None]
+        played += [instruction_topic] if instruction_topic is not None else []
         player = BagPlayer(player_node, in_bag, topics=played, rate=rate, clock_hz=CLOCK_HZ)
         executor.add_node(recorder)
         executor.add_node(player_node)
         if planner:
-            from traj_forecast_ros.ros.example_planner import ExamplePlanner
-
             executor.add_node(ExamplePlanner(context=context, namespace=namespace))  # reads the node's forecasts
         spin_thread.start()
 
@@ -280,14 +299,15 @@ def replay_through_node(
         _wait_until_ready(node_process, player, recorder, played, recorded, timeout_s)
 
         def on_publish(message, wall_ns: int) -> None:
-            if message.topic == image_topic:
+            if message.topic in frames_in:
                 with log.lock:
-                    log.published_ns[header_stamp_ns(message.data)] = wall_ns
+                    log.published_ns[(message.topic, header_stamp_ns(message.data))] = wall_ns
 
         stats = player.play(on_publish=on_publish, keep_clock=True)
-        frames_in = stats.published[image_topic]
-        complete = _wait_until_accounted(log, frames_in, outputs["forecast"], node_process, timeout_s, settle_s,
-                                         followers=[topic for name, topic in recorded.items() if name not in outputs])
+        frames_in = {topic: stats.published[topic] for topic in frames_in}
+        complete = _wait_until_accounted(log, sum(frames_in.values()), sorted(forecast_topics), node_process,
+                                         timeout_s, settle_s,
+                                         followers=[topic for topic in recorded if topic not in node_outputs])
     finally:
         exit_code = node_process.stop() if node_process is not None else None
         if player is not None:
@@ -297,16 +317,23 @@ def replay_through_node(
         executor.shutdown()
         rclpy.try_shutdown(context=context)
 
-    summary = _summarise(in_bag, image_topic, outputs, model, model_note, rate, frames_in, log, forecast_bag,
-                         complete, exit_code)
-    if summary["forecasts_out"]:
-        gif = write_overlay_gif(forecast_bag, outputs["forecast"], in_bag, image_topic, out_dir / "overlay.gif",
-                                truth_topic=truth_topic)
-        summary["outputs"]["overlay_gif"] = str(gif)
-    if truth_topic is not None:
-        summary["accuracy"] = (score_forecasts(forecast_bag, outputs["forecast"], in_bag, truth_topic)
-                               if summary["forecasts_out"] else {"truth_topic": truth_topic, "scored": 0,
-                                                                 "unscored": {}, "per_forecast": []})
+    summary = summarise(in_bag, views, model, model_note, rate, frames_in, log, forecast_bag, complete, exit_code)
+    truths = {view.image_topic: truth_topic if index == 0 else
+              choose_truth_topic(topics_in_bag, view.image_topic, exclude=node_outputs + [truth_topic or ""])
+              for index, view in enumerate(views)}
+    for view in views:
+        forecast_topic, truth = view.outputs["forecast"], truths[view.image_topic]
+        if summary["forecasts_by_camera"][view.camera or view.image_topic]:
+            name = f"overlay_{view.camera}.gif" if len(views) > 1 else "overlay.gif"
+            gif = write_overlay_gif(forecast_bag, forecast_topic, in_bag, view.image_topic, out_dir / name,
+                                    truth_topic=truth)
+            summary["outputs"][name.replace(".gif", "_gif")] = str(gif)
+        if truth is not None:
+            scored = (score_forecasts(forecast_bag, forecast_topic, in_bag, truth) if summary["forecasts_out"]
+                      else {"truth_topic": truth, "scored": 0, "unscored": {}, "per_forecast": []})
+            summary.setdefault("accuracy", scored)  # the first view's (the single-camera figure)
+            if len(views) > 1:
+                summary.setdefault("accuracy_by_camera", {})[view.camera] = scored
     summary["outputs"]["node_log"] = str(out_dir / "node.log")
     summary["wall_s"] = round(time.monotonic() - started, 2)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -317,8 +344,6 @@ def replay_through_node(
 
 def _watch_diagnostics(node, node_fqn: str, log: ReplayLog) -> None:
     """Keep the latest key/values of the node's ``/diagnostics`` status in ``log``."""
-    from diagnostic_msgs.msg import DiagnosticArray
-
     prefix = f"{node_fqn}:"
 
     def store(message: DiagnosticArray) -> None:
@@ -330,7 +355,7 @@ def _watch_diagnostics(node, node_fqn: str, log: ReplayLog) -> None:
     node.create_subscription(DiagnosticArray, "/diagnostics", store, 10)
 
 
-def _wait_until_ready(node_process: NodeProcess, player, recorder, played: Sequence[str], outputs: Dict[str, str],
+def _wait_until_ready(node_process: NodeProcess, player, recorder, played: Sequence[str], outputs: Sequence[str],
                       timeout_s: float) -> None:
     """Block until the node subscribes to every played topic (camera, camera info, instruction) and the recorder
     follows the node's outputs."""
@@ -342,7 +367,7 @@ def _wait_until_ready(node_process: NodeProcess, player, recorder, played: Seque
         if any(marker in node_process.log_text() for marker in ("configure failed", "cannot load model")):
             raise BagError(f"the forecast node could not load its model:\n{node_process.log_tail()}")
         subscribed = not player.wait_for_subscribers(list(played), 0.0)
-        if subscribed and set(outputs.values()) <= set(recorder.subscribed_topics):
+        if subscribed and set(outputs) <= set(recorder.subscribed_topics):
             time.sleep(0.5)  # let both ends of every new connection match before the first frame
             return
         time.sleep(0.1)
@@ -350,7 +375,7 @@ def _wait_until_ready(node_process: NodeProcess, player, recorder, played: Seque
                    f"{node_process.log_tail()}")
 
 
-def _wait_until_accounted(log: ReplayLog, frames_in: int, forecast_topic: str, node_process: NodeProcess,
+def _wait_until_accounted(log: ReplayLog, frames_in: int, forecast_topics: Sequence[str], node_process: NodeProcess,
                           timeout_s: float, settle_s: float, followers: Sequence[str] = ()) -> bool:
     """Wait until the node has answered or dropped every frame it received and the recorder has every forecast
     (and as many messages on each of ``followers``, topics published once per forecast).
@@ -365,7 +390,7 @@ def _wait_until_accounted(log: ReplayLog, frames_in: int, forecast_topic: str, n
         published = log.diagnostic_int("forecasts_published")
         dropped = log.diagnostic_int("dropped_total") + log.diagnostic_int("rejected_total")
         with log.lock:
-            recorded = log.output_counts.get(forecast_topic, 0)
+            recorded = sum(log.output_counts.get(topic, 0) for topic in forecast_topics)
             following = min([log.output_counts.get(topic, 0) for topic in followers], default=recorded)
         settled = published + dropped == received and recorded >= published and following >= recorded
         if settled and received >= frames_in:
@@ -377,99 +402,3 @@ def _wait_until_accounted(log: ReplayLog, frames_in: int, forecast_topic: str, n
             return False
         time.sleep(0.1)
     return False
-
-
-def _check_stamps(forecast_bag: Path, outputs: Dict[str, str], sent: Sequence[int]) -> Dict[str, Any]:
-    """Every recorded output must carry the stamp of a frame that was sent; forecasts one per frame."""
-    from traj_forecast_ros.bag.io import deserialize
-    from traj_forecast_ros.bag.typestore import make_typestore
-
-    store = None
-    sent_set = set(sent)
-    present = bag_topics(forecast_bag) if (forecast_bag / "metadata.yaml").exists() else {}
-    result: Dict[str, Any] = {"unknown_stamps": 0, "duplicate_forecasts": 0}
-    for name, topic in outputs.items():
-        if topic not in present:
-            continue
-        stamps = []
-        for message in read_messages(forecast_bag, [topic]):
-            if name != "markers":  # forecast and overlay start with their header: no need to decode the rest
-                stamps.append(header_stamp_ns(message.data))
-                continue
-            store = store or make_typestore()
-            stamps += sorted({stamp_ns(m.header) for m in deserialize(message, store).markers})
-        result["unknown_stamps"] += sum(1 for s in stamps if s not in sent_set)
-        if name == "forecast":
-            result["duplicate_forecasts"] = len(stamps) - len(set(stamps))
-    result["ok"] = result["unknown_stamps"] == 0 and result["duplicate_forecasts"] == 0
-    return result
-
-
-def _summarise(in_bag: Path, image_topic: str, outputs: Dict[str, str], model: str, model_note: Optional[str],
-               rate: float, frames_in: int, log: ReplayLog, forecast_bag: Path, complete: bool,
-               exit_code: Optional[int]) -> Dict[str, Any]:
-    with log.lock:
-        published_ns = dict(log.published_ns)
-        received_ns = dict(log.forecast_received_ns)
-        output_counts = dict(log.output_counts)
-        diagnostics = dict(log.diagnostics)
-    frames_received = log.diagnostic_int("frames_received")
-    dropped, rejected = log.counts_by_reason("dropped"), log.counts_by_reason("rejected")
-    forecasts_out = output_counts.get(outputs["forecast"], 0)
-    lost = max(0, frames_in - frames_received)
-    latencies = [(received_ns[s] - published_ns[s]) / 1e9 for s in received_ns if s in published_ns]
-    unaccounted = frames_in - forecasts_out - sum(dropped.values()) - sum(rejected.values()) - lost
-    return {
-        "bag": str(in_bag),
-        "image_topic": image_topic,
-        "model": model,
-        "model_choice": model_note or "given with --model",
-        "rate": rate,
-        "frames_in": frames_in,
-        "frames_received_by_node": frames_received,
-        "forecasts_out": forecasts_out,
-        "dropped": {**dropped, **({"lost_in_transport": lost} if lost else {})},
-        "rejected": rejected,
-        "frames_unaccounted": unaccounted,
-        "all_frames_accounted": complete and unaccounted == 0,
-        "latency_ms": percentiles_ms(latencies),
-        "stamps": _check_stamps(forecast_bag, outputs, list(published_ns)),
-        "outputs_recorded": output_counts,
-        "node_diagnostics": diagnostics,
-        "node_exit_code": exit_code,
-        "outputs": {"forecast_bag": str(forecast_bag)},
-    }
-
-
-def node_latency_line(diagnostics: Dict[str, str]) -> str:
-    """The node's own latency figures from its /diagnostics, each with its clock."""
-    if diagnostics.get("processing_latency_p50_ms", "n/a") == "n/a":
-        return "no latency reported"
-    return (f"processing p50 {diagnostics['processing_latency_p50_ms']} ms (wall clock: frame received -> forecast "
-            f"published), stamp age p50 {diagnostics.get('stamp_age_p50_ms', 'n/a')} ms (node clock, simulated time "
-            "in a replay)")
-
-
-def format_summary(summary: Dict[str, Any]) -> str:
-    """The summary as a few human-readable lines."""
-    latency = summary["latency_ms"]
-    dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(summary["dropped"].items())) or "none"
-    rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(summary["rejected"].items())) or "none"
-    lines = [
-        f"replayed {summary['bag']} ({summary['image_topic']}, {summary['rate']}x) through forecast_node",
-        f"  model:         {summary['model']} ({summary['model_choice']})",
-        f"  frames in:     {summary['frames_in']}   received by the node: {summary['frames_received_by_node']}",
-        f"  forecasts out: {summary['forecasts_out']}",
-        f"  dropped:       {dropped}",
-        f"  rejected:      {rejected}",
-        f"  unaccounted:   {summary['frames_unaccounted']}",
-        "  latency:       " + (f"p50 {latency['p50']:.0f} ms, p95 {latency['p95']:.0f} ms (wall clock: image published "
-                              "-> forecast received)" if latency["count"] else "n/a (no forecasts)"),
-        "  node:          " + node_latency_line(summary.get("node_diagnostics", {})),
-        f"  stamps:        {'every output carries a source frame stamp' if summary['stamps']['ok'] else summary['stamps']}",
-    ]
-    if "accuracy" in summary:
-        lines.append(f"  accuracy:      {format_accuracy(summary['accuracy'])}")
-    for name, path in summary["outputs"].items():
-        lines.append(f"  {name + ':':<14} {path}")
-    return "\n".join(lines)

@@ -8,11 +8,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageDraw
 
 from traj_forecast_ros.bag.io import PathLike, deserialize, read_messages
-from traj_forecast_ros.bag.typestore import make_typestore
+from traj_forecast_ros.bag.offline import camera_namespace
+from traj_forecast_ros.bag.typestore import FORECAST_TYPE, make_typestore
 from traj_forecast_ros.errors import BagError
-from traj_forecast_ros.ros.conversions import msg_to_arrays
+from traj_forecast_ros.metrics import MovingRegionTally, forecast_errors
+from traj_forecast_ros.ros.conversions import image_msg_to_rgb
+from traj_forecast_ros.ros.conversions import msg_to_arrays  # the README's example reads forecasts the same way
+from traj_forecast_ros.viz import enlarged, forecast_frames, readable_stride, time_colors, write_gif
 
 CDR_LITTLE_ENDIAN = b"\x00\x01"
 
@@ -57,8 +62,6 @@ def read_forecasts(bag: PathLike, topic: str) -> List[Tuple[int, object]]:
 def read_images(bag: PathLike, topic: str, stamps: Optional[Iterable[int]] = None) -> Dict[int, np.ndarray]:
     """``stamp_ns -> [H, W, 3]`` uint8 RGB of the ``sensor_msgs/Image`` messages of ``topic`` (only ``stamps``
     when given), decoded like the node does (every encoding it accepts)."""
-    from traj_forecast_ros.ros.conversions import image_msg_to_rgb
-
     store = make_typestore()
     wanted = set(stamps) if stamps is not None else None
     images = {}
@@ -71,8 +74,6 @@ def read_images(bag: PathLike, topic: str, stamps: Optional[Iterable[int]] = Non
 
 def _labelled(frame: np.ndarray, text: str) -> np.ndarray:
     """``frame`` with ``text`` written in its top-left corner (white on a black box)."""
-    from PIL import ImageDraw
-
     image = PILImage.fromarray(frame)
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = draw.textbbox((4, 2), text)
@@ -96,8 +97,6 @@ def overlay_animation_frames(
     ``stride`` None draws about 16 x 16 tracks whatever the query grid. With ``truths`` (stamp -> recorded true
     future, a ``TrajectoryForecast``), a forecast that has a truth is shown beside it (left: forecast, right: truth,
     drawn the same way), so every frame of the GIF has the same width only if every forecast has its truth."""
-    from traj_forecast_ros.viz import enlarged, forecast_frames, readable_stride
-
     def animate(large: np.ndarray, message: object, label: str) -> List[np.ndarray]:
         tracks = msg_to_arrays(message)["tracks"]
         chosen = tracks[min(sample, tracks.shape[0] - 1)] * scale  # [T, H, W, 2] in enlarged pixels
@@ -127,8 +126,6 @@ def save_gif(frames: Sequence[np.ndarray], path: PathLike, durations_ms: Sequenc
              exact_colors: Optional[np.ndarray] = None) -> Path:
     """:func:`traj_forecast_ros.viz.write_gif` (one shared palette), with :class:`BagError` when there is nothing to
     animate."""
-    from traj_forecast_ros.viz import write_gif
-
     if not frames:
         raise BagError("no frames to animate")
     return write_gif(frames, path, durations_ms, exact_colors=exact_colors)
@@ -160,8 +157,6 @@ def write_overlay_gif(
         if paired:  # else no forecast has its truth: plain overlay
             forecasts, truths = paired, recorded
     images = read_images(image_bag, image_topic, [stamp for stamp, _ in forecasts])
-    from traj_forecast_ros.viz import time_colors
-
     frames = overlay_animation_frames(forecasts, images, scale=scale, steps=steps, truths=truths)
     per_forecast = len(frames) // len(forecasts)
     durations = [hold_ms if (i + 1) % per_forecast == 0 else step_ms for i in range(len(frames))]
@@ -176,8 +171,6 @@ QUERY_MATCH_TOLERANCE_PX = 0.5  # forecast and truth must start from the same qu
 def truth_topics(topics: Dict[str, object], exclude: Sequence[str] = ()) -> List[str]:
     """``TrajectoryForecast`` topics of a bag's topic table (:func:`~traj_forecast_ros.bag.io.bag_topics`), sorted:
     in an input bag these hold recorded ground-truth futures (not the node's own outputs, listed in ``exclude``)."""
-    from traj_forecast_ros.bag.typestore import FORECAST_TYPE
-
     excluded = set(exclude)
     return sorted(t for t, info in topics.items()
                   if getattr(info, "msgtype", None) == FORECAST_TYPE and t not in excluded)
@@ -186,8 +179,6 @@ def truth_topics(topics: Dict[str, object], exclude: Sequence[str] = ()) -> List
 def choose_truth_topic(topics: Dict[str, object], image_topic: str, exclude: Sequence[str] = ()) -> Optional[str]:
     """The ground-truth topic for ``image_topic``: the bag's only ``TrajectoryForecast`` topic, or the one in the
     camera's namespace when there are several (None when the bag has none or the choice is ambiguous)."""
-    from traj_forecast_ros.bag.offline import camera_namespace
-
     candidates = truth_topics(topics, exclude)
     if len(candidates) <= 1:
         return candidates[0] if candidates else None
@@ -209,8 +200,6 @@ def score_forecasts(forecast_bag: PathLike, forecast_topic: str, truth_bag: Path
     (:class:`traj_forecast_ros.metrics.MovingRegionTally`: ``moving_best_of_k_ade_px``, ``calibration_best_sample``,
     ... over the points whose true track moves more than 5 px) and ``per_forecast`` (stamp and errors of each).
     """
-    from traj_forecast_ros.metrics import MovingRegionTally, forecast_errors
-
     truths = {stamp: msg_to_arrays(message) for stamp, message in read_forecasts(truth_bag, truth_topic)}
     per_forecast: List[Dict[str, object]] = []
     moving = MovingRegionTally()

@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Dict, Iterable, Sequence
 
 import numpy as np
+from builtin_interfaces.msg import Time
+from rclpy.serialization import serialize_message
+from std_msgs.msg import Header, String
 
 from traj_forecast_ros.bag.io import BagWriter, PathLike, bag_topics
 from traj_forecast_ros.bag.sample import REPO_ROOT, SAMPLE_CAMERAS, SAMPLE_START_NS, pinhole_camera_info, rosbags_header
+from traj_forecast_ros.data import sim_manipulation as sim
+from traj_forecast_ros.data.sim_streams import stream_episode
 from traj_forecast_ros.errors import BagError
+from traj_forecast_ros.forecast import Forecast
+from traj_forecast_ros.ros.conversions import forecast_to_msg, rgb_to_image_msg
 
 SIM_SAMPLE_BAG = REPO_ROOT / "data" / "sample_bag" / "sim_heldout"
 INSTRUCTION_TOPIC = "/instruction"
@@ -53,13 +60,6 @@ def write_episodes(out: PathLike, episodes: Iterable, query_points: np.ndarray, 
                    overwrite: bool = True) -> Dict[str, int]:
     """Write :class:`~traj_forecast_ros.data.sim_streams.StreamEpisode` s back to back as one camera stream
     (stamps continue across episodes at the clip rate). Returns messages written per topic."""
-    from builtin_interfaces.msg import Time
-    from rclpy.serialization import serialize_message
-    from std_msgs.msg import Header, String
-
-    from traj_forecast_ros.forecast import Forecast
-    from traj_forecast_ros.ros.conversions import forecast_to_msg, rgb_to_image_msg
-
     stamp_ns = int(start_ns)
 
     def put(writer: BagWriter, topic: str, msgtype: str, at_ns: int, message) -> None:
@@ -99,9 +99,6 @@ def make_sim_sample_bag(out: PathLike = SIM_SAMPLE_BAG, seed: int = 0, episodes:
                         frames_per_episode: int = 12, overwrite: bool = True) -> Path:
     """Render held-out stream episodes ``episodes`` of ``seed`` (``frames_per_episode`` frames each) and write the
     scored sample bag. Needs the sim extra (``bash scripts/setup_sim.sh``)."""
-    from traj_forecast_ros.data import sim_manipulation as sim
-    from traj_forecast_ros.data.sim_streams import stream_episode
-
     sim.ensure_offscreen_gl()
     config = sim.SimConfig()
     envs: Dict[str, object] = {}

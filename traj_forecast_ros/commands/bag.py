@@ -84,8 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("out_dir", type=Path)
     replay.add_argument("--model", default=None,
                         help="registry name or model directory (default: the best model available offline)")
-    replay.add_argument("--topic", default=None, metavar="TOPIC",
-                        help="image topic to forecast (default: the bag's first image topic)")
+    replay.add_argument("--topic", default=None, nargs="+", metavar="TOPIC",
+                        help="image topic(s) to forecast (default: the bag's first image topic); several are the "
+                             "cameras of one node (one model, frames batched)")
     replay.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1)")
     replay.add_argument("--param", action="append", default=[], metavar="NAME:=VALUE",
                         help="extra forecast node parameter (repeatable)")

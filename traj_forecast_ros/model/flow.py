@@ -110,6 +110,8 @@ def _guided(denoiser: Callable[..., torch.Tensor], frame_features: torch.Tensor,
     if text_embeds is None or null_text_embeds is None:
         raise ValueError("classifier-free guidance (guidance_scale != 1) needs text_embeds and null_text_embeds")
     both = torch.cat([text_embeds.expand(batch, -1), null_text_embeds.to(text_embeds).expand(batch, -1)])  # (2B, E)
+    if frame_features.shape[0] != 1:  # per-row image tokens: the unconditional rows see the same images
+        frame_features = torch.cat([frame_features.expand(batch, -1, -1)] * 2)  # (2B, N, D)
     velocity_at = _bind(denoiser, frame_features, both, 2 * batch)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

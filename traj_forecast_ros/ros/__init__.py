@@ -1,12 +1,14 @@
 """The ROS 2 edge: the lifecycle forecast node and what it needs (the only package besides ``bag`` that imports rclpy).
 
-- :mod:`.forecast_node`: the lifecycle node (subscriptions, publishers, transitions, diagnostics).
-- :mod:`.params`: the node's parameters, their ranges and validation.
-- :mod:`.validation`: checks made when a parameter is set, and log-safe user text.
-- :mod:`.diagnostics`: the ``/diagnostics`` status built from the pipeline's statistics.
-- :mod:`.pipeline`: the one-slot mailbox, the worker loop and the frame counters (no rclpy).
-- :mod:`.conversions`: Image/CompressedImage <-> numpy, ``Forecast`` -> ``TrajectoryForecast``.
-- :mod:`.outputs`: builds the forecast message, markers and overlay for one forecast.
-- :mod:`.markers`: RViz markers of the forecast tracks.
-- :mod:`.qos`: QoS profiles by name and ROS message classes by type name.
+By job:
+- node: :mod:`.forecast_node` (lifecycle transitions, parameter callback, diagnostics timer).
+- parameters and snapshot: :mod:`.params` (the table), :mod:`.settings` (the immutable per-frame snapshot),
+  :mod:`.validation` (checks made when a value is set; log-safe user text).
+- cameras and inputs: :mod:`.cameras` (the ``cameras`` scheme), :mod:`.inputs` (subscriptions),
+  :mod:`.io_tables` (the input and output tables), :mod:`.conversions` (messages <-> numpy).
+- forecasting: :mod:`.pipeline` (worker, frame accounting; no rclpy), :mod:`.scheduler` (per-camera mailboxes,
+  round-robin), :mod:`.batching` (one ``forecast_batch`` call), :mod:`.model_loading` (the one model).
+- outputs and publishing: :mod:`.outputs` (builders, side-output thread), :mod:`.publishing` (per-camera publishers),
+  :mod:`.markers` (RViz markers), :mod:`.qos`.
+- diagnostics: :mod:`.stats` (counters, rates, latencies per camera and in total), :mod:`.diagnostics`.
 """

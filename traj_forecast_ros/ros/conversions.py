@@ -8,14 +8,19 @@ code the node counts in its diagnostics.
 from __future__ import annotations
 
 import array
+import importlib
 import io
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from PIL import Image as PILImage
+from sensor_msgs.msg import CompressedImage, Image
+from traj_forecast_msgs.msg import TrajectoryForecast
 
 from traj_forecast_ros.errors import InvalidImageError
 from traj_forecast_ros.forecast import Forecast
-from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, to_rgb
+from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, to_rgb
+from traj_forecast_ros.ros.io_tables import INPUTS
 from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX, planner_summaries
 
 # encoding -> (channels, numpy dtype of one channel, channel order); mono images are replicated to RGB.
@@ -126,8 +131,6 @@ def _open_compressed(data: bytes, image_format: str) -> Any:
     Not ``PIL.Image.open``: that applies Pillow's own decompression-bomb limit (a process-wide setting, 89 MP warns
     and 179 MP fails), while the caller's ``max_pixels`` is the one limit here, checked before any pixel is decoded.
     """
-    import importlib
-
     module_name, class_name = _DECODERS[image_format]
     decoder = getattr(importlib.import_module(f"PIL.{module_name}"), class_name)
     return decoder(io.BytesIO(data))
@@ -147,8 +150,6 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS, min_si
         ImageMessageError: reason ``empty``, ``unsupported_format``, ``too_small``, ``too_large`` or
             ``corrupt_compressed``.
     """
-    from PIL import Image as PILImage
-
     data = _as_bytes_view(msg.data).tobytes()
     if not data:
         raise ImageMessageError("empty", "compressed image has no data")
@@ -176,10 +177,15 @@ def compressed_msg_to_rgb(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS, min_si
     return np.ascontiguousarray(rgb)
 
 
+def decode_image(transport: str, message: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image message of ``transport`` -> ``[H, W, 3]`` uint8 RGB, by the input table's decoder for it, with the
+    node's limits (``max_pixels``, ``geometry.MIN_IMAGE_SIDE``). Raises ``ImageMessageError`` for bad input."""
+    decoder = globals()[INPUTS[transport].decoder]
+    return decoder(message, max_pixels=max_pixels, min_side=MIN_IMAGE_SIDE)
+
+
 def rgb_to_image_msg(rgb: np.ndarray, header: Optional[Any] = None, encoding: str = "rgb8") -> Any:
     """Build a ``sensor_msgs/Image`` from ``[H, W, 3]`` uint8 RGB (``encoding`` rgb8 or bgr8)."""
-    from sensor_msgs.msg import Image
-
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise InvalidImageError(f"expected [H, W, 3] uint8, got {rgb.shape} {rgb.dtype}")
     if encoding == "bgr8":
@@ -200,9 +206,6 @@ def rgb_to_image_msg(rgb: np.ndarray, header: Optional[Any] = None, encoding: st
 def rgb_to_compressed_msg(rgb: np.ndarray, header: Optional[Any] = None, fmt: str = "jpeg",
                           quality: int = 90) -> Any:
     """Build a ``sensor_msgs/CompressedImage`` (jpeg or png) from ``[H, W, 3]`` uint8 RGB."""
-    from PIL import Image as PILImage
-    from sensor_msgs.msg import CompressedImage
-
     buffer = io.BytesIO()
     PILImage.fromarray(np.ascontiguousarray(rgb)).save(buffer, format=fmt.upper(), quality=quality)
     msg = CompressedImage()
@@ -231,8 +234,6 @@ def forecast_to_msg(forecast: Forecast, header: Any, frame_interval: Optional[fl
     camera's ``sensor_msgs/CameraInfo`` (rclpy or rosbags object), copied into the intrinsics fields when it is usable
     for this image (:func:`camera_intrinsics`).
     """
-    from traj_forecast_msgs.msg import TrajectoryForecast
-
     tracks = np.asarray(forecast.tracks, dtype=np.float32)
     if tracks.ndim != 5 or tracks.shape[-1] != 2:
         raise ValueError(f"forecast tracks must be [K, T, H, W, 2], got {tracks.shape}")

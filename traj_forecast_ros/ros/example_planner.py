@@ -26,6 +26,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
+from traj_forecast_msgs.msg import TrajectoryForecast
 
 from traj_forecast_ros.ros.conversions import msg_to_arrays
 
@@ -79,8 +80,6 @@ class ExamplePlanner(Node):
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        from traj_forecast_msgs.msg import TrajectoryForecast
-
         topic = self.declare_parameter("forecast_topic", "forecast_node/forecast").value
         self.declare_parameter("horizon_s", 1.0)
         self._probability_pub = self.create_publisher(Image, "~/motion_probability", 2)

@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from builtin_interfaces.msg import Duration
+from geometry_msgs.msg import Point
+from rclpy.serialization import deserialize_message, serialize_message
+from std_msgs.msg import ColorRGBA
+from visualization_msgs.msg import Marker, MarkerArray
 
 from traj_forecast_ros.viz import time_colors
 
@@ -144,7 +149,6 @@ def _point_table(points_xyz: np.ndarray) -> List[Any]:
     and Kilted (measured on Jazzy: 0.74 against 0.78 us for ``Point(x=.., y=.., z=..)``). Still about 1.5 us per
     vertex with rclpy's conversion at publish; :func:`serialized_forecast_markers` avoids both.
     """
-    from geometry_msgs.msg import Point
 
     table = []
     append = table.append
@@ -161,9 +165,6 @@ def _marker_array(geometry: MarkerGeometry, header: Any, lifetime_s: float, line
                   fill: Callable[[int, Any], None]) -> Any:
     """``MarkerArray``: ``DELETEALL``, then one ``LINE_LIST`` per sample whose points and colours ``fill(sample,
     marker)`` sets."""
-    from builtin_interfaces.msg import Duration
-    from std_msgs.msg import ColorRGBA
-    from visualization_msgs.msg import Marker, MarkerArray
 
     seconds = max(float(lifetime_s), 0.0)
     lifetime_sec, lifetime_nanosec = divmod(int(round(seconds * 1e9)), 10**9)  # 0.9999999998 s -> (1, 0), not (0, 0)
@@ -211,7 +212,6 @@ def forecast_markers(tracks: np.ndarray, header: Any, plane: ImagePlane, stride:
         max_frames: draw at most this many forecast frames of each track, evenly spaced, the first and the last
             always among them (0 = all); each drawn vertex keeps the colour of its own frame.
     """
-    from std_msgs.msg import ColorRGBA
 
     geometry = marker_geometry(tracks, plane, stride, max_samples, max_frames)
     palette = [ColorRGBA(r=float(r), g=float(g), b=float(b), a=float(a)) for r, g, b, a in geometry.frame_colors]
@@ -251,9 +251,6 @@ def serialized_forecast_markers(tracks: np.ndarray, header: Any, plane: ImagePla
     :func:`forecast_markers` (:class:`MarkerSerializer` does, after comparing both once). CDR padding bytes are
     whatever rclpy left there (it does not clear them either), so compare the messages read back, not the bytes.
     """
-    from geometry_msgs.msg import Point
-    from rclpy.serialization import serialize_message
-    from std_msgs.msg import ColorRGBA
 
     geometry = marker_geometry(tracks, plane, stride, max_samples, max_frames)
     num_vertices = len(geometry.vertex_index)
@@ -309,8 +306,6 @@ class MarkerSerializer:
         self.warn = warn
 
     def _check(self, tracks: np.ndarray, header: Any, plane: ImagePlane, options: Dict[str, Any]) -> bool:
-        from rclpy.serialization import deserialize_message, serialize_message
-        from visualization_msgs.msg import MarkerArray
 
         corner = np.asarray(tracks)[:2, :3, :2, :2]  # [<=2, <=3, <=2, <=2, 2]
         small = dict(options, stride=1, max_samples=0, max_frames=0)
@@ -329,7 +324,6 @@ class MarkerSerializer:
 
     def __call__(self, tracks: np.ndarray, header: Any, plane: ImagePlane, **options: Any) -> bytes:
         """Serialised ``MarkerArray``: the arguments of :func:`forecast_markers`."""
-        from rclpy.serialization import serialize_message
 
         plane_finite = all(math.isfinite(value) for value in (plane.fx, plane.fy, plane.cx, plane.cy, plane.depth))
         if self.fast is None and plane_finite:  # NaN never compares equal: it would turn the direct path off for good

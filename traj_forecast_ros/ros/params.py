@@ -1,67 +1,19 @@
 """The forecast node's parameters in one table: name, default, description, range or choices.
 
-The table feeds the ROS parameter declarations (descriptions and ranges shown by ``ros2 param describe``), the
+Per-camera parameters (``<camera>.<field>``, for the names in ``cameras``) are in :mod:`.cameras`. The table feeds the ROS parameter declarations (descriptions and ranges shown by ``ros2 param describe``), the
 validation of every change (invalid values are refused with a reason) and the test that ``config/forecast.yaml``
 sets exactly these parameters. No rclpy import here except the descriptor messages.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
-
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from typing import Dict, Tuple
 
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS
+from traj_forecast_ros.ros.io_tables import TRANSPORTS
+from traj_forecast_ros.ros.settings import ParamSpec, Settings  # noqa: F401 - ParamSpec: this table's row type
 from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One node parameter: default, description, and the allowed range or choices (checked on every set)."""
-
-    name: str
-    default: Any
-    description: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    choices: Optional[Tuple[str, ...]] = None
-    pattern: Optional[str] = None  # regular expression a string value must match in full
-    model_default: Optional[Any] = None  # a value outside [low, high] meaning "the model's own setting"
-
-    def descriptor(self) -> ParameterDescriptor:
-        """The ROS descriptor (description, range, constraints) shown by ``ros2 param describe``."""
-        constraints = ""
-        if self.choices:
-            constraints = "one of: " + ", ".join(self.choices)
-        elif self.pattern:
-            constraints = f"matches: {self.pattern}"
-        descriptor = ParameterDescriptor(name=self.name, description=self.description,
-                                         additional_constraints=constraints)
-        if self.low is not None and isinstance(self.default, bool):
-            raise TypeError(f"{self.name}: a bool parameter has no range")
-        low = self.low if self.model_default is None else min(self.low, self.model_default)
-        if self.low is not None and isinstance(self.default, int):
-            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(self.high), step=1)]
-        elif self.low is not None:
-            descriptor.floating_point_range = [FloatingPointRange(from_value=float(low),
-                                                                  to_value=float(self.high), step=0.0)]
-        return descriptor
-
-    def check(self, value: Any) -> Optional[str]:
-        """Why ``value`` is not allowed, or None when it is."""
-        if self.choices and value not in self.choices:
-            return f"'{self.name}' must be one of {list(self.choices)}, got '{value}'"
-        if self.pattern and not re.fullmatch(self.pattern, str(value)):
-            return f"'{self.name}' must match {self.pattern}, got '{value}'"
-        if self.model_default is not None and value == self.model_default:
-            return None
-        if self.low is not None and not (self.low <= value <= self.high):
-            alternative = "" if self.model_default is None else f" (or {self.model_default}: the model's own)"
-            return f"'{self.name}' must be in [{self.low}, {self.high}]{alternative}, got {value}"
-        return None
 
 
 PARAMETERS: Tuple[ParamSpec, ...] = (
@@ -94,10 +46,10 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
               -1, 2**31 - 1),
     ParamSpec("instruction", "", "Task instruction for language-conditioned models ('' = the model's default). "
               "Also set by the instruction topic."),
-    ParamSpec("image_topic", "image", "Camera topic (the compressed transport subscribes to <image_topic>/compressed). "
-              "Applies at activate."),
-    ParamSpec("image_transport", "raw", "raw (sensor_msgs/Image) or compressed (sensor_msgs/CompressedImage). "
-              "Applies at activate.", choices=("raw", "compressed")),
+    ParamSpec("image_topic", "image", "Camera topic of the single-camera setup (the compressed transport subscribes "
+              "to <image_topic>/compressed; ignored when 'cameras' names cameras). Applies at activate."),
+    ParamSpec("image_transport", "raw", "raw (sensor_msgs/Image) or compressed (sensor_msgs/CompressedImage), for "
+              "image_topic. Applies at activate.", choices=TRANSPORTS),
     ParamSpec("instruction_topic", "instruction", "std_msgs/String topic that changes the instruction at run time "
               "(reliable, volatile). Applies at activate."),
     ParamSpec("camera_info_topic", "", "sensor_msgs/CameraInfo topic for the marker image plane ('' = use "
@@ -132,7 +84,15 @@ PARAMETERS: Tuple[ParamSpec, ...] = (
     ParamSpec("marker_lifetime_periods", 3.0, "Markers: lifetime in forecast periods (0 = forever).", 0.0, 1000.0),
     ParamSpec("overlay_stride", 4, "Overlay: draw every Nth query point in each grid direction.", 1, 256),
     ParamSpec("overlay_sample", 0, "Overlay: which sample to draw (clamped to K-1).", 0, 63),
+    ParamSpec("max_batch_cameras", 0, "At most this many cameras' frames in one batched forecaster call (0 = every "
+              "camera with a frame waiting; cameras are served round-robin either way). Applies at activate.",
+              0, 64),
     ParamSpec("stats_window", 200, "Forecasts kept for the latency percentiles in /diagnostics. Applies at "
               "configure.", 10, 100000),
 )
 PARAMETER_SPECS: Dict[str, ParamSpec] = {spec.name: spec for spec in PARAMETERS}
+
+
+def default_settings() -> Settings:
+    """The parameter table's defaults as a snapshot (``bag run`` and tests; the node snapshots its live values)."""
+    return Settings({spec.name: spec.default for spec in PARAMETERS})

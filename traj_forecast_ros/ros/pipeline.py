@@ -1,298 +1,105 @@
-"""The forecasting node's runtime without ROS: one-slot mailbox, worker thread, bounded statistics.
+"""The forecasting node's runtime without ROS: the cameras' mailboxes, one worker thread, the frame accounting.
 
-The subscription callback only calls :meth:`ForecastPipeline.submit` (O(1), never blocks on inference); one worker
-thread takes the newest frame, decodes it, runs the forecaster and hands the result to a publish function. Every
-frame that is not forecast is counted under a reason; nothing grows without bound. The ROS node
-(``forecast_node``) supplies the decode / forecast / publish functions, so this module is tested with fakes.
+A subscription callback only calls :meth:`ForecastPipeline.submit` (O(1), never blocks on inference). The worker
+takes the frames waiting, at most one per camera (:mod:`.scheduler`), decodes and validates each once against its
+parameter snapshot's limits (the input table's decoder), forecasts the valid ones in one ``forecast_batch`` call per
+set of shared options (:mod:`.batching`) and hands each result to ``publish(frame, forecast, settings)``. The
+pipeline is given the forecaster and never calls back into the node. Every frame that is not forecast is counted
+under a reason, per camera and in total (:mod:`.stats`); nothing grows without bound.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Generic, Optional, TypeVar
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from traj_forecast_ros.errors import ForecastCancelled, InvalidImageError
+from traj_forecast_ros.errors import InvalidImageError
+from traj_forecast_ros.ros.batching import CallOptions, forecast_requests, request_for
+from traj_forecast_ros.ros.conversions import decode_image
+from traj_forecast_ros.ros.io_tables import INPUTS
+from traj_forecast_ros.ros.scheduler import CameraMailboxes
+from traj_forecast_ros.ros.settings import Settings
+from traj_forecast_ros.ros.stats import (  # noqa: F401 - the reasons and counters are part of this module's API
+    DROPPED_REASONS, FAILED_REASONS, FORECAST_FAILED, FUTURE_STAMP, INVALID_IMAGE, OUT_OF_MEMORY, PUBLISH_FAILED,
+    STOPPED, SUPERSEDED, TOO_OLD, PipelineStats, StatsBook, classify_error, reason_category)
 
-Item = TypeVar("Item")
-
-# Drop / rejection reasons (counter keys).
-SUPERSEDED = "superseded"  # replaced in the mailbox by a newer frame before the worker took it
-TOO_OLD = "too_old"  # older than max_input_age when the worker took it
-FUTURE_STAMP = "future_stamp"  # stamped further ahead of the node clock than max_clock_skew (a sender clock problem)
-INVALID_IMAGE = "invalid_image"  # decode or forecaster input check failed (a more specific reason when known)
-OUT_OF_MEMORY = "out_of_memory"  # the forecaster ran out of (accelerator) memory
-FORECAST_FAILED = "forecast_failed"  # the forecaster raised anything else
-PUBLISH_FAILED = "publish_failed"  # building or publishing the outputs raised
-STOPPED = "stopped"  # arrived, waited or was in inference (cancelled) while the worker stopped (deactivate, shutdown)
-
-
-DROPPED_REASONS = frozenset({SUPERSEDED, TOO_OLD, STOPPED})  # good frames the node had no time for
-FAILED_REASONS = frozenset({OUT_OF_MEMORY, FORECAST_FAILED, PUBLISH_FAILED})  # the node's own failures
-
-
-def reason_category(reason: str) -> str:
-    """``"dropped"`` (no time for it), ``"failed"`` (model or publishing failed) or ``"rejected"`` (bad input)."""
-    if reason in DROPPED_REASONS:
-        return "dropped"
-    if reason in FAILED_REASONS:
-        return "failed"
-    return "rejected"
+Publish = Callable[["Frame", Any, Settings], None]
+Decoder = Callable[[Any, int], np.ndarray]  # (message, max_pixels) -> [H, W, 3] uint8 RGB; raises InvalidImageError
 
 
 @dataclass
 class Frame:
-    """One input frame waiting for the worker: the undecoded message plus its timing."""
+    """One input frame of one camera: the undecoded message, its timing and the parameter snapshot it is
+    forecast and published with."""
 
     message: Any
     stamp_s: float  # header stamp in seconds on the node clock's time base (0 = not stamped: no age check)
+    settings: Settings
+    camera: str = ""  # the camera's name ("" = the single camera of the image_topic setup)
+    transport: str = "raw"  # a key of the input table: which decoder reads the message
     instruction: Optional[str] = None  # the task instruction in force when the frame arrived (forecast with it)
+    camera_info: Any = None  # the camera's latest sensor_msgs/CameraInfo when the frame arrived (None: none yet)
     received_s: float = field(default_factory=time.monotonic)  # wall (monotonic) clock when the node received it
+    rgb: Optional[np.ndarray] = None  # [H, W, 3] uint8 once decoded
     accounted: bool = False  # set once the frame is counted as published or under a reason
 
 
-class Mailbox(Generic[Item]):
-    """A one-slot, thread-safe mailbox: ``put`` replaces an untaken item, ``take`` waits for one."""
-
-    def __init__(self) -> None:
-        self._item: Optional[Item] = None
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def put(self, item: Item) -> bool:
-        """Store ``item``; returns True when it replaced one the worker never took (a superseded frame)."""
-        with self._cond:
-            superseded = self._item is not None
-            self._item = item
-            self._cond.notify()
-        return superseded
-
-    def take(self, timeout: Optional[float] = None) -> Optional[Item]:
-        """Remove and return the item, waiting up to ``timeout`` s; None on timeout or once closed."""
-        with self._cond:
-            if not self._closed and self._item is None:
-                self._cond.wait(timeout)
-            if self._closed:
-                return None
-            item, self._item = self._item, None
-            return item
-
-    def close(self) -> Optional[Item]:
-        """Wake every waiter; later ``take`` calls return None. Returns the item nobody took (None if empty)."""
-        with self._cond:
-            self._closed = True
-            item, self._item = self._item, None
-            self._cond.notify_all()
-        return item
-
-    def __len__(self) -> int:
-        with self._cond:
-            return 0 if self._item is None else 1
-
-
-class RateMeter:
-    """Events per second over the last ``window_s`` seconds of the wall (monotonic) clock: the events in the window
-    divided by its length (shorter while the meter is younger than the window). Meters that share ``started`` and
-    ``window_s`` divide by the same span, so their rates compare as their counts do (timestamps kept in a bounded
-    deque). ``started`` None: the first event starts the meter."""
-
-    def __init__(self, window_s: float = 5.0, max_events: int = 1000, started: Optional[float] = None) -> None:
-        self.window_s = window_s
-        self.started = started
-        self._times: Deque[float] = collections.deque(maxlen=max_events)
-        self._lock = threading.Lock()
-
-    def tick(self, now: Optional[float] = None) -> None:
-        """Record one event."""
-        with self._lock:
-            now = time.monotonic() if now is None else now
-            if self.started is None:
-                self.started = now
-            self._times.append(now)
-
-    def rate(self, now: Optional[float] = None) -> float:
-        """Events per second in the window ending at ``now`` (0 before the first event)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            recent = sum(1 for t in self._times if now - t < self.window_s)
-            span = min(self.window_s, now - self.started) if self.started is not None else 0.0
-        return recent / span if recent and span > 0 else 0.0
-
-    def period(self) -> Optional[float]:
-        """Median time between the recorded events (None with fewer than 2)."""
-        with self._lock:
-            times = list(self._times)
-        if len(times) < 2:
-            return None
-        return float(np.median(np.diff(times)))
-
-
-class Window:
-    """The last ``size`` values of a measurement, with percentiles."""
-
-    def __init__(self, size: int = 200) -> None:
-        self._values: Deque[float] = collections.deque(maxlen=size)
-        self._lock = threading.Lock()
-
-    def add(self, value: float) -> None:
-        """Record a value."""
-        with self._lock:
-            self._values.append(float(value))
-
-    def percentile(self, q: float) -> Optional[float]:
-        """The ``q``-th percentile (0..100) of the window, None when empty."""
-        with self._lock:
-            values = list(self._values)
-        return float(np.percentile(values, q)) if values else None
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._values)
-
-
-class ReasonCounter:
-    """Thread-safe counts by reason, plus when each reason was last logged (for per-reason log throttling)."""
-
-    def __init__(self, log_interval_s: float = 5.0) -> None:
-        self.log_interval_s = log_interval_s
-        self._counts: Dict[str, int] = collections.Counter()
-        self._last_logged: Dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, reason: str, now: Optional[float] = None) -> bool:
-        """Count one event; returns True when a log line for ``reason`` is due (first time, then throttled)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            self._counts[reason] += 1
-            last = self._last_logged.get(reason)
-            if last is None or now - last >= self.log_interval_s:
-                self._last_logged[reason] = now
-                return True
-            return False
-
-    def counts(self) -> Dict[str, int]:
-        """A snapshot of the counts."""
-        with self._lock:
-            return dict(self._counts)
-
-    def total(self) -> int:
-        """Sum over all reasons."""
-        with self._lock:
-            return sum(self._counts.values())
-
-
-@dataclass
-class PipelineStats:
-    """Everything the diagnostics report, bounded in memory."""
-
-    window: int = 200
-    started: float = field(default_factory=time.monotonic)  # both rates count from here, over the same window
-    input_rate: RateMeter = field(init=False)
-    forecast_rate: RateMeter = field(init=False)
-    processing: Window = field(init=False)  # seconds on the wall (monotonic) clock, frame received -> published
-    stamp_age: Window = field(init=False)  # seconds on the node clock (simulated under use_sim_time), header
-    # stamp -> published: transport and camera delay included; a bag replayed at rate r scales it by r
-    inference: Window = field(init=False)  # seconds spent in the forecaster
-    overhead: Window = field(init=False)  # seconds in the worker beyond the forecaster (decode, pack, publish)
-    not_forecast: ReasonCounter = field(default_factory=ReasonCounter)  # frames not forecast, by reason
-    received: int = 0
-    published: int = 0
-    consecutive_failures: int = 0  # "failed" frames (model or publishing) since the last published forecast
-
-    def __post_init__(self) -> None:
-        self.input_rate = RateMeter(started=self.started)
-        self.forecast_rate = RateMeter(started=self.started)
-        self.processing = Window(self.window)
-        self.stamp_age = Window(self.window)
-        self.inference = Window(self.window)
-        self.overhead = Window(self.window)
-
-    def snapshot(self) -> Dict[str, Any]:
-        """Plain values for diagnostics: rates (Hz, wall clock), latencies (s: ``processing`` on the wall clock,
-        ``stamp_age`` on the node clock), counts."""
-        return {
-            "received": self.received,
-            "published": self.published,
-            "input_rate_hz": self.input_rate.rate(),
-            "forecast_rate_hz": self.forecast_rate.rate(),
-            "processing_p50_s": self.processing.percentile(50),
-            "processing_p95_s": self.processing.percentile(95),
-            "stamp_age_p50_s": self.stamp_age.percentile(50),
-            "stamp_age_p95_s": self.stamp_age.percentile(95),
-            "inference_p50_s": self.inference.percentile(50),
-            "inference_p95_s": self.inference.percentile(95),
-            "overhead_p50_s": self.overhead.percentile(50),
-            "overhead_p95_s": self.overhead.percentile(95),
-            "not_forecast": self.not_forecast.counts(),
-        }
-
-
-def classify_error(exc: BaseException) -> str:
-    """Counter reason for an exception raised while decoding or forecasting a frame."""
-    if isinstance(exc, ForecastCancelled):
-        return STOPPED
-    if isinstance(exc, InvalidImageError):
-        return getattr(exc, "reason", INVALID_IMAGE)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-        return OUT_OF_MEMORY
-    return FORECAST_FAILED
-
-
 class ForecastPipeline:
-    """Mailbox + worker thread: decode (validate) -> stamp checks -> forecast -> publish, counting every frame that
-    is not published, so ``received == published + sum(not_forecast)`` once the worker is idle.
+    """Mailboxes + worker thread: decode (validate) -> stamp checks -> one batched forecast -> publish, counting
+    every frame that is not published, so ``received == published + sum(not_forecast)`` per camera and in total
+    once the worker is idle.
 
     Args:
-        decode: message -> uint8 RGB image (raises ``InvalidImageError`` for bad input; any other exception it
-            raises is counted as a rejected ``invalid_image`` too).
-        forecast: ``(rgb, frame)`` -> forecast result (any object; passed on to ``publish``). It may watch
-            :attr:`stopping` and raise ``ForecastCancelled`` once it is set (counted as ``stopped``).
-        publish: ``(frame, rgb, result)`` -> None; builds and sends the outputs. Never called after :meth:`stop`
-            returned.
+        forecaster: has ``forecast_batch`` (or ``forecast``: called once per frame). It may watch :attr:`stopping`
+            (passed as ``cancel``) and raise ``ForecastCancelled`` once it is set (counted as ``stopped``).
+        publish: ``(frame, forecast, settings)`` -> None; builds and sends the frame's outputs. Never called after
+            :meth:`stop` returned.
         clock: current time in seconds on the same time base as the frame stamps (the node clock).
-        max_input_age_s: frames older than this (stamp vs clock) when taken are dropped; 0 disables the check.
-        max_clock_skew_s: frames stamped more than this ahead of the clock are rejected (``future_stamp``); None
-            disables the check.
+        cameras: the camera names (one mailbox and one set of counters each).
+        decoders: transport -> ``(message, max_pixels) -> rgb`` (default: the input table's).
+        takes_instruction: False for a model without language input: instructions are left out of the requests.
+        max_batch: at most this many cameras' frames per forecaster call (0 = every camera with a frame waiting).
         logger: where drops and failures are logged (throttled per reason).
     """
 
-    def __init__(self, decode: Callable[[Any], np.ndarray], forecast: Callable[[np.ndarray, Frame], Any],
-                 publish: Callable[[Frame, np.ndarray, Any], None], clock: Callable[[], float],
-                 max_input_age_s: float = 0.0, stats: Optional[PipelineStats] = None,
-                 logger: Optional[Any] = None, name: str = "forecast-worker",
-                 max_clock_skew_s: Optional[float] = None) -> None:
-        self._decode = decode
-        self._forecast = forecast
+    def __init__(self, forecaster: Any, publish: Publish, clock: Callable[[], float], cameras: Sequence[str] = ("",),
+                 *, decoders: Optional[Mapping[str, Decoder]] = None, takes_instruction: bool = True,
+                 max_batch: int = 0, stats: Optional[StatsBook] = None, logger: Optional[Any] = None,
+                 name: str = "forecast-worker") -> None:
+        self._forecaster = forecaster
         self._publish = publish
         self._clock = clock
-        self.max_input_age_s = max_input_age_s
-        self.max_clock_skew_s = max_clock_skew_s
-        self.stats = stats or PipelineStats()
+        self._decoders: Dict[str, Decoder] = dict(decoders) if decoders is not None else {
+            transport: partial(decode_image, transport) for transport in INPUTS}
+        self.takes_instruction = takes_instruction
+        self.max_batch = max_batch
+        self.stats = stats or StatsBook(cameras)
         self._logger = logger or logging.getLogger(__name__)
-        self._mailbox: Mailbox[Frame] = Mailbox()
+        self._mailboxes: CameraMailboxes[Frame] = CameraMailboxes(cameras)
         self._stop = threading.Event()
-        self._submit_lock = threading.Lock()  # a frame is either in the mailbox before it closes or counted stopped
+        self._submit_lock = threading.Lock()  # a frame is either in a mailbox before they close or counted stopped
         self._publish_lock = threading.Lock()  # stop() waits for a publish in progress; none starts afterwards
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.batch_sizes: List[int] = []  # frames per forecaster call, the last 100 (diagnostics and tests)
 
     # ------------------------------------------------------------------ called from ROS callbacks
     def submit(self, frame: Frame) -> None:
-        """Offer a frame (from the subscription callback): O(1), replaces an unprocessed older one."""
-        self.stats.received += 1
-        self.stats.input_rate.tick()
+        """Offer a frame (from a subscription callback): O(1), replaces the camera's unprocessed older one."""
+        self.stats.received(frame.camera)
         with self._submit_lock:
             stopped = self._stop.is_set()
-            superseded = not stopped and self._mailbox.put(frame)
+            superseded = None if stopped else self._mailboxes.put(frame.camera, frame)
         if stopped:
-            self._count(STOPPED, "the frame arrived after the worker was stopped")
+            self._count(frame.camera, STOPPED, "the frame arrived after the worker was stopped")
         elif superseded:
-            self._count(SUPERSEDED, "a newer frame arrived before the worker was free")
+            self._count(frame.camera, SUPERSEDED, "a newer frame arrived before the worker was free")
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -304,9 +111,9 @@ class ForecastPipeline:
         the worker to exit (None = do not wait). Returns True when it has exited."""
         with self._submit_lock:
             self._stop.set()
-            waiting = self._mailbox.close()
-        if waiting is not None:
-            self._count(STOPPED, "the worker was stopped before it took the waiting frame")
+            waiting = self._mailboxes.close()
+        for frame in waiting:
+            self._count(frame.camera, STOPPED, "the worker was stopped before it took the waiting frame")
         with self._publish_lock:  # a publish in progress ends; later ones see the stop flag
             pass
         if timeout is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -325,78 +132,107 @@ class ForecastPipeline:
 
     @property
     def busy(self) -> bool:
-        """True while the worker processes a frame."""
+        """True while the worker processes frames."""
         return self._busy.is_set()
+
+    @property
+    def waiting(self) -> int:
+        """Frames waiting in the mailboxes."""
+        return len(self._mailboxes)
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
         while not self._stop.is_set():
-            frame = self._mailbox.take(timeout=0.5)
-            if frame is None:
+            frames = self._mailboxes.take(timeout=0.5, limit=self.max_batch)
+            if not frames:
                 continue
             self._busy.set()
             try:
-                self.process(frame)
+                self.process(frames)
             except Exception as exc:  # noqa: BLE001 - a bug past process()'s own handling must not end the worker
-                if not frame.accounted:
-                    self._count(FORECAST_FAILED, f"unexpected {type(exc).__name__} in the worker: {exc}")
+                for frame in frames:
+                    if not frame.accounted:
+                        self._count_frame(frame, FORECAST_FAILED, f"unexpected {type(exc).__name__} in the worker")
                 self._log_safely("error", f"the worker caught {type(exc).__name__}: {exc} (it keeps running)")
             finally:
                 self._busy.clear()
 
-    def process(self, frame: Frame) -> bool:
-        """Run one frame through decode -> forecast -> publish; returns True when outputs were published.
-        Never raises: every failure is counted and logged (throttled)."""
+    def process(self, frames: Sequence[Frame]) -> int:
+        """Run frames (at most one per camera) through decode -> checks -> forecast -> publish; returns how many
+        were published. Never raises: every failure is counted and logged (throttled)."""
         started = time.monotonic()
+        ready = [frame for frame in frames if self._admit(frame)]
+        groups: Dict[CallOptions, List[Frame]] = {}
+        for frame in ready:
+            groups.setdefault(CallOptions.from_settings(frame.settings), []).append(frame)
+        published = 0
+        for options, group in groups.items():
+            published += self._forecast_and_publish(options, group, started)
+        return published
+
+    def _admit(self, frame: Frame) -> bool:
+        """Decode and validate the frame with its snapshot's limits, then check its stamp; False once counted."""
         try:  # validate first: a bad frame is rejected whatever its stamp says
-            rgb = self._decode(frame.message)
+            decode = self._decoders[frame.transport]
+            frame.rgb = decode(frame.message, int(frame.settings["max_pixels"]))
         except Exception as exc:  # noqa: BLE001 - every decoder failure is bad input, never the node's own failure
             reason = getattr(exc, "reason", INVALID_IMAGE) if isinstance(exc, InvalidImageError) else INVALID_IMAGE
             self._count_frame(frame, reason, f"{type(exc).__name__}: {exc}")
             return False
         if frame.stamp_s > 0:
             now = self._clock()
-            if self.max_clock_skew_s is not None and frame.stamp_s - now > self.max_clock_skew_s:
-                self._count_frame(frame, FUTURE_STAMP, f"frame is stamped {frame.stamp_s - now:.3f} s ahead of the node clock "
-                                          f"> max_clock_skew {self.max_clock_skew_s} s")
+            skew, max_age = float(frame.settings["max_clock_skew"]), float(frame.settings["max_input_age"])
+            if frame.stamp_s - now > skew:
+                self._count_frame(frame, FUTURE_STAMP, f"frame is stamped {frame.stamp_s - now:.3f} s ahead of the "
+                                                       f"node clock > max_clock_skew {skew} s")
                 return False
-            if self.max_input_age_s > 0 and now - frame.stamp_s > self.max_input_age_s:
+            if max_age > 0 and now - frame.stamp_s > max_age:
                 self._count_frame(frame, TOO_OLD, f"frame is {now - frame.stamp_s:.3f} s old > max_input_age "
-                                     f"{self.max_input_age_s} s")
+                                                  f"{max_age} s")
                 return False
+        return True
+
+    def _forecast_and_publish(self, options: CallOptions, frames: List[Frame], started: float) -> int:
+        """One forecaster call for ``frames``, then each frame's outputs; returns how many were published."""
+        requests = [request_for(frame.rgb, frame.instruction if self.takes_instruction else None, frame.settings)
+                    for frame in frames]
         try:
             inference_started = time.monotonic()
-            result = self._forecast(rgb, frame)
+            results = forecast_requests(self._forecaster, requests, options, cancel=self._stop)
             inference_s = time.monotonic() - inference_started
         except Exception as exc:  # noqa: BLE001 - bad input or a failing model must never stop the node
             reason = STOPPED if self._stop.is_set() else classify_error(exc)
-            self._count_frame(frame, reason, f"{type(exc).__name__}: {exc}")
-            return False
+            for frame in frames:
+                self._count_frame(frame, reason, f"{type(exc).__name__}: {exc}")
+            return 0
+        self.batch_sizes = (self.batch_sizes + [len(frames)])[-100:]
+        published = 0
+        for frame, result in zip(frames, results):
+            published += self._publish_one(frame, result, inference_s, started)
+        return published
+
+    def _publish_one(self, frame: Frame, result: Any, inference_s: float, started: float) -> int:
         with self._publish_lock:
             if self._stop.is_set():  # stopped during inference: the result is discarded
                 self._count_frame(frame, STOPPED, "the worker was stopped during inference; the result is discarded")
-                return False
+                return 0
             try:
-                self._publish(frame, rgb, result)
+                self._publish(frame, result, frame.settings)
             except Exception as exc:  # noqa: BLE001
                 self._count_frame(frame, PUBLISH_FAILED, f"{type(exc).__name__}: {exc}")
-                return False
+                return 0
             # Counted before stop() can return: received = published + not forecast holds once it has.
-            self.stats.published += 1
+            self.stats.published(frame.camera)
             frame.accounted = True
-            self.stats.consecutive_failures = 0
-        self.stats.forecast_rate.tick()
-        self.stats.inference.add(inference_s)
-        published = time.monotonic()
-        self.stats.overhead.add(published - started - inference_s)
-        self.stats.processing.add(published - frame.received_s)
-        if frame.stamp_s > 0:
-            self.stats.stamp_age.add(self._clock() - frame.stamp_s)
-        return True
+        published_at = time.monotonic()
+        stamp_age = self._clock() - frame.stamp_s if frame.stamp_s > 0 else None
+        self.stats.timings(frame.camera, inference_s, published_at - started - inference_s,
+                           published_at - frame.received_s, stamp_age)
+        return 1
 
     def _count_frame(self, frame: Frame, reason: str, detail: str) -> None:
         frame.accounted = True
-        self._count(reason, detail)
+        self._count(frame.camera, reason, detail)
 
     def _log_safely(self, severity: str, line: str) -> None:
         """Log ``line``, one call site per severity (an rclpy logger raises ValueError when one call site logs at
@@ -411,12 +247,11 @@ class ForecastPipeline:
         except Exception:  # noqa: BLE001 - a failing logger must not lose the count or end the worker
             pass
 
-    def _count(self, reason: str, detail: str) -> None:
-        if reason_category(reason) == "failed":
-            self.stats.consecutive_failures += 1
-        if self.stats.not_forecast.add(reason):
-            total = self.stats.not_forecast.counts().get(reason, 0)
-            line = f"{reason_category(reason)} frame ({reason}, {total} so far): {detail}"
+    def _count(self, camera: str, reason: str, detail: str) -> None:
+        if self.stats.count(camera, reason):
+            total = self.stats.total.not_forecast.counts().get(reason, 0)
+            where = f"camera {camera}: " if camera else ""
+            line = f"{where}{reason_category(reason)} frame ({reason}, {total} so far): {detail}"
             # Superseded frames are the mailbox doing its job (camera faster than the model) and stopped frames
             # are the node shutting down or deactivating on purpose: not a warning.
             self._log_safely("debug" if reason in (SUPERSEDED, STOPPED) else "warning", line)
