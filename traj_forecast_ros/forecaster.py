@@ -41,6 +41,9 @@ from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS, denormalise_points
 from traj_forecast_ros.geometry import prepare_image, query_grid, static_tracks_norm
 from traj_forecast_ros.model.compatibility import check_modules_compatible
 from traj_forecast_ros.model.config import ModelConfig, check_guidance_scale
+from traj_forecast_ros.model.kernels import (EncoderWeightCache, FastCPUOps, KernelOptions, OneDNNLinearMode,
+                                             kernels_available)
+from traj_forecast_ros.model.ops import TORCH_OPS, TorchOps
 from traj_forecast_ros.sampling_plan import (
     CudaGraphDenoiser,
     LRUCache,
@@ -220,28 +223,23 @@ class Forecaster:
                              f"({self._device} {dtype_name(self._dtype)}); build a new Forecaster instead")
         self._plan = plan
         self._query_tokens: Optional[torch.Tensor] = None  # VAE tokens of the static query grid (plan-cached)
-        self._vae_kernels = None  # model.kernels.VAEKernels when the plan runs the CPU kernels
         options = self._kernel_options(plan)
+        # model.kernels.FastCPUOps (prepared weights of this plan's kernels) when the plan runs the CPU kernels
+        self._fast_ops: Optional[FastCPUOps] = FastCPUOps(options) if options is not None else None
         if self._encoder_weights is not None:
             self._encoder_weights.clear()  # the cast encoder weights belong to the previous plan's kernels
-        if options is not None and self.vae is not None:
-            from traj_forecast_ros.model.kernels import VAEKernels
-
-            self._vae_kernels = VAEKernels(self.vae, options)
         self._denoise_fn: Optional[Callable[..., torch.Tensor]] = self._build_denoise_fn(plan)
 
     def _kernel_options(self, plan: SamplingPlan):
         """``model.kernels.KernelOptions`` of the plan, or None where the reference modules run (GPU, compile,
         ``fast_cpu_kernels=False``)."""
-        from traj_forecast_ros.model.kernels import KernelOptions, kernels_available
-
         if not (plan.fast_cpu_kernels and not plan.use_compile and kernels_available(self._device, self._dtype)):
             return None
         return KernelOptions(dtype=self._dtype, fold_modulation=plan.fold_modulation, attention=plan.attention)
 
-    def _vae(self):
-        """The VAE's inference forward for the current compute dtype: the CPU kernels, or the module."""
-        return self._vae_kernels if self._vae_kernels is not None and self._compute_dtype == self._dtype else self.vae
+    def _ops(self) -> TorchOps:
+        """The ops the model's forward runs with for the current compute dtype: the CPU kernels, or plain torch."""
+        return self._fast_ops if self._fast_ops is not None and self._compute_dtype == self._dtype else TORCH_OPS
 
     @property
     def sample_batch_size(self) -> Optional[int]:
@@ -264,11 +262,8 @@ class Forecaster:
     def _build_denoise_fn(self, plan: SamplingPlan) -> Callable[..., torch.Tensor]:
         """The callable the sampler evaluates: the denoiser itself, compiled, and/or replayed from CUDA graphs
         (bounded LRU of ``plan.graph_cache_size`` graphs, bound to this forecaster's device)."""
-        options = self._kernel_options(plan)
-        if options is not None:
-            from traj_forecast_ros.model.kernels import DenoiserKernels
-
-            return DenoiserKernels(self.denoiser, options)
+        if self._fast_ops is not None:
+            return self.denoiser.with_ops(self._fast_ops)
         denoise = compiled_denoiser(self.denoiser) if plan.use_compile else self.denoiser
         if plan.use_cuda_graph:
             return CudaGraphDenoiser(denoise, None if self._dtype == torch.float32 else self._dtype, self._device,
@@ -321,8 +316,6 @@ class Forecaster:
         """The encoders' linear layers through oneDNN on CPU when the plan uses the fast CPU kernels."""
         if not (self._plan.fast_cpu_kernels and self._device.type == "cpu"):
             return nullcontext()
-        from traj_forecast_ros.model.kernels import EncoderWeightCache, OneDNNLinearMode
-
         if self._encoder_weights is None:
             self._encoder_weights = EncoderWeightCache()
         return OneDNNLinearMode(self._encoder_weights)
@@ -396,7 +389,7 @@ class Forecaster:
         with torch.inference_mode():
             tokens = self.query_tokens()  # [1, T, L, C]
             with self._autocast():
-                mean, std = self._vae().encode_tokens(tokens, features)  # [1, T, L, Z] each
+                mean, std = self.vae.encode_tokens(tokens, features, self._ops())  # [1, T, L, Z] each
         grid_size = self.vae.latent_grid
         mean = latents_to_grid(mean[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
         std = latents_to_grid(std[:, :1].float(), grid_size) * self._latent_scale  # [1, 1, C, h, w]
@@ -407,8 +400,8 @@ class Forecaster:
         if self._query_tokens is not None:
             return self._query_tokens
         with torch.inference_mode():
-            embed = self._vae_kernels.embed_tracks if self._vae_kernels is not None else self.vae.embed_tracks
-            tokens = embed(self._static_tracks).float()  # [1, T, L, C], float32
+            ops = self._fast_ops if self._fast_ops is not None else TORCH_OPS
+            tokens = self.vae.embed_tracks(self._static_tracks, ops).float()  # [1, T, L, C], float32
         if self._plan.cache_query_tokens:
             self._query_tokens = tokens
         return tokens
@@ -444,7 +437,7 @@ class Forecaster:
 
         latents = grid_to_latents(final_state / self._latent_scale)  # [B, T, L, C]
         with self._autocast():
-            return self._vae().decode(latents, features.expand(latents.shape[0], -1, -1)).float()  # [B, T, 2, Hq, Wq]
+            return self.vae.decode(latents, features.expand(latents.shape[0], -1, -1), self._ops()).float()  # [B, T, 2, Hq, Wq]
 
     # ------------------------------------------------------------------------------------------ public API
     def forecast(self, image, instruction: Optional[str] = None, num_samples: int = DEFAULT_NUM_SAMPLES,
@@ -588,7 +581,7 @@ class Forecaster:
         """Drop the modules and caches and free accelerator memory; the forecaster cannot be used afterwards."""
         with self._lock:
             self.denoiser = self.vae = self.image_encoder = self.text_encoder = None
-            self._denoise_fn = self._query_tokens = self._vae_kernels = None  # the kernels hold weight copies
+            self._denoise_fn = self._query_tokens = self._fast_ops = None  # the kernels hold weight copies
             if self._encoder_weights is not None:
                 self._encoder_weights.clear()
             self._encoder_weights = None

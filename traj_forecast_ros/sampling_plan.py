@@ -24,6 +24,7 @@ from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Mapp
 import torch
 
 from traj_forecast_ros.errors import DeviceError
+from traj_forecast_ros.model.kernels import FastCPUOps, KernelOptions
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,6 @@ def probe_cpu_plan(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: i
     Against a loaded machine: the candidates are timed round-robin ``repeats`` times (a burst of load hits every
     candidate, not one) and each keeps its fastest run (load only ever adds time).
     """
-    from traj_forecast_ros.model.kernels import DenoiserKernels, KernelOptions
-
     batch = min(num_samples, plan.sample_batch_size or num_samples)
     other_attention = "sdpa" if plan.attention == "explicit" else "explicit"
     candidates = [(batch, plan.fold_modulation, plan.attention), (batch, plan.fold_modulation, other_attention),
@@ -311,8 +310,8 @@ def probe_cpu_plan(plan: SamplingPlan, denoiser: torch.nn.Module, num_samples: i
     runs = []  # (step function, x, t) per candidate
     with torch.inference_mode():
         for samples, fold, attention in candidates:
-            kernels = DenoiserKernels(denoiser, KernelOptions(dtype=plan.dtype, fold_modulation=fold,
-                                                              attention=attention))
+            kernels = denoiser.with_ops(FastCPUOps(KernelOptions(dtype=plan.dtype, fold_modulation=fold,
+                                                                 attention=attention)))
             x = torch.randn(samples, denoiser.num_frames, denoiser.in_channels, *denoiser.input_size,
                             generator=generator)  # [b, T, C, h, w]
             step = kernels.bind(features, text)
