@@ -31,6 +31,8 @@ from traj_forecast_ros.model.layers import Attention
 from traj_forecast_ros.model.ops import KV, TorchOps, attend_grouped, gate_of, modulate
 
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bfloat16 GEMMs need CPU support (AVX512-BF16 / AMX); elsewhere bfloat16 runs through F.linear.
+ONEDNN_BFLOAT16 = ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 ATTENTION_KERNELS = ("sdpa", "explicit")
 ATTENTION_SCORE_BYTES = 1 << 20  # explicit attention: score bytes per chunk (about one core's L2)
@@ -49,7 +51,7 @@ class KernelOptions:
         fold_modulation: fold the denoiser's shared adaLN modulation into the weights once per step (else it is
             applied to every token).
         attention: ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"explicit"`` (cache-blocked GEMMs).
-        onednn: oneDNN GEMMs (else ``F.linear``).
+        onednn: oneDNN GEMMs (else ``F.linear``; also ``F.linear`` for bfloat16 on CPUs without oneDNN bfloat16).
     """
 
     dtype: torch.dtype = torch.float32
@@ -64,6 +66,11 @@ class KernelOptions:
             raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.onednn and not ONEDNN_LINEAR:
             raise ValueError("this torch build has no oneDNN linear; use onednn=False")
+
+
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN GEMMs run in ``dtype`` on this CPU."""
+    return ONEDNN_BFLOAT16 if dtype == torch.bfloat16 else ONEDNN_LINEAR and dtype == torch.float32
 
 
 def kernels_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -176,6 +183,7 @@ class FastCPUOps(TorchOps):
     def __init__(self, options: KernelOptions = KernelOptions()) -> None:
         self.options = options
         self.dtype = options.dtype
+        self._onednn = options.onednn and onednn_supports(options.dtype)  # else F.linear (no bf16 oneDNN here)
         self._prepared: Dict[Hashable, object] = {}  # key (tag, modules/tensors...) -> prepared weights
 
     def _cached(self, key: Tuple[Hashable, ...], build: Callable[[], object]):
@@ -271,7 +279,7 @@ class FastCPUOps(TorchOps):
         rows = [r for r in (shift, scale, gate_rows) if r is not None]
         if rows and self.options.fold_modulation and all(r.shape[0] == 1 for r in rows):
             dense = self._folded_rows(layers, norm_weight, shift, scale, gate_rows, gate_param)
-            out = gemm(hidden, dense, self.options.onednn, gelu)  # (N, L, out)
+            out = gemm(hidden, dense, self._onednn, gelu)  # (N, L, out)
         else:
             if norm_weight is not None and (shift is not None or scale is not None):
                 hidden = hidden * self.param(norm_weight)  # the norm comes before the modulation
@@ -281,7 +289,7 @@ class FastCPUOps(TorchOps):
                 output_gate=None if gate_param is None else gate_param.reshape(-1)))
             if shift is not None or scale is not None:
                 hidden = modulate(hidden, shift, scale)  # (N, L, C)
-            out = gemm(hidden, dense, self.options.onednn, gelu)  # (N, L, out)
+            out = gemm(hidden, dense, self._onednn, gelu)  # (N, L, out)
             if gate_rows is not None:
                 out = out.mul_(gate_of(gate_rows, out))
         return out if residual is None else out.add_(self._input(residual))
@@ -351,7 +359,7 @@ class OneDNNLinearMode(TorchFunctionMode):
             if (x.device.type == "cpu" and not torch.is_grad_enabled() and weight.dim() == 2 and x.dim() >= 2
                     and not torch.compiler.is_compiling()):
                 dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-                if dtype in KERNEL_DTYPES:
+                if dtype in KERNEL_DTYPES and onednn_supports(dtype):
                     to_dtype = self.weights.get if self.weights is not None else cast
                     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), to_dtype(weight, dtype),
                                                               to_dtype(bias, dtype), "none", [], "")
