@@ -166,16 +166,17 @@ class LatteDenoiser(nn.Module):
         samples. Inputs are cast to the dtype of the weights (so a bf16 model accepts fp32 features); t stays
         float32. ``ops``: the kernels of the layers (``model.kernels.FastCPUOps`` for CPU inference).
         """
-        return self.bind(frame_features, text_embeds, ops)(x, t)
+        return self.prepare_image(frame_features, text_embeds, ops)(x, t)
 
     def with_ops(self, ops: TorchOps) -> "DenoiserWithOps":
         """This denoiser run with ``ops`` (``model.kernels.FastCPUOps``): what the sampler evaluates."""
         return DenoiserWithOps(self, ops)
 
-    def bind(self, frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
-             ops: TorchOps = TORCH_OPS) -> Callable[[torch.Tensor, Union[torch.Tensor, float]], torch.Tensor]:
+    def prepare_image(self, frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
+                      ops: TorchOps = TORCH_OPS) -> Callable[[torch.Tensor, Union[torch.Tensor, float]], torch.Tensor]:
         """The per-image part of :meth:`forward` (image context keys/values of every block, the text
-        conditioning) done once: returns ``step(x, t) -> velocity`` for the sampler's Euler steps."""
+        conditioning) done once: returns ``step(x, t) -> velocity`` for the sampler's Euler steps. Not named
+        ``bind``: the sampler calls a module (hooks, ``torch.compile``, CUDA graphs) through ``forward``."""
         frame_features, text_embeds = one_row_if_shared(frame_features), one_row_if_shared(text_embeds)
         self._check_conditioning(frame_features, text_embeds)
         dtype = self.frame_proj.weight.dtype
@@ -258,5 +259,5 @@ class DenoiserWithOps:
 
     def bind(self, frame_features: torch.Tensor,
              text_embeds: Optional[torch.Tensor] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``step(x, t) -> velocity`` for one image (see ``LatteDenoiser.bind``)."""
-        return self.denoiser.bind(frame_features, text_embeds, self.ops)
+        """``step(x, t) -> velocity`` for one image (see ``LatteDenoiser.prepare_image``)."""
+        return self.denoiser.prepare_image(frame_features, text_embeds, self.ops)
