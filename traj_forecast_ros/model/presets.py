@@ -34,7 +34,7 @@ from traj_forecast_ros.model.word_encoder import build_vocabulary
 
 __all__ = ["DENOISER_SIZES", "FRAME_INTERVALS", "LIBERO_ATM_LATENT_SCALE", "LIBERO_TRAMOE_LATENT_SCALE", "PRESETS",
            "denoiser_config", "libero_config", "libero_random_config", "preset_config", "resolve_config",
-           "tiny_config", "untrained_config"]
+           "tiny_blocks_config", "tiny_config", "untrained_config"]
 
 LIBERO_SPLITS = ("atm", "tramoe")
 BLOCKS_VAE_BETA = 1e-4  # KL weight of the small families (blocks, sim)
@@ -149,6 +149,11 @@ def libero_random_config() -> ModelConfig:
     config.image_encoder = ImageEncoderConfig(model_id=None, config=dict(DINOV2_LARGE))
     config.text_encoder = TextEncoderConfig(model_id=None, config=dict(CLIP_L14_TEXT))
     return config
+
+
+def tiny_blocks_config() -> ModelConfig:
+    """``preset_config("tiny-blocks")`` (the training tests' model)."""
+    return preset_config("tiny-blocks")
 
 
 def tiny_config(text: bool = True, image_size: Optional[int] = None, grid: Optional[int] = None,
