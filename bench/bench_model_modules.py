@@ -1,7 +1,7 @@
 """Time the LIBERO-size torch modules (random weights): one denoiser evaluation, VAE encode, VAE decode.
 
 Each is timed twice in the same run: our forward (``LatteDenoiser`` / ``TrajectoryVAE`` with the CPU inference
-kernels of ``traj_forecast_ros.model.kernels``) and the official-style reference below (plain PyTorch ops, image
+ops ``traj_forecast_ros.model.kernels.FastCPUOps``) and the official-style reference below (plain PyTorch ops, image
 context and conditioning repeated per sequence before the blocks, as the official code does). Also prints FLOPs,
 achieved GFLOP/s and the largest relative difference between the two.
 
@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E
 
 from traj_forecast_ros.model.presets import libero_config  # noqa: E402
 from traj_forecast_ros.model.denoiser import LatteDenoiser  # noqa: E402
-from traj_forecast_ros.model.kernels import DenoiserKernels, KernelOptions, VAEKernels  # noqa: E402
+from traj_forecast_ros.model.kernels import FastCPUOps, KernelOptions  # noqa: E402
 from traj_forecast_ros.model.layers import Attention, Mlp, timestep_frequencies  # noqa: E402
 from traj_forecast_ros.model.vae import TrajectoryVAE  # noqa: E402
 
@@ -216,14 +216,13 @@ def main() -> None:
     latents = torch.randn(1, 16, 256, 8)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
-    options = KernelOptions(dtype=dtype)
-    fast_denoiser, fast_vae = DenoiserKernels(denoiser, options), VAEKernels(vae, options)
+    ops = FastCPUOps(KernelOptions(dtype=dtype))
     cases: Dict[str, Tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]] = {
-        "denoiser": (lambda: fast_denoiser(x, t, features, text),
+        "denoiser": (lambda: denoiser(x, t, features, text, ops),
                      lambda: official_denoiser_forward(denoiser, x, t, features, text)),
-        "vae.encode": (lambda: fast_vae.encode_tokens(fast_vae.embed_tracks(tracks), features)[0],
+        "vae.encode": (lambda: vae.encode(tracks, features, ops)[0],
                        lambda: official_vae_encode(vae, tracks, features)[0]),
-        "vae.decode": (lambda: fast_vae.decode(latents, features), lambda: official_vae_decode(vae, latents, features)),
+        "vae.decode": (lambda: vae.decode(latents, features, ops), lambda: official_vae_decode(vae, latents, features)),
     }
     print(f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, batch 1, LIBERO sizes")
     with torch.inference_mode(), autocast:

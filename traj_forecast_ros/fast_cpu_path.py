@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Optional
 import torch
 
 from traj_forecast_ros.model.kernels import (
-    DenoiserKernels,
     EncoderWeightCache,
+    FastCPUOps,
     KernelOptions,
     OneDNNLinearMode,
-    VAEKernels,
     kernels_available,
 )
+from traj_forecast_ros.model.ops import TorchOps
 
 if TYPE_CHECKING:
     from traj_forecast_ros.sampling_plan import SamplingPlan
@@ -35,14 +35,38 @@ def kernel_options(plan: "SamplingPlan", device: torch.device, dtype: torch.dtyp
     return KernelOptions(dtype=dtype, fold_modulation=plan.fold_modulation, attention=plan.attention)
 
 
-def fast_denoiser(denoiser: torch.nn.Module, options: KernelOptions) -> Callable[..., torch.Tensor]:
-    """The denoiser's inference forward through the kernels (``(x, t, features, text)``, with ``bind``)."""
-    return DenoiserKernels(denoiser, options)
+def fast_ops(options: KernelOptions) -> FastCPUOps:
+    """The fast CPU ops of one plan, shared by its denoiser and VAE (each layer's weights are prepared once)."""
+    return FastCPUOps(options)
 
 
-def fast_vae(vae: torch.nn.Module, options: KernelOptions) -> VAEKernels:
-    """The VAE's inference forward through the kernels (``embed_tracks``, ``encode_tokens``, ``decode``)."""
-    return VAEKernels(vae, options)
+def fast_denoiser(denoiser: torch.nn.Module, ops: FastCPUOps) -> Callable[..., torch.Tensor]:
+    """The denoiser's own forward run with the fast ops (``(x, t, features, text)``, with ``bind``)."""
+    return denoiser.with_ops(ops)
+
+
+class VAEWithOps:
+    """The VAE's inference forward (``embed_tracks``, ``encode_tokens``, ``decode``) run with given ops."""
+
+    def __init__(self, vae: torch.nn.Module, ops: TorchOps) -> None:
+        self.vae, self.ops = vae, ops
+
+    def embed_tracks(self, tracks_norm: torch.Tensor) -> torch.Tensor:
+        """Normalised tracks ``[B, T, 2, H, W]`` -> tokens ``[B, T, L, C]``."""
+        return self.vae.embed_tracks(tracks_norm, self.ops)
+
+    def encode_tokens(self, tokens: torch.Tensor, frame_features: torch.Tensor):
+        """Tokens ``[B, T, L, C]`` and image tokens -> posterior (mean, std) ``[B, T, L, Z]`` each."""
+        return self.vae.encode_tokens(tokens, frame_features, self.ops)
+
+    def decode(self, z: torch.Tensor, frame_features: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, T, L, Z]`` and image tokens -> normalised tracks ``[B, T, 2, H, W]``."""
+        return self.vae.decode(z, frame_features, self.ops)
+
+
+def fast_vae(vae: torch.nn.Module, ops: FastCPUOps) -> VAEWithOps:
+    """The VAE's inference forward run with the fast ops."""
+    return VAEWithOps(vae, ops)
 
 
 def encoder_weight_cache() -> EncoderWeightCache:
@@ -62,4 +86,4 @@ def probe_step(denoiser: torch.nn.Module, dtype: torch.dtype, fold_modulation: b
                features: torch.Tensor, text: Optional[torch.Tensor]) -> Step:
     """One candidate of the CPU plan probe: the kernels' step for fixed image tokens and text."""
     options = KernelOptions(dtype=dtype, fold_modulation=fold_modulation, attention=attention)
-    return DenoiserKernels(denoiser, options).bind(features, text)
+    return denoiser.with_ops(FastCPUOps(options)).bind(features, text)

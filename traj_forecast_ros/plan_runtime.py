@@ -18,7 +18,14 @@ from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Opti
 
 import torch
 
-from traj_forecast_ros.fast_cpu_path import encoder_mode, encoder_weight_cache, fast_denoiser, fast_vae, kernel_options
+from traj_forecast_ros.fast_cpu_path import (
+    encoder_mode,
+    encoder_weight_cache,
+    fast_denoiser,
+    fast_ops,
+    fast_vae,
+    kernel_options,
+)
 from traj_forecast_ros.sampling_plan import LRUCache, SamplingPlan, dtype_name, resolve_device, resolve_dtype
 
 
@@ -53,14 +60,15 @@ class PlanRuntime:
         if self.encoder_weights is not None:
             self.encoder_weights.clear()  # the cast encoder weights belong to the previous plan's kernels
         options = kernel_options(plan, self.device, self.dtype)
-        self.vae_kernels = fast_vae(self._vae, options) if options is not None and self._vae is not None else None
-        self.denoise_fn: Optional[Callable[..., torch.Tensor]] = self._build_denoise_fn(plan, options)
+        ops = fast_ops(options) if options is not None else None  # one per plan: weights prepared once
+        self.vae_kernels = fast_vae(self._vae, ops) if ops is not None and self._vae is not None else None
+        self.denoise_fn: Optional[Callable[..., torch.Tensor]] = self._build_denoise_fn(plan, ops)
 
-    def _build_denoise_fn(self, plan: SamplingPlan, options) -> Callable[..., torch.Tensor]:
+    def _build_denoise_fn(self, plan: SamplingPlan, ops) -> Callable[..., torch.Tensor]:
         """The denoiser itself, its fast CPU forward, compiled, and/or replayed from CUDA graphs (bounded LRU of
         ``plan.graph_cache_size`` graphs, bound to this device)."""
-        if options is not None:
-            return fast_denoiser(self._denoiser, options)
+        if ops is not None:
+            return fast_denoiser(self._denoiser, ops)
         denoise = compiled_denoiser(self._denoiser) if plan.use_compile else self._denoiser
         if plan.use_cuda_graph:
             return CudaGraphDenoiser(denoise, None if self.dtype == torch.float32 else self.dtype, self.device,

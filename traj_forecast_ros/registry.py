@@ -23,10 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
+import huggingface_hub
 import yaml
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
-from traj_forecast_ros.model.config import CONFIG_FILE, DENOISER_FILE, VAE_FILE, ModelConfig, as_pair
+from traj_forecast_ros.model.checkpoint import export_official
+from traj_forecast_ros.model.config import CONFIG_FILE, DENOISER_FILE, VAE_FILE, ModelConfig
+from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
 from traj_forecast_ros.model.hub import hub_offline
 from traj_forecast_ros.model.presets import PRESETS, preset_config
 
@@ -42,6 +45,8 @@ RACY_WINDOW_NS = 2_000_000_000  # files modified this close to their stat record
 ENCODER_PATTERNS = ["*.json", "*.txt", "*.safetensors"]  # config, tokenizer and weights; no .bin/.h5/.msgpack
 
 PathLike = Union[str, Path]
+ENTRY_KEYS = frozenset({"description", "preset", "config_file", "hub_repo", "revision", "files", "image_encoder",
+                        "text_encoder", "encoder_revisions", "local_dir"})
 
 
 # ---------------------------------------------------------------------------------------------- registry file
@@ -57,8 +62,9 @@ class HubFile:
 class RegistryEntry:
     """A named model: either a hub model (``hub_repo`` + ``files``) or a directory shipped with the package.
 
-    A hub model's architecture is a ``preset`` of :mod:`traj_forecast_ros.model.presets` (``libero-atm``,
-    ``libero-tramoe``) or a ``config_file`` (ModelConfig YAML next to the registry file).
+    A hub model's architecture is a ``preset`` (a line of the preset table :mod:`traj_forecast_ros.model.sizes`:
+    ``libero-atm``, ``libero-tramoe``; sizes, geometry, latent scale and encoders) or a ``config_file`` (ModelConfig
+    YAML next to the registry file); ``image_encoder`` / ``text_encoder`` replace its encoders' hub ids.
     """
 
     name: str
@@ -68,13 +74,9 @@ class RegistryEntry:
     hub_repo: Optional[str] = None
     revision: str = "main"
     files: Dict[str, HubFile] = field(default_factory=dict)
-    latent_scale: Optional[List[float]] = None
     image_encoder: Optional[str] = None
     text_encoder: Optional[str] = None
     encoder_revisions: Dict[str, str] = field(default_factory=dict)  # image_encoder/text_encoder -> commit to pin
-    image_size: Optional[Tuple[int, int]] = None
-    query_grid: Optional[Tuple[int, int]] = None
-    num_frames: Optional[int] = None
     local_dir: Optional[Path] = None  # absolute, for shipped models
 
     @property
@@ -83,8 +85,7 @@ class RegistryEntry:
         return self.hub_repo is not None
 
     def config(self) -> ModelConfig:
-        """The :class:`ModelConfig` of a hub model: its preset (or config file) with this entry's latent scale and
-        encoder ids."""
+        """The :class:`ModelConfig` of a hub model: its preset (or config file) with this entry's encoder ids."""
         if self.config_file is not None:
             config = ModelConfig.load_yaml(self.config_file)
         elif self.preset in PRESETS:
@@ -93,19 +94,10 @@ class RegistryEntry:
             raise ValueError(f"registry entry '{self.name}': unknown preset '{self.preset}' "
                              f"(known: {sorted(PRESETS)}; or give config_file)")
         config.name = self.name
-        if self.latent_scale is not None:
-            config.latent_scale = list(self.latent_scale)
         if self.image_encoder is not None:
             config.image_encoder.model_id = self.image_encoder
         if self.text_encoder is not None and config.text_encoder is not None:
             config.text_encoder.model_id = self.text_encoder
-        geometry = {"image_size": (self.image_size, config.image_size),
-                    "query_grid": (self.query_grid, config.query_grid),
-                    "num_frames": (self.num_frames, config.num_frames)}
-        for key, (listed, actual) in geometry.items():
-            if listed is not None and listed != actual:
-                raise ValueError(f"registry entry '{self.name}': {key} {listed} disagrees with preset "
-                                 f"'{self.preset}' ({actual})")
         return config
 
 
@@ -143,6 +135,9 @@ def load_registry(path: Optional[PathLike] = None) -> Dict[str, RegistryEntry]:
     data = yaml.safe_load(path.read_text()) or {}
     entries: Dict[str, RegistryEntry] = {}
     for name, item in (data.get("models") or {}).items():
+        unknown = set(item) - ENTRY_KEYS
+        if unknown:  # e.g. sizes or a latent scale restated: a hub model's come from its preset or config_file
+            raise ValueError(f"{path}: model '{name}' has unknown keys {sorted(unknown)} (known: {sorted(ENTRY_KEYS)})")
         file_specs = item.get("files") or {}
         files = {role: HubFile(str(spec["path"]), spec.get("sha256")) for role, spec in file_specs.items()}
         local_dir = item.get("local_dir")
@@ -155,13 +150,9 @@ def load_registry(path: Optional[PathLike] = None) -> Dict[str, RegistryEntry]:
             hub_repo=item.get("hub_repo"),
             revision=str(item.get("revision", "main")),
             files=files,
-            latent_scale=item.get("latent_scale"),
             image_encoder=item.get("image_encoder"),
             text_encoder=item.get("text_encoder"),
             encoder_revisions={str(k): str(v) for k, v in (item.get("encoder_revisions") or {}).items()},
-            image_size=as_pair(item["image_size"]) if item.get("image_size") is not None else None,
-            query_grid=as_pair(item["query_grid"]) if item.get("query_grid") is not None else None,
-            num_frames=item.get("num_frames"),
             local_dir=(path.parent / local_dir).resolve() if local_dir else None,
         )
     return entries
@@ -229,13 +220,9 @@ def resolve(name_or_dir: PathLike, cache_dir: Optional[PathLike] = None) -> Path
         verify_model_dir(candidate)
         return candidate
     name = str(name_or_dir)
-    entries = load_registry()
-    if name not in entries:
-        if os.sep in name or name.startswith("."):
-            raise WeightsNotFoundError(f"model directory not found: {candidate}")
-        raise WeightsNotFoundError(f"unknown model '{name}': not a directory and not in the registry "
-                                   f"(known models: {', '.join(sorted(entries))})")
-    entry = entries[name]
+    if (os.sep in name or name.startswith(".")) and name not in load_registry():
+        raise WeightsNotFoundError(f"model directory not found: {candidate}")
+    entry = get_entry(name)
     if entry.local_dir is not None:
         if has_weights(entry.local_dir):
             return entry.local_dir
@@ -258,7 +245,8 @@ def manual_instructions(entry: RegistryEntry, target: Path) -> str:
              f"(revision {entry.revision}):"]
     for role, hub_file in entry.files.items():
         lines.append(f"  {role}: {hub_file.path}    (hf download {entry.hub_repo} '{hub_file.path}')")
-    encoders = [e for e in (entry.image_encoder, entry.text_encoder) if e]
+    config = entry.config()
+    encoders = [e.model_id for e in (config.image_encoder, config.text_encoder) if e is not None and e.model_id]
     if encoders:
         lines.append("  encoders: " + ", ".join(f"https://huggingface.co/{e}" for e in encoders)
                      + "    (hf download ID; they land in the Hugging Face cache)")
@@ -306,15 +294,9 @@ def model_dir_digests(model_dir: PathLike) -> Dict[str, str]:
     return {name: sha256_of(path) for name, path in model_dir_files(model_dir).items()}
 
 
-def file_stats(model_dir: PathLike, names: Iterable[str]) -> Dict[str, List[int]]:
-    """``{relative path: [size, mtime_ns]}`` of the named files of a model directory."""
-    model_dir = Path(model_dir)
-    return {name: _file_stat(model_dir / name) for name in names}
-
-
 def _stat_record(model_dir: PathLike, names: Iterable[str]) -> Dict[str, object]:
-    """The ``stat`` entry of ``source.json``: the files' (size, mtime_ns) and when they were recorded."""
-    return {"recorded_ns": time.time_ns(), "files": file_stats(model_dir, names)}
+    """The ``stat`` entry of ``source.json``: the files' [size, mtime_ns] and when they were recorded."""
+    return {"recorded_ns": time.time_ns(), "files": {name: _file_stat(Path(model_dir) / name) for name in names}}
 
 
 def verify_model_dir(model_dir: PathLike) -> None:
@@ -400,12 +382,10 @@ def _repo_listing(entry: RegistryEntry, target: Path) -> Optional[Dict[str, Opti
 
     Raises the offline error when the hub is unreachable.
     """
-    from huggingface_hub import HfApi
-
     if hub_offline():
         return None
     try:
-        info = HfApi().model_info(entry.hub_repo, revision=entry.revision, timeout=HUB_TIMEOUT_S,
+        info = huggingface_hub.HfApi().model_info(entry.hub_repo, revision=entry.revision, timeout=HUB_TIMEOUT_S,
                                   files_metadata=True)
     except Exception as exc:  # DNS / connection errors, timeouts, missing or gated repo
         first_line = str(exc).splitlines()[0] if str(exc) else ""
@@ -424,8 +404,6 @@ def _find_in_listing(listing: Dict[str, Optional[str]], wanted: str) -> Optional
 def _fetch_checkpoint(entry: RegistryEntry, role: str, listing: Optional[Dict[str, Optional[str]]],
                       target: Path) -> Tuple[Path, str]:
     """Download one checkpoint file (offline: take it from the HF cache) and verify it; returns (path, sha256)."""
-    from huggingface_hub import hf_hub_download
-
     hub_file = entry.files[role]
     offline = listing is None
     repo_path = hub_file.path if offline else _find_in_listing(listing, hub_file.path)
@@ -433,8 +411,8 @@ def _fetch_checkpoint(entry: RegistryEntry, role: str, listing: Optional[Dict[st
         raise _offline_error(entry, target, f"the {role} file '{hub_file.path}' is not in {entry.hub_repo} "
                                             f"({len(listing)} files listed); the registry path may be out of date")
     try:
-        local = Path(hf_hub_download(entry.hub_repo, repo_path, revision=entry.revision, etag_timeout=HUB_TIMEOUT_S,
-                                     local_files_only=offline))
+        local = Path(huggingface_hub.hf_hub_download(entry.hub_repo, repo_path, revision=entry.revision,
+                                                     etag_timeout=HUB_TIMEOUT_S, local_files_only=offline))
     except Exception as exc:
         reason = ("offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache does not hold " + repo_path
                   if offline else f"downloading {repo_path} failed: {type(exc).__name__}: {exc}")
@@ -451,12 +429,11 @@ def _fetch_checkpoint(entry: RegistryEntry, role: str, listing: Optional[Dict[st
 
 
 def _fetch_encoder(model_id: str, entry: RegistryEntry, target: Path, role: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     offline = hub_offline()
     try:  # revision None = the repo's default branch, unless the registry pins a commit (encoder_revisions)
-        return Path(snapshot_download(model_id, allow_patterns=ENCODER_PATTERNS, etag_timeout=HUB_TIMEOUT_S,
-                                      local_files_only=offline, revision=entry.encoder_revisions.get(role)))
+        return Path(huggingface_hub.snapshot_download(model_id, allow_patterns=ENCODER_PATTERNS,
+                                                      etag_timeout=HUB_TIMEOUT_S, local_files_only=offline,
+                                                      revision=entry.encoder_revisions.get(role)))
     except Exception as exc:
         reason = (f"offline mode is on (HF_HUB_OFFLINE=1) and the Hugging Face cache does not hold {model_id}"
                   if offline else f"downloading encoder {model_id} failed: {type(exc).__name__}: {exc}")
@@ -479,10 +456,6 @@ def download(name: str, cache_dir: Optional[PathLike] = None, force: bool = Fals
         return target
     listing = _repo_listing(entry, target)  # None offline: files must already be in the Hugging Face cache
     checkpoints = {role: _fetch_checkpoint(entry, role, listing, target) for role in entry.files}
-
-    from traj_forecast_ros.model.checkpoint import export_official
-    from traj_forecast_ros.model.encoders import ImageEncoder, TextEncoder
-
     config = entry.config()
     image_encoder = text_encoder = None
     encoder_commits: Dict[str, Optional[str]] = {}

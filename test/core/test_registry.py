@@ -34,13 +34,16 @@ def test_registry_lists_the_official_models():
     assert atm.files["vae"].path == "track-vae/atm_libero_grid_atm/303.pth"
     assert tramoe.files["denoiser"].path == "track-generator/libero/tra-moe/latent/ckpt_epoch=1000.pth"
     assert tramoe.files["vae"].path == "track-vae/atm_libero_grid_tramoe/205.pth"
-    assert atm.latent_scale == LIBERO_ATM_LATENT_SCALE and tramoe.latent_scale == LIBERO_TRAMOE_LATENT_SCALE
     config = atm.config()
     reference = libero_config("atm")
     assert config.to_dict() == reference.to_dict()  # same architecture, geometry and encoders as the preset
     assert config.image_encoder.model_id == "facebook/dinov2-large"
     assert config.text_encoder.model_id == "openai/clip-vit-large-patch14"
-    assert tramoe.config().latent_scale == LIBERO_TRAMOE_LATENT_SCALE
+    assert config.latent_scale == list(LIBERO_ATM_LATENT_SCALE)  # from the preset: the registry restates nothing
+    assert tramoe.config().latent_scale == list(LIBERO_TRAMOE_LATENT_SCALE)
+    listed = yaml.safe_load((REPO / "models" / "registry.yaml").read_text())["models"]
+    for key in ("latent_scale", "image_size", "query_grid", "num_frames"):
+        assert not any(key in item for item in listed.values()), key
     assert entries["demo-blocks"].local_dir == (REPO / "models" / "demo-blocks").resolve()
     assert not entries["demo-blocks"].is_hub_model
 
@@ -226,6 +229,20 @@ def test_encoder_downloads_use_the_pinned_revision(monkeypatch, tmp_path):
     registry._fetch_encoder("facebook/dinov2-large", entry, tmp_path, "image_encoder")
     registry._fetch_encoder("openai/clip-vit-large-patch14", entry, tmp_path, "text_encoder")
     assert calls == [("facebook/dinov2-large", commit), ("openai/clip-vit-large-patch14", None)]
+
+
+def test_registry_entries_refer_to_a_preset_and_restate_nothing(tmp_path):
+    """A registry entry names its architecture by preset; restated sizes or a latent scale are refused, not
+    silently ignored, and an entry may replace the preset's encoder ids."""
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump({"models": {"mine": {"preset": "libero-tramoe", "hub_repo": "someone/x",
+                                                        "image_encoder": "/models/dino", "files": {}}}}))
+    config = registry.load_registry(path)["mine"].config()
+    assert config.name == "mine" and config.image_encoder.model_id == "/models/dino"
+    assert config.latent_scale == list(LIBERO_TRAMOE_LATENT_SCALE) and config.query_grid == (64, 64)
+    path.write_text(yaml.safe_dump({"models": {"mine": {"preset": "libero-atm", "latent_scale": [1.0] * 8}}}))
+    with pytest.raises(ValueError, match=r"unknown keys \['latent_scale'\]"):
+        registry.load_registry(path)
 
 
 def _age_files(model_dir: Path, seconds: float = 3600.0) -> None:

@@ -218,15 +218,16 @@ def test_factorised_blocks_and_unpatchify_layouts():
     temp_embed = torch.randn(1, frames, width)
     seen = []
 
-    def record(tokens, *args):
-        seen.append((tuple(tokens.shape), args))
+    def record(index, tokens):
+        seen.append((index, tuple(tokens.shape)))
         return tokens
 
-    out = run_factorised_blocks(x, [record, record], frames, rows * cols, "ctx", temp_embed=temp_embed)
-    assert seen == [((batch * frames, rows * cols, width), ("ctx",)), ((batch * rows * cols, frames, width), ("ctx",))]
-    expected = x.view(batch, frames, rows * cols, width) + temp_embed.view(1, frames, 1, width)
+    out = run_factorised_blocks(x, 4, frames, rows * cols, record, temp_embed=temp_embed)
+    spatial, temporal = (batch * frames, rows * cols, width), (batch * rows * cols, frames, width)
+    assert seen == [(0, spatial), (1, temporal), (2, spatial), (3, temporal)]  # block i gets its own index
+    expected = x.view(batch, frames, rows * cols, width) + temp_embed.view(1, frames, 1, width)  # added once
     torch.testing.assert_close(out, expected.reshape(batch * frames, rows * cols, width), rtol=0, atol=0)
-    torch.testing.assert_close(run_factorised_blocks(x, [record, record], frames, rows * cols), x, rtol=0, atol=0)
+    torch.testing.assert_close(run_factorised_blocks(x, 2, frames, rows * cols, record), x, rtol=0, atol=0)
 
     patch, channels = 2, 3
     tokens = torch.randn(batch * frames, rows * cols, patch * patch * channels)

@@ -1,5 +1,6 @@
-"""CPU inference kernels (model/kernels.py) against the official-style reference forward: float32 results equal
-within 1e-5 relative, bfloat16 within its rounding; the reference modules never take a fast path."""
+"""The model's forward with the CPU inference ops (model/kernels.py FastCPUOps) against the official-style reference
+forward: float32 results equal within 1e-5 relative, bfloat16 within its rounding; the default ops (plain torch)
+never take a fast path."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.kernels import (
+    LFF_ROWS_PER_CHUNK,
+    ONEDNN_BFLOAT16,
     ONEDNN_LINEAR,
-    DenoiserKernels,
+    FastCPUOps,
     KernelOptions,
     OneDNNLinearMode,
-    VAEKernels,
-    chunked_fourier_features,
     explicit_attention,
     folded,
     rms_normalize,
@@ -63,7 +64,7 @@ def test_denoiser_kernels_equal_reference_forward(denoiser, reference, batch, op
     inputs = denoiser_inputs(denoiser, batch)
     with torch.inference_mode():
         expected = reference.official_denoiser_forward(denoiser, *inputs)
-        fast = DenoiserKernels(denoiser, options)(*inputs)
+        fast = denoiser(*inputs, ops=FastCPUOps(options))
         plain = denoiser(*inputs)
     assert expected.abs().max() > 0.1  # every path active
     assert fast.dtype == torch.float32
@@ -80,7 +81,7 @@ def test_shared_conditioning_of_a_forecast_step(denoiser, reference, options, de
     with torch.inference_mode():
         expected = reference.official_denoiser_forward(denoiser, x, t, one_features.expand(4, -1, -1),
                                                        one_text.expand(4, -1))
-        kernels = DenoiserKernels(denoiser, options)
+        kernels = denoiser.with_ops(FastCPUOps(options))
         bound = kernels.bind(one_features, one_text)(x, t)  # one row, bound once
         expanded = kernels(x, t, one_features.expand(4, -1, -1), one_text.expand(4, -1))  # stride-0 batch
     assert reference.relative_difference(bound, expected) < FP32_TOLERANCE
@@ -89,7 +90,7 @@ def test_shared_conditioning_of_a_forecast_step(denoiser, reference, options, de
 
 def test_bound_denoiser_rejects_mismatched_inputs(denoiser, denoiser_inputs) -> None:
     x, t, features, text = denoiser_inputs(denoiser, 3)
-    kernels = DenoiserKernels(denoiser, KernelOptions())
+    kernels = denoiser.with_ops(FastCPUOps())
     with torch.inference_mode():
         with pytest.raises(ValueError, match="3 samples"):
             kernels.bind(features[:2], text[:2])(x, t)  # two contexts for three samples
@@ -109,13 +110,12 @@ def test_kernel_options_are_validated(bad) -> None:
 
 @pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
 def test_reference_modules_never_take_the_fast_path(denoiser, denoiser_inputs) -> None:
-    """The kernels are chosen explicitly: the modules' own forward stays plain PyTorch, also in inference mode."""
+    """The kernels are chosen explicitly: the modules' default ops stay plain PyTorch, also in inference mode."""
     inputs = denoiser_inputs(denoiser, 1)
-    kernels = DenoiserKernels(denoiser, KernelOptions())
     with torch.inference_mode():
-        assert oneDNN_calls(lambda: kernels(*inputs)) > 0
+        assert oneDNN_calls(lambda: denoiser(*inputs, ops=FastCPUOps())) > 0
         assert oneDNN_calls(lambda: denoiser(*inputs)) == 0
-        assert oneDNN_calls(lambda: DenoiserKernels(denoiser, KernelOptions(onednn=False))(*inputs)) == 0
+        assert oneDNN_calls(lambda: denoiser(*inputs, ops=FastCPUOps(KernelOptions(onednn=False)))) == 0
     assert oneDNN_calls(lambda: denoiser(*inputs)) == 0  # autograd on: training keeps F.linear
 
 
@@ -124,12 +124,12 @@ def test_vae_kernels_equal_reference_forward(vae, reference) -> None:
     tracks = torch.rand(2, vae.num_frames, 2, *vae.input_size, generator=generator) * 2 - 1
     features = torch.randn(2, vae.num_frame_tokens, vae.frame_features_dim, generator=generator)
     latents = torch.randn(2, vae.num_frames, vae.num_latent_tokens, vae.latent_channels, generator=generator)
-    kernels = VAEKernels(vae, KernelOptions())
+    ops = FastCPUOps()
     with torch.inference_mode():
-        mean, std = kernels.encode_tokens(kernels.embed_tracks(tracks), features)
+        mean, std = vae.encode_tokens(vae.embed_tracks(tracks, ops), features, ops)
         mean_ref, std_ref = reference.official_vae_encode(vae, tracks, features)
-        decoded, decoded_ref = kernels.decode(latents, features), reference.official_vae_decode(vae, latents, features)
-        shared = kernels.decode(latents, features[:1])  # one image for both samples
+        decoded, decoded_ref = vae.decode(latents, features, ops), reference.official_vae_decode(vae, latents, features)
+        shared = vae.decode(latents, features[:1], ops)  # one image for both samples
         shared_ref = reference.official_vae_decode(vae, latents, features[:1].expand(2, -1, -1))
         module_mean, _ = vae.encode(tracks, features)
     assert reference.relative_difference(mean, mean_ref) < FP32_TOLERANCE
@@ -153,7 +153,7 @@ def test_bfloat16_kernels_stay_close(denoiser, vae, reference, attention, denois
     inputs = denoiser_inputs(denoiser, 1)
     with torch.inference_mode():
         expected = reference.official_denoiser_forward(denoiser, *inputs)
-        low = DenoiserKernels(denoiser, KernelOptions(dtype=torch.bfloat16, attention=attention))(*inputs)
+        low = denoiser(*inputs, ops=FastCPUOps(KernelOptions(dtype=torch.bfloat16, attention=attention)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast = denoiser(*inputs)  # the reference modules under autocast (the GPU / fp32-rerun path)
     assert low.dtype == torch.bfloat16 and autocast.dtype == torch.bfloat16
@@ -183,10 +183,11 @@ def test_rms_normalize_and_chunked_fourier_features() -> None:
     for raw in (False, True):
         lff = randomize_parameters(LearnableFourierFeatures(8, 16, raw=raw), seed=6)
         points = torch.rand(3, 2000, 2) * 2 - 1  # 6,000 points: more than one chunk
+        assert points[..., 0].numel() > LFF_ROWS_PER_CHUNK
         with torch.no_grad():
             expected = lff(points)
         with torch.inference_mode():
-            chunked = chunked_fourier_features(lff, points, KernelOptions())
+            chunked = lff(points, FastCPUOps())
         torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -207,7 +208,7 @@ def test_linear_mode_routes_third_party_linears() -> None:
         assert oneDNN_calls(lambda: layer(x)) == 0  # autograd on: untouched
 
 
-@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+@pytest.mark.skipif(not ONEDNN_BFLOAT16, reason="no oneDNN bfloat16 GEMMs on this CPU: the encoders keep F.linear")
 def test_bfloat16_encoder_weights_are_cast_once_per_forecaster() -> None:
     """bfloat16 on CPU: the encoders' linear weights are cast on the first frame only; later frames reuse them
     with identical outputs, and a plan change or release drops the cast copies."""
@@ -274,3 +275,30 @@ def test_explicit_attention_equals_sdpa(batch) -> None:
     with torch.inference_mode():
         out = explicit_attention(q * 8**-0.5, k, v)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", KERNEL_CHOICES, ids=lambda o: f"fold={o.fold_modulation}-{o.attention}")
+def test_fast_ops_run_each_layer_of_the_one_forward(denoiser, vae, options) -> None:
+    """The fast path is chosen per layer: a single denoiser block (one shared conditioning row, so its modulation
+    folds) and a single VAE block give their plain forward's result with the fast ops, and each layer's weights
+    are prepared once per ops object, not once per call."""
+    generator = torch.Generator().manual_seed(7)
+    block, vae_block = denoiser.blocks[0], vae.decoder_blocks[1]
+    width = block.attn.q.weight.shape[0]
+    x, cond, context = (torch.randn(*shape, generator=generator) for shape in ((4, 5, width), (1, width),
+                                                                               (1, 7, width)))
+    vae_width = vae_block.attn.q.weight.shape[0]
+    y, vae_context = torch.randn(4, 5, vae_width, generator=generator), torch.randn(2, 7, vae_width,
+                                                                                    generator=generator)
+    ops = FastCPUOps(options)
+    with torch.inference_mode():
+        expected, vae_expected = block(x, cond, context), vae_block(y, vae_context)
+        fast, vae_fast = block(x, cond, context, ops), vae_block(y, vae_context, ops)
+        prepared = ops.prepared
+        assert prepared > 0
+        again = block(x, cond, block.xattn.context_kv(context, ops), ops)  # prepared keys/values: same result
+        vae_block(y, vae_context, ops)
+        assert ops.prepared == prepared
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, fast, rtol=0, atol=0)
+    torch.testing.assert_close(vae_fast, vae_expected, rtol=1e-5, atol=1e-5)

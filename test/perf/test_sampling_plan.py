@@ -15,7 +15,8 @@ import torch
 from traj_forecast_ros.cpu_cores import available_cores, cgroup_cpu_limit
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.forecaster import Forecaster
-from traj_forecast_ros.model.denoiser import LatteDenoiser
+from traj_forecast_ros.fast_cpu_path import VAEWithOps
+from traj_forecast_ros.model.denoiser import DenoiserWithOps, LatteDenoiser
 from traj_forecast_ros.model.presets import libero_config, tiny_config
 from traj_forecast_ros.sampling_plan import (
     DEFAULT_SAMPLE_BATCH_SIZE,
@@ -143,24 +144,22 @@ def test_forecaster_exposes_and_switches_its_plan(forecaster) -> None:
 def test_work_per_forecaster_image_and_sample(forecaster, image, monkeypatch) -> None:
     """Query tokens once per forecaster, DINO and the posterior once per image, the per-image denoiser work
     (context projections) once per chunk of samples, the per-step work once per Euler step and chunk."""
-    from traj_forecast_ros.model.kernels import DenoiserKernels, VAEKernels
-
-    embeds = count_calls(monkeypatch, VAEKernels, "embed_tracks")
-    encodes = count_calls(monkeypatch, VAEKernels, "encode_tokens")
+    embeds = count_calls(monkeypatch, VAEWithOps, "embed_tracks")
+    encodes = count_calls(monkeypatch, VAEWithOps, "encode_tokens")
     decodes = []
-    original_decode = VAEKernels.decode
-    monkeypatch.setattr(VAEKernels, "decode", lambda self, z, f: decodes.append(z.shape[0]) or original_decode(
+    original_decode = VAEWithOps.decode
+    monkeypatch.setattr(VAEWithOps, "decode", lambda self, z, f: decodes.append(z.shape[0]) or original_decode(
         self, z, f))
     images = count_calls(monkeypatch, forecaster.conditioner, "encode_image")
     binds, steps = [], []
-    original_bind = DenoiserKernels.bind
+    original_bind = DenoiserWithOps.bind
 
     def counted_bind(self, features, text=None):
         binds.append(features.shape[0])
         step = original_bind(self, features, text)
         return lambda x, t: steps.append(x.shape[0]) or step(x, t)
 
-    monkeypatch.setattr(DenoiserKernels, "bind", counted_bind)
+    monkeypatch.setattr(DenoiserWithOps, "bind", counted_bind)
     for _ in range(2):
         forecaster.forecast(image, "push", num_samples=3, steps=4, seed=1)
     assert len(embeds) == 1

@@ -3,7 +3,8 @@
 A :class:`ModelConfig` holds the geometry of the task (image size, query grid, trajectory length), the latent
 scale, and one sub-config per module (trajectory VAE, latent denoiser, DINOv2 image encoder, CLIP text encoder).
 Named configurations (the paper's LIBERO models, the demo model, tiny test models) are in
-:mod:`traj_forecast_ros.model.presets`.
+:mod:`traj_forecast_ros.model.presets`, built from the one preset table :mod:`traj_forecast_ros.model.sizes`; the
+defaults here are that table's ``libero-atm`` line (:data:`~traj_forecast_ros.model.sizes.LIBERO`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from traj_forecast_ros.model.sizes import LIBERO
+
 Size2 = Tuple[int, int]
 
 # File names inside a model directory (see traj_forecast_ros.model.checkpoint.save_model_dir).
@@ -25,6 +28,9 @@ DENOISER_FILE = "denoiser.safetensors"
 VAE_FILE = "vae.safetensors"
 IMAGE_ENCODER_DIR = "image_encoder"
 TEXT_ENCODER_DIR = "text_encoder"
+
+
+LIBERO_FRAME_TOKENS = (LIBERO.image // LIBERO.image_encoder.patch_or_embed) ** 2  # DINOv2-L/14 on 128 px: 81
 
 
 def as_pair(value: Union[int, Tuple[int, int], List[int]]) -> Size2:
@@ -37,38 +43,38 @@ def as_pair(value: Union[int, Tuple[int, int], List[int]]) -> Size2:
 
 @dataclass
 class VAEConfig:
-    """Hyperparameters of the trajectory VAE (LatteVAE in the official code)."""
+    """Hyperparameters of the trajectory VAE (LatteVAE in the official code); defaults: LIBERO's."""
 
-    input_size: Union[int, Size2] = 64  # query grid rows x cols
-    patch_size: int = 4
-    hidden_size: int = 384
-    encoder_depth: int = 12
-    decoder_depth: int = 12
-    num_heads: int = 6
+    input_size: Union[int, Size2] = LIBERO.grid  # query grid rows x cols
+    patch_size: int = LIBERO.vae.patch
+    hidden_size: int = LIBERO.vae.width
+    encoder_depth: int = LIBERO.vae.depth
+    decoder_depth: int = LIBERO.vae.depth
+    num_heads: int = LIBERO.vae.heads
     in_channels: int = 2
-    latent_channels: int = 8
-    num_frames: int = 16
-    num_frame_tokens: Union[int, Size2] = 81  # DINO token grid (int = square side**2, or (rows, cols))
-    frame_features_dim: int = 1024
+    latent_channels: int = LIBERO.vae.latents
+    num_frames: int = LIBERO.frames
+    num_frame_tokens: Union[int, Size2] = LIBERO_FRAME_TOKENS  # DINO token grid (int: square side**2, or (rows, cols))
+    frame_features_dim: int = LIBERO.image_encoder.width
     mlp_ratio: float = 4.0
-    pos_embed_dim: int = 128  # LFF feature size of the track position encoder
+    pos_embed_dim: int = LIBERO.vae.fourier  # LFF feature size of the track position encoder
     beta: float = 1.0  # KL weight (training only)
 
 
 @dataclass
 class DenoiserConfig:
-    """Hyperparameters of the Latte-style denoiser (latent or raw)."""
+    """Hyperparameters of the Latte-style denoiser (latent or raw); defaults: LIBERO's."""
 
-    input_size: Union[int, Size2] = 16  # latent grid rows x cols (raw: query grid)
-    patch_size: int = 1
-    in_channels: int = 8
-    hidden_size: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    num_frames: int = 16
-    num_frame_tokens: Union[int, Size2] = 81
-    frame_features_dim: int = 1024
-    text_embed_dim: Optional[int] = 768  # None: no language conditioning (no text_embeds_proj)
+    input_size: Union[int, Size2] = LIBERO.grid // LIBERO.vae.patch  # latent grid rows x cols (raw: query grid)
+    patch_size: int = LIBERO.denoiser.patch
+    in_channels: int = LIBERO.vae.latents
+    hidden_size: int = LIBERO.denoiser.width
+    depth: int = LIBERO.denoiser.depth
+    num_heads: int = LIBERO.denoiser.heads
+    num_frames: int = LIBERO.frames
+    num_frame_tokens: Union[int, Size2] = LIBERO_FRAME_TOKENS
+    frame_features_dim: int = LIBERO.image_encoder.width
+    text_embed_dim: Optional[int] = LIBERO.text_encoder.patch_or_embed  # None: no language conditioning
     mlp_ratio: float = 4.0
     latent: bool = True  # False: raw variant with a track position encoder (x_encoder)
     pos_embed_dim: int = 128  # raw variant only
@@ -78,7 +84,7 @@ class DenoiserConfig:
 class ImageEncoderConfig:
     """DINOv2 image encoder. ``model_id`` is a hub id or local dir; ``config`` builds a random one (tests)."""
 
-    model_id: Optional[str] = "facebook/dinov2-large"
+    model_id: Optional[str] = LIBERO.image_encoder.hub_id
     config: Optional[Dict[str, Any]] = None  # kwargs for transformers.Dinov2Config (used when no weights)
     resize: bool = False  # LIBERO recipe: native resolution, no resize / crop
     drop_cls: bool = True
@@ -95,7 +101,7 @@ class TextEncoderConfig:
     word-level encoder trained with the denoiser on a closed instruction set (``config``: ``vocab``, ``width``,
     ``layers``, ``heads``, ``embed_dim``; :mod:`traj_forecast_ros.model.word_encoder`)."""
 
-    model_id: Optional[str] = "openai/clip-vit-large-patch14"
+    model_id: Optional[str] = LIBERO.text_encoder.hub_id
     config: Optional[Dict[str, Any]] = None  # kwargs for transformers.CLIPTextConfig (tests), or the words encoder's
     max_length: int = 77
     kind: str = "clip"
@@ -125,11 +131,11 @@ class ModelConfig:
     """A complete forecasting model: geometry, latent scale and all sub-modules."""
 
     name: str = "libero-atm"
-    image_size: Size2 = (128, 128)  # (height, width) the model sees
-    query_grid: Size2 = (64, 64)  # (rows, cols) of query points
-    query_stride: float = 2.0  # pixels between query points
-    query_offset: float = 1.5  # pixel coordinate of the first query point (x and y)
-    num_frames: int = 16
+    image_size: Size2 = (LIBERO.image, LIBERO.image)  # (height, width) the model sees
+    query_grid: Size2 = (LIBERO.grid, LIBERO.grid)  # (rows, cols) of query points
+    query_stride: float = LIBERO.image / LIBERO.grid  # pixels between query points
+    query_offset: float = LIBERO.offset  # pixel coordinate of the first query point (x and y)
+    num_frames: int = LIBERO.frames
     latent_scale: Optional[List[float]] = None  # per-channel std of the VAE latents; vae_scale = 1 / latent_scale
     default_instruction: str = ""
     vae: Optional[VAEConfig] = field(default_factory=VAEConfig)

@@ -8,9 +8,11 @@ block cross-attends to the image tokens and is modulated by adaLN-Zero from the 
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+import functools
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -24,12 +26,11 @@ from traj_forecast_ros.model.layers import (
     TrackPosEncoder,
     init_latte_weights,
     latte_sincos_tables,
-    modulate,
-    per_sequence,
     run_factorised_blocks,
     token_grid,
     unpatchify,
 )
+from traj_forecast_ros.model.ops import KV, TORCH_OPS, TorchOps, one_row_if_shared
 
 BLOCK_NORM_EPS = 1e-6
 ADALN_CHUNKS = 7  # shift_msa, scale_msa, gate_msa, gate_mxa, shift_mlp, scale_mlp, gate_mlp
@@ -47,18 +48,24 @@ class DenoiserBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, ADALN_CHUNKS * hidden_size))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [N, L, C] with conditioning vectors cond [B, C] and image context [B, M, C] -> [N, L, C].
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, context: Union[torch.Tensor, KV],
+                ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+        """x [N, L, C] with conditioning vectors cond [B, C] and image context [B, M, C] (or its prepared
+        ``xattn.context_kv``) -> [N, L, C].
 
         N = B * G: groups of G consecutive sequences share one conditioning vector and context (batch-major), so
         the modulation and the context keys/values are computed once per sample.
         """
         (shift_msa, scale_msa, gate_msa, gate_mxa,
-         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(cond).chunk(ADALN_CHUNKS, dim=1)  # (B, C) each
-        x = x + per_sequence(gate_msa, x) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, L, C)
-        x = x + per_sequence(gate_mxa, x) * self.xattn(x, context)  # (N, L, C), query neither normed nor modulated
-        x = x + per_sequence(gate_mlp, x) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, L, C)
-        return x
+         shift_mlp, scale_mlp, gate_mlp) = ops.linear(F.silu(cond), self.adaLN_modulation[1]).chunk(
+             ADALN_CHUNKS, dim=1)  # (B, C) each
+        heads = self.attn.heads(x, None, ops, norm=self.norm1, shift=shift_msa, scale=scale_msa)  # (N, L, C)
+        x = ops.linear(heads, self.attn.proj, gate=gate_msa, residual=x)  # (N, L, C)
+        heads = self.xattn.heads(x, context, ops)  # (N, L, C), query neither normed nor modulated
+        x = ops.linear(heads, self.xattn.proj, gate=gate_mxa, residual=x)  # (N, L, C)
+        hidden = ops.linear(x, self.mlp.fc1, norm=self.norm2, shift=shift_mlp, scale=scale_mlp,
+                            gelu=True)  # (N, L, 4C)
+        return ops.linear(hidden, self.mlp.fc2, gate=gate_mlp, residual=x)  # (N, L, C)
 
 
 class DenoiserFinalLayer(nn.Module):
@@ -70,10 +77,10 @@ class DenoiserFinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """x [N, L, C], cond [B, C] shared by groups of N/B sequences -> [N, L, p*p*c]."""
-        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)  # (B, C) each
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, L, p*p*c)
+        shift, scale = ops.linear(F.silu(cond), self.adaLN_modulation[1]).chunk(2, dim=1)  # (B, C) each
+        return ops.linear(x, self.linear, norm=self.norm_final, shift=shift, scale=scale)  # (N, L, p*p*c)
 
 
 class LatteDenoiser(nn.Module):
@@ -144,29 +151,6 @@ class LatteDenoiser(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    # ------------------------------------------------------------------------------------------ checks
-    def _check_inputs(
-        self, x: torch.Tensor, t: torch.Tensor, frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor]
-    ) -> None:
-        expected_x = (self.num_frames, self.in_channels, *self.input_size)
-        if x.dim() != 5 or tuple(x.shape[1:]) != expected_x:
-            raise ValueError(f"denoiser expects x [B, {', '.join(map(str, expected_x))}], got {tuple(x.shape)}")
-        batch = x.shape[0]
-        if t.shape != (batch,):
-            raise ValueError(f"denoiser expects t [B={batch}] (or a scalar), got {tuple(t.shape)}")
-        expected_f = (batch, self.num_frame_tokens, self.frame_features_dim)
-        if tuple(frame_features.shape) != expected_f:
-            raise ValueError(f"denoiser expects frame_features {list(expected_f)}, got {tuple(frame_features.shape)}")
-        if self.text_embed_dim is None:
-            if text_embeds is not None:
-                raise ValueError("this denoiser has no language conditioning (text_embed_dim=None) but text_embeds "
-                                 "were given")
-        elif text_embeds is None:
-            raise ValueError(f"this denoiser is language-conditioned: text_embeds [B, {self.text_embed_dim}] required")
-        elif tuple(text_embeds.shape) != (batch, self.text_embed_dim):
-            raise ValueError(f"denoiser expects text_embeds [{batch}, {self.text_embed_dim}], got "
-                             f"{tuple(text_embeds.shape)}")
-
     # ------------------------------------------------------------------------------------------ forward
     def forward(
         self,
@@ -174,35 +158,106 @@ class LatteDenoiser(nn.Module):
         t: Union[torch.Tensor, float],
         frame_features: torch.Tensor,
         text_embeds: Optional[torch.Tensor] = None,
+        ops: TorchOps = TORCH_OPS,
     ) -> torch.Tensor:
         """Velocity [B, T, C, h, w] of x [B, T, C, h, w] at flow time t [B] or scalar (t=0 noise, t=1 data).
 
-        Inputs are cast to the dtype of the weights (so a bf16 model accepts fp32 features); t stays float32.
+        frame_features [B, N, D] and text_embeds [B, E]; one row (or a batch expanded from one) is shared by all
+        samples. Inputs are cast to the dtype of the weights (so a bf16 model accepts fp32 features); t stays
+        float32. ``ops``: the kernels of the layers (``model.kernels.FastCPUOps`` for CPU inference).
         """
+        return self.prepare_image(frame_features, text_embeds, ops)(x, t)
+
+    def with_ops(self, ops: TorchOps) -> "DenoiserWithOps":
+        """This denoiser run with ``ops`` (``model.kernels.FastCPUOps``): what the sampler evaluates."""
+        return DenoiserWithOps(self, ops)
+
+    def prepare_image(self, frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
+                      ops: TorchOps = TORCH_OPS) -> Callable[[torch.Tensor, Union[torch.Tensor, float]], torch.Tensor]:
+        """The per-image part of :meth:`forward` (image context keys/values of every block, the text
+        conditioning) done once: returns ``step(x, t) -> velocity`` for the sampler's Euler steps. Not named
+        ``bind``: the sampler calls a module (hooks, ``torch.compile``, CUDA graphs) through ``forward``."""
+        frame_features, text_embeds = one_row_if_shared(frame_features), one_row_if_shared(text_embeds)
+        self._check_conditioning(frame_features, text_embeds)
+        dtype = self.frame_proj.weight.dtype
+        context = ops.linear(frame_features.to(dtype), self.frame_proj,
+                             residual=ops.param(self.frame_embed))  # (B, N, D)
+        context_kv = [block.xattn.context_kv(context, ops) for block in self.blocks]  # per block (B, N, D) x 2
+        text_cond = None
+        if self.text_embeds_proj is not None:
+            text_cond = self.text_embeds_proj(text_embeds.to(dtype), ops)  # (B, D)
+        return functools.partial(self._velocity, context_kv=context_kv, text_cond=text_cond, ops=ops)
+
+    def _velocity(self, x: torch.Tensor, t: Union[torch.Tensor, float], context_kv: List[KV],
+                  text_cond: Optional[torch.Tensor], ops: TorchOps) -> torch.Tensor:
+        """The per-step part of :meth:`forward` with the prepared context and text conditioning."""
         batch = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         if t.dim() == 0:
             t = t.expand(batch)
-        self._check_inputs(x, t, frame_features, text_embeds)
-        dtype = self.frame_proj.weight.dtype
-        x, frame_features = x.to(dtype), frame_features.to(dtype)
-        if text_embeds is not None:
-            text_embeds = text_embeds.to(dtype)
-
+        self._check_step(x, t, context_kv[0][0].shape[0], text_cond)
+        if context_kv[0][0].shape[0] == 1 and (text_cond is None or text_cond.shape[0] == 1):
+            t = ops.shared_time(t)  # (1,) when all samples share t: one conditioning vector for all
+        x = x.to(self.frame_proj.weight.dtype)
         if self.x_encoder is not None:
-            x = self.x_encoder(x)  # (B, T, 2+F, H, W)
+            x = self.x_encoder(x, ops)  # (B, T, 2+F, H, W)
         x = rearrange(x, "b f c h w -> (b f) c h w")  # (B*T, C_in, h, w)
-        x = self.x_embedder(x) + self.pos_embed  # (B*T, L, D)
+        x = self.x_embedder(x, ops) + ops.param(self.pos_embed)  # (B*T, L, D)
 
-        cond = self.t_embedder(t)  # (B, D)
-        if self.text_embeds_proj is not None:
-            cond = cond + self.text_embeds_proj(text_embeds)  # (B, D)
-        context = self.frame_proj(frame_features) + self.frame_embed  # (B, N, D)
+        cond = self.t_embedder(t, ops)  # (B or 1, D)
+        if text_cond is not None:
+            cond = cond + text_cond  # (B, D)
         # cond and context are shared by the T spatial / L temporal sequences of a sample. The official code repeats
         # them batch-major before the blocks; the blocks here expand per-sample results instead (same values,
-        # about a quarter fewer FLOPs). CPU inference runs model/kernels.py's forward over the same parameters.
-
-        x = run_factorised_blocks(x, self.blocks, self.num_frames, self.num_tokens, cond, context,
-                                  temp_embed=self.temp_embed)  # (B*T, L, D)
-        x = self.final_layer(x, cond)  # (B*T, L, p*p*C)
+        # about a quarter fewer FLOPs).
+        x = run_factorised_blocks(x, len(self.blocks), self.num_frames, self.num_tokens,
+                                  lambda i, h: self.blocks[i](h, cond, context_kv[i], ops),
+                                  temp_embed=ops.param(self.temp_embed))  # (B*T, L, D)
+        x = self.final_layer(x, cond, ops)  # (B*T, L, p*p*C)
         return unpatchify(x, batch, self.token_grid, self.patch_size)  # (B, T, C, h, w)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _check_conditioning(self, frame_features: torch.Tensor, text_embeds: Optional[torch.Tensor]) -> None:
+        expected_f = (self.num_frame_tokens, self.frame_features_dim)
+        if frame_features.dim() != 3 or tuple(frame_features.shape[1:]) != expected_f:
+            raise ValueError(f"denoiser expects frame_features [B, {expected_f[0]}, {expected_f[1]}], got "
+                             f"{tuple(frame_features.shape)}")
+        if self.text_embed_dim is None:
+            if text_embeds is not None:
+                raise ValueError("this denoiser has no language conditioning (text_embed_dim=None) but text_embeds "
+                                 "were given")
+        elif text_embeds is None:
+            raise ValueError(f"this denoiser is language-conditioned: text_embeds [B, {self.text_embed_dim}] required")
+        elif text_embeds.dim() != 2 or text_embeds.shape[1] != self.text_embed_dim:
+            raise ValueError(f"denoiser expects text_embeds [B, {self.text_embed_dim}], got "
+                             f"{tuple(text_embeds.shape)}")
+
+    def _check_step(self, x: torch.Tensor, t: torch.Tensor, contexts: int, text_cond: Optional[torch.Tensor]) -> None:
+        expected_x = (self.num_frames, self.in_channels, *self.input_size)
+        if x.dim() != 5 or tuple(x.shape[1:]) != expected_x:
+            raise ValueError(f"denoiser expects x [B, {', '.join(map(str, expected_x))}], got {tuple(x.shape)}")
+        batch = x.shape[0]
+        if t.shape != (batch,):
+            raise ValueError(f"denoiser expects t [B={batch}] (or a scalar), got {tuple(t.shape)}")
+        texts = batch if text_cond is None else text_cond.shape[0]
+        if contexts not in (1, batch) or texts not in (1, batch):
+            raise ValueError(f"x has {batch} samples but the image context has {contexts} and the text {texts}")
+
+
+class DenoiserWithOps:
+    """A denoiser run with given ops: called like the module, and :meth:`bind` (the per-image work once per image,
+    not once per Euler step) for ``flow.euler_sample``."""
+
+    def __init__(self, denoiser: LatteDenoiser, ops: TorchOps) -> None:
+        self.denoiser = denoiser
+        self.ops = ops
+
+    def __call__(self, x: torch.Tensor, t: Union[torch.Tensor, float], frame_features: torch.Tensor,
+                 text_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Velocity [B, T, C, h, w], as ``LatteDenoiser.forward``."""
+        return self.denoiser(x, t, frame_features, text_embeds, self.ops)
+
+    def bind(self, frame_features: torch.Tensor,
+             text_embeds: Optional[torch.Tensor] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``step(x, t) -> velocity`` for one image (see ``LatteDenoiser.prepare_image``)."""
+        return self.denoiser.prepare_image(frame_features, text_embeds, self.ops)

@@ -23,10 +23,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, Dinov2Config, Dinov2Model
 
 from traj_forecast_ros.errors import InvalidImageError, WeightsNotFoundError
 from traj_forecast_ros.model.config import IMAGE_ENCODER_DIR, TEXT_ENCODER_DIR, ImageEncoderConfig, TextEncoderConfig
 from traj_forecast_ros.model.hub import hub_offline
+from traj_forecast_ros.model.word_encoder import WordTextEncoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,8 +106,6 @@ class ImageEncoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: ImageEncoderConfig, model_dir: Optional[PathLike] = None) -> "ImageEncoder":
         """Load (or, with only ``cfg.config``, randomly build) the encoder; see the module docstring for the order."""
-        from transformers import Dinov2Config, Dinov2Model
-
         source = resolve_source(cfg.model_id, model_dir, IMAGE_ENCODER_DIR)
         if source is None:
             if not cfg.config:
@@ -181,8 +181,6 @@ def basic_clip_tokenizer():
     Vocabulary: the 256 byte symbols, their end-of-word forms, then ``<|startoftext|>`` and ``<|endoftext|>`` (the
     two highest ids, as in CLIP). No merges, so every character is one token.
     """
-    from transformers import CLIPTokenizer
-
     symbols = _byte_alphabet()
     vocab: Dict[str, int] = {}
     for symbol in symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]:
@@ -206,11 +204,7 @@ class TextEncoder(nn.Module):
         """Load (or, with only ``cfg.config``, randomly build) the text tower and its tokenizer; ``cfg.kind ==
         "words"`` builds the small trained word encoder instead (:mod:`traj_forecast_ros.model.word_encoder`)."""
         if cfg.kind == "words":
-            from traj_forecast_ros.model.word_encoder import WordTextEncoder
-
             return WordTextEncoder.from_config(cfg, model_dir=model_dir)
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
-
         source = resolve_source(cfg.model_id, model_dir, TEXT_ENCODER_DIR)
         if source is None:
             if not cfg.config:

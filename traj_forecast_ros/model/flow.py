@@ -61,7 +61,7 @@ def euler_sample(
 
     Args:
         denoiser: ``LatteDenoiser`` (any callable ``(x, t, frame_features, text_embeds)``), or an object with
-            ``bind(frame_features, text_embeds) -> step(x, t)`` (``model.kernels.DenoiserKernels``: the per-image
+            ``bind(frame_features, text_embeds) -> step(x, t)`` (``LatteDenoiser.with_ops(ops)``: the per-image
             work is then done once, not once per step).
         cond_latent: [B, 1, C, h, w] conditioning frame (scaled latent of the static query grid).
         noise: [B, T-1, C, h, w] initial state of frames 1..T-1.

@@ -1,42 +1,45 @@
-"""CPU inference forward of the denoiser and the trajectory VAE over the reference modules' own parameters.
+"""Fast CPU inference ops for the model's layers (:class:`FastCPUOps`, chosen per model and device by the sampling
+plan) and the oneDNN routing of the third-party encoders' linears (:class:`OneDNNLinearMode`).
 
-The modules in ``layers.py`` / ``denoiser.py`` / ``vae.py`` are the reference (training, GPUs, tests). This module
-runs the same maths for CPU inference with kernels picked explicitly by :class:`KernelOptions` (no global state, so
-forecasters in different threads cannot affect each other):
+The model's forward exists once, in ``layers.py`` / ``denoiser.py`` / ``vae.py``, written in the ops of
+:class:`traj_forecast_ros.model.ops.TorchOps`. Passing ``ops=FastCPUOps(options)`` to a forward (``denoiser(x, t,
+features, text, ops=ops)``, ``denoiser.with_ops(ops).bind(...)``, ``vae.decode(z, features, ops)``) runs each
+layer's op with kernels picked explicitly by :class:`KernelOptions` (no global state, so forecasters in different
+threads cannot affect each other):
 
 * oneDNN ``_linear_pointwise`` GEMMs (tanh-GELU fused) instead of MKL's ``F.linear`` (about 2x on the project's
-  AMD CPUs), on weights cast to the compute dtype once per model instead of once per call;
+  AMD CPUs), on weights cast to the compute dtype once per ops object instead of once per call;
 * q|k|v of self-attention as one GEMM, QK-RMSNorm as one pass, the 1/sqrt(d) score scale on the q-norm weight;
-* the VAE's norm weights and gates folded into its weights once per model; the denoiser's adaLN modulation
-  folded into the weights once per step when every sequence of the call shares one conditioning vector (the
-  forecaster's K samples share the time, image and instruction), else applied per sequence;
-* image-context keys/values of the cross-attentions computed once per image (:meth:`DenoiserKernels.bind`), not
-  once per Euler step;
-* attention through ``F.scaled_dot_product_attention`` or an explicit cache-blocked form (faster in bfloat16).
+* constant norm weights and gates (the VAE's) folded into the weights once; the denoiser's adaLN modulation and
+  gates folded once per call when every sequence shares one conditioning row (the forecaster's K samples share
+  the time, image and instruction), else applied per sequence;
+* attention through ``F.scaled_dot_product_attention`` or an explicit cache-blocked form (faster in bfloat16);
+* the Fourier-feature MLP in row chunks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from traj_forecast_ros.model.layers import (Attention, LearnableFourierFeatures, per_sequence, timestep_frequencies,
-                                            unpatchify)
+from traj_forecast_ros.model.layers import Attention
+from traj_forecast_ros.model.ops import KV, TorchOps, attend_grouped, gate_of, modulate
 
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bfloat16 GEMMs need CPU support (AVX512-BF16 / AMX); elsewhere bfloat16 runs through F.linear.
+ONEDNN_BFLOAT16 = ONEDNN_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 ATTENTION_KERNELS = ("sdpa", "explicit")
 ATTENTION_SCORE_BYTES = 1 << 20  # explicit attention: score bytes per chunk (about one core's L2)
 PER_HEAD_GEMM_MAX_PAIRS = 16  # explicit attention: up to this many (sequence, head) pairs run as GEMMs
 LFF_ROWS_PER_CHUNK = 4096  # track points per chunk of the Fourier-feature MLP (its hidden layer is 12x wider)
 
-Dense = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (weight [out, in], bias [out] or None) in the compute dtype
+Dense = Tuple[torch.Tensor, Optional[torch.Tensor]]  # (weight [out, in], bias [out] or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,7 @@ class KernelOptions:
         fold_modulation: fold the denoiser's shared adaLN modulation into the weights once per step (else it is
             applied to every token).
         attention: ``"sdpa"`` (``F.scaled_dot_product_attention``) or ``"explicit"`` (cache-blocked GEMMs).
-        onednn: oneDNN GEMMs (else ``F.linear``).
+        onednn: oneDNN GEMMs (else ``F.linear``; also ``F.linear`` for bfloat16 on CPUs without oneDNN bfloat16).
     """
 
     dtype: torch.dtype = torch.float32
@@ -65,25 +68,28 @@ class KernelOptions:
             raise ValueError("this torch build has no oneDNN linear; use onednn=False")
 
 
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN GEMMs run in ``dtype`` on this CPU."""
+    return ONEDNN_BFLOAT16 if dtype == torch.bfloat16 else ONEDNN_LINEAR and dtype == torch.float32
+
+
 def kernels_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where this module's forward applies: CPU in float32 or bfloat16."""
+    """True where :class:`FastCPUOps` apply: CPU in float32 or bfloat16."""
     return device.type == "cpu" and dtype in KERNEL_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------- primitives
-def linear(x: torch.Tensor, dense: Dense, options: KernelOptions, gelu: bool = False,
-           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x W^T + b`` [..., out], then tanh-GELU when ``gelu``, or ``residual + ...`` when given (x in the compute
-    dtype, as the weights)."""
+def gemm(x: torch.Tensor, dense: Dense, onednn: bool, gelu: bool = False) -> torch.Tensor:
+    """``x W^T + b`` [..., out], then tanh-GELU when ``gelu`` (x in the dtype of the weights)."""
     weight, bias = dense
-    if options.onednn:
+    if onednn:
         out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                  "tanh" if gelu else "")  # (..., out)
     else:
         out = F.linear(x, weight, bias)  # (..., out)
         if gelu:
             out = F.gelu(out, approximate="tanh")
-    return out if residual is None else out.add_(residual)
+    return out
 
 
 def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -103,11 +109,6 @@ def cast(tensor: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.T
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def dense(layer: nn.Linear, dtype: torch.dtype) -> Dense:
-    """A linear layer's (weight, bias) in ``dtype``."""
-    return cast(layer.weight, dtype), cast(layer.bias, dtype)
-
-
 def folded(layer: Tuple[torch.Tensor, Optional[torch.Tensor]], dtype: torch.dtype,
            input_scale: Optional[torch.Tensor] = None, input_shift: Optional[torch.Tensor] = None,
            output_gate: Optional[torch.Tensor] = None) -> Dense:
@@ -118,13 +119,13 @@ def folded(layer: Tuple[torch.Tensor, Optional[torch.Tensor]], dtype: torch.dtyp
     """
     weight, bias = layer[0].detach().float(), None if layer[1] is None else layer[1].detach().float()
     if input_shift is not None:
-        shifted = torch.mv(weight, input_shift.float())  # (C_out,)
+        shifted = torch.mv(weight, input_shift.detach().float())  # (C_out,)
         bias = shifted if bias is None else bias + shifted
     factor = None
     if input_scale is not None:
-        factor = input_scale.float()[None, :]  # (1, C_in)
+        factor = input_scale.detach().float()[None, :]  # (1, C_in)
     if output_gate is not None:
-        gate = output_gate.float()
+        gate = output_gate.detach().float()
         factor = gate[:, None] if factor is None else factor * gate[:, None]  # (C_out, C_in)
         bias = bias * gate if bias is not None else None
     if factor is None:
@@ -160,375 +161,152 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return out
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, options: KernelOptions) -> torch.Tensor:
-    """Pre-scaled, normed q [N, L, C] against k, v [B, M, C] (N = B * G sequences share a context; views with a
-    contiguous last dim are fine) -> merged heads [N, L, C]."""
-    sequences, length, width = q.shape
-    contexts, context_length = k.shape[0], k.shape[1]
-    groups, remainder = divmod(sequences, contexts)
-    if remainder:
-        raise ValueError(f"{sequences} query sequences cannot share {contexts} contexts evenly")
-    head_dim = width // heads
-    q = q.reshape(contexts, groups * length, heads, head_dim).transpose(1, 2)  # (B, H, G*L, d)
-    k = k.reshape(contexts, context_length, heads, head_dim).transpose(1, 2)  # (B, H, M, d)
-    v = v.reshape(contexts, context_length, heads, head_dim).transpose(1, 2)  # (B, H, M, d)
-    if options.attention == "explicit":
-        return explicit_attention(q, k, v).reshape(sequences, length, width)  # (N, L, C)
-    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, H, G*L, d), q carries 1/sqrt(d)
-    return out.transpose(1, 2).reshape(sequences, length, width)  # (N, L, C)
+def _float_of(layers: Sequence[nn.Linear]) -> Dense:
+    """The layers' weights and biases stacked along the outputs, in float32 (the folding's precision; a single
+    float32 layer's own tensors, not copies)."""
+    if len(layers) == 1:
+        weight, bias = layers[0].weight.detach().float(), layers[0].bias
+        return weight, None if bias is None else bias.detach().float()
+    weight = torch.cat([layer.weight.detach() for layer in layers]).float()  # (sum out, in)
+    biases = [layer.bias for layer in layers]
+    bias = None if any(b is None for b in biases) else torch.cat([b.detach() for b in biases]).float()
+    return weight, bias
 
 
-# ---------------------------------------------------------------------------------------------- prepared layers
-@dataclasses.dataclass
-class AttentionWeights:
-    """One ``Attention``'s parameters in the compute dtype: q|k|v stacked for self-attention, the q and k norm
-    weights stacked [2, C] with 1/sqrt(d) on the q half."""
+class FastCPUOps(TorchOps):
+    """The ops of :class:`TorchOps` with fused CPU inference kernels (inference only; no autograd).
 
-    heads: int
-    q: Dense
-    kv: Dense
-    qkv: Dense
-    proj: Dense
-    qk_norm: torch.Tensor  # (2, C)
-    q_norm: torch.Tensor  # (C,)
-    k_norm: torch.Tensor  # (C,)
-    eps: float
-
-    @classmethod
-    def of(cls, attn: Attention, dtype: torch.dtype) -> "AttentionWeights":
-        width = attn.q.weight.shape[0]
-        q_weight = attn.q_norm.weight.detach().float() * (width // attn.num_heads) ** -0.5
-        q, kv = dense(attn.q, dtype), dense(attn.kv, dtype)
-        bias = None if q[1] is None else torch.cat([q[1], kv[1]])
-        k_weight = attn.k_norm.weight.detach().float()
-        return cls(heads=attn.num_heads, q=q, kv=kv, qkv=(torch.cat([q[0], kv[0]]), bias),
-                   proj=dense(attn.proj, dtype), qk_norm=torch.stack([q_weight, k_weight]).to(dtype),
-                   q_norm=q_weight.to(dtype), k_norm=k_weight.to(dtype), eps=attn.q_norm.eps)
-
-    def self_attention(self, x: torch.Tensor, qkv: Dense, options: KernelOptions) -> torch.Tensor:
-        """x [N, L, C] -> merged heads [N, L, C] before the output projection (``qkv`` maybe folded)."""
-        sequences, length, width = x.shape
-        projected = linear(x, qkv, options)  # (N, L, 3C) = [q | k | v]
-        qk = rms_normalize(projected[..., :2 * width].view(sequences, length, 2, width), self.eps,
-                           self.qk_norm)  # (N, L, 2, C), q pre-scaled
-        return attend(qk[:, :, 0], qk[:, :, 1], projected[..., 2 * width:], self.heads, options)  # (N, L, C)
-
-    def context_kv(self, context: torch.Tensor, options: KernelOptions) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys (normed) and values of a context [B, M, C]: each [B, M, C]."""
-        k, v = linear(context, self.kv, options).chunk(2, dim=-1)  # (B, M, C) each
-        return rms_normalize(k, self.eps, self.k_norm), v
-
-    def cross_attention(self, x: torch.Tensor, q: Dense, kv: Tuple[torch.Tensor, torch.Tensor],
-                        options: KernelOptions) -> torch.Tensor:
-        """x [N, L, C] attends to prepared keys/values [B, M, C] -> merged heads [N, L, C] (``q`` maybe folded)."""
-        query = rms_normalize(linear(x, q, options), self.eps, self.q_norm)  # (N, L, C), pre-scaled
-        return attend(query, kv[0], kv[1], self.heads, options)
-
-
-def chunked_fourier_features(lff: LearnableFourierFeatures, points: torch.Tensor,
-                             options: KernelOptions) -> torch.Tensor:
-    """``lff(points)`` for points [..., 2] in row chunks (a 64x64x16 grid would need a 400 MB hidden layer at
-    once), GELU fused into the first GEMM; returns [..., F] in the compute dtype."""
-    features = lff.fourier(points.float()).to(options.dtype)  # (..., F)
-    fc1, fc2 = dense(lff.mlp[0], options.dtype), dense(lff.mlp[3], options.dtype)
-    rows = features.reshape(-1, features.shape[-1])  # (P, F)
-    outputs = []
-    for start in range(0, rows.shape[0], LFF_ROWS_PER_CHUNK):
-        hidden = linear(rows[start:start + LFF_ROWS_PER_CHUNK], fc1, options, gelu=not lff.raw)  # (p, 12F)
-        if lff.raw:
-            hidden = F.silu(hidden)
-        outputs.append(linear(hidden, fc2, options))  # (p, F)
-    return torch.cat(outputs).reshape(features.shape[:-1] + (fc2[0].shape[0],))  # (..., F)
-
-
-def track_features(encoder: nn.Module, tracks: torch.Tensor, options: KernelOptions) -> torch.Tensor:
-    """``TrackPosEncoder``: tracks [B, T, 2, H, W] -> [B, T, 2 + F, H, W] in the compute dtype."""
-    points = rearrange(tracks, "b t c h w -> b t h w c")  # (B, T, H, W, 2)
-    features = torch.cat([points.to(options.dtype), chunked_fourier_features(encoder.lff, points, options)], dim=-1)
-    return rearrange(features, "b t h w c -> b t c h w")  # (B, T, 2 + F, H, W)
-
-
-def patch_tokens(embedder: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``PatchEmbed``: x [N, C_in, rows, cols] -> tokens [N, L, D] in ``dtype``."""
-    proj = embedder.proj
-    out = F.conv2d(x.to(dtype), cast(proj.weight, dtype), cast(proj.bias, dtype), stride=proj.stride)  # (N, D, h, w)
-    return rearrange(out, "n d h w -> n (h w) d")  # (N, L, D)
-
-
-# ---------------------------------------------------------------------------------------------- denoiser
-@dataclasses.dataclass
-class DenoiserBlockWeights:
-    """One ``DenoiserBlock`` in the compute dtype."""
-
-    attn: AttentionWeights
-    xattn: AttentionWeights
-    fc1: Dense
-    fc2: Dense
-    adaln: Dense
-    eps: float
-
-
-class DenoiserKernels:
-    """CPU inference forward of a ``LatteDenoiser`` (same signature: ``(x, t, frame_features, text_embeds)``).
-
-    Weights are cast to the compute dtype (and q|k|v stacked) once, here: build a new one after changing the
-    model's weights. :meth:`bind` does the per-image work (context keys/values of every cross-attention, the text
-    projection) and returns the per-step function ``(x, t) -> velocity``.
+    Weights are prepared (cast, stacked, constant norms and gates folded in) on first use and kept for the life of
+    this object: build a new one after changing the model's weights (the forecaster builds one per plan).
     """
 
-    def __init__(self, model: nn.Module, options: KernelOptions) -> None:
-        self.model = model
+    def __init__(self, options: KernelOptions = KernelOptions()) -> None:
         self.options = options
-        dtype = options.dtype
-        self.blocks: List[DenoiserBlockWeights] = [
-            DenoiserBlockWeights(attn=AttentionWeights.of(block.attn, dtype),
-                                 xattn=AttentionWeights.of(block.xattn, dtype), fc1=dense(block.mlp.fc1, dtype),
-                                 fc2=dense(block.mlp.fc2, dtype), adaln=dense(block.adaLN_modulation[1], dtype),
-                                 eps=block.norm1.eps)
-            for block in model.blocks]
-        final = model.final_layer
-        self.final_linear = dense(final.linear, dtype)
-        self.final_adaln = dense(final.adaLN_modulation[1], dtype)
-        self.final_eps = final.norm_final.eps
-        embedder = model.t_embedder.mlp
-        self.t_mlp = (dense(embedder[0], dtype), dense(embedder[2], dtype))
-        self.frame_proj = dense(model.frame_proj, dtype)
-        self.pos_embed = cast(model.pos_embed, dtype)  # (1, L, C)
-        self.temp_embed = cast(model.temp_embed, dtype)  # (1, T, C)
-        self.frame_embed = cast(model.frame_embed, dtype)  # (1, M, C)
-        self.text_mlp = None
-        if model.text_embeds_proj is not None:
-            self.text_mlp = (dense(model.text_embeds_proj.fc1, dtype), dense(model.text_embeds_proj.fc2, dtype))
+        self.dtype = options.dtype
+        self._onednn = options.onednn and onednn_supports(options.dtype)  # else F.linear (no bf16 oneDNN here)
+        self._prepared: Dict[Hashable, object] = {}  # key (tag, modules/tensors...) -> prepared weights
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, frame_features: torch.Tensor,
-                 text_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Velocity [B, T, C, h, w] (the compute dtype), as ``LatteDenoiser.forward``."""
-        return self.bind(frame_features, text_embeds)(x, t)
+    def _cached(self, key: Tuple[Hashable, ...], build: Callable[[], object]):
+        """``build()`` once per key (the key holds the modules and tensors it names, so their ids stay theirs)."""
+        value = self._prepared.get(key)
+        if value is None:
+            value = self._prepared[key] = build()
+        return value
 
-    def bind(self, frame_features: torch.Tensor,
-             text_embeds: Optional[torch.Tensor] = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Per-image work for frame_features [B or 1, N, D] and text [B or 1, E] -> ``step(x, t)``.
+    @property
+    def prepared(self) -> int:
+        """Number of weight sets prepared so far."""
+        return len(self._prepared)
 
-        A single row (or a batch expanded from one, stride 0) is shared by every sample of the step's x.
-        """
-        options, model, dtype = self.options, self.model, self.options.dtype
-        frame_features, text_embeds = _one_row_if_shared(frame_features), _one_row_if_shared(text_embeds)
-        expected = (model.num_frame_tokens, model.frame_features_dim)
-        if frame_features.dim() != 3 or tuple(frame_features.shape[1:]) != expected:
-            raise ValueError(f"denoiser expects frame_features [B, {expected[0]}, {expected[1]}], got "
-                             f"{tuple(frame_features.shape)}")
-        if (text_embeds is None) != (self.text_mlp is None):
-            raise ValueError("text_embeds must be given exactly for language-conditioned denoisers")
-        context = linear(frame_features.to(dtype), self.frame_proj, options, residual=self.frame_embed)  # (B, M, C)
-        context_kv = [block.xattn.context_kv(context, options) for block in self.blocks]
-        text_cond = None
-        if text_embeds is not None:
-            hidden = linear(text_embeds.to(dtype), self.text_mlp[0], options, gelu=True)  # (B, hidden)
-            text_cond = linear(hidden, self.text_mlp[1], options)  # (B, C)
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == self.dtype else x.to(self.dtype)
 
-        def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self._velocity(x, t, context_kv, text_cond)
+    # ------------------------------------------------------------------------------------------ TorchOps
+    def param(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._cached(("param", tensor), lambda: cast(tensor, self.dtype))
 
-        return step
+    def shared_time(self, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] > 1 and t.stride(0) != 0 and bool((t == t[0]).all()):
+            return t[:1]  # equal values, not only an expanded scalar: fold once for all samples
+        return super().shared_time(t)
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, context_kv: List[Tuple[torch.Tensor, torch.Tensor]],
-                  text_cond: Optional[torch.Tensor]) -> torch.Tensor:
-        model, options, dtype = self.model, self.options, self.options.dtype
-        batch = x.shape[0]
-        expected = (model.num_frames, model.in_channels, *model.input_size)
-        if x.dim() != 5 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"denoiser expects x [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)  # (B,) or (1,)
-        contexts = context_kv[0][0].shape[0]
-        if contexts not in (1, batch) or t.shape[0] not in (1, batch):
-            raise ValueError(f"x has {batch} samples but t has {t.shape[0]} and the image context {contexts}")
-        shared = contexts == 1 and (text_cond is None or text_cond.shape[0] == 1) and bool((t == t[0]).all())
-        t = t[:1] if shared else t.expand(batch)  # (b,): one conditioning row for all samples when shared
-        if model.x_encoder is not None:
-            x = track_features(model.x_encoder, x, options)  # (B, T, 2+F, H, W)
-        tokens = patch_tokens(model.x_embedder, rearrange(x, "b f c h w -> (b f) c h w"), dtype)  # (B*T, L, C)
-        h = tokens.add_(self.pos_embed)  # (B*T, L, C)
+    def linear(self, x: torch.Tensor, layer: nn.Linear, norm: Optional[nn.Module] = None,
+               shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+               gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+               gelu: bool = False) -> torch.Tensor:
+        return self._linear(x, (layer,), norm, shift, scale, gate, residual, gelu)
 
-        frequencies = timestep_frequencies(t, model.t_embedder.frequency_embedding_size).to(dtype)  # (b, 256)
-        cond = linear(F.silu(linear(frequencies, self.t_mlp[0], options)), self.t_mlp[1], options)  # (b, C)
-        if text_cond is not None:
-            cond = cond + (text_cond if text_cond.shape[0] == cond.shape[0] else text_cond.expand_as(cond))
-        cond_silu = F.silu(cond)  # (b, C)
-        frames, tokens_per_frame = model.num_frames, model.num_tokens
-        for index, block in enumerate(self.blocks):
-            h = self._block(block, h, cond_silu, context_kv[index])  # (N, L or T, C)
-            if index % 2 == 0:
-                h = rearrange(h, "(b f) l d -> (b l) f d", f=frames)  # (B*L, T, C)
-                if index == 0:
-                    h = h + self.temp_embed
-            else:
-                h = rearrange(h, "(b l) f d -> (b f) l d", l=tokens_per_frame)  # (B*T, L, C)
-        shift, scale = linear(cond_silu, self.final_adaln, options).chunk(2, dim=1)  # (b, C) each
-        normed = rms_normalize(h, self.final_eps)  # (B*T, L, C)
-        out = self._modulated_linear(normed, self.final_linear, scale, shift)  # (B*T, L, p*p*c)
-        return unpatchify(out, batch, model.token_grid, model.patch_size)  # (B, T, c, h, w)
+    def qkv(self, attn: Attention, x: torch.Tensor, norm: Optional[nn.Module] = None,
+            shift: Optional[torch.Tensor] = None,
+            scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q|k|v as one GEMM and the q and k norms as one pass; q carries the 1/sqrt(d) score scale."""
+        sequences, length, width = x.shape
+        projected = self._linear(x, (attn.q, attn.kv), norm, shift, scale)  # (N, L, 3C) = [q | k | v]
+        qk = rms_normalize(projected[..., :2 * width].view(sequences, length, 2, width), attn.q_norm.eps,
+                           self._qk_norm(attn))  # (N, L, 2, C)
+        return qk[:, :, 0], qk[:, :, 1], projected[..., 2 * width:]
 
-    def _fold(self, cond_rows: int) -> bool:
-        return self.options.fold_modulation and cond_rows == 1
+    def query(self, attn: Attention, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        query = self._linear(x, (attn.q,), norm)  # (N, L, C)
+        return rms_normalize(query, attn.q_norm.eps, self._qk_norm(attn)[0])  # pre-scaled by 1/sqrt(d)
 
-    def _modulated_linear(self, x: torch.Tensor, layer: Dense, scale: torch.Tensor, shift: torch.Tensor,
-                          gelu: bool = False) -> torch.Tensor:
-        """``layer(x * (1 + scale) + shift)`` with per-sample rows [b, C] over x [N, L, C]."""
-        if self._fold(scale.shape[0]):
-            return linear(x, folded(layer, self.options.dtype, 1 + scale[0], shift[0]), self.options, gelu=gelu)
-        return linear(_modulated(x, scale, shift), layer, self.options, gelu=gelu)
+    def context_kv(self, attn: Attention, context: torch.Tensor) -> KV:
+        k, v = self.linear(context, attn.kv).chunk(2, dim=-1)  # (B, M, C) each
+        return rms_normalize(k, attn.k_norm.eps, self._qk_norm(attn)[1]), v
 
-    def _gated(self, x: torch.Tensor, layer: Dense, gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + gate * layer(x)`` with per-sample gate rows [b, C]."""
-        if self._fold(gate.shape[0]):
-            return linear(x, folded(layer, self.options.dtype, output_gate=gate[0]), self.options, residual=residual)
-        return residual + per_sequence(gate, x) * linear(x, layer, self.options)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        if self.options.attention == "explicit":
+            return attend_grouped(q, k, v, heads, lambda *qkv: explicit_attention(*qkv).transpose(1, 2))
+        return attend_grouped(q, k, v, heads, lambda *qkv: F.scaled_dot_product_attention(*qkv, scale=1.0))
 
-    def _block(self, block: DenoiserBlockWeights, x: torch.Tensor, cond_silu: torch.Tensor,
-               context_kv: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """adaLN-Zero block on x [N, L, C] with conditioning rows [b, C] (b = 1: shared by all sequences)."""
-        options = self.options
-        (shift_msa, scale_msa, gate_msa, gate_mxa,
-         shift_mlp, scale_mlp, gate_mlp) = linear(cond_silu, block.adaln, options).chunk(7, dim=1)  # (b, C) each
-        normed = rms_normalize(x, block.eps)  # (N, L, C)
-        if self._fold(shift_msa.shape[0]):
-            qkv = folded(block.attn.qkv, options.dtype, 1 + scale_msa[0], shift_msa[0])
-            heads = block.attn.self_attention(normed, qkv, options)  # (N, L, C)
+    def conv_patches(self, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._cached(("conv", conv), lambda: (cast(conv.weight, self.dtype),
+                                                             cast(conv.bias, self.dtype)))
+        return F.conv2d(self._input(x), weight, bias, stride=conv.stride)  # (N, D, rows/p, cols/p)
+
+    def by_rows(self, fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """In chunks of :data:`LFF_ROWS_PER_CHUNK` rows (a 64x64x16 grid's Fourier MLP would need 400 MB)."""
+        return torch.cat([fn(rows[start:start + LFF_ROWS_PER_CHUNK])
+                          for start in range(0, rows.shape[0], LFF_ROWS_PER_CHUNK)])
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _float(self, layers: Tuple[nn.Linear, ...]) -> Dense:
+        return self._cached(("float", layers), lambda: _float_of(layers))
+
+    def _qk_norm(self, attn: Attention) -> torch.Tensor:
+        """The q and k norm weights stacked [2, C] in the compute dtype, 1/sqrt(d) on the q half."""
+        def build() -> torch.Tensor:
+            width = attn.q.weight.shape[0]
+            q_weight = attn.q_norm.weight.detach().float() * (width // attn.num_heads) ** -0.5
+            return torch.stack([q_weight, attn.k_norm.weight.detach().float()]).to(self.dtype)
+
+        return self._cached(("qk_norm", attn), build)
+
+    def _linear(self, x: torch.Tensor, layers: Tuple[nn.Linear, ...], norm: Optional[nn.Module] = None,
+                shift: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                gelu: bool = False) -> torch.Tensor:
+        """:meth:`TorchOps.linear` of the layers stacked along the outputs, folding what can be folded."""
+        if gelu and gate is not None:
+            raise ValueError("a gate after the GELU cannot be folded into the weights")
+        hidden = self._input(x)
+        norm_weight = None
+        if norm is not None:
+            hidden = rms_normalize(hidden, norm.eps)  # (N, L, C); the affine weight is folded below
+            norm_weight = norm.weight
+        gate_rows = gate if gate is not None and gate.dim() == 2 else None  # adaLN: per sample
+        gate_param = gate if gate is not None and gate.dim() != 2 else None  # a parameter [1, 1, C]: constant
+        rows = [r for r in (shift, scale, gate_rows) if r is not None]
+        if rows and self.options.fold_modulation and all(r.shape[0] == 1 for r in rows):
+            dense = self._folded_rows(layers, norm_weight, shift, scale, gate_rows, gate_param)
+            out = gemm(hidden, dense, self._onednn, gelu)  # (N, L, out)
         else:
-            heads = block.attn.self_attention(_modulated(normed, scale_msa, shift_msa), block.attn.qkv, options)
-        x = self._gated(heads, block.attn.proj, gate_msa, x)  # (N, L, C)
-        heads = block.xattn.cross_attention(x, block.xattn.q, context_kv, options)  # (N, L, C)
-        x = self._gated(heads, block.xattn.proj, gate_mxa, x)  # (N, L, C)
-        hidden = self._modulated_linear(rms_normalize(x, block.eps), block.fc1, scale_mlp, shift_mlp,
-                                        gelu=True)  # (N, L, 4C)
-        return self._gated(hidden, block.fc2, gate_mlp, x)  # (N, L, C)
+            if norm_weight is not None and (shift is not None or scale is not None):
+                hidden = hidden * self.param(norm_weight)  # the norm comes before the modulation
+                norm_weight = None
+            dense = self._cached(("dense", layers, norm_weight, gate_param), lambda: folded(
+                self._float(layers), self.dtype, input_scale=norm_weight,
+                output_gate=None if gate_param is None else gate_param.reshape(-1)))
+            if shift is not None or scale is not None:
+                hidden = modulate(hidden, shift, scale)  # (N, L, C)
+            out = gemm(hidden, dense, self._onednn, gelu)  # (N, L, out)
+            if gate_rows is not None:
+                out = out.mul_(gate_of(gate_rows, out))
+        return out if residual is None else out.add_(self._input(residual))
 
-
-def _one_row_if_shared(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A batch expanded from one row (stride 0 along the batch) -> that row [1, ...]; else unchanged."""
-    if value is not None and value.shape[0] > 1 and value.stride(0) == 0:
-        return value[:1]
-    return value
-
-
-def _modulated(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + scale) + shift`` with per-sample rows [b, C] over x [N, L, C]."""
-    return torch.addcmul(per_sequence(shift, x), x, 1 + per_sequence(scale, x))  # (N, L, C)
-
-
-# ---------------------------------------------------------------------------------------------- VAE
-@dataclasses.dataclass
-class VAEBlockWeights:
-    """One ``VAEBlock`` with its norm weights and gates folded into the weights (constants: done once)."""
-
-    attn: AttentionWeights
-    attn_qkv: Dense
-    attn_proj: Dense
-    xattn: AttentionWeights
-    xattn_q: Dense
-    xattn_proj: Dense
-    fc1: Dense
-    fc2: Dense
-    eps: Tuple[float, float, float]
-
-    @classmethod
-    def of(cls, block: nn.Module, dtype: torch.dtype) -> "VAEBlockWeights":
-        attn, xattn = AttentionWeights.of(block.attn, dtype), AttentionWeights.of(block.xattn, dtype)
-        norm1, norm2, norm3 = block.norm1.weight.detach(), block.norm2.weight.detach(), block.norm3.weight.detach()
-        return cls(attn=attn, attn_qkv=folded(_float(block.attn.q, block.attn.kv), dtype, norm1),
-                   attn_proj=folded(dense(block.attn.proj, torch.float32), dtype,
-                                    output_gate=block.gate_msa.detach().reshape(-1)),
-                   xattn=xattn, xattn_q=folded(dense(block.xattn.q, torch.float32), dtype, norm2),
-                   xattn_proj=folded(dense(block.xattn.proj, torch.float32), dtype,
-                                     output_gate=block.gate_mxa.detach().reshape(-1)),
-                   fc1=folded(dense(block.mlp.fc1, torch.float32), dtype, norm3),
-                   fc2=folded(dense(block.mlp.fc2, torch.float32), dtype,
-                              output_gate=block.gate_mlp.detach().reshape(-1)),
-                   eps=(block.norm1.eps, block.norm2.eps, block.norm3.eps))
-
-    def forward(self, x: torch.Tensor, context_kv: Tuple[torch.Tensor, torch.Tensor],
-                options: KernelOptions) -> torch.Tensor:
-        """x [N, L, C] -> [N, L, C]: x + gate * sublayer(norm(x)) three times, all folded."""
-        heads = self.attn.self_attention(rms_normalize(x, self.eps[0]), self.attn_qkv, options)  # (N, L, C)
-        x = linear(heads, self.attn_proj, options, residual=x)  # (N, L, C)
-        heads = self.xattn.cross_attention(rms_normalize(x, self.eps[1]), self.xattn_q, context_kv, options)
-        x = linear(heads, self.xattn_proj, options, residual=x)  # (N, L, C)
-        hidden = linear(rms_normalize(x, self.eps[2]), self.fc1, options, gelu=True)  # (N, L, 4C)
-        return linear(hidden, self.fc2, options, residual=x)  # (N, L, C)
-
-
-def _float(q: nn.Linear, kv: nn.Linear) -> Dense:
-    """q|kv stacked [3C, C] in float32."""
-    bias = None if q.bias is None else torch.cat([q.bias.detach(), kv.bias.detach()]).float()
-    return torch.cat([q.weight.detach(), kv.weight.detach()]).float(), bias
-
-
-class VAEKernels:
-    """CPU inference forward of a ``TrajectoryVAE``: ``embed_tracks``, ``encode_tokens`` and ``decode`` with the
-    reference signatures; outputs in the compute dtype. Norm weights and gates are folded in once, here: build a
-    new one after changing the model's weights."""
-
-    def __init__(self, vae: nn.Module, options: KernelOptions) -> None:
-        self.vae = vae
-        self.options = options
-        dtype = options.dtype
-        self.encoder_blocks = [VAEBlockWeights.of(block, dtype) for block in vae.encoder_blocks]
-        self.decoder_blocks = [VAEBlockWeights.of(block, dtype) for block in vae.decoder_blocks]
-        self.frame_proj = dense(vae.frame_proj, dtype)
-        self.to_latents = dense(vae.to_latents, dtype)
-        self.from_latents = dense(vae.from_latents, dtype)
-        self.final_linear = dense(vae.final_layer.linear, dtype)
-        self.pos_embed, self.temp_embed = cast(vae.pos_embed, dtype), cast(vae.temp_embed, dtype)
-        self.frame_embed = cast(vae.frame_embed, dtype)
-
-    def embed_tracks(self, tracks_norm: torch.Tensor) -> torch.Tensor:
-        """tracks [B, T, 2, H, W] -> tokens [B, T, L, C] (as ``TrajectoryVAE.embed_tracks``)."""
-        vae = self.vae
-        vae._check_tracks(tracks_norm)
-        batch = tracks_norm.shape[0]
-        x = track_features(vae.x_encoder, tracks_norm, self.options)  # (B, T, 2+F, H, W)
-        tokens = patch_tokens(vae.x_embedder, rearrange(x, "b f c h w -> (b f) c h w"), self.options.dtype)
-        return rearrange(tokens.add_(self.pos_embed), "(b f) l c -> b f l c", b=batch)  # (B, T, L, C)
-
-    def _context_kv(self, blocks: List[VAEBlockWeights], frame_features: torch.Tensor):
-        self.vae._check_frame_features(frame_features)
-        frame_features = _one_row_if_shared(frame_features)
-        context = linear(frame_features.to(self.options.dtype), self.frame_proj, self.options,
-                         residual=self.frame_embed)  # (B, M, C)
-        return [block.xattn.context_kv(context, self.options) for block in blocks]
-
-    def _blocks(self, x: torch.Tensor, blocks: List[VAEBlockWeights], context_kv, temp_embed) -> torch.Tensor:
-        frames, tokens = self.vae.num_frames, self.vae.num_latent_tokens
-        for index, block in enumerate(blocks):
-            x = block.forward(x, context_kv[index], self.options)
-            if index % 2 == 0:
-                x = rearrange(x, "(b f) l d -> (b l) f d", f=frames)  # (B*L, T, C)
-                if index == 0 and temp_embed is not None:
-                    x = x + temp_embed
-            else:
-                x = rearrange(x, "(b l) f d -> (b f) l d", l=tokens)  # (B*T, L, C)
-        return x
-
-    def encode_tokens(self, tokens: torch.Tensor, frame_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Embedded tracks [B, T, L, C] -> (mean, std) each [B, T, L, Z] (as ``TrajectoryVAE.encode_tokens``)."""
-        batch = tokens.shape[0]
-        context_kv = self._context_kv(self.encoder_blocks, frame_features)
-        x = rearrange(tokens.to(self.options.dtype), "b f l c -> (b f) l c")  # (B*T, L, C)
-        x = self._blocks(x, self.encoder_blocks, context_kv, self.temp_embed)  # (B*T, L, C)
-        mean, logvar = linear(x, self.to_latents, self.options).chunk(2, dim=-1)  # (B*T, L, Z) each
-        std = F.softplus(0.5 * logvar)
-        return (rearrange(mean, "(b f) l z -> b f l z", b=batch), rearrange(std, "(b f) l z -> b f l z", b=batch))
-
-    def decode(self, z: torch.Tensor, frame_features: torch.Tensor) -> torch.Tensor:
-        """Latents [B, T, L, Z] -> tracks [B, T, 2, H, W]; frame_features [B or 1, N, D] (one row: shared)."""
-        vae = self.vae
-        vae._check_latents(z)
-        batch = z.shape[0]
-        context_kv = self._context_kv(self.decoder_blocks, frame_features)
-        x = linear(rearrange(z.to(self.options.dtype), "b f l c -> (b f) l c"), self.from_latents,
-                   self.options)  # (B*T, L, C)
-        x = self._blocks(x, self.decoder_blocks, context_kv, None)  # (B*T, L, C)
-        return unpatchify(linear(x, self.final_linear, self.options), batch, vae.latent_grid, vae.patch_size)
+    def _folded_rows(self, layers: Tuple[nn.Linear, ...], norm_weight: Optional[torch.Tensor],
+                     shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], gate_rows: Optional[torch.Tensor],
+                     gate_param: Optional[torch.Tensor]) -> Dense:
+        """The layers with one shared conditioning row (and any constant norm weight / gate) folded in: O(C_in
+        C_out) once per call instead of passes over every token."""
+        input_scale = None if scale is None else 1 + scale[0].float()  # (C_in,)
+        if norm_weight is not None:
+            input_scale = norm_weight.float() if input_scale is None else input_scale * norm_weight.float()
+        output_gate = None if gate_rows is None else gate_rows[0].float()  # (C_out,)
+        if gate_param is not None:
+            constant = gate_param.reshape(-1).float()
+            output_gate = constant if output_gate is None else output_gate * constant
+        return folded(self._float(layers), self.dtype, input_scale, None if shift is None else shift[0], output_gate)
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -581,7 +359,7 @@ class OneDNNLinearMode(TorchFunctionMode):
             if (x.device.type == "cpu" and not torch.is_grad_enabled() and weight.dim() == 2 and x.dim() >= 2
                     and not torch.compiler.is_compiling()):
                 dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-                if dtype in KERNEL_DTYPES:
+                if dtype in KERNEL_DTYPES and onednn_supports(dtype):
                     to_dtype = self.weights.get if self.weights is not None else cast
                     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), to_dtype(weight, dtype),
                                                               to_dtype(bias, dtype), "none", [], "")

@@ -9,24 +9,17 @@ with ``strict=True``: ``Attention`` (``q``, ``kv``, ``proj``, ``q_norm``, ``k_no
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from traj_forecast_ros.model.config import Size2, as_pair
+from traj_forecast_ros.model.ops import KV, TORCH_OPS, TorchOps
 
 QK_NORM_EPS = 1e-5
-
-
-def shared_rows(rows: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """Repeat per-sample rows [B, K] batch-major to [N, K] for N = B * G sequences (G sequences per sample)."""
-    groups, remainder = num_sequences // rows.shape[0], num_sequences % rows.shape[0]  # not divmod: torch.compile
-    if remainder:
-        raise ValueError(f"{num_sequences} sequences cannot share {rows.shape[0]} conditioning rows evenly")
-    return rows if groups == 1 else repeat(rows, "b k -> (b g) k", g=groups)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -39,16 +32,6 @@ class RMSNorm(nn.RMSNorm):
         if weight is not None and weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
         return F.rms_norm(x, tuple(self.normalized_shape), weight, self.eps)
-
-
-def per_sequence(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample vectors [B, C] as [N, 1, C] for x [N, L, C] holding N = B * G sequences (batch-major)."""
-    return shared_rows(rows, x.shape[0]).unsqueeze(1)  # (N, 1, C)
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """DiT's adaLN modulation ``x * (1 + scale) + shift`` with per-sample vectors [B, C] over x [N, L, C]."""
-    return x * (1 + per_sequence(scale, x)) + per_sequence(shift, x)
 
 
 # ---------------------------------------------------------------------------------------------- attention / MLP
@@ -66,28 +49,32 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim, eps=QK_NORM_EPS)
         self.k_norm = RMSNorm(dim, eps=QK_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Union[torch.Tensor, KV, None] = None) -> torch.Tensor:
         """x [N, L, C] attends to context [N, M, C] (default: x itself); returns [N, L, C].
 
         The context may also be shared by groups of consecutive sequences: context [B, M, C] with N = B * G
         (batch-major, sequence n uses context n // G). Keys and values are then projected once per context and the
         G query sequences attend as one long query; the result is the same as repeating the context G times.
         """
-        q = self.q_norm(self.q(x))  # (N, L, C), normalised over the full width
-        k, v = self.kv(x if context is None else context).chunk(2, dim=-1)  # (B, M, C) each
-        k = self.k_norm(k)  # (B, M, C)
-        sequences, length, width = q.shape
-        contexts, context_length = k.shape[0], k.shape[1]
-        groups, remainder = sequences // contexts, sequences % contexts  # divmod breaks compile on symbolic sizes
-        if remainder:
-            raise ValueError(f"{sequences} query sequences cannot share {contexts} contexts evenly")
-        heads = self.num_heads
-        # Sequences sharing a context attend as one long query: (B, G*L, C) is a view of the batch-major (N, L, C).
-        q = q.reshape(contexts, groups * length, heads, width // heads).transpose(1, 2)  # (B, H, G*L, C/H)
-        k = k.reshape(contexts, context_length, heads, width // heads).transpose(1, 2)  # (B, H, M, C/H)
-        v = v.reshape(contexts, context_length, heads, width // heads).transpose(1, 2)  # (B, H, M, C/H)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, G*L, C/H), scale 1/sqrt(C/H)
-        return self.proj(out.transpose(1, 2).reshape(sequences, length, width))  # (N, L, C)
+        return self.proj(self.heads(x, context))  # (N, L, C)
+
+    def heads(self, x: torch.Tensor, context: Union[torch.Tensor, KV, None] = None, ops: TorchOps = TORCH_OPS,
+              norm: Optional[nn.Module] = None, shift: Optional[torch.Tensor] = None,
+              scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Merged heads [N, L, C] before the output projection. Self-attention (``context`` None) of
+        ``modulate(norm(x), shift, scale)``, or cross-attention of ``norm(x)`` to a context [B, M, C] or to its
+        prepared :meth:`context_kv`."""
+        if context is None:
+            q, k, v = ops.qkv(self, x, norm, shift, scale)  # (N, L, C) each
+        else:
+            k, v = context if isinstance(context, tuple) else self.context_kv(context, ops)  # (B, M, C) each
+            q = ops.query(self, x, norm)  # (N, L, C)
+        return ops.attend(q, k, v, self.num_heads)  # (N, L, C)
+
+    def context_kv(self, context: torch.Tensor, ops: TorchOps = TORCH_OPS) -> KV:
+        """Keys (normed) and values of a cross-attention context [B, M, C], each [B, M, C]: computed once per image
+        and reused by every call with the same context."""
+        return ops.context_kv(self, context)
 
 
 class Mlp(nn.Module):
@@ -99,9 +86,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
-        return self.fc2(self.act(self.fc1(x)))
+        return ops.linear(ops.linear(x, self.fc1, gelu=True), self.fc2)  # act: tanh-GELU, as self.act
 
 
 # ---------------------------------------------------------------------------------------------- embedders
@@ -119,11 +106,11 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """x [N, C_in, rows, cols] -> tokens [N, rows/p * cols/p, D]."""
         if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(f"patch embedding expects a {self.input_size} grid, got {tuple(x.shape[-2:])}")
-        x = self.proj(x)  # (N, D, rows/p, cols/p)
+        x = ops.conv_patches(self.proj, x)  # (N, D, rows/p, cols/p)
         return rearrange(x, "n d h w -> n (h w) d")  # (N, L, D), row-major tokens
 
 
@@ -150,10 +137,11 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """t [N] -> [N, hidden]."""
         freq = timestep_frequencies(t, self.frequency_embedding_size)  # (N, 256)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (N, hidden)
+        hidden = F.silu(ops.linear(freq.to(self.mlp[0].weight.dtype), self.mlp[0]))  # (N, hidden)
+        return ops.linear(hidden, self.mlp[2])  # (N, hidden)
 
 
 class LearnableFourierFeatures(nn.Module):
@@ -184,9 +172,17 @@ class LearnableFourierFeatures(nn.Module):
         else:
             self.scale = scale
 
-    def forward(self, points: torch.Tensor) -> torch.Tensor:
-        """points [..., 2] -> features [..., F]."""
-        return self.mlp(self.fourier(points))  # (..., F)
+    def forward(self, points: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+        """points [..., 2] -> features [..., F] (the MLP row-wise, in chunks where ``ops`` say so)."""
+        features = self.fourier(points)  # (..., F)
+        rows = features.reshape(-1, features.shape[-1])  # (P, F)
+        out = ops.by_rows(lambda part: self._mlp(part, ops), rows)  # (P, F)
+        return out.reshape(features.shape[:-1] + out.shape[-1:])  # (..., F)
+
+    def _mlp(self, rows: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        """``self.mlp`` on rows [P, F] (its dropouts have p = 0)."""
+        hidden = ops.linear(rows, self.mlp[0], gelu=not self.raw)  # (P, 12F)
+        return ops.linear(F.silu(hidden) if self.raw else hidden, self.mlp[3])  # (P, F)
 
     def fourier(self, points: torch.Tensor) -> torch.Tensor:
         """The fixed part: points [..., 2] -> ``scale * [cos(p W^T), sin(p W^T)]`` [..., F]."""
@@ -202,10 +198,11 @@ class TrackPosEncoder(nn.Module):
         self.lff = LearnableFourierFeatures(pos_embed_dim, 4 * hidden_size, raw=raw)
         self.out_channels = 2 + pos_embed_dim
 
-    def forward(self, tracks: torch.Tensor) -> torch.Tensor:
+    def forward(self, tracks: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """tracks [B, T, 2, H, W] -> [B, T, 2 + F, H, W]."""
         points = rearrange(tracks, "b t c h w -> b t h w c")  # (B, T, H, W, 2)
-        features = torch.cat([points, self.lff(points)], dim=-1)  # (B, T, H, W, 2 + F)
+        lff = self.lff(points, ops)  # (B, T, H, W, F)
+        features = torch.cat([points.to(lff.dtype), lff], dim=-1)  # (B, T, H, W, 2 + F)
         return rearrange(features, "b t h w c -> b t c h w")  # (B, T, 2 + F, H, W)
 
 
@@ -267,19 +264,20 @@ def latte_sincos_tables(
     }
 
 
-def run_factorised_blocks(x: torch.Tensor, blocks: Sequence[nn.Module], num_frames: int, num_tokens: int,
-                          *block_args: torch.Tensor, temp_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_factorised_blocks(x: torch.Tensor, num_blocks: int, num_frames: int, num_tokens: int,
+                          run_block: Callable[[int, torch.Tensor], torch.Tensor],
+                          temp_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Latte's factorised transformer over x [(B T), L, C]: pairs of a spatial block (even: the L tokens of one
-    frame) and a temporal block (odd: the T frames of one token), each called as ``block(x, *block_args)``.
+    frame) and a temporal block (odd: the T frames of one token), block i run as ``run_block(i, x)``.
 
     ``temp_embed`` [1, T, C], when given, is added after the first spatial block. Returns [(B T), L, C].
     """
-    for i in range(0, len(blocks), 2):
-        x = blocks[i](x, *block_args)  # (B*T, L, C), spatial
+    for i in range(0, num_blocks, 2):
+        x = run_block(i, x)  # (B*T, L, C), spatial
         x = rearrange(x, "(b f) l d -> (b l) f d", f=num_frames)  # (B*L, T, C)
         if i == 0 and temp_embed is not None:
             x = x + temp_embed  # (B*L, T, C)
-        x = blocks[i + 1](x, *block_args)  # (B*L, T, C), temporal
+        x = run_block(i + 1, x)  # (B*L, T, C), temporal
         x = rearrange(x, "(b l) f d -> (b f) l d", l=num_tokens)  # (B*T, L, C)
     return x
 

@@ -7,7 +7,7 @@ Time is not compressed: a trajectory of T frames becomes T frames of L latent to
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from traj_forecast_ros.model.layers import (
     token_grid,
     unpatchify,
 )
+from traj_forecast_ros.model.ops import KV, TORCH_OPS, TorchOps, one_row_if_shared
 
 BLOCK_NORM_EPS = 1e-6
 # Submodules only the decoder uses. Everything else (the track embedding, the encoder blocks, ``to_latents`` and the
@@ -49,12 +50,15 @@ class VAEBlock(nn.Module):
         self.gate_mxa = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.gate_mlp = nn.Parameter(torch.zeros(1, 1, hidden_size))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [N, L, C] with context [N or N/G, M, C] (see ``Attention``) -> [N, L, C]."""
-        x = x + self.gate_msa * self.attn(self.norm1(x))  # (N, L, C)
-        x = x + self.gate_mxa * self.xattn(self.norm2(x), context)  # (N, L, C)
-        x = x + self.gate_mlp * self.mlp(self.norm3(x))  # (N, L, C)
-        return x
+    def forward(self, x: torch.Tensor, context: Union[torch.Tensor, KV], ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+        """x [N, L, C] with context [N or N/G, M, C] (see ``Attention``; or its prepared ``xattn.context_kv``)
+        -> [N, L, C]."""
+        heads = self.attn.heads(x, None, ops, norm=self.norm1)  # (N, L, C)
+        x = ops.linear(heads, self.attn.proj, gate=self.gate_msa, residual=x)  # (N, L, C)
+        heads = self.xattn.heads(x, context, ops, norm=self.norm2)  # (N, L, C)
+        x = ops.linear(heads, self.xattn.proj, gate=self.gate_mxa, residual=x)  # (N, L, C)
+        hidden = ops.linear(x, self.mlp.fc1, norm=self.norm3, gelu=True)  # (N, L, 4C)
+        return ops.linear(hidden, self.mlp.fc2, gate=self.gate_mlp, residual=x)  # (N, L, C)
 
 
 class VAEFinalLayer(nn.Module):
@@ -64,9 +68,9 @@ class VAEFinalLayer(nn.Module):
         super().__init__()
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """x [N, L, C] -> [N, L, p*p*c]."""
-        return self.linear(x)
+        return ops.linear(x, self.linear)
 
 
 class TrajectoryVAE(nn.Module):
@@ -152,19 +156,31 @@ class TrajectoryVAE(nn.Module):
             raise ValueError(f"VAE expects latents [B, {', '.join(map(str, expected))}], got {tuple(z.shape)}")
 
     # ------------------------------------------------------------------------------------------ forward
-    def _context(self, frame_features: torch.Tensor) -> torch.Tensor:
-        """DINO tokens [B, N, D] -> cross-attention context [B, N, C], shared by all sequences of a sample."""
-        return self.frame_proj(frame_features) + self.frame_embed  # (B, N, C)
+    def _context_kv(self, blocks: nn.ModuleList, frame_features: torch.Tensor, ops: TorchOps) -> List[KV]:
+        """DINO tokens [B, N, D] (one row, or a batch expanded from one: shared by all samples) -> the
+        cross-attention keys/values of every block, each [B, N, C], shared by all sequences of a sample."""
+        self._check_frame_features(frame_features)
+        frame_features = one_row_if_shared(frame_features).to(self.dtype)
+        context = ops.linear(frame_features, self.frame_proj, residual=ops.param(self.frame_embed))  # (B, N, C)
+        return [block.xattn.context_kv(context, ops) for block in blocks]
 
-    def encode(self, tracks_norm: torch.Tensor, frame_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _blocks(self, x: torch.Tensor, blocks: nn.ModuleList, context_kv: List[KV], ops: TorchOps,
+                temp_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The factorised transformer of the encoder or the decoder over x [B*T, L, C]."""
+        return run_factorised_blocks(x, len(blocks), self.num_frames, self.num_latent_tokens,
+                                     lambda i, h: blocks[i](h, context_kv[i], ops), temp_embed=temp_embed)
+
+    def encode(self, tracks_norm: torch.Tensor, frame_features: torch.Tensor,
+               ops: TorchOps = TORCH_OPS) -> Tuple[torch.Tensor, torch.Tensor]:
         """Posterior of normalised tracks [B, T, 2, H, W]: (mean, std) each [B, T, L, C], std = softplus(logvar/2).
 
         Inputs are cast to the dtype of the weights. Same as ``encode_tokens(embed_tracks(tracks), features)``.
+        ``ops``: the kernels of the layers (``model.kernels.FastCPUOps`` for CPU inference).
         """
         self._check_tracks(tracks_norm)
-        return self.encode_tokens(self.embed_tracks(tracks_norm), frame_features)
+        return self.encode_tokens(self.embed_tracks(tracks_norm, ops), frame_features, ops)
 
-    def embed_tracks(self, tracks_norm: torch.Tensor) -> torch.Tensor:
+    def embed_tracks(self, tracks_norm: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """Image-independent first stage of ``encode``: tracks [B, T, 2, H, W] -> tokens [B, T, L, C].
 
         Fourier features, patch embedding and ``pos_embed``. A fixed query grid's tokens can be computed once and
@@ -172,40 +188,38 @@ class TrajectoryVAE(nn.Module):
         """
         self._check_tracks(tracks_norm)
         batch = tracks_norm.shape[0]
-        x = self.x_encoder(tracks_norm.to(self.dtype))  # (B, T, 2+F, H, W)
+        x = self.x_encoder(tracks_norm.to(self.dtype), ops)  # (B, T, 2+F, H, W)
         x = rearrange(x, "b f c h w -> (b f) c h w")  # (B*T, 2+F, H, W)
-        x = self.x_embedder(x) + self.pos_embed  # (B*T, L, C)
+        x = self.x_embedder(x, ops) + ops.param(self.pos_embed)  # (B*T, L, C)
         return rearrange(x, "(b f) l c -> b f l c", b=batch)  # (B, T, L, C)
 
-    def encode_tokens(self, tokens: torch.Tensor, frame_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode_tokens(self, tokens: torch.Tensor, frame_features: torch.Tensor,
+                      ops: TorchOps = TORCH_OPS) -> Tuple[torch.Tensor, torch.Tensor]:
         """Second stage of ``encode``: embedded tracks [B, T, L, C] (:meth:`embed_tracks`) -> (mean, std)
         each [B, T, L, Z]."""
         expected = (self.num_frames, self.num_latent_tokens, self.cfg.hidden_size)
         if tokens.dim() != 4 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"VAE expects embedded tracks [B, {', '.join(map(str, expected))}], "
                              f"got {tuple(tokens.shape)}")
-        self._check_frame_features(frame_features)
         batch = tokens.shape[0]
+        context_kv = self._context_kv(self.encoder_blocks, frame_features, ops)
         x = rearrange(tokens.to(self.dtype), "b f l c -> (b f) l c")  # (B*T, L, C)
-        frame_features = frame_features.to(self.dtype)
-        x = run_factorised_blocks(x, self.encoder_blocks, self.num_frames, self.num_latent_tokens,
-                                  self._context(frame_features), temp_embed=self.temp_embed)  # (B*T, L, C)
+        x = self._blocks(x, self.encoder_blocks, context_kv, ops, ops.param(self.temp_embed))  # (B*T, L, C)
         x = rearrange(x, "(b f) l c -> b f l c", b=batch)  # (B, T, L, C)
-        mean, logvar = self.to_latents(x).chunk(2, dim=-1)  # (B, T, L, Z) each
+        mean, logvar = ops.linear(x, self.to_latents).chunk(2, dim=-1)  # (B, T, L, Z) each
         std = F.softplus(0.5 * logvar)  # (B, T, L, Z)
         return mean, std
 
-    def decode(self, z: torch.Tensor, frame_features: torch.Tensor) -> torch.Tensor:
-        """Latents z [B, T, L, C] -> normalised tracks [B, T, 2, H, W]. No positional embedding in the decoder."""
+    def decode(self, z: torch.Tensor, frame_features: torch.Tensor, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
+        """Latents z [B, T, L, C] -> normalised tracks [B, T, 2, H, W]; frame_features [B or 1, N, D] (one row:
+        shared). No positional embedding in the decoder."""
         self._check_latents(z)
-        self._check_frame_features(frame_features)
-        z, frame_features = z.to(self.dtype), frame_features.to(self.dtype)
+        context_kv = self._context_kv(self.decoder_blocks, frame_features, ops)
         batch = z.shape[0]
-        x = self.from_latents(z)  # (B, T, L, C)
+        x = ops.linear(z.to(self.dtype), self.from_latents)  # (B, T, L, C)
         x = rearrange(x, "b f l c -> (b f) l c")  # (B*T, L, C)
-        x = run_factorised_blocks(x, self.decoder_blocks, self.num_frames, self.num_latent_tokens,
-                                  self._context(frame_features))  # (B*T, L, C), no temporal embedding
-        x = self.final_layer(x)  # (B*T, L, p*p*2)
+        x = self._blocks(x, self.decoder_blocks, context_kv, ops)  # (B*T, L, C), no temporal embedding
+        x = self.final_layer(x, ops)  # (B*T, L, p*p*2)
         return unpatchify(x, batch, self.latent_grid, self.patch_size)  # (B, T, 2, H, W)
 
     @staticmethod

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
+from traj_forecast_ros.model.checkpoint import load_state_dict_into, read_safetensors, save_tensors
 from traj_forecast_ros.model.config import TEXT_ENCODER_DIR, TextEncoderConfig
 
 PAD_TOKEN, UNKNOWN_TOKEN = "<pad>", "<unk>"
@@ -156,8 +157,6 @@ class WordTextEncoder(nn.Module):
 
     def load_weights(self, path: PathLike) -> None:
         """Strictly load a ``model.safetensors`` written by :meth:`save_pretrained`."""
-        from traj_forecast_ros.model.checkpoint import load_state_dict_into, read_safetensors
-
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"no words text encoder weights at {path}")
@@ -165,8 +164,6 @@ class WordTextEncoder(nn.Module):
 
     def save_pretrained(self, path: PathLike) -> None:
         """Write ``model.safetensors`` and a readable ``vocab.json`` into the directory ``path``."""
-        from traj_forecast_ros.model.checkpoint import save_tensors
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_tensors(self, path / WEIGHTS_FILE)
