@@ -80,3 +80,21 @@ def test_threads_are_applied_before_loading_and_the_plan_is_reported(context, re
         assert values["sampling_plan"] == loaded.plan.summary() and "sample batch" in values["sampling_plan"]
     finally:
         node.destroy_node()
+
+
+def test_the_model_is_loaded_for_the_configured_k(context) -> None:
+    """The CPU plan probe is keyed on the K the node serves: the factory gets the node's num_samples."""
+    seen = {}
+
+    def factory(*args, **options):
+        seen.update(options)
+        return PlannedForecaster()
+
+    overrides = [Parameter("model", value="planned"), Parameter("num_samples", value=3),
+                 Parameter("autostart", value=False)]
+    node = ForecastNode(forecaster_factory=factory, context=context, parameter_overrides=overrides)
+    try:
+        assert node.models.load(node.settings, guidance_scale=-1.0)
+        assert seen["num_samples"] == 3
+    finally:
+        node.destroy_node()

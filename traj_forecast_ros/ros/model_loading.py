@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from traj_forecast_ros.cpu_cores import resolve_threads
+from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.ros.validation import guidance_problem, missing_model_message
 
@@ -37,11 +38,12 @@ def model_takes_instruction(forecaster: Any) -> bool:
 
 
 def load_forecaster(model: str, device: str, dtype: str, cache_dir: Optional[str], use_cuda_graphs: bool = False,
-                    compile: bool = False, graph_cache_size: int = 4) -> Any:
-    """Default factory: ``Forecaster.from_pretrained`` (a registry name or a model directory)."""
+                    compile: bool = False, graph_cache_size: int = 4, num_samples: int = DEFAULT_NUM_SAMPLES) -> Any:
+    """Default factory: ``Forecaster.from_pretrained`` (a registry name or a model directory); the CPU plan is chosen
+    (probed) for ``num_samples``, the K the node serves when it configures."""
     return Forecaster.from_pretrained(model, device=device, dtype=dtype, cache_dir=cache_dir,
                                       use_cuda_graph=use_cuda_graphs, use_compile=compile,
-                                      graph_cache_size=graph_cache_size)
+                                      graph_cache_size=graph_cache_size, num_samples=num_samples)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ class ModelHolder:
             torch.set_num_threads(resolve_threads(int(settings["threads"])))  # the CPU plan is chosen for it
             forecaster = self.factory(
                 model, device, dtype, settings["cache_dir"] or None, use_cuda_graphs=settings["use_cuda_graphs"],
-                compile=settings["compile"], graph_cache_size=int(settings["graph_cache_size"]))
+                compile=settings["compile"], graph_cache_size=int(settings["graph_cache_size"]),
+                num_samples=int(settings["num_samples"]))
             forecaster.warmup()
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
             if isinstance(exc, FileNotFoundError):  # includes WeightsNotFoundError: one error saying how to get them
