@@ -46,6 +46,7 @@ GUIDANCE_SCALE=${GUIDANCE_SCALE:-1.0}     # the shipped model's default guidance
 EVAL_NO_INSTRUCTION=${EVAL_NO_INSTRUCTION:-1}  # 1: also evaluate without instructions (the marginal over tasks)
 STOP_AFTER_FLOW=${STOP_AFTER_FLOW:-0}     # 1: stop once the flow is trained (to measure the sampling defaults)
 EVAL_SAMPLES=${EVAL_SAMPLES:-8}
+EVAL_MAX_SCENES=${EVAL_MAX_SCENES:-}          # evaluate only the first N held-out samples (v2: 240); empty = all
 COMPARE_RANDOM=${COMPARE_RANDOM:-0}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-200}
 TF=${TF:-.venv/bin/traj-forecast}
@@ -86,7 +87,7 @@ evaluate() {  # evaluate NAME MODEL_DIR OUT_JSON [ARGS...]: the model, zero moti
     echo "[$name] evaluating $model on $RUN/test"
     "$TF" evaluate --model "$model" --data "$RUN/test" --regressor "$RUN/regressor" --samples "$EVAL_SAMPLES" \
         --steps "$SAMPLE_STEPS" --guidance-scale "$GUIDANCE_SCALE" --seed "$SEED" --threads "$THREADS" --device cpu \
-        --markdown --out "$out.partial.json" "$@" \
+        ${EVAL_MAX_SCENES:+--max-scenes "$EVAL_MAX_SCENES"} --markdown --out "$out.partial.json" "$@" \
         | tee "${out%.json}.md"
     mv "$out.partial.json" "$out"
 }
