@@ -41,7 +41,7 @@ class Conditioner:
         self.text_cache = LRUCache(text_cache_size)
         self._warned_default_instruction = False
         self.query_grid_model = query_grid(config)  # [Hq, Wq, 2] model pixels
-        self.static_tracks = static_tracks_norm(config).to(runtime.device)  # [1, T, 2, Hq, Wq]
+        self.static_tracks = torch.from_numpy(static_tracks_norm(config)).to(runtime.device)  # [1, T, 2, Hq, Wq]
         scale = config.vae_scale if vae is not None else None
         self.latent_scale = (torch.tensor(scale, dtype=torch.float32, device=runtime.device).view(1, 1, -1, 1, 1)
                              if scale is not None else None)  # [1, 1, C, 1, 1]

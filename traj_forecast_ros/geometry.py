@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
-import torch
 from PIL import Image
 
 from traj_forecast_ros.errors import InvalidImageError
@@ -198,11 +197,13 @@ def query_grid(config) -> np.ndarray:
     return np.stack([grid_x, grid_y], axis=-1).astype(np.float32)
 
 
-def static_tracks_norm(config, batch: int = 1):
-    """``[B, T, 2, Hq, Wq]`` torch float32: the normalised query grid repeated over all frames (a motionless
-    trajectory; the conditioning frame both training and sampling encode)."""
-    grid = normalise_points(torch.from_numpy(query_grid(config)), tuple(config.image_size))  # [Hq, Wq, 2]
-    return grid.permute(2, 0, 1)[None, None].expand(batch, config.num_frames, -1, -1, -1).contiguous()
+def static_tracks_norm(config, batch: int = 1) -> np.ndarray:
+    """``[B, T, 2, Hq, Wq]`` float32: the normalised query grid repeated over all frames (a motionless trajectory;
+    the conditioning frame both training and sampling encode; ``torch.from_numpy`` it for the model)."""
+    grid = normalise_points(query_grid(config), tuple(config.image_size))  # [Hq, Wq, 2]
+    frames = np.broadcast_to(grid.transpose(2, 0, 1)[None, None], (batch, config.num_frames, *grid.shape[2:],
+                                                                   *grid.shape[:2]))
+    return np.ascontiguousarray(frames, dtype=np.float32)
 
 
 def normalise_points(points, size: Tuple[int, int]):
@@ -224,4 +225,4 @@ def _xy_factor(like, fx: float, fy: float):
     """A per-axis (x, y) factor broadcastable against ``like [..., 2]`` (numpy or torch)."""
     if isinstance(like, np.ndarray):
         return np.asarray([fx, fy], dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float64)
-    return torch.tensor([fx, fy], dtype=like.dtype, device=like.device)
+    return like.new_tensor([fx, fy])  # a torch tensor: same dtype and device

@@ -47,7 +47,8 @@ flattened); predictions carry ``K`` samples, datasets ``N`` scenes (``[N, K, T, 
   (crossed), with the same noise, both scored against i's truth by best-of-K MSE over the points that move in
   i's or j's true future (the region whose motion the instruction decides). Reported: the mean matched and crossed
   errors, their ratio (matched / crossed) and the share of cases where matched < crossed (the right instruction
-  wins).
+  wins); over all cases, and over the cases whose two true futures part by more than 5 px on average over that
+  region (``paired_distinct_...``).
 """
 
 from __future__ import annotations
@@ -460,7 +461,9 @@ def paired_instruction_metrics(matched: np.ndarray, crossed: np.ndarray, truth: 
     where neither future moves are left out. Returns ``paired_cases``, ``paired_matched_moving_mse`` and
     ``paired_crossed_moving_mse`` (means over cases, px^2), ``paired_matched_crossed_ratio`` (the ratio of those
     means; < 1: the instruction helps) and ``paired_right_instruction_wins`` (share of cases with matched < crossed).
-    NaN without cases.
+    The same five under ``paired_distinct_...`` count only the cases whose two true futures part: over the region,
+    they lie more than ``threshold_px`` apart on average (a pair whose futures coincide in the horizon, such as
+    "reach for" and "pick up" the same object, cannot tell the instructions apart). NaN without cases.
     """
     matched, crossed = _flat_points(matched, 2), _flat_points(crossed, 2)  # [C, K, T, P, 2]
     truth, partner_truth = _flat_points(truth, 1), _flat_points(partner_truth, 1)  # [C, T, P, 2]
@@ -469,21 +472,27 @@ def paired_instruction_metrics(matched: np.ndarray, crossed: np.ndarray, truth: 
         raise ValueError(f"need matched and crossed [C, K, T, P, 2] and truths [C, T, P, 2]; got {matched.shape}, "
                          f"{crossed.shape}, {truth.shape}, {partner_truth.shape}")
     region = moving_mask(truth, threshold_px, 1) | moving_mask(partner_truth, threshold_px, 1)  # [C, P]
-    errors = []
+    errors, parting = [], []
     for case in np.nonzero(region.any(axis=1))[0]:
         target = truth[case][:, region[case]]  # [T, M, 2]
         errors.append([float(((forecast[case][:, :, region[case]] - target) ** 2).mean(axis=(1, 2, 3)).min())
                        for forecast in (matched, crossed)])
-    if not errors:
-        nan = float("nan")
-        return {"paired_cases": 0.0, "paired_matched_moving_mse": nan, "paired_crossed_moving_mse": nan,
-                "paired_matched_crossed_ratio": nan, "paired_right_instruction_wins": nan}
-    pairs = np.asarray(errors)  # [cases, 2]
-    matched_mean, crossed_mean = float(pairs[:, 0].mean()), float(pairs[:, 1].mean())
+        parting.append(float(np.linalg.norm(partner_truth[case][:, region[case]] - target, axis=-1).mean()))
+    result = _paired_summary(np.asarray(errors).reshape(-1, 2), "paired")
+    distinct = np.asarray(parting) > threshold_px
+    result.update(_paired_summary(np.asarray(errors).reshape(-1, 2)[distinct], "paired_distinct"))
+    return result
+
+
+def _paired_summary(pairs: np.ndarray, prefix: str) -> Dict[str, float]:
+    """Cases, mean matched / crossed errors, their ratio and the right instruction's win share of ``pairs``
+    ``[cases, 2]`` (matched, crossed), under ``<prefix>_...`` keys; NaN without cases."""
+    nan = float("nan")
+    matched_mean, crossed_mean = (float(pairs[:, 0].mean()), float(pairs[:, 1].mean())) if len(pairs) else (nan, nan)
     return {
-        "paired_cases": float(len(pairs)),
-        "paired_matched_moving_mse": matched_mean,
-        "paired_crossed_moving_mse": crossed_mean,
-        "paired_matched_crossed_ratio": matched_mean / crossed_mean if crossed_mean > 0 else float("nan"),
-        "paired_right_instruction_wins": float((pairs[:, 0] < pairs[:, 1]).mean()),
+        f"{prefix}_cases": float(len(pairs)),
+        f"{prefix}_matched_moving_mse": matched_mean,
+        f"{prefix}_crossed_moving_mse": crossed_mean,
+        f"{prefix}_matched_crossed_ratio": matched_mean / crossed_mean if crossed_mean > 0 else nan,
+        f"{prefix}_right_instruction_wins": float((pairs[:, 0] < pairs[:, 1]).mean()) if len(pairs) else nan,
     }

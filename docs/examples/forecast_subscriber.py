@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from traj_forecast_msgs.msg import TrajectoryForecast
 
@@ -42,6 +42,7 @@ class ForecastListener(Node):
         super().__init__("forecast_listener")
         topic = self.declare_parameter("topic", "/forecast_node/forecast").value
         self.create_subscription(TrajectoryForecast, topic, self.on_forecast, 10)
+        self.get_logger().info(f"listening to {self.resolve_topic_name(topic)}")
 
     def on_forecast(self, msg: TrajectoryForecast) -> None:
         summary = summarise(msg)
@@ -54,13 +55,22 @@ class ForecastListener(Node):
 def main(args: Optional[List[str]] = None) -> int:
     """Spin until Ctrl-C or SIGTERM (both end with exit code 0)."""
     rclpy.init(args=args)
-    node = ForecastListener()
+    executor = SingleThreadedExecutor()  # before the node: a signal while it starts leaves a valid executor to stop
+    node: Optional[ForecastListener] = None
     try:
-        rclpy.spin(node)
+        node = ForecastListener()  # inside the try: a Ctrl-C while it starts is a normal stop too
+        executor.add_node(node)
+        executor.spin()  # returns at once when a signal already shut ROS down
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # Ctrl-C, or ROS shut down from outside (SIGTERM): a normal stop
+    except Exception:  # noqa: BLE001 - see below
+        if rclpy.ok():
+            raise
+        # the signal shut ROS down while the executor was between two waits (rclpy then fails to build its wait
+        # set): a normal stop too
     finally:
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
     return 0
 

@@ -39,6 +39,7 @@ def test_forecast_bench_times_a_batch_of_cameras(tmp_path, capsys):
     assert [run["samples"] for run in runs] == [1, 2]
     for run in runs:
         assert run["cameras"] == 2 and run["batch_s"] > 0
+        assert run["batch_peak_rss_mb"] > 0 and run["batch_rss_ratio"] > 0
         assert run["batch_ratio"] == run["batch_s"] / run["timings"]["total"]
 
 

@@ -60,6 +60,9 @@ LOCAL_IMPORTS_ALLOWED: Tuple[LocalImportRule, ...] = (
                     "data/ included, imports without it"),
     LocalImportRule((), "bag", "rclpy and ROS message packages in the offline bag tools (bag info/run/make-sample "
                                "read and write bags with rosbags, without a ROS install)", pattern=ROS_MODULE),
+    LocalImportRule(("ament_index_python",), "",
+                    "the ament index of a colcon install, one more place to find packaged files: pip installs and "
+                    "checkouts have none"),
 )
 
 

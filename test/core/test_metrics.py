@@ -292,3 +292,25 @@ def test_paired_instruction_metrics_hand_made():
     assert result["paired_matched_crossed_ratio"] == pytest.approx(expected_matched / expected_crossed)
     empty = metrics.paired_instruction_metrics(matched[3:], crossed[3:], truth[3:], partner[3:])
     assert empty["paired_cases"] == 0 and np.isnan(empty["paired_matched_crossed_ratio"])
+
+
+def test_paired_distinct_cases_are_the_pairs_whose_true_futures_part():
+    """A pair whose two futures coincide in the horizon cannot tell the instructions apart: the distinct figures
+    keep only the cases whose futures lie more than 5 px apart on average over the scored region."""
+    truth = half_moving_truth()  # row 0 slides +x, 3 px per frame
+    opposite = grid_tracks(frames=5, rows=2, cols=4)
+    opposite[:, 0, :, 0] -= 3.0 * np.arange(5)[:, None]  # row 0 slides -x: 6t px from the truth, 12 px on average
+    close = truth.copy()
+    close[1:, 0, :, 1] += 1.0  # the same slide, 1 px lower: the futures coincide
+    # case 0 (distinct): the instruction-following forecaster wins; case 1 (not distinct): an instruction-blind tie
+    matched = np.stack([truth[None], close[None]])
+    crossed = np.stack([opposite[None], close[None]])
+    result = metrics.paired_instruction_metrics(matched, crossed, np.stack([truth, truth]),
+                                                np.stack([opposite, close]))
+    assert result["paired_cases"] == 2 and result["paired_right_instruction_wins"] == 0.5
+    assert result["paired_distinct_cases"] == 1 and result["paired_distinct_right_instruction_wins"] == 1.0
+    assert result["paired_distinct_matched_moving_mse"] == 0.0
+    assert result["paired_distinct_matched_crossed_ratio"] == 0.0
+    blind = metrics.paired_instruction_metrics(matched[1:], crossed[1:], truth[None], close[None])
+    assert blind["paired_cases"] == 1 and blind["paired_distinct_cases"] == 0
+    assert np.isnan(blind["paired_distinct_right_instruction_wins"])

@@ -107,6 +107,30 @@ def test_flow_loss_interpolant_target_and_mask() -> None:
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_flow_loss_weights_latent_tokens() -> None:
+    """Per-token weights give the weighted mean sum(w err^2) / sum(w); all-ones weights the plain mean."""
+    x1, cond = torch.randn(2, 3, 2, 2, 2), torch.randn(2, 1, 2, 2, 2)
+
+    def loss(weight):
+        return flow_matching_loss(ZeroField(), x1, cond, torch.zeros(2, 1, 1), None,
+                                  torch.Generator().manual_seed(3), weight)
+
+    plain = loss(None)
+    torch.testing.assert_close(loss(torch.ones(2, 1, 1, 2, 2)), plain)
+    field = ZeroField()
+    flow_matching_loss(field, x1, cond, torch.zeros(2, 1, 1), None, torch.Generator().manual_seed(3))
+    x_t, t = field.inputs
+    t_b = t.view(2, 1, 1, 1, 1)
+    eps = (x_t[:, 1:] - t_b * x1[:, 1:]) / (1 - t_b)
+    err = torch.zeros_like(x1)
+    err[:, 1:] = (x1[:, 1:] - eps) ** 2  # the zero field's squared error; frame 0 masked
+    weight = torch.ones(2, 1, 1, 2, 2)
+    weight[0, ..., 0, 1] = 9.0  # one moving token of sample 0 weighs 9
+    expected = (weight.expand_as(x1) * err).sum() / weight.expand_as(x1).sum()
+    torch.testing.assert_close(loss(weight), expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(loss(weight), plain)
+
+
 def test_flow_loss_uses_only_the_given_generator() -> None:
     x1, cond = torch.randn(2, 3, 2, 2, 2), torch.randn(2, 1, 2, 2, 2)
     torch.manual_seed(123)

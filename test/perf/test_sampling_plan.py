@@ -207,7 +207,9 @@ def test_plans_agree_on_the_same_noise(forecaster, image) -> None:
 @pytest.mark.skipif(not (DEMO_MODEL / "denoiser.safetensors").is_file(), reason="demo-blocks weights not shipped")
 def test_shipped_model_fast_plan_matches_reference_within_1e4_px(tmp_path) -> None:
     """fp32 accuracy of the plan a user gets (demo-blocks, K=8, 10 time points, a real LIBERO frame): the same
-    tracks within 1e-4 px as the reference modules one sample at a time."""
+    tracks as the reference modules one sample at a time, within 1e-4 px plus 2e-6 of the coordinate (float32
+    sums in another order: on an AVX2-only CPU 7 of 196,608 values far from the origin, at 54-72 px, differ by
+    1.2e-4 px, 2e-6 relative), and within 1e-5 px on average (measured 6.5e-6)."""
     from PIL import Image
 
     frame = np.asarray(Image.open(REPO.parent / "shared" / "data" / "images" / "libero_agent_0.jpg").convert("RGB"))
@@ -218,7 +220,8 @@ def test_shipped_model_fast_plan_matches_reference_within_1e4_px(tmp_path) -> No
     tracks = fast.forecast(frame, num_samples=8, steps=10, seed=3, anchor=False).tracks  # the raw decoder output
     expected = reference.forecast(frame, num_samples=8, steps=10, seed=3, anchor=False).tracks
     assert np.abs(tracks[:, -1] - tracks[:, 0]).max() > 1.0  # the tracks move: the comparison means something
-    np.testing.assert_allclose(tracks, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(tracks, expected, rtol=2e-6, atol=1e-4)
+    assert np.abs(tracks - expected).mean() < 1e-5
 
 
 def test_forecasters_in_different_threads_do_not_affect_each_other(forecaster, image) -> None:

@@ -19,3 +19,15 @@ def context():
     rclpy.init(context=context)
     yield context
     rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def diagnostics_probe(request):
+    """A probe node of the test module, subscribed to ``/diagnostics`` (one per module: DDS discovery is slow)."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from ros_helpers import Probe
+
+    probe = Probe(f"{request.module.__name__.rsplit('.', 1)[-1]}_probe")
+    probe.subscribe(DiagnosticArray, "/diagnostics")
+    yield probe
+    probe.close()

@@ -43,6 +43,19 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+CONNECT_SETTLE_S = 0.5  # as bag replay: after the writer sees the reader, the reader may not have matched it yet
+
+
+def wait_connected(publisher: Any, timeout: float) -> bool:
+    """Wait until ``publisher`` has a subscriber, then ``CONNECT_SETTLE_S`` more. A best-effort reader drops samples
+    from a writer it has not matched yet, although the writer already counts it: without the settle the first
+    frame is sometimes lost in DDS (never seen by the node)."""
+    if not wait_until(lambda: publisher.get_subscription_count() > 0, timeout):
+        return False
+    time.sleep(CONNECT_SETTLE_S)
+    return True
+
+
 def _default_sigint() -> None:
     # A child of a non-interactive shell may inherit SIGINT ignored; the node must see it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -43,8 +44,27 @@ def test_maps_show_the_motion_probability_and_a_keep_out_within_the_horizon():
     assert maps["keep_out"].shape == (8, 8) and maps["keep_out"].dtype == np.uint8
 
 
+def wait_for_line(process, markers, timeout_s):
+    """Output of ``process`` up to the first line holding one of ``markers`` (None at EOF or after ``timeout_s``):
+    the node is up, however long its imports took on a loaded machine. Reads the raw pipe, so nothing stays
+    buffered where a later ``communicate`` would not see it."""
+    deadline, seen = time.monotonic() + timeout_s, b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout.fileno(), selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                return None
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                return None
+            seen += chunk
+            if any(marker.encode() in seen for marker in markers):
+                return seen.decode(errors="replace")
+    return None
+
+
 def start(script_args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RCUTILS_LOGGING_BUFFERED_STREAM="0")
     return subprocess.Popen([sys.executable, *script_args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -57,8 +77,8 @@ def start(script_args):
 def test_planner_side_nodes_exit_0_on_ctrl_c_and_external_shutdown(script, stop):
     process = start(script)
     try:
-        time.sleep(3.0)  # up and spinning (rclpy import and init take about a second here)
-        assert process.poll() is None, process.communicate()[0]
+        started = wait_for_line(process, ("listening to", "planning from"), timeout_s=60.0)  # up and spinning
+        assert process.poll() is None and started is not None, (started, process.communicate()[0])
         process.send_signal(stop)
         output, _ = process.communicate(timeout=15)
     finally:
@@ -66,3 +86,14 @@ def test_planner_side_nodes_exit_0_on_ctrl_c_and_external_shutdown(script, stop)
             process.kill()
     assert process.returncode == 0, output
     assert "Traceback" not in output, output
+
+
+def test_planner_side_imports_no_torch():
+    """The planner side (conversions, the example planner, the docs' subscriber) starts without PyTorch: a planner
+    host needs only numpy and rclpy, and Ctrl-C during a slow torch import would be a traceback."""
+    code = ("import runpy, sys; import traj_forecast_ros.ros.conversions, traj_forecast_ros.ros.example_planner; "
+            "runpy.run_path('docs/examples/forecast_subscriber.py', run_name='not_main'); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout

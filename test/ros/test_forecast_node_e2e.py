@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from ros_helpers import NodeProcess, Probe, counts_balance, ros_available, wait_balanced, wait_until
+from ros_helpers import NodeProcess, Probe, counts_balance, ros_available, wait_balanced, wait_connected, wait_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))]
 
@@ -79,7 +79,7 @@ def counters_balance_after_each_test(request):
 @pytest.fixture(scope="module")
 def image_pub(probe, node):
     pub = probe.publisher(Image, "/image")
-    assert wait_until(lambda: pub.get_subscription_count() > 0, 30), "node never subscribed to /image"
+    assert wait_connected(pub, 30), "node never subscribed to /image"
     return pub
 
 
@@ -321,7 +321,7 @@ def test_compressed_transport_serves_jpeg_and_counts_corrupt_frames(probe, node,
     assert state(probe) == "active"
     try:
         pub = probe.publisher(CompressedImage, "/image/compressed")
-        assert wait_until(lambda: pub.get_subscription_count() > 0, 30)
+        assert wait_connected(pub, 30)
         jpeg = (shared_images / "libero_gripper_0.jpg").read_bytes()  # a real camera jpeg, sent as is
         sent = stamped(probe, CompressedImage(format="jpeg", data=array.array("B", jpeg)), frame_id="gripper")
         pub.publish(sent)
@@ -447,7 +447,7 @@ def test_signal_during_inference_exits_within_2_s(sig, tiny_model_dir, tmp_path,
     try:
         assert process.wait_for_log("forecasting", STARTUP_TIMEOUT), process.log()[-3000:]
         pub = probe.publisher(Image, f"{namespace}/image")
-        assert wait_until(lambda: pub.get_subscription_count() > 0, 30)
+        assert wait_connected(pub, 30)
         cpu_before = process.cpu_seconds()
         pub.publish(stamped(probe, rgb_to_image_msg(libero_frames(shared_images)[0])))
         assert wait_until(lambda: process.cpu_seconds() - cpu_before > 0.5, 20), "inference never started"

@@ -92,7 +92,8 @@ def test_lifecycle_releases_the_model_and_reloads_it(context):
     try:
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert created == [("some-model", "cpu", "auto", None,
-                            {"use_cuda_graphs": False, "compile": False, "graph_cache_size": 4})]
+                            {"use_cuda_graphs": False, "compile": False, "graph_cache_size": 4,
+                             "num_samples": 8})]
         assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         first = node.models.forecaster
         assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS

@@ -18,7 +18,6 @@ from ros_helpers import InProcessNode, Probe, counts_balance, node_diagnostics, 
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))]
 
 if ros_available() is None:
-    from diagnostic_msgs.msg import DiagnosticArray
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
     from rcl_interfaces.srv import SetParameters
@@ -75,11 +74,8 @@ class BatchFake:
 
 
 @pytest.fixture(scope="module")
-def probe():
-    probe = Probe("multi_camera_probe")
-    probe.subscribe(DiagnosticArray, "/diagnostics")
-    yield probe
-    probe.close()
+def probe(diagnostics_probe):
+    return diagnostics_probe
 
 
 class TwoCameras:

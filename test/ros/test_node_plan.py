@@ -12,6 +12,7 @@ from ros_helpers import ros_available
 pytestmark = pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))
 
 if ros_available() is None:
+    from rclpy.lifecycle import TransitionCallbackReturn
     from rclpy.parameter import Parameter
 
     from traj_forecast_ros.ros.diagnostics import diagnostic_status
@@ -72,7 +73,7 @@ def test_threads_are_applied_before_loading_and_the_plan_is_reported(context, re
                  Parameter("autostart", value=False)]
     node = ForecastNode(forecaster_factory=factory, context=context, parameter_overrides=overrides)
     try:
-        assert node.models.load(node.settings, guidance_scale=-1.0)
+        assert node.models.load(node.settings, guidance_scale=-1.0, num_samples=node.settings["num_samples"])
         assert loaded.threads_seen == (expected or available_cores())
         values = {kv.key: kv.value for kv in diagnostic_status("x", "inactive", PipelineStats().snapshot(),
                                                                 node.models.model.info, 0).values}
@@ -94,7 +95,7 @@ def test_the_model_is_loaded_for_the_configured_k(context) -> None:
                  Parameter("autostart", value=False)]
     node = ForecastNode(forecaster_factory=factory, context=context, parameter_overrides=overrides)
     try:
-        assert node.models.load(node.settings, guidance_scale=-1.0)
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS  # the real path: configure loads it
         assert seen["num_samples"] == 3
     finally:
         node.destroy_node()

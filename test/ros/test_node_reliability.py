@@ -21,7 +21,6 @@ from ros_helpers import InProcessNode, Probe, node_diagnostics, ros_available, w
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))]
 
 if ros_available() is None:
-    from diagnostic_msgs.msg import DiagnosticArray
     from lifecycle_msgs.msg import Transition
     from lifecycle_msgs.srv import ChangeState, GetState
     from rcl_interfaces.srv import SetParameters
@@ -78,11 +77,8 @@ class SlowFakeForecaster:
 
 
 @pytest.fixture(scope="module")
-def probe():
-    probe = Probe("reliability_probe")
-    probe.subscribe(DiagnosticArray, "/diagnostics")
-    yield probe
-    probe.close()
+def probe(diagnostics_probe):
+    return diagnostics_probe
 
 
 class Harness:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from ros_helpers import ros_available, wait_until
+from ros_helpers import ros_available, wait_connected, wait_until
 from test_node_reliability import Harness, SlowFakeForecaster, harness_factory, probe  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))]
@@ -54,7 +54,7 @@ def test_max_pixels_above_4096_squared_is_the_one_limit_on_the_compressed_path(h
                               max_pixels=2**28, image_transport="compressed", num_samples=1, steps=2)
     assert harness.transition(Transition.TRANSITION_CONFIGURE) and harness.transition(Transition.TRANSITION_ACTIVATE)
     publisher = harness.probe.publisher(CompressedImage, f"{harness.namespace}/image/compressed")
-    assert wait_until(lambda: publisher.get_subscription_count() > 0, 20)
+    assert wait_connected(publisher, 20)
     send_and_wait(harness, publisher, compressed_png(4097, 4097, harness.frame()))
     assert wait_until(lambda: len(harness.forecasts()) == 1, 20), harness.balanced()
     forecast = harness.forecasts()[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ros_helpers import REPO, Probe, ros_available, wait_until
+from ros_helpers import REPO, Probe, ros_available, wait_connected, wait_until
 
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))]
 
@@ -113,7 +113,7 @@ def test_any_sequence_of_stop_signals_during_a_forecast_exits_0(tmp_path, signal
     try:
         assert node.wait_for_log("forecasting", 60), node.log()[-3000:]
         publisher = probe.publisher(Image, f"{namespace}/image")
-        assert wait_until(lambda: publisher.get_subscription_count() > 0, 30)
+        assert wait_connected(publisher, 30)
         publisher.publish(rgb_to_image_msg(np.zeros((16, 16, 3), np.uint8)))  # the smallest frame the node takes
         assert node.wait_for_log("forecast started", 30), node.log()[-3000:]
         for sig in signals:  # 0.05 s apart: the later ones land while the first is shutting the node down

@@ -61,6 +61,8 @@ def test_paired_test_of_hand_made_forecasters(branch_data, monkeypatch, follows,
     paired = report["paired_instructions"]
     assert paired["paired_cases"] == 6 and paired["paired_groups"] == 3  # (left, right) and (right, left) x 3
     assert paired["paired_right_instruction_wins"] == wins
+    assert paired["paired_distinct_cases"] == 6  # a push left and a push right part by far more than 5 px
+    assert paired["paired_distinct_right_instruction_wins"] == wins
     if follows:
         assert paired["paired_matched_moving_mse"] == 0.0 and paired["paired_crossed_moving_mse"] > 100.0
         assert paired["paired_matched_crossed_ratio"] == ratio
@@ -96,3 +98,24 @@ def test_paired_test_runs_the_crossed_forecasts_with_the_same_noise(branch_data,
                                                device="cpu", use_instructions=False)
     assert instructionless["paired_instructions"] is None
     assert dataset[1].branch_group == 0 and dataset[1].instruction == INSTRUCTIONS[1]
+
+
+def test_instruction_probe_measures_the_futures_and_the_forecasts(branch_data, blind_model, tmp_path):
+    """bench/instruction_probe.py: the left / right pushes of each group part (6 ordered pairs); the untrained
+    model's forecasts do not move at all between the two instructions (zero-initialised text path) but do between
+    two noise seeds."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "instruction_probe.py"
+    spec = importlib.util.spec_from_file_location("instruction_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "probe.json"
+    assert probe.main(["--model", str(blind_model), "--data", str(branch_data), "--groups", "2", "--samples", "2",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 6 and report["share_parting_over_5_px"] == 1.0
+    assert report["future_mse_median_px2"] > 100.0 and report["share_under_20_px2"] == 0.0
+    assert len(report["sensitivity"]) == 2  # one pair per group, two groups asked for
+    for row in report["sensitivity"]:
+        assert row["instruction_effect_px"] == 0.0 and row["seed_effect_px"] > 0.0

@@ -16,6 +16,7 @@ from traj_forecast_ros.model.config import ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.train import common
+from traj_forecast_ros.train import flow as flow_training
 from traj_forecast_ros.train import trainer as training
 from traj_forecast_ros.train.data import TrackExamples, build_image_encoder, image_features
 from traj_forecast_ros.train.flow import FlowObjective, cached_latents, train_flow
@@ -244,3 +245,52 @@ def test_model_config_rejects_an_unknown_latent_draw():
     with pytest.raises(ValueError, match="latent_draw"):
         ModelConfig(latent_draw="median")
     assert ModelConfig.from_dict(ModelConfig(latent_draw="mean").to_dict()).latent_draw == "mean"
+
+
+class _FixedTracks:
+    """Stands in for TrackExamples: ``tracks_pixels`` of hand-made tracks."""
+
+    def __init__(self, tracks: np.ndarray) -> None:
+        self.tracks = tracks
+
+    def __len__(self) -> int:
+        return len(self.tracks)
+
+    def tracks_pixels(self, examples):
+        return self.tracks[np.asarray(examples)]
+
+
+def test_moving_token_maps_mark_the_latent_tokens_of_moving_points():
+    """A 4x4 query grid on 2x2 latent tokens: a token is moving when one of its 2x2 points gets more than 5 px
+    from frame 0 at some frame (the evaluation's rule), out-and-back included; exactly 5 px is still."""
+    ys, xs = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
+    still = np.broadcast_to(np.stack([xs, ys], -1), (3, 4, 4, 2)).copy()  # [T, Hq, Wq, 2]
+    first, second = still.copy(), still.copy()
+    first[1, 0, 3, 0] += 6.0  # out 6 px and back: token (0, 1)
+    second[:, 3, 3, 1] += [0.0, 2.0, 5.0]  # exactly 5 px: still
+    second[2, 2, 0] += [3.0, 4.1]  # 5.08 px: token (1, 0)
+    maps = flow_training.moving_token_maps(_FixedTracks(np.stack([first, second])), (2, 2), chunk=1)
+    np.testing.assert_array_equal(maps, [[[False, True], [False, False]], [[False, False], [True, False]]])
+    with pytest.raises(ValueError, match="does not split"):
+        flow_training.moving_token_maps(_FixedTracks(np.stack([first])), (3, 3))
+
+
+def test_flow_moving_weight_changes_only_the_weighting(tiny_data, tiny_vae_run, tmp_path, make_settings):
+    config, vae, _ = load_vae_dir(tiny_vae_run)
+    torch.manual_seed(0)
+    denoiser = LatteDenoiser(config.denoiser)
+    batch = {"latent_mean": torch.randn(3, 4, 16, 4), "latent_std": torch.ones(3, 4, 16, 4),
+             "cond_mean": torch.randn(3, 1, 16, 4), "cond_std": torch.ones(3, 1, 16, 4),
+             "features": torch.randn(3, config.denoiser.num_frame_tokens, config.denoiser.frame_features_dim)}
+    moving = torch.zeros(3, *vae.latent_grid, dtype=torch.bool)
+    moving[0, 0, 0] = True
+    plain = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, latent_draw="mean")
+    weighted = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, latent_draw="mean", moving_weight=8.0)
+    assert fixed_loss(weighted, {**batch, "moving": torch.zeros_like(moving)}) == pytest.approx(fixed_loss(plain, batch))
+    assert fixed_loss(plain, {**batch, "moving": moving}) == pytest.approx(fixed_loss(plain, batch))
+    assert fixed_loss(weighted, {**batch, "moving": moving}) != pytest.approx(fixed_loss(plain, batch))
+    with pytest.raises(ValueError, match="moving_weight"):
+        FlowObjective(denoiser, config.latent_scale, vae.latent_grid, moving_weight=-1.0)
+    out = tmp_path / "weighted"
+    train_flow(tiny_data, out, make_settings(steps=2), vae_dir=tiny_vae_run, moving_weight=8.0)
+    assert (out / "denoiser.safetensors").is_file()

@@ -20,6 +20,9 @@ from traj_forecast_ros.errors import BagError
 PublishCallback = Callable[[BagMessage, int], None]
 
 
+CONNECT_SETTLE_S = 0.5  # after every played topic has a subscriber: both ends of each connection match
+
+
 @dataclass
 class PlayStats:
     """What a playback sent: messages per topic, loops completed, wall time."""
@@ -73,11 +76,16 @@ class BagPlayer:
         }
         self._clock = SimClock(node, clock_hz) if clock_hz > 0 else None
 
-    def wait_for_subscribers(self, topics: Sequence[str], timeout_s: float) -> List[str]:
-        """Wait until each of ``topics`` has a matched subscriber; returns those still without one at timeout."""
+    def wait_for_subscribers(self, topics: Sequence[str], timeout_s: float, settle_s: float = 0.0) -> List[str]:
+        """Wait until each of ``topics`` has a matched subscriber; returns those still without one at timeout.
+        ``settle_s``: once all have one, wait that long more, so each subscriber also matches this publisher (a
+        best-effort subscriber drops messages from a publisher it has not matched yet, though the publisher
+        already counts it)."""
         deadline = time.monotonic() + timeout_s
         while True:
             waiting = [t for t in topics if self.publishers[t].get_subscription_count() == 0]
+            if not waiting and settle_s > 0:
+                time.sleep(settle_s)
             if not waiting or time.monotonic() >= deadline:
                 return waiting
             time.sleep(0.05)
@@ -159,7 +167,7 @@ def play_bag(bag: PathLike, topics: Optional[Sequence[str]] = None, rate: float 
     node = rclpy.create_node("bag_player")
     try:
         player = BagPlayer(node, bag, topics=topics, rate=rate, loop=loop, qos=qos_from_name(qos), clock_hz=clock_hz)
-        waiting = (player.wait_for_subscribers(player.topics, wait_for_subscribers_s)
+        waiting = (player.wait_for_subscribers(player.topics, wait_for_subscribers_s, settle_s=CONNECT_SETTLE_S)
                    if wait_for_subscribers_s > 0 else [])
         notify(f"playing {bag} ({', '.join(player.topics)}) at {rate}x{' in a loop' if loop else ''}")
         stats = player.play(stop)

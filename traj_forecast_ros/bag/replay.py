@@ -30,7 +30,7 @@ from rclpy.logging import LoggingSeverity
 from traj_forecast_ros.bag import model_choice
 from traj_forecast_ros.bag.io import PathLike, bag_topics
 from traj_forecast_ros.bag.offline import camera_info_topic, camera_namespace, output_topics
-from traj_forecast_ros.bag.player import BagPlayer
+from traj_forecast_ros.bag.player import CONNECT_SETTLE_S, BagPlayer
 from traj_forecast_ros.bag.recorder import BagRecorder
 from traj_forecast_ros.bag.replay_summary import (  # noqa: F401 - format_summary is part of this module's API
     ReplayLog, View, format_summary, summarise)
@@ -368,7 +368,7 @@ def _wait_until_ready(node_process: NodeProcess, player, recorder, played: Seque
             raise BagError(f"the forecast node could not load its model:\n{node_process.log_tail()}")
         subscribed = not player.wait_for_subscribers(list(played), 0.0)
         if subscribed and set(outputs) <= set(recorder.subscribed_topics):
-            time.sleep(0.5)  # let both ends of every new connection match before the first frame
+            time.sleep(CONNECT_SETTLE_S)  # let both ends of every new connection match before the first frame
             return
         time.sleep(0.1)
     raise BagError(f"the forecast node did not subscribe to {', '.join(played)} within {timeout_s:.0f} s:\n"

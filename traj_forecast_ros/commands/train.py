@@ -116,6 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="generate posterior draws mean + std * eps (official recipe) or posterior means (a "
                            "deterministic conditioning frame; for small VAEs with noisy posteriors); default: the "
                            "model config's (sample)")
+    flow.add_argument("--moving-weight", type=float, default=0.0,
+                      help="extra loss weight w of the latent tokens whose query points move more than 5 px (each "
+                           "weighs 1 + w; default 0: every token the same)")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
@@ -173,7 +176,8 @@ def _train_flow(args: argparse.Namespace) -> int:
     return _report(train_flow(args.data, args.out, settings,
                               vae_dir=None if official else args.vae, init=args.init,
                               official_config=official_config, official_vae=args.vae if official else None,
-                              resume=args.resume, latent_draw=args.latent_draw))
+                              resume=args.resume, latent_draw=args.latent_draw,
+                              moving_weight=args.moving_weight))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

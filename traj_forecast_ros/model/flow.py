@@ -150,12 +150,15 @@ def flow_matching_loss(
     frame_features: torch.Tensor,
     text_embeds: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Rectified-flow loss ``mean((v(x_t, t) - (x1 - eps))^2)`` with frame 0 pinned to ``cond_latent`` and masked.
 
     x1 [B, T, C, h, w] are the scaled data latents, cond_latent [B, 1, C, h, w]. t ~ sigmoid(N(0, 1)) per sample,
     eps ~ N(0, I); both come from ``generator`` when given (device of x1), else from torch's global RNG.
     Prediction and target are zeroed on frame 0; the mean runs over all elements (frame 0's zeros included).
+    ``weight`` (broadcastable to x1, e.g. [B, 1, 1, h, w] per latent token) makes it the weighted mean
+    ``sum(w * err^2) / sum(w)``; all-ones weights give the plain mean.
     """
     if x1.dim() != 5 or cond_latent.shape != (x1.shape[0], 1, *x1.shape[2:]):
         raise ValueError(f"x1 must be [B, T, C, h, w] and cond_latent [B, 1, C, h, w]; got {tuple(x1.shape)} and "
@@ -169,5 +172,8 @@ def flow_matching_loss(
     target = x1 - eps  # (B, T, C, h, w)
     mask = _frame0_mask(x1)  # (1, T, 1, 1, 1)
     prediction = denoiser(x_t, t, frame_features, text_embeds)  # (B, T, C, h, w)
-    return F.mse_loss(prediction * mask, target * mask)
+    if weight is None:
+        return F.mse_loss(prediction * mask, target * mask)
+    weight = weight.to(x1.dtype).expand_as(x1)  # (B, T, C, h, w)
+    return (weight * (prediction * mask - target * mask) ** 2).sum() / weight.sum()
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
@@ -105,12 +105,19 @@ class ExamplePlanner(Node):
 def main(args: Optional[List[str]] = None) -> int:
     """Entry point of ``example_planner``; exits 0 on SIGINT or SIGTERM."""
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.ALL)
+    executor = SingleThreadedExecutor()  # before the node: a signal while it starts leaves a valid executor to stop
     node: Optional[ExamplePlanner] = None
     try:
         node = ExamplePlanner()
-        rclpy.spin(node)
+        executor.add_node(node)
+        executor.spin()  # returns at once when a signal already shut ROS down
     except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        pass  # Ctrl-C, or ROS shut down from outside (SIGTERM): a normal stop
+    except Exception:  # noqa: BLE001 - see below
+        if rclpy.ok():
+            raise
+        # the signal shut ROS down while the executor was between two waits (rclpy then fails to build its wait
+        # set): a normal stop too
     finally:
         if node is not None:
             node.destroy_node()

@@ -273,7 +273,7 @@ class ForecastNode(LifecycleNode):
 
     def _load_model(self) -> None:
         settings = self._load_settings or {name: self.param(name) for name in LOAD_PARAMETERS}
-        if not self.models.load(settings, float(self.param("guidance_scale"))):
+        if not self.models.load(settings, float(self.param("guidance_scale")), int(self.param("num_samples"))):
             raise TransitionFailed(self.models.problem)
 
     def _teardown(self) -> None:

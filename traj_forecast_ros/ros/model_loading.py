@@ -82,8 +82,9 @@ class ModelHolder:
         model = self.model
         return None if model is None else model.forecaster
 
-    def load(self, settings: Mapping[str, Any], guidance_scale: float) -> bool:
-        """Load and warm up the model named by the load parameters ``settings`` (read at configure); on failure keep
+    def load(self, settings: Mapping[str, Any], guidance_scale: float, num_samples: int) -> bool:
+        """Load and warm up the model named by the load parameters ``settings`` (read at configure), its CPU plan
+        chosen for ``num_samples`` (the K it will serve first; another K later still works); on failure keep
         why in :attr:`problem` and release a model that loaded but failed its warmup. Waits at most
         ``RELEASE_WAIT_S`` for the previous model's background release, and fails while it is still running."""
         model, device, dtype = str(settings["model"]), str(settings["device"]), str(settings["dtype"])
@@ -103,7 +104,7 @@ class ModelHolder:
             forecaster = self.factory(
                 model, device, dtype, settings["cache_dir"] or None, use_cuda_graphs=settings["use_cuda_graphs"],
                 compile=settings["compile"], graph_cache_size=int(settings["graph_cache_size"]),
-                num_samples=int(settings["num_samples"]))
+                num_samples=int(num_samples))
             forecaster.warmup()
         except Exception as exc:  # noqa: BLE001 - a broken model must leave the node alive and unconfigured
             if isinstance(exc, FileNotFoundError):  # includes WeightsNotFoundError: one error saying how to get them

@@ -327,10 +327,18 @@ def format_paired(report: Dict) -> str:
         return ""
     if not paired["paired_cases"]:
         return "paired instructions: no pair of the branch groups has a moving point"
-    return (f"paired instructions ({int(paired['paired_cases'])} cases in {int(paired['paired_groups'])} branch "
-            f"groups): matched / crossed moving-region error {_fmt(paired['paired_matched_crossed_ratio'])} "
-            f"({_fmt(paired['paired_matched_moving_mse'])} / {_fmt(paired['paired_crossed_moving_mse'])} px^2), "
-            f"the right instruction wins {paired['paired_right_instruction_wins']:.0%}")
+    lines = [f"paired instructions ({int(paired['paired_cases'])} cases in {int(paired['paired_groups'])} branch "
+             f"groups): {_paired_figures(paired, 'paired')}"]
+    if paired.get("paired_distinct_cases"):
+        lines.append(f"  of which {int(paired['paired_distinct_cases'])} cases whose true futures part by > 5 px: "
+                     f"{_paired_figures(paired, 'paired_distinct')}")
+    return "\n".join(lines)
+
+
+def _paired_figures(paired: Dict, prefix: str) -> str:
+    return (f"matched / crossed moving-region error {_fmt(paired[prefix + '_matched_crossed_ratio'])} "
+            f"({_fmt(paired[prefix + '_matched_moving_mse'])} / {_fmt(paired[prefix + '_crossed_moving_mse'])} "
+            f"px^2), the right instruction wins {paired[prefix + '_right_instruction_wins']:.0%}")
 
 
 def format_kind_table(report: Dict, group: str = "per_kind") -> str:

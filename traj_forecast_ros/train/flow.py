@@ -38,6 +38,7 @@ from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary, text_encoder_weights
 from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
+from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX
 from traj_forecast_ros.train.data import (
     TrackExamples,
     build_image_encoder,
@@ -67,10 +68,13 @@ class FlowObjective(nn.Module):
 
     def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int],
                  latent_draw: str = "sample", text_encoder: Optional[WordTextEncoder] = None,
-                 text_dropout: float = TEXT_DROPOUT) -> None:
+                 text_dropout: float = TEXT_DROPOUT, moving_weight: float = 0.0) -> None:
         super().__init__()
+        if moving_weight < 0:
+            raise ValueError(f"moving_weight must be >= 0, got {moving_weight}")
         self.text_encoder = text_encoder  # trained with the denoiser; embeds the batch's ``text_ids``
         self.text_dropout = float(text_dropout)
+        self.moving_weight = float(moving_weight)  # extra loss weight of the latent tokens of moving points
         if latent_draw not in LATENT_DRAWS:
             raise ValueError(f"latent_draw must be one of {list(LATENT_DRAWS)}, got {latent_draw!r}")
         self.denoiser = denoiser
@@ -86,8 +90,9 @@ class FlowObjective(nn.Module):
 
     def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, cond_mean: torch.Tensor,
                 cond_std: torch.Tensor, features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
-                text_ids: Optional[torch.Tensor] = None,
+                text_ids: Optional[torch.Tensor] = None, moving: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``moving`` [B, h, w]: the latent tokens of :func:`moving_token_maps`, weighted ``1 + moving_weight``."""
         if text_ids is not None:
             if self.text_encoder is None:
                 raise ValueError("text_ids given but the objective has no trainable text encoder")
@@ -97,7 +102,26 @@ class FlowObjective(nn.Module):
             text_embeds = self.text_encoder.embed_ids(text_ids)  # (B, E)
         x1 = self.scaled_grid(latent_mean, latent_std, generator)  # (B, T, C, h, w)
         cond = self.scaled_grid(cond_mean, cond_std, generator)  # (B, 1, C, h, w)
-        return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator)}
+        weight = None
+        if moving is not None and self.moving_weight > 0:
+            weight = 1.0 + self.moving_weight * moving.to(x1.dtype)[:, None, None]  # (B, 1, 1, h, w)
+        return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator, weight)}
+
+
+def moving_token_maps(examples: TrackExamples, latent_grid: Tuple[int, int], chunk: int = 256) -> np.ndarray:
+    """``[E, h, w]`` bool per example: the latent tokens whose patch of query points holds a point whose true track
+    gets more than :data:`~traj_forecast_ros.metrics.MOVING_THRESHOLD_PX` from frame 0 (the evaluation's moving
+    points; the VAE's ``moving_weight`` uses the same rule per point)."""
+    rows, cols = latent_grid
+    maps = []
+    for start in range(0, len(examples), chunk):
+        tracks = examples.tracks_pixels(np.arange(start, min(start + chunk, len(examples))))  # (b, T, Hq, Wq, 2)
+        moved = np.linalg.norm(tracks - tracks[:, :1], axis=-1).max(axis=1) > MOVING_THRESHOLD_PX  # (b, Hq, Wq)
+        b, hq, wq = moved.shape
+        if hq % rows or wq % cols:
+            raise ValueError(f"query grid {hq}x{wq} does not split into the {rows}x{cols} latent tokens")
+        maps.append(moved.reshape(b, rows, hq // rows, cols, wq // cols).any(axis=(2, 4)))
+    return np.concatenate(maps) if maps else np.zeros((0, rows, cols), dtype=bool)
 
 
 @torch.no_grad()
@@ -119,7 +143,7 @@ def encode_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelCon
     for start in range(0, len(examples.features_all), ENCODE_BATCH):  # every dataset sample: indexed by scene
         scenes = np.arange(start, min(start + ENCODE_BATCH, len(examples.features_all)))
         features = torch.from_numpy(np.ascontiguousarray(examples.features_all[scenes])).to(device)
-        static = static_tracks_norm(config, len(scenes)).to(device)
+        static = torch.from_numpy(static_tracks_norm(config, len(scenes))).to(device)
         mean, std = vae.encode(static, features)  # (b, T, L, C)
         parts["cond_mean"].append(mean[:, :1].float().cpu().numpy())
         parts["cond_std"].append(std[:, :1].float().cpu().numpy())
@@ -201,7 +225,7 @@ def _words_text_encoder(config: ModelConfig, examples: TrackExamples, model_dir:
 def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
                init: Optional[PathLike] = None, official_config: Optional[ModelConfig] = None,
                official_vae: Optional[PathLike] = None, resume: bool = False,
-               latent_draw: Optional[str] = None) -> Dict[str, float]:
+               latent_draw: Optional[str] = None, moving_weight: float = 0.0) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
@@ -209,7 +233,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     given, replaces its VAE); ``init`` = an official ``.pth`` denoiser: ``official_config`` and ``official_vae`` are
     required (:func:`~traj_forecast_ros.model.checkpoint.load_official`); no ``init``: a fresh denoiser on the
     stage-1 run ``vae_dir``. ``latent_draw`` ("sample" or "mean", see :class:`FlowObjective`) overrides the
-    config's; it is saved with the model so the sampler conditions the same way.
+    config's; it is saved with the model so the sampler conditions the same way. ``moving_weight``: extra loss
+    weight of the latent tokens of moving points (:func:`moving_token_maps`; 0: every token the same).
     """
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
@@ -259,7 +284,11 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
             text = _text_embeddings(config, text_encoder, info.device)
 
         objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw,
-                                  text_encoder=text_encoder if text_ids_table is not None else None)
+                                  text_encoder=text_encoder if text_ids_table is not None else None,
+                                  moving_weight=moving_weight)
+        moving = moving_token_maps(examples, vae.latent_grid) if moving_weight > 0 else None
+        if moving is not None:
+            log.info("moving latent tokens (weighted %.1f): %.1f %%", 1 + moving_weight, 100 * moving.mean())
         if objective.text_encoder is not None and objective.text_dropout > 0:
             config.null_instruction = ""  # the empty instruction is trained as the unconditional one: guidance
         instruction_index = (examples.dataset.load("instructions").astype(np.int64)
@@ -278,6 +307,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                 batch["text_embeds"] = text.expand(len(indices), -1)
             if text_ids_table is not None:
                 batch["text_ids"] = text_ids_table[instruction_index[scenes]]  # (B, L)
+            if moving is not None:
+                batch["moving"] = torch.from_numpy(moving[indices])  # (B, h, w)
             return batch
 
         trainer = Trainer(objective, trained, make_batch, len(examples), settings, out_dir, info, stage="flow")
