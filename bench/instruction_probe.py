@@ -29,18 +29,21 @@ from traj_forecast_ros.forecaster import Forecaster  # noqa: E402
 from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, branch_pairs, moving_mask  # noqa: E402
 
 
-def future_distances(dataset: TrajectoryDataset, pairs: Sequence[tuple]) -> List[Dict]:
-    """Per ordered pair: the two instructions and their true futures' MSE over the points moving in either."""
-    texts = [dataset.meta.instructions[int(k)] for k in dataset.load("instructions")]
+def future_distances(dataset: TrajectoryDataset, pairs: Sequence[tuple], groups: np.ndarray,
+                     instruction_ids: np.ndarray) -> List[Dict]:
+    """Per ordered pair: its branch group, the two instructions and their true futures' MSE over the points moving
+    in either (each sample's tracks read once)."""
+    texts = [dataset.meta.instructions[int(k)] for k in instruction_ids]
+    members = sorted({int(k) for pair in pairs for k in pair})
+    tracks = dict(zip(members, dataset.gather("tracks", members)[:, 0].astype(np.float64)))  # [T, H, W, 2] each
     rows = []
     for i, j in pairs:
-        truth_i, truth_j = (dataset.gather("tracks", [k])[0, 0].astype(np.float64) for k in (i, j))  # [T, H, W, 2]
-        region = moving_mask(truth_i) | moving_mask(truth_j)  # [H, W]
+        region = moving_mask(tracks[i]) | moving_mask(tracks[j])  # [H, W]
         if not region.any():
             continue
-        mse = float(((truth_i[:, region] - truth_j[:, region]) ** 2).mean())
-        rows.append({"pair": (int(i), int(j)), "mse_px2": mse,
-                     "parting_px": float(np.linalg.norm(truth_i[:, region] - truth_j[:, region], axis=-1).mean()),
+        diff = tracks[i][:, region] - tracks[j][:, region]  # [T, M, 2]
+        rows.append({"pair": (int(i), int(j)), "group": int(groups[i]), "mse_px2": float((diff ** 2).mean()),
+                     "parting_px": float(np.linalg.norm(diff, axis=-1).mean()),
                      "instructions": (texts[i], texts[j])})
     return rows
 
@@ -50,12 +53,10 @@ def forecast_sensitivity(forecaster: Forecaster, dataset: TrajectoryDataset, row
     """Forecast distance between the two instructions (same noise) and between two seeds (same instruction)."""
     out, seen = [], set()
     for row in rows:
-        i, j = row["pair"]
-        group = int(dataset.gather("branch_groups", [i])[0])
-        if group in seen or row["parting_px"] <= MOVING_THRESHOLD_PX:
+        if row["group"] in seen or row["parting_px"] <= MOVING_THRESHOLD_PX:
             continue
-        seen.add(group)
-        image = dataset[i].image
+        seen.add(row["group"])
+        image = dataset.gather("images", [row["pair"][0]])[0]
         own = forecaster.forecast(image, row["instructions"][0], num_samples=samples, seed=0).tracks
         other = forecaster.forecast(image, row["instructions"][1], num_samples=samples, seed=0).tracks
         reseeded = forecaster.forecast(image, row["instructions"][0], num_samples=samples, seed=1).tracks
@@ -80,9 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dataset = TrajectoryDataset(args.data)
     if not (dataset.has("branch_groups") and dataset.has("instructions")):
         parser.error(f"{args.data} has no branch groups or instructions")
-    indices = np.arange(len(dataset))
-    pairs = branch_pairs(dataset.gather("branch_groups", indices), dataset.gather("instructions", indices))
-    rows = future_distances(dataset, pairs)
+    branch_groups, instruction_ids = dataset.load("branch_groups"), dataset.load("instructions")
+    pairs = branch_pairs(branch_groups, instruction_ids)
+    rows = future_distances(dataset, pairs, branch_groups, instruction_ids)
     mse = np.array([row["mse_px2"] for row in rows])
     by_modes = collections.defaultdict(list)
     for row in rows:

@@ -86,4 +86,4 @@ def probe_step(denoiser: torch.nn.Module, dtype: torch.dtype, fold_modulation: b
                features: torch.Tensor, text: Optional[torch.Tensor]) -> Step:
     """One candidate of the CPU plan probe: the kernels' step for fixed image tokens and text."""
     options = KernelOptions(dtype=dtype, fold_modulation=fold_modulation, attention=attention)
-    return denoiser.with_ops(FastCPUOps(options)).bind(features, text)
+    return fast_denoiser(denoiser, fast_ops(options)).bind(features, text)

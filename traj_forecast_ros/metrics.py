@@ -478,10 +478,9 @@ def paired_instruction_metrics(matched: np.ndarray, crossed: np.ndarray, truth: 
         errors.append([float(((forecast[case][:, :, region[case]] - target) ** 2).mean(axis=(1, 2, 3)).min())
                        for forecast in (matched, crossed)])
         parting.append(float(np.linalg.norm(partner_truth[case][:, region[case]] - target, axis=-1).mean()))
-    result = _paired_summary(np.asarray(errors).reshape(-1, 2), "paired")
+    pairs = np.asarray(errors).reshape(-1, 2)  # [cases, 2]: matched, crossed
     distinct = np.asarray(parting) > threshold_px
-    result.update(_paired_summary(np.asarray(errors).reshape(-1, 2)[distinct], "paired_distinct"))
-    return result
+    return {**_paired_summary(pairs, "paired"), **_paired_summary(pairs[distinct], "paired_distinct")}
 
 
 def _paired_summary(pairs: np.ndarray, prefix: str) -> Dict[str, float]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from traj_forecast_ros.commands import command_help
+from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX
 from traj_forecast_ros.model.presets import resolve_config
 from traj_forecast_ros.train.common import TrainSettings
 from traj_forecast_ros.train.encoder import evaluate_dense, train_encoder
@@ -117,8 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "deterministic conditioning frame; for small VAEs with noisy posteriors); default: the "
                            "model config's (sample)")
     flow.add_argument("--moving-weight", type=float, default=0.0,
-                      help="extra loss weight w of the latent tokens whose query points move more than 5 px (each "
-                           "weighs 1 + w; default 0: every token the same)")
+                      help=f"extra loss weight w of the latent tokens whose query points move more than "
+                           f"{MOVING_THRESHOLD_PX:g} px (each weighs 1 + w; default 0: every token the same)")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")

@@ -330,7 +330,8 @@ def format_paired(report: Dict) -> str:
     lines = [f"paired instructions ({int(paired['paired_cases'])} cases in {int(paired['paired_groups'])} branch "
              f"groups): {_paired_figures(paired, 'paired')}"]
     if paired.get("paired_distinct_cases"):
-        lines.append(f"  of which {int(paired['paired_distinct_cases'])} cases whose true futures part by > 5 px: "
+        lines.append(f"  of which {int(paired['paired_distinct_cases'])} cases whose true futures part by > "
+                     f"{metrics.MOVING_THRESHOLD_PX:g} px: "
                      f"{_paired_figures(paired, 'paired_distinct')}")
     return "\n".join(lines)
 

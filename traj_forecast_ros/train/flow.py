@@ -38,7 +38,7 @@ from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary, text_encoder_weights
 from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
-from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX
+from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, moving_mask
 from traj_forecast_ros.train.data import (
     TrackExamples,
     build_image_encoder,
@@ -116,7 +116,7 @@ def moving_token_maps(examples: TrackExamples, latent_grid: Tuple[int, int], chu
     maps = []
     for start in range(0, len(examples), chunk):
         tracks = examples.tracks_pixels(np.arange(start, min(start + chunk, len(examples))))  # (b, T, Hq, Wq, 2)
-        moved = np.linalg.norm(tracks - tracks[:, :1], axis=-1).max(axis=1) > MOVING_THRESHOLD_PX  # (b, Hq, Wq)
+        moved = moving_mask(tracks, MOVING_THRESHOLD_PX, leading_axes=1)  # (b, Hq, Wq)
         b, hq, wq = moved.shape
         if hq % rows or wq % cols:
             raise ValueError(f"query grid {hq}x{wq} does not split into the {rows}x{cols} latent tokens")
