@@ -55,11 +55,6 @@ def output_topics(image_topic: str, camera: str = "") -> Dict[str, str]:
     return {spec.name: output_topic(camera, spec.name, node_prefix=prefix) for spec in OUTPUTS}
 
 
-def node_defaults() -> Dict[str, Any]:
-    """The forecast node's parameter defaults (so offline outputs match what the live node publishes)."""
-    return dict(default_settings().values)
-
-
 def as_cdr(message: Any) -> bytes:
     """An output as the bag stores it: builders return a message object or, for the markers, its CDR already."""
     return message if isinstance(message, bytes) else serialize_message(message)

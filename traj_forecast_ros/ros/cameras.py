@@ -62,7 +62,6 @@ class CameraConfig:
     transport: str
     camera_info_topic: str
     instruction_topic: str  # '' = the node's instruction topic only
-    camera_frame: str
 
     @property
     def subscribed_topic(self) -> str:
@@ -108,15 +107,14 @@ def camera_configs(settings: Settings, cameras: Sequence[str]) -> List[CameraCon
     """The cameras' inputs from a snapshot: the named ``cameras``, or the one camera of the image_topic setup."""
     if not cameras:
         return [CameraConfig(SINGLE_CAMERA, str(settings["image_topic"]), str(settings["image_transport"]),
-                             str(settings["camera_info_topic"]), "", str(settings["camera_frame"]))]
+                             str(settings["camera_info_topic"]), "")]
     configs = []
     for camera in cameras:
         value = {field: settings.get(camera_parameter(camera, field), camera_field_default(camera, field))
                  for field in CAMERA_FIELD_SPECS}
         configs.append(CameraConfig(camera, str(value["image_topic"]) or camera_field_default(camera, "image_topic"),
                                     str(value["transport"]), str(value["camera_info_topic"]),
-                                    str(value["instruction_topic"]),
-                                    str(value["camera_frame"]) or str(settings["camera_frame"])))
+                                    str(value["instruction_topic"])))  # camera_frame: publishing.output_header
     return configs
 
 

@@ -176,7 +176,7 @@ class ForecastPipeline:
             decode = self._decoders[frame.transport]
             frame.rgb = decode(frame.message, int(frame.settings["max_pixels"]))
         except Exception as exc:  # noqa: BLE001 - every decoder failure is bad input, never the node's own failure
-            reason = getattr(exc, "reason", INVALID_IMAGE) if isinstance(exc, InvalidImageError) else INVALID_IMAGE
+            reason = classify_error(exc) if isinstance(exc, InvalidImageError) else INVALID_IMAGE
             self._count_frame(frame, reason, f"{type(exc).__name__}: {exc}")
             return False
         if frame.stamp_s > 0:

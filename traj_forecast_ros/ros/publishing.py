@@ -7,6 +7,7 @@ thread; the on-demand outputs (markers, overlay), only while someone subscribes,
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -81,7 +82,7 @@ class CameraPublishers:
         """Publish ``frame``'s forecast with ``settings``, and hand its wanted on-demand outputs to the side thread."""
         publishers = self._publishers[frame.camera]
         job = OutputJob(forecast, frame.rgb, output_header(frame, settings), settings, frame.camera_info,
-                        self._period(frame.camera), self.model_frame_interval)
+                        model_frame_interval=self.model_frame_interval)
         wanted: List[Tuple[OutputSpec, Any]] = []
         for spec in OUTPUTS:
             publisher = publishers[spec.name]
@@ -89,7 +90,8 @@ class CameraPublishers:
                 publisher.publish(spec.build(self.builder, job))
             elif publisher.get_subscription_count() > 0:
                 wanted.append((spec, publisher))
-        if wanted:
+        if wanted:  # the marker lifetime (the camera's forecast period) only for them: not on every frame
+            job = dataclasses.replace(job, period_s=self._period(frame.camera))
             self.side_outputs.submit(lambda: self._publish_on_demand(frame.camera, publishers, wanted, job),
                                      key=frame.camera)
 

@@ -17,7 +17,7 @@ from traj_forecast_ros.model.config import CONFIG_FILE
 from traj_forecast_ros.ros.cameras import (CAMERAS_PARAMETER, TOPIC_FIELDS, camera_names_problem,
                                            split_camera_parameter)
 
-TOPIC_PARAMETERS = ("image_topic", "instruction_topic", "camera_info_topic")  # validated as ROS names on every set
+TOPIC_PARAMETERS = TOPIC_FIELDS  # the node-level topic parameters, validated as ROS names on every set
 OPTIONAL_TOPIC_PARAMETERS = frozenset({"camera_info_topic"})  # '' = not used
 OPTIONAL_CAMERA_TOPICS = frozenset({"camera_info_topic", "instruction_topic"})  # a camera's: '' = not used
 INSTRUCTION_LOG_CHARS = 120  # instructions are logged escaped and cut to this length
