@@ -36,7 +36,7 @@ from traj_forecast_ros.geometry import DEFAULT_MAX_PIXELS
 from traj_forecast_ros.loading import build_random, load_pretrained
 from traj_forecast_ros.model.compatibility import check_modules_compatible
 from traj_forecast_ros.model.config import ModelConfig
-from traj_forecast_ros.plan_runtime import PlanRuntime
+from traj_forecast_ros.plan_runtime import PlanRuntime, bound_to_device
 from traj_forecast_ros.sampler import Sampler, SamplingOptions
 from traj_forecast_ros.sampling_plan import (
     LRUCache,
@@ -280,7 +280,7 @@ class Forecaster:
             should_stop=getattr(cancel, "is_set", cancel))  # an Event or a callable (None: never)
         max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else whole_number(max_pixels, "max_pixels", 1)
         runtime = self.runtime
-        with self._lock, torch.inference_mode(), runtime.bound():
+        with self._lock, torch.inference_mode(), bound_to_device(runtime.device, runtime.stream):
             if self.denoiser is None:
                 raise TrajForecastError("this forecaster was released; create a new one")
             try:

@@ -108,10 +108,6 @@ class PlanRuntime:
             self.encoder_weights = encoder_weight_cache()
         return encoder_mode(self.plan, self.device, self.encoder_weights)
 
-    def bound(self) -> ContextManager:
-        """This device and stream for the calling thread (see :func:`bound_to_device`)."""
-        return bound_to_device(self.device, self.stream)
-
     def sync(self) -> None:
         """Wait for this runtime's own stream only: other forecasters on the GPU keep running."""
         if self.stream is not None:
