@@ -2,9 +2,11 @@
 # The whole sim-manipulation pipeline, resumable and deterministic (docs/sim-manipulation.md, docs/results.md):
 #   data (robosuite; branch groups: several goals from one saved state) -> image encoder (pretrained here, or reused
 #   from ENCODER_FROM) -> VAE (moving points weighted) -> [decoder fine-tune] -> flow (instruction dropout: guidance)
-#   -> regressor -> evaluation on the held-out split -> models/sim-manipulation (< 50 MB, models/registry.yaml).
+#   -> [parting data + the flow fine-tuned on both data sets] -> regressor -> evaluation on the held-out split ->
+#   models/sim-manipulation (< 50 MB, models/registry.yaml).
 #
 #   bash scripts/train_sim.sh                 # about 2.5 h on the 2-core CPU; rerun the same command to resume
+#   PARTING_FLOW_STEPS=3000 bash scripts/train_sim.sh  # the v3 experiment (docs/results.md; not shipped): +1.2 h
 #   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.2 h)
 #   ENCODER_FROM= PROBE=1 bash scripts/train_sim.sh  # pretrain the image encoder here (+ the random encoder's probe)
 #
@@ -40,6 +42,12 @@ DECODER_STEPS=${DECODER_STEPS:-0}        # decoder-only fine-tune of the VAE (la
 DECODER_DELTA=${DECODER_DELTA:-0.002}    # its Huber delta (normalised units at 128 px: 0.002 = 0.13 px; near L1)
 DECODER_NOISE=${DECODER_NOISE:-0.2}      # its latent noise (units of each channel's latent scale)
 FLOW_STEPS=${FLOW_STEPS:-3000}
+# v3: a second data set whose branch goals head first for places PARTING_M apart and share one speed (their futures
+# part inside the horizon, so only the instruction tells them apart), and the flow fine-tuned on both data sets
+PARTING_M=${PARTING_M:-0.06}
+PARTING_SHARDS=${PARTING_SHARDS:-48}      # train shards (seed SEED+1); its test split (seed SEED) is the held-out one
+PARTING_FLOW_STEPS=${PARTING_FLOW_STEPS:-0}  # 0: no v3 stage, ship the flow of the first data set (v2, shipped)
+FLOW_MOVING_WEIGHT=${FLOW_MOVING_WEIGHT:-3}  # the fine-tune's extra loss weight of moving points' latent tokens
 REGRESSOR_STEPS=${REGRESSOR_STEPS:-400}
 SAMPLE_STEPS=${SAMPLE_STEPS:-10}          # the shipped model's default Euler steps (chosen from the steps curve)
 GUIDANCE_SCALE=${GUIDANCE_SCALE:-1.0}     # the shipped model's default guidance (chosen by measurement)
@@ -84,8 +92,8 @@ evaluate() {  # evaluate NAME MODEL_DIR OUT_JSON [ARGS...]: the model, zero moti
         echo "[$name] finished earlier ($out, newer than the model and the regressor), skipping"
         return 0
     fi
-    echo "[$name] evaluating $model on $RUN/test"
-    "$TF" evaluate --model "$model" --data "$RUN/test" --regressor "$RUN/regressor" --samples "$EVAL_SAMPLES" \
+    echo "[$name] evaluating $model on $TEST_DATA"
+    "$TF" evaluate --model "$model" --data "$TEST_DATA" --regressor "$RUN/regressor" --samples "$EVAL_SAMPLES" \
         --steps "$SAMPLE_STEPS" --guidance-scale "$GUIDANCE_SCALE" --seed "$SEED" --threads "$THREADS" --device cpu \
         ${EVAL_MAX_SCENES:+--max-scenes "$EVAL_MAX_SCENES"} --markdown --out "$out.partial.json" "$@" \
         | tee "${out%.json}.md"
@@ -140,16 +148,42 @@ if [[ "$STOP_AFTER_FLOW" == 1 ]]; then
     exit 0
 fi
 
+# 4b. (v3, PARTING_FLOW_STEPS > 0) parting branch data, and the flow fine-tuned on both data sets with the moving
+#     points' tokens weighted; the parting test split then scores the model (docs/results.md: not yet shipped)
+SHIP_FLOW=$RUN/flow
+TEST_DATA=$RUN/test
+if (( PARTING_FLOW_STEPS > 0 )); then
+    PARTING_ARGS=(--episodes-per-shard "$EPISODES_PER_SHARD" --goals-per-scene "$GOALS_PER_SCENE"
+                  --branch-frames "$BRANCH_FRAMES" --scenes "$SCENES" --goal-parting "$PARTING_M" --workers "$WORKERS")
+    if [[ ! -f "$RUN/parting.done" ]]; then
+        echo "[parting] generating into $RUN/parting (resumes), then $RUN/train_both = $RUN/train + $RUN/parting/train"
+        start=$SECONDS
+        "$TF" data sim-manipulation --out "$RUN/parting" --train-shards 0 --test-shards "$TEST_SHARDS" --seed "$SEED" \
+            "${PARTING_ARGS[@]}"
+        "$TF" data sim-manipulation --out "$RUN/parting" --train-shards "$PARTING_SHARDS" --test-shards 0 \
+            --seed "$((SEED + 1))" "${PARTING_ARGS[@]}"
+        rm -rf "$RUN/train_both"
+        "$TF" data merge --out "$RUN/train_both" "$RUN/train" "$RUN/parting/train"
+        echo "$((SECONDS - start)) s" > "$RUN/parting.done"
+    fi
+    stage flow_parting "$RUN/flow_parting" "$TF" train flow --out "$RUN/flow_parting" --init "$RUN/flow" \
+        --data "$RUN/train_both" --moving-weight "$FLOW_MOVING_WEIGHT" --steps "$PARTING_FLOW_STEPS" --batch-size 16 \
+        --lr 4e-4 --warmup 100 --schedule cosine --ema-decay 0.999 --latent-draw mean --threads "$THREADS" \
+        --seed "$((SEED + 1))" --device cpu --log-every 25 --checkpoint-every "$CHECKPOINT_EVERY"
+    SHIP_FLOW=$RUN/flow_parting
+    TEST_DATA=$RUN/parting/test
+fi
+
 # 5. the deterministic regressor baseline on the same frozen encoder
 stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --encoder "$RUN/vae" --config "$CONFIG" \
     --out "$RUN/regressor" --steps "$REGRESSOR_STEPS" --batch-size 16 --lr 5e-4 --warmup 50 --schedule cosine \
     --ema-decay 0.995 "${COMMON[@]}"
 
 # 6. evaluation on the held-out split: overall, per task kind and per view (JSON + markdown)
-evaluate evaluate "$RUN/flow" "$RUN/eval.json" --figure "$RUN/heldout_figure.png" --vae-bound
+evaluate evaluate "$SHIP_FLOW" "$RUN/eval.json" --figure "$RUN/heldout_figure.png" --vae-bound
 # the same without instructions: the marginal over tasks, where the samples should spread over the candidate goals
 if [[ "$EVAL_NO_INSTRUCTION" == 1 ]]; then
-    evaluate evaluate_no_instruction "$RUN/flow" "$RUN/eval_no_instruction.json" --no-instructions
+    evaluate evaluate_no_instruction "$SHIP_FLOW" "$RUN/eval_no_instruction.json" --no-instructions
 fi
 
 # optional: the same VAE + flow budget on the random frozen encoder (no --encoder), evaluated the same way
@@ -161,12 +195,12 @@ if [[ "$COMPARE_RANDOM" == 1 ]]; then
 fi
 
 # 7. ship the model directory (atomically) and check its size
-if [[ ! -f "$MODEL_DEST/config.yaml" || "$RUN/flow/.done" -nt "$MODEL_DEST/config.yaml" ]]; then
+if [[ ! -f "$MODEL_DEST/config.yaml" || "$SHIP_FLOW/.done" -nt "$MODEL_DEST/config.yaml" ]]; then
     staging="$MODEL_DEST.partial"
     rm -rf "$staging"
     mkdir -p "$staging"
-    cp -r "$RUN/flow/config.yaml" "$RUN/flow/denoiser.safetensors" "$RUN/flow/vae.safetensors" \
-        "$RUN/flow/image_encoder" "$RUN/flow/text_encoder" "$staging/"
+    cp -r "$SHIP_FLOW/config.yaml" "$SHIP_FLOW/denoiser.safetensors" "$SHIP_FLOW/vae.safetensors" \
+        "$SHIP_FLOW/image_encoder" "$SHIP_FLOW/text_encoder" "$staging/"
     # the sampling defaults chosen from the held-out measurements (docs/results.md: steps curve, guidance)
     .venv/bin/python - "$staging/config.yaml" "$SAMPLE_STEPS" "$GUIDANCE_SCALE" <<'PY'
 import sys

@@ -1,12 +1,13 @@
 """Sharded dataset format: round trip, memory-mapped shard reading, user data import, clear errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from traj_forecast_ros.data.dataset import DatasetMeta, TrajectoryDataset
-from traj_forecast_ros.data.dataset_writer import DatasetWriter, import_arrays, tracks_to_grid
+from traj_forecast_ros.data.dataset_writer import DatasetWriter, import_arrays, merge_datasets, tracks_to_grid
 from traj_forecast_ros.data.scenes import GeneratorConfig
 from traj_forecast_ros.data.synthetic import write_dataset
 from traj_forecast_ros.errors import DatasetError
@@ -72,6 +73,32 @@ def test_branch_groups_round_trip_and_are_checked(tmp_path):
     assert TrajectoryDataset(_plain(tmp_path))[0].branch_group is None
     with pytest.raises(DatasetError, match="branch_group"):
         DatasetWriter(tmp_path / "bad", META).add(*make_sample(0), branch_group=-2)
+
+
+def test_merge_keeps_every_sample_and_never_joins_two_sources_groups(tmp_path):
+    """``data merge``: the samples of every source in order, shards linked, and the scene ids and branch groups of the
+    second source renumbered past the first's (two sources' group 0 are different saved states)."""
+    for name, groups, first in (("a", [0, 0, -1], 0), ("b", [-1, 0, 0, 1, 1], 10)):
+        with DatasetWriter(tmp_path / name, META, shard_size=2) as writer:
+            for i, group in enumerate(groups):
+                writer.add(*make_sample(first + i), kind="a", scene_id=max(group, 0), branch_group=group)
+    merged = TrajectoryDataset(Path(merge_datasets(tmp_path / "m", [tmp_path / "a", tmp_path / "b"])).parent)
+    assert len(merged) == 8 and len(merged.shard_names) == 5
+    np.testing.assert_array_equal(merged.load("images")[:, 0, 0, 0], [0, 1, 2, 10, 11, 12, 13, 14])
+    np.testing.assert_array_equal(merged.load("tracks"), np.concatenate(
+        [TrajectoryDataset(tmp_path / n).load("tracks") for n in "ab"]))
+    np.testing.assert_array_equal(merged.load("branch_groups"), [0, 0, -1, -1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(merged.load("scene_ids"), [0, 0, 0, 1, 1, 1, 2, 2])
+    assert [entry["num_samples"] for entry in merged.meta.source["merged_from"]] == [3, 5]
+    with pytest.raises(DatasetError, match="exists"):
+        merge_datasets(tmp_path / "m", [tmp_path / "a"])
+    other = DatasetMeta(image_size=(16, 16), query_grid=(4, 4), query_stride=4.0, query_offset=1.5, num_frames=3,
+                        kinds=["a", "c"])
+    with DatasetWriter(tmp_path / "c", other) as writer:
+        writer.add(*make_sample(0), kind="a", scene_id=0, branch_group=0)
+    with pytest.raises(DatasetError, match="kinds differ"):
+        merge_datasets(tmp_path / "n", [tmp_path / "a", tmp_path / "c"])
+    assert not (tmp_path / "n").exists()
 
 
 def _plain(tmp_path):

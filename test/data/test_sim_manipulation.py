@@ -65,6 +65,37 @@ def test_scripted_policy_gives_up_on_unreachable_waypoints():
     assert policy.done
 
 
+class _StackScene:
+    """The parts of robosuite's Stack that the goal planner reads: two cubes, 20 cm apart on the table."""
+
+    def __init__(self) -> None:
+        self.cubeA, self.cubeB = (type("Cube", (), {"name": name, "root_body": name + "_main"})()
+                                  for name in ("cubeA", "cubeB"))
+        bodies = {"cubeA_main": 0, "cubeB_main": 1}
+        self.sim = type("Sim", (), {})()
+        self.sim.model = type("Model", (), {"body_name2id": staticmethod(bodies.__getitem__)})()
+        self.sim.data = type("Data", (), {"body_xpos": np.array([[0.0, -0.1, 0.82], [0.0, 0.1, 0.82]])})()
+
+
+def test_branch_goals_part_at_once_and_share_one_speed():
+    """With ``parting_m`` the goals of a group head first for places that far apart (never "reach for" and "pick up"
+    one cube, which share the approach) and take the first goal's speed; without it only the instructions differ."""
+    env = _StackScene()
+    for seed in range(20):
+        goals = sim_tasks.draw_distinct_goals(np.random.default_rng(seed), "stack", env, 3, parting_m=0.06)
+        assert len(goals) == 3 and len({g.instruction for g in goals}) == 3
+        assert {g.speed for g in goals} == {goals[0].speed}
+        heads = [sim_tasks.goal_waypoints(g, env)[0].position for g in goals]
+        assert min(np.linalg.norm(a - b) for i, a in enumerate(heads) for b in heads[i + 1:]) >= 0.06
+    loose = [sim_tasks.draw_distinct_goals(np.random.default_rng(seed), "stack", env, 3) for seed in range(20)]
+    assert any(len({g.speed for g in goals}) > 1 for goals in loose)  # v2's groups: one speed per goal
+    assert any(min(np.linalg.norm(sim_tasks.goal_waypoints(a, env)[0].position
+                                  - sim_tasks.goal_waypoints(b, env)[0].position)
+                   for i, a in enumerate(goals) for b in goals[i + 1:]) < 0.01 for goals in loose)
+    with pytest.raises(ValueError, match="goal_parting_m"):
+        sim_config.SimConfig(goal_parting_m=-1.0)
+
+
 def test_object_ids_are_compact_and_static_is_zero():
     weld = np.array([0, 0, 2, 3, 0, 5])  # bodies 1 and 4 welded to the world
     body_ids = np.array([0, 1, 2, 3, 5, sim_tracks.NO_BODY, 4])
@@ -276,10 +307,10 @@ def test_parallel_generation_writes_the_same_shards_as_a_serial_run(generated):
 
 @needs_sim
 def test_branches_from_one_saved_state_share_frame_zero_and_differ_in_future(tmp_path):
-    """Three distinct goals rolled out from the reset state and from a moving state of the first goal's episode: each
+    """Three parting goals rolled out from the reset state and from a moving state of the first goal's episode: each
     branch group holds one view's identical frame-0 images under different instructions with different futures."""
     result = _generate(tmp_path / "br", "--test-shards", "0", "--episodes-per-shard", "3", "--goals-per-scene", "3",
-                       "--branch-frames", "0,8", "--scenes", "stack")
+                       "--branch-frames", "0,8", "--scenes", "stack", "--goal-parting", "0.06")
     assert result.returncode == 0, result.stderr[-3000:]
     dataset = TrajectoryDataset(tmp_path / "br" / "train")
     groups, images = dataset.load("branch_groups"), dataset.load("images")
@@ -289,6 +320,7 @@ def test_branches_from_one_saved_state_share_frame_zero_and_differ_in_future(tmp
     record = json.loads((tmp_path / "br" / "train" / "shard-00000.done.json").read_text())
     assert record["branched_samples"] == int((groups >= 0).sum())
     assert {episode.get("branch_of_frame") for episode in record["episodes"]} == {None, 0, 8}
+    assert len({episode["speed"] for episode in record["episodes"]}) == 1  # one scene: the goals share a speed
     ids_found = np.unique(groups[groups >= 0])
     assert len(ids_found) == 2 * 2  # two branch points x two views
     for group in ids_found:

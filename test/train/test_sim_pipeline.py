@@ -135,6 +135,34 @@ def test_trained_model_forecasts_with_an_instruction(sim_data, encoder_run, mode
                                                                       seed=3).tracks)
 
 
+def test_parting_stage_fine_tunes_the_flow_on_both_data_sets(sim_data, model_run, tmp_path):
+    """scripts/train_sim.sh's v3 stage through the CLI: ``data merge`` of two branch-grouped data sets (their groups
+    kept apart), then ``train flow --init`` the trained flow on the merge with moving tokens weighted: the weights move from
+    the init, the image encoder and VAE stay the init's, and the result forecasts."""
+    from safetensors.torch import load_file
+
+    from traj_forecast_ros.cli import main
+    from traj_forecast_ros.data.dataset import TrajectoryDataset
+    from traj_forecast_ros.forecaster import Forecaster
+
+    first, parting = (write_tiny_sim(tmp_path / name, scenes=3, seed=seed, branch_groups=True)
+                      for name, seed in (("first", 0), ("parting", 1)))
+    assert main(["data", "merge", "--out", str(tmp_path / "both"), str(first), str(parting)]) == 0
+    both = TrajectoryDataset(tmp_path / "both")
+    assert len(both) == 12 and sorted(set(both.load("branch_groups").tolist())) == list(range(6))
+    init = model_run / "flow"
+    assert main(["train", "flow", "--data", str(tmp_path / "both"), "--out", str(tmp_path / "tuned"), "--init",
+                 str(init), "--moving-weight", "3", "--latent-draw", "mean", "--steps", "2", "--batch-size", "4",
+                 "--log-every", "1", "--no-progress", "--device", "cpu", "--threads", "1"]) == 0
+    before, after = (load_file(str(d / "denoiser.safetensors")) for d in (init, tmp_path / "tuned"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    vae_before, vae_after = (load_file(str(d / "vae.safetensors")) for d in (init, tmp_path / "tuned"))
+    assert vae_before.keys() == vae_after.keys() and all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
+    forecast = Forecaster.from_pretrained(str(tmp_path / "tuned"), device="cpu").forecast(
+        sim_data_image(sim_data, 0), instruction=INSTRUCTIONS[0], num_samples=2, seed=0)
+    assert forecast.tracks.shape == (2, 4, 8, 8, 2) and np.isfinite(forecast.tracks).all()
+
+
 def test_text_encoder_is_trained_with_the_denoiser(model_run):
     from safetensors.torch import load_file
 

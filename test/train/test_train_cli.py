@@ -96,3 +96,16 @@ def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
                  "--latent-noise", "0.1", "--moving-weight", "4"]) == 0
     assert [(kw["decoder_only"], kw["recon_delta"], kw["latent_noise"], kw["moving_weight"]) for kw in seen] == [
         (False, 1.0, 0.0, 0.0), (True, 0.01, 0.1, 4.0)]
+
+
+def test_train_flow_passes_the_moving_weight_and_text_context(tmp_path, monkeypatch):
+    """--moving-weight and --text-context reach train_flow; by default every token weighs the same and the
+    instruction only enters with the timestep (the paper's path)."""
+    import traj_forecast_ros.commands.train as train_command  # the train_flow the command calls
+
+    seen = []
+    monkeypatch.setattr(train_command, "train_flow", lambda data, out, settings, **kw: seen.append(kw) or {})
+    common = ["train", "flow", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(common) == 0
+    assert main([*common, "--init", str(tmp_path), "--moving-weight", "3", "--text-context"]) == 0
+    assert [(kw["moving_weight"], kw["text_context"]) for kw in seen] == [(0.0, False), (3.0, True)]

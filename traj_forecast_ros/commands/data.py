@@ -6,6 +6,7 @@ Examples::
     traj-forecast data import --images frames.npy --tracks tracks.npy --layout tpc --config demo-blocks --out mine
     traj-forecast data info runs/blocks-train
     traj-forecast data sim-manipulation --out runs/sim --train-shards 40 --test-shards 4 --workers 2
+    traj-forecast data merge --out runs/sim6/train runs/sim2/train runs/sim6/extra/train
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import numpy as np
 from traj_forecast_ros import cpu_cores
 from traj_forecast_ros.commands import command_help
 from traj_forecast_ros.data.dataset import DatasetMeta, TrajectoryDataset
-from traj_forecast_ros.data.dataset_writer import import_arrays
+from traj_forecast_ros.data.dataset_writer import import_arrays, merge_datasets
 from traj_forecast_ros.data.scenes import SCENE_KINDS, GeneratorConfig
 from traj_forecast_ros.data.sim_config import DEFAULT_SCENES, SimConfig
 from traj_forecast_ros.data.sim_manipulation import write_sim_dataset
 from traj_forecast_ros.data.synthetic import write_dataset
+from traj_forecast_ros.errors import DatasetError
 from traj_forecast_ros.model.presets import resolve_config
 
 
@@ -83,6 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="comma-separated clip-start frames of the first goal's episode from which every other goal "
                           "is rolled out for one clip (0 = at rest, 8, 16 = while moving); those clips form branch "
                           "groups (the paired-instruction test). Empty: whole episodes per goal from the reset state")
+    sim.add_argument("--goal-parting", type=float, default=0.0, metavar="METRES",
+                     help="> 0: the goals of a branch group head first for places at least this far apart and share "
+                          "one speed, so their futures part at once (0.06 in scripts/train_sim.sh); 0: any distinct "
+                          "instructions (v2's data)")
     sim.add_argument("--scenes", default=None, help="comma-separated: lift, stack, pick_place, pick_place_single, "
                                                     "nut_assembly, door (default lift,stack,pick_place)")
     sim.add_argument("--grid", type=int, choices=(32, 64), default=32,
@@ -94,6 +100,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--workers", type=int, default=None,
                      help="processes (default: the cores available to this process, cgroup CPU quota included)")
     sim.set_defaults(func=_sim_manipulation)
+
+    merge = commands.add_parser("merge", help="join datasets of one geometry into a new dataset (hard links)")
+    merge.add_argument("sources", type=Path, nargs="+", help="dataset directories, in order")
+    merge.add_argument("--out", type=Path, required=True, help="new dataset directory")
+    merge.set_defaults(func=_merge)
 
     info = commands.add_parser("info", help="summarise a dataset directory")
     info.add_argument("dataset", type=Path)
@@ -149,7 +160,8 @@ def _sim_manipulation(args: argparse.Namespace) -> int:
         config = SimConfig(query_grid=(args.grid, args.grid), query_stride=float(stride),
                            query_offset=1.5, frame_stride=args.frame_stride, scenes=scenes,
                            episodes_per_shard=args.episodes_per_shard, goals_per_scene=args.goals_per_scene,
-                           branch_frames=branch_frames, dense_labels=not args.no_dense_labels)
+                           branch_frames=branch_frames, goal_parting_m=args.goal_parting,
+                           dense_labels=not args.no_dense_labels)
         for split, shards in (("train", args.train_shards), ("test", args.test_shards)):
             if shards > 0:
                 index = write_sim_dataset(args.out / split, split, shards, args.seed, config, workers=workers)
@@ -169,6 +181,15 @@ def _import(args: argparse.Namespace) -> int:
     index = import_arrays(args.out, np.load(args.images, mmap_mode="r"), np.load(args.tracks, mmap_mode="r"), meta,
                           layout=args.layout, object_ids=object_ids, overwrite=args.overwrite)
     print(f"wrote {index.parent}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    try:
+        index = merge_datasets(args.out, args.sources)
+    except DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(f"{args.out}: {json.loads(index.read_text())['num_samples']} samples from {len(args.sources)} datasets")
     return 0
 
 

@@ -120,6 +120,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flow.add_argument("--moving-weight", type=float, default=0.0,
                       help=f"extra loss weight w of the latent tokens whose query points move more than "
                            f"{MOVING_THRESHOLD_PX:g} px (each weighs 1 + w; default 0: every token the same)")
+    flow.add_argument("--text-context", action="store_true",
+                      help="also give the denoiser the instruction as a cross-attention context token (a stronger "
+                           "text path than the pooled embedding added to the timestep; --init models gain it)")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
@@ -178,7 +181,7 @@ def _train_flow(args: argparse.Namespace) -> int:
                               vae_dir=None if official else args.vae, init=args.init,
                               official_config=official_config, official_vae=args.vae if official else None,
                               resume=args.resume, latent_draw=args.latent_draw,
-                              moving_weight=args.moving_weight))
+                              moving_weight=args.moving_weight, text_context=args.text_context))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

@@ -1,10 +1,13 @@
-"""Writing trajectory datasets: :class:`DatasetWriter` validates each sample and writes shards, and
-:func:`import_arrays` brings any point tracker's output in (``traj-forecast data import``). The format itself, its
+"""Writing trajectory datasets: :class:`DatasetWriter` validates each sample and writes shards,
+:func:`import_arrays` brings any point tracker's output in (``traj-forecast data import``), and
+:func:`merge_datasets` joins datasets (``traj-forecast data merge``). The format itself, its
 ``index.json`` and the reader are in :mod:`traj_forecast_ros.data.dataset`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -17,6 +20,7 @@ from traj_forecast_ros.data.dataset import (
     OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
     DatasetMeta,
+    TrajectoryDataset,
     write_index,
 )
 from traj_forecast_ros.errors import DatasetError
@@ -225,3 +229,54 @@ def import_arrays(root: Union[str, Path], images: np.ndarray, tracks: np.ndarray
                                    f"stride {meta.query_stride})")
             writer.add(images[i], grid_tracks, object_ids=None if object_ids is None else object_ids[i])
     return Path(root) / INDEX_FILE
+
+
+# ------------------------------------------------------------------------------------------------ merging
+SAME_META = ("image_size", "query_grid", "query_stride", "query_offset", "num_frames", "num_rollouts",
+             "frame_interval_s", "kinds", "views", "instructions", "segmentation_classes")
+RENUMBERED_FIELDS = ("scene_ids", "branch_groups")  # ids that mean "the same simulated state": unique per source
+
+
+def merge_datasets(root: Union[str, Path], sources: List[Union[str, Path]]) -> Path:
+    """One dataset at ``root`` holding every sample of ``sources`` in order (``traj-forecast data merge``).
+
+    The sources must agree on geometry, fields and label lists. Shard files are hard-linked where the file system
+    allows (else copied); scene ids and branch groups are renumbered so that two sources never share one. Returns
+    the index path. Raises :class:`DatasetError` on a mismatch or an existing ``root``."""
+    root = Path(root)
+    if not sources:
+        raise DatasetError("merge needs at least one source dataset")
+    if root.exists():
+        raise DatasetError(f"{root} exists; merge writes a new dataset directory")
+    datasets = [TrajectoryDataset(source) for source in sources]
+    first = datasets[0]
+    for dataset in datasets[1:]:
+        differs = [name for name in SAME_META if getattr(dataset.meta, name) != getattr(first.meta, name)]
+        if differs or dataset.fields != first.fields:
+            raise DatasetError(f"{dataset.root} does not match {first.root}: "
+                               f"{', '.join(differs) if differs else 'fields'} differ")
+    root.mkdir(parents=True)
+    shards, offsets = [], {name: 0 for name in RENUMBERED_FIELDS}
+    for dataset in datasets:
+        next_offsets = dict(offsets)
+        for number, (name, size) in enumerate(zip(dataset.shard_names, dataset.shard_sizes)):
+            merged = f"shard-{len(shards):05d}"
+            for field_name in dataset.fields:
+                source, target = dataset.root / f"{name}.{field_name}.npy", root / f"{merged}.{field_name}.npy"
+                if field_name in RENUMBERED_FIELDS:
+                    ids = np.load(source).astype(FIELD_DTYPES[field_name])
+                    renumbered = np.where(ids >= 0, ids + offsets[field_name], ids)
+                    np.save(target, renumbered.astype(FIELD_DTYPES[field_name]))
+                    if (ids >= 0).any():
+                        next_offsets[field_name] = max(next_offsets[field_name], int(renumbered.max()) + 1)
+                    continue
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+            shards.append({"name": merged, "num_samples": size})
+        offsets = next_offsets
+    meta = DatasetMeta(**{name: getattr(first.meta, name) for name in SAME_META},
+                       source={"merged_from": [{"path": str(d.root), "num_samples": len(d), "source": d.meta.source}
+                                               for d in datasets]})
+    return write_index(root, meta, list(first.fields), shards)

@@ -50,6 +50,9 @@ class SimConfig:
     # clip: 0 branches at rest, later frames while the arm is already moving. Empty: whole episodes from the reset
     # state per goal (the v1 layout, where only clip 0 is shared).
     branch_frames: Tuple[int, ...] = ()
+    # > 0: the goals of a branch group head first for places at least this far apart (metres) and share the first
+    # goal's speed, so their futures part at once (sim_tasks.draw_distinct_goals); 0: distinct instructions only
+    goal_parting_m: float = 0.0
     scenes: Tuple[str, ...] = DEFAULT_SCENES
     max_episode_steps: int = 180
     camera_jitter_m: float = 0.03  # agentview position jitter (std per axis, metres)
@@ -67,6 +70,8 @@ class SimConfig:
             raise ValueError("num_frames >= 2, frame_stride >= 1, clip_hop >= 1, episodes_per_shard >= 1 required")
         if self.goals_per_scene < 1:
             raise ValueError("goals_per_scene must be >= 1")
+        if not self.goal_parting_m >= 0:
+            raise ValueError(f"goal_parting_m must be >= 0, got {self.goal_parting_m}")
         self.branch_frames = tuple(sorted({int(f) for f in self.branch_frames}))
         if any(f < 0 or f % self.clip_hop for f in self.branch_frames):
             raise ValueError(f"branch_frames must be clip starts (multiples of clip_hop={self.clip_hop}), got "

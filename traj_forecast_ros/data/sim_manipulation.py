@@ -103,7 +103,7 @@ def branched_scene(env, rng: np.random.Generator, scene: str, reset_seed: int, c
     goal's and the branches') share their frame-0 image and form a branch group per view. Returns the episode
     records."""
     drawn = reset_episode(env, np.random.default_rng(reset_seed), config)
-    goals = draw_distinct_goals(rng, scene, env, config.goals_per_scene)
+    goals = draw_distinct_goals(rng, scene, env, config.goals_per_scene, config.goal_parting_m)
     snapshots: Dict[int, Any] = {frame: None for frame in config.branch_frames}
     lead = goals[0]
     frames = run_episode(env, ScriptedPolicy(goal_waypoints(lead, env), lead.speed), config, snapshots)
@@ -189,6 +189,8 @@ def write_sim_dataset(root, split: str, num_shards: int, seed: int, config: SimC
     settings_path = root / "generator.json"
     if settings_path.exists():
         previous = json.loads(settings_path.read_text())
+        # a setting added after the dataset was made takes its default (the data it describes did not change)
+        previous["config"] = {**json.loads(json.dumps(asdict(SimConfig()))), **previous.get("config", {})}
         if previous != settings:
             raise ValueError(f"{root} was generated with other settings ({settings_path}); use another --out or "
                              "the same settings to resume")

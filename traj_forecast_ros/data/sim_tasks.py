@@ -175,17 +175,31 @@ def draw_goal(rng: np.random.Generator, scene: str, env) -> EpisodePlan:
     return EpisodePlan(scene, kind, f"put {word} in the {cell} of the right bin", speed, name, cell)
 
 
-def draw_distinct_goals(rng: np.random.Generator, scene: str, env, count: int,
+def draw_distinct_goals(rng: np.random.Generator, scene: str, env, count: int, parting_m: float = 0.0,
                         max_tries: int = 64) -> List[EpisodePlan]:
     """Up to ``count`` goals with pairwise different instructions for the scene's current state (fewer only when
-    the scene offers fewer within ``max_tries`` draws)."""
+    the scene offers fewer within ``max_tries`` draws).
+
+    ``parting_m > 0`` asks for goals whose futures part at once: the first waypoint of each goal (where its arm
+    heads first) lies at least ``parting_m`` metres from every other goal's, so "reach for", "pick up" and "put" the
+    same object (one approach) never share a group, and every goal takes the first goal's speed, so that the
+    instruction is the only difference between the futures of a group."""
     goals: List[EpisodePlan] = []
+    heads: List[np.ndarray] = []
     for _ in range(max_tries):
         if len(goals) == count:
             break
         plan = draw_goal(rng, scene, env)
-        if all(plan.instruction != chosen.instruction for chosen in goals):
-            goals.append(plan)
+        if any(plan.instruction == chosen.instruction for chosen in goals):
+            continue
+        if parting_m > 0:
+            if goals:
+                plan.speed = goals[0].speed
+            head = goal_waypoints(plan, env)[0].position
+            if any(np.linalg.norm(head - other) < parting_m for other in heads):
+                continue
+            heads.append(head)
+        goals.append(plan)
     return goals
 
 

@@ -75,6 +75,10 @@ class DenoiserConfig:
     num_frame_tokens: Union[int, Size2] = LIBERO_FRAME_TOKENS
     frame_features_dim: int = LIBERO.image_encoder.width
     text_embed_dim: Optional[int] = LIBERO.text_encoder.patch_or_embed  # None: no language conditioning
+    # True: the instruction embedding is also one extra token of every block's cross-attention context, so each
+    # latent token reads it by its own content (the pooled embedding added to the timestep only scales every
+    # token alike). Not in the paper's architecture: LIBERO's checkpoints leave it off.
+    text_context: bool = False
     mlp_ratio: float = 4.0
     latent: bool = True  # False: raw variant with a track position encoder (x_encoder)
     pos_embed_dim: int = 128  # raw variant only

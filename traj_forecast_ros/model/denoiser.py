@@ -121,6 +121,12 @@ class LatteDenoiser(nn.Module):
         self.text_embeds_proj: Optional[Mlp] = None
         if cfg.text_embed_dim is not None:
             self.text_embeds_proj = Mlp(cfg.text_embed_dim, int(hidden * cfg.mlp_ratio), hidden)
+        self.text_context_proj: Optional[nn.Sequential] = None
+        if cfg.text_context:
+            if cfg.text_embed_dim is None:
+                raise ValueError("text_context needs language conditioning (text_embed_dim)")
+            self.text_context_proj = nn.Sequential(nn.LayerNorm(cfg.text_embed_dim),
+                                                   nn.Linear(cfg.text_embed_dim, hidden))
         self.token_grid = self.x_embedder.grid_size
         self.num_tokens = self.x_embedder.num_patches
 
@@ -182,6 +188,10 @@ class LatteDenoiser(nn.Module):
         dtype = self.frame_proj.weight.dtype
         context = ops.linear(frame_features.to(dtype), self.frame_proj,
                              residual=ops.param(self.frame_embed))  # (B, N, D)
+        if self.text_context_proj is not None:  # the instruction as one more context token
+            words = self.text_context_proj(text_embeds.to(dtype))[:, None]  # (B_text, 1, D)
+            rows = max(context.shape[0], words.shape[0])
+            context = torch.cat([context.expand(rows, -1, -1), words.expand(rows, -1, -1)], dim=1)  # (B, N + 1, D)
         context_kv = [block.xattn.context_kv(context, ops) for block in self.blocks]  # per block (B, N, D) x 2
         text_cond = None
         if self.text_embeds_proj is not None:

@@ -175,6 +175,19 @@ def cached_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelCon
     return latents
 
 
+def with_text_context(config: ModelConfig, denoiser: LatteDenoiser, seed: int) -> LatteDenoiser:
+    """A copy of ``denoiser`` that also reads the instruction as a context token (``config`` is switched to it):
+    every weight of ``denoiser`` kept, the new projection freshly initialised."""
+    config.denoiser.text_context = True
+    torch.manual_seed(seed)
+    extended = LatteDenoiser(config.denoiser)
+    missing, unexpected = extended.load_state_dict(denoiser.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("text_context_proj.") for key in missing):
+        raise ValueError(f"cannot extend this denoiser with a text context: missing {missing}, unexpected "
+                         f"{unexpected}")
+    return extended
+
+
 def latent_scale_from(latents: Dict[str, np.ndarray], latent_draw: str = "sample") -> list:
     """Per-channel std of what stage 2 generates: ``mean + std * eps`` in closed form, ``sqrt(Var(mean) + E[std^2])``
     (``latent_draw="sample"``), or of the posterior means, ``sqrt(Var(mean))`` (``"mean"``)."""
@@ -225,7 +238,8 @@ def _words_text_encoder(config: ModelConfig, examples: TrackExamples, model_dir:
 def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, vae_dir: Optional[PathLike] = None,
                init: Optional[PathLike] = None, official_config: Optional[ModelConfig] = None,
                official_vae: Optional[PathLike] = None, resume: bool = False,
-               latent_draw: Optional[str] = None, moving_weight: float = 0.0) -> Dict[str, float]:
+               latent_draw: Optional[str] = None, moving_weight: float = 0.0,
+               text_context: bool = False) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
@@ -235,6 +249,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     stage-1 run ``vae_dir``. ``latent_draw`` ("sample" or "mean", see :class:`FlowObjective`) overrides the
     config's; it is saved with the model so the sampler conditions the same way. ``moving_weight``: extra loss
     weight of the latent tokens of moving points (:func:`moving_token_maps`; 0: every token the same).
+    ``text_context``: give the denoiser the instruction as a cross-attention context token too
+    (``DenoiserConfig.text_context``); a fine-tuned model gains the new projection, every other weight is kept.
     """
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
@@ -260,6 +276,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
             denoiser = LatteDenoiser(config.denoiser)
         if config.vae is None or vae is None:
             raise ValueError(f"model '{config.name}' is a raw model; latent flow training needs a VAE")
+        if text_context and not config.denoiser.text_context:
+            denoiser = with_text_context(config, denoiser, settings.seed)
         vae.requires_grad_(False).eval()
         if encoder is None:
             encoder = build_image_encoder(config, model_dir=encoder_dir, seed=settings.seed)
