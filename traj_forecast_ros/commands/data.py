@@ -6,7 +6,7 @@ Examples::
     traj-forecast data import --images frames.npy --tracks tracks.npy --layout tpc --config demo-blocks --out mine
     traj-forecast data info runs/blocks-train
     traj-forecast data sim-manipulation --out runs/sim --train-shards 40 --test-shards 4 --workers 2
-    traj-forecast data merge --out runs/sim6/train runs/sim2/train runs/sim6/extra/train
+    traj-forecast data merge --out runs/sim/train_both runs/sim/train runs/sim/parting/train
 """
 
 from __future__ import annotations

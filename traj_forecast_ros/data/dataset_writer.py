@@ -255,14 +255,16 @@ def merge_datasets(root: Union[str, Path], sources: List[Union[str, Path]]) -> P
         if differs or dataset.fields != first.fields:
             raise DatasetError(f"{dataset.root} does not match {first.root}: "
                                f"{', '.join(differs) if differs else 'fields'} differ")
-    root.mkdir(parents=True)
+    staging = root.with_name(f".{root.name}.partial")  # renamed to root once complete
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     shards, offsets = [], {name: 0 for name in RENUMBERED_FIELDS}
     for dataset in datasets:
         next_offsets = dict(offsets)
-        for number, (name, size) in enumerate(zip(dataset.shard_names, dataset.shard_sizes)):
+        for name, size in zip(dataset.shard_names, dataset.shard_sizes):
             merged = f"shard-{len(shards):05d}"
             for field_name in dataset.fields:
-                source, target = dataset.root / f"{name}.{field_name}.npy", root / f"{merged}.{field_name}.npy"
+                source, target = dataset.root / f"{name}.{field_name}.npy", staging / f"{merged}.{field_name}.npy"
                 if field_name in RENUMBERED_FIELDS:
                     ids = np.load(source).astype(FIELD_DTYPES[field_name])
                     renumbered = np.where(ids >= 0, ids + offsets[field_name], ids)
@@ -279,4 +281,6 @@ def merge_datasets(root: Union[str, Path], sources: List[Union[str, Path]]) -> P
     meta = DatasetMeta(**{name: getattr(first.meta, name) for name in SAME_META},
                        source={"merged_from": [{"path": str(d.root), "num_samples": len(d), "source": d.meta.source}
                                                for d in datasets]})
-    return write_index(root, meta, list(first.fields), shards)
+    write_index(staging, meta, list(first.fields), shards)
+    staging.rename(root)
+    return root / INDEX_FILE

@@ -3,7 +3,8 @@
 Input: a video of latent (or raw track) grids x [B, T, C, h, w], the flow time t [B] in [0, 1], DINOv2 patch tokens
 [B, N, D] and optionally a pooled instruction embedding [B, E]. Output: the flow velocity, same shape as x.
 Blocks alternate spatial attention (the tokens of one frame) and temporal attention (the frames of one token); every
-block cross-attends to the image tokens and is modulated by adaLN-Zero from the time (+ text) embedding.
+block cross-attends to the image tokens and is modulated by adaLN-Zero from the time (+ text) embedding. With
+``text_context`` (not in the paper) the instruction embedding is also one more cross-attention context token.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class LatteDenoiser(nn.Module):
             words = self.text_context_proj(text_embeds.to(dtype))[:, None]  # (B_text, 1, D)
             rows = max(context.shape[0], words.shape[0])
             context = torch.cat([context.expand(rows, -1, -1), words.expand(rows, -1, -1)], dim=1)  # (B, N + 1, D)
-        context_kv = [block.xattn.context_kv(context, ops) for block in self.blocks]  # per block (B, N, D) x 2
+        context_kv = [block.xattn.context_kv(context, ops) for block in self.blocks]  # per block (B, M, D) x 2
         text_cond = None
         if self.text_embeds_proj is not None:
             text_cond = self.text_embeds_proj(text_embeds.to(dtype), ops)  # (B, D)
