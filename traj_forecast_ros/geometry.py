@@ -201,8 +201,7 @@ def static_tracks_norm(config, batch: int = 1) -> np.ndarray:
     """``[B, T, 2, Hq, Wq]`` float32: the normalised query grid repeated over all frames (a motionless trajectory;
     the conditioning frame both training and sampling encode; ``torch.from_numpy`` it for the model)."""
     grid = normalise_points(query_grid(config), tuple(config.image_size))  # [Hq, Wq, 2]
-    frames = np.broadcast_to(grid.transpose(2, 0, 1)[None, None], (batch, config.num_frames, *grid.shape[2:],
-                                                                   *grid.shape[:2]))
+    frames = np.broadcast_to(grid.transpose(2, 0, 1)[None, None], (batch, config.num_frames, 2, *grid.shape[:2]))
     return np.ascontiguousarray(frames, dtype=np.float32)
 
 

@@ -137,8 +137,8 @@ def test_trained_model_forecasts_with_an_instruction(sim_data, encoder_run, mode
 
 def test_parting_stage_fine_tunes_the_flow_on_both_data_sets(sim_data, model_run, tmp_path):
     """scripts/train_sim.sh's v3 stage through the CLI: ``data merge`` of two branch-grouped data sets (their groups
-    kept apart), then ``train flow --init`` the trained flow on the merge with moving tokens weighted: the weights move from
-    the init, the image encoder and VAE stay the init's, and the result forecasts."""
+    kept apart), then ``train flow --init`` the trained flow on the merge with moving tokens weighted: the weights
+    move from the init, the VAE stays the init's, and the result forecasts."""
     from safetensors.torch import load_file
 
     from traj_forecast_ros.cli import main
@@ -157,7 +157,8 @@ def test_parting_stage_fine_tunes_the_flow_on_both_data_sets(sim_data, model_run
     before, after = (load_file(str(d / "denoiser.safetensors")) for d in (init, tmp_path / "tuned"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     vae_before, vae_after = (load_file(str(d / "vae.safetensors")) for d in (init, tmp_path / "tuned"))
-    assert vae_before.keys() == vae_after.keys() and all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
+    assert vae_before.keys() == vae_after.keys()
+    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
     forecast = Forecaster.from_pretrained(str(tmp_path / "tuned"), device="cpu").forecast(
         sim_data_image(sim_data, 0), instruction=INSTRUCTIONS[0], num_samples=2, seed=0)
     assert forecast.tracks.shape == (2, 4, 8, 8, 2) and np.isfinite(forecast.tracks).all()

@@ -266,9 +266,9 @@ def merge_datasets(root: Union[str, Path], sources: List[Union[str, Path]]) -> P
             for field_name in dataset.fields:
                 source, target = dataset.root / f"{name}.{field_name}.npy", staging / f"{merged}.{field_name}.npy"
                 if field_name in RENUMBERED_FIELDS:
-                    ids = np.load(source).astype(FIELD_DTYPES[field_name])
-                    renumbered = np.where(ids >= 0, ids + offsets[field_name], ids)
-                    np.save(target, renumbered.astype(FIELD_DTYPES[field_name]))
+                    ids = np.load(source)
+                    renumbered = np.where(ids >= 0, ids + offsets[field_name], ids).astype(FIELD_DTYPES[field_name])
+                    np.save(target, renumbered)
                     if (ids >= 0).any():
                         next_offsets[field_name] = max(next_offsets[field_name], int(renumbered.max()) + 1)
                     continue

@@ -64,7 +64,8 @@ class TrackRegressor(nn.Module):
         self.config = config
         self.backbone_config = backbone or regressor_backbone_config(config)
         self.net = LatteDenoiser(self.backbone_config)
-        self.register_buffer("static", torch.from_numpy(static_tracks_norm(config, 1)), persistent=False)  # [1, T, 2, Hq, Wq]
+        static = torch.from_numpy(static_tracks_norm(config, 1))  # [1, T, 2, Hq, Wq]
+        self.register_buffer("static", static, persistent=False)
         mask = torch.ones(1, config.num_frames, 1, 1, 1)
         mask[:, 0] = 0.0
         self.register_buffer("frame_mask", mask, persistent=False)  # 0 on frame 0
