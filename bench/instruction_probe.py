@@ -6,6 +6,10 @@
 * **Does it:** for the first pair of each of ``--groups`` groups whose futures differ, the mean distance (px)
   between the model's K forecasts of the same image and noise under the two instructions, beside the distance
   between two noise seeds under the same instruction.
+* **Does the denoiser read it** (``--flow-pairs N``): for the first N usable pairs whose futures part, the flow
+  error of the denoiser on sample i's encoded true future, noised at each of ``--flow-times``, under i's own
+  instruction and under j's (same noise): the mean errors, the share of pairs where the own one is lower, and the
+  mean squared velocity difference. Near t = 0 only the instruction can tell the two futures apart.
 
     .venv/bin/python bench/instruction_probe.py --model models/sim-manipulation --data runs/sim2/test --groups 8
 """
@@ -26,6 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from traj_forecast_ros.data.dataset import TrajectoryDataset  # noqa: E402
 from traj_forecast_ros.forecaster import Forecaster  # noqa: E402
+from traj_forecast_ros.geometry import normalise_points, static_tracks_norm  # noqa: E402
+from traj_forecast_ros.model.checkpoint import load_model_dir  # noqa: E402
+from traj_forecast_ros.model.flow import latents_to_grid  # noqa: E402
+from traj_forecast_ros.train.data import (  # noqa: E402
+    build_image_encoder,
+    build_text_encoder,
+    encoder_fingerprint,
+    image_features,
+    usable_samples,
+)
 from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, branch_pairs, moving_mask  # noqa: E402
 
 
@@ -67,12 +81,54 @@ def forecast_sensitivity(forecaster: Forecaster, dataset: TrajectoryDataset, row
     return out
 
 
+@torch.no_grad()
+def flow_gaps(model_dir: str, dataset: TrajectoryDataset, rows: List[Dict], pairs: int,
+              times: Sequence[float]) -> Dict[str, Dict[str, float]]:
+    """Per flow time: the denoiser's error on sample i's true future under i's and j's instruction (see above)."""
+    config, denoiser, vae = load_model_dir(model_dir)
+    text_encoder = build_text_encoder(config, model_dir=model_dir)
+    image_encoder = build_image_encoder(config, model_dir=model_dir)
+    features = image_features(dataset, image_encoder, dataset.root, torch.device("cpu"),
+                              fingerprint=encoder_fingerprint(image_encoder, dataset.meta.image_size))
+    inv_scale = 1.0 / torch.tensor(config.latent_scale)
+    usable = set(usable_samples(dataset).tolist())  # as training and evaluation: no off-screen projections
+    chosen = [row for row in rows if row["parting_px"] > MOVING_THRESHOLD_PX and set(row["pair"]) <= usable][:pairs]
+    results: Dict[float, List[tuple]] = {t: [] for t in times}
+    for row in chosen:
+        i = row["pair"][0]
+        image = torch.from_numpy(np.array(features[i], dtype=np.float32))[None]  # (1, N, D), a writable copy
+        tracks = torch.from_numpy(dataset.gather("tracks", [i])[0, 0].astype(np.float32))[None]  # (1, T, H, W, 2)
+        future, _ = vae.encode(normalise_points(tracks, tuple(config.image_size)).permute(0, 1, 4, 2, 3), image)
+        static, _ = vae.encode(torch.from_numpy(static_tracks_norm(config, 1)), image)
+        x1 = latents_to_grid(future * inv_scale, vae.latent_grid)  # (1, T, C, h, w)
+        cond = latents_to_grid(static[:, :1] * inv_scale, vae.latent_grid)  # (1, 1, C, h, w)
+        texts = text_encoder(list(row["instructions"]))  # (2, E): own, partner's
+        noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(int(i)))
+        for t in times:
+            x_t = torch.cat([cond, (t * x1 + (1 - t) * noise)[:, 1:]], dim=1)
+            velocity = denoiser(x_t.expand(2, -1, -1, -1, -1), torch.full((2,), float(t)), image.expand(2, -1, -1),
+                                texts)[:, 1:]  # (2, T-1, C, h, w)
+            target = (x1 - noise)[:, 1:]
+            own, other = ((velocity - target) ** 2).flatten(1).mean(1).tolist()
+            results[t].append((own, other, float(((velocity[0] - velocity[1]) ** 2).mean())))
+    report = {}
+    for t, values in results.items():
+        table = np.array(values).reshape(-1, 3)
+        report[f"{t:g}"] = {"pairs": len(table), "own_error": float(table[:, 0].mean()),
+                            "partner_error": float(table[:, 1].mean()),
+                            "own_lower_share": float((table[:, 0] < table[:, 1]).mean()),
+                            "velocity_gap": float(table[:, 2].mean())}
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory or registry name (omit: data only)")
     parser.add_argument("--data", type=Path, required=True, help="split with branch groups and instructions")
-    parser.add_argument("--groups", type=int, default=8, help="branch groups whose forecasts to compare")
+    parser.add_argument("--groups", type=int, default=8, help="branch groups whose forecasts to compare (0: none)")
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--flow-pairs", type=int, default=0, help="pairs for the denoiser's error gap (0: skip)")
+    parser.add_argument("--flow-times", default="0,0.1,0.25,0.5", help="flow times of the error gap")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -97,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"by more than {MOVING_THRESHOLD_PX:.0f} px")
     for modes, value in report["future_mse_median_by_modes"].items():
         print(f"  {modes}: {value:.1f} px^2 ({len(by_modes[modes])} pairs)")
-    if args.model:
+    if args.model and args.groups > 0:
         sensitivity = forecast_sensitivity(Forecaster.from_pretrained(args.model), dataset, rows, args.groups,
                                            args.samples)
         report["sensitivity"] = sensitivity
@@ -105,6 +161,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  {row['instructions'][0]!r} vs {row['instructions'][1]!r}: futures part {row['parting_px']:.1f} "
                   f"px; forecasts move {row['instruction_effect_px']:.2f} px between the instructions, "
                   f"{row['seed_effect_px']:.2f} px between two seeds")
+    if args.model and args.flow_pairs > 0:
+        if not Path(args.model).is_dir():
+            parser.error("--flow-pairs needs --model as a model directory")
+        times = [float(t) for t in args.flow_times.split(",")]
+        report["flow_gap"] = flow_gaps(args.model, dataset, rows, args.flow_pairs, times)
+        for t, gap in report["flow_gap"].items():
+            print(f"  flow error at t = {t} over {gap['pairs']} pairs: own instruction {gap['own_error']:.4f}, "
+                  f"the partner's {gap['partner_error']:.4f}; own lower in {gap['own_lower_share']:.0%}; velocity "
+                  f"gap {gap['velocity_gap']:.5f}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -7,6 +7,8 @@
 #
 #   bash scripts/train_sim.sh                 # about 2.5 h on the 2-core CPU; rerun the same command to resume
 #   PARTING_FLOW_STEPS=3000 bash scripts/train_sim.sh  # the v3 experiment (docs/results.md; not shipped): +1.2 h
+#   PARTING_FLOW_STEPS=3000 FLOW_TEXT_CONTEXT=1 INSTRUCTION_CONTRAST=0.1 FLOW_TIME_MEAN=-0.5 bash scripts/train_sim.sh
+#                                             # the same with the instruction contrast (docs/results.md): +1.6 h
 #   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.2 h)
 #   ENCODER_FROM= PROBE=1 bash scripts/train_sim.sh  # pretrain the image encoder here (+ the random encoder's probe)
 #
@@ -48,6 +50,9 @@ PARTING_M=${PARTING_M:-0.06}
 PARTING_SHARDS=${PARTING_SHARDS:-48}      # train shards (seed SEED+1); its test split (seed SEED) is the held-out one
 PARTING_FLOW_STEPS=${PARTING_FLOW_STEPS:-0}  # 0: no v3 stage, ship the flow of the first data set (v2, shipped)
 FLOW_MOVING_WEIGHT=${FLOW_MOVING_WEIGHT:-3}  # the fine-tune's extra loss weight of moving points' latent tokens
+FLOW_TEXT_CONTEXT=${FLOW_TEXT_CONTEXT:-0}  # 1: the fine-tune also reads the instruction as a context token
+INSTRUCTION_CONTRAST=${INSTRUCTION_CONTRAST:-0}  # the fine-tune's instruction contrast weight (0: off)
+FLOW_TIME_MEAN=${FLOW_TIME_MEAN:-0}       # the fine-tune's logit-normal flow time location (0: the official recipe)
 REGRESSOR_STEPS=${REGRESSOR_STEPS:-400}
 SAMPLE_STEPS=${SAMPLE_STEPS:-10}          # the shipped model's default Euler steps (chosen from the steps curve)
 GUIDANCE_SCALE=${GUIDANCE_SCALE:-1.0}     # the shipped model's default guidance (chosen by measurement)
@@ -153,6 +158,8 @@ fi
 SHIP_FLOW=$RUN/flow
 TEST_DATA=$RUN/test
 if (( PARTING_FLOW_STEPS > 0 )); then
+    TEXT_CONTEXT_FLAG=""
+    if (( FLOW_TEXT_CONTEXT )); then TEXT_CONTEXT_FLAG=--text-context; fi
     PARTING_ARGS=(--episodes-per-shard "$EPISODES_PER_SHARD" --goals-per-scene "$GOALS_PER_SCENE"
                   --branch-frames "$BRANCH_FRAMES" --scenes "$SCENES" --goal-parting "$PARTING_M" --workers "$WORKERS")
     if [[ ! -f "$RUN/parting.done" ]]; then
@@ -168,6 +175,8 @@ if (( PARTING_FLOW_STEPS > 0 )); then
     fi
     stage flow_parting "$RUN/flow_parting" "$TF" train flow --out "$RUN/flow_parting" --init "$RUN/flow" \
         --data "$RUN/train_both" --moving-weight "$FLOW_MOVING_WEIGHT" --steps "$PARTING_FLOW_STEPS" --batch-size 16 \
+        --instruction-contrast "$INSTRUCTION_CONTRAST" --time-mean "$FLOW_TIME_MEAN" \
+        $TEXT_CONTEXT_FLAG \
         --lr 4e-4 --warmup 100 --schedule cosine --ema-decay 0.999 --latent-draw mean --threads "$THREADS" \
         --seed "$((SEED + 1))" --device cpu --log-every 25 --checkpoint-every "$CHECKPOINT_EVERY"
     SHIP_FLOW=$RUN/flow_parting

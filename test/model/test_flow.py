@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from traj_forecast_ros.model.config import ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
-from traj_forecast_ros.model.flow import euler_sample, flow_matching_loss, grid_to_latents, latents_to_grid
+from traj_forecast_ros.model.flow import (
+    euler_sample,
+    flow_matching_loss,
+    grid_to_latents,
+    instruction_contrast_loss,
+    latents_to_grid,
+    sample_flow_time,
+)
 
 
 class RecordingField(nn.Module):
@@ -160,3 +169,82 @@ def test_flow_loss_decreases_when_training_tiny_denoiser(tiny: ModelConfig) -> N
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert model.pos_embed.grad is None
+
+
+class TextShiftField(nn.Module):
+    """Velocity ``x * 0 + text[:, 0]`` on every element: an instruction-reading field with known errors."""
+
+    def forward(self, x, t, frame_features, text_embeds=None):
+        return torch.zeros_like(x) + text_embeds[:, :1, None, None, None]
+
+
+def test_instruction_contrast_shares_the_flow_loss_and_scores_the_error_gap() -> None:
+    """The flow part equals flow_matching_loss with the same generator (one denoiser call for both instructions);
+    the contrast is softplus((err_own - err_crossed) / temperature) over the rows with a crossed instruction."""
+    x1, cond = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 1, 2, 2, 2)
+    features = torch.zeros(3, 1, 1)
+    own, crossed_text = torch.tensor([[0.5], [0.0], [-1.0]]), torch.tensor([[3.0], [0.0], [0.5]])
+    crossed = torch.tensor([True, False, True])
+
+    def generator():
+        return torch.Generator().manual_seed(5)
+
+    flow, gap = instruction_contrast_loss(TextShiftField(), x1, cond, features, own, crossed_text, crossed,
+                                          generator(), temperature=0.5)
+    torch.testing.assert_close(flow, flow_matching_loss(TextShiftField(), x1, cond, features, own, generator()))
+    field = ZeroField()  # the same noised inputs, recovered from a recording field
+    flow_matching_loss(field, x1, cond, features, None, generator())
+    x_t, t = field.inputs
+    t_b = t.view(3, 1, 1, 1, 1)
+    target = x1[:, 1:] - (x_t[:, 1:] - t_b * x1[:, 1:]) / (1 - t_b)  # (3, T-1, C, h, w)
+
+    def err(row, value):
+        return ((value - target[row]) ** 2).mean()
+
+    expected = torch.stack([F.softplus((err(r, own[r, 0]) - err(r, crossed_text[r, 0])) / 0.5) for r in (0, 2)])
+    torch.testing.assert_close(gap, expected.mean(), atol=1e-5, rtol=1e-4)
+    # a field that ignores the instruction sits at chance, log 2; no crossed rows: no contrast
+    _, blind = instruction_contrast_loss(ZeroField(), x1, cond, features, own, crossed_text, crossed, generator())
+    torch.testing.assert_close(blind, torch.tensor(math.log(2.0)))
+    _, none = instruction_contrast_loss(TextShiftField(), x1, cond, features, own, crossed_text,
+                                        torch.zeros(3, dtype=torch.bool), generator())
+    assert none.item() == 0.0
+
+
+def test_instruction_contrast_trains_a_denoiser_to_read_the_instruction(tiny: ModelConfig) -> None:
+    """Two futures of one image, told apart only by the instruction: the contrast alone teaches the denoiser to
+    give the lower error to the matching instruction (at t near the noise end, where x_t cannot tell them apart)."""
+    torch.manual_seed(0)
+    model = LatteDenoiser(tiny.denoiser)
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 4, 4, 4, 4)
+    left, right = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    x1 = torch.cat([left, right])  # (2, T, C, h, w): one frame 0, two futures
+    x1[1, 0] = x1[0, 0]
+    cond = x1[:, :1].clone()
+    features = torch.randn(1, 16, 32, generator=gen).expand(2, -1, -1)
+    texts = torch.randn(2, 32, generator=gen)
+    swapped, both = texts.flip(0), torch.ones(2, dtype=torch.bool)
+
+    def gap(seed):
+        with torch.no_grad():
+            return instruction_contrast_loss(model, x1, cond, features, texts, swapped, both,
+                                             torch.Generator().manual_seed(seed), time_mean=-2.0)[1].item()
+
+    before = sum(gap(seed) for seed in range(100, 110)) / 10
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(40):
+        flow, contrast = instruction_contrast_loss(model, x1, cond, features, texts, swapped, both,
+                                                   torch.Generator().manual_seed(step), time_mean=-2.0)
+        optimizer.zero_grad()
+        (flow + 0.1 * contrast).backward()
+        optimizer.step()
+    after = sum(gap(seed) for seed in range(100, 110)) / 10
+    assert before > 0.6 and after < 0.6 * before  # from chance (log 2) towards the right answer
+
+
+def test_flow_time_mean_moves_the_training_times_toward_the_noise_end() -> None:
+    default = sample_flow_time(4000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    noisy = sample_flow_time(4000, torch.device("cpu"), torch.Generator().manual_seed(0), mean=-1.0)
+    assert abs(default.median().item() - 0.5) < 0.03 and noisy.median().item() < 0.3
+    assert bool((noisy < default).all())  # the same draws, shifted

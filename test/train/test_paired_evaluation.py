@@ -103,7 +103,7 @@ def test_paired_test_runs_the_crossed_forecasts_with_the_same_noise(branch_data,
 def test_instruction_probe_measures_the_futures_and_the_forecasts(branch_data, blind_model, tmp_path):
     """bench/instruction_probe.py: the left / right pushes of each group part (6 ordered pairs); the untrained
     model's forecasts do not move at all between the two instructions (zero-initialised text path) but do between
-    two noise seeds."""
+    two noise seeds, and its denoiser's flow error is the same under either instruction."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "bench" / "instruction_probe.py"
@@ -112,10 +112,14 @@ def test_instruction_probe_measures_the_futures_and_the_forecasts(branch_data, b
     spec.loader.exec_module(probe)
     out = tmp_path / "probe.json"
     assert probe.main(["--model", str(blind_model), "--data", str(branch_data), "--groups", "2", "--samples", "2",
-                       "--out", str(out)]) == 0
+                       "--flow-pairs", "3", "--flow-times", "0,0.5", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["pairs"] == 6 and report["share_parting_over_5_px"] == 1.0
     assert report["future_mse_median_px2"] > 100.0 and report["share_under_20_px2"] == 0.0
     assert len(report["sensitivity"]) == 2  # one pair per group, two groups asked for
     for row in report["sensitivity"]:
         assert row["instruction_effect_px"] == 0.0 and row["seed_effect_px"] > 0.0
+    assert sorted(report["flow_gap"]) == ["0", "0.5"]
+    for gap in report["flow_gap"].values():
+        assert gap["pairs"] == 3 and gap["own_error"] > 0 and gap["own_error"] == gap["partner_error"]
+        assert gap["own_lower_share"] == 0.0 and gap["velocity_gap"] == 0.0

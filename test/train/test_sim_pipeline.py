@@ -164,6 +164,29 @@ def test_parting_stage_fine_tunes_the_flow_on_both_data_sets(sim_data, model_run
     assert forecast.tracks.shape == (2, 4, 8, 8, 2) and np.isfinite(forecast.tracks).all()
 
 
+def test_instruction_contrast_fine_tunes_on_branch_groups_only(sim_data, model_run, tmp_path):
+    """``train flow --instruction-contrast`` on branch-grouped data logs the flow and contrast losses (the contrast
+    below or at chance, log 2, and finite) and writes a model that forecasts; data without branch groups is refused."""
+    from traj_forecast_ros.cli import main
+    from traj_forecast_ros.train.flow import train_flow
+
+    branched = write_tiny_sim(tmp_path / "branched", scenes=3, seed=2, branch_groups=True)
+    assert main(["train", "flow", "--data", str(branched), "--out", str(tmp_path / "tuned"), "--init",
+                 str(model_run / "flow"), "--instruction-contrast", "0.1", "--time-mean", "-0.5", "--latent-draw",
+                 "mean", "--steps", "3", "--batch-size", "4", "--log-every", "1", "--no-progress", "--device", "cpu",
+                 "--threads", "1"]) == 0
+    rows = (tmp_path / "tuned" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"loss", "flow", "contrast"} <= set(header) and len(rows) == 4
+    for row in rows[1:]:
+        values = dict(zip(header, map(float, row.split(","))))
+        assert 0 < values["contrast"] <= np.log(2) + 0.05
+        assert values["loss"] == pytest.approx(values["flow"] + 0.1 * values["contrast"], rel=1e-4)
+    with pytest.raises(ValueError, match="branch groups"):
+        train_flow(sim_data, tmp_path / "ungrouped", quick_settings(steps=1), init=model_run / "flow",
+                   instruction_contrast=0.1)
+
+
 def test_text_encoder_is_trained_with_the_denoiser(model_run):
     from safetensors.torch import load_file
 

@@ -98,14 +98,17 @@ def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
         (False, 1.0, 0.0, 0.0), (True, 0.01, 0.1, 4.0)]
 
 
-def test_train_flow_passes_the_moving_weight_and_text_context(tmp_path, monkeypatch):
-    """--moving-weight and --text-context reach train_flow; by default every token weighs the same and the
-    instruction only enters with the timestep (the paper's path)."""
+def test_train_flow_passes_the_moving_weight_text_context_and_contrast(tmp_path, monkeypatch):
+    """--moving-weight, --text-context, --time-mean and --instruction-contrast reach train_flow; by default every
+    token weighs the same, the instruction only enters with the timestep (the paper's path), the flow time is the
+    official logit-normal and there is no contrast."""
     import traj_forecast_ros.commands.train as train_command  # the train_flow the command calls
 
     seen = []
     monkeypatch.setattr(train_command, "train_flow", lambda data, out, settings, **kw: seen.append(kw) or {})
     common = ["train", "flow", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(common) == 0
-    assert main([*common, "--init", str(tmp_path), "--moving-weight", "3", "--text-context"]) == 0
-    assert [(kw["moving_weight"], kw["text_context"]) for kw in seen] == [(0.0, False), (3.0, True)]
+    assert main([*common, "--init", str(tmp_path), "--moving-weight", "3", "--text-context", "--time-mean", "-0.5",
+                 "--instruction-contrast", "0.1"]) == 0
+    assert [(kw["moving_weight"], kw["text_context"], kw["time_mean"], kw["instruction_contrast"])
+            for kw in seen] == [(0.0, False, 0.0, 0.0), (3.0, True, -0.5, 0.1)]

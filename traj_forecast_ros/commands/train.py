@@ -123,6 +123,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flow.add_argument("--text-context", action="store_true",
                       help="also give the denoiser the instruction as a cross-attention context token (a stronger "
                            "text path than the pooled embedding added to the timestep; --init models gain it)")
+    flow.add_argument("--time-mean", type=float, default=0.0, help="location of the logit-normal flow time (default "
+                      "0, the official recipe; below 0 trains nearer the noise end, where only the instruction tells "
+                      "sibling futures apart)")
+    flow.add_argument("--instruction-contrast", type=float, default=0.0, help="weight of the instruction contrast: on "
+                      "samples with sibling branches, the error with the own instruction must beat the error with a "
+                      "sibling's (default 0: off)")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
@@ -181,7 +187,8 @@ def _train_flow(args: argparse.Namespace) -> int:
                               vae_dir=None if official else args.vae, init=args.init,
                               official_config=official_config, official_vae=args.vae if official else None,
                               resume=args.resume, latent_draw=args.latent_draw,
-                              moving_weight=args.moving_weight, text_context=args.text_context))
+                              moving_weight=args.moving_weight, text_context=args.text_context,
+                              time_mean=args.time_mean, instruction_contrast=args.instruction_contrast))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

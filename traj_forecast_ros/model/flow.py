@@ -7,7 +7,7 @@ conditioning frame (latent of the static query grid): it is pinned to ``cond_lat
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -138,9 +138,36 @@ def _bind(denoiser: Callable[..., torch.Tensor], frame_features: torch.Tensor, t
     return velocity_at
 
 
-def sample_flow_time(batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Logit-normal flow times ``sigmoid(N(0, 1))`` [batch]."""
-    return torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+def sample_flow_time(batch: int, device: torch.device, generator: Optional[torch.Generator] = None,
+                     mean: float = 0.0) -> torch.Tensor:
+    """Logit-normal flow times ``sigmoid(N(mean, 1))`` [batch] (a negative ``mean`` trains nearer the noise end, where
+    only the conditioning can tell the futures apart)."""
+    return torch.sigmoid(torch.randn(batch, generator=generator, device=device) + mean)
+
+
+def _noised(x1: torch.Tensor, cond_latent: torch.Tensor, generator: Optional[torch.Generator],
+            time_mean: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_t, t, target)`` of the rectified-flow loss: t [B] logit-normal, frame 0 of x_t pinned to ``cond_latent``,
+    target ``x1 - eps``."""
+    if x1.dim() != 5 or cond_latent.shape != (x1.shape[0], 1, *x1.shape[2:]):
+        raise ValueError(f"x1 must be [B, T, C, h, w] and cond_latent [B, 1, C, h, w]; got {tuple(x1.shape)} and "
+                         f"{tuple(cond_latent.shape)}")
+    batch = x1.shape[0]
+    t = sample_flow_time(batch, x1.device, generator, time_mean).to(x1.dtype)  # (B,)
+    eps = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (B, T, C, h, w)
+    t_b = t.view(batch, 1, 1, 1, 1)
+    x_t = t_b * x1 + (1.0 - t_b) * eps  # (B, T, C, h, w)
+    x_t = torch.cat([cond_latent.to(x1.dtype), x_t[:, 1:]], dim=1)  # (B, T, C, h, w), frame 0 pinned
+    return x_t, t, x1 - eps
+
+
+def _masked_loss(prediction: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean squared error with frame 0 masked (its zeros counted), or ``sum(w * err^2) / sum(w)``."""
+    mask = _frame0_mask(target)  # (1, T, 1, 1, 1)
+    if weight is None:
+        return F.mse_loss(prediction * mask, target * mask)
+    weight = weight.to(target.dtype).expand_as(target)  # (B, T, C, h, w)
+    return (weight * (prediction * mask - target * mask) ** 2).sum() / weight.sum()
 
 
 def flow_matching_loss(
@@ -151,29 +178,53 @@ def flow_matching_loss(
     text_embeds: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     weight: Optional[torch.Tensor] = None,
+    time_mean: float = 0.0,
 ) -> torch.Tensor:
     """Rectified-flow loss ``mean((v(x_t, t) - (x1 - eps))^2)`` with frame 0 pinned to ``cond_latent`` and masked.
 
-    x1 [B, T, C, h, w] are the scaled data latents, cond_latent [B, 1, C, h, w]. t ~ sigmoid(N(0, 1)) per sample,
-    eps ~ N(0, I); both come from ``generator`` when given (device of x1), else from torch's global RNG.
+    x1 [B, T, C, h, w] are the scaled data latents, cond_latent [B, 1, C, h, w]. t ~ sigmoid(N(time_mean, 1)) per
+    sample, eps ~ N(0, I); both come from ``generator`` when given (device of x1), else from torch's global RNG.
     Prediction and target are zeroed on frame 0; the mean runs over all elements (frame 0's zeros included).
     ``weight`` (broadcastable to x1, e.g. [B, 1, 1, h, w] per latent token) makes it the weighted mean
     ``sum(w * err^2) / sum(w)``; all-ones weights give the plain mean.
     """
-    if x1.dim() != 5 or cond_latent.shape != (x1.shape[0], 1, *x1.shape[2:]):
-        raise ValueError(f"x1 must be [B, T, C, h, w] and cond_latent [B, 1, C, h, w]; got {tuple(x1.shape)} and "
-                         f"{tuple(cond_latent.shape)}")
-    batch = x1.shape[0]
-    t = sample_flow_time(batch, x1.device, generator).to(x1.dtype)  # (B,)
-    eps = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)  # (B, T, C, h, w)
-    t_b = t.view(batch, 1, 1, 1, 1)
-    x_t = t_b * x1 + (1.0 - t_b) * eps  # (B, T, C, h, w)
-    x_t = torch.cat([cond_latent.to(x1.dtype), x_t[:, 1:]], dim=1)  # (B, T, C, h, w), frame 0 pinned
-    target = x1 - eps  # (B, T, C, h, w)
-    mask = _frame0_mask(x1)  # (1, T, 1, 1, 1)
+    x_t, t, target = _noised(x1, cond_latent, generator, time_mean)
     prediction = denoiser(x_t, t, frame_features, text_embeds)  # (B, T, C, h, w)
-    if weight is None:
-        return F.mse_loss(prediction * mask, target * mask)
-    weight = weight.to(x1.dtype).expand_as(x1)  # (B, T, C, h, w)
-    return (weight * (prediction * mask - target * mask) ** 2).sum() / weight.sum()
+    return _masked_loss(prediction, target, weight)
 
+
+def _sample_errors(prediction: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B] per-sample weighted mean squared error over frames 1.. ."""
+    err = (prediction[:, 1:] - target[:, 1:]) ** 2  # (B, T-1, C, h, w)
+    if weight is None:
+        return err.flatten(1).mean(1)
+    weight = weight.to(err.dtype).expand(target.shape[0], *err.shape[1:])  # (B, T-1, C, h, w)
+    return (weight * err).flatten(1).sum(1) / weight.flatten(1).sum(1)
+
+
+def instruction_contrast_loss(denoiser: nn.Module, x1: torch.Tensor, cond_latent: torch.Tensor,
+                              frame_features: torch.Tensor, text_embeds: torch.Tensor,
+                              crossed_text_embeds: torch.Tensor, crossed: torch.Tensor, generator: Optional[torch.Generator] = None,
+                              weight: Optional[torch.Tensor] = None, time_mean: float = 0.0, temperature: float = 0.01,
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(flow loss, contrast loss)``: :func:`flow_matching_loss` and, on the same noised inputs, how well the
+    denoiser's error tells the sample's own instruction from a sibling's.
+
+    ``crossed`` [B] bool marks the samples with a crossed instruction ``crossed_text_embeds`` [B, E] (another branch
+    of the same frame 0, whose true future differs). For those rows the denoiser also runs with the crossed
+    instruction (in the same call), and the contrast loss is the two-way cross-entropy of a classifier whose logit is
+    the error difference: ``mean(softplus((err_own - err_crossed) / temperature))`` (``err``: per-sample weighted
+    mean squared error). It is zero when no row has a crossed instruction.
+    """
+    x_t, t, target = _noised(x1, cond_latent, generator, time_mean)
+    rows = torch.nonzero(crossed.to(x1.device), as_tuple=False).flatten()  # (P,)
+    inputs = torch.cat([x_t, x_t[rows]])  # (B + P, T, C, h, w)
+    texts = torch.cat([text_embeds, crossed_text_embeds[rows].to(text_embeds)])  # (B + P, E)
+    prediction = denoiser(inputs, torch.cat([t, t[rows]]), torch.cat([frame_features, frame_features[rows]]), texts)
+    own, other = prediction[:x1.shape[0]], prediction[x1.shape[0]:]  # (B, ...), (P, ...)
+    flow = _masked_loss(own, target, weight)
+    if rows.numel() == 0:
+        return flow, flow.new_zeros(())
+    row_weight = None if weight is None else weight.expand(x1.shape[0], *weight.shape[1:])[rows]
+    gap = _sample_errors(own[rows], target[rows], row_weight) - _sample_errors(other, target[rows], row_weight)  # (P,)
+    return flow, F.softplus(gap / temperature).mean()

@@ -16,6 +16,12 @@ trained together with the denoiser on each example's own instruction (the datase
 vocabulary is built from the dataset's closed instruction set and saved in the model's config, and a share
 ``text_dropout`` of the instructions is replaced by the empty one, so the model also forecasts without an
 instruction (the marginal over the tasks).
+
+Instruction contrast (optional, not in the paper): in a branch-grouped dataset several samples share one frame 0 and
+differ in instruction and future. For each sample with such a sibling, the denoiser also runs on the same noised
+input with the sibling's instruction, and a two-way cross-entropy asks its error under the own instruction to beat
+the error under the sibling's (:func:`~traj_forecast_ros.model.flow.instruction_contrast_loss`). The flow loss alone
+hides this signal: the instruction decides only the few moving tokens, and only near the noise end.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,9 +39,10 @@ from tqdm import tqdm
 from traj_forecast_ros.model.checkpoint import load_model_dir, load_official, save_model_dir
 from traj_forecast_ros.model.config import LATENT_DRAWS, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
-from traj_forecast_ros.model.flow import flow_matching_loss, latents_to_grid
+from traj_forecast_ros.model.flow import flow_matching_loss, instruction_contrast_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary, text_encoder_weights
+from traj_forecast_ros.data.dataset import NO_BRANCH_GROUP
 from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
 from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, moving_mask
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 
 ENCODE_BATCH = 16
 TEXT_DROPOUT = 0.1  # share of training instructions replaced by the empty one (words text encoder)
+CONTRAST_TEMPERATURE = 0.01  # scale of the error gap that the instruction contrast treats as a confident decision
 PathLike = Union[str, Path]
 
 
@@ -64,14 +72,23 @@ class FlowObjective(nn.Module):
     text_embeds [B, E] | None, generator) -> dict(loss)``. With ``latent_draw="sample"`` both the data latents and
     the conditioning frame are posterior draws ``mean + std * eps`` (the official recipe; the sampler also draws the
     conditioning frame); with ``"mean"`` both are the posterior means (and so is the sampler's conditioning frame).
+    With ``instruction_contrast`` > 0 and a batch's sibling instructions, the loss adds that weight times the
+    instruction contrast, and the dict also holds the two parts (``flow``, ``contrast``) for the log.
     """
 
     def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int],
                  latent_draw: str = "sample", text_encoder: Optional[WordTextEncoder] = None,
-                 text_dropout: float = TEXT_DROPOUT, moving_weight: float = 0.0) -> None:
+                 text_dropout: float = TEXT_DROPOUT, moving_weight: float = 0.0, time_mean: float = 0.0,
+                 instruction_contrast: float = 0.0, contrast_temperature: float = CONTRAST_TEMPERATURE) -> None:
         super().__init__()
-        if moving_weight < 0:
-            raise ValueError(f"moving_weight must be >= 0, got {moving_weight}")
+        if moving_weight < 0 or instruction_contrast < 0:
+            raise ValueError(f"moving_weight and instruction_contrast must be >= 0, got {moving_weight} and "
+                             f"{instruction_contrast}")
+        if instruction_contrast > 0 and text_encoder is None:
+            raise ValueError("the instruction contrast needs the trainable words text encoder")
+        self.time_mean = float(time_mean)  # location of the logit-normal flow time (0: the official recipe)
+        self.instruction_contrast = float(instruction_contrast)  # weight of the contrast term
+        self.contrast_temperature = float(contrast_temperature)
         self.text_encoder = text_encoder  # trained with the denoiser; embeds the batch's ``text_ids``
         self.text_dropout = float(text_dropout)
         self.moving_weight = float(moving_weight)  # extra loss weight of the latent tokens of moving points
@@ -91,21 +108,65 @@ class FlowObjective(nn.Module):
     def forward(self, latent_mean: torch.Tensor, latent_std: torch.Tensor, cond_mean: torch.Tensor,
                 cond_std: torch.Tensor, features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
                 text_ids: Optional[torch.Tensor] = None, moving: Optional[torch.Tensor] = None,
+                crossed_text_ids: Optional[torch.Tensor] = None, crossed: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """``moving`` [B, h, w]: the latent tokens of :func:`moving_token_maps`, weighted ``1 + moving_weight``."""
+        """``moving`` [B, h, w]: the latent tokens of :func:`moving_token_maps`, weighted ``1 + moving_weight``.
+        ``crossed_text_ids`` [B, L] and ``crossed`` [B] bool: a sibling branch's instruction per sample (rows where
+        ``crossed`` is set), for the instruction contrast; a dropped instruction drops its row from the contrast."""
+        contrast = self.instruction_contrast > 0 and crossed is not None and crossed_text_ids is not None
         if text_ids is not None:
             if self.text_encoder is None:
                 raise ValueError("text_ids given but the objective has no trainable text encoder")
             if self.text_dropout > 0 and generator is not None:
                 drop = torch.rand(text_ids.shape[0], generator=generator, device=generator.device) < self.text_dropout
-                text_ids = torch.where(drop.to(text_ids.device)[:, None], torch.full_like(text_ids, PAD_ID), text_ids)
-            text_embeds = self.text_encoder.embed_ids(text_ids)  # (B, E)
+                drop = drop.to(text_ids.device)
+                text_ids = torch.where(drop[:, None], torch.full_like(text_ids, PAD_ID), text_ids)
+                if contrast:
+                    crossed = crossed.to(drop.device) & ~drop
+            if contrast:
+                both = self.text_encoder.embed_ids(torch.cat([text_ids, crossed_text_ids.to(text_ids.device)]))
+                text_embeds, crossed_embeds = both.chunk(2)  # (B, E) each
+            else:
+                text_embeds = self.text_encoder.embed_ids(text_ids)  # (B, E)
         x1 = self.scaled_grid(latent_mean, latent_std, generator)  # (B, T, C, h, w)
         cond = self.scaled_grid(cond_mean, cond_std, generator)  # (B, 1, C, h, w)
         weight = None
         if moving is not None and self.moving_weight > 0:
             weight = 1.0 + self.moving_weight * moving.to(x1.dtype)[:, None, None]  # (B, 1, 1, h, w)
-        return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator, weight)}
+        if not contrast or text_ids is None:
+            return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator, weight,
+                                               self.time_mean)}
+        flow, gap = instruction_contrast_loss(self.denoiser, x1, cond, features, text_embeds, crossed_embeds, crossed,
+                                              generator, weight, self.time_mean, self.contrast_temperature)
+        return {"loss": flow + self.instruction_contrast * gap, "flow": flow.detach(), "contrast": gap.detach()}
+
+
+def crossed_instructions(branch_groups: np.ndarray, instructions: np.ndarray) -> List[np.ndarray]:
+    """Per dataset sample, the instruction ids of its branch siblings whose instruction differs from its own
+    (empty for a sample outside any branch group). ``branch_groups`` and ``instructions`` are [N] per sample."""
+    members: Dict[int, List[int]] = {}
+    for index, group in enumerate(branch_groups.tolist()):
+        if group != NO_BRANCH_GROUP:
+            members.setdefault(group, []).append(index)
+    crossed = [np.zeros(0, np.int64)] * len(branch_groups)
+    for indices in members.values():
+        for index in indices:
+            others = {int(instructions[j]) for j in indices} - {int(instructions[index])}
+            crossed[index] = np.array(sorted(others), np.int64)
+    return crossed
+
+
+def pick_crossed(choices: List[np.ndarray], scenes: np.ndarray,
+                 seed: Union[int, Sequence[int]]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(instruction id [B], has one [B] bool)``: one sibling instruction per scene, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    picked = np.zeros(len(scenes), np.int64)
+    found = np.zeros(len(scenes), bool)
+    for row, scene in enumerate(scenes):
+        options = choices[int(scene)]
+        if len(options):
+            picked[row], found[row] = options[rng.integers(len(options))], True
+    return picked, found
 
 
 def moving_token_maps(examples: TrackExamples, latent_grid: Tuple[int, int], chunk: int = 256) -> np.ndarray:
@@ -239,7 +300,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                init: Optional[PathLike] = None, official_config: Optional[ModelConfig] = None,
                official_vae: Optional[PathLike] = None, resume: bool = False,
                latent_draw: Optional[str] = None, moving_weight: float = 0.0,
-               text_context: bool = False) -> Dict[str, float]:
+               text_context: bool = False, time_mean: float = 0.0,
+               instruction_contrast: float = 0.0) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
@@ -251,6 +313,9 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     weight of the latent tokens of moving points (:func:`moving_token_maps`; 0: every token the same).
     ``text_context``: give the denoiser the instruction as a cross-attention context token too
     (``DenoiserConfig.text_context``); a fine-tuned model gains the new projection, every other weight is kept.
+    ``time_mean``: location of the logit-normal flow time (below 0 trains nearer the noise end).
+    ``instruction_contrast``: weight of the instruction contrast (:func:`~traj_forecast_ros.model.flow.
+    instruction_contrast_loss`) on the samples of branch groups; needs the words text encoder.
     """
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
@@ -303,7 +368,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
 
         objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw,
                                   text_encoder=text_encoder if text_ids_table is not None else None,
-                                  moving_weight=moving_weight)
+                                  moving_weight=moving_weight, time_mean=time_mean,
+                                  instruction_contrast=instruction_contrast)
         moving = moving_token_maps(examples, vae.latent_grid) if moving_weight > 0 else None
         if moving is not None:
             log.info("moving latent tokens (weighted %.1f): %.1f %%", 1 + moving_weight, 100 * moving.mean())
@@ -311,6 +377,14 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
             config.null_instruction = ""  # the empty instruction is trained as the unconditional one: guidance
         instruction_index = (examples.dataset.load("instructions").astype(np.int64)
                              if text_ids_table is not None else None)
+        siblings = None
+        if instruction_contrast > 0:
+            if instruction_index is None or not examples.dataset.has("branch_groups"):
+                raise ValueError("the instruction contrast needs the words text encoder and a dataset with branch "
+                                 "groups (`traj-forecast data sim-manipulation`)")
+            siblings = crossed_instructions(examples.dataset.load("branch_groups"), instruction_index)
+            log.info("instruction contrast (weight %g): %.1f %% of the examples have a sibling instruction",
+                     instruction_contrast, 100 * np.mean([len(siblings[i]) > 0 for i in examples.scene_indices]))
 
         def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
             scenes = examples.scenes(indices)
@@ -327,6 +401,10 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                 batch["text_ids"] = text_ids_table[instruction_index[scenes]]  # (B, L)
             if moving is not None:
                 batch["moving"] = torch.from_numpy(moving[indices])  # (B, h, w)
+            if siblings is not None:
+                crossed_ids, crossed = pick_crossed(siblings, scenes, (settings.seed, *map(int, indices[:8])))
+                batch["crossed_text_ids"] = text_ids_table[crossed_ids]  # (B, L)
+                batch["crossed"] = torch.from_numpy(crossed)  # (B,)
             return batch
 
         trainer = Trainer(objective, trained, make_batch, len(examples), settings, out_dir, info, stage="flow")
