@@ -204,9 +204,9 @@ def _sample_errors(prediction: torch.Tensor, target: torch.Tensor, weight: Optio
 
 def instruction_contrast_loss(denoiser: nn.Module, x1: torch.Tensor, cond_latent: torch.Tensor,
                               frame_features: torch.Tensor, text_embeds: torch.Tensor,
-                              crossed_text_embeds: torch.Tensor, crossed: torch.Tensor, generator: Optional[torch.Generator] = None,
-                              weight: Optional[torch.Tensor] = None, time_mean: float = 0.0, temperature: float = 0.01,
-                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+                              crossed_text_embeds: torch.Tensor, crossed: torch.Tensor,
+                              generator: Optional[torch.Generator] = None, weight: Optional[torch.Tensor] = None,
+                              time_mean: float = 0.0, temperature: float = 0.01) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(flow loss, contrast loss)``: :func:`flow_matching_loss` and, on the same noised inputs, how well the
     denoiser's error tells the sample's own instruction from a sibling's.
 
@@ -226,5 +226,5 @@ def instruction_contrast_loss(denoiser: nn.Module, x1: torch.Tensor, cond_latent
     if rows.numel() == 0:
         return flow, flow.new_zeros(())
     row_weight = None if weight is None else weight.expand(x1.shape[0], *weight.shape[1:])[rows]
-    gap = _sample_errors(own[rows], target[rows], row_weight) - _sample_errors(other, target[rows], row_weight)  # (P,)
+    gap = _sample_errors(own[rows], target[rows], row_weight) - _sample_errors(other, target[rows], row_weight)
     return flow, F.softplus(gap / temperature).mean()
