@@ -42,10 +42,9 @@ from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, instruction_contrast_loss, latents_to_grid
 from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary, text_encoder_weights
-from traj_forecast_ros.data.dataset import NO_BRANCH_GROUP
 from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
-from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, moving_mask
+from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, branch_pairs, moving_mask
 from traj_forecast_ros.train.data import (
     TrackExamples,
     build_image_encoder,
@@ -113,7 +112,8 @@ class FlowObjective(nn.Module):
         """``moving`` [B, h, w]: the latent tokens of :func:`moving_token_maps`, weighted ``1 + moving_weight``.
         ``crossed_text_ids`` [B, L] and ``crossed`` [B] bool: a sibling branch's instruction per sample (rows where
         ``crossed`` is set), for the instruction contrast; a dropped instruction drops its row from the contrast."""
-        contrast = self.instruction_contrast > 0 and crossed is not None and crossed_text_ids is not None
+        contrast = (self.instruction_contrast > 0 and text_ids is not None and crossed is not None
+                    and crossed_text_ids is not None)
         if text_ids is not None:
             if self.text_encoder is None:
                 raise ValueError("text_ids given but the objective has no trainable text encoder")
@@ -133,7 +133,7 @@ class FlowObjective(nn.Module):
         weight = None
         if moving is not None and self.moving_weight > 0:
             weight = 1.0 + self.moving_weight * moving.to(x1.dtype)[:, None, None]  # (B, 1, 1, h, w)
-        if not contrast or text_ids is None:
+        if not contrast:
             return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator, weight,
                                                self.time_mean)}
         flow, gap = instruction_contrast_loss(self.denoiser, x1, cond, features, text_embeds, crossed_embeds, crossed,
@@ -143,17 +143,12 @@ class FlowObjective(nn.Module):
 
 def crossed_instructions(branch_groups: np.ndarray, instructions: np.ndarray) -> List[np.ndarray]:
     """Per dataset sample, the instruction ids of its branch siblings whose instruction differs from its own
-    (empty for a sample outside any branch group). ``branch_groups`` and ``instructions`` are [N] per sample."""
-    members: Dict[int, List[int]] = {}
-    for index, group in enumerate(branch_groups.tolist()):
-        if group != NO_BRANCH_GROUP:
-            members.setdefault(group, []).append(index)
-    crossed = [np.zeros(0, np.int64)] * len(branch_groups)
-    for indices in members.values():
-        for index in indices:
-            others = {int(instructions[j]) for j in indices} - {int(instructions[index])}
-            crossed[index] = np.array(sorted(others), np.int64)
-    return crossed
+    (empty for a sample outside any branch group): the partners of :func:`~traj_forecast_ros.metrics.branch_pairs`.
+    ``branch_groups`` and ``instructions`` are [N] per sample."""
+    partners: List[set] = [set() for _ in range(len(branch_groups))]
+    for i, j in branch_pairs(branch_groups, instructions):
+        partners[i].add(int(instructions[j]))
+    return [np.array(sorted(ids), np.int64) for ids in partners]
 
 
 def pick_crossed(choices: List[np.ndarray], scenes: np.ndarray,
