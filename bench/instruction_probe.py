@@ -9,7 +9,8 @@
 * **Does the denoiser read it** (``--flow-pairs N``): for the first N usable pairs whose futures part, the flow
   error of the denoiser on sample i's encoded true future, noised at each of ``--flow-times``, under i's own
   instruction and under j's (same noise): the mean errors, the share of pairs where the own one is lower, and the
-  mean squared velocity difference. Near t = 0 only the instruction can tell the two futures apart.
+  mean squared velocity difference; and how far apart the pair's two encoded futures are (mean squared difference
+  per scaled latent element). Near t = 0 only the instruction can tell the two futures apart.
 
     .venv/bin/python bench/instruction_probe.py --model models/sim-manipulation --data runs/sim2/test --groups 8
 """
@@ -21,7 +22,7 @@ import collections
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -83,8 +84,9 @@ def forecast_sensitivity(forecaster: Forecaster, dataset: TrajectoryDataset, row
 
 @torch.no_grad()
 def flow_gaps(model_dir: str, dataset: TrajectoryDataset, rows: List[Dict], pairs: int,
-              times: Sequence[float]) -> Dict[str, Dict[str, float]]:
-    """Per flow time: the denoiser's error on sample i's true future under i's and j's instruction (see above)."""
+              times: Sequence[float]) -> Tuple[Dict[str, float], Dict[str, Dict[str, float]]]:
+    """``(futures, per time)``: how far apart each pair's two encoded futures are, and per flow time the denoiser's
+    error on sample i's true future under i's and j's instruction (see above)."""
     config, denoiser, vae = load_model_dir(model_dir)
     text_encoder = build_text_encoder(config, model_dir=model_dir)
     image_encoder = build_image_encoder(config, model_dir=model_dir)
@@ -94,13 +96,20 @@ def flow_gaps(model_dir: str, dataset: TrajectoryDataset, rows: List[Dict], pair
     usable = set(usable_samples(dataset).tolist())  # as training and evaluation: no off-screen projections
     chosen = [row for row in rows if row["parting_px"] > MOVING_THRESHOLD_PX and set(row["pair"]) <= usable][:pairs]
     results: Dict[float, List[tuple]] = {t: [] for t in times}
-    for row in chosen:
-        i = row["pair"][0]
-        image = torch.from_numpy(np.array(features[i], dtype=np.float32))[None]  # (1, N, D), a writable copy
-        tracks = torch.from_numpy(dataset.gather("tracks", [i])[0, 0].astype(np.float32))[None]  # (1, T, H, W, 2)
+
+    def scaled_future(index: int, image: torch.Tensor) -> torch.Tensor:
+        """Sample ``index``'s true future as the denoiser's scaled latent grid (1, T, C, h, w)."""
+        tracks = torch.from_numpy(dataset.gather("tracks", [index])[0, 0].astype(np.float32))[None]  # (1, T, H, W, 2)
         future, _ = vae.encode(normalise_points(tracks, tuple(config.image_size)).permute(0, 1, 4, 2, 3), image)
+        return latents_to_grid(future * inv_scale, vae.latent_grid)
+
+    future_gaps = []
+    for row in chosen:
+        i, j = row["pair"]
+        image = torch.from_numpy(np.array(features[i], dtype=np.float32))[None]  # (1, N, D), a writable copy
+        x1 = scaled_future(i, image)  # (1, T, C, h, w)
+        future_gaps.append(float(((x1 - scaled_future(j, image))[:, 1:] ** 2).mean()))  # the two branches' latents
         static, _ = vae.encode(torch.from_numpy(static_tracks_norm(config, 1)), image)
-        x1 = latents_to_grid(future * inv_scale, vae.latent_grid)  # (1, T, C, h, w)
         cond = latents_to_grid(static[:, :1] * inv_scale, vae.latent_grid)  # (1, 1, C, h, w)
         texts = text_encoder(list(row["instructions"]))  # (2, E): own, partner's
         noise = torch.randn(x1.shape, generator=torch.Generator().manual_seed(int(i)))
@@ -111,6 +120,9 @@ def flow_gaps(model_dir: str, dataset: TrajectoryDataset, rows: List[Dict], pair
             target = (x1 - noise)[:, 1:]
             own, other = ((velocity - target) ** 2).flatten(1).mean(1).tolist()
             results[t].append((own, other, float(((velocity[0] - velocity[1]) ** 2).mean())))
+    futures = {"pairs": len(future_gaps),
+               "latent_gap_mean": float(np.mean(future_gaps)) if future_gaps else float("nan"),
+               "latent_gap_median": float(np.median(future_gaps)) if future_gaps else float("nan")}
     report = {}
     for t, values in results.items():
         table = np.array(values).reshape(-1, 3)
@@ -118,7 +130,7 @@ def flow_gaps(model_dir: str, dataset: TrajectoryDataset, rows: List[Dict], pair
                             "partner_error": float(table[:, 1].mean()),
                             "own_lower_share": float((table[:, 0] < table[:, 1]).mean()),
                             "velocity_gap": float(table[:, 2].mean())}
-    return report
+    return futures, report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -165,7 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not Path(args.model).is_dir():
             parser.error("--flow-pairs needs --model as a model directory")
         times = [float(t) for t in args.flow_times.split(",")]
-        report["flow_gap"] = flow_gaps(args.model, dataset, rows, args.flow_pairs, times)
+        futures, report["flow_gap"] = flow_gaps(args.model, dataset, rows, args.flow_pairs, times)
+        report["flow_future_gap"] = futures
+        print(f"  the pairs' two encoded futures differ by {futures['latent_gap_mean']:.4f} (median "
+              f"{futures['latent_gap_median']:.4f}) per scaled latent element")
         for t, gap in report["flow_gap"].items():
             print(f"  flow error at t = {t} over {gap['pairs']} pairs: own instruction {gap['own_error']:.4f}, "
                   f"the partner's {gap['partner_error']:.4f}; own lower in {gap['own_lower_share']:.0%}; velocity "

@@ -120,6 +120,7 @@ def test_instruction_probe_measures_the_futures_and_the_forecasts(branch_data, b
     for row in report["sensitivity"]:
         assert row["instruction_effect_px"] == 0.0 and row["seed_effect_px"] > 0.0
     assert sorted(report["flow_gap"]) == ["0", "0.5"]
+    assert report["flow_future_gap"]["pairs"] == 3 and report["flow_future_gap"]["latent_gap_mean"] > 0
     for gap in report["flow_gap"].values():
         assert gap["pairs"] == 3 and gap["own_error"] > 0 and gap["own_error"] == gap["partner_error"]
         assert gap["own_lower_share"] == 0.0 and gap["velocity_gap"] == 0.0
