@@ -57,3 +57,25 @@ def test_denoiser_profile_quick_run(capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "denoiser evaluation:" in printed and "linear GEMMs alone:" in printed
     assert "between ops (Python, dispatch" in printed and "efficiency 0.7: an evaluation must take" in printed
+
+
+def test_planner_stillness_reads_the_sim_bag_and_scores_a_model(capsys):
+    """bench/planner_stillness.py: the sim bag's agent-view frames with their instructions, the truth's marked share,
+    and one model's per-frame shares, all in [0, 1]; zero motion marks nothing."""
+    import numpy as np
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("planner_stillness", BENCH.parent / "planner_stillness.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not (BENCH.parents[1] / "models" / "sim-manipulation" / "denoiser.safetensors").is_file():
+        pytest.skip("models/sim-manipulation is not in this checkout")
+    frames = bench.agent_view_frames(bench.SIM_SAMPLE_BAG, every=16)
+    assert len(frames) >= 2 and all(image.shape == (128, 128, 3) and instruction for _, image, instruction in frames)
+    assert bench.moving_share(np.zeros((32, 32))) == 0.0 and bench.moving_share(np.full((32, 32), 0.75)) == 1.0
+    assert bench.main(["--model", "sim-manipulation", "--every", "16", "--samples", "2", "--steps", "2",
+                       "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    shares = [float(line.split("mean ")[1].split(",")[0]) for line in printed.splitlines() if "mean " in line]
+    assert "truth: share of the view that moves" in printed and len(shares) == 2
+    assert all(0.0 <= share <= 1.0 for share in shares)

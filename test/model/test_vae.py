@@ -212,6 +212,34 @@ def test_loss_recon_delta_and_latent_noise(vae: TrajectoryVAE) -> None:
     torch.testing.assert_close(out["mse"], (decoded - tracks).square().mean())
 
 
+def test_latent_noise_on_still_tokens_only(vae: TrajectoryVAE) -> None:
+    """``noise_still_tokens_only``: the extra latent noise reaches exactly the latent tokens whose patch holds no
+    moving point (row-major, as the patch embedding orders them); moving tokens decode the plain posterior draw."""
+    tracks, features = inputs(vae.cfg)
+    patch = vae.patch_size
+    tracks[:, :, :, :patch] = tracks[:, :1, :, :patch]  # the first row of patches stays still
+    tracks[1, :, :, patch:, :patch] = tracks[1, :1, :, patch:, :patch]  # and, in sample 1, the first column too
+    noise_std = torch.linspace(0.1, 0.4, vae.latent_channels)
+    decoded_latents = []
+    decode = vae.decode
+    vae.decode = lambda z, context: decoded_latents.append(z) or decode(z, context)  # type: ignore[method-assign]
+    with torch.no_grad():
+        vae.loss(tracks, features, generator=torch.Generator().manual_seed(5), latent_noise=noise_std,
+                 moving_threshold=0.05, noise_still_tokens_only=True)
+        gen = torch.Generator().manual_seed(5)
+        mean, std = vae.encode(tracks, features)
+        draw = mean + std * torch.randn(mean.shape, generator=gen)  # (B, T, L, C)
+        noise = torch.randn(mean.shape, generator=gen) * noise_std
+    rows, cols = vae.latent_grid
+    still = torch.zeros(2, rows, cols, dtype=torch.bool)
+    still[:, 0] = True
+    still[1, :, 0] = True
+    still = still.reshape(2, 1, rows * cols, 1)
+    torch.testing.assert_close(decoded_latents[0], draw + noise * still)
+    assert 0 < still.sum() < still.numel()
+    assert not vae.still_tokens(torch.ones(1, *tracks.shape[-2:], dtype=torch.bool)).any()  # all moving: none still
+
+
 def test_loss_moving_weight_matches_a_hand_computation(vae: TrajectoryVAE) -> None:
     """With ``moving_weight`` w, each point whose true track peaks more than ``moving_threshold`` from frame 0 weighs
     1 + w in the reconstruction mean (normalised by the mean weight); w = 0 is the plain mean, bit for bit."""

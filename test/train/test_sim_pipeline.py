@@ -236,11 +236,13 @@ def test_per_view_and_per_kind_evaluation(sim_data, model_run, tmp_path, make_se
         for label, values in report[group].items():
             assert set(values) == methods, (group, label)
             for method in methods:
-                for key in ("best_of_k_mse", "fvmd", "lrtl", "diversity", "background_mean_displacement"):
+                for key in ("best_of_k_mse", "fvmd", "lrtl", "diversity", "background_mean_displacement",
+                            "background_moving_share"):
                     assert key in values[method], (group, label, method, key)
     assert sum(report["per_view"][v]["ours"]["scenes"] for v in VIEWS) == 8
     zero = report["results"]["zero_motion"]
     assert zero["diversity"] == 0.0 and zero["background_mean_displacement"] == 0.0
+    assert zero["background_moving_share"] == 0.0
     assert all(report["per_view"][v]["zero_motion"]["diversity"] == 0.0 for v in VIEWS)
     assert report["results"]["regressor"]["diversity"] == 0.0
     # zero motion is exact on the static points: its best-of-K is the cube's motion only

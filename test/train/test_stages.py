@@ -117,13 +117,15 @@ def test_vae_run_directory_has_latent_scale_and_encoder(tiny_vae_run, read_metri
     assert [int(r["step"]) for r in rows] == list(range(1, 9)) and "recon_rmse_px" in rows[0]
 
 
+@pytest.mark.parametrize("still_only", [False, True])
 def test_decoder_only_fine_tune_keeps_the_latent_space(tiny_data, tiny_vae_run, tmp_path, make_settings,
-                                                      read_metrics):
+                                                      read_metrics, still_only):
     """``decoder_only``: every weight outside the decoder (and the image encoder) is bit-identical to --init's, so
-    the latent scale and a flow trained on the old latents stay valid; the decoder's weights moved."""
+    the latent scale and a flow trained on the old latents stay valid; the decoder's weights moved. The same with
+    the latent noise on still tokens only."""
     out = tmp_path / "decoder"
     train_vae(tiny_data, out, tiny_blocks_config(), make_settings(steps=4), init=tiny_vae_run, decoder_only=True,
-              recon_delta=0.01, latent_noise=0.1)
+              recon_delta=0.01, latent_noise=0.1, noise_still_tokens_only=still_only)
     before, after = load_file(str(tiny_vae_run / "vae.safetensors")), load_file(str(out / "vae.safetensors"))
     decoder = ("from_latents.", "decoder_blocks.", "final_layer.")
     moved = {key for key in before if not torch.equal(before[key], after[key])}
@@ -143,6 +145,9 @@ def test_decoder_only_options_are_checked(tiny_data, tiny_vae_run, tmp_path, mak
         train_vae(tiny_data, tmp_path / "a", config, make_settings(steps=1), decoder_only=True)
     with pytest.raises(ValueError, match="decoder-only"):
         train_vae(tiny_data, tmp_path / "b", config, make_settings(steps=1), init=tiny_vae_run, latent_noise=0.1)
+    with pytest.raises(ValueError, match="needs latent noise"):
+        train_vae(tiny_data, tmp_path / "e", config, make_settings(steps=1), init=tiny_vae_run, decoder_only=True,
+                  noise_still_tokens_only=True)
     with pytest.raises(ValueError, match="recon_delta > 0"):
         train_vae(tiny_data, tmp_path / "c", config, make_settings(steps=1), init=tiny_vae_run, decoder_only=True,
                   recon_delta=0.0)

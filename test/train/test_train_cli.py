@@ -84,8 +84,8 @@ def test_train_vae_config_choice_with_init(tmp_path, monkeypatch):
 
 
 def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
-    """--decoder-only, --recon-delta, --latent-noise and --moving-weight reach train_vae; their defaults are the
-    official recipe."""
+    """--decoder-only, --recon-delta, --latent-noise, --latent-noise-still-only and --moving-weight reach train_vae;
+    their defaults are the official recipe."""
     import traj_forecast_ros.commands.train as train_command  # the train_vae the command calls
 
     seen = []
@@ -93,9 +93,9 @@ def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
     common = ["train", "vae", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(common) == 0
     assert main([*common, "--init", str(tmp_path), "--decoder-only", "--recon-delta", "0.01",
-                 "--latent-noise", "0.1", "--moving-weight", "4"]) == 0
-    assert [(kw["decoder_only"], kw["recon_delta"], kw["latent_noise"], kw["moving_weight"]) for kw in seen] == [
-        (False, 1.0, 0.0, 0.0), (True, 0.01, 0.1, 4.0)]
+                 "--latent-noise", "0.1", "--latent-noise-still-only", "--moving-weight", "4"]) == 0
+    assert [(kw["decoder_only"], kw["recon_delta"], kw["latent_noise"], kw["noise_still_tokens_only"],
+             kw["moving_weight"]) for kw in seen] == [(False, 1.0, 0.0, False, 0.0), (True, 0.01, 0.1, True, 4.0)]
 
 
 def test_train_flow_passes_the_moving_weight_text_context_and_contrast(tmp_path, monkeypatch):

@@ -102,6 +102,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vae.add_argument("--latent-noise", type=float, default=0.0,
                      help="with --decoder-only: extra noise on the decoded latents, in units of each channel's "
                           "latent scale (robustness to the flow's errors)")
+    vae.add_argument("--latent-noise-still-only", action="store_true",
+                     help="with --latent-noise: add it only to the latent tokens whose patch holds no moving point "
+                          "(still regions learn to stay still; moving ones keep their full motion)")
     vae.add_argument("--moving-weight", type=float, default=0.0,
                      help="extra weight w of the reconstruction of points whose true track moves more than 5 px "
                           "(each weighs 1 + w; default 0: every point the same)")
@@ -165,7 +168,8 @@ def _train_vae(args: argparse.Namespace) -> int:
     return _report(train_vae(args.data, args.out, config, settings, init=args.init, resume=args.resume,
                              beta=args.beta, encoder_dir=args.encoder, decoder_only=args.decoder_only,
                              recon_delta=args.recon_delta, latent_noise=args.latent_noise,
-                             moving_weight=args.moving_weight))
+                             moving_weight=args.moving_weight,
+                             noise_still_tokens_only=args.latent_noise_still_only))
 
 
 def _train_encoder(args: argparse.Namespace) -> int:

@@ -222,6 +222,12 @@ class TrajectoryVAE(nn.Module):
         x = self.final_layer(x, ops)  # (B*T, L, p*p*2)
         return unpatchify(x, batch, self.latent_grid, self.patch_size)  # (B, T, 2, H, W)
 
+    def still_tokens(self, moving_points: torch.Tensor) -> torch.Tensor:
+        """moving_points [B, H, W] bool -> [B, L] bool: True for the latent tokens whose patch holds no moving
+        point (row-major, the order of the patch embedding)."""
+        moving = F.max_pool2d(moving_points[:, None].float(), self.patch_size)  # (B, 1, h, w)
+        return rearrange(moving, "b 1 h w -> b (h w)") == 0
+
     @staticmethod
     def sample_posterior(
         mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator] = None
@@ -244,6 +250,7 @@ class TrajectoryVAE(nn.Module):
         self, tracks_norm: torch.Tensor, frame_features: torch.Tensor, beta: Optional[float] = None,
         generator: Optional[torch.Generator] = None, recon_delta: float = 1.0,
         latent_noise: Optional[torch.Tensor] = None, moving_weight: float = 0.0, moving_threshold: float = 0.0,
+        noise_still_tokens_only: bool = False,
     ) -> Dict[str, torch.Tensor]:
         """beta-VAE objective: Huber reconstruction + beta * KL(q || N(0, I)), each a batch mean.
 
@@ -251,7 +258,9 @@ class TrajectoryVAE(nn.Module):
         official recipe, is the squared error for every realistic error; a small delta is close to L1, whose
         minimiser is the conditional median and so keeps points that do not move exactly still). ``kl`` is averaged
         over [T, L, C]; ``beta`` defaults to ``cfg.beta``. ``latent_noise`` [C]: the std of extra Gaussian noise added
-        to the posterior draw per latent channel before decoding (robustness to a generator's latent errors).
+        to the posterior draw per latent channel before decoding (robustness to a generator's latent errors); with
+        ``noise_still_tokens_only`` it goes only to the latent tokens whose patch holds no moving point, so the
+        decoder learns to keep noisy still regions still without learning to shrink the motion of moving ones.
         ``moving_weight`` w: the reconstruction error of a point whose true track moves more than
         ``moving_threshold`` (normalised units, peak distance from frame 0) weighs 1 + w, normalised by the batch's
         mean weight (w = 0: the plain mean). Moving points are a small share of a scene, and an unweighted mean lets a
@@ -261,12 +270,14 @@ class TrajectoryVAE(nn.Module):
         beta = self.cfg.beta if beta is None else beta
         mean, std = self.encode(tracks_norm, frame_features)  # (B, T, L, Z) each
         z = self.sample_posterior(mean, std, generator)  # (B, T, L, Z)
+        peak = (tracks_norm - tracks_norm[:, :1]).norm(dim=2).amax(dim=1)  # (B, H, W)
         if latent_noise is not None:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            if noise_still_tokens_only:
+                noise = noise * self.still_tokens(peak > moving_threshold)[:, None, :, None].to(noise)
             z = z + noise * latent_noise.to(z)
         recon_tracks = self.decode(z, frame_features)  # (B, T, 2, H, W)
         if moving_weight:
-            peak = (tracks_norm - tracks_norm[:, :1]).norm(dim=2).amax(dim=1)  # (B, H, W)
             weight = 1.0 + moving_weight * (peak > moving_threshold).to(recon_tracks.dtype)  # (B, H, W)
             error = F.huber_loss(recon_tracks, tracks_norm, delta=recon_delta, reduction="none")  # (B, T, 2, H, W)
             recon = (error * weight[:, None, None]).mean() / weight.mean()

@@ -7,8 +7,9 @@ A language-conditioned model gets each sample's own instruction when the dataset
 
 Besides the overall metrics, the report breaks every method down by task kind (``per_kind``) and by camera view
 (``per_view``) with the same metrics (best-of-K and mean-of-K MSE, FVMD, LRTL when object ids are stored,
-diversity) plus ``background_mean_displacement``: the mean final displacement of the points on static geometry
-(object id 0), which an ideal forecaster keeps at 0.
+diversity) plus two figures of the points on static geometry (object id 0), which an ideal forecaster keeps at 0:
+``background_mean_displacement``, their mean final displacement, and ``background_moving_share``, the share of them
+that more than half of the samples move more than 2 px at some frame (what the example planner's maps would mark).
 
 Every method is also scored where the motion is (:func:`traj_forecast_ros.metrics.moving_region_metrics`: the
 points whose true track moves more than 5 px; best-of-K / mean-of-K MSE, ADE, FDE and motion calibration there).
@@ -172,6 +173,28 @@ def background_mean_displacement(pred: np.ndarray, object_ids: Optional[np.ndarr
     return float(moved.transpose(1, 0, 2, 3)[:, static].mean())
 
 
+def background_moving_share(pred: np.ndarray, object_ids: Optional[np.ndarray],
+                            threshold_px: float = metrics.STATIC_MOVING_THRESHOLD_PX) -> Optional[float]:
+    """Share of the points with object id 0 in ``pred [N, K, T, Hq, Wq, 2]`` that more than half of the K samples
+    move more than ``threshold_px`` from frame 0 at some frame (None without object ids or static points): the
+    static scene the example planner's maps would mark as moving. Unlike the mean final displacement it also counts
+    points that wander mid-horizon and come back."""
+    if object_ids is None:
+        return None
+    static = np.asarray(object_ids) == 0  # [N, Hq, Wq]
+    if not static.any():
+        return None
+    peak = np.linalg.norm(pred - pred[:, :, :1], axis=-1).max(axis=2)  # [N, K, Hq, Wq]
+    most_move = (peak > threshold_px).mean(axis=1) > 0.5  # [N, Hq, Wq]
+    return float(most_move[static].mean())
+
+
+def stillness_metrics(pred: np.ndarray, object_ids: Optional[np.ndarray]) -> Dict[str, Optional[float]]:
+    """The two static-scene figures of ``pred``: mean final displacement and the share most samples move."""
+    return {"background_mean_displacement": background_mean_displacement(pred, object_ids),
+            "background_moving_share": background_moving_share(pred, object_ids)}
+
+
 def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids: Optional[np.ndarray],
                   kinds: Optional[List[Optional[str]]], labels: Sequence[Optional[str]]) -> Dict[str, Dict]:
     """``{label: {method: metrics}}`` for the scenes of each distinct label (None labels are left out)."""
@@ -183,7 +206,7 @@ def group_metrics(predictions: Dict[str, np.ndarray], gt: np.ndarray, object_ids
         groups[label] = {}
         for name, pred in predictions.items():
             values = metrics.evaluate_predictions(pred[chosen], gt[chosen], ids, chosen_kinds)
-            values["background_mean_displacement"] = background_mean_displacement(pred[chosen], ids)
+            values.update(stillness_metrics(pred[chosen], ids))
             groups[label][name] = values
     return groups
 
@@ -263,7 +286,7 @@ def evaluate(data_dir: PathLike, model: Optional[PathLike] = None, regressor: Op
 
     results = {name: metrics.evaluate_predictions(pred, gt, object_ids, kinds) for name, pred in predictions.items()}
     for name, pred in predictions.items():
-        results[name]["background_mean_displacement"] = background_mean_displacement(pred, object_ids)
+        results[name].update(stillness_metrics(pred, object_ids))
     per_kind = group_metrics(predictions, gt, object_ids, kinds, kinds) if kinds is not None else {}
     per_view = group_metrics(predictions, gt, object_ids, kinds, views) if views is not None else {}
     paired = None

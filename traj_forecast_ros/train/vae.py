@@ -45,18 +45,21 @@ PathLike = Union[str, Path]
 class VAEObjective(nn.Module):
     """``forward(tracks_norm, features, generator) -> dict(loss, recon, kl, mse, recon_rmse_px)`` of a TrajectoryVAE.
 
-    ``recon_delta``, ``latent_noise`` [C] and ``moving_weight`` go to :meth:`TrajectoryVAE.loss`; a point counts as
-    moving past :data:`~traj_forecast_ros.metrics.MOVING_THRESHOLD_PX`, the evaluation's threshold.
+    ``recon_delta``, ``latent_noise`` [C], ``moving_weight`` and ``noise_still_tokens_only`` go to
+    :meth:`TrajectoryVAE.loss`; a point counts as moving past :data:`~traj_forecast_ros.metrics.MOVING_THRESHOLD_PX`,
+    the evaluation's threshold.
     """
 
     def __init__(self, vae: TrajectoryVAE, beta: float, image_size, recon_delta: float = 1.0,
-                 latent_noise: Optional[torch.Tensor] = None, moving_weight: float = 0.0) -> None:
+                 latent_noise: Optional[torch.Tensor] = None, moving_weight: float = 0.0,
+                 noise_still_tokens_only: bool = False) -> None:
         super().__init__()
         self.vae = vae
         self.beta = float(beta)
         self.half_size = float(max(image_size)) / 2.0
         self.recon_delta = float(recon_delta)
         self.moving_weight = float(moving_weight)
+        self.noise_still_tokens_only = bool(noise_still_tokens_only)
         self.moving_threshold = MOVING_THRESHOLD_PX / self.half_size  # normalised units
         self.register_buffer("latent_noise", latent_noise, persistent=False)
 
@@ -65,7 +68,8 @@ class VAEObjective(nn.Module):
         """tracks_norm [B, T, 2, Hq, Wq], features [B, N, D]."""
         losses = self.vae.loss(tracks_norm, features, beta=self.beta, generator=generator,
                                recon_delta=self.recon_delta, latent_noise=self.latent_noise,
-                               moving_weight=self.moving_weight, moving_threshold=self.moving_threshold)
+                               moving_weight=self.moving_weight, moving_threshold=self.moving_threshold,
+                               noise_still_tokens_only=self.noise_still_tokens_only)
         losses["recon_rmse_px"] = torch.sqrt(losses["mse"].float()) * self.half_size
         return losses
 
@@ -122,7 +126,8 @@ def write_vae_dir(out_dir: PathLike, config: ModelConfig, vae: TrajectoryVAE, im
 def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settings: TrainSettings,
               init: Optional[PathLike] = None, resume: bool = False, beta: Optional[float] = None,
               scale_examples: int = 512, encoder_dir: Optional[PathLike] = None, decoder_only: bool = False,
-              recon_delta: float = 1.0, latent_noise: float = 0.0, moving_weight: float = 0.0) -> Dict[str, float]:
+              recon_delta: float = 1.0, latent_noise: float = 0.0, moving_weight: float = 0.0,
+              noise_still_tokens_only: bool = False) -> Dict[str, float]:
     """Train the VAE of ``config`` on a dataset and write the stage-1 run directory; returns the last logged values.
 
     ``init``: fine-tune from a model/run directory or a VAE checkpoint file (its image encoder is reused when the
@@ -133,7 +138,8 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
     ``decoder_only``: fine-tune only the decoder of ``init`` (:meth:`TrajectoryVAE.freeze_all_but_decoder`); the
     posteriors, hence the latent scale and any flow trained on them, stay exactly as they were. ``recon_delta``: the
     Huber delta of the reconstruction (normalised units; 1 is the official recipe). ``latent_noise``: extra noise
-    added to the posterior draws before decoding, in units of each latent channel's scale (decoder-only runs).
+    added to the posterior draws before decoding, in units of each latent channel's scale (decoder-only runs);
+    ``noise_still_tokens_only``: only on the latent tokens whose patch holds no moving point.
     ``moving_weight``: extra weight of the reconstruction of points whose true track moves (:class:`VAEObjective`).
     """
     if config.vae is None:
@@ -142,6 +148,8 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
         raise ValueError("a decoder-only fine-tune needs --init (the VAE whose latent space to keep)")
     if latent_noise and not decoder_only:
         raise ValueError("latent noise is for decoder-only fine-tunes (it would also shape the encoder's latents)")
+    if noise_still_tokens_only and not latent_noise:
+        raise ValueError("noise on still tokens only needs latent noise (--latent-noise > 0)")
     if recon_delta <= 0 or latent_noise < 0 or moving_weight < 0:
         raise ValueError(f"need recon_delta > 0, latent_noise >= 0 and moving_weight >= 0, got {recon_delta}, "
                          f"{latent_noise} and {moving_weight}")
@@ -165,7 +173,8 @@ def train_vae(data_dir: PathLike, out_dir: PathLike, config: ModelConfig, settin
             if latent_noise:
                 noise_std = latent_noise * torch.tensor(scale, dtype=torch.float32)
         beta = config.vae.beta if beta is None else beta
-        objective = VAEObjective(vae, beta, config.image_size, recon_delta, noise_std, moving_weight)
+        objective = VAEObjective(vae, beta, config.image_size, recon_delta, noise_std, moving_weight,
+                                 noise_still_tokens_only)
 
         trainer = Trainer(objective, vae, examples.batch, len(examples), settings, out_dir, info, stage="vae")
         last = trainer.fit(resume=resume)
