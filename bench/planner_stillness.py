@@ -27,6 +27,7 @@ from traj_forecast_ros.bag.report import read_forecasts, stamp_ns  # noqa: E402
 from traj_forecast_ros.bag.sim_sample import INSTRUCTION_TOPIC, SIM_SAMPLE_BAG  # noqa: E402
 from traj_forecast_ros.forecaster import Forecaster  # noqa: E402
 from traj_forecast_ros.ros.conversions import msg_to_arrays  # noqa: E402
+from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX  # noqa: E402
 
 CAMERA = "/agentview"
 
@@ -63,7 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--bag", type=Path, default=SIM_SAMPLE_BAG)
     parser.add_argument("--samples", type=int, default=4, help="K (the replay test's 4)")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
-    parser.add_argument("--threshold", type=float, default=2.0, help="pixels that count as moving (the node's 2)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_MOVING_THRESHOLD_PX,
+                        help="pixels that count as moving (default: the node's)")
     parser.add_argument("--every", type=int, default=3, help="use every N-th frame")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)

@@ -270,15 +270,18 @@ class TrajectoryVAE(nn.Module):
         beta = self.cfg.beta if beta is None else beta
         mean, std = self.encode(tracks_norm, frame_features)  # (B, T, L, Z) each
         z = self.sample_posterior(mean, std, generator)  # (B, T, L, Z)
-        peak = (tracks_norm - tracks_norm[:, :1]).norm(dim=2).amax(dim=1)  # (B, H, W)
+        moving = None
+        if moving_weight or (latent_noise is not None and noise_still_tokens_only):
+            peak = (tracks_norm - tracks_norm[:, :1]).norm(dim=2).amax(dim=1)  # (B, H, W)
+            moving = peak > moving_threshold  # (B, H, W) points whose true track moves
         if latent_noise is not None:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             if noise_still_tokens_only:
-                noise = noise * self.still_tokens(peak > moving_threshold)[:, None, :, None].to(noise)
+                noise = noise * self.still_tokens(moving)[:, None, :, None].to(noise)
             z = z + noise * latent_noise.to(z)
         recon_tracks = self.decode(z, frame_features)  # (B, T, 2, H, W)
         if moving_weight:
-            weight = 1.0 + moving_weight * (peak > moving_threshold).to(recon_tracks.dtype)  # (B, H, W)
+            weight = 1.0 + moving_weight * moving.to(recon_tracks.dtype)  # (B, H, W)
             error = F.huber_loss(recon_tracks, tracks_norm, delta=recon_delta, reduction="none")  # (B, T, 2, H, W)
             recon = (error * weight[:, None, None]).mean() / weight.mean()
         else:

@@ -35,6 +35,7 @@ from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.geometry import denormalise_points, normalise_points
 from traj_forecast_ros.model.checkpoint import load_model_config
 from traj_forecast_ros.registry import resolve
+from traj_forecast_ros.summaries import DEFAULT_MOVING_THRESHOLD_PX, planner_summaries
 from traj_forecast_ros.train.data import usable_samples
 from traj_forecast_ros.train.figure import comparison_figure, pick_scenes
 from traj_forecast_ros.train.regressor import load_regressor
@@ -174,9 +175,10 @@ def background_mean_displacement(pred: np.ndarray, object_ids: Optional[np.ndarr
 
 
 def background_moving_share(pred: np.ndarray, object_ids: Optional[np.ndarray],
-                            threshold_px: float = metrics.STATIC_MOVING_THRESHOLD_PX) -> Optional[float]:
-    """Share of the points with object id 0 in ``pred [N, K, T, Hq, Wq, 2]`` that more than half of the K samples
-    move more than ``threshold_px`` from frame 0 at some frame (None without object ids or static points): the
+                            threshold_px: float = DEFAULT_MOVING_THRESHOLD_PX) -> Optional[float]:
+    """Share of the points with object id 0 in ``pred [N, K, T, Hq, Wq, 2]`` whose planner motion probability
+    (:func:`~traj_forecast_ros.summaries.planner_summaries`: the share of samples that move the point more than
+    ``threshold_px`` from frame 0 at some frame) exceeds one half (None without object ids or static points): the
     static scene the example planner's maps would mark as moving. Unlike the mean final displacement it also counts
     points that wander mid-horizon and come back."""
     if object_ids is None:
@@ -184,9 +186,8 @@ def background_moving_share(pred: np.ndarray, object_ids: Optional[np.ndarray],
     static = np.asarray(object_ids) == 0  # [N, Hq, Wq]
     if not static.any():
         return None
-    peak = np.linalg.norm(pred - pred[:, :, :1], axis=-1).max(axis=2)  # [N, K, Hq, Wq]
-    most_move = (peak > threshold_px).mean(axis=1) > 0.5  # [N, Hq, Wq]
-    return float(most_move[static].mean())
+    probability = np.stack([planner_summaries(scene, threshold_px).motion_probability for scene in pred])  # [N, Hq, Wq]
+    return float((probability[static] > 0.5).mean())
 
 
 def stillness_metrics(pred: np.ndarray, object_ids: Optional[np.ndarray]) -> Dict[str, Optional[float]]:
