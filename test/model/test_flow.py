@@ -189,8 +189,9 @@ def test_instruction_contrast_shares_the_flow_loss_and_scores_the_error_gap() ->
     def generator():
         return torch.Generator().manual_seed(5)
 
-    flow, gap = instruction_contrast_loss(TextShiftField(), x1, cond, features, own, crossed_text, crossed,
-                                          generator(), temperature=0.5)
+    flow, gap, still = instruction_contrast_loss(TextShiftField(), x1, cond, features, own, crossed_text, crossed,
+                                                 generator(), temperature=0.5)
+    assert still.item() == 0.0  # no region: no crossed-still term
     torch.testing.assert_close(flow, flow_matching_loss(TextShiftField(), x1, cond, features, own, generator()))
     field = ZeroField()  # the same noised inputs, recovered from a recording field
     flow_matching_loss(field, x1, cond, features, None, generator())
@@ -204,11 +205,63 @@ def test_instruction_contrast_shares_the_flow_loss_and_scores_the_error_gap() ->
     expected = torch.stack([F.softplus((err(r, own[r, 0]) - err(r, crossed_text[r, 0])) / 0.5) for r in (0, 2)])
     torch.testing.assert_close(gap, expected.mean(), atol=1e-5, rtol=1e-4)
     # a field that ignores the instruction sits at chance, log 2; no crossed rows: no contrast
-    _, blind = instruction_contrast_loss(ZeroField(), x1, cond, features, own, crossed_text, crossed, generator())
+    _, blind, _ = instruction_contrast_loss(ZeroField(), x1, cond, features, own, crossed_text, crossed, generator())
     torch.testing.assert_close(blind, torch.tensor(math.log(2.0)))
-    _, none = instruction_contrast_loss(TextShiftField(), x1, cond, features, own, crossed_text,
+    _, none, _ = instruction_contrast_loss(TextShiftField(), x1, cond, features, own, crossed_text,
                                         torch.zeros(3, dtype=torch.bool), generator())
     assert none.item() == 0.0
+
+
+class TokenTextField(nn.Module):
+    """Velocity ``text[:, 0]`` on the latent token (0, 0) and ``text[:, 1]`` everywhere else."""
+
+    def forward(self, x, t, frame_features, text_embeds=None):
+        out = torch.zeros_like(x) + text_embeds[:, 1, None, None, None, None]
+        out[..., 0, 0] = text_embeds[:, :1, None]
+        return out
+
+
+def test_instruction_contrast_on_motion_compares_errors_only_where_a_branch_moves() -> None:
+    """With ``region``, the error gap counts only the region's tokens, rows without any are left out, and
+    ``crossed_still`` is the crossed pass's mean squared error on the other tokens (frames 1..)."""
+    x1, cond = torch.randn(3, 3, 2, 2, 2), torch.randn(3, 1, 2, 2, 2)
+    features = torch.zeros(3, 1, 1)
+    own = torch.tensor([[0.5, 0.0], [0.0, 0.0], [-1.0, 0.2]])
+    crossed_text = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.5, -4.0]])
+    crossed = torch.tensor([True, True, True])
+    region = torch.zeros(3, 2, 2, dtype=torch.bool)
+    region[0, 0, 0] = region[2, 0, 0] = True  # row 1: nothing moves in its group
+
+    def generator():
+        return torch.Generator().manual_seed(9)
+
+    flow, gap, still = instruction_contrast_loss(TokenTextField(), x1, cond, features, own, crossed_text, crossed,
+                                                 generator(), temperature=0.5, region=region)
+    torch.testing.assert_close(flow, flow_matching_loss(TokenTextField(), x1, cond, features, own, generator()))
+    field = ZeroField()
+    flow_matching_loss(field, x1, cond, features, None, generator())
+    x_t, t = field.inputs
+    t_b = t.view(3, 1, 1, 1, 1)
+    target = x1[:, 1:] - (x_t[:, 1:] - t_b * x1[:, 1:]) / (1 - t_b)  # (3, T-1, C, h, w)
+
+    def token_err(row, value):  # the region: token (0, 0) only
+        return ((value - target[row, :, :, 0, 0]) ** 2).mean()
+
+    expected = torch.stack([F.softplus((token_err(r, own[r, 0]) - token_err(r, crossed_text[r, 0])) / 0.5)
+                            for r in (0, 2)])
+    torch.testing.assert_close(gap, expected.mean(), atol=1e-5, rtol=1e-4)
+    outside = torch.ones(2, 2, dtype=torch.bool)
+    outside[0, 0] = False
+    errors = torch.cat([((crossed_text[r, 1] - target[r][..., outside]) ** 2).flatten() for r in (0, 2)])
+    torch.testing.assert_close(still, errors.mean(), atol=1e-5, rtol=1e-4)
+    # the same field without the region: the still background's large crossed error would win the contrast
+    _, whole, _ = instruction_contrast_loss(TokenTextField(), x1, cond, features, own, crossed_text, crossed,
+                                            generator(), temperature=0.5)
+    assert not torch.allclose(whole, gap)
+    # no row with a moving token: no contrast and no crossed-still term
+    _, none, none_still = instruction_contrast_loss(TokenTextField(), x1, cond, features, own, crossed_text, crossed,
+                                                    generator(), region=torch.zeros_like(region))
+    assert none.item() == 0.0 and none_still.item() == 0.0
 
 
 def test_instruction_contrast_trains_a_denoiser_to_read_the_instruction(tiny: ModelConfig) -> None:
@@ -234,7 +287,7 @@ def test_instruction_contrast_trains_a_denoiser_to_read_the_instruction(tiny: Mo
     before = sum(gap(seed) for seed in range(100, 110)) / 10
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(40):
-        flow, contrast = instruction_contrast_loss(model, x1, cond, features, texts, swapped, both,
+        flow, contrast, _ = instruction_contrast_loss(model, x1, cond, features, texts, swapped, both,
                                                    torch.Generator().manual_seed(step), time_mean=-2.0)
         optimizer.zero_grad()
         (flow + 0.1 * contrast).backward()

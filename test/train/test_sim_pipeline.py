@@ -187,6 +187,27 @@ def test_instruction_contrast_fine_tunes_on_branch_groups_only(sim_data, model_r
                    instruction_contrast=0.1)
 
 
+def test_contrast_on_motion_logs_the_crossed_still_term(model_run, tmp_path):
+    """``--contrast-on-motion --crossed-still W`` on branch-grouped data: the log holds the crossed pass's still-token
+    error, and the loss is flow + contrast weight * contrast + W * crossed_still."""
+    from traj_forecast_ros.cli import main
+
+    branched = write_tiny_sim(tmp_path / "branched", scenes=3, seed=2, branch_groups=True)
+    assert main(["train", "flow", "--data", str(branched), "--out", str(tmp_path / "tuned"), "--init",
+                 str(model_run / "flow"), "--instruction-contrast", "0.1", "--contrast-on-motion", "--crossed-still",
+                 "2", "--latent-draw", "mean", "--steps", "3", "--batch-size", "4", "--log-every", "1",
+                 "--no-progress", "--device", "cpu", "--threads", "1"]) == 0
+    rows = (tmp_path / "tuned" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"loss", "flow", "contrast", "crossed_still"} <= set(header) and len(rows) == 4
+    for row in rows[1:]:
+        values = dict(zip(header, map(float, row.split(","))))
+        assert values["crossed_still"] >= 0 and np.isfinite(values["crossed_still"])
+        assert values["loss"] == pytest.approx(values["flow"] + 0.1 * values["contrast"]
+                                               + 2 * values["crossed_still"], rel=1e-4)
+    assert any(float(dict(zip(header, row.split(",")))["crossed_still"]) > 0 for row in rows[1:])
+
+
 def test_text_encoder_is_trained_with_the_denoiser(model_run):
     from safetensors.torch import load_file
 

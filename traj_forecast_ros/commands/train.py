@@ -132,6 +132,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flow.add_argument("--instruction-contrast", type=float, default=0.0, help="weight of the instruction contrast: on "
                       "samples with sibling branches, the error with the own instruction must beat the error with a "
                       "sibling's (default 0: off)")
+    flow.add_argument("--contrast-on-motion", action="store_true", help="compare the contrast's errors only on the "
+                      "latent tokens that move in some branch of the sample's group (a wrong instruction cannot win by "
+                      "moving the still background)")
+    flow.add_argument("--crossed-still", type=float, default=0.0, help="with --contrast-on-motion: weight of the "
+                      "crossed instruction's error on the tokens no branch moves (they stay still whatever the "
+                      "instruction; default 0: off)")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
@@ -192,7 +198,8 @@ def _train_flow(args: argparse.Namespace) -> int:
                               official_config=official_config, official_vae=args.vae if official else None,
                               resume=args.resume, latent_draw=args.latent_draw,
                               moving_weight=args.moving_weight, text_context=args.text_context,
-                              time_mean=args.time_mean, instruction_contrast=args.instruction_contrast))
+                              time_mean=args.time_mean, instruction_contrast=args.instruction_contrast,
+                              contrast_on_motion=args.contrast_on_motion, crossed_still=args.crossed_still))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

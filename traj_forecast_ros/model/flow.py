@@ -7,7 +7,7 @@ conditioning frame (latent of the static query grid): it is pinned to ``cond_lat
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -202,29 +202,55 @@ def _sample_errors(prediction: torch.Tensor, target: torch.Tensor, weight: Optio
     return (weight * err).flatten(1).sum(1) / weight.flatten(1).sum(1)
 
 
+class ContrastLosses(NamedTuple):
+    """The parts of :func:`instruction_contrast_loss` (scalars)."""
+
+    flow: torch.Tensor  # the flow-matching loss under the samples' own instructions
+    contrast: torch.Tensor  # the two-way cross-entropy of telling the own instruction from the crossed one
+    crossed_still: torch.Tensor  # the crossed pass's error on the tokens no branch moves (0 without ``region``)
+
+
 def instruction_contrast_loss(denoiser: nn.Module, x1: torch.Tensor, cond_latent: torch.Tensor,
                               frame_features: torch.Tensor, text_embeds: torch.Tensor,
                               crossed_text_embeds: torch.Tensor, crossed: torch.Tensor,
                               generator: Optional[torch.Generator] = None, weight: Optional[torch.Tensor] = None,
-                              time_mean: float = 0.0, temperature: float = 0.01) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(flow loss, contrast loss)``: :func:`flow_matching_loss` and, on the same noised inputs, how well the
-    denoiser's error tells the sample's own instruction from a sibling's.
+                              time_mean: float = 0.0, temperature: float = 0.01,
+                              region: Optional[torch.Tensor] = None) -> ContrastLosses:
+    """:func:`flow_matching_loss` and, on the same noised inputs, how well the denoiser's error tells the sample's
+    own instruction from a sibling's.
 
     ``crossed`` [B] bool marks the samples with a crossed instruction ``crossed_text_embeds`` [B, E] (another branch
     of the same frame 0, whose true future differs). For those rows the denoiser also runs with the crossed
-    instruction (in the same call), and the contrast loss is the two-way cross-entropy of a classifier whose logit is
+    instruction (in the same call), and the contrast is the two-way cross-entropy of a classifier whose logit is
     the error difference: ``mean(softplus((err_own - err_crossed) / temperature))`` (``err``: per-sample weighted
     mean squared error). It is zero when no row has a crossed instruction.
+
+    ``region`` [B, h, w] bool, when given, marks the latent tokens where some branch of the sample's group moves.
+    The contrast then compares errors on those tokens only (rows without any are left out), so that it cannot be won
+    by moving what no instruction moves; and ``crossed_still`` is the crossed pass's mean squared error on the other
+    tokens, where the crossed instruction's true future stands as still as the sample's own.
     """
     x_t, t, target = _noised(x1, cond_latent, generator, time_mean)
+    if region is not None:
+        region = region.to(device=x1.device, dtype=torch.bool)  # (B, h, w)
+        crossed = crossed.to(x1.device) & region.flatten(1).any(1)
     rows = torch.nonzero(crossed.to(x1.device), as_tuple=False).flatten()  # (P,)
     inputs = torch.cat([x_t, x_t[rows]])  # (B + P, T, C, h, w)
     texts = torch.cat([text_embeds, crossed_text_embeds[rows].to(text_embeds)])  # (B + P, E)
     prediction = denoiser(inputs, torch.cat([t, t[rows]]), torch.cat([frame_features, frame_features[rows]]), texts)
     own, other = prediction[:x1.shape[0]], prediction[x1.shape[0]:]  # (B, ...), (P, ...)
     flow = _masked_loss(own, target, weight)
+    zero = flow.new_zeros(())
     if rows.numel() == 0:
-        return flow, flow.new_zeros(())
+        return ContrastLosses(flow, zero, zero)
     row_weight = None if weight is None else weight.expand(x1.shape[0], *weight.shape[1:])[rows]
+    crossed_still = zero
+    if region is not None:
+        inside = region[rows][:, None, None].to(x1.dtype)  # (P, 1, 1, h, w)
+        row_weight = inside if row_weight is None else row_weight * inside
+        outside = 1.0 - inside
+        if bool(outside.any()):
+            err = (other[:, 1:] - target[rows][:, 1:]) ** 2  # (P, T-1, C, h, w)
+            crossed_still = (outside * err).sum() / outside.expand_as(err).sum()
     gap = _sample_errors(own[rows], target[rows], row_weight) - _sample_errors(other, target[rows], row_weight)
-    return flow, F.softplus(gap / temperature).mean()
+    return ContrastLosses(flow, F.softplus(gap / temperature).mean(), crossed_still)

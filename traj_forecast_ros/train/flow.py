@@ -21,7 +21,10 @@ Instruction contrast (optional, not in the paper): in a branch-grouped dataset s
 differ in instruction and future. For each sample with such a sibling, the denoiser also runs on the same noised
 input with the sibling's instruction, and a two-way cross-entropy asks its error under the own instruction to beat
 the error under the sibling's (:func:`~traj_forecast_ros.model.flow.instruction_contrast_loss`). The flow loss alone
-hides this signal: the instruction decides only the few moving tokens, and only near the noise end.
+hides this signal: the instruction decides only the few moving tokens, and only near the noise end. With
+``contrast_on_motion`` the contrast compares errors only on the latent tokens that move in some branch of the group
+(:func:`branch_moving_maps`), so it cannot be won by moving still background under a wrong instruction, and
+``crossed_still`` weighs the crossed pass's error on the other tokens, which stand still whatever the instruction.
 """
 
 from __future__ import annotations
@@ -78,13 +81,20 @@ class FlowObjective(nn.Module):
     def __init__(self, denoiser: LatteDenoiser, latent_scale, latent_grid: Tuple[int, int],
                  latent_draw: str = "sample", text_encoder: Optional[WordTextEncoder] = None,
                  text_dropout: float = TEXT_DROPOUT, moving_weight: float = 0.0, time_mean: float = 0.0,
-                 instruction_contrast: float = 0.0, contrast_temperature: float = CONTRAST_TEMPERATURE) -> None:
+                 instruction_contrast: float = 0.0, contrast_temperature: float = CONTRAST_TEMPERATURE,
+                 contrast_on_motion: bool = False, crossed_still: float = 0.0) -> None:
         super().__init__()
-        if moving_weight < 0 or instruction_contrast < 0:
-            raise ValueError(f"moving_weight and instruction_contrast must be >= 0, got {moving_weight} and "
-                             f"{instruction_contrast}")
+        if moving_weight < 0 or instruction_contrast < 0 or crossed_still < 0:
+            raise ValueError(f"moving_weight, instruction_contrast and crossed_still must be >= 0, got "
+                             f"{moving_weight}, {instruction_contrast} and {crossed_still}")
         if instruction_contrast > 0 and text_encoder is None:
             raise ValueError("the instruction contrast needs the trainable words text encoder")
+        if (contrast_on_motion or crossed_still > 0) and instruction_contrast <= 0:
+            raise ValueError("contrast_on_motion and crossed_still refine the instruction contrast: set its weight")
+        if crossed_still > 0 and not contrast_on_motion:
+            raise ValueError("crossed_still needs contrast_on_motion (the tokens that no branch moves)")
+        self.contrast_on_motion = bool(contrast_on_motion)  # contrast only where some branch moves
+        self.crossed_still = float(crossed_still)  # weight of the crossed pass's error where no branch moves
         self.time_mean = float(time_mean)  # location of the logit-normal flow time (0: the official recipe)
         self.instruction_contrast = float(instruction_contrast)  # weight of the contrast term
         self.contrast_temperature = float(contrast_temperature)
@@ -108,10 +118,13 @@ class FlowObjective(nn.Module):
                 cond_std: torch.Tensor, features: torch.Tensor, text_embeds: Optional[torch.Tensor] = None,
                 text_ids: Optional[torch.Tensor] = None, moving: Optional[torch.Tensor] = None,
                 crossed_text_ids: Optional[torch.Tensor] = None, crossed: Optional[torch.Tensor] = None,
+                branch_moving: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """``moving`` [B, h, w]: the latent tokens of :func:`moving_token_maps`, weighted ``1 + moving_weight``.
         ``crossed_text_ids`` [B, L] and ``crossed`` [B] bool: a sibling branch's instruction per sample (rows where
-        ``crossed`` is set), for the instruction contrast; a dropped instruction drops its row from the contrast."""
+        ``crossed`` is set), for the instruction contrast; a dropped instruction drops its row from the contrast.
+        ``branch_moving`` [B, h, w]: the tokens that move in some branch of the sample's group
+        (:func:`branch_moving_maps`), needed with ``contrast_on_motion``."""
         contrast = (self.instruction_contrast > 0 and text_ids is not None and crossed is not None
                     and crossed_text_ids is not None)
         if text_ids is not None:
@@ -136,9 +149,16 @@ class FlowObjective(nn.Module):
         if not contrast:
             return {"loss": flow_matching_loss(self.denoiser, x1, cond, features, text_embeds, generator, weight,
                                                self.time_mean)}
-        flow, gap = instruction_contrast_loss(self.denoiser, x1, cond, features, text_embeds, crossed_embeds, crossed,
-                                              generator, weight, self.time_mean, self.contrast_temperature)
-        return {"loss": flow + self.instruction_contrast * gap, "flow": flow.detach(), "contrast": gap.detach()}
+        if self.contrast_on_motion and branch_moving is None:
+            raise ValueError("contrast_on_motion needs the batch's branch_moving token maps")
+        parts = instruction_contrast_loss(self.denoiser, x1, cond, features, text_embeds, crossed_embeds, crossed,
+                                          generator, weight, self.time_mean, self.contrast_temperature,
+                                          region=branch_moving if self.contrast_on_motion else None)
+        loss = parts.flow + self.instruction_contrast * parts.contrast + self.crossed_still * parts.crossed_still
+        logged = {"loss": loss, "flow": parts.flow.detach(), "contrast": parts.contrast.detach()}
+        if self.contrast_on_motion:
+            logged["crossed_still"] = parts.crossed_still.detach()
+        return logged
 
 
 def crossed_instructions(branch_groups: np.ndarray, instructions: np.ndarray) -> List[np.ndarray]:
@@ -162,6 +182,19 @@ def pick_crossed(choices: List[np.ndarray], scenes: np.ndarray,
         if len(options):
             picked[row], found[row] = options[rng.integers(len(options))], True
     return picked, found
+
+
+def branch_moving_maps(moving: np.ndarray, example_scenes: np.ndarray, branch_groups: np.ndarray) -> np.ndarray:
+    """``[E, h, w]`` bool: per example, the union of ``moving`` [E, h, w] (:func:`moving_token_maps`) over every
+    example whose scene (``example_scenes`` [E], dataset indices) is in the same branch group (``branch_groups`` [N],
+    -1: none). An example outside any group keeps its own map. The complement holds the tokens that no instruction
+    of the group moves."""
+    groups = np.asarray(branch_groups)[np.asarray(example_scenes)]  # (E,)
+    union = np.array(moving, dtype=bool, copy=True)
+    for group in np.unique(groups[groups >= 0]):
+        members = groups == group
+        union[members] = moving[members].any(axis=0)
+    return union
 
 
 def moving_token_maps(examples: TrackExamples, latent_grid: Tuple[int, int], chunk: int = 256) -> np.ndarray:
@@ -296,7 +329,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                official_vae: Optional[PathLike] = None, resume: bool = False,
                latent_draw: Optional[str] = None, moving_weight: float = 0.0,
                text_context: bool = False, time_mean: float = 0.0,
-               instruction_contrast: float = 0.0) -> Dict[str, float]:
+               instruction_contrast: float = 0.0, contrast_on_motion: bool = False,
+               crossed_still: float = 0.0) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
@@ -311,6 +345,7 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     ``time_mean``: location of the logit-normal flow time (below 0 trains nearer the noise end).
     ``instruction_contrast``: weight of the instruction contrast (:func:`~traj_forecast_ros.model.flow.
     instruction_contrast_loss`) on the samples of branch groups; needs the words text encoder.
+    ``contrast_on_motion`` and ``crossed_still``: see :class:`FlowObjective`.
     """
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
@@ -364,9 +399,10 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         objective = FlowObjective(denoiser, config.latent_scale, vae.latent_grid, config.latent_draw,
                                   text_encoder=text_encoder if text_ids_table is not None else None,
                                   moving_weight=moving_weight, time_mean=time_mean,
-                                  instruction_contrast=instruction_contrast)
-        moving = moving_token_maps(examples, vae.latent_grid) if moving_weight > 0 else None
-        if moving is not None:
+                                  instruction_contrast=instruction_contrast, contrast_on_motion=contrast_on_motion,
+                                  crossed_still=crossed_still)
+        moving = moving_token_maps(examples, vae.latent_grid) if moving_weight > 0 or contrast_on_motion else None
+        if moving is not None and moving_weight > 0:
             log.info("moving latent tokens (weighted %.1f): %.1f %%", 1 + moving_weight, 100 * moving.mean())
         if objective.text_encoder is not None and objective.text_dropout > 0:
             config.null_instruction = ""  # the empty instruction is trained as the unconditional one: guidance
@@ -380,6 +416,12 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
             siblings = crossed_instructions(examples.dataset.load("branch_groups"), instruction_index)
             log.info("instruction contrast (weight %g): %.1f %% of the examples have a sibling instruction",
                      instruction_contrast, 100 * np.mean([len(siblings[i]) > 0 for i in examples.scene_indices]))
+        branch_moving = None
+        if contrast_on_motion:
+            branch_moving = branch_moving_maps(moving, examples.scenes(np.arange(len(examples))),
+                                               examples.dataset.load("branch_groups"))
+            log.info("contrast on the tokens some branch moves (%.1f %%); crossed-still weight %g",
+                     100 * branch_moving.mean(), crossed_still)
 
         def make_batch(indices: np.ndarray) -> Dict[str, torch.Tensor]:
             scenes = examples.scenes(indices)
@@ -394,8 +436,10 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                 batch["text_embeds"] = text.expand(len(indices), -1)
             if text_ids_table is not None:
                 batch["text_ids"] = text_ids_table[instruction_index[scenes]]  # (B, L)
-            if moving is not None:
+            if moving is not None and moving_weight > 0:
                 batch["moving"] = torch.from_numpy(moving[indices])  # (B, h, w)
+            if branch_moving is not None:
+                batch["branch_moving"] = torch.from_numpy(branch_moving[indices])  # (B, h, w)
             if siblings is not None:
                 crossed_ids, crossed = pick_crossed(siblings, scenes, (settings.seed, *map(int, indices[:8])))
                 batch["crossed_text_ids"] = text_ids_table[crossed_ids]  # (B, L)
