@@ -2,12 +2,11 @@
 # The whole sim-manipulation pipeline, resumable and deterministic (docs/sim-manipulation.md, docs/results.md):
 #   data (robosuite; branch groups: several goals from one saved state) -> image encoder (pretrained here, or reused
 #   from ENCODER_FROM) -> VAE (moving points weighted) -> [decoder fine-tune] -> flow (instruction dropout: guidance)
-#   -> [parting data + the flow fine-tuned on both data sets] -> regressor -> evaluation on the held-out split ->
+#   -> [v3: the flow fine-tuned with the instruction contrast] -> regressor -> evaluation on the held-out split ->
 #   models/sim-manipulation (< 50 MB, models/registry.yaml).
 #
-#   bash scripts/train_sim.sh                 # about 2.5 h on the 2-core CPU; rerun the same command to resume
-#   V3=1 bash scripts/train_sim.sh            # the v3 candidate (not shipped; docs/results.md): parting data, the
-#                                             # flow fine-tuned in a chain of four stages, the decoder: about +5 h
+#   bash scripts/train_sim.sh                 # v3, shipped: about 3.5 h on the 2-core CPU; rerun to resume
+#   V3=0 bash scripts/train_sim.sh            # stop at v2 (the flow before the v3 fine-tune) and ship that
 #   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.2 h)
 #   ENCODER_FROM= PROBE=1 bash scripts/train_sim.sh  # pretrain the image encoder here (+ the random encoder's probe)
 #
@@ -43,18 +42,16 @@ DECODER_STEPS=${DECODER_STEPS:-0}        # decoder-only fine-tune of the VAE (la
 DECODER_DELTA=${DECODER_DELTA:-0.002}    # its Huber delta (normalised units at 128 px: 0.002 = 0.13 px; near L1)
 DECODER_NOISE=${DECODER_NOISE:-0.2}      # its latent noise (units of each channel's latent scale)
 FLOW_STEPS=${FLOW_STEPS:-3000}
-# v3: a second data set whose branch goals head first for places PARTING_M apart and share one speed (their futures
-# part inside the horizon, so only the instruction tells them apart), and the flow fine-tuned on both data sets
-PARTING_M=${PARTING_M:-0.06}
-PARTING_SHARDS=${PARTING_SHARDS:-48}      # train shards (seed SEED+1); its test split (seed SEED) is the held-out one
-V3=${V3:-0}                               # 1: the v3 stages below, shipped instead of v2 (0: v2, shipped now)
-FLOW_MOVING_WEIGHT=${FLOW_MOVING_WEIGHT:-3}  # the v3 fine-tunes' extra loss weight of moving points' latent tokens
-PARTING_FLOW_STEPS=${PARTING_FLOW_STEPS:-3000}  # v3 chain: 1. on both data sets, moving tokens weighted
-CONTEXT_FLOW_STEPS=${CONTEXT_FLOW_STEPS:-2000}  # 2. + the instruction read as a context token (--text-context)
-CONTRAST_FLOW_STEPS=${CONTRAST_FLOW_STEPS:-3000 2500}  # 3., 4.: + the instruction contrast, one stage per entry,
-CONTRAST_WEIGHTS=${CONTRAST_WEIGHTS:-0.1 0.2}          #   with these weights
-FLOW_TIME_MEAN=${FLOW_TIME_MEAN:--0.5}    # stages 3-4: the logit-normal flow time location (0: the official recipe)
-V3_DECODER_STEPS=${V3_DECODER_STEPS:-800}  # then the decoder fine-tuned alone for still points (0: none)
+# v3: v2's flow fine-tuned with the instruction as a context token and the instruction contrast on the tokens that
+# some branch of a group moves, while a crossed instruction keeps the rest still (docs/results.md)
+V3=${V3:-1}                               # 1: the v3 stage below, shipped (0: v2's flow, shipped before 2026-12-07)
+V3_FLOW_STEPS=${V3_FLOW_STEPS:-2500}
+FLOW_MOVING_WEIGHT=${FLOW_MOVING_WEIGHT:-3}  # extra loss weight of moving points' latent tokens
+INSTRUCTION_CONTRAST=${INSTRUCTION_CONTRAST:-0.2}  # weight of the instruction contrast
+CROSSED_STILL=${CROSSED_STILL:-1}         # weight of the crossed instruction's error where no branch moves
+FLOW_TIME_MEAN=${FLOW_TIME_MEAN:--0.5}    # the logit-normal flow time location (0: the official recipe)
+V3_THREADS=${V3_THREADS:-1}               # the shipped v3 ran on one thread (thread counts change float sums)
+V3_DECODER_STEPS=${V3_DECODER_STEPS:-0}   # then the decoder fine-tuned alone for still points (0: none, shipped)
 V3_DECODER_NOISE=${V3_DECODER_NOISE:-0.2}  # its latent noise (units of each channel's latent scale)
 V3_DECODER_STILL_ONLY=${V3_DECODER_STILL_ONLY:-0}  # 1: that noise only on latent tokens holding no moving point
 REGRESSOR_STEPS=${REGRESSOR_STEPS:-400}
@@ -157,67 +154,35 @@ if [[ "$STOP_AFTER_FLOW" == 1 ]]; then
     exit 0
 fi
 
-# 4b. (v3, V3=1) parting branch data; the flow fine-tuned on both data sets in a chain of resumable stages, each from
-#     the last: moving tokens weighted (flow_parting), + the instruction as a context token (flow_context), + the
-#     instruction contrast with the flow time moved toward noise (flow_contrast1, 2, ...); then the VAE decoder
-#     fine-tuned alone so still points stay still (vae_decoder_v3; the latent space, hence the flow, is unchanged).
-#     The model directory v3_model joins the last flow and that decoder. Stages with 0 steps are left out.
+# 4b. (v3, V3=1) the flow fine-tuned from v2's with the instruction as a context token and the instruction contrast
+#     on moving tokens (flow_v3); optionally the VAE decoder then fine-tuned alone (vae_decoder_v3; the latent space,
+#     hence the flow, is unchanged). The model directory v3_model joins the flow and the decoder.
 SHIP_FLOW=$RUN/flow
 TEST_DATA=$RUN/test
 if [[ "$V3" == 1 ]]; then
-    PARTING_ARGS=(--episodes-per-shard "$EPISODES_PER_SHARD" --goals-per-scene "$GOALS_PER_SCENE"
-                  --branch-frames "$BRANCH_FRAMES" --scenes "$SCENES" --goal-parting "$PARTING_M" --workers "$WORKERS")
-    if [[ ! -f "$RUN/parting.done" ]]; then
-        echo "[parting] generating into $RUN/parting (resumes), then $RUN/train_both = $RUN/train + $RUN/parting/train"
-        start=$SECONDS
-        "$TF" data sim-manipulation --out "$RUN/parting" --train-shards 0 --test-shards "$TEST_SHARDS" --seed "$SEED" \
-            "${PARTING_ARGS[@]}"
-        "$TF" data sim-manipulation --out "$RUN/parting" --train-shards "$PARTING_SHARDS" --test-shards 0 \
-            --seed "$((SEED + 1))" "${PARTING_ARGS[@]}"
-        rm -rf "$RUN/train_both"
-        "$TF" data merge --out "$RUN/train_both" "$RUN/train" "$RUN/parting/train"
-        echo "$((SECONDS - start)) s" > "$RUN/parting.done"
-    fi
-    last_flow=$RUN/flow
-    flow_v3() {  # flow_v3 NAME STEPS SEED ARGS...: one fine-tune of the chain, from the last stage's flow
-        local name=$1 steps=$2 seed=$3
-        shift 3
-        if (( steps == 0 )); then return 0; fi
-        stage "$name" "$RUN/$name" "$TF" train flow --out "$RUN/$name" --init "$last_flow" --data "$RUN/train_both" \
-            --moving-weight "$FLOW_MOVING_WEIGHT" --steps "$steps" --batch-size 16 --warmup 100 --schedule cosine \
-            --ema-decay 0.999 --latent-draw mean --threads "$THREADS" --seed "$seed" --device cpu --log-every 25 \
-            --checkpoint-every "$CHECKPOINT_EVERY" "$@"
-        last_flow=$RUN/$name
-    }
-    flow_v3 flow_parting "$PARTING_FLOW_STEPS" "$((SEED + 1))" --lr 4e-4
-    flow_v3 flow_context "$CONTEXT_FLOW_STEPS" "$((SEED + 2))" --lr 4e-4 --text-context
-    read -ra contrast_steps <<< "$CONTRAST_FLOW_STEPS"
-    read -ra contrast_weights <<< "$CONTRAST_WEIGHTS"
-    if (( ${#contrast_steps[@]} != ${#contrast_weights[@]} )); then
-        echo "error: CONTRAST_FLOW_STEPS and CONTRAST_WEIGHTS need one entry per stage" >&2
-        exit 2
-    fi
-    for i in "${!contrast_steps[@]}"; do
-        flow_v3 "flow_contrast$((i + 1))" "${contrast_steps[i]}" "$((SEED + 3 + i))" --lr 3e-4 \
-            --instruction-contrast "${contrast_weights[i]}" --time-mean "$FLOW_TIME_MEAN"
-    done
-    ship_vae=$last_flow/vae.safetensors
+    stage flow_v3 "$RUN/flow_v3" "$TF" train flow --out "$RUN/flow_v3" --init "$RUN/flow" --data "$RUN/train" \
+        --text-context --moving-weight "$FLOW_MOVING_WEIGHT" --instruction-contrast "$INSTRUCTION_CONTRAST" \
+        --contrast-on-motion --crossed-still "$CROSSED_STILL" --time-mean "$FLOW_TIME_MEAN" --steps "$V3_FLOW_STEPS" \
+        --batch-size 16 --lr 4e-4 --warmup 100 --schedule cosine --ema-decay 0.999 --latent-draw mean \
+        --threads "$V3_THREADS" --seed "$((SEED + 3))" --device cpu --log-every 25 \
+        --checkpoint-every "$CHECKPOINT_EVERY"
+    ship_vae=$RUN/flow_v3/vae.safetensors
     if (( V3_DECODER_STEPS > 0 )); then
         STILL_FLAG=""
         if [[ "$V3_DECODER_STILL_ONLY" == 1 ]]; then STILL_FLAG=--latent-noise-still-only; fi
         stage vae_decoder_v3 "$RUN/vae_decoder_v3" "$TF" train vae --out "$RUN/vae_decoder_v3" --init "$FLOW_VAE" \
             --decoder-only --recon-delta "$DECODER_DELTA" --latent-noise "$V3_DECODER_NOISE" $STILL_FLAG \
-            --moving-weight "$MOVING_WEIGHT" --data "$RUN/train_both" --steps "$V3_DECODER_STEPS" --batch-size 8 \
+            --moving-weight "$MOVING_WEIGHT" --data "$RUN/train" --steps "$V3_DECODER_STEPS" --batch-size 8 \
             --lr 3e-4 --warmup 50 --schedule cosine --ema-decay 0.995 "${COMMON[@]}" --seed "$((SEED + 5))"
         ship_vae=$RUN/vae_decoder_v3/vae.safetensors
     fi
     joined=$RUN/v3_model/.done
-    if [[ ! -f "$joined" || "$ship_vae" -nt "$joined" || "$last_flow/.done" -nt "$joined" ]]; then
+    if [[ ! -f "$joined" || "$ship_vae" -nt "$joined" || "$RUN/flow_v3/.done" -nt "$joined" ]]; then
         rm -rf "$RUN/v3_model" && mkdir -p "$RUN/v3_model"
-        cp -r "$last_flow/config.yaml" "$last_flow/denoiser.safetensors" "$last_flow/image_encoder" \
-            "$last_flow/text_encoder" "$RUN/v3_model/"
+        cp -r "$RUN/flow_v3/config.yaml" "$RUN/flow_v3/denoiser.safetensors" "$RUN/flow_v3/image_encoder" \
+            "$RUN/flow_v3/text_encoder" "$RUN/v3_model/"
         cp "$ship_vae" "$RUN/v3_model/vae.safetensors"
-        echo "$last_flow + $ship_vae" > "$RUN/v3_model/.done"
+        echo "$RUN/flow_v3 + $ship_vae" > "$RUN/v3_model/.done"
     fi
     SHIP_FLOW=$RUN/v3_model
 fi
@@ -229,10 +194,6 @@ stage regressor "$RUN/regressor" "$TF" train regressor --data "$RUN/train" --enc
 
 # 6. evaluation on the held-out split: overall, per task kind and per view (JSON + markdown)
 evaluate evaluate "$SHIP_FLOW" "$RUN/eval.json" --figure "$RUN/heldout_figure.png" --vae-bound
-# v3: also on the parting data's held-out split, where only the instruction tells the branches apart
-if [[ "$V3" == 1 ]]; then
-    TEST_DATA=$RUN/parting/test evaluate evaluate_parting "$SHIP_FLOW" "$RUN/eval_parting.json"
-fi
 # the same without instructions: the marginal over tasks, where the samples should spread over the candidate goals
 if [[ "$EVAL_NO_INSTRUCTION" == 1 ]]; then
     evaluate evaluate_no_instruction "$SHIP_FLOW" "$RUN/eval_no_instruction.json" --no-instructions
@@ -279,14 +240,12 @@ README
     if [[ "$V3" == 1 ]]; then
         cat >> "$staging/README.md" <<README
 
-v3: the flow then fine-tuned on both data sets (the first + $PARTING_SHARDS shards of parting branch goals,
-$PARTING_M m apart), moving tokens weighted $FLOW_MOVING_WEIGHT, in a chain of stages: $PARTING_FLOW_STEPS steps;
-$CONTEXT_FLOW_STEPS with the instruction as a context token; then ($CONTRAST_FLOW_STEPS) steps with the instruction
-contrast ($CONTRAST_WEIGHTS) and flow time mean $FLOW_TIME_MEAN. The VAE decoder then fine-tuned alone for
-$V3_DECODER_STEPS steps (latent noise $V3_DECODER_NOISE, on still tokens only: $V3_DECODER_STILL_ONLY). eval.json is
-the first data set's held-out split (the issue's targets); eval_parting.json the parting data's.
+v3: that flow then fine-tuned $V3_FLOW_STEPS steps on the same data (lr 4e-4, $V3_THREADS thread(s), seed
+$((SEED + 3))) with the instruction also as a cross-attention context token, moving tokens weighted
+$FLOW_MOVING_WEIGHT, flow time mean $FLOW_TIME_MEAN, and the instruction contrast (weight $INSTRUCTION_CONTRAST)
+on the latent tokens that some branch of a group moves, while the crossed instruction's error on the other tokens
+is trained too (weight $CROSSED_STILL). VAE decoder fine-tune after it: $V3_DECODER_STEPS steps.
 README
-        cp "$RUN/eval_parting.json" "$staging/eval_parting.json"
     fi
     size_mb=$(du -sm "$staging" | cut -f1)
     if (( size_mb >= 50 )); then
