@@ -44,7 +44,7 @@ DECODER_NOISE=${DECODER_NOISE:-0.2}      # its latent noise (units of each chann
 FLOW_STEPS=${FLOW_STEPS:-3000}
 # v3: v2's flow fine-tuned with the instruction as a context token and the instruction contrast on the tokens that
 # some branch of a group moves, while a crossed instruction keeps the rest still (docs/results.md)
-V3=${V3:-1}                               # 1: the v3 stage below, shipped (0: v2's flow, shipped before 2026-12-07)
+V3=${V3:-1}                               # 1: the v3 stage below, shipped (0: ship v2's flow, the model before v3)
 V3_FLOW_STEPS=${V3_FLOW_STEPS:-2500}
 FLOW_MOVING_WEIGHT=${FLOW_MOVING_WEIGHT:-3}  # extra loss weight of moving points' latent tokens
 INSTRUCTION_CONTRAST=${INSTRUCTION_CONTRAST:-0.2}  # weight of the instruction contrast
