@@ -231,10 +231,11 @@ def instruction_contrast_loss(denoiser: nn.Module, x1: torch.Tensor, cond_latent
     tokens, where the crossed instruction's true future stands as still as the sample's own.
     """
     x_t, t, target = _noised(x1, cond_latent, generator, time_mean)
+    crossed = crossed.to(x1.device)
     if region is not None:
         region = region.to(device=x1.device, dtype=torch.bool)  # (B, h, w)
-        crossed = crossed.to(x1.device) & region.flatten(1).any(1)
-    rows = torch.nonzero(crossed.to(x1.device), as_tuple=False).flatten()  # (P,)
+        crossed = crossed & region.flatten(1).any(1)
+    rows = torch.nonzero(crossed, as_tuple=False).flatten()  # (P,)
     inputs = torch.cat([x_t, x_t[rows]])  # (B + P, T, C, h, w)
     texts = torch.cat([text_embeds, crossed_text_embeds[rows].to(text_embeds)])  # (B + P, E)
     prediction = denoiser(inputs, torch.cat([t, t[rows]]), torch.cat([frame_features, frame_features[rows]]), texts)

@@ -402,8 +402,9 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                                   instruction_contrast=instruction_contrast, contrast_on_motion=contrast_on_motion,
                                   crossed_still=crossed_still)
         moving = moving_token_maps(examples, vae.latent_grid) if moving_weight > 0 or contrast_on_motion else None
-        if moving is not None and moving_weight > 0:
-            log.info("moving latent tokens (weighted %.1f): %.1f %%", 1 + moving_weight, 100 * moving.mean())
+        weighted = moving if moving_weight > 0 else None  # the token maps the flow loss weights
+        if weighted is not None:
+            log.info("moving latent tokens (weighted %.1f): %.1f %%", 1 + moving_weight, 100 * weighted.mean())
         if objective.text_encoder is not None and objective.text_dropout > 0:
             config.null_instruction = ""  # the empty instruction is trained as the unconditional one: guidance
         instruction_index = (examples.dataset.load("instructions").astype(np.int64)
@@ -436,8 +437,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                 batch["text_embeds"] = text.expand(len(indices), -1)
             if text_ids_table is not None:
                 batch["text_ids"] = text_ids_table[instruction_index[scenes]]  # (B, L)
-            if moving is not None and moving_weight > 0:
-                batch["moving"] = torch.from_numpy(moving[indices])  # (B, h, w)
+            if weighted is not None:
+                batch["moving"] = torch.from_numpy(weighted[indices])  # (B, h, w)
             if branch_moving is not None:
                 batch["branch_moving"] = torch.from_numpy(branch_moving[indices])  # (B, h, w)
             if siblings is not None:
