@@ -11,6 +11,9 @@
   instruction and under j's (same noise): the mean errors, the share of pairs where the own one is lower, and the
   mean squared velocity difference; and how far apart the pair's two encoded futures are (mean squared difference
   per scaled latent element). Near t = 0 only the instruction can tell the two futures apart.
+* **Can the text encoder tell them apart** (``--embedding-pairs N``): the cosine similarity of the model's
+  instruction embeddings over the pairs (mean and max), and the N most similar pairs. Siblings that embed to one
+  vector cannot be told apart by anything after the encoder.
 
     .venv/bin/python bench/instruction_probe.py --model models/sim-manipulation --data runs/sim2/test --groups 8
 """
@@ -133,6 +136,24 @@ def flow_gaps(model_dir: str, dataset: TrajectoryDataset, rows: List[Dict], pair
     return futures, report
 
 
+def embedding_similarity(model_dir: str, rows: List[Dict], shown: int) -> Dict:
+    """Cosine similarity of the instruction embeddings of every pair in ``rows``: mean, max and the ``shown`` most
+    similar distinct instruction pairs."""
+    config = load_model_dir(model_dir)[0]
+    encoder = build_text_encoder(config, model_dir=model_dir)
+    texts = sorted({text for row in rows for text in row["instructions"]})
+    with torch.no_grad():
+        embeddings = torch.nn.functional.normalize(encoder(texts).float(), dim=-1)
+    index = {text: k for k, text in enumerate(texts)}
+    similarity = {tuple(sorted(row["instructions"])): float(embeddings[index[row["instructions"][0]]]
+                                                            @ embeddings[index[row["instructions"][1]]])
+                  for row in rows}
+    values = np.array(list(similarity.values()))
+    closest = sorted(similarity.items(), key=lambda item: -item[1])[:shown]
+    return {"pairs": len(values), "cosine_mean": float(values.mean()), "cosine_max": float(values.max()),
+            "closest": [{"instructions": list(pair), "cosine": value} for pair, value in closest]}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory or registry name (omit: data only)")
@@ -141,6 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--flow-pairs", type=int, default=0, help="pairs for the denoiser's error gap (0: skip)")
     parser.add_argument("--flow-times", default="0,0.1,0.25,0.5", help="flow times of the error gap")
+    parser.add_argument("--embedding-pairs", type=int, default=0,
+                        help="show the N sibling instruction pairs whose embeddings are most alike (0: skip)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
@@ -185,6 +208,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  flow error at t = {t} over {gap['pairs']} pairs: own instruction {gap['own_error']:.4f}, "
                   f"the partner's {gap['partner_error']:.4f}; own lower in {gap['own_lower_share']:.0%}; velocity "
                   f"gap {gap['velocity_gap']:.5f}")
+    if args.model and args.embedding_pairs > 0:
+        if not Path(args.model).is_dir():
+            parser.error("--embedding-pairs needs --model as a model directory")
+        report["embeddings"] = similarity = embedding_similarity(args.model, rows, args.embedding_pairs)
+        print(f"  instruction embeddings of {similarity['pairs']} sibling pairs: cosine mean "
+              f"{similarity['cosine_mean']:.3f}, max {similarity['cosine_max']:.4f}; the most alike:")
+        for row in similarity["closest"]:
+            print(f"    {row['cosine']:.4f}  {row['instructions'][0]!r} / {row['instructions'][1]!r}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -41,14 +41,14 @@ flattened); predictions carry ``K`` samples, datasets ``N`` scenes (``[N, K, T, 
   definition), for ``f`` = the best sample (the best-of-K sample above) and ``f`` = the mean of the K samples
   (their average track, used as one forecast); the median over all moving points of all scenes. 0 = the forecast
   stands still, 1 = it moves the points as far as they really go, 0.5 = half as far.
-* **Paired instructions** (:func:`paired_instruction_metrics`): for samples sharing a branch group (the same
-  frame-0 image and view, other instructions and true futures), each ordered pair (i, j) with different
-  instructions is one case: sample i's image forecast under its own instruction (matched) and under j's
-  (crossed), with the same noise, both scored against i's truth by best-of-K MSE over the points that move in
-  i's or j's true future (the region whose motion the instruction decides). Reported: the mean matched and crossed
-  errors, their ratio (matched / crossed) and the share of cases where matched < crossed (the right instruction
-  wins); over all cases, and over the cases whose two true futures part by more than 5 px on average over that
-  region (``paired_distinct_...``).
+* **Paired instructions** (:func:`paired_instruction_metrics`): samples sharing a branch group (one frame-0 image
+  and view, other instructions and true futures) give one case per ordered pair (i, j) with different instructions:
+  i's image forecast under its own instruction (matched) and under j's (crossed), same noise, both scored against
+  i's truth by best-of-K MSE over the points moving in i's or j's true future. Reported: the mean matched and
+  crossed errors, their ratio, the share of cases where matched < crossed (the right instruction wins) and the
+  **instruction response** (distance between the matched and crossed sample means over that region / distance
+  between the two true futures there; 0: no effect, 1: as far as they part); over all cases, and over those whose
+  true futures part by more than 5 px on average (``paired_distinct_...``).
 """
 
 from __future__ import annotations
@@ -458,12 +458,10 @@ def paired_instruction_metrics(matched: np.ndarray, crossed: np.ndarray, truth: 
 
     ``matched`` / ``crossed`` ``[C, K, T, *points, 2]``: case c's image forecast under its own / its partner's
     instruction (same noise); ``truth`` / ``partner_truth`` ``[C, T, *points, 2]``: the two true futures. Cases
-    where neither future moves are left out. Returns ``paired_cases``, ``paired_matched_moving_mse`` and
-    ``paired_crossed_moving_mse`` (means over cases, px^2), ``paired_matched_crossed_ratio`` (the ratio of those
-    means; < 1: the instruction helps) and ``paired_right_instruction_wins`` (share of cases with matched < crossed).
-    The same five under ``paired_distinct_...`` count only the cases whose two true futures part: over the region,
-    they lie more than ``threshold_px`` apart on average (a pair whose futures coincide in the horizon, such as
-    "reach for" and "pick up" the same object, cannot tell the instructions apart). NaN without cases.
+    where neither future moves are left out. Returns ``paired_cases``, the mean matched / crossed errors (px^2),
+    their ratio (< 1: the instruction helps), ``paired_right_instruction_wins``, the forecast and truth gaps (px)
+    and ``paired_instruction_response``; the same under ``paired_distinct_...`` for the cases whose true futures
+    part by more than ``threshold_px`` on average over the region ("reach for" / "pick up" may not). NaN: no cases.
     """
     matched, crossed = _flat_points(matched, 2), _flat_points(crossed, 2)  # [C, K, T, P, 2]
     truth, partner_truth = _flat_points(truth, 1), _flat_points(partner_truth, 1)  # [C, T, P, 2]
@@ -472,26 +470,31 @@ def paired_instruction_metrics(matched: np.ndarray, crossed: np.ndarray, truth: 
         raise ValueError(f"need matched and crossed [C, K, T, P, 2] and truths [C, T, P, 2]; got {matched.shape}, "
                          f"{crossed.shape}, {truth.shape}, {partner_truth.shape}")
     region = moving_mask(truth, threshold_px, 1) | moving_mask(partner_truth, threshold_px, 1)  # [C, P]
-    errors, parting = [], []
-    for case in np.nonzero(region.any(axis=1))[0]:
-        target = truth[case][:, region[case]]  # [T, M, 2]
-        errors.append([float(((forecast[case][:, :, region[case]] - target) ** 2).mean(axis=(1, 2, 3)).min())
-                       for forecast in (matched, crossed)])
-        parting.append(float(np.linalg.norm(partner_truth[case][:, region[case]] - target, axis=-1).mean()))
-    pairs = np.asarray(errors).reshape(-1, 2)  # [cases, 2]: matched, crossed
-    distinct = np.asarray(parting) > threshold_px
-    return {**_paired_summary(pairs, "paired"), **_paired_summary(pairs[distinct], "paired_distinct")}
+    errors, gaps = [], []
+    for case in np.nonzero(region.any(axis=1))[0]:  # own, other [K, T, M, 2]; target, partner [T, M, 2]
+        own, other, target, partner = (x[case][..., region[case], :] for x in (matched, crossed, truth, partner_truth))
+        errors.append([float(((forecast - target) ** 2).mean(axis=(1, 2, 3)).min()) for forecast in (own, other)])
+        gaps.append([float(np.linalg.norm(own.mean(0) - other.mean(0), axis=-1).mean()),
+                     float(np.linalg.norm(partner - target, axis=-1).mean())])
+    pairs, gaps = np.asarray(errors).reshape(-1, 2), np.asarray(gaps).reshape(-1, 2)  # [cases, 2] each
+    distinct = gaps[:, 1] > threshold_px  # the true futures part
+    return {**_paired_summary(pairs, gaps, "paired"),
+            **_paired_summary(pairs[distinct], gaps[distinct], "paired_distinct")}
 
 
-def _paired_summary(pairs: np.ndarray, prefix: str) -> Dict[str, float]:
-    """Cases, mean matched / crossed errors, their ratio and the right instruction's win share of ``pairs``
-    ``[cases, 2]`` (matched, crossed), under ``<prefix>_...`` keys; NaN without cases."""
+def _paired_summary(pairs: np.ndarray, gaps: np.ndarray, prefix: str) -> Dict[str, float]:
+    """The paired figures of ``pairs`` / ``gaps`` ``[cases, 2]`` (matched, crossed errors / forecast, truth gaps)
+    under ``<prefix>_...`` keys; NaN without cases."""
     nan = float("nan")
     matched_mean, crossed_mean = (float(pairs[:, 0].mean()), float(pairs[:, 1].mean())) if len(pairs) else (nan, nan)
+    forecast_gap, truth_gap = (float(gaps[:, 0].mean()), float(gaps[:, 1].mean())) if len(gaps) else (nan, nan)
     return {
         f"{prefix}_cases": float(len(pairs)),
         f"{prefix}_matched_moving_mse": matched_mean,
         f"{prefix}_crossed_moving_mse": crossed_mean,
         f"{prefix}_matched_crossed_ratio": matched_mean / crossed_mean if crossed_mean > 0 else nan,
         f"{prefix}_right_instruction_wins": float((pairs[:, 0] < pairs[:, 1]).mean()) if len(pairs) else nan,
+        f"{prefix}_forecast_gap_px": forecast_gap,
+        f"{prefix}_truth_gap_px": truth_gap,
+        f"{prefix}_instruction_response": forecast_gap / truth_gap if truth_gap > 0 else nan,
     }

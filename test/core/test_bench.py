@@ -20,9 +20,10 @@ def test_forecast_bench_quick_run(tmp_path, capsys):
     assert [(r["dtype"], r["samples"]) for r in runs] == [("float32", 1), ("float32", 2), ("bfloat16", 1),
                                                          ("bfloat16", 2)]
     for run in runs:
-        # 3 time points = 2 evaluations per chunk of sample_batch_size samples (the tiny model: all K at once).
-        assert run["sample_batch_size"] >= run["samples"]
-        assert len(run["denoiser_evals"]) == 2
+        # 3 time points = 2 evaluations per chunk of sample_batch_size samples. The plan's timed probe picks the
+        # batch (all K at once on an idle machine; one per call can win on a loaded one), so any batch is accepted.
+        chunks = -(-run["samples"] // run["sample_batch_size"])
+        assert run["sample_batch_size"] >= 1 and len(run["denoiser_evals"]) == 2 * chunks
         assert run["total_flops"] > 0 and run["peak_rss_mb"] > 0
         assert run["flops"]["denoise"] == run["samples"] * 2 * report["flops_per_call"]["denoiser_eval"]
 

@@ -314,3 +314,24 @@ def test_paired_distinct_cases_are_the_pairs_whose_true_futures_part():
     blind = metrics.paired_instruction_metrics(matched[1:], crossed[1:], truth[None], close[None])
     assert blind["paired_cases"] == 1 and blind["paired_distinct_cases"] == 0
     assert np.isnan(blind["paired_distinct_right_instruction_wins"])
+
+
+def test_the_instruction_response_is_how_far_the_instruction_moves_the_forecast():
+    """1: the two forecasts part as far as the two true futures; 0: the instruction changes nothing; 0.5: half."""
+    truth = half_moving_truth()  # row 0 slides +x, 3 px per frame
+    opposite = grid_tracks(frames=5, rows=2, cols=4)
+    opposite[:, 0, :, 0] -= 3.0 * np.arange(5)[:, None]  # row 0 slides -x
+    halfway = (truth + opposite) / 2  # no motion at all: halfway between the futures
+    truth_gap = np.linalg.norm(opposite[:, 0] - truth[:, 0], axis=-1).mean()  # over row 0, the moving region
+    cases = {"following": (truth, opposite, 1.0), "blind": (truth, truth, 0.0), "half": (truth, halfway, 0.5)}
+    for name, (matched, crossed, response) in cases.items():
+        # K = 2 samples spread symmetrically around each forecast: the response reads their mean
+        spread = np.array([-1.0, 1.0])[:, None, None, None, None]
+        result = metrics.paired_instruction_metrics((matched[None] + spread)[None], (crossed[None] + spread)[None],
+                                                    truth[None], opposite[None])
+        assert result["paired_truth_gap_px"] == pytest.approx(truth_gap), name
+        assert result["paired_instruction_response"] == pytest.approx(response), name
+        assert result["paired_distinct_instruction_response"] == pytest.approx(response), name
+    still = np.broadcast_to(truth[:1], truth.shape)  # neither future moves: no case, no response
+    assert np.isnan(metrics.paired_instruction_metrics(still[None, None], still[None, None], still[None],
+                                                       still[None])["paired_instruction_response"])

@@ -13,7 +13,7 @@ from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.kernels import FastCPUOps
 from traj_forecast_ros.model.presets import tiny_config
 from traj_forecast_ros.model.vae import TrajectoryVAE
-from traj_forecast_ros.train.flow import with_text_context
+from traj_forecast_ros.train.flow import with_text_paths
 
 
 def _inputs(config: ModelConfig, texts: int = 2):
@@ -65,7 +65,7 @@ def test_cpu_kernels_match_the_reference_with_the_context_token(randomize):
 def test_a_trained_denoiser_gains_the_token_and_keeps_every_weight(tmp_path, randomize):
     config = tiny_config()
     trained = randomize(LatteDenoiser(config.denoiser), std=0.05).eval()
-    extended = with_text_context(config, trained, seed=0).eval()
+    extended = with_text_paths(config, trained, seed=0, text_context=True).eval()
     assert config.denoiser.text_context is True
     kept = extended.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in trained.state_dict().items())

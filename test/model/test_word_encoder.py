@@ -88,3 +88,51 @@ def test_words_encoder_needs_a_vocabulary_and_a_known_kind():
         WordVocabulary(["the", "<pad>"])
     with pytest.raises(ValueError, match="kind"):
         TextEncoderConfig(kind="bert")
+
+
+def _bag_config(vocab, pooling="cls+words"):
+    config = _config(vocab)
+    config.config["pooling"] = pooling
+    return config
+
+
+def test_the_word_bag_adds_the_mean_of_the_instructions_words():
+    """With the CLS path silenced the embedding is exactly the mean of the words' rows; one word apart is one row
+    apart, and an empty instruction keeps the CLS output alone (the learned "no instruction" vector)."""
+    encoder = WordTextEncoder.from_config(_bag_config(build_vocabulary(INSTRUCTIONS))).eval()
+    assert encoder.pooling == "cls+words" and encoder.config_dict()["pooling"] == "cls+words"
+    with torch.no_grad():
+        cls_only = encoder([""])
+        encoder.proj.weight.zero_()
+        encoder.proj.bias.zero_()
+        pick, push, empty = encoder(["pick up the red cube", "push up the red cube", ""])
+    rows, ids = encoder.word_bag.weight.detach(), encoder.vocabulary.ids
+    expected = torch.stack([rows[ids[w]] for w in ("pick", "up", "the", "red", "cube")]).mean(0)
+    torch.testing.assert_close(pick, expected)
+    torch.testing.assert_close(pick - push, (rows[ids["pick"]] - rows[ids["push"]]) / 5)
+    assert torch.equal(empty, torch.zeros_like(empty)) and cls_only.abs().sum() > 0
+    with pytest.raises(ValueError, match="pooling"):
+        WordTextEncoder(build_vocabulary(INSTRUCTIONS), pooling="max")
+
+
+def test_an_encoder_gains_the_word_bag_with_every_weight_kept_and_round_trips(tmp_path):
+    vocab = build_vocabulary(INSTRUCTIONS)
+    torch.manual_seed(0)
+    plain = WordTextEncoder.from_config(_config(vocab)).eval()
+    assert plain.word_bag is None and "pooling" not in plain.config_dict()  # older configs: unchanged
+    extended = plain.with_word_bag(seed=0).eval()
+    assert extended.with_word_bag() is extended
+    kept = extended.state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in plain.state_dict().items())
+    assert set(kept) - set(plain.state_dict()) == {"word_bag.weight"}
+    with torch.no_grad():
+        before, after = plain(INSTRUCTIONS + [""]), extended(INSTRUCTIONS + [""])
+    assert torch.equal(before[-1], after[-1])  # the empty instruction: no words, nothing added
+    assert 0 < ((after[:-1] - before[:-1]).norm() / before[:-1].norm()).item() < 0.2  # a small start
+    extended.save_pretrained(tmp_path / "text_encoder")
+    config = TextEncoderConfig(model_id=None, kind="words", config=extended.config_dict())
+    loaded = TextEncoder.from_config(config, model_dir=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(INSTRUCTIONS), extended(INSTRUCTIONS))
+    with pytest.raises(CheckpointError):  # the plain config against weights with a word table: refused
+        WordTextEncoder.from_config(_config(vocab), model_dir=tmp_path)

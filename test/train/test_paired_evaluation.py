@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tiny_sim_data import INSTRUCTIONS, write_tiny_sim
 from traj_forecast_ros.data.dataset import TrajectoryDataset
+from traj_forecast_ros.model.checkpoint import load_model_dir
 from traj_forecast_ros.train import evaluate as evaluate_module
+from traj_forecast_ros.train.data import build_text_encoder
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +81,7 @@ def test_paired_test_runs_the_crossed_forecasts_with_the_same_noise(branch_data,
     paired = report["paired_instructions"]
     assert paired["paired_cases"] == 6
     assert paired["paired_matched_crossed_ratio"] == 1.0 and paired["paired_right_instruction_wins"] == 0.0
+    assert paired["paired_instruction_response"] == 0.0 and paired["paired_truth_gap_px"] > 5.0
     assert report["seconds"]["ours_crossed_instructions"] > 0
     zero = report["results"]["zero_motion"]
     dataset = TrajectoryDataset(branch_data)
@@ -112,8 +116,17 @@ def test_instruction_probe_measures_the_futures_and_the_forecasts(branch_data, b
     spec.loader.exec_module(probe)
     out = tmp_path / "probe.json"
     assert probe.main(["--model", str(blind_model), "--data", str(branch_data), "--groups", "2", "--samples", "2",
-                       "--flow-pairs", "3", "--flow-times", "0,0.5", "--out", str(out)]) == 0
+                       "--flow-pairs", "3", "--flow-times", "0,0.5", "--embedding-pairs", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
+    # one pair of instructions (left / right) in every group: its embeddings' cosine, as the model's encoder gives it
+    left, right = sorted(set(INSTRUCTIONS[:2]))
+    config = load_model_dir(blind_model)[0]
+    with torch.no_grad():
+        embedded = torch.nn.functional.normalize(build_text_encoder(config, model_dir=blind_model)(
+            [left, right]).float(), dim=-1)
+    cosine = float(embedded[0] @ embedded[1])
+    assert report["embeddings"]["pairs"] == 1 and report["embeddings"]["closest"][0]["instructions"] == [left, right]
+    assert report["embeddings"]["cosine_mean"] == pytest.approx(cosine) == report["embeddings"]["cosine_max"]
     assert report["pairs"] == 6 and report["share_parting_over_5_px"] == 1.0
     assert report["future_mse_median_px2"] > 100.0 and report["share_under_20_px2"] == 0.0
     assert len(report["sensitivity"]) == 2  # one pair per group, two groups asked for

@@ -208,6 +208,31 @@ def test_contrast_on_motion_logs_the_crossed_still_term(model_run, tmp_path):
     assert any(float(dict(zip(header, row.split(",")))["crossed_still"]) > 0 for row in rows[1:])
 
 
+def test_a_fine_tune_gains_the_word_bag_and_grounding_and_trains_them(sim_data, model_run, tmp_path):
+    """``--word-bag --text-grounding`` on a trained model: the saved text encoder has the bag-of-words table, the
+    denoiser the grounding map, both moved by training, and the model directory loads as a forecaster."""
+    from safetensors.torch import load_file
+
+    from traj_forecast_ros.cli import main
+    from traj_forecast_ros.forecaster import Forecaster
+    from traj_forecast_ros.model.checkpoint import load_model_config
+
+    assert main(["train", "flow", "--data", str(sim_data), "--out", str(tmp_path / "tuned"),
+                 "--init", str(model_run / "flow"), "--word-bag", "--text-grounding", "--steps", "3",
+                 "--batch-size", "4", "--lr", "1e-2", "--no-progress", "--device", "cpu", "--threads", "1"]) == 0
+    config = load_model_config(tmp_path / "tuned")
+    assert config.text_encoder.config["pooling"] == "cls+words" and config.denoiser.text_grounding is True
+    words = load_file(str(tmp_path / "tuned" / "text_encoder" / "model.safetensors"))
+    before = load_file(str(model_run / "flow" / "text_encoder" / "model.safetensors"))
+    assert set(words) - set(before) == {"word_bag.weight"}
+    assert any(not torch.equal(words[k], v) for k, v in before.items())  # trained on, with the table
+    denoiser = load_file(str(tmp_path / "tuned" / "denoiser.safetensors"))
+    assert denoiser["text_grounding.out_proj.weight"].abs().sum() > 0  # left zero-initialised no more
+    forecast = Forecaster.from_pretrained(tmp_path / "tuned", device="cpu").forecast(
+        np.zeros((32, 32, 3), np.uint8), "pick up the red cube", num_samples=1, steps=2, seed=0)
+    assert np.isfinite(forecast.tracks).all()
+
+
 def test_text_encoder_is_trained_with_the_denoiser(model_run):
     from safetensors.torch import load_file
 
@@ -226,6 +251,18 @@ def test_text_encoder_is_trained_with_the_denoiser(model_run):
     with torch.no_grad():
         push, pick, empty = encoder(["push the red cube to the left", "pick up the red cube", ""])
     assert (push - pick).norm() > 1e-3 * push.norm() and (push - empty).norm() > 1e-3 * push.norm()
+
+
+def test_the_word_bag_needs_the_words_text_encoder(tiny_data, tmp_path, make_settings):
+    from traj_forecast_ros.train.flow import train_flow
+    from traj_forecast_ros.train.vae import train_vae
+
+    config = preset_config("tiny-blocks")  # the tiny-sim geometry without instructions: no words encoder to extend
+    assert config.text_encoder is None
+    train_vae(tiny_data, tmp_path / "vae", config, make_settings(steps=1))
+    with pytest.raises(ValueError, match="word-bag"):
+        train_flow(tiny_data, tmp_path / "flow", make_settings(steps=1), vae_dir=tmp_path / "vae", word_bag=True)
+    assert not (tmp_path / "flow" / "denoiser.safetensors").exists()
 
 
 def test_flow_with_words_encoder_needs_instructions(tiny_data, tmp_path, make_settings):

@@ -126,6 +126,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flow.add_argument("--text-context", action="store_true",
                       help="also give the denoiser the instruction as a cross-attention context token (a stronger "
                            "text path than the pooled embedding added to the timestep; --init models gain it)")
+    flow.add_argument("--text-grounding", action="store_true",
+                      help="also add to each latent token a map of where the instruction points in the image (image "
+                           "tokens times the instruction, pooled onto the latent grid; --init models gain it)")
+    flow.add_argument("--word-bag", action="store_true",
+                      help="words text encoder: add the mean of the instruction's words (a bag of words) to its "
+                           "pooled embedding, so one-word differences reach the denoiser (--init models gain it)")
     flow.add_argument("--time-mean", type=float, default=0.0, help="location of the logit-normal flow time (default "
                       "0, the official recipe; below 0 trains nearer the noise end, where only the instruction tells "
                       "sibling futures apart)")
@@ -199,7 +205,8 @@ def _train_flow(args: argparse.Namespace) -> int:
                               resume=args.resume, latent_draw=args.latent_draw,
                               moving_weight=args.moving_weight, text_context=args.text_context,
                               time_mean=args.time_mean, instruction_contrast=args.instruction_contrast,
-                              contrast_on_motion=args.contrast_on_motion, crossed_still=args.crossed_still))
+                              contrast_on_motion=args.contrast_on_motion, crossed_still=args.crossed_still,
+                              text_grounding=args.text_grounding, word_bag=args.word_bag))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

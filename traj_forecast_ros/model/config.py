@@ -79,6 +79,10 @@ class DenoiserConfig:
     # latent token reads it by its own content (the pooled embedding added to the timestep only scales every
     # token alike). Not in the paper's architecture: LIBERO's checkpoints leave it off.
     text_context: bool = False
+    # True: a map of where the instruction points in the image (image tokens times the instruction, pooled onto
+    # the latent token grid) is added to every frame's latent tokens (``model.denoiser.TextGrounding``). Not in the
+    # paper's architecture either: LIBERO's checkpoints leave it off.
+    text_grounding: bool = False
     mlp_ratio: float = 4.0
     latent: bool = True  # False: raw variant with a track position encoder (x_encoder)
     pos_embed_dim: int = 128  # raw variant only

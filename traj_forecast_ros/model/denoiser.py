@@ -4,7 +4,9 @@ Input: a video of latent (or raw track) grids x [B, T, C, h, w], the flow time t
 [B, N, D] and optionally a pooled instruction embedding [B, E]. Output: the flow velocity, same shape as x.
 Blocks alternate spatial attention (the tokens of one frame) and temporal attention (the frames of one token); every
 block cross-attends to the image tokens and is modulated by adaLN-Zero from the time (+ text) embedding. With
-``text_context`` (not in the paper) the instruction embedding is also one more cross-attention context token.
+``text_context`` (not in the paper) the instruction embedding is also one more cross-attention context token, and
+with ``text_grounding`` (not in the paper either) a map of where the instruction points in the image is added to every
+frame's latent tokens (:class:`TextGrounding`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from traj_forecast_ros.model.config import DenoiserConfig, as_pair
+from traj_forecast_ros.model.config import DenoiserConfig, Size2, as_pair
 from traj_forecast_ros.model.layers import (
     Attention,
     Mlp,
@@ -84,6 +86,41 @@ class DenoiserFinalLayer(nn.Module):
         return ops.linear(x, self.linear, norm=self.norm_final, shift=shift, scale=scale)  # (N, L, p*p*c)
 
 
+class TextGrounding(nn.Module):
+    """Where the instruction points in the image, on the latent token grid.
+
+    Per image token, the product of its (normed, projected) features with the projected instruction embedding: one
+    multiplicative layer, so an image token scores high when it shows what the instruction names. The products are
+    averaged onto the latent token grid and projected to the denoiser's width, one vector per latent token, which
+    the denoiser adds to that token in every frame. The output projection starts at zero, so a model that gains
+    this module (a fine-tune) starts from the old model's exact outputs.
+    """
+
+    def __init__(self, frame_features_dim: int, text_embed_dim: int, hidden_size: int,
+                 frame_token_grid: Size2, latent_token_grid: Size2) -> None:
+        super().__init__()
+        self.frame_token_grid, self.latent_token_grid = frame_token_grid, latent_token_grid
+        self.image_norm = nn.LayerNorm(frame_features_dim)
+        self.image_proj = nn.Linear(frame_features_dim, hidden_size)
+        self.text_proj = nn.Linear(text_embed_dim, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def zero_output(self) -> None:
+        """Zero the output projection: the module then adds nothing until it is trained."""
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, frame_features: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """frame_features [B_f, N, D_f] and text_embeds [B_t, E] (B_f and B_t equal, or one of them 1) ->
+        [max(B_f, B_t), L, hidden]: one vector per latent token."""
+        image = self.image_proj(self.image_norm(frame_features))  # (B_f, N, H)
+        joint = F.gelu(image * self.text_proj(text_embeds)[:, None])  # (B, N, H)
+        rows, cols = self.frame_token_grid
+        joint = rearrange(joint, "b (r c) h -> b h r c", r=rows, c=cols)
+        pooled = F.adaptive_avg_pool2d(joint, self.latent_token_grid)  # (B, H, h_tok, w_tok)
+        return self.out_proj(rearrange(pooled, "b h r c -> b (r c) h"))  # (B, L, H)
+
+
 class LatteDenoiser(nn.Module):
     """Velocity field v(x_t, t | image, text) over [B, T, C, h, w] (latent) or raw normalised tracks [B, T, 2, H, W].
 
@@ -130,6 +167,12 @@ class LatteDenoiser(nn.Module):
                                                    nn.Linear(cfg.text_embed_dim, hidden))
         self.token_grid = self.x_embedder.grid_size
         self.num_tokens = self.x_embedder.num_patches
+        self.text_grounding: Optional[TextGrounding] = None
+        if cfg.text_grounding:
+            if cfg.text_embed_dim is None:
+                raise ValueError("text_grounding needs language conditioning (text_embed_dim)")
+            self.text_grounding = TextGrounding(cfg.frame_features_dim, cfg.text_embed_dim, hidden,
+                                                self.frame_token_grid, self.token_grid)
 
         # Fixed sin-cos tables: persistent buffers (they are in the official state dicts).
         self.register_buffer("pos_embed", torch.zeros(1, self.num_tokens, hidden))
@@ -157,6 +200,8 @@ class LatteDenoiser(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.text_grounding is not None:
+            self.text_grounding.zero_output()
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -197,10 +242,15 @@ class LatteDenoiser(nn.Module):
         text_cond = None
         if self.text_embeds_proj is not None:
             text_cond = self.text_embeds_proj(text_embeds.to(dtype), ops)  # (B, D)
-        return functools.partial(self._velocity, context_kv=context_kv, text_cond=text_cond, ops=ops)
+        grounding = None
+        if self.text_grounding is not None:
+            grounding = self.text_grounding(frame_features.to(dtype), text_embeds.to(dtype))  # (B, L, D)
+        return functools.partial(self._velocity, context_kv=context_kv, text_cond=text_cond, grounding=grounding,
+                                 ops=ops)
 
     def _velocity(self, x: torch.Tensor, t: Union[torch.Tensor, float], context_kv: List[KV],
-                  text_cond: Optional[torch.Tensor], ops: TorchOps) -> torch.Tensor:
+                  text_cond: Optional[torch.Tensor], ops: TorchOps,
+                  grounding: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The per-step part of :meth:`forward` with the prepared context and text conditioning."""
         batch = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
@@ -214,6 +264,8 @@ class LatteDenoiser(nn.Module):
             x = self.x_encoder(x, ops)  # (B, T, 2+F, H, W)
         x = rearrange(x, "b f c h w -> (b f) c h w")  # (B*T, C_in, h, w)
         x = self.x_embedder(x, ops) + ops.param(self.pos_embed)  # (B*T, L, D)
+        if grounding is not None:  # the same map in every frame of a sample
+            x = (x.reshape(batch, self.num_frames, *x.shape[1:]) + grounding[:, None]).flatten(0, 1)
 
         cond = self.t_embedder(t, ops)  # (B or 1, D)
         if text_cond is not None:

@@ -10,7 +10,10 @@ always carries the vocabulary its weights were trained with. A word outside the 
 
 Architecture: token embedding + learned positions, a CLS token, ``layers`` pre-norm transformer layers (no dropout)
 with the padding masked, final LayerNorm, and a linear projection of the CLS output to ``embed_dim`` (the
-denoiser's ``text_embed_dim``). Weights: ``<model dir>/text_encoder/model.safetensors``.
+denoiser's ``text_embed_dim``). With ``pooling="cls+words"`` the mean of the instruction's words in a second,
+``embed_dim``-wide word table is added to it (a bag of words): every word reaches the embedding directly, so
+instructions that differ in one word ("reach for the can" / "pick up the can", "left" / "right") cannot collapse
+onto one vector the way the CLS output alone lets them. Weights: ``<model dir>/text_encoder/model.safetensors``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ PAD_ID, UNKNOWN_ID = 0, 1
 WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab.json"  # a readable copy; the config's vocabulary is the one used
 DEFAULT_MAX_WORDS = 24
+POOLINGS = ("cls", "cls+words")  # the CLS output alone; the CLS output + the mean of a word table
 _WORD = re.compile(r"[a-z0-9]+")
 
 PathLike = Union[str, Path]
@@ -91,12 +95,23 @@ class WordTextEncoder(nn.Module):
     """Instructions -> ``[B, E]`` embeddings (``forward(list[str])``, like :class:`~.encoders.TextEncoder`)."""
 
     def __init__(self, vocab: Sequence[str], embed_dim: int = 64, width: int = 64, layers: int = 1, heads: int = 2,
-                 max_words: int = DEFAULT_MAX_WORDS) -> None:
+                 max_words: int = DEFAULT_MAX_WORDS, pooling: str = "cls") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"words text encoder pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         self.vocabulary = WordVocabulary(vocab)
         self.max_words = int(max_words)
-        self.settings = dict(embed_dim=int(embed_dim), width=int(width), layers=int(layers), heads=int(heads),
-                             max_words=self.max_words)
+        self.pooling = pooling
+        self.settings: Dict[str, Any] = dict(embed_dim=int(embed_dim), width=int(width), layers=int(layers),
+                                             heads=int(heads), max_words=self.max_words)
+        if pooling != "cls":  # older configs carry no pooling: they stay loadable and unchanged
+            self.settings["pooling"] = pooling
+        self.word_bag: Optional[nn.Embedding] = None
+        if pooling == "cls+words":
+            self.word_bag = nn.Embedding(len(self.vocabulary), int(embed_dim), padding_idx=PAD_ID)
+            with torch.no_grad():
+                self.word_bag.weight.normal_(0.0, 0.02)
+                self.word_bag.weight[PAD_ID].zero_()
         self.token_embed = nn.Embedding(len(self.vocabulary), width, padding_idx=PAD_ID)
         self.cls_token = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, self.max_words + 1, width) * 0.02)
@@ -143,7 +158,11 @@ class WordTextEncoder(nn.Module):
         tokens = tokens + self.pos_embed[:, :tokens.shape[1]]
         padding = torch.cat([torch.zeros(batch, 1, dtype=torch.bool, device=ids.device), ids == PAD_ID], dim=1)
         hidden = self.blocks(tokens, src_key_padding_mask=padding)  # (B, 1 + L, W)
-        return self.proj(self.norm(hidden[:, 0]))  # (B, E)
+        embedding = self.proj(self.norm(hidden[:, 0]))  # (B, E)
+        if self.word_bag is not None:  # + the mean of the words (an empty instruction adds nothing)
+            words = (ids != PAD_ID).sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
+            embedding = embedding + self.word_bag(ids).sum(dim=1) / words
+        return embedding
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         """``B`` instructions -> ``[B, E]`` embeddings (unknown words -> ``<unk>``; deterministic)."""
@@ -161,6 +180,19 @@ class WordTextEncoder(nn.Module):
         if not path.is_file():
             raise CheckpointError(f"no words text encoder weights at {path}")
         load_state_dict_into(self, read_safetensors(path), path, "words text encoder")
+
+    def with_word_bag(self, seed: int = 0) -> "WordTextEncoder":
+        """A copy of this encoder with ``pooling="cls+words"``: every weight kept, the word table new (N(0, 0.02)),
+        so the embeddings start within the small table's reach of this encoder's. Itself when it has one."""
+        if self.word_bag is not None:
+            return self
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            extended = WordTextEncoder(self.vocabulary.tokens, **{**self.settings, "pooling": "cls+words"})
+        missing, unexpected = extended.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("word_bag.") for key in missing):
+            raise ValueError(f"cannot add a word table to this encoder: missing {missing}, unexpected {unexpected}")
+        return extended.to(self.cls_token.device)
 
     def save_pretrained(self, path: PathLike) -> None:
         """Write ``model.safetensors`` and a readable ``vocab.json`` into the directory ``path``."""

@@ -363,7 +363,10 @@ def format_paired(report: Dict) -> str:
 def _paired_figures(paired: Dict, prefix: str) -> str:
     return (f"matched / crossed moving-region error {_fmt(paired[prefix + '_matched_crossed_ratio'])} "
             f"({_fmt(paired[prefix + '_matched_moving_mse'])} / {_fmt(paired[prefix + '_crossed_moving_mse'])} "
-            f"px^2), the right instruction wins {paired[prefix + '_right_instruction_wins']:.0%}")
+            f"px^2), the right instruction wins {paired[prefix + '_right_instruction_wins']:.0%}, instruction "
+            f"response {_fmt(paired.get(prefix + '_instruction_response'))} (the forecasts' means part by "
+            f"{_fmt(paired.get(prefix + '_forecast_gap_px'))} px where the true futures part by "
+            f"{_fmt(paired.get(prefix + '_truth_gap_px'))} px)")
 
 
 def format_kind_table(report: Dict, group: str = "per_kind") -> str:

@@ -264,15 +264,25 @@ def cached_latents(vae: TrajectoryVAE, examples: TrackExamples, config: ModelCon
     return latents
 
 
-def with_text_context(config: ModelConfig, denoiser: LatteDenoiser, seed: int) -> LatteDenoiser:
-    """A copy of ``denoiser`` that also reads the instruction as a context token (``config`` is switched to it):
-    every weight of ``denoiser`` kept, the new projection freshly initialised."""
-    config.denoiser.text_context = True
+def with_text_paths(config: ModelConfig, denoiser: LatteDenoiser, seed: int, text_context: bool = False,
+                    text_grounding: bool = False) -> LatteDenoiser:
+    """A copy of ``denoiser`` with the instruction paths switched on here (``config`` is switched to them too):
+    ``text_context`` (the instruction as a context token) and ``text_grounding`` (:class:`~traj_forecast_ros.model.
+    denoiser.TextGrounding`). Every weight of ``denoiser`` is kept; the new modules are freshly initialised."""
+    added = []
+    if text_context and not config.denoiser.text_context:
+        config.denoiser.text_context = True
+        added.append("text_context_proj.")
+    if text_grounding and not config.denoiser.text_grounding:
+        config.denoiser.text_grounding = True
+        added.append("text_grounding.")
+    if not added:
+        return denoiser
     torch.manual_seed(seed)
     extended = LatteDenoiser(config.denoiser)
     missing, unexpected = extended.load_state_dict(denoiser.state_dict(), strict=False)
-    if unexpected or any(not key.startswith("text_context_proj.") for key in missing):
-        raise ValueError(f"cannot extend this denoiser with a text context: missing {missing}, unexpected "
+    if unexpected or any(not key.startswith(tuple(added)) for key in missing):
+        raise ValueError(f"cannot extend this denoiser with {', '.join(added)}: missing {missing}, unexpected "
                          f"{unexpected}")
     return extended
 
@@ -303,9 +313,10 @@ def _text_embeddings(config: ModelConfig, text_encoder: Optional[nn.Module],
 
 
 def _words_text_encoder(config: ModelConfig, examples: TrackExamples, model_dir: Optional[PathLike],
-                        seed: int) -> Tuple[WordTextEncoder, torch.Tensor]:
+                        seed: int, word_bag: bool = False) -> Tuple[WordTextEncoder, torch.Tensor]:
     """The trainable words text encoder (vocabulary from the dataset's instructions unless the config has one; the
-    weights of ``model_dir`` when fine-tuning one) and the ``[num_instructions, L]`` ids of every instruction."""
+    weights of ``model_dir`` when fine-tuning one; ``word_bag``: with the bag-of-words path, added here when the
+    encoder has none) and the ``[num_instructions, L]`` ids of every instruction."""
     meta = examples.dataset.meta
     if not examples.dataset.has("instructions") or not meta.instructions:
         raise ValueError(f"{examples.dataset.root}: the words text encoder trains on each example's instruction, but "
@@ -320,6 +331,9 @@ def _words_text_encoder(config: ModelConfig, examples: TrackExamples, model_dir:
         # a stage-1 run (or a model without trained instruction weights) has none: start from random weights
         weights_dir = model_dir if model_dir is not None and text_encoder_weights(model_dir).is_file() else None
         text_encoder = WordTextEncoder.from_config(config.text_encoder, model_dir=weights_dir)
+    if word_bag:
+        text_encoder = text_encoder.with_word_bag(seed)
+        config.text_encoder.config = text_encoder.config_dict()
     text_encoder.requires_grad_(True).train()
     return text_encoder, text_encoder.tokenize(meta.instructions)  # (num_instructions, L), on the CPU
 
@@ -330,7 +344,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                latent_draw: Optional[str] = None, moving_weight: float = 0.0,
                text_context: bool = False, time_mean: float = 0.0,
                instruction_contrast: float = 0.0, contrast_on_motion: bool = False,
-               crossed_still: float = 0.0) -> Dict[str, float]:
+               crossed_still: float = 0.0, text_grounding: bool = False,
+               word_bag: bool = False) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
@@ -341,7 +356,9 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     config's; it is saved with the model so the sampler conditions the same way. ``moving_weight``: extra loss
     weight of the latent tokens of moving points (:func:`moving_token_maps`; 0: every token the same).
     ``text_context``: give the denoiser the instruction as a cross-attention context token too
-    (``DenoiserConfig.text_context``); a fine-tuned model gains the new projection, every other weight is kept.
+    (``DenoiserConfig.text_context``); ``text_grounding``: add the map of where the instruction points
+    (``DenoiserConfig.text_grounding``); ``word_bag``: give the words text encoder its bag-of-words path
+    (``pooling="cls+words"``). A fine-tuned model gains the new modules; every other weight is kept.
     ``time_mean``: location of the logit-normal flow time (below 0 trains nearer the noise end).
     ``instruction_contrast``: weight of the instruction contrast (:func:`~traj_forecast_ros.model.flow.
     instruction_contrast_loss`) on the samples of branch groups; needs the words text encoder.
@@ -371,8 +388,10 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
             denoiser = LatteDenoiser(config.denoiser)
         if config.vae is None or vae is None:
             raise ValueError(f"model '{config.name}' is a raw model; latent flow training needs a VAE")
-        if text_context and not config.denoiser.text_context:
-            denoiser = with_text_context(config, denoiser, settings.seed)
+        denoiser = with_text_paths(config, denoiser, settings.seed, text_context, text_grounding)
+        if word_bag and (config.text_encoder is None or config.text_encoder.kind != "words"):
+            raise ValueError("--word-bag extends the words text encoder; this model's text encoder is "
+                             f"{'none' if config.text_encoder is None else config.text_encoder.kind!r}")
         vae.requires_grad_(False).eval()
         if encoder is None:
             encoder = build_image_encoder(config, model_dir=encoder_dir, seed=settings.seed)
@@ -388,7 +407,8 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
         trained: nn.Module = denoiser  # what the trainer optimises, averages and checkpoints
         text_ids_table: Optional[torch.Tensor] = None
         if config.text_encoder is not None and config.text_encoder.kind == "words":
-            text_encoder, text_ids_table = _words_text_encoder(config, examples, encoder_dir, settings.seed)
+            text_encoder, text_ids_table = _words_text_encoder(config, examples, encoder_dir, settings.seed,
+                                                               word_bag)
             text = None
             trained = nn.ModuleDict({"denoiser": denoiser, "text_encoder": text_encoder})
         else:
