@@ -2,10 +2,11 @@
 # The whole sim-manipulation pipeline, resumable and deterministic (docs/sim-manipulation.md, docs/results.md):
 #   data (robosuite; branch groups: several goals from one saved state) -> image encoder (pretrained here, or reused
 #   from ENCODER_FROM) -> VAE (moving points weighted) -> [decoder fine-tune] -> flow (instruction dropout: guidance)
-#   -> [v3: the flow fine-tuned with the instruction contrast] -> regressor -> evaluation on the held-out split ->
-#   models/sim-manipulation (< 50 MB, models/registry.yaml).
+#   -> [v3: the flow fine-tuned with the instruction contrast] -> [v4: + the grounding map, then + the word bag]
+#   -> regressor -> evaluation on the held-out split -> models/sim-manipulation (< 50 MB, models/registry.yaml).
 #
-#   bash scripts/train_sim.sh                 # v3, shipped: about 3.5 h on the 2-core CPU; rerun to resume
+#   bash scripts/train_sim.sh                 # v4, shipped: about 5 h on the 2-core CPU; rerun to resume
+#   V4=0 bash scripts/train_sim.sh            # stop at v3 and ship that
 #   V3=0 bash scripts/train_sim.sh            # stop at v2 (the flow before the v3 fine-tune) and ship that
 #   COMPARE_RANDOM=1 bash scripts/train_sim.sh  # also VAE + flow on the random frozen encoder (same budget, +1.2 h)
 #   ENCODER_FROM= PROBE=1 bash scripts/train_sim.sh  # pretrain the image encoder here (+ the random encoder's probe)
@@ -51,6 +52,15 @@ INSTRUCTION_CONTRAST=${INSTRUCTION_CONTRAST:-0.2}  # weight of the instruction c
 CROSSED_STILL=${CROSSED_STILL:-1}         # weight of the crossed instruction's error where no branch moves
 FLOW_TIME_MEAN=${FLOW_TIME_MEAN:--0.5}    # the logit-normal flow time location (0: the official recipe)
 V3_THREADS=${V3_THREADS:-1}               # the shipped v3 ran on one thread (thread counts change float sums)
+# v4 (needs V3=1): v3's flow + the grounding map with a stronger contrast and crossed-still term (flow_v4a), then the
+# words text encoder's bag-of-words path (flow_v4); docs/results.md "v4"
+V4=${V4:-1}                               # 1: the two v4 stages below, shipped (0: ship v3)
+V4A_FLOW_STEPS=${V4A_FLOW_STEPS:-2500}
+V4_FLOW_STEPS=${V4_FLOW_STEPS:-2000}
+V4_CONTRAST=${V4_CONTRAST:-0.4}           # the instruction contrast's weight in both v4 stages
+V4_CROSSED_STILL=${V4_CROSSED_STILL:-3}   # the crossed instruction's still-token weight in both v4 stages
+V4A_THREADS=${V4A_THREADS:-1}             # the shipped v4 ran flow_v4a on one thread, flow_v4 on two
+V4_THREADS=${V4_THREADS:-2}
 V3_DECODER_STEPS=${V3_DECODER_STEPS:-0}   # then the decoder fine-tuned alone for still points (0: none, shipped)
 V3_DECODER_NOISE=${V3_DECODER_NOISE:-0.2}  # its latent noise (units of each channel's latent scale)
 V3_DECODER_STILL_ONLY=${V3_DECODER_STILL_ONLY:-0}  # 1: that noise only on latent tokens holding no moving point
@@ -166,7 +176,19 @@ if [[ "$V3" == 1 ]]; then
         --batch-size 16 --lr 4e-4 --warmup 100 --schedule cosine --ema-decay 0.999 --latent-draw mean \
         --threads "$V3_THREADS" --seed "$((SEED + 3))" --device cpu --log-every 25 \
         --checkpoint-every "$CHECKPOINT_EVERY"
-    ship_vae=$RUN/flow_v3/vae.safetensors
+    ship_flow=$RUN/flow_v3
+    if [[ "$V4" == 1 ]]; then
+        V4_ARGS=(--data "$RUN/train" --moving-weight "$FLOW_MOVING_WEIGHT" --instruction-contrast "$V4_CONTRAST"
+                 --contrast-on-motion --crossed-still "$V4_CROSSED_STILL" --time-mean "$FLOW_TIME_MEAN"
+                 --batch-size 16 --lr 3e-4 --warmup 50 --schedule cosine --ema-decay 0.999 --latent-draw mean
+                 --device cpu --log-every 25 --checkpoint-every "$CHECKPOINT_EVERY")
+        stage flow_v4a "$RUN/flow_v4a" "$TF" train flow --out "$RUN/flow_v4a" --init "$RUN/flow_v3" --text-grounding \
+            --steps "$V4A_FLOW_STEPS" --threads "$V4A_THREADS" --seed "$((SEED + 5))" "${V4_ARGS[@]}"
+        stage flow_v4 "$RUN/flow_v4" "$TF" train flow --out "$RUN/flow_v4" --init "$RUN/flow_v4a" --word-bag \
+            --steps "$V4_FLOW_STEPS" --threads "$V4_THREADS" --seed "$((SEED + 6))" "${V4_ARGS[@]}"
+        ship_flow=$RUN/flow_v4
+    fi
+    ship_vae=$ship_flow/vae.safetensors
     if (( V3_DECODER_STEPS > 0 )); then
         STILL_FLAG=""
         if [[ "$V3_DECODER_STILL_ONLY" == 1 ]]; then STILL_FLAG=--latent-noise-still-only; fi
@@ -177,12 +199,13 @@ if [[ "$V3" == 1 ]]; then
         ship_vae=$RUN/vae_decoder_v3/vae.safetensors
     fi
     joined=$RUN/v3_model/.done
-    if [[ ! -f "$joined" || "$ship_vae" -nt "$joined" || "$RUN/flow_v3/.done" -nt "$joined" ]]; then
+    if [[ ! -f "$joined" || "$ship_vae" -nt "$joined" || "$ship_flow/.done" -nt "$joined" \
+          || "$(cat "$joined")" != "$ship_flow + $ship_vae" ]]; then
         rm -rf "$RUN/v3_model" && mkdir -p "$RUN/v3_model"
-        cp -r "$RUN/flow_v3/config.yaml" "$RUN/flow_v3/denoiser.safetensors" "$RUN/flow_v3/image_encoder" \
-            "$RUN/flow_v3/text_encoder" "$RUN/v3_model/"
+        cp -r "$ship_flow/config.yaml" "$ship_flow/denoiser.safetensors" "$ship_flow/image_encoder" \
+            "$ship_flow/text_encoder" "$RUN/v3_model/"
         cp "$ship_vae" "$RUN/v3_model/vae.safetensors"
-        echo "$RUN/flow_v3 + $ship_vae" > "$RUN/v3_model/.done"
+        echo "$ship_flow + $ship_vae" > "$RUN/v3_model/.done"
     fi
     SHIP_FLOW=$RUN/v3_model
 fi
