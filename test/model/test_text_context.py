@@ -1,45 +1,26 @@
 """The instruction as a cross-attention context token (``DenoiserConfig.text_context``): what it adds to the
-denoiser, that the CPU kernels and guidance rows see it, and that a trained denoiser gains it unchanged otherwise."""
+denoiser, that guidance rows see it, and that a trained denoiser gains it unchanged otherwise (the CPU kernels and
+the forecaster with it: ``test_text_grounding.py``, for both instruction paths)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from traj_forecast_ros.forecaster import Forecaster
 from traj_forecast_ros.model.checkpoint import load_model_dir, save_model_dir
 from traj_forecast_ros.model.config import ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
-from traj_forecast_ros.model.kernels import FastCPUOps
 from traj_forecast_ros.model.presets import tiny_config
 from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.train.flow import with_text_paths
 
 
-def _inputs(config: ModelConfig, texts: int = 2):
-    gen = torch.Generator().manual_seed(0)
-    d = config.denoiser
-    x = torch.randn(texts, d.num_frames, d.in_channels, *LatteDenoiser(d).input_size, generator=gen)
-    features = torch.randn(1, 16, d.frame_features_dim, generator=gen)
-    text = torch.randn(texts, d.text_embed_dim, generator=gen)
-    return x, torch.full((texts,), 0.4), features, text
-
-
-def _without_pooled_text(model: LatteDenoiser) -> LatteDenoiser:
-    """The timestep path of the instruction silenced: only the context token can carry it."""
-    with torch.no_grad():
-        for param in model.text_embeds_proj.parameters():
-            param.zero_()
-    return model
-
-
-def test_the_context_token_carries_the_instruction_to_every_token(randomize):
+def test_the_context_token_carries_the_instruction_to_every_token(randomize, text_inputs, silence_pooled_text):
     config = tiny_config()
     assert config.denoiser.text_context is False and ModelConfig().denoiser.text_context is False  # LIBERO: off
-    plain = _without_pooled_text(randomize(LatteDenoiser(config.denoiser), std=0.2).eval())
+    plain = silence_pooled_text(randomize(LatteDenoiser(config.denoiser), std=0.2).eval())
     config.denoiser.text_context = True
-    reading = _without_pooled_text(randomize(LatteDenoiser(config.denoiser), std=0.2).eval())
-    x, t, features, text = _inputs(config)
+    reading = silence_pooled_text(randomize(LatteDenoiser(config.denoiser), std=0.2).eval())
+    x, t, features, text = text_inputs(reading)
     same_x = x[:1].expand(2, -1, -1, -1, -1)
     with torch.no_grad():
         ignored, read = plain(same_x, t, features, text), reading(same_x, t, features, text)
@@ -50,19 +31,7 @@ def test_the_context_token_carries_the_instruction_to_every_token(randomize):
     torch.testing.assert_close(read, rows, rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_kernels_match_the_reference_with_the_context_token(randomize):
-    config = tiny_config()
-    config.denoiser.text_context = True
-    model = randomize(LatteDenoiser(config.denoiser), std=0.05).eval()
-    x, t, features, text = _inputs(config, texts=3)
-    with torch.inference_mode():
-        plain = model(x, t, features, text)
-        fast = model(x, t, features, text, ops=FastCPUOps())
-    assert plain.abs().max() > 0.1
-    assert ((fast - plain).norm() / plain.norm()).item() < 1e-5
-
-
-def test_a_trained_denoiser_gains_the_token_and_keeps_every_weight(tmp_path, randomize):
+def test_a_trained_denoiser_gains_the_token_and_keeps_every_weight(tmp_path, randomize, text_inputs):
     config = tiny_config()
     trained = randomize(LatteDenoiser(config.denoiser), std=0.05).eval()
     extended = with_text_paths(config, trained, seed=0, text_context=True).eval()
@@ -72,7 +41,7 @@ def test_a_trained_denoiser_gains_the_token_and_keeps_every_weight(tmp_path, ran
     assert {k for k in kept if k not in trained.state_dict()} == {
         "text_context_proj.0.weight", "text_context_proj.0.bias", "text_context_proj.1.weight",
         "text_context_proj.1.bias"}
-    x, t, features, text = _inputs(config)
+    x, t, features, text = text_inputs(trained)
     with torch.no_grad():
         before, after = trained(x, t, features, text), extended(x, t, features, text)
     assert 0 < ((after - before).norm() / before.norm()).item() < 0.2  # a small start, not a new model
@@ -83,15 +52,3 @@ def test_a_trained_denoiser_gains_the_token_and_keeps_every_weight(tmp_path, ran
     loaded_config, loaded, _ = load_model_dir(tmp_path / "m")
     assert loaded_config.denoiser.text_context is True
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in kept.items())
-
-
-def test_the_forecaster_reads_the_instruction_through_the_token():
-    config = tiny_config()
-    config.denoiser.text_context = True
-    model = Forecaster.from_config(config, seed=0)
-    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    first = model.forecast(image, "pick up the cube", num_samples=2, steps=3, seed=1)
-    again = model.forecast(image, "pick up the cube", num_samples=2, steps=3, seed=1)
-    other = model.forecast(image, "push the cube", num_samples=2, steps=3, seed=1)
-    assert np.array_equal(first.tracks, again.tracks) and np.isfinite(other.tracks).all()
-    np.testing.assert_array_equal(first.tracks[:, 0], other.tracks[:, 0])  # frame 0 at the query points

@@ -1,10 +1,11 @@
 """Where the instruction points in the image (``DenoiserConfig.text_grounding``): what the map adds to the
-denoiser, that it is spatial, that the CPU kernels and guidance rows see it, and that a trained denoiser gains it
-with its outputs unchanged."""
+denoiser, that it is spatial, that guidance rows see it, and that a trained denoiser gains it with its outputs
+unchanged; and, for both instruction paths (this and ``text_context``), the CPU kernels and the forecaster."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from traj_forecast_ros.forecaster import Forecaster
@@ -23,28 +24,11 @@ def _grounded_config() -> ModelConfig:
     return config
 
 
-def _inputs(model: LatteDenoiser, texts: int = 2):
-    gen = torch.Generator().manual_seed(0)
-    d = model.cfg
-    x = torch.randn(texts, d.num_frames, d.in_channels, *model.input_size, generator=gen)
-    features = torch.randn(1, model.num_frame_tokens, d.frame_features_dim, generator=gen)
-    text = torch.randn(texts, d.text_embed_dim, generator=gen)
-    return x, torch.full((texts,), 0.4), features, text
-
-
-def _without_pooled_text(model: LatteDenoiser) -> LatteDenoiser:
-    """The timestep path of the instruction silenced: only the grounding map can carry it."""
-    with torch.no_grad():
-        for param in model.text_embeds_proj.parameters():
-            param.zero_()
-    return model
-
-
-def test_the_grounding_map_carries_the_instruction(randomize):
+def test_the_grounding_map_carries_the_instruction(randomize, text_inputs, silence_pooled_text):
     assert tiny_config().denoiser.text_grounding is False and ModelConfig().denoiser.text_grounding is False
-    plain = _without_pooled_text(randomize(LatteDenoiser(tiny_config().denoiser), std=0.2).eval())
-    grounded = _without_pooled_text(randomize(LatteDenoiser(_grounded_config().denoiser), std=0.2).eval())
-    x, t, features, text = _inputs(grounded)
+    plain = silence_pooled_text(randomize(LatteDenoiser(tiny_config().denoiser), std=0.2).eval())
+    grounded = silence_pooled_text(randomize(LatteDenoiser(_grounded_config().denoiser), std=0.2).eval())
+    x, t, features, text = text_inputs(grounded)
     same_x = x[:1].expand(2, -1, -1, -1, -1)
     with torch.no_grad():
         ignored, read = plain(same_x, t, features, text), grounded(same_x, t, features, text)
@@ -55,11 +39,11 @@ def test_the_grounding_map_carries_the_instruction(randomize):
     torch.testing.assert_close(read, rows, rtol=1e-4, atol=1e-5)
 
 
-def test_the_map_of_a_latent_token_reads_the_image_tokens_under_it(randomize):
+def test_the_map_of_a_latent_token_reads_the_image_tokens_under_it(randomize, text_inputs):
     """Changing the image tokens of one corner changes the map of the latent token over that corner only."""
     model = randomize(LatteDenoiser(_grounded_config().denoiser), std=0.2).eval()
     grounding = model.text_grounding
-    _, _, features, text = _inputs(model, texts=1)
+    _, _, features, text = text_inputs(model, texts=1)
     (rows, cols), (token_rows, token_cols) = model.frame_token_grid, model.token_grid
     assert rows % token_rows == 0 and cols % token_cols == 0 and model.num_tokens > 1
     changed = features.clone().view(1, rows, cols, -1)
@@ -72,9 +56,12 @@ def test_the_map_of_a_latent_token_reads_the_image_tokens_under_it(randomize):
     assert moved[0] > 1e-3 and torch.all(moved[1:] == 0)
 
 
-def test_cpu_kernels_match_the_reference_with_the_grounding_map(randomize):
-    model = randomize(LatteDenoiser(_grounded_config().denoiser), std=0.05).eval()
-    x, t, features, text = _inputs(model, texts=3)
+@pytest.mark.parametrize("path", ["text_context", "text_grounding"])
+def test_cpu_kernels_match_the_reference_with_either_instruction_path(randomize, text_inputs, path):
+    config = tiny_config()
+    setattr(config.denoiser, path, True)
+    model = randomize(LatteDenoiser(config.denoiser), std=0.05).eval()
+    x, t, features, text = text_inputs(model, texts=3)
     with torch.inference_mode():
         plain = model(x, t, features, text)
         fast = model(x, t, features, text, ops=FastCPUOps())
@@ -82,7 +69,7 @@ def test_cpu_kernels_match_the_reference_with_the_grounding_map(randomize):
     assert ((fast - plain).norm() / plain.norm()).item() < 1e-5
 
 
-def test_a_trained_denoiser_gains_the_map_with_its_outputs_unchanged_and_learns_it(tmp_path, randomize):
+def test_a_trained_denoiser_gains_the_map_with_its_outputs_unchanged_and_learns_it(tmp_path, randomize, text_inputs):
     config = tiny_config()
     trained = randomize(LatteDenoiser(config.denoiser), std=0.05).eval()
     extended = with_text_paths(config, trained, seed=0, text_grounding=True).eval()
@@ -90,7 +77,7 @@ def test_a_trained_denoiser_gains_the_map_with_its_outputs_unchanged_and_learns_
     kept = extended.state_dict()
     assert all(torch.equal(kept[k], v) for k, v in trained.state_dict().items())
     assert {k.split(".")[0] for k in kept if k not in trained.state_dict()} == {"text_grounding"}
-    x, t, features, text = _inputs(extended)
+    x, t, features, text = text_inputs(extended)
     with torch.no_grad():
         before = trained(x, t, features, text)
     torch.testing.assert_close(extended(x, t, features, text).detach(), before, rtol=0, atol=0)  # zero start
@@ -105,8 +92,11 @@ def test_a_trained_denoiser_gains_the_map_with_its_outputs_unchanged_and_learns_
     assert with_text_paths(loaded_config, loaded, seed=0, text_grounding=True) is loaded  # nothing left to add
 
 
-def test_the_forecaster_reads_the_instruction_through_the_map():
-    model = Forecaster.from_config(_grounded_config(), seed=0)
+@pytest.mark.parametrize("path", ["text_context", "text_grounding"])
+def test_the_forecaster_runs_either_instruction_path(path):
+    config = tiny_config()
+    setattr(config.denoiser, path, True)
+    model = Forecaster.from_config(config, seed=0)
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     first = model.forecast(image, "pick up the cube", num_samples=2, steps=3, seed=1)
     again = model.forecast(image, "pick up the cube", num_samples=2, steps=3, seed=1)
