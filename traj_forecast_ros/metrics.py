@@ -71,7 +71,7 @@ def _flat_points(tracks: np.ndarray, lead: int) -> np.ndarray:
     tracks = np.asarray(tracks, dtype=np.float64)
     if tracks.ndim < lead + 3 or tracks.shape[-1] != 2:
         raise ValueError(f"expected [{'x' * lead}T, points..., 2] tracks, got shape {tracks.shape}")
-    return tracks.reshape(*tracks.shape[: lead + 1], -1, 2)
+    return tracks.reshape(*tracks.shape[: lead + 1], int(np.prod(tracks.shape[lead + 1:-1])), 2)  # N may be 0
 
 
 # ------------------------------------------------------------------------------------------------ MSE

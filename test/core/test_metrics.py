@@ -292,6 +292,9 @@ def test_paired_instruction_metrics_hand_made():
     assert result["paired_matched_crossed_ratio"] == pytest.approx(expected_matched / expected_crossed)
     empty = metrics.paired_instruction_metrics(matched[3:], crossed[3:], truth[3:], partner[3:])
     assert empty["paired_cases"] == 0 and np.isnan(empty["paired_matched_crossed_ratio"])
+    none = metrics.paired_instruction_metrics(matched[:0], crossed[:0], truth[:0], partner[:0])  # no pairs at all
+    assert none["paired_cases"] == 0 and np.isnan(none["paired_right_instruction_wins"])
+    assert np.isnan(none["paired_instruction_response"])
 
 
 def test_paired_distinct_cases_are_the_pairs_whose_true_futures_part():

@@ -226,6 +226,19 @@ def test_rate_meter_and_window_are_bounded():
     assert Window().percentile(95) is None
 
 
+def test_forecast_rate_exceeds_input_rate_by_at_most_the_frames_in_flight():
+    """Both meters count events in the same window. A frame received just before the window but forecast inside
+    it counts only for the forecasts, so near the end of a stream the forecast rate runs ahead of the input rate,
+    by at most the frames in flight (two per camera: its mailbox and the worker) over the window."""
+    inputs, forecasts = RateMeter(window_s=5.0, started=0.0), RateMeter(window_s=5.0, started=0.0)
+    for i in range(40):  # 4 Hz for 10 s; each forecast 0.45 s after its frame (under two frame periods)
+        inputs.tick(now=0.25 * i)
+        forecasts.tick(now=0.25 * i + 0.45)
+    now = 10.2  # the stream has ended, its last forecasts are in
+    assert forecasts.rate(now=now) > inputs.rate(now=now)
+    assert forecasts.rate(now=now) <= inputs.rate(now=now) + 2 / 5.0
+
+
 def test_classify_error():
     err = InvalidImageError("plain")
     assert classify_error(err) == "invalid_image"

@@ -138,7 +138,8 @@ class PipelineStats:
     window: int = 200
     started: float = field(default_factory=time.monotonic)  # both rates count from here, over the same window
     input_rate: RateMeter = field(init=False)
-    forecast_rate: RateMeter = field(init=False)
+    forecast_rate: RateMeter = field(init=False)  # may exceed input_rate by the frames in flight (at most two per
+    # camera: mailbox and worker) over the window, since a forecast in the window can be of a frame received before it
     processing: Window = field(init=False)  # seconds on the wall (monotonic) clock, frame received -> published
     stamp_age: Window = field(init=False)  # seconds on the node clock (simulated under use_sim_time), header
     # stamp -> published: transport and camera delay included; a bag replayed at rate r scales it by r
