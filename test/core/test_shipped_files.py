@@ -32,3 +32,22 @@ def test_no_absolute_machine_paths_in_shipped_files():
             if MACHINE_PATH.search(line):
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:120]}")
     assert not found, "absolute machine paths in shipped files:\n" + "\n".join(found)
+
+
+def test_shipped_documents_are_bounded_and_repeat_no_paragraph():
+    """An editing slip that pastes a section many times (or truncates the rest) shows here, not only in review."""
+    problems = []
+    for path in shipped_files():
+        if path.suffix != ".md" or not path.is_file():
+            continue
+        name = path.relative_to(REPO)
+        if path.stat().st_size > 300_000:
+            problems.append(f"{name}: {path.stat().st_size} bytes")
+            continue
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+        seen = set()
+        for paragraph in paragraphs:
+            if len(paragraph) >= 200 and paragraph in seen:
+                problems.append(f"{name}: repeated paragraph {paragraph[:80]!r}")
+            seen.add(paragraph)
+    assert not problems, "\n".join(problems)
