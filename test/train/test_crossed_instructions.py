@@ -71,6 +71,20 @@ def test_branch_moving_maps_join_the_moving_tokens_of_a_branch_group():
     assert not moving[4].any()  # the input is not changed
 
 
+def test_the_contrast_temperature_scales_the_error_gap():
+    """contrast = mean softplus(gap / temperature) over the rows, on the same noised inputs whatever the temperature:
+    the gap recovered at one temperature gives the contrast at another (one row: the other moves no token,
+    so it leaves the contrast). Non-positive temperatures are refused."""
+    first_row_moves = torch.tensor([[[True, False], [False, False]], [[False, False], [False, False]]])
+    cold = _objective_losses(0.0, first_row_moves, contrast_on_motion=True, contrast_temperature=0.01)
+    warm = _objective_losses(0.0, first_row_moves, contrast_on_motion=True, contrast_temperature=0.5)
+    torch.testing.assert_close(cold["flow"], warm["flow"])
+    gap = 0.01 * torch.log(torch.expm1(cold["contrast"]))  # invert softplus(gap / 0.01) for the one row
+    torch.testing.assert_close(warm["contrast"], torch.nn.functional.softplus(gap / 0.5))
+    with pytest.raises(ValueError, match="contrast_temperature"):
+        _objective_losses(0.0, contrast_temperature=0.0)
+
+
 def test_the_crossed_still_term_joins_the_loss_and_needs_the_contrast_region():
     """loss = flow + contrast weight * contrast + crossed-still weight * crossed_still; the options are refused
     without the contrast, crossed_still without contrast_on_motion, and contrast_on_motion without the maps."""

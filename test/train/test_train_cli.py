@@ -100,7 +100,7 @@ def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
 
 def test_train_flow_passes_the_moving_weight_text_context_and_contrast(tmp_path, monkeypatch):
     """--moving-weight, --text-context, --time-mean, --instruction-contrast, --contrast-on-motion, --crossed-still,
-    --text-grounding and --word-bag reach train_flow; by default every token weighs the same, the instruction only
+    --text-grounding, --word-bag and --contrast-temperature reach train_flow; by default every token weighs the same, the instruction only
     enters with the timestep (the paper's path), the flow time is the official logit-normal and there is no
     contrast."""
     import traj_forecast_ros.commands.train as train_command  # the train_flow the command calls
@@ -111,8 +111,9 @@ def test_train_flow_passes_the_moving_weight_text_context_and_contrast(tmp_path,
     assert main(common) == 0
     assert main([*common, "--init", str(tmp_path), "--moving-weight", "3", "--text-context", "--time-mean", "-0.5",
                  "--instruction-contrast", "0.1", "--contrast-on-motion", "--crossed-still", "2", "--text-grounding",
-                 "--word-bag"]) == 0
+                 "--word-bag", "--contrast-temperature", "0.1"]) == 0
     assert [(kw["moving_weight"], kw["text_context"], kw["time_mean"], kw["instruction_contrast"],
-             kw["contrast_on_motion"], kw["crossed_still"], kw["text_grounding"], kw["word_bag"])
-            for kw in seen] == [(0.0, False, 0.0, 0.0, False, 0.0, False, False),
-                                (3.0, True, -0.5, 0.1, True, 2.0, True, True)]
+             kw["contrast_on_motion"], kw["crossed_still"], kw["text_grounding"], kw["word_bag"],
+             kw["contrast_temperature"])
+            for kw in seen] == [(0.0, False, 0.0, 0.0, False, 0.0, False, False, 0.01),
+                                (3.0, True, -0.5, 0.1, True, 2.0, True, True, 0.1)]

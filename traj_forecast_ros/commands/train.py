@@ -35,7 +35,7 @@ from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX
 from traj_forecast_ros.model.presets import resolve_config
 from traj_forecast_ros.train.common import TrainSettings
 from traj_forecast_ros.train.encoder import evaluate_dense, train_encoder
-from traj_forecast_ros.train.flow import train_flow
+from traj_forecast_ros.train.flow import CONTRAST_TEMPERATURE, train_flow
 from traj_forecast_ros.train.regressor import train_regressor
 from traj_forecast_ros.train.vae import train_vae
 
@@ -144,6 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     flow.add_argument("--crossed-still", type=float, default=0.0, help="with --contrast-on-motion: weight of the "
                       "crossed instruction's error on the tokens no branch moves (they stay still whatever the "
                       "instruction; default 0: off)")
+    flow.add_argument("--contrast-temperature", type=float, default=CONTRAST_TEMPERATURE, help="the error gap "
+                      "(normalised latent units) at which the contrast counts the own instruction as clearly better "
+                      f"and stops pushing; larger keeps pushing the two forecasts apart (default {CONTRAST_TEMPERATURE})")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")
@@ -206,7 +209,8 @@ def _train_flow(args: argparse.Namespace) -> int:
                               moving_weight=args.moving_weight, text_context=args.text_context,
                               time_mean=args.time_mean, instruction_contrast=args.instruction_contrast,
                               contrast_on_motion=args.contrast_on_motion, crossed_still=args.crossed_still,
-                              text_grounding=args.text_grounding, word_bag=args.word_bag))
+                              text_grounding=args.text_grounding, word_bag=args.word_bag,
+                              contrast_temperature=args.contrast_temperature))
 
 
 def _train_regressor(args: argparse.Namespace) -> int:

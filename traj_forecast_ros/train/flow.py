@@ -87,6 +87,8 @@ class FlowObjective(nn.Module):
         if moving_weight < 0 or instruction_contrast < 0 or crossed_still < 0:
             raise ValueError(f"moving_weight, instruction_contrast and crossed_still must be >= 0, got "
                              f"{moving_weight}, {instruction_contrast} and {crossed_still}")
+        if contrast_temperature <= 0:
+            raise ValueError(f"contrast_temperature must be > 0, got {contrast_temperature}")
         if instruction_contrast > 0 and text_encoder is None:
             raise ValueError("the instruction contrast needs the trainable words text encoder")
         if (contrast_on_motion or crossed_still > 0) and instruction_contrast <= 0:
@@ -345,7 +347,7 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                text_context: bool = False, time_mean: float = 0.0,
                instruction_contrast: float = 0.0, contrast_on_motion: bool = False,
                crossed_still: float = 0.0, text_grounding: bool = False,
-               word_bag: bool = False) -> Dict[str, float]:
+               word_bag: bool = False, contrast_temperature: float = CONTRAST_TEMPERATURE) -> Dict[str, float]:
     """Train (or fine-tune) the latent denoiser and write a complete model directory to ``out_dir``.
 
     Sources of the frozen VAE, the encoder and the starting denoiser, in order:
@@ -362,7 +364,7 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
     ``time_mean``: location of the logit-normal flow time (below 0 trains nearer the noise end).
     ``instruction_contrast``: weight of the instruction contrast (:func:`~traj_forecast_ros.model.flow.
     instruction_contrast_loss`) on the samples of branch groups; needs the words text encoder.
-    ``contrast_on_motion`` and ``crossed_still``: see :class:`FlowObjective`.
+    ``contrast_on_motion``, ``crossed_still`` and ``contrast_temperature``: see :class:`FlowObjective`.
     """
     out_dir = Path(out_dir)
     with distributed(settings.device) as info:
@@ -420,7 +422,7 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                                   text_encoder=text_encoder if text_ids_table is not None else None,
                                   moving_weight=moving_weight, time_mean=time_mean,
                                   instruction_contrast=instruction_contrast, contrast_on_motion=contrast_on_motion,
-                                  crossed_still=crossed_still)
+                                  crossed_still=crossed_still, contrast_temperature=contrast_temperature)
         moving = moving_token_maps(examples, vae.latent_grid) if moving_weight > 0 or contrast_on_motion else None
         weighted = moving if moving_weight > 0 else None  # the token maps the flow loss weights
         if weighted is not None:
