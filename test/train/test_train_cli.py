@@ -100,9 +100,9 @@ def test_train_vae_passes_the_decoder_fine_tune_options(tmp_path, monkeypatch):
 
 def test_train_flow_passes_the_moving_weight_text_context_and_contrast(tmp_path, monkeypatch):
     """--moving-weight, --text-context, --time-mean, --instruction-contrast, --contrast-on-motion, --crossed-still,
-    --text-grounding, --word-bag and --contrast-temperature reach train_flow; by default every token weighs the same, the instruction only
-    enters with the timestep (the paper's path), the flow time is the official logit-normal and there is no
-    contrast."""
+    --text-grounding, --word-bag and --contrast-temperature reach train_flow; by default every token weighs the same,
+    the instruction only enters with the timestep (the paper's path), the flow time is the official logit-normal and
+    there is no contrast."""
     import traj_forecast_ros.commands.train as train_command  # the train_flow the command calls
 
     seen = []

@@ -146,7 +146,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "instruction; default 0: off)")
     flow.add_argument("--contrast-temperature", type=float, default=CONTRAST_TEMPERATURE, help="the error gap "
                       "(normalised latent units) at which the contrast counts the own instruction as clearly better "
-                      f"and stops pushing; larger keeps pushing the two forecasts apart (default {CONTRAST_TEMPERATURE})")
+                      "and stops pushing; larger keeps pushing the two forecasts apart "
+                      f"(default {CONTRAST_TEMPERATURE})")
     flow.set_defaults(func=_train_flow)
 
     regressor = stages.add_parser("regressor", help="deterministic baseline (same conditioning, MSE)")

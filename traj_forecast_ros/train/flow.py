@@ -99,7 +99,7 @@ class FlowObjective(nn.Module):
         self.crossed_still = float(crossed_still)  # weight of the crossed pass's error where no branch moves
         self.time_mean = float(time_mean)  # location of the logit-normal flow time (0: the official recipe)
         self.instruction_contrast = float(instruction_contrast)  # weight of the contrast term
-        self.contrast_temperature = float(contrast_temperature)
+        self.contrast_temperature = float(contrast_temperature)  # error gap past which a row stops pushing
         self.text_encoder = text_encoder  # trained with the denoiser; embeds the batch's ``text_ids``
         self.text_dropout = float(text_dropout)
         self.moving_weight = float(moving_weight)  # extra loss weight of the latent tokens of moving points
@@ -437,8 +437,9 @@ def train_flow(data_dir: PathLike, out_dir: PathLike, settings: TrainSettings, v
                 raise ValueError("the instruction contrast needs the words text encoder and a dataset with branch "
                                  "groups (`traj-forecast data sim-manipulation`)")
             siblings = crossed_instructions(examples.dataset.load("branch_groups"), instruction_index)
-            log.info("instruction contrast (weight %g): %.1f %% of the examples have a sibling instruction",
-                     instruction_contrast, 100 * np.mean([len(siblings[i]) > 0 for i in examples.scene_indices]))
+            log.info("instruction contrast (weight %g, temperature %g): %.1f %% of the examples have a sibling "
+                     "instruction", instruction_contrast, contrast_temperature,
+                     100 * np.mean([len(siblings[i]) > 0 for i in examples.scene_indices]))
         branch_moving = None
         if contrast_on_motion:
             branch_moving = branch_moving_maps(moving, examples.scenes(np.arange(len(examples))),
