@@ -14,8 +14,9 @@
 # Every stage writes its run directory under $RUN and a `.done` marker when it finishes: a rerun skips finished
 # stages and continues an interrupted training stage from its last checkpoint (`--resume`; identical to an
 # uninterrupted run). Data generation resumes by itself (finished shards are kept). Everything is seeded, but the
-# simulated data are not bit-identical across sessions (a regeneration on 2026-12-07 gave 560 held-out samples against
-# 552): compare models on one regeneration. Settings come from the environment (defaults below).
+# simulated data are not bit-identical from one generation to the next (2026-12-07: 560 held-out samples against 552;
+# test shard 0 regenerated on the same machine gave 90 samples against 96, the first 64 identical): compare models on
+# one generation. Settings come from the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_sim.sh  # the venv, robosuite and libOSMesa (idempotent)
