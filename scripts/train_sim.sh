@@ -13,10 +13,10 @@
 #
 # Every stage writes its run directory under $RUN and a `.done` marker when it finishes: a rerun skips finished
 # stages and continues an interrupted training stage from its last checkpoint (`--resume`; identical to an
-# uninterrupted run). Data generation resumes by itself (finished shards are kept). Everything is seeded, but the
-# simulated data are not bit-identical from one generation to the next (2026-12-07: 560 held-out samples against 552;
-# test shard 0 regenerated on the same machine gave 90 samples against 96, the first 64 identical): compare models on
-# one generation. Settings come from the environment (defaults below).
+# uninterrupted run). Data generation resumes by itself (finished shards are kept). Everything is seeded, so a fresh
+# machine regenerates the same data and the same model. Data generated before 2026-12-07 are the exception: there,
+# PickPlaceSingle's object followed the process's string-hash seed (fixed in sim_episodes._draw_single_object).
+# Settings come from the environment (defaults below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_sim.sh  # the venv, robosuite and libOSMesa (idempotent)

@@ -305,6 +305,36 @@ def test_parallel_generation_writes_the_same_shards_as_a_serial_run(generated):
     assert "sim train" in parallel.stderr  # the progress bar
 
 
+SINGLE_OBJECT_DRAWS = """
+import numpy as np
+from traj_forecast_ros.data.sim_config import SimConfig
+from traj_forecast_ros.data.sim_episodes import make_env, reset_episode
+config = SimConfig(scenes=("pick_place_single",))
+env = make_env("pick_place_single", config)
+drawn = []
+for seed in range(8):
+    reset_episode(env, np.random.default_rng(seed), config)
+    drawn.append(env.obj_to_use)
+print(",".join(drawn))
+"""
+
+
+@needs_sim
+def test_the_single_object_scene_draws_the_same_object_whatever_the_hash_seed():
+    """PickPlaceSingle's object comes from the episode's seed alone: two processes with different string-hash seeds
+    (robosuite drew it from a set of names, whose order follows that seed) draw the same objects, and not always
+    the same one."""
+    runs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa", "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", SINGLE_OBJECT_DRAWS], env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(result.stdout.strip().splitlines()[-1].split(","))
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) > 1
+
+
 @needs_sim
 def test_branches_from_one_saved_state_share_frame_zero_and_differ_in_future(tmp_path):
     """Three parting goals rolled out from the reset state and from a moving state of the first goal's episode: each

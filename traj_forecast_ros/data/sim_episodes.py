@@ -63,9 +63,19 @@ def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
                      w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2])
 
 
+def _draw_single_object(env) -> None:
+    """PickPlaceSingle: draw the episode's object from the env's seeded rng by index. robosuite's own draw
+    (``single_object_mode`` 1) picks from a set of names, whose order follows the process's string-hash seed, so the
+    same seed gave different objects in different processes; mode 2 uses ``object_id`` as given."""
+    if getattr(env, "single_object_mode", 0) in (1, 2) and hasattr(env, "object_id"):
+        env.single_object_mode = 2
+        env.object_id = int(env.rng.integers(len(env.objects)))
+
+
 def reset_episode(env, rng: np.random.Generator, config: SimConfig) -> Dict[str, Any]:
     """Reset placements and robot noise from ``rng``, jitter lights and the agentview camera; returns what was drawn."""
     env.rng.bit_generator.state = np.random.default_rng(int(rng.integers(2**63))).bit_generator.state
+    _draw_single_object(env)
     env.reset()
     model = env.sim.model
     defaults = env._tf_defaults
