@@ -66,9 +66,12 @@ def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _draw_single_object(env) -> None:
     """PickPlaceSingle: draw the episode's object from the env's seeded rng by index. robosuite's own draw
     (``single_object_mode`` 1) picks from a set of names, whose order follows the process's string-hash seed, so the
-    same seed gave different objects in different processes; mode 2 uses ``object_id`` as given."""
-    if getattr(env, "single_object_mode", 0) in (1, 2) and hasattr(env, "object_id"):
+    same seed gave different objects in different processes; mode 2 uses ``object_id`` as given. Envs made with a
+    fixed object (mode 2 from the start) keep it."""
+    if getattr(env, "single_object_mode", 0) == 1:
         env.single_object_mode = 2
+        env._tf_draws_object = True
+    if getattr(env, "_tf_draws_object", False):
         env.object_id = int(env.rng.integers(len(env.objects)))
 
 
