@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -120,6 +120,16 @@ def _shape_problems(expected: Mapping[str, Tuple[int, ...]], found: Mapping[str,
         more = f"; ... (+{len(mismatched) - MAX_LISTED_KEYS} more)" if len(mismatched) > MAX_LISTED_KEYS else ""
         problems.append(f"shape mismatches {len(mismatched)}: {shown}{more}")
     return problems
+
+
+def load_into_extended(extended: nn.Module, state_dict: Mapping[str, Any], new_prefixes: Sequence[str],
+                       what: str) -> None:
+    """Load a trained module's ``state_dict`` into ``extended``: the same architecture plus new modules whose keys
+    start with ``new_prefixes`` (they keep their initialisation). Anything else missing or unexpected: ValueError."""
+    missing, unexpected = extended.load_state_dict(state_dict, strict=False)
+    if unexpected or any(not key.startswith(tuple(new_prefixes)) for key in missing):
+        raise ValueError(f"cannot extend this {what} with {', '.join(new_prefixes)}: missing {missing}, "
+                         f"unexpected {unexpected}")
 
 
 def load_state_dict_into(module: nn.Module, state_dict: Mapping[str, Any], source: PathLike, what: str) -> None:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from traj_forecast_ros.errors import CheckpointError, WeightsNotFoundError
-from traj_forecast_ros.model.checkpoint import load_state_dict_into, read_safetensors, save_tensors
+from traj_forecast_ros.model.checkpoint import (load_into_extended, load_state_dict_into, read_safetensors,
+                                                save_tensors)
 from traj_forecast_ros.model.config import TEXT_ENCODER_DIR, TextEncoderConfig
 
 PAD_TOKEN, UNKNOWN_TOKEN = "<pad>", "<unk>"
@@ -189,9 +190,7 @@ class WordTextEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             extended = WordTextEncoder(self.vocabulary.tokens, **{**self.settings, "pooling": "cls+words"})
-        missing, unexpected = extended.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("word_bag.") for key in missing):
-            raise ValueError(f"cannot add a word table to this encoder: missing {missing}, unexpected {unexpected}")
+        load_into_extended(extended, self.state_dict(), ["word_bag."], "words text encoder")
         return extended.to(self.cls_token.device)
 
     def save_pretrained(self, path: PathLike) -> None:

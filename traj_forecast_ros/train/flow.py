@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from traj_forecast_ros.model.checkpoint import load_model_dir, load_official, save_model_dir
+from traj_forecast_ros.model.checkpoint import load_into_extended, load_model_dir, load_official, save_model_dir
 from traj_forecast_ros.model.config import LATENT_DRAWS, ModelConfig
 from traj_forecast_ros.model.denoiser import LatteDenoiser
 from traj_forecast_ros.model.flow import flow_matching_loss, instruction_contrast_loss, latents_to_grid
@@ -282,10 +282,7 @@ def with_text_paths(config: ModelConfig, denoiser: LatteDenoiser, seed: int, tex
         return denoiser
     torch.manual_seed(seed)
     extended = LatteDenoiser(config.denoiser)
-    missing, unexpected = extended.load_state_dict(denoiser.state_dict(), strict=False)
-    if unexpected or any(not key.startswith(tuple(added)) for key in missing):
-        raise ValueError(f"cannot extend this denoiser with {', '.join(added)}: missing {missing}, unexpected "
-                         f"{unexpected}")
+    load_into_extended(extended, denoiser.state_dict(), added, "denoiser")
     return extended
 
 
