@@ -44,7 +44,8 @@ from traj_forecast_ros.train.data import (  # noqa: E402
     image_features,
     usable_samples,
 )
-from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, branch_pairs, moving_mask  # noqa: E402
+from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, moving_mask  # noqa: E402
+from traj_forecast_ros.paired_metrics import branch_pairs  # noqa: E402
 
 
 def future_distances(dataset: TrajectoryDataset, pairs: Sequence[tuple], groups: np.ndarray,

@@ -41,14 +41,8 @@ flattened); predictions carry ``K`` samples, datasets ``N`` scenes (``[N, K, T, 
   definition), for ``f`` = the best sample (the best-of-K sample above) and ``f`` = the mean of the K samples
   (their average track, used as one forecast); the median over all moving points of all scenes. 0 = the forecast
   stands still, 1 = it moves the points as far as they really go, 0.5 = half as far.
-* **Paired instructions** (:func:`paired_instruction_metrics`): samples sharing a branch group (one frame-0 image
-  and view, other instructions and true futures) give one case per ordered pair (i, j) with different instructions:
-  i's image forecast under its own instruction (matched) and under j's (crossed), same noise, both scored against
-  i's truth by best-of-K MSE over the points moving in i's or j's true future. Reported: the mean matched and
-  crossed errors, their ratio, the share of cases where matched < crossed (the right instruction wins) and the
-  **instruction response** (distance between the matched and crossed sample means over that region / distance
-  between the two true futures there; 0: no effect, 1: as far as they part); over all cases, and over those whose
-  true futures part by more than 5 px on average (``paired_distinct_...``).
+
+The paired-instruction test, built on the moving region, is in :mod:`traj_forecast_ros.paired_metrics`.
 """
 
 from __future__ import annotations
@@ -66,7 +60,7 @@ LRTL_RANK = 5
 MOVING_THRESHOLD_PX = 5.0  # a point moves when its true track gets farther than this from frame 0
 
 
-def _flat_points(tracks: np.ndarray, lead: int) -> np.ndarray:
+def flatten_points(tracks: np.ndarray, lead: int) -> np.ndarray:
     """``[*lead_dims, T, *points, 2]`` -> ``[*lead_dims, T, P, 2]`` float64 (``lead`` leading axes before T)."""
     tracks = np.asarray(tracks, dtype=np.float64)
     if tracks.ndim < lead + 3 or tracks.shape[-1] != 2:
@@ -77,8 +71,8 @@ def _flat_points(tracks: np.ndarray, lead: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ MSE
 def sample_mse(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """``[N, K]`` per-sample MSE (pixels^2) of ``pred [N, K, T, *points, 2]`` against ``gt [N, T, *points, 2]``."""
-    pred = _flat_points(pred, 2)
-    gt = _flat_points(gt, 1)
+    pred = flatten_points(pred, 2)
+    gt = flatten_points(gt, 1)
     if pred.shape[0] != gt.shape[0] or pred.shape[2:] != gt.shape[1:]:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} do not match")
     return ((pred - gt[:, None]) ** 2).mean(axis=(2, 3, 4))
@@ -241,7 +235,7 @@ def lrtl(pred: np.ndarray, object_ids: np.ndarray, rank: int = LRTL_RANK, includ
 # ------------------------------------------------------------------------------------------------ diversity
 def diversity(pred: np.ndarray) -> float:
     """Mean pairwise distance (pixels) between the K samples of ``pred [N, K, T, *points, 2]``, over scenes."""
-    pred = _flat_points(pred, 2)  # [N, K, T, P, 2]
+    pred = flatten_points(pred, 2)  # [N, K, T, P, 2]
     num_samples = pred.shape[1]
     if num_samples < 2:
         return 0.0
@@ -256,7 +250,7 @@ def diversity(pred: np.ndarray) -> float:
 
 def mean_displacement(pred: np.ndarray) -> float:
     """Mean over scenes, samples and points of ``|x_{T-1} - x_0|`` (pixels) for ``pred [N, K, T, *points, 2]``."""
-    pred = _flat_points(pred, 2)
+    pred = flatten_points(pred, 2)
     return float(np.linalg.norm(pred[:, :, -1] - pred[:, :, 0], axis=-1).mean())
 
 
@@ -326,8 +320,8 @@ def forecast_errors(pred: np.ndarray, truth: np.ndarray) -> Dict[str, object]:
     if truth.ndim != pred.ndim:
         raise ValueError(f"need truth [R, T, *points, 2] or [T, *points, 2] for a forecast {pred.shape}, "
                          f"got {truth.shape}")
-    pred = _flat_points(pred, 1)  # [K, T, P, 2]
-    truth = _flat_points(truth, 1)  # [R, T, P, 2]
+    pred = flatten_points(pred, 1)  # [K, T, P, 2]
+    truth = flatten_points(truth, 1)  # [R, T, P, 2]
     if pred.shape[1:] != truth.shape[1:]:
         raise ValueError(f"forecast {pred.shape[1:]} and truth {truth.shape[1:]} differ in frames or points")
     if not (np.isfinite(pred).all() and np.isfinite(truth).all()):
@@ -379,8 +373,8 @@ class MovingRegionTally:
         """Score one forecast ``pred [K, T, *points, 2]`` against ``truth [R, T, *points, 2]`` or
         ``[T, *points, 2]`` (each of the R true futures with its own moving region)."""
         pred, truth = np.asarray(pred), np.asarray(truth, dtype=np.float64)
-        truth = _flat_points(truth[None] if truth.ndim == pred.ndim - 1 else truth, 1)  # [R, T, P, 2]
-        pred = _flat_points(pred, 1)  # [K, T, P, 2]
+        truth = flatten_points(truth[None] if truth.ndim == pred.ndim - 1 else truth, 1)  # [R, T, P, 2]
+        pred = flatten_points(pred, 1)  # [K, T, P, 2]
         if pred.shape[1:] != truth.shape[1:]:
             raise ValueError(f"forecast {pred.shape[1:]} and truth {truth.shape[1:]} differ in frames or points")
         for future in truth:
@@ -437,64 +431,3 @@ def moving_region_metrics(pred: np.ndarray, gt: np.ndarray, rollouts: bool = Fal
     for scene_pred, scene_gt in zip(pred, gt):
         tally.add(scene_pred, scene_gt if rollouts else scene_gt[None])
     return tally.result()
-
-
-# ------------------------------------------------------------------------------------------------ paired instructions
-def branch_pairs(branch_groups: Sequence[int], instruction_ids: Sequence[int]) -> List[Tuple[int, int]]:
-    """Ordered pairs ``(i, j)``, ``i != j``, of positions whose branch group is the same value >= 0 and whose
-    instructions differ: the paired-instruction cases (case (i, j): sample i forecast under j's instruction)."""
-    members: Dict[int, List[int]] = {}
-    for position, group in enumerate(branch_groups):
-        if int(group) >= 0:
-            members.setdefault(int(group), []).append(position)
-    return [(i, j) for group in members.values() for i in group for j in group
-            if i != j and int(instruction_ids[i]) != int(instruction_ids[j])]
-
-
-def paired_instruction_metrics(matched: np.ndarray, crossed: np.ndarray, truth: np.ndarray,
-                               partner_truth: np.ndarray, threshold_px: float = MOVING_THRESHOLD_PX
-                               ) -> Dict[str, float]:
-    """Paired-instruction test over C cases (see the module docstring).
-
-    ``matched`` / ``crossed`` ``[C, K, T, *points, 2]``: case c's image forecast under its own / its partner's
-    instruction (same noise); ``truth`` / ``partner_truth`` ``[C, T, *points, 2]``: the two true futures. Cases
-    where neither future moves are left out. Returns ``paired_cases``, the mean matched / crossed errors (px^2),
-    their ratio (< 1: the instruction helps), ``paired_right_instruction_wins``, the forecast and truth gaps (px)
-    and ``paired_instruction_response``; the same under ``paired_distinct_...`` for the cases whose true futures
-    part by more than ``threshold_px`` on average over the region ("reach for" / "pick up" may not). NaN: no cases.
-    """
-    matched, crossed = _flat_points(matched, 2), _flat_points(crossed, 2)  # [C, K, T, P, 2]
-    truth, partner_truth = _flat_points(truth, 1), _flat_points(partner_truth, 1)  # [C, T, P, 2]
-    if not (matched.shape == crossed.shape and truth.shape == partner_truth.shape
-            and matched.shape[:1] + matched.shape[2:] == truth.shape):
-        raise ValueError(f"need matched and crossed [C, K, T, P, 2] and truths [C, T, P, 2]; got {matched.shape}, "
-                         f"{crossed.shape}, {truth.shape}, {partner_truth.shape}")
-    region = moving_mask(truth, threshold_px, 1) | moving_mask(partner_truth, threshold_px, 1)  # [C, P]
-    errors, gaps = [], []
-    for case in np.nonzero(region.any(axis=1))[0]:  # own, other [K, T, M, 2]; target, partner [T, M, 2]
-        own, other, target, partner = (x[case][..., region[case], :] for x in (matched, crossed, truth, partner_truth))
-        errors.append([float(((forecast - target) ** 2).mean(axis=(1, 2, 3)).min()) for forecast in (own, other)])
-        gaps.append([float(np.linalg.norm(own.mean(0) - other.mean(0), axis=-1).mean()),
-                     float(np.linalg.norm(partner - target, axis=-1).mean())])
-    pairs, gaps = np.asarray(errors).reshape(-1, 2), np.asarray(gaps).reshape(-1, 2)  # [cases, 2] each
-    distinct = gaps[:, 1] > threshold_px  # the true futures part
-    return {**_paired_summary(pairs, gaps, "paired"),
-            **_paired_summary(pairs[distinct], gaps[distinct], "paired_distinct")}
-
-
-def _paired_summary(pairs: np.ndarray, gaps: np.ndarray, prefix: str) -> Dict[str, float]:
-    """The paired figures of ``pairs`` / ``gaps`` ``[cases, 2]`` (matched, crossed errors / forecast, truth gaps)
-    under ``<prefix>_...`` keys; NaN without cases."""
-    nan = float("nan")
-    matched_mean, crossed_mean = (float(pairs[:, 0].mean()), float(pairs[:, 1].mean())) if len(pairs) else (nan, nan)
-    forecast_gap, truth_gap = (float(gaps[:, 0].mean()), float(gaps[:, 1].mean())) if len(gaps) else (nan, nan)
-    return {
-        f"{prefix}_cases": float(len(pairs)),
-        f"{prefix}_matched_moving_mse": matched_mean,
-        f"{prefix}_crossed_moving_mse": crossed_mean,
-        f"{prefix}_matched_crossed_ratio": matched_mean / crossed_mean if crossed_mean > 0 else nan,
-        f"{prefix}_right_instruction_wins": float((pairs[:, 0] < pairs[:, 1]).mean()) if len(pairs) else nan,
-        f"{prefix}_forecast_gap_px": forecast_gap,
-        f"{prefix}_truth_gap_px": truth_gap,
-        f"{prefix}_instruction_response": forecast_gap / truth_gap if truth_gap > 0 else nan,
-    }

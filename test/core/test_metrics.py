@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from traj_forecast_ros import metrics
+from traj_forecast_ros import metrics, paired_metrics
 
 
 def grid_tracks(frames: int = 4, rows: int = 5, cols: int = 5, step=(0.0, 0.0)) -> np.ndarray:
@@ -262,8 +262,8 @@ def test_evaluate_predictions_reports_the_moving_region():
 def test_branch_pairs_are_ordered_pairs_with_different_instructions_in_one_group():
     groups = [0, 0, -1, 1, 1, 1, 2]
     instructions = [0, 1, 0, 0, 1, 1, 3]
-    assert metrics.branch_pairs(groups, instructions) == [(0, 1), (1, 0), (3, 4), (3, 5), (4, 3), (5, 3)]
-    assert metrics.branch_pairs([-1, -1], [0, 1]) == []
+    assert paired_metrics.branch_pairs(groups, instructions) == [(0, 1), (1, 0), (3, 4), (3, 5), (4, 3), (5, 3)]
+    assert paired_metrics.branch_pairs([-1, -1], [0, 1]) == []
 
 
 def test_paired_instruction_metrics_hand_made():
@@ -279,7 +279,7 @@ def test_paired_instruction_metrics_hand_made():
     crossed = np.stack([up[None], up[None], up[None], still[None]])
     truth = np.stack([right, still, right, still])
     partner = np.stack([up, up, up, still])
-    result = metrics.paired_instruction_metrics(matched, crossed, truth, partner)
+    result = paired_metrics.paired_instruction_metrics(matched, crossed, truth, partner)
     assert result["paired_cases"] == 3
     assert result["paired_right_instruction_wins"] == pytest.approx(2 / 3)
     # region of cases 0 and 2: both rows (8 points); case 1: row 1 (4 points)
@@ -290,9 +290,9 @@ def test_paired_instruction_metrics_hand_made():
     assert result["paired_matched_moving_mse"] == pytest.approx(expected_matched)
     assert result["paired_crossed_moving_mse"] == pytest.approx(expected_crossed)
     assert result["paired_matched_crossed_ratio"] == pytest.approx(expected_matched / expected_crossed)
-    empty = metrics.paired_instruction_metrics(matched[3:], crossed[3:], truth[3:], partner[3:])
+    empty = paired_metrics.paired_instruction_metrics(matched[3:], crossed[3:], truth[3:], partner[3:])
     assert empty["paired_cases"] == 0 and np.isnan(empty["paired_matched_crossed_ratio"])
-    none = metrics.paired_instruction_metrics(matched[:0], crossed[:0], truth[:0], partner[:0])  # no pairs at all
+    none = paired_metrics.paired_instruction_metrics(matched[:0], crossed[:0], truth[:0], partner[:0])  # no pairs
     assert none["paired_cases"] == 0 and np.isnan(none["paired_right_instruction_wins"])
     assert np.isnan(none["paired_instruction_response"])
 
@@ -308,13 +308,13 @@ def test_paired_distinct_cases_are_the_pairs_whose_true_futures_part():
     # case 0 (distinct): the instruction-following forecaster wins; case 1 (not distinct): an instruction-blind tie
     matched = np.stack([truth[None], close[None]])
     crossed = np.stack([opposite[None], close[None]])
-    result = metrics.paired_instruction_metrics(matched, crossed, np.stack([truth, truth]),
-                                                np.stack([opposite, close]))
+    result = paired_metrics.paired_instruction_metrics(matched, crossed, np.stack([truth, truth]),
+                                                       np.stack([opposite, close]))
     assert result["paired_cases"] == 2 and result["paired_right_instruction_wins"] == 0.5
     assert result["paired_distinct_cases"] == 1 and result["paired_distinct_right_instruction_wins"] == 1.0
     assert result["paired_distinct_matched_moving_mse"] == 0.0
     assert result["paired_distinct_matched_crossed_ratio"] == 0.0
-    blind = metrics.paired_instruction_metrics(matched[1:], crossed[1:], truth[None], close[None])
+    blind = paired_metrics.paired_instruction_metrics(matched[1:], crossed[1:], truth[None], close[None])
     assert blind["paired_cases"] == 1 and blind["paired_distinct_cases"] == 0
     assert np.isnan(blind["paired_distinct_right_instruction_wins"])
 
@@ -330,11 +330,36 @@ def test_the_instruction_response_is_how_far_the_instruction_moves_the_forecast(
     for name, (matched, crossed, response) in cases.items():
         # K = 2 samples spread symmetrically around each forecast: the response reads their mean
         spread = np.array([-1.0, 1.0])[:, None, None, None, None]
-        result = metrics.paired_instruction_metrics((matched[None] + spread)[None], (crossed[None] + spread)[None],
-                                                    truth[None], opposite[None])
+        result = paired_metrics.paired_instruction_metrics((matched[None] + spread)[None],
+                                                           (crossed[None] + spread)[None], truth[None], opposite[None])
         assert result["paired_truth_gap_px"] == pytest.approx(truth_gap), name
         assert result["paired_instruction_response"] == pytest.approx(response), name
         assert result["paired_distinct_instruction_response"] == pytest.approx(response), name
     still = np.broadcast_to(truth[:1], truth.shape)  # neither future moves: no case, no response
-    assert np.isnan(metrics.paired_instruction_metrics(still[None, None], still[None, None], still[None],
-                                                       still[None])["paired_instruction_response"])
+    assert np.isnan(paired_metrics.paired_instruction_metrics(still[None, None], still[None, None], still[None],
+                                                              still[None])["paired_instruction_response"])
+
+
+def test_the_instruction_alignment_counts_only_the_parting_the_truth_takes():
+    """Forecasts that part as far as the truths but across their difference respond fully (1) and align not at all
+    (0); parting the wrong way aligns at -1; following the truth at 1; halfway at 0.5. The wins follow the alignment,
+    not the response."""
+    truth = half_moving_truth()  # row 0 slides +x, 3 px per frame
+    opposite = grid_tracks(frames=5, rows=2, cols=4)
+    opposite[:, 0, :, 0] -= 3.0 * np.arange(5)[:, None]  # row 0 slides -x: the partner's future
+    across_own, across_other = truth.copy(), truth.copy()  # part by 6t px along y, not x: across the truths' difference
+    across_own[:, 0, :, 1] += 3.0 * np.arange(5)[:, None]
+    across_other[:, 0, :, 1] -= 3.0 * np.arange(5)[:, None]
+    halfway = (truth + opposite) / 2
+    cases = {"following": (truth, opposite, 1.0, 1.0), "wrong way": (opposite, truth, 1.0, -1.0),
+             "across": (across_own, across_other, 1.0, 0.0), "half": (truth, halfway, 0.5, 0.5),
+             "blind": (truth, truth, 0.0, 0.0)}
+    for name, (matched, crossed, response, alignment) in cases.items():
+        result = paired_metrics.paired_instruction_metrics(matched[None, None], crossed[None, None], truth[None],
+                                                           opposite[None])
+        assert result["paired_instruction_response"] == pytest.approx(response), name
+        assert result["paired_instruction_alignment"] == pytest.approx(alignment, abs=1e-12), name
+        assert result["paired_distinct_instruction_alignment"] == pytest.approx(alignment, abs=1e-12), name
+    still = np.broadcast_to(truth[:1], truth.shape)  # no case: no alignment
+    assert np.isnan(paired_metrics.paired_instruction_metrics(still[None, None], still[None, None], still[None],
+                                                              still[None])["paired_instruction_alignment"])

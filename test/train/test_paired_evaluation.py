@@ -66,6 +66,7 @@ def test_paired_test_of_hand_made_forecasters(branch_data, monkeypatch, follows,
     assert paired["paired_right_instruction_wins"] == wins
     assert paired["paired_distinct_cases"] == 6  # a push left and a push right part by far more than 5 px
     assert paired["paired_distinct_right_instruction_wins"] == wins
+    assert paired["paired_instruction_alignment"] == pytest.approx(1.0 if follows else 0.0)  # the truths' parting
     if follows:
         assert paired["paired_matched_moving_mse"] == 0.0 and paired["paired_crossed_moving_mse"] > 100.0
         assert paired["paired_matched_crossed_ratio"] == ratio

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from traj_forecast_ros import metrics
+from traj_forecast_ros import metrics, paired_metrics
 from traj_forecast_ros.data.dataset import TrajectoryDataset
 from traj_forecast_ros.forecast import DEFAULT_NUM_SAMPLES
 from traj_forecast_ros.forecaster import Forecaster
@@ -118,23 +118,23 @@ def paired_instruction_results(model: PathLike, dataset: TrajectoryDataset, indi
                                sample_batch_size: Union[int, None, str] = "auto", device: str = "auto",
                                progress: bool = False,
                                guidance_scale: Optional[float] = None) -> Optional[Dict[str, float]]:
-    """The paired-instruction test (:func:`traj_forecast_ros.metrics.paired_instruction_metrics`) of a model.
+    """The paired-instruction test (:func:`traj_forecast_ros.paired_metrics.paired_instruction_metrics`) of a model.
 
     ``matched [N, K, T, Hq, Wq, 2]``: the model's forecasts of the scenes ``indices`` under their own
     ``instructions`` (scene ``indices[i]`` with seed ``seed + indices[i]``). Every case (i, j) of
-    :func:`~traj_forecast_ros.metrics.branch_pairs` reuses forecast i and adds one K-sample forecast of scene i
+    :func:`~traj_forecast_ros.paired_metrics.branch_pairs` reuses forecast i and adds one K-sample forecast of scene i
     under j's instruction with i's seed (the same noise: only the instruction differs); both are scored against
     i's first true rollout over the points moving in i's or j's. None when these scenes hold no pair.
     """
     groups = dataset.gather("branch_groups", indices)
-    pairs = metrics.branch_pairs(groups, dataset.gather("instructions", indices))
+    pairs = paired_metrics.branch_pairs(groups, dataset.gather("instructions", indices))
     if not pairs:
         return None
     own, partner = (np.asarray(side) for side in zip(*pairs))
     crossed = forecaster_predictions(model, dataset, indices[own], num_samples, seed, steps, sample_batch_size,
                                      device=device, progress=progress, instructions=[instructions[j] for j in partner],
                                      guidance_scale=guidance_scale)
-    result = metrics.paired_instruction_metrics(matched[own], crossed, gt[own, 0], gt[partner, 0])
+    result = paired_metrics.paired_instruction_metrics(matched[own], crossed, gt[own, 0], gt[partner, 0])
     result["paired_groups"] = float(len({int(groups[i]) for i in own}))
     return result
 
@@ -366,7 +366,9 @@ def _paired_figures(paired: Dict, prefix: str) -> str:
             f"px^2), the right instruction wins {paired[prefix + '_right_instruction_wins']:.0%}, instruction "
             f"response {_fmt(paired.get(prefix + '_instruction_response'))} (the forecasts' means part by "
             f"{_fmt(paired.get(prefix + '_forecast_gap_px'))} px where the true futures part by "
-            f"{_fmt(paired.get(prefix + '_truth_gap_px'))} px)")
+            f"{_fmt(paired.get(prefix + '_truth_gap_px'))} px), alignment "
+            f"{_fmt(paired.get(prefix + '_instruction_alignment'))} (the share of the true parting they reproduce "
+            f"along it)")
 
 
 def format_kind_table(report: Dict, group: str = "per_kind") -> str:

@@ -47,7 +47,8 @@ from traj_forecast_ros.model.vae import TrajectoryVAE
 from traj_forecast_ros.model.word_encoder import PAD_ID, WordTextEncoder, build_vocabulary, text_encoder_weights
 from traj_forecast_ros.train.common import TrainSettings, distributed
 from traj_forecast_ros.geometry import static_tracks_norm
-from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, branch_pairs, moving_mask
+from traj_forecast_ros.metrics import MOVING_THRESHOLD_PX, moving_mask
+from traj_forecast_ros.paired_metrics import branch_pairs
 from traj_forecast_ros.train.data import (
     TrackExamples,
     build_image_encoder,
@@ -165,7 +166,8 @@ class FlowObjective(nn.Module):
 
 def crossed_instructions(branch_groups: np.ndarray, instructions: np.ndarray) -> List[np.ndarray]:
     """Per dataset sample, the instruction ids of its branch siblings whose instruction differs from its own
-    (empty for a sample outside any branch group): the partners of :func:`~traj_forecast_ros.metrics.branch_pairs`.
+    (empty for a sample outside any branch group): the partners of
+    :func:`~traj_forecast_ros.paired_metrics.branch_pairs`.
     ``branch_groups`` and ``instructions`` are [N] per sample."""
     partners: List[set] = [set() for _ in range(len(branch_groups))]
     for i, j in branch_pairs(branch_groups, instructions):
