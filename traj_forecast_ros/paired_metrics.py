@@ -1,16 +1,15 @@
 """The paired-instruction test (issue 18): does the instruction move the forecast the way the truth moves?
 
-Samples sharing a branch group (one frame-0 image
-and view, other instructions and true futures) give one case per ordered pair (i, j) with different instructions:
-i's image forecast under its own instruction (matched) and under j's (crossed), same noise, both scored against
-i's truth by best-of-K MSE over the points moving in i's or j's true future. Reported: the mean matched and
-crossed errors, their ratio, the share of cases where matched < crossed (the right instruction wins) and the
-**instruction response** (distance between the matched and crossed sample means over that region / distance
-between the two true futures there; 0: no effect, 1: as far as they part), and the **instruction alignment**
-(the matched-minus-crossed mean forecast projected on the true futures' difference, summed over all cases, / that
-difference's squared norm: the share of the true parting reproduced along it; 1: as the truth parts, 0: no parting
-or one across it, < 0: the wrong way); over all cases, and over those whose true futures part by more than 5 px on
-average (``paired_distinct_...``).
+Samples sharing a branch group (one frame-0 image and view, other instructions and true futures) give one case per
+ordered pair (i, j) with different instructions: i's image forecast under its own instruction (matched) and under
+j's (crossed), same noise, both scored against i's truth by best-of-K MSE over the points moving in i's or j's true
+future. Reported: the mean matched and crossed errors, their ratio, the share of cases where matched < crossed (the
+right instruction wins), the **instruction response** (distance between the matched and crossed sample means over
+that region / distance between the two true futures there; 0: no effect, 1: as far as they part), and the
+**instruction alignment** (the matched-minus-crossed mean forecast projected on the true futures' difference, summed
+over all cases, / that difference's squared norm: the share of the true parting reproduced along it; 1: as the truth
+parts, 0: no parting or one across it, < 0: the wrong way); over all cases, and over those whose true futures part
+by more than 5 px on average (``paired_distinct_...``).
 """
 
 from __future__ import annotations
