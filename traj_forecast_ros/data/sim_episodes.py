@@ -53,6 +53,12 @@ def make_env(scene: str, config: SimConfig):
         "cam_pos": np.array(model.cam_pos), "cam_quat": np.array(model.cam_quat),
         "light_diffuse": np.array(model.light_diffuse), "light_dir": np.array(model.light_dir),
     }
+    # PickPlaceSingle's random object: robosuite's own draw (``single_object_mode`` 1) picks from a set of names,
+    # whose order follows the process's string-hash seed; mode 2 uses ``object_id`` as given, drawn per episode from
+    # the seeded rng (_draw_single_object). Envs made with a fixed object (mode 2 from the start) keep it.
+    env._tf_draws_object = getattr(env, "single_object_mode", 0) == 1
+    if env._tf_draws_object:
+        env.single_object_mode = 2
     return env
 
 
@@ -64,14 +70,9 @@ def _quat_mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _draw_single_object(env) -> None:
-    """PickPlaceSingle: draw the episode's object from the env's seeded rng by index. robosuite's own draw
-    (``single_object_mode`` 1) picks from a set of names, whose order follows the process's string-hash seed, so the
-    same seed gave different objects in different processes; mode 2 uses ``object_id`` as given. Envs made with a
-    fixed object (mode 2 from the start) keep it."""
-    if getattr(env, "single_object_mode", 0) == 1:
-        env.single_object_mode = 2
-        env._tf_draws_object = True
-    if getattr(env, "_tf_draws_object", False):
+    """PickPlaceSingle with a random object (see make_env): draw the episode's object by index from the env's seeded
+    rng, so the same seed gives the same object in every process."""
+    if env._tf_draws_object:
         env.object_id = int(env.rng.integers(len(env.objects)))
 
 
