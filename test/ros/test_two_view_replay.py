@@ -41,7 +41,7 @@ def test_both_views_are_forecast_and_every_frame_is_accounted_for_per_camera(rep
     for camera in VIEWS:
         received, published = int(values[f"{camera}/frames_received"]), int(values[f"{camera}/forecasts_published"])
         dropped, rejected = int(values[f"{camera}/dropped_total"]), int(values[f"{camera}/rejected_total"])
-        assert received == 8, camera  # reliable QoS on loopback: nothing lost in transport
+        assert received == 8, camera  # reliable, REPLAY_QUEUE_DEPTH deep: nothing lost in transport
         assert received == published + dropped + rejected, (camera, values)
         assert published >= 1 and summary["forecasts_by_camera"][camera] == published, camera
         reasons = {k: int(v) for k, v in values.items() if k.startswith(f"{camera}/dropped.")

@@ -40,10 +40,17 @@ from traj_forecast_ros.errors import BagError
 from traj_forecast_ros.registry import package_file_candidates
 from traj_forecast_ros.ros.cameras import CAMERA_NAME, LIBERO_CAMERAS, camera_overrides
 from traj_forecast_ros.ros.example_planner import ExamplePlanner
+from traj_forecast_ros.ros.qos import qos_from_name
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the traj_forecast_ros package
 CLOCK_HZ = 50.0
 NODE_STOP_TIMEOUT_S = 10.0
+# Queue depth of the played topics, at both ends (the node's ``qos_depth`` maximum). With reliable delivery a frame
+# is lost only where a keep-last queue overflows: the node's camera queue (default 5) overflows whenever its
+# executor is held up for as long as 5 frames take to arrive (0.5 s at 10 Hz: a first import or a loaded machine),
+# and the frames it overwrites never reach the node's books. At this depth they wait, are taken late, and are
+# counted (as superseded) instead.
+REPLAY_QUEUE_DEPTH = 100
 
 
 def package_config_file(name: str) -> Optional[Path]:
@@ -254,6 +261,7 @@ def replay_through_node(
         # The player publishes reliably; a reliable subscription also gets the frames sent while the two ends
         # were still matching (best effort, the camera default, loses them on a loaded machine).
         "qos_reliability": "reliable",
+        "qos_depth": REPLAY_QUEUE_DEPTH,
         **view_parameters(views),
     }
     if instruction_topic is not None:
@@ -288,7 +296,8 @@ def replay_through_node(
         _watch_diagnostics(player_node, f"{namespace}/forecast_node", log)
         played = [topic for view in views for topic in (view.image_topic, view.info_topic) if topic is not None]
         played += [instruction_topic] if instruction_topic is not None else []
-        player = BagPlayer(player_node, in_bag, topics=played, rate=rate, clock_hz=CLOCK_HZ)
+        player = BagPlayer(player_node, in_bag, topics=played, rate=rate, clock_hz=CLOCK_HZ,
+                           qos=qos_from_name("reliable", depth=REPLAY_QUEUE_DEPTH))
         executor.add_node(recorder)
         executor.add_node(player_node)
         if planner:
