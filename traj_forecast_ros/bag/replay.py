@@ -49,7 +49,7 @@ NODE_STOP_TIMEOUT_S = 10.0
 # is lost only where a keep-last queue overflows: the node's camera queue (default 5) overflows whenever its
 # executor is held up for as long as 5 frames take to arrive (0.5 s at 10 Hz: a first import or a loaded machine),
 # and the frames it overwrites never reach the node's books. At this depth they wait, are taken late, and are
-# counted (as superseded) instead.
+# answered or counted (as superseded) instead.
 REPLAY_QUEUE_DEPTH = 100
 
 
