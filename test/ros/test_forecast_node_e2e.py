@@ -389,13 +389,13 @@ def test_missing_model_fails_configure_with_instructions(probe, node, tiny_model
 @pytest.mark.timeout(180)
 def test_30hz_burst_stays_current_drops_frames_and_keeps_memory_flat(probe, node, image_pub, shared_images):
     frames = [rgb_to_image_msg(f) for f in libero_frames(shared_images)]
-    # K=8 and 10 steps: slower than the 30 Hz camera, so the mailbox must drop frames
-    assert all(r.successful for r in set_params(probe, num_samples=8, steps=10))
+    # K=16 and 30 steps: several times slower than the 30 Hz camera, so the mailbox must drop most frames
+    assert all(r.successful for r in set_params(probe, num_samples=16, steps=30))
     try:
         before = diagnostics(probe)
         sent_at: Dict[tuple, float] = {}
         sent_order = []
-        start = time.time()
+        start = due = time.time()
         rss_early = None
         index = 0
         while time.time() - start < 5.0:
@@ -407,7 +407,9 @@ def test_30hz_burst_stays_current_drops_frames_and_keeps_memory_flat(probe, node
             index += 1
             if rss_early is None and time.time() - start > 1.5:
                 rss_early = node.rss_mb()
-            time.sleep(max(0.0, start + index / 30.0 - time.time()))
+            # 30 Hz; after a pause of the machine the schedule moves on instead of sending the missed frames at once
+            due = max(due + 1 / 30.0, time.time())
+            time.sleep(max(0.0, due - time.time()))
         burst_end = time.time()
         rss_late = node.rss_mb()
         time.sleep(1.5)
@@ -431,7 +433,7 @@ def test_30hz_burst_stays_current_drops_frames_and_keeps_memory_flat(probe, node
     assert received >= 0.9 * index, (received, index)  # best-effort DDS on loopback loses (almost) nothing
     assert published == len(served)
     assert received == published + delta("dropped_total") + delta("rejected_total"), "a frame went uncounted"
-    assert delta("dropped.superseded") >= received // 2, (delta("dropped.superseded"), received)
+    assert delta("dropped.superseded") >= received // 2, (delta("dropped.superseded"), received, after["inference_p50_ms"])
     assert after["stamp_age_p50_ms"] != "n/a" and float(after["stamp_age_p95_ms"]) < 2500
     assert rss_late - rss_early < 40.0, f"RSS grew {rss_early:.0f} -> {rss_late:.0f} MiB"
 

@@ -187,7 +187,7 @@ def test_stop_during_inference_returns_quickly_and_discards_the_result():
     assert forecaster.started.wait(2)
     started = time.monotonic()
     assert pipeline.stop(timeout=0.2) is False  # still inside the 1 s forecast; stop() does not block on it
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.8  # 0.2 s, with room for a pause of the machine; the forecast takes 1 s
     pipeline.submit(frame(2))  # ignored once stopped
     assert wait_until(lambda: not pipeline.running, timeout=5)
     assert recorder.published == []
@@ -198,7 +198,7 @@ def test_idle_worker_stops_at_once():
     pipeline.start()
     started = time.monotonic()
     assert pipeline.stop(timeout=2)
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0  # well within the 2 s timeout, with room for a pause of the machine
 
 
 def test_logging_is_throttled_per_reason():
