@@ -165,7 +165,9 @@ def test_recorder_processes_finish_their_bags(tmp_path, ros_context):
     assert _wait_for(lambda: player.publishers[topic].get_subscription_count() >= 2, 20)
     time.sleep(0.5)
     player.play()
-    time.sleep(1.0)
+    assert player.flush(10), "a recorder did not acknowledge every message"
+    time.sleep(3.0)  # for the recorder node to take them from DDS, with room for a pause of the machine (free: the
+    # CLI records for 8 s anyway)
     recorder_node.send_signal(signal.SIGINT)
     node_output, _ = recorder_node.communicate(timeout=20)
     cli_output, _ = cli_record.communicate(timeout=30)

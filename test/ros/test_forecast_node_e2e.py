@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from ros_helpers import NodeProcess, Probe, counts_balance, ros_available, wait_balanced, wait_connected, wait_until
+from ros_helpers import (NodeProcess, PauseMeter, Probe, counts_balance, ros_available, wait_balanced, wait_connected,
+                         wait_until)
 
 pytestmark = [pytest.mark.ros, pytest.mark.skipif(ros_available() is not None, reason=str(ros_available()))]
 
@@ -454,9 +455,11 @@ def test_signal_during_inference_exits_within_2_s(sig, tiny_model_dir, tmp_path,
         cpu_before = process.cpu_seconds()
         pub.publish(stamped(probe, rgb_to_image_msg(libero_frames(shared_images)[0])))
         assert wait_until(lambda: process.cpu_seconds() - cpu_before > 0.5, 20), "inference never started"
-        code, seconds = process.stop(sig, timeout=10.0)
+        with PauseMeter() as pauses:
+            code, seconds = process.stop(sig, timeout=10.0)
         assert code == 0, f"exit code {code}:\n{process.log()[-3000:]}"
-        assert seconds < 2.0, f"took {seconds:.2f} s to exit"
+        # The README's 2 s, not counting time the whole machine was paused (this process could not run either)
+        assert seconds - pauses.paused_s < 2.0, f"took {seconds:.2f} s to exit ({pauses.paused_s:.2f} s paused)"
         assert "Traceback" not in process.log() and "terminate called" not in process.log()
     finally:
         process.stop(signal.SIGKILL, timeout=5)

@@ -106,18 +106,18 @@ def test_mailbox_keeps_only_the_newest_item():
 def test_mailbox_take_wakes_on_put_and_close():
     box: CameraMailboxes[int] = CameraMailboxes()
     got = []
-    taker = threading.Thread(target=lambda: got.append(box.take(timeout=5)))
+    taker = threading.Thread(target=lambda: got.append(box.take(timeout=30)))
     taker.start()
     time.sleep(0.05)
     box.put("", 7)
-    taker.join(1)
+    taker.join(10)
     assert got == [[7]]
-    taker = threading.Thread(target=lambda: got.append(box.take(timeout=5)))
+    taker = threading.Thread(target=lambda: got.append(box.take(timeout=30)))
     taker.start()
     started = time.monotonic()
     box.close()
-    taker.join(1)
-    assert got == [[7], []] and time.monotonic() - started < 1
+    taker.join(10)
+    assert got == [[7], []] and time.monotonic() - started < 10  # woken by close, not by its 30 s timeout
 
 
 def test_worker_serves_the_newest_frame_and_counts_superseded():
@@ -135,7 +135,8 @@ def test_worker_serves_the_newest_frame_and_counts_superseded():
     stats = pipeline.stats.total.snapshot()
     assert stats["not_forecast"] == {SUPERSEDED: 9}
     assert stats["received"] == 11 and stats["published"] == 2
-    assert stats["inference_p50_s"] == pytest.approx(0.2, abs=0.1)
+    # Measured, in seconds: at least the fake's 0.2 s; more only if the machine paused (it can, for up to 0.8 s).
+    assert 0.19 <= stats["inference_p50_s"] < 2.0
 
 
 def test_old_frames_are_dropped_by_stamp():

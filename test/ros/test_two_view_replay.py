@@ -24,9 +24,10 @@ FRAME_IDS = {"agentview": "agentview_camera_optical_frame", "robot0_eye_in_hand"
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("two_views")
+    # No age limit: a pause of the machine (up to 0.8 s here) must not leave a view without a forecast.
     summary = replay_through_node(SAMPLE_BAG, out, model=str(tiny_model_dir), image_topic=list(VIEWS.values()),
-                                  rate=1.0, extra_params=["num_samples:=2", "steps:=3"], timeout_s=180,
-                                  print_summary=False)
+                                  rate=1.0, extra_params=["num_samples:=2", "steps:=3", "max_input_age:=0.0"],
+                                  timeout_s=180, print_summary=False)
     return out, summary
 
 
