@@ -142,10 +142,9 @@ def test_replay_plays_the_instruction_and_each_forecast_keeps_its_frames_instruc
     may carry either instruction; every other frame must carry exactly its own."""
     from traj_forecast_ros.bag.replay import replay_through_node
 
-    # Forecasts from more than one episode are needed. On a loaded 2-core machine the replay sometimes stalls for
-    # about 0.5 s, and CI once saw a stall long enough that every frame after the first episode was superseded or
-    # dropped as too old. So play at 1x, and keep no age limit: the newest frame, the last episode's, is always
-    # forecast.
+    # Forecasts from more than one episode are needed. This 2-core VM pauses as a whole (every process) for up to
+    # 0.8 s, and CI once saw a pause after which every frame after the first episode was superseded or dropped as too
+    # old. So play at 1x, and keep no age limit: the newest frame, the last episode's, is always forecast.
     summary = replay_through_node(SIM_SAMPLE_BAG, tmp_path / "replay", model=str(tiny_text_model_dir),
                                   extra_params=["num_samples:=2", "steps:=2", "max_input_age:=0.0"], rate=1.0,
                                   timeout_s=120, print_summary=False)
