@@ -47,9 +47,9 @@ CLOCK_HZ = 50.0
 NODE_STOP_TIMEOUT_S = 10.0
 # Queue depth of the played topics, at both ends (the node's ``qos_depth`` maximum). With reliable delivery a frame
 # is lost only where a keep-last queue overflows: the node's camera queue (default 5) overflows whenever its
-# executor is held up for as long as 5 frames take to arrive (0.5 s at 10 Hz: a first import, a loaded or paused machine),
-# and the frames it overwrites never reach the node's books. At this depth they wait, are taken late, and are
-# answered or counted (as superseded) instead.
+# executor is held up for as long as 5 frames take to arrive (0.5 s at 10 Hz: a first import, a loaded or paused
+# machine), and the frames it overwrites never reach the node's books. At this depth they wait, are taken late, and
+# are answered or counted (as superseded) instead.
 REPLAY_QUEUE_DEPTH = 100
 
 
