@@ -3,7 +3,7 @@ shallow camera queue are counted, not hidden.
 
 The stall is injected into the node process only: a ``sitecustomize`` module on its ``PYTHONPATH`` makes the
 pipeline's ``submit`` (called from the image callback, on the executor thread) sleep once, on the first frame. CI
-once lost 2 of 8 frames this way, when the node's executor was held up on a loaded machine.
+once lost 2 of 8 frames this way, when the node's executor was held up (probably by a pause of the whole machine).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _stalled = []
 
 def _submit_after_one_stall(self, frame):
     if not _stalled:
-        _stalled.append(frame)
+        _stalled.append(True)
         print("{STALL_MARKER} {STALL_S} s on the first frame", file=sys.stderr, flush=True)
         time.sleep({STALL_S})
     return _submit(self, frame)
